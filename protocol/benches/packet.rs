@@ -1,0 +1,158 @@
+//! `cargo bench -p murmur-protocol`: the cost of Murmur's packet operations, and of
+//! sphinx-packet alone for the same hop so the two can be compared in one run.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::hint::black_box;
+use std::time::Duration;
+
+use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
+use murmur_protocol::frame::Frame;
+use murmur_protocol::packet::{
+    Address, HopOutput, OpenedPacket, PublicKey, RouteHop, StaticSecret, build_packet,
+};
+use murmur_protocol::replay::ReplayFilter;
+use murmur_protocol::surb::build_reply_block;
+use murmur_protocol::{PAYLOAD_SIZE, PLAINTEXT_SIZE};
+use rand::SeedableRng;
+use rand_chacha::ChaCha20Rng;
+
+fn route(rng: &mut ChaCha20Rng) -> (Vec<RouteHop>, Vec<StaticSecret>) {
+    let secrets: Vec<StaticSecret> = (0..4)
+        .map(|_| StaticSecret::random_from_rng(&mut *rng))
+        .collect();
+    let hops = secrets
+        .iter()
+        .enumerate()
+        .map(|(i, s)| RouteHop {
+            address: Address([i as u8 + 1; 32]),
+            sphinx_key: PublicKey::from(s),
+        })
+        .collect();
+    (hops, secrets)
+}
+
+fn benches(c: &mut Criterion) {
+    let mut rng = ChaCha20Rng::seed_from_u64(42);
+    let (hops, secrets) = route(&mut rng);
+    let delays = [Duration::from_millis(15); 4];
+    let plaintext = vec![0x5a; PLAINTEXT_SIZE];
+    let dest = Address([9; 32]);
+
+    c.bench_function("build forward packet (4 hops, 2 KB)", |b| {
+        b.iter(|| {
+            build_packet(
+                &mut rng,
+                &hops,
+                &delays,
+                dest,
+                [0; 16],
+                black_box(&plaintext),
+            )
+            .unwrap()
+        })
+    });
+
+    let packet = build_packet(&mut rng, &hops, &delays, dest, [0; 16], &plaintext).unwrap();
+    let frame = Frame::Packet {
+        key_epoch: 1,
+        packet: packet.clone(),
+    }
+    .encode()
+    .unwrap();
+    let filter = ReplayFilter::new(10_000_000, 1e-6).unwrap();
+    c.bench_function(
+        "process one hop (frame decode, open, replay check, process, encode)",
+        |b| {
+            b.iter_batched(
+                || frame.clone(),
+                |frame| {
+                    let Frame::Packet { key_epoch, packet } = Frame::decode(&frame[..]).unwrap()
+                    else {
+                        unreachable!()
+                    };
+                    let opened = OpenedPacket::open(packet.as_bytes(), &secrets[0]).unwrap();
+                    // Fresh tags each time would need fresh packets; the filter lookup is what costs.
+                    black_box(filter.contains(&opened.replay_tag()));
+                    let HopOutput::Forward { packet, .. } = opened.process(Duration::MAX).unwrap()
+                    else {
+                        unreachable!()
+                    };
+                    Frame::Packet { key_epoch, packet }.encode().unwrap()
+                },
+                BatchSize::SmallInput,
+            )
+        },
+    );
+
+    let bytes = packet.as_bytes().to_vec();
+    c.bench_function(
+        "sphinx-packet alone: process one hop (parse, process, serialise)",
+        |b| {
+            b.iter(|| {
+                let p = sphinx_packet::SphinxPacket::from_bytes(black_box(&bytes)).unwrap();
+                match p.process(&secrets[0]).unwrap().data {
+                    sphinx_packet::ProcessedPacketData::ForwardHop {
+                        next_hop_packet, ..
+                    } => next_hop_packet.to_bytes(),
+                    _ => unreachable!(),
+                }
+            })
+        },
+    );
+
+    // Walk the packet to its last hop once, then time the final hop.
+    let mut at_exit = packet.clone();
+    for s in &secrets[..3] {
+        match OpenedPacket::open(at_exit.as_bytes(), s)
+            .unwrap()
+            .process(Duration::MAX)
+            .unwrap()
+        {
+            HopOutput::Forward { packet, .. } => at_exit = packet,
+            HopOutput::Final(_) => unreachable!(),
+        }
+    }
+    c.bench_function("final hop (open, process, recover plaintext)", |b| {
+        b.iter(|| {
+            let opened = OpenedPacket::open(black_box(at_exit.as_bytes()), &secrets[3]).unwrap();
+            match opened.process(Duration::MAX).unwrap() {
+                HopOutput::Final(d) => {
+                    murmur_protocol::packet::recover_plaintext(&d.payload[..PAYLOAD_SIZE]).unwrap()
+                }
+                HopOutput::Forward { .. } => unreachable!(),
+            }
+        })
+    });
+
+    let mut filter = ReplayFilter::new(10_000_000, 1e-6).unwrap();
+    let mut tag = [0u8; 32];
+    c.bench_function(
+        "replay filter check-and-insert (sized 10M tags at 1e-6)",
+        |b| {
+            b.iter(|| {
+                rand::Rng::fill_bytes(&mut rng, &mut tag);
+                filter.check_and_insert(&murmur_protocol::packet::ReplayTag(tag))
+            })
+        },
+    );
+
+    c.bench_function("frame decode + encode", |b| {
+        b.iter(|| {
+            Frame::decode(black_box(&frame[..]))
+                .unwrap()
+                .encode()
+                .unwrap()
+        })
+    });
+
+    c.bench_function("build one SURB (4 hops)", |b| {
+        b.iter(|| build_reply_block(&mut rng, &hops, &delays, dest, 1).unwrap())
+    });
+}
+
+criterion_group! {
+    name = packet;
+    config = Criterion::default().measurement_time(Duration::from_secs(4)).warm_up_time(Duration::from_secs(1));
+    targets = benches
+}
+criterion_main!(packet);

@@ -1,0 +1,130 @@
+//! The one error type of the protocol crate.
+
+/// Everything that can go wrong in the protocol layer. Each variant names what was wrong
+/// with the input, so a driver can log it, count it under a stable label and carry on.
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Error {
+    // ---- packets ----
+    /// A packet buffer has the wrong size.
+    #[error("packet has {got} bytes; every Murmur packet has exactly {expected}")]
+    PacketLength { got: usize, expected: usize },
+    /// The header's group element is not a canonical X25519 encoding (a flipped high bit).
+    #[error("packet header carries a non-canonical group element")]
+    NonCanonicalElement,
+    /// The header MAC does not verify: the header was altered, or sealed for another key.
+    #[error("packet header MAC does not verify (tampered, or built for another key)")]
+    HeaderMac,
+    /// The header verified but its routing information cannot be used.
+    #[error("packet routing information is malformed: {0}")]
+    Routing(String),
+    /// The payload could not be decrypted or its padding is wrong.
+    #[error("packet payload is malformed: {0}")]
+    Payload(String),
+    /// A route has a length Sphinx cannot carry.
+    #[error("a route needs 1 to {max} hops and as many delays; got {hops} hops, {delays} delays")]
+    RouteShape {
+        hops: usize,
+        delays: usize,
+        max: usize,
+    },
+    /// A message is too long to fit where it was put.
+    #[error("{what} of {len} bytes does not fit in {max} bytes")]
+    TooLong {
+        what: &'static str,
+        len: usize,
+        max: usize,
+    },
+    /// Building a packet or SURB failed inside Sphinx.
+    #[error("could not build Sphinx packet: {0}")]
+    Build(String),
+
+    // ---- SURBs ----
+    /// A reply block's bytes are malformed.
+    #[error("reply block is malformed: {0}")]
+    ReplyBlock(String),
+    /// A reply did not decrypt under the keys kept for its SURB: forged or corrupted.
+    #[error("reply does not decrypt under its SURB keys (forged or corrupted)")]
+    ReplyNotAuthentic,
+
+    // ---- frames ----
+    /// A frame buffer has the wrong size.
+    #[error("frame has {got} bytes; every frame on a link has exactly {expected}")]
+    FrameLength { got: usize, expected: usize },
+    /// A frame names a wire version this build does not speak.
+    #[error("frame version {0} is not supported (this build speaks version {1})")]
+    FrameVersion(u8, u8),
+    /// A frame's kind byte is unknown.
+    #[error("frame kind {0} is unknown")]
+    FrameKind(u8),
+    /// A frame's reserved or padding bytes are not zero.
+    #[error("frame has non-zero bytes in its {0}")]
+    FramePadding(&'static str),
+
+    // ---- payload plaintext ----
+    /// The decrypted payload's content kind is unknown.
+    #[error("payload content kind {0} is unknown")]
+    ContentKind(u8),
+    /// A decoded structure ended before its fields did.
+    #[error("{what} is truncated: needs {needed} bytes, has {got}")]
+    Truncated {
+        what: &'static str,
+        needed: usize,
+        got: usize,
+    },
+
+    // ---- fragments ----
+    /// A fragment's index/count fields are inconsistent.
+    #[error("fragment {index} of {count} is invalid: {reason}")]
+    FragmentInvalid {
+        index: u16,
+        count: u16,
+        reason: &'static str,
+    },
+    /// A fragment disagrees with earlier fragments of the same message.
+    #[error("fragment of message {message_id:016x} contradicts earlier fragments: {reason}")]
+    FragmentConflict {
+        message_id: u64,
+        reason: &'static str,
+    },
+    /// The reassembly buffer is at its bound; the fragment was not stored.
+    #[error("reassembly buffer is full ({0}); fragment dropped")]
+    ReassemblyFull(&'static str),
+
+    // ---- replay filter ----
+    /// Replay filter parameters are out of range.
+    #[error("replay filter parameters are invalid: {0}")]
+    ReplayParams(String),
+    /// A stored replay filter could not be restored.
+    #[error("stored replay filter is unusable: {0}")]
+    ReplayStore(String),
+
+    // ---- delays ----
+    /// A delay distribution's mean is unusable.
+    #[error("mean delay must be finite and non-negative; got {0:?}")]
+    DelayMean(std::time::Duration),
+}
+
+/// Result with the protocol error.
+pub type Result<T> = std::result::Result<T, Error>;
+
+impl Error {
+    /// A short stable label for metrics (`dropped{reason="..."}`).
+    pub fn label(&self) -> &'static str {
+        match self {
+            Error::PacketLength { .. } | Error::FrameLength { .. } => "length",
+            Error::NonCanonicalElement | Error::HeaderMac => "header_mac",
+            Error::Routing(_) => "routing",
+            Error::Payload(_) => "payload",
+            Error::RouteShape { .. } | Error::TooLong { .. } | Error::Build(_) => "build",
+            Error::ReplyBlock(_) | Error::ReplyNotAuthentic => "reply",
+            Error::FrameVersion(..) => "frame_version",
+            Error::FrameKind(_) | Error::FramePadding(_) => "frame_malformed",
+            Error::ContentKind(_) | Error::Truncated { .. } => "content_malformed",
+            Error::FragmentInvalid { .. } | Error::FragmentConflict { .. } => "fragment",
+            Error::ReassemblyFull(_) => "reassembly_full",
+            Error::ReplayParams(_) | Error::ReplayStore(_) => "replay_store",
+            Error::DelayMean(_) => "config",
+        }
+    }
+}

@@ -1,0 +1,112 @@
+//! Entry points shared by the cargo-fuzz targets (`fuzz/`) and the stable test that replays
+//! their corpora (`tests/fuzz_corpus.rs`), so both exercise the same code.
+//!
+//! Each takes arbitrary bytes and must never panic except on a broken invariant, which the
+//! asserts here state (they are the fuzzers' oracles).
+#![allow(clippy::panic, clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Duration;
+
+use crate::fragment::{Fragment, Reassembler, ReassemblyLimits};
+use crate::frame::Frame;
+use crate::packet::{HopOutput, OpenedPacket, StaticSecret, recover_plaintext};
+use crate::payload::Content;
+use crate::replay::ReplayFilter;
+use crate::surb::ReplyBlock;
+use crate::time::Instant;
+
+/// The names of the fuzz targets, one per function below.
+pub const TARGETS: &[&str] = &[
+    "frame",
+    "packet",
+    "content",
+    "reply_block",
+    "replay_filter",
+    "reassembly",
+];
+
+/// Runs the target called `name` on `data`.
+pub fn run(name: &str, data: &[u8]) {
+    match name {
+        "frame" => frame(data),
+        "packet" => packet(data),
+        "content" => content(data),
+        "reply_block" => reply_block(data),
+        "replay_filter" => replay_filter(data),
+        "reassembly" => reassembly(data),
+        other => panic!("unknown fuzz target {other}"),
+    }
+}
+
+/// A frame that decodes re-encodes to the same bytes (one encoding per frame).
+pub fn frame(data: &[u8]) {
+    if let Ok(f) = Frame::decode(data) {
+        let again = f.encode().expect("a decoded frame encodes");
+        assert_eq!(&again[..], data, "frame encoding is not canonical");
+    }
+}
+
+/// The fixed key the packet target opens packets with.
+pub fn packet_key() -> StaticSecret {
+    StaticSecret::from([7u8; 32])
+}
+
+/// Opening and processing arbitrary packet bytes returns errors, never panics.
+pub fn packet(data: &[u8]) {
+    let _ = recover_plaintext(data);
+    if let Ok(opened) = OpenedPacket::open(data, &packet_key()) {
+        let _ = opened.replay_tag();
+        if let Ok(HopOutput::Final(d)) = opened.process(Duration::from_secs(10)) {
+            let _ = recover_plaintext(&d.payload[..]);
+        }
+    }
+}
+
+/// Packet plaintext decodes or errors; what decodes re-encodes to the same bytes.
+pub fn content(data: &[u8]) {
+    if let Ok(c @ (Content::Data { .. } | Content::DataWithAck { .. })) = Content::decode(data) {
+        let again = c.encode().expect("a decoded content encodes");
+        assert_eq!(again, data, "content encoding is not canonical");
+    }
+}
+
+/// Reply blocks decode or error; a decoded block re-encodes identically and can be used.
+pub fn reply_block(data: &[u8]) {
+    if let Ok(b) = ReplyBlock::from_bytes(data) {
+        assert_eq!(&b.to_bytes()[..], data);
+        let _ = b.use_block(b"fuzz");
+    }
+}
+
+/// Stored replay filters restore or error.
+pub fn replay_filter(data: &[u8]) {
+    if let Ok(f) = ReplayFilter::from_bytes(data) {
+        assert_eq!(f.to_bytes(), data);
+    }
+}
+
+/// A stream of `[gap_ms:u8][len:u8][fragment bytes]` records fed to a small reassembler:
+/// its bounds hold whatever arrives.
+pub fn reassembly(data: &[u8]) {
+    let limits = ReassemblyLimits {
+        max_partial_messages: 8,
+        max_buffered_bytes: 512,
+        timeout: Duration::from_millis(100),
+        remember_completed: 8,
+    };
+    let mut r = Reassembler::new(limits.clone());
+    let mut now = Instant::ZERO;
+    let mut rest = data;
+    while let [gap, len, tail @ ..] = rest {
+        let len = usize::from(*len).min(tail.len());
+        let (record, tail) = tail.split_at(len);
+        rest = tail;
+        now = now + Duration::from_millis(u64::from(*gap));
+        r.expire(now);
+        if let Ok(f) = Fragment::decode(record) {
+            let _ = r.insert(f, now);
+        }
+        assert!(r.partial_messages() <= limits.max_partial_messages);
+        assert!(r.buffered_bytes() <= limits.max_buffered_bytes);
+    }
+}

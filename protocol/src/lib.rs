@@ -1,0 +1,36 @@
+#![doc = include_str!("../README.md")]
+
+pub mod delay;
+pub mod error;
+pub mod fragment;
+pub mod frame;
+#[doc(hidden)]
+pub mod fuzz_entry;
+pub mod packet;
+pub mod payload;
+pub mod replay;
+pub mod surb;
+pub mod time;
+
+pub use error::{Error, Result};
+
+/// Bytes of Sphinx payload in every packet on the network, cover and real alike (as Nym).
+pub const PAYLOAD_SIZE: usize = 2048;
+
+/// Bytes of a Sphinx header (sphinx-packet 0.8, up to 5 hops).
+pub const HEADER_SIZE: usize = sphinx_packet::header::HEADER_SIZE;
+
+/// Bytes of one Sphinx packet: header and payload.
+pub const PACKET_SIZE: usize = HEADER_SIZE + PAYLOAD_SIZE;
+
+/// Plaintext bytes a packet carries once Sphinx has taken its padding overhead.
+pub const PLAINTEXT_SIZE: usize = PAYLOAD_SIZE - sphinx_packet::payload::PAYLOAD_OVERHEAD_SIZE;
+
+/// The most hops a Sphinx route can have.
+pub const MAX_ROUTE_LEN: usize = sphinx_packet::constants::MAX_PATH_LENGTH;
+
+/// Bytes of a node or client address inside a Sphinx header.
+pub const ADDRESS_LEN: usize = sphinx_packet::constants::NODE_ADDRESS_LENGTH;
+
+/// Bytes of the identifier a final hop reads in the clear (used to find a SURB's keys).
+pub const SURB_ID_LEN: usize = sphinx_packet::constants::IDENTIFIER_LENGTH;

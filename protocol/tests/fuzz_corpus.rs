@@ -1,0 +1,101 @@
+//! Replays every fuzz target's corpus (`fuzz/corpus/<target>/`) on stable, so CI exercises
+//! the parsers with the inputs the fuzzers found interesting, plus seeds built here.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use murmur_protocol::fragment::split_message;
+use murmur_protocol::frame::Frame;
+use murmur_protocol::fuzz_entry::{self, TARGETS};
+use murmur_protocol::packet::{Address, PublicKey, RouteHop, build_packet};
+use murmur_protocol::payload::Content;
+use murmur_protocol::replay::ReplayFilter;
+use murmur_protocol::surb::build_reply_block;
+use rand::SeedableRng;
+use rand_chacha::ChaCha20Rng;
+
+/// Valid inputs for each target, so every replay starts past the first parse.
+fn seeds(target: &str) -> Vec<Vec<u8>> {
+    let mut rng = ChaCha20Rng::seed_from_u64(1);
+    let hop = RouteHop {
+        address: Address([3; 32]),
+        sphinx_key: PublicKey::from(&fuzz_entry::packet_key()),
+    };
+    let route = vec![hop.clone(), hop];
+    let (block, _) =
+        build_reply_block(&mut rng, &route, &[Duration::ZERO; 2], Address([4; 32]), 5).unwrap();
+    let packet = build_packet(
+        &mut rng,
+        &route,
+        &[Duration::ZERO; 2],
+        Address([4; 32]),
+        [0; 16],
+        b"seed",
+    )
+    .unwrap();
+    match target {
+        "frame" => vec![
+            Frame::Control(b"hello".to_vec()).encode().unwrap().to_vec(),
+            Frame::Packet {
+                key_epoch: 3,
+                packet: packet.clone(),
+            }
+            .encode()
+            .unwrap()
+            .to_vec(),
+        ],
+        "packet" => vec![packet.as_bytes().to_vec()],
+        "content" => {
+            let fragment = split_message(9, b"seed message", 100).unwrap().remove(0);
+            vec![
+                Content::DataWithAck {
+                    ack: block,
+                    fragment: fragment.clone(),
+                }
+                .encode()
+                .unwrap(),
+                Content::Data { fragment }.encode().unwrap(),
+            ]
+        }
+        "reply_block" => vec![block.to_bytes().to_vec()],
+        "replay_filter" => vec![ReplayFilter::new(100, 0.01).unwrap().to_bytes()],
+        "reassembly" => {
+            let mut out = Vec::new();
+            for f in split_message(1, &[7; 40], 10).unwrap() {
+                let mut b = Vec::new();
+                f.encode_into(&mut b);
+                out.push(5);
+                out.push(b.len() as u8);
+                out.extend(b);
+            }
+            vec![out]
+        }
+        other => panic!("no seeds for {other}"),
+    }
+}
+
+#[test]
+fn every_target_replays_its_corpus_and_seeds() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus");
+    for target in TARGETS {
+        let mut inputs = seeds(target);
+        if let Ok(dir) = std::fs::read_dir(root.join(target)) {
+            for entry in dir {
+                inputs.push(std::fs::read(entry.unwrap().path()).unwrap());
+            }
+        }
+        for input in &inputs {
+            fuzz_entry::run(target, input);
+            // Truncations and single-bit flips of each input, too.
+            fuzz_entry::run(target, &input[..input.len() / 2]);
+            for at in [0, input.len() / 3, input.len().saturating_sub(1)] {
+                let mut flipped = input.clone();
+                if let Some(b) = flipped.get_mut(at) {
+                    *b ^= 0x41;
+                }
+                fuzz_entry::run(target, &flipped);
+            }
+        }
+    }
+}

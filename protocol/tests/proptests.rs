@@ -1,0 +1,334 @@
+//! Property tests for every codec and state machine in the packet layer.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::time::Duration;
+
+use murmur_protocol::fragment::{
+    Assembled, Fragment, Reassembler, ReassemblyLimits, split_message,
+};
+use murmur_protocol::frame::{FRAME_LEN, Frame, MAX_CONTROL_LEN};
+use murmur_protocol::packet::{
+    Address, HopOutput, OpenedPacket, Packet, PublicKey, RouteHop, StaticSecret, build_packet,
+    recover_plaintext,
+};
+use murmur_protocol::payload::{Content, FORWARD_FRAGMENT_DATA_LEN};
+use murmur_protocol::replay::ReplayFilter;
+use murmur_protocol::surb::{ReplyBlock, build_reply_block};
+use murmur_protocol::time::Instant;
+use murmur_protocol::{Error, HEADER_SIZE, PACKET_SIZE, PAYLOAD_SIZE, PLAINTEXT_SIZE};
+use proptest::prelude::*;
+use rand::SeedableRng;
+use rand_chacha::ChaCha20Rng;
+
+fn keyed_route(rng: &mut ChaCha20Rng, hops: usize) -> (Vec<RouteHop>, Vec<StaticSecret>) {
+    let secrets: Vec<StaticSecret> = (0..hops)
+        .map(|_| StaticSecret::random_from_rng(&mut *rng))
+        .collect();
+    let mut route = Vec::new();
+    for (i, s) in secrets.iter().enumerate() {
+        let mut address = [0u8; 32];
+        address[0] = i as u8 + 1;
+        rand::Rng::fill_bytes(rng, &mut address[1..]);
+        route.push(RouteHop {
+            address: Address(address),
+            sphinx_key: PublicKey::from(s),
+        });
+    }
+    (route, secrets)
+}
+
+/// Walks a packet through `secrets`, checking each hop's routing; returns the final delivery.
+fn walk(
+    mut packet: Packet,
+    route: &[RouteHop],
+    secrets: &[StaticSecret],
+    delays: &[Duration],
+) -> murmur_protocol::packet::FinalDelivery {
+    for (i, secret) in secrets.iter().enumerate() {
+        let out = OpenedPacket::open(packet.as_bytes(), secret)
+            .unwrap()
+            .process(Duration::from_secs(3600))
+            .unwrap();
+        match out {
+            HopOutput::Forward {
+                next_hop,
+                delay,
+                packet: next,
+                ..
+            } => {
+                assert!(i + 1 < secrets.len(), "forwarded past the last hop");
+                assert_eq!(next_hop, route[i + 1].address);
+                assert_eq!(delay.as_nanos(), delays[i].as_nanos());
+                packet = next;
+            }
+            HopOutput::Final(d) => {
+                assert_eq!(i + 1, secrets.len(), "delivered before the last hop");
+                return d;
+            }
+        }
+    }
+    unreachable!("route ended without a final hop")
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, .. ProptestConfig::default() })]
+
+    #[test]
+    fn packets_cross_random_four_hop_routes(
+        seed: u64,
+        plaintext in proptest::collection::vec(any::<u8>(), 0..=PLAINTEXT_SIZE),
+        delay_ms in proptest::collection::vec(0u64..10_000, 4),
+        dest: [u8; 32],
+        surb_id: [u8; 16],
+    ) {
+        let mut rng = ChaCha20Rng::seed_from_u64(seed);
+        let (route, secrets) = keyed_route(&mut rng, 4);
+        let delays: Vec<Duration> = delay_ms.iter().map(|&m| Duration::from_millis(m)).collect();
+        let packet = build_packet(&mut rng, &route, &delays, Address(dest), surb_id, &plaintext).unwrap();
+        prop_assert_eq!(packet.as_bytes().len(), PACKET_SIZE);
+        let delivery = walk(packet, &route, &secrets, &delays);
+        prop_assert_eq!(delivery.destination, Address(dest));
+        prop_assert_eq!(delivery.surb_id, surb_id);
+        prop_assert_eq!(recover_plaintext(&delivery.payload[..]).unwrap(), plaintext);
+    }
+
+    #[test]
+    fn a_flipped_header_bit_is_rejected_at_the_hop_it_reaches(
+        seed: u64,
+        hop in 0usize..4,
+        bit in 0usize..HEADER_SIZE * 8,
+    ) {
+        let mut rng = ChaCha20Rng::seed_from_u64(seed);
+        let (route, secrets) = keyed_route(&mut rng, 4);
+        let delays = [Duration::ZERO; 4];
+        let mut packet = build_packet(&mut rng, &route, &delays, Address([1; 32]), [0; 16], b"x").unwrap();
+        for secret in &secrets[..hop] {
+            match OpenedPacket::open(packet.as_bytes(), secret).unwrap().process(Duration::MAX).unwrap() {
+                HopOutput::Forward { packet: next, .. } => packet = next,
+                HopOutput::Final(_) => unreachable!(),
+            }
+        }
+        let mut bytes = packet.as_bytes().to_vec();
+        bytes[bit / 8] ^= 1 << (bit % 8);
+        let err = OpenedPacket::open(&bytes, &secrets[hop]).err();
+        prop_assert!(
+            matches!(err, Some(Error::HeaderMac | Error::NonCanonicalElement)),
+            "bit {} at hop {}: {:?}", bit, hop, err
+        );
+    }
+
+    #[test]
+    fn surb_replies_round_trip(
+        seed: u64,
+        reply in proptest::collection::vec(any::<u8>(), 0..=PLAINTEXT_SIZE),
+        epoch: u32,
+    ) {
+        let mut rng = ChaCha20Rng::seed_from_u64(seed);
+        let (route, secrets) = keyed_route(&mut rng, 4);
+        let delays = [Duration::from_millis(5); 4];
+        let client = Address([0xc1; 32]);
+        let (block, key) = build_reply_block(&mut rng, &route, &delays, client, epoch).unwrap();
+        // The block travels inside a packet to its holder.
+        let block = ReplyBlock::from_bytes(&block.to_bytes()).unwrap();
+        prop_assert_eq!(block.first_hop(), route[0].address);
+        let sent = block.use_block(&reply).unwrap();
+        prop_assert_eq!(sent.key_epoch, epoch);
+        prop_assert_eq!(sent.first_hop, route[0].address);
+        let delivery = walk(sent.packet, &route, &secrets, &delays);
+        prop_assert_eq!(delivery.destination, client);
+        prop_assert_eq!(delivery.surb_id, key.surb_id());
+        prop_assert_eq!(key.open(&delivery.payload[..]).unwrap(), reply);
+    }
+
+    #[test]
+    fn fragments_reassemble_despite_loss_duplication_and_reordering(
+        message in proptest::collection::vec(any::<u8>(), 0..20_000),
+        fragment_len in 1usize..3000,
+        // For each fragment: how many copies arrive (0 = lost).
+        copies in proptest::collection::vec(0usize..3, 1..=512),
+        shuffle_seed: u64,
+    ) {
+        let fragments = split_message(77, &message, fragment_len).unwrap();
+        prop_assume!(fragments.len() <= copies.len());
+        let mut arrivals = Vec::new();
+        for (f, &n) in fragments.iter().zip(&copies) {
+            for _ in 0..n {
+                arrivals.push(f.clone());
+            }
+        }
+        let mut rng = ChaCha20Rng::seed_from_u64(shuffle_seed);
+        rand::seq::SliceRandom::shuffle(&mut arrivals[..], &mut rng);
+        let all_arrive = copies[..fragments.len()].iter().all(|&n| n > 0);
+        let any_arrive = !arrivals.is_empty();
+
+        let mut reassembler = Reassembler::new(ReassemblyLimits::default());
+        let now = Instant::ZERO;
+        let mut completed = Vec::new();
+        for f in arrivals {
+            // Each fragment survives its own encoding on the way.
+            let mut bytes = Vec::new();
+            f.encode_into(&mut bytes);
+            let f = Fragment::decode(&bytes).unwrap();
+            if let Assembled::Complete { message_id, message } = reassembler.insert(f, now).unwrap() {
+                prop_assert_eq!(message_id, 77);
+                completed.push(message);
+            }
+        }
+        if all_arrive {
+            prop_assert_eq!(completed, vec![message]);
+            prop_assert_eq!(reassembler.partial_messages(), 0);
+        } else {
+            prop_assert!(completed.is_empty());
+            let later = now + ReassemblyLimits::default().timeout;
+            let expected: Vec<u64> = if any_arrive { vec![77] } else { vec![] };
+            prop_assert_eq!(reassembler.expire(later), expected);
+            prop_assert_eq!(reassembler.buffered_bytes(), 0);
+        }
+    }
+
+    #[test]
+    fn frames_round_trip(
+        kind in 0u8..4,
+        epoch: u32,
+        address: [u8; 32],
+        surb_id: [u8; 16],
+        body in proptest::collection::vec(any::<u8>(), PAYLOAD_SIZE..=PACKET_SIZE),
+        control in proptest::collection::vec(any::<u8>(), 0..=MAX_CONTROL_LEN),
+    ) {
+        let packet = Packet::from_slice(&{
+            let mut p = body.clone();
+            p.resize(PACKET_SIZE, 3);
+            p
+        }).unwrap();
+        let frame = match kind {
+            0 => Frame::Packet { key_epoch: epoch, packet },
+            1 => Frame::Forward { next_hop: Address(address), key_epoch: epoch, packet },
+            2 => Frame::Deliver { surb_id, payload: Box::new(body[..PAYLOAD_SIZE].try_into().unwrap()) },
+            _ => Frame::Control(control),
+        };
+        let bytes = frame.encode().unwrap();
+        prop_assert_eq!(bytes.len(), FRAME_LEN);
+        prop_assert_eq!(Frame::decode(&bytes[..]).unwrap(), frame);
+    }
+
+    #[test]
+    fn frame_decode_never_panics(bytes in proptest::collection::vec(any::<u8>(), FRAME_LEN..=FRAME_LEN)) {
+        let _ = Frame::decode(&bytes);
+    }
+
+    #[test]
+    fn content_round_trips(
+        seed: u64,
+        kind in 0u8..4,
+        message_id: u64,
+        count in 1u16..=1024,
+        index_frac in 0.0f64..1.0,
+        data in proptest::collection::vec(any::<u8>(), 0..=FORWARD_FRAGMENT_DATA_LEN),
+    ) {
+        let index = ((count as f64 * index_frac) as u16).min(count - 1);
+        let fragment = Fragment { message_id, index, count, data };
+        let content = match kind {
+            0 => {
+                let mut rng = ChaCha20Rng::seed_from_u64(seed);
+                let (route, _) = keyed_route(&mut rng, 4);
+                let (ack, _) = build_reply_block(&mut rng, &route, &[Duration::ZERO; 4], Address([2; 32]), 9).unwrap();
+                Content::DataWithAck { ack, fragment: fragment.clone() }
+            }
+            1 => Content::Data { fragment: fragment.clone() },
+            2 => Content::Ack,
+            _ => Content::Cover,
+        };
+        let bytes = content.encode().unwrap();
+        prop_assert!(bytes.len() <= PLAINTEXT_SIZE);
+        let decoded = Content::decode(&bytes).unwrap();
+        match (content, decoded) {
+            (Content::DataWithAck { ack: a, fragment: f }, Content::DataWithAck { ack: b, fragment: g }) => {
+                prop_assert_eq!(a.to_bytes(), b.to_bytes());
+                prop_assert_eq!(f, g);
+            }
+            (Content::Data { fragment: f }, Content::Data { fragment: g }) => prop_assert_eq!(f, g),
+            (Content::Ack, Content::Ack) | (Content::Cover, Content::Cover) => {}
+            (a, b) => prop_assert!(false, "{:?} decoded as {:?}", a, b),
+        }
+    }
+}
+
+#[test]
+fn a_replayed_packet_is_flagged_even_after_the_filter_is_restored_from_disk() {
+    let mut rng = ChaCha20Rng::seed_from_u64(11);
+    let (route, secrets) = keyed_route(&mut rng, 4);
+    let packet = build_packet(
+        &mut rng,
+        &route,
+        &[Duration::ZERO; 4],
+        Address([1; 32]),
+        [0; 16],
+        b"once",
+    )
+    .unwrap();
+    let mut filter = ReplayFilter::new(100_000, 1e-6).unwrap();
+
+    let first = OpenedPacket::open(packet.as_bytes(), &secrets[0]).unwrap();
+    assert!(
+        !filter.check_and_insert(&first.replay_tag()),
+        "fresh packet"
+    );
+    let second = OpenedPacket::open(packet.as_bytes(), &secrets[0]).unwrap();
+    assert!(
+        filter.check_and_insert(&second.replay_tag()),
+        "replay must be flagged"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("replay.bin");
+    std::fs::write(&path, filter.to_bytes()).unwrap();
+    let mut restored = ReplayFilter::from_bytes(&std::fs::read(&path).unwrap()).unwrap();
+    let third = OpenedPacket::open(packet.as_bytes(), &secrets[0]).unwrap();
+    assert!(
+        restored.check_and_insert(&third.replay_tag()),
+        "restored filter forgot the tag"
+    );
+
+    // A different packet through the same hop is not a replay.
+    let other = build_packet(
+        &mut rng,
+        &route,
+        &[Duration::ZERO; 4],
+        Address([1; 32]),
+        [0; 16],
+        b"once",
+    )
+    .unwrap();
+    let other = OpenedPacket::open(other.as_bytes(), &secrets[0]).unwrap();
+    assert!(!restored.check_and_insert(&other.replay_tag()));
+}
+
+#[test]
+fn a_sealed_forward_payload_with_a_flipped_bit_fails_at_the_final_hop() {
+    // Payloads are not authenticated hop by hop (Sphinx's design), but Lioness garbles the
+    // whole block, so the final hop's padding check catches the change.
+    let mut rng = ChaCha20Rng::seed_from_u64(12);
+    let (route, secrets) = keyed_route(&mut rng, 4);
+    let delays = [Duration::ZERO; 4];
+    let packet = build_packet(
+        &mut rng,
+        &route,
+        &delays,
+        Address([1; 32]),
+        [0; 16],
+        b"payload",
+    )
+    .unwrap();
+    let mut bytes = packet.as_bytes().to_vec();
+    bytes[HEADER_SIZE + 1000] ^= 0x10;
+    let delivery = walk(
+        Packet::from_slice(&bytes).unwrap(),
+        &route,
+        &secrets,
+        &delays,
+    );
+    assert!(matches!(
+        recover_plaintext(&delivery.payload[..]),
+        Err(Error::Payload(_))
+    ));
+}
