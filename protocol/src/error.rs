@@ -99,6 +99,11 @@ pub enum Error {
     #[error("stored replay filter is unusable: {0}")]
     ReplayStore(String),
 
+    // ---- cover traffic ----
+    /// A cover-traffic rate is unusable (the rate, as given).
+    #[error("cover-traffic rate must be finite and non-negative (per second); got {0}")]
+    CoverRate(String),
+
     // ---- delays ----
     /// A delay distribution's mean is unusable.
     #[error("mean delay must be finite and non-negative; got {0:?}")]
@@ -124,6 +129,7 @@ impl Error {
             Error::FragmentInvalid { .. } | Error::FragmentConflict { .. } => "fragment",
             Error::ReassemblyFull(_) => "reassembly_full",
             Error::ReplayParams(_) | Error::ReplayStore(_) => "replay_store",
+            Error::CoverRate(_) => "config",
             Error::DelayMean(_) => "config",
         }
     }
