@@ -1,0 +1,574 @@
+//! The discrete-event engine: an event heap under a virtual clock, driving the protocol's
+//! cover schedulers and delay sampler.
+//!
+//! Time is whole nanoseconds. Events at the same instant run in the order they were scheduled
+//! (a sequence number breaks ties), and every random choice comes from ChaCha20 streams derived
+//! from the seed, so one seed gives one run. Separate streams serve the traffic and timing,
+//! the choice of corrupt relays, the choice of measured messages and the ticket draws: changing
+//! the adversary or the ticket rate leaves the traffic exactly as it was, so sweeps over those
+//! compare like with like.
+
+use std::cmp::{Ordering, Reverse};
+use std::collections::BinaryHeap;
+use std::time::Duration;
+
+use murmur_protocol::cover::{
+    ClientCover, ClientEmission, ClientRates, PoissonProcess, RelayLoopCover,
+};
+use murmur_protocol::delay::ExpDelay;
+use murmur_protocol::time::Instant;
+use rand::{RngExt, SeedableRng};
+use rand_chacha::ChaCha20Rng;
+
+use crate::Result;
+use crate::anonymity::{Anonymity, Dist, Pool};
+use crate::report::{MessageRow, MixRow, RunResult, Summary};
+use crate::scenario::{Loaded, TrafficModel, load_trace};
+use crate::topology::{Path, Topology};
+
+/// No message (a cover packet).
+const NO_MESSAGE: u32 = u32::MAX;
+
+/// How often (in events) the progress callback runs.
+const PROGRESS_EVERY: u64 = 1 << 16;
+
+/// RNG streams derived from the seed.
+const STREAM_TRAFFIC: u64 = 0;
+const STREAM_ADVERSARY: u64 = 1;
+const STREAM_MEASURE: u64 = 2;
+const STREAM_TICKETS: u64 = 3;
+
+#[derive(Debug, Clone, Copy)]
+enum Ev {
+    /// A client's cover schedule is due.
+    Client(u32),
+    /// A client's next Poisson message.
+    Traffic(u32),
+    /// The next message of the trace.
+    Trace,
+    /// A packet's delay at its current mix is over.
+    Hop(u32),
+    /// A mix's loop schedule is due.
+    RelayLoop(u32),
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Entry {
+    t: u64,
+    seq: u64,
+    ev: Ev,
+}
+
+impl PartialEq for Entry {
+    fn eq(&self, other: &Self) -> bool {
+        (self.t, self.seq) == (other.t, other.seq)
+    }
+}
+impl Eq for Entry {}
+impl PartialOrd for Entry {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Entry {
+    fn cmp(&self, other: &Self) -> Ordering {
+        (self.t, self.seq).cmp(&(other.t, other.seq))
+    }
+}
+
+#[derive(Debug)]
+struct Packet {
+    /// Sender id (a client, or a mix sending a loop).
+    origin: u32,
+    msg: u32,
+    path: Path,
+    hop: u8,
+    /// Its own distribution while it sits in a corrupt mix.
+    dist: Option<Dist>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Message {
+    sender: u32,
+    created: u64,
+    sent: u64,
+    in_window: bool,
+    measured: bool,
+}
+
+/// Where an arriving packet's sender distribution comes from.
+enum Source {
+    /// The packet carries it.
+    Own(Option<Dist>),
+    /// It just left this honest mix: the pool's mixture.
+    Pool(usize),
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct MixStats {
+    /// Pool size integrated over the measured window (packets × ns).
+    area: f64,
+    last: u64,
+    arrivals: u64,
+    max_pool: u32,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    real: u64,
+    cover: u64,
+}
+
+/// One simulation in progress.
+struct Sim<'a> {
+    loaded: &'a Loaded,
+    topo: Topology,
+    warmup: u64,
+    end: u64,
+    track: bool,
+    heap: BinaryHeap<Reverse<Entry>>,
+    seq: u64,
+    events: u64,
+    rng: ChaCha20Rng,
+    measure_rng: ChaCha20Rng,
+    ticket_rng: ChaCha20Rng,
+    delay: ExpDelay,
+    clients: Vec<Option<ClientCover<u32>>>,
+    traffic: Option<PoissonProcess>,
+    trace: Vec<(u64, u32)>,
+    trace_next: usize,
+    relay_loops: Vec<RelayLoopCover>,
+    pools: Vec<Pool>,
+    stats: Vec<MixStats>,
+    packets: Vec<Packet>,
+    free: Vec<u32>,
+    messages: Vec<Message>,
+    outstanding: u64,
+    counters: Counters,
+    latencies: Vec<f64>,
+    network_latency_sum: f64,
+    rows: Vec<MessageRow>,
+}
+
+fn stream(seed: u64, stream: u64) -> ChaCha20Rng {
+    let mut rng = ChaCha20Rng::seed_from_u64(seed);
+    rng.set_stream(stream);
+    rng
+}
+
+fn secs(ns: u64) -> f64 {
+    ns as f64 / 1e9
+}
+
+/// Runs a scenario with `seed`; `progress` hears the fraction of simulated time done.
+pub fn run(loaded: &Loaded, seed: u64, progress: &mut dyn FnMut(f64)) -> Result<RunResult> {
+    let mut sim = Sim::new(loaded, seed)?;
+    sim.start()?;
+    sim.run(progress);
+    Ok(sim.finish(seed))
+}
+
+impl<'a> Sim<'a> {
+    fn new(loaded: &'a Loaded, seed: u64) -> Result<Self> {
+        let s = &loaded.scenario;
+        let topo = Topology::new(s, &mut stream(seed, STREAM_ADVERSARY));
+        let track = s.measure.anonymity;
+        let senders = topo.senders();
+        let pools = topo
+            .corrupt_mix
+            .iter()
+            .map(|&corrupt| Pool::new(senders, track && !corrupt))
+            .collect();
+        let trace = match (s.traffic.model, &s.traffic.file) {
+            (TrafficModel::Trace, Some(file)) => {
+                load_trace(&loaded.base_dir.join(file), s.network.clients)?
+            }
+            _ => Vec::new(),
+        };
+        let traffic = match s.traffic.messages_per_s {
+            Some(rate) if s.traffic.model == TrafficModel::Poisson => {
+                Some(PoissonProcess::new(rate)?)
+            }
+            _ => None,
+        };
+        Ok(Sim {
+            loaded,
+            warmup: s.warmup_ns(),
+            end: s.duration_ns(),
+            track,
+            heap: BinaryHeap::new(),
+            seq: 0,
+            events: 0,
+            rng: stream(seed, STREAM_TRAFFIC),
+            measure_rng: stream(seed, STREAM_MEASURE),
+            ticket_rng: stream(seed, STREAM_TICKETS),
+            delay: ExpDelay::with_mean(Duration::from_secs_f64(1.0 / s.rates.mu))?,
+            clients: Vec::new(),
+            traffic,
+            trace,
+            trace_next: 0,
+            relay_loops: Vec::new(),
+            stats: vec![MixStats::default(); topo.mixes()],
+            pools,
+            topo,
+            packets: Vec::new(),
+            free: Vec::new(),
+            messages: Vec::new(),
+            outstanding: 0,
+            counters: Counters::default(),
+            latencies: Vec::new(),
+            network_latency_sum: 0.0,
+            rows: Vec::new(),
+        })
+    }
+
+    fn push(&mut self, t: u64, ev: Ev) {
+        self.seq += 1;
+        self.heap.push(Reverse(Entry {
+            t,
+            seq: self.seq,
+            ev,
+        }));
+    }
+
+    /// Starts every schedule at time zero.
+    fn start(&mut self) -> Result<()> {
+        let r = &self.loaded.scenario.rates;
+        let zero = Instant::ZERO;
+        if r.cover {
+            let rates = ClientRates {
+                lambda_p: r.lambda_p,
+                lambda_l: r.lambda_l,
+                lambda_d: r.lambda_d,
+            };
+            for c in 0..self.topo.clients {
+                let cover = ClientCover::new(rates, zero, &mut self.rng)?;
+                if let Some(t) = cover.poll_timeout() {
+                    self.push(t.as_nanos(), Ev::Client(c));
+                }
+                self.clients.push(Some(cover));
+            }
+            for m in 0..self.topo.mixes() {
+                let loops = RelayLoopCover::new(r.lambda_m, zero, &mut self.rng)?;
+                if let Some(t) = loops.poll_timeout() {
+                    self.push(t.as_nanos(), Ev::RelayLoop(m as u32));
+                }
+                self.relay_loops.push(loops);
+            }
+        }
+        if let Some(p) = self.traffic {
+            for c in 0..self.topo.clients {
+                if let Some(t) = p.next_after(zero, &mut self.rng) {
+                    self.push_traffic(t, c);
+                }
+            }
+        }
+        if let Some(&(t, _)) = self.trace.first() {
+            self.push(t, Ev::Trace);
+        }
+        Ok(())
+    }
+
+    fn push_traffic(&mut self, t: Instant, c: u32) {
+        if t.as_nanos() < self.end {
+            self.push(t.as_nanos(), Ev::Traffic(c));
+        }
+    }
+
+    fn run(&mut self, progress: &mut dyn FnMut(f64)) {
+        while let Some(Reverse(Entry { t, ev, .. })) = self.heap.pop() {
+            // Past the end, only the measured messages still in flight keep the run going
+            // (cover keeps flowing so they leave their queues and pools as they would).
+            if t >= self.end && self.outstanding == 0 {
+                break;
+            }
+            self.events += 1;
+            if self.events.is_multiple_of(PROGRESS_EVERY) {
+                progress((t as f64 / self.end as f64).min(1.0));
+            }
+            match ev {
+                Ev::Client(c) => self.client_due(c, t),
+                Ev::Traffic(c) => {
+                    self.new_message(c, t);
+                    if let Some(p) = self.traffic {
+                        let next = p.next_after(Instant::from_nanos(t), &mut self.rng);
+                        if let Some(next) = next {
+                            self.push_traffic(next, c);
+                        }
+                    }
+                }
+                Ev::Trace => {
+                    if let Some(&(_, c)) = self.trace.get(self.trace_next) {
+                        self.new_message(c, t);
+                    }
+                    self.trace_next += 1;
+                    match self.trace.get(self.trace_next) {
+                        Some(&(next, _)) if next < self.end => self.push(next, Ev::Trace),
+                        _ => {}
+                    }
+                }
+                Ev::Hop(id) => self.hop_done(id, t),
+                Ev::RelayLoop(m) => {
+                    let now = Instant::from_nanos(t);
+                    while self.relay_loops[m as usize].poll_transmit(now, &mut self.rng) {
+                        self.count(false, t);
+                        self.inject(self.topo.mix_sender(m as usize), NO_MESSAGE, t);
+                    }
+                    if let Some(next) = self.relay_loops[m as usize].poll_timeout() {
+                        self.push(next.as_nanos(), Ev::RelayLoop(m));
+                    }
+                }
+            }
+        }
+        progress(1.0);
+    }
+
+    fn count(&mut self, real: bool, t: u64) {
+        if (self.warmup..self.end).contains(&t) {
+            if real {
+                self.counters.real += 1;
+            } else {
+                self.counters.cover += 1;
+            }
+        }
+    }
+
+    /// A real message exists: it waits for a send tick, or leaves at once without cover.
+    fn new_message(&mut self, c: u32, t: u64) {
+        let in_window = (self.warmup..self.end).contains(&t);
+        let m = &self.loaded.scenario.measure;
+        let measured = in_window
+            && self.track
+            && (m.sample >= 1.0 || self.measure_rng.random::<f64>() < m.sample);
+        let id = self.messages.len() as u32;
+        self.messages.push(Message {
+            sender: c,
+            created: t,
+            sent: t,
+            in_window,
+            measured,
+        });
+        self.outstanding += u64::from(in_window);
+        match self.clients.get_mut(c as usize).and_then(Option::as_mut) {
+            Some(cover) => cover.push_real(id),
+            None => self.send_real(id, t),
+        }
+    }
+
+    fn send_real(&mut self, id: u32, t: u64) {
+        let msg = &mut self.messages[id as usize];
+        msg.sent = t;
+        let sender = msg.sender;
+        self.count(true, t);
+        self.inject(sender, id, t);
+    }
+
+    /// Runs client `c`'s cover schedule (the protocol's) for everything due at `t`.
+    fn client_due(&mut self, c: u32, t: u64) {
+        let Some(mut cover) = self.clients[c as usize].take() else {
+            return;
+        };
+        let now = Instant::from_nanos(t);
+        while let Some(emission) = cover.poll_transmit(now, &mut self.rng) {
+            match emission {
+                ClientEmission::Real(id) => self.send_real(id, t),
+                ClientEmission::SendCover | ClientEmission::Loop | ClientEmission::Drop => {
+                    self.count(false, t);
+                    self.inject(c, NO_MESSAGE, t);
+                }
+            }
+        }
+        if let Some(next) = cover.poll_timeout() {
+            self.push(next.as_nanos(), Ev::Client(c));
+        }
+        self.clients[c as usize] = Some(cover);
+    }
+
+    /// A packet leaves its sender (through its gateway, which forwards at once) into layer 1.
+    fn inject(&mut self, origin: u32, msg: u32, t: u64) {
+        let path = self.topo.choose_path(&mut self.rng);
+        let entry = if origin >= self.topo.clients {
+            Dist::Point(origin)
+        } else {
+            let g = self.topo.gateway_of(origin);
+            if self.loaded.scenario.adversary.global_passive
+                || self.topo.corrupt_gateway[g as usize]
+            {
+                Dist::Point(origin)
+            } else {
+                let (lo, hi) = self.topo.clients_of(g);
+                Dist::Uniform { lo, hi }
+            }
+        };
+        let packet = Packet {
+            origin,
+            msg,
+            path,
+            hop: 0,
+            dist: None,
+        };
+        let id = match self.free.pop() {
+            Some(id) => {
+                self.packets[id as usize] = packet;
+                id
+            }
+            None => {
+                self.packets.push(packet);
+                (self.packets.len() - 1) as u32
+            }
+        };
+        self.enter(id, Source::Own(Some(entry)), t);
+    }
+
+    /// Integrates mix `m`'s pool size up to `t` (call before every change).
+    fn touch(&mut self, m: usize, t: u64) {
+        let s = &mut self.stats[m];
+        let clamp = |x: u64| x.clamp(self.warmup, self.end);
+        s.area += f64::from(self.pools[m].len()) * (clamp(t) - clamp(s.last)) as f64;
+        s.last = t;
+    }
+
+    /// Packet `id` arrives at the mix of its current hop.
+    fn enter(&mut self, id: u32, source: Source, t: u64) {
+        let p = &self.packets[id as usize];
+        let m = p.path[p.hop as usize] as usize;
+        let origin = p.origin;
+        self.touch(m, t);
+        if self.topo.corrupt_mix[m] {
+            // The mix links this packet's in and out: it keeps its own distribution, unless a
+            // ticket for this hop names the pot that paid, and so the sender.
+            let ticketed = origin < self.topo.clients
+                && self.loaded.scenario.tickets.rate > 0.0
+                && self.ticket_rng.random::<f64>() < self.loaded.scenario.tickets.rate;
+            let dist = if !self.track {
+                None
+            } else if ticketed {
+                Some(Dist::Point(origin))
+            } else {
+                match source {
+                    Source::Own(d) => d,
+                    Source::Pool(from) => self.pools[from].snapshot(),
+                }
+            };
+            self.packets[id as usize].dist = dist;
+            self.pools[m].add_dist(&Dist::Point(origin));
+        } else {
+            match source {
+                Source::Own(Some(d)) => self.pools[m].add_dist(&d),
+                Source::Own(None) => self.pools[m].add_dist(&Dist::Point(origin)),
+                Source::Pool(from) => {
+                    let (to, from) = two_mut(&mut self.pools, m, from);
+                    to.add_pool(from);
+                }
+            }
+        }
+        let s = &mut self.stats[m];
+        s.max_pool = s.max_pool.max(self.pools[m].len());
+        if (self.warmup..self.end).contains(&t) {
+            s.arrivals += 1;
+        }
+        let delay = u64::try_from(self.delay.sample(&mut self.rng).as_nanos()).unwrap_or(u64::MAX);
+        self.push(t.saturating_add(delay), Ev::Hop(id));
+    }
+
+    /// Packet `id`'s delay at its current mix is over: on to the next layer, or out.
+    fn hop_done(&mut self, id: u32, t: u64) {
+        let p = &mut self.packets[id as usize];
+        let m = p.path[p.hop as usize] as usize;
+        p.hop += 1;
+        let source = if self.topo.corrupt_mix[m] {
+            Source::Own(p.dist.take())
+        } else {
+            Source::Pool(m)
+        };
+        let last = p.hop as usize >= self.topo.layers;
+        self.touch(m, t);
+        if last {
+            self.deliver(id, &source, t);
+            self.free.push(id);
+        } else {
+            // The next mix reads this pool's mixture before the packet's departure is recorded.
+            self.enter(id, source, t);
+        }
+        self.pools[m].depart();
+    }
+
+    /// Packet `id` left the last layer (to the exit, or back to a gateway).
+    fn deliver(&mut self, id: u32, source: &Source, t: u64) {
+        let msg_id = self.packets[id as usize].msg;
+        let Some(msg) = self.messages.get(msg_id as usize).copied() else {
+            return;
+        };
+        if !msg.in_window {
+            return;
+        }
+        self.outstanding -= 1;
+        let latency = secs(t - msg.created);
+        self.latencies.push(latency);
+        self.network_latency_sum += secs(t - msg.sent);
+        if !msg.measured {
+            return;
+        }
+        let anonymity = match source {
+            Source::Own(Some(d)) => Some(Anonymity::of_dist(d)),
+            Source::Own(None) => None,
+            Source::Pool(m) => self.pools[*m].anonymity(),
+        };
+        self.rows.push(MessageRow {
+            message: msg_id,
+            sender: msg.sender,
+            created_s: secs(msg.created),
+            sent_s: secs(msg.sent),
+            delivered_s: secs(t),
+            latency_s: latency,
+            entropy_bits: anonymity.map(|a| a.entropy_bits),
+            min_entropy_bits: anonymity.map(|a| a.min_entropy_bits),
+            anonymity_set: anonymity.map(|a| a.set_size),
+        });
+    }
+
+    fn finish(mut self, seed: u64) -> RunResult {
+        for m in 0..self.topo.mixes() {
+            self.touch(m, self.end);
+        }
+        let s = &self.loaded.scenario;
+        let window = (self.end - self.warmup) as f64;
+        let mixes: Vec<MixRow> = (0..self.topo.mixes())
+            .map(|m| MixRow {
+                mix: m as u32,
+                layer: self.topo.layer_of(m) as u32 + 1,
+                corrupt: self.topo.corrupt_mix[m],
+                mean_pool: self.stats[m].area / window,
+                max_pool: self.stats[m].max_pool,
+                arrivals_per_s: self.stats[m].arrivals as f64 / secs(self.end - self.warmup),
+            })
+            .collect();
+        let summary = Summary::new(
+            s,
+            seed,
+            self.events,
+            &mut self.latencies,
+            self.network_latency_sum,
+            &self.rows,
+            &mixes,
+            (self.counters.real, self.counters.cover),
+        );
+        RunResult {
+            summary,
+            messages: self.rows,
+            latencies: self.latencies,
+            mixes,
+        }
+    }
+}
+
+/// Two distinct elements of a slice, mutably and immutably.
+fn two_mut<T>(v: &mut [T], a: usize, b: usize) -> (&mut T, &T) {
+    if a < b {
+        let (lo, hi) = v.split_at_mut(b);
+        (&mut lo[a], &hi[0])
+    } else {
+        let (lo, hi) = v.split_at_mut(a);
+        (&mut hi[0], &lo[b])
+    }
+}
