@@ -1,6 +1,7 @@
 #![doc = include_str!("../README.md")]
 
 pub mod delay;
+pub mod directory;
 pub mod error;
 pub mod fragment;
 pub mod frame;
