@@ -104,6 +104,48 @@ pub enum Error {
     #[error("cover-traffic rate must be finite and non-negative (per second); got {0}")]
     CoverRate(String),
 
+    // ---- directory ----
+    /// A directory document is malformed or violates its rules.
+    #[error("directory document is invalid: {0}")]
+    Document(String),
+    /// A document decodes but is not in its one canonical encoding.
+    #[error("directory document is not canonically encoded")]
+    NonCanonical,
+    /// A key is malformed.
+    #[error("bad key: {0}")]
+    BadKey(String),
+    /// A signature's digest is not the body's: the body was changed after signing.
+    #[error("document body is not what {signer} signed (tampered)")]
+    BodyTampered { signer: String },
+    /// A signature does not verify under the key it names.
+    #[error("signature claiming to be by {signer} does not verify (forged)")]
+    ForgedSignature { signer: String },
+    /// A signature by a key that is not a configured authority (or, on a descriptor, not
+    /// the described relay).
+    #[error("signature by {signer}, which is not a configured authority")]
+    UnknownSigner { signer: String },
+    /// Fewer valid authority signatures than a strict majority.
+    #[error("consensus has {valid} valid authority signatures; a strict majority needs {needed}")]
+    NotEnoughSignatures { valid: usize, needed: usize },
+    /// The document's validity window has passed.
+    #[error("document expired at {valid_until} (now {now})")]
+    Expired { valid_until: u64, now: u64 },
+    /// The document's validity window has not started.
+    #[error("document is not valid before {valid_after} (now {now})")]
+    NotYetValid { valid_after: u64, now: u64 },
+    /// The document is for another epoch than the one asked for.
+    #[error("document is for epoch {got}, expected epoch {expected}")]
+    WrongEpoch { expected: u32, got: u32 },
+    /// An exit policy does not parse.
+    #[error("exit policy: {0}")]
+    ExitPolicy(String),
+    /// No path satisfies the rules.
+    #[error("cannot build a path: {0}")]
+    Path(String),
+    /// No exit's policy allows the destination.
+    #[error("no exit relay's policy allows this destination")]
+    NoExit,
+
     // ---- delays ----
     /// A delay distribution's mean is unusable.
     #[error("mean delay must be finite and non-negative; got {0:?}")]
@@ -130,7 +172,17 @@ impl Error {
             Error::ReassemblyFull(_) => "reassembly_full",
             Error::ReplayParams(_) | Error::ReplayStore(_) => "replay_store",
             Error::CoverRate(_) => "config",
-            Error::DelayMean(_) => "config",
+            Error::DelayMean(_) | Error::ExitPolicy(_) | Error::BadKey(_) => "config",
+            Error::Document(_) | Error::NonCanonical => "document_malformed",
+            Error::BodyTampered { .. } => "body_tampered",
+            Error::ForgedSignature { .. } => "forged_signature",
+            Error::UnknownSigner { .. } => "unknown_signer",
+            Error::NotEnoughSignatures { .. } => "not_enough_signatures",
+            Error::Expired { .. } => "expired",
+            Error::NotYetValid { .. } => "not_yet_valid",
+            Error::WrongEpoch { .. } => "wrong_epoch",
+            Error::Path(_) => "no_path",
+            Error::NoExit => "no_exit",
         }
     }
 }

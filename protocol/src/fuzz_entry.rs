@@ -7,6 +7,10 @@
 
 use std::time::Duration;
 
+use crate::directory::sign::Freshness;
+use crate::directory::{
+    AuthoritySet, ExitPolicy, IdentityKey, SignedConsensus, SignedDescriptor, decode, encode,
+};
 use crate::fragment::{Fragment, Reassembler, ReassemblyLimits};
 use crate::frame::Frame;
 use crate::packet::{HopOutput, OpenedPacket, StaticSecret, recover_plaintext};
@@ -23,6 +27,9 @@ pub const TARGETS: &[&str] = &[
     "reply_block",
     "replay_filter",
     "reassembly",
+    "consensus",
+    "descriptor",
+    "exit_policy",
 ];
 
 /// Runs the target called `name` on `data`.
@@ -34,6 +41,9 @@ pub fn run(name: &str, data: &[u8]) {
         "reply_block" => reply_block(data),
         "replay_filter" => replay_filter(data),
         "reassembly" => reassembly(data),
+        "consensus" => consensus(data),
+        "descriptor" => descriptor(data),
+        "exit_policy" => exit_policy(data),
         other => panic!("unknown fuzz target {other}"),
     }
 }
@@ -108,5 +118,45 @@ pub fn reassembly(data: &[u8]) {
         }
         assert!(r.partial_messages() <= limits.max_partial_messages);
         assert!(r.buffered_bytes() <= limits.max_buffered_bytes);
+    }
+}
+
+/// The authority keys the consensus target verifies against: the Ed25519 keys of seeds 1–3.
+pub fn authority_keys() -> Vec<ed25519_dalek::SigningKey> {
+    (1..=3u8)
+        .map(|i| ed25519_dalek::SigningKey::from_bytes(&[i; 32]))
+        .collect()
+}
+
+/// A served consensus decodes and verifies, or errors; what decodes re-encodes identically.
+pub fn consensus(data: &[u8]) {
+    if let Ok(doc) = decode::<SignedConsensus>(data) {
+        assert_eq!(encode(&doc).expect("encodes"), data);
+        let set = AuthoritySet::new(authority_keys().iter().map(IdentityKey::of).collect())
+            .expect("valid authority keys");
+        let at = Freshness {
+            now: 1_000,
+            expected_epoch: None,
+            clock_skew_s: 60,
+        };
+        let _ = doc.verify(&set, at);
+    }
+}
+
+/// An uploaded descriptor decodes and verifies, or errors.
+pub fn descriptor(data: &[u8]) {
+    if let Ok(doc) = decode::<SignedDescriptor>(data) {
+        let _ = doc.verify();
+    }
+}
+
+/// An exit policy either fails to parse or prints to a form that parses to itself.
+pub fn exit_policy(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    if let Ok(policy) = ExitPolicy::parse(text, false) {
+        let again = ExitPolicy::parse(&policy.to_string(), false).expect("printed policy parses");
+        assert_eq!(again, policy);
     }
 }

@@ -2,6 +2,7 @@
 
 pub mod cover;
 pub mod delay;
+pub mod directory;
 pub mod error;
 pub mod fragment;
 pub mod frame;

@@ -5,6 +5,11 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use murmur_protocol::directory::synthetic::{SyntheticNetwork, generate};
+use murmur_protocol::directory::{
+    Descriptor, DocumentKind, EpochKey, ExitPolicy, IdentityKey, NetworkParams, RelayAddresses,
+    Roles, SignedConsensus, SignedDescriptor, encode, sign_document,
+};
 use murmur_protocol::fragment::split_message;
 use murmur_protocol::frame::Frame;
 use murmur_protocol::fuzz_entry::{self, TARGETS};
@@ -70,6 +75,49 @@ fn seeds(target: &str) -> Vec<Vec<u8>> {
                 out.extend(b);
             }
             vec![out]
+        }
+        "consensus" => {
+            let net = SyntheticNetwork {
+                mixes_per_layer: 2,
+                gateways: 1,
+                exits: 1,
+                params: NetworkParams::nym_like(),
+                epoch: 0,
+            };
+            let (consensus, _) = generate(&mut rng, &net);
+            let mut doc = SignedConsensus::unsigned(&consensus).unwrap();
+            for key in fuzz_entry::authority_keys() {
+                doc.add_signature(sign_document(DocumentKind::Consensus, &doc.body, &key));
+            }
+            vec![encode(&doc).unwrap()]
+        }
+        "descriptor" => {
+            let key = &fuzz_entry::authority_keys()[0];
+            let descriptor = Descriptor {
+                schema: 1,
+                identity: IdentityKey::of(key),
+                family: "seed".into(),
+                addresses: RelayAddresses {
+                    mix: "127.0.0.1:1789".parse().unwrap(),
+                    client: None,
+                },
+                roles: Roles {
+                    mix: true,
+                    ..Roles::default()
+                },
+                sphinx_keys: vec![EpochKey {
+                    epoch: 1,
+                    key: [5; 32],
+                }],
+                exit_policy: ExitPolicy::reject_all(),
+                price_per_packet: 1,
+                bandwidth: 10,
+                published: 0,
+            };
+            vec![encode(&SignedDescriptor::sign(&descriptor, key).unwrap()).unwrap()]
+        }
+        "exit_policy" => {
+            vec![b"accept *:443, reject 10.0.0.0/8:*\naccept6 [2001:db8::]/32:80-81 # c".to_vec()]
         }
         other => panic!("no seeds for {other}"),
     }

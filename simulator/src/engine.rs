@@ -10,12 +10,12 @@
 
 use std::cmp::{Ordering, Reverse};
 use std::collections::BinaryHeap;
-use std::time::Duration;
 
 use murmur_protocol::cover::{
     ClientCover, ClientEmission, ClientRates, PoissonProcess, RelayLoopCover,
 };
 use murmur_protocol::delay::ExpDelay;
+use murmur_protocol::directory::NetworkParams;
 use murmur_protocol::time::Instant;
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha20Rng;
@@ -24,7 +24,7 @@ use crate::Result;
 use crate::anonymity::{Anonymity, Dist, Pool};
 use crate::report::{MessageRow, MixRow, RunResult, Summary};
 use crate::scenario::{Loaded, TrafficModel, load_trace};
-use crate::topology::{Path, Topology};
+use crate::topology::{Directory, Path, Paths, Topology};
 
 /// No message (a cover packet).
 const NO_MESSAGE: u32 = u32::MAX;
@@ -37,6 +37,7 @@ const STREAM_TRAFFIC: u64 = 0;
 const STREAM_ADVERSARY: u64 = 1;
 const STREAM_MEASURE: u64 = 2;
 const STREAM_TICKETS: u64 = 3;
+const STREAM_DIRECTORY: u64 = 4;
 
 #[derive(Debug, Clone, Copy)]
 enum Ev {
@@ -123,6 +124,9 @@ struct Counters {
 struct Sim<'a> {
     loaded: &'a Loaded,
     topo: Topology,
+    paths: Paths<'a>,
+    /// The rates the directory publishes: the schedules run on these, as a client's would.
+    params: NetworkParams,
     warmup: u64,
     end: u64,
     track: bool,
@@ -162,16 +166,25 @@ fn secs(ns: u64) -> f64 {
 
 /// Runs a scenario with `seed`; `progress` hears the fraction of simulated time done.
 pub fn run(loaded: &Loaded, seed: u64, progress: &mut dyn FnMut(f64)) -> Result<RunResult> {
-    let mut sim = Sim::new(loaded, seed)?;
+    let s = &loaded.scenario;
+    let topo = Topology::new(s, &mut stream(seed, STREAM_ADVERSARY));
+    let directory = Directory::generate(s, &mut stream(seed, STREAM_DIRECTORY));
+    let paths = Paths::new(&directory, &topo)?;
+    let mut sim = Sim::new(loaded, seed, topo, paths, directory.consensus.params)?;
     sim.start()?;
-    sim.run(progress);
+    sim.run(progress)?;
     Ok(sim.finish(seed))
 }
 
 impl<'a> Sim<'a> {
-    fn new(loaded: &'a Loaded, seed: u64) -> Result<Self> {
+    fn new(
+        loaded: &'a Loaded,
+        seed: u64,
+        topo: Topology,
+        paths: Paths<'a>,
+        params: NetworkParams,
+    ) -> Result<Self> {
         let s = &loaded.scenario;
-        let topo = Topology::new(s, &mut stream(seed, STREAM_ADVERSARY));
         let track = s.measure.anonymity;
         let senders = topo.senders();
         let pools = topo
@@ -202,7 +215,9 @@ impl<'a> Sim<'a> {
             rng: stream(seed, STREAM_TRAFFIC),
             measure_rng: stream(seed, STREAM_MEASURE),
             ticket_rng: stream(seed, STREAM_TICKETS),
-            delay: ExpDelay::with_mean(Duration::from_secs_f64(1.0 / s.rates.mu))?,
+            delay: ExpDelay::with_mean(params.mean_hop_delay())?,
+            paths,
+            params,
             clients: Vec::new(),
             traffic,
             trace,
@@ -233,13 +248,13 @@ impl<'a> Sim<'a> {
 
     /// Starts every schedule at time zero.
     fn start(&mut self) -> Result<()> {
-        let r = &self.loaded.scenario.rates;
+        let p = self.params;
         let zero = Instant::ZERO;
-        if r.cover {
+        if self.loaded.scenario.rates.cover {
             let rates = ClientRates {
-                lambda_p: r.lambda_p,
-                lambda_l: r.lambda_l,
-                lambda_d: r.lambda_d,
+                lambda_p: p.lambda_p,
+                lambda_l: p.lambda_l,
+                lambda_d: p.lambda_d,
             };
             for c in 0..self.topo.clients {
                 let cover = ClientCover::new(rates, zero, &mut self.rng)?;
@@ -249,7 +264,7 @@ impl<'a> Sim<'a> {
                 self.clients.push(Some(cover));
             }
             for m in 0..self.topo.mixes() {
-                let loops = RelayLoopCover::new(r.lambda_m, zero, &mut self.rng)?;
+                let loops = RelayLoopCover::new(p.lambda_m, zero, &mut self.rng)?;
                 if let Some(t) = loops.poll_timeout() {
                     self.push(t.as_nanos(), Ev::RelayLoop(m as u32));
                 }
@@ -275,7 +290,7 @@ impl<'a> Sim<'a> {
         }
     }
 
-    fn run(&mut self, progress: &mut dyn FnMut(f64)) {
+    fn run(&mut self, progress: &mut dyn FnMut(f64)) -> Result<()> {
         while let Some(Reverse(Entry { t, ev, .. })) = self.heap.pop() {
             // Past the end, only the measured messages still in flight keep the run going
             // (cover keeps flowing so they leave their queues and pools as they would).
@@ -287,9 +302,9 @@ impl<'a> Sim<'a> {
                 progress((t as f64 / self.end as f64).min(1.0));
             }
             match ev {
-                Ev::Client(c) => self.client_due(c, t),
+                Ev::Client(c) => self.client_due(c, t)?,
                 Ev::Traffic(c) => {
-                    self.new_message(c, t);
+                    self.new_message(c, t)?;
                     if let Some(p) = self.traffic {
                         let next = p.next_after(Instant::from_nanos(t), &mut self.rng);
                         if let Some(next) = next {
@@ -299,7 +314,7 @@ impl<'a> Sim<'a> {
                 }
                 Ev::Trace => {
                     if let Some(&(_, c)) = self.trace.get(self.trace_next) {
-                        self.new_message(c, t);
+                        self.new_message(c, t)?;
                     }
                     self.trace_next += 1;
                     match self.trace.get(self.trace_next) {
@@ -312,7 +327,7 @@ impl<'a> Sim<'a> {
                     let now = Instant::from_nanos(t);
                     while self.relay_loops[m as usize].poll_transmit(now, &mut self.rng) {
                         self.count(false, t);
-                        self.inject(self.topo.mix_sender(m as usize), NO_MESSAGE, t);
+                        self.inject(self.topo.mix_sender(m as usize), NO_MESSAGE, t)?;
                     }
                     if let Some(next) = self.relay_loops[m as usize].poll_timeout() {
                         self.push(next.as_nanos(), Ev::RelayLoop(m));
@@ -321,6 +336,7 @@ impl<'a> Sim<'a> {
             }
         }
         progress(1.0);
+        Ok(())
     }
 
     fn count(&mut self, real: bool, t: u64) {
@@ -334,7 +350,7 @@ impl<'a> Sim<'a> {
     }
 
     /// A real message exists: it waits for a send tick, or leaves at once without cover.
-    fn new_message(&mut self, c: u32, t: u64) {
+    fn new_message(&mut self, c: u32, t: u64) -> Result<()> {
         let in_window = (self.warmup..self.end).contains(&t);
         let m = &self.loaded.scenario.measure;
         let measured = in_window
@@ -350,54 +366,64 @@ impl<'a> Sim<'a> {
         });
         self.outstanding += u64::from(in_window);
         match self.clients.get_mut(c as usize).and_then(Option::as_mut) {
-            Some(cover) => cover.push_real(id),
+            Some(cover) => {
+                cover.push_real(id);
+                Ok(())
+            }
             None => self.send_real(id, t),
         }
     }
 
-    fn send_real(&mut self, id: u32, t: u64) {
+    fn send_real(&mut self, id: u32, t: u64) -> Result<()> {
         let msg = &mut self.messages[id as usize];
         msg.sent = t;
         let sender = msg.sender;
         self.count(true, t);
-        self.inject(sender, id, t);
+        self.inject(sender, id, t)
     }
 
     /// Runs client `c`'s cover schedule (the protocol's) for everything due at `t`.
-    fn client_due(&mut self, c: u32, t: u64) {
+    fn client_due(&mut self, c: u32, t: u64) -> Result<()> {
         let Some(mut cover) = self.clients[c as usize].take() else {
-            return;
+            return Ok(());
         };
         let now = Instant::from_nanos(t);
+        let mut sent = Ok(());
         while let Some(emission) = cover.poll_transmit(now, &mut self.rng) {
-            match emission {
+            sent = match emission {
                 ClientEmission::Real(id) => self.send_real(id, t),
                 ClientEmission::SendCover | ClientEmission::Loop | ClientEmission::Drop => {
                     self.count(false, t);
-                    self.inject(c, NO_MESSAGE, t);
+                    self.inject(c, NO_MESSAGE, t)
                 }
+            };
+            if sent.is_err() {
+                break;
             }
         }
         if let Some(next) = cover.poll_timeout() {
             self.push(next.as_nanos(), Ev::Client(c));
         }
         self.clients[c as usize] = Some(cover);
+        sent
     }
 
     /// A packet leaves its sender (through its gateway, which forwards at once) into layer 1.
-    fn inject(&mut self, origin: u32, msg: u32, t: u64) {
-        let path = self.topo.choose_path(&mut self.rng);
-        let entry = if origin >= self.topo.clients {
-            Dist::Point(origin)
-        } else {
-            let g = self.topo.gateway_of(origin);
-            if self.loaded.scenario.adversary.global_passive
-                || self.topo.corrupt_gateway[g as usize]
-            {
-                Dist::Point(origin)
-            } else {
-                let (lo, hi) = self.topo.clients_of(g);
-                Dist::Uniform { lo, hi }
+    fn inject(&mut self, origin: u32, msg: u32, t: u64) -> Result<()> {
+        let client = origin < self.topo.clients;
+        let gateway = client.then(|| self.topo.gateway_of(origin));
+        let path = self.paths.choose(&mut self.rng, gateway)?;
+        let entry = match gateway {
+            None => Dist::Point(origin),
+            Some(g) => {
+                if self.loaded.scenario.adversary.global_passive
+                    || self.topo.corrupt_gateway[g as usize]
+                {
+                    Dist::Point(origin)
+                } else {
+                    let (lo, hi) = self.topo.clients_of(g);
+                    Dist::Uniform { lo, hi }
+                }
             }
         };
         let packet = Packet {
@@ -418,6 +444,7 @@ impl<'a> Sim<'a> {
             }
         };
         self.enter(id, Source::Own(Some(entry)), t);
+        Ok(())
     }
 
     /// Integrates mix `m`'s pool size up to `t` (call before every change).

@@ -4,10 +4,16 @@
 //! Mix ids: layer `l`, index `i` is `l · mixes_per_layer + i`. Gateways own contiguous blocks
 //! of clients, so "any client of gateway g" is a range.
 
+use std::collections::BTreeMap;
+
+use murmur_protocol::directory::path::{PathRules, PathSelector};
+use murmur_protocol::directory::synthetic::{self, SyntheticNetwork};
+use murmur_protocol::directory::{Consensus, ConsensusRelay, IdentityKey, LAYERS, NetworkParams};
 use rand::seq::SliceRandom;
-use rand::{Rng, RngExt};
+use rand::{CryptoRng, Rng};
 
 use crate::scenario::{MAX_LAYERS, Scenario};
+use crate::{Error, Result};
 
 /// Mix ids along a path, one per layer (unused layers are 0).
 pub type Path = [u16; MAX_LAYERS];
@@ -78,19 +84,103 @@ impl Topology {
         };
         (first(g), first(g + 1))
     }
+}
 
-    /// PATH SELECTION: the one place a path is chosen. One mix per layer, uniformly.
-    ///
-    /// TODO(directory): switch to `murmur_protocol::directory`'s path selector over a synthetic
-    /// consensus once it lands on main. With equal bandwidths and no shared families the two
-    /// choose the same distribution, so results do not change.
-    pub fn choose_path<R: Rng + ?Sized>(&self, rng: &mut R) -> Path {
-        let mut path = [0u16; MAX_LAYERS];
-        for (layer, hop) in path.iter_mut().enumerate().take(self.layers) {
-            let i = rng.random_range(0..self.mixes_per_layer);
-            *hop = (layer as u32 * self.mixes_per_layer + i) as u16;
+/// The relays of the simulated network as the directory lists them: a synthetic consensus
+/// with real keys, generated from the seed, carrying the scenario's rates.
+#[derive(Debug, Clone)]
+pub struct Directory {
+    pub consensus: Consensus,
+}
+
+impl Directory {
+    /// One gateway per scenario gateway, `mixes_per_layer` mixes in each of the three layers
+    /// (a scenario with fewer layers uses the first hops of each path), one exit.
+    pub fn generate<R: CryptoRng + ?Sized>(s: &Scenario, rng: &mut R) -> Directory {
+        let r = &s.rates;
+        let net = SyntheticNetwork {
+            mixes_per_layer: s.network.mixes_per_layer as usize,
+            gateways: s.network.gateways as usize,
+            exits: 1,
+            params: NetworkParams {
+                lambda_p: r.lambda_p,
+                lambda_l: r.lambda_l,
+                lambda_d: r.lambda_d,
+                lambda_m: r.lambda_m,
+                mu: r.mu,
+                // Relays clamp longer delays; the simulator does not model the clamp, so the
+                // published cap is set where it never binds.
+                max_hop_delay_ms: u64::MAX,
+                ..NetworkParams::nym_like()
+            },
+            epoch: 0,
+        };
+        Directory {
+            consensus: synthetic::generate(rng, &net).0,
         }
-        path
+    }
+}
+
+/// Path selection: the directory's own selector, with its relays mapped to simulator mix ids.
+#[derive(Debug)]
+pub struct Paths<'a> {
+    selector: PathSelector<'a>,
+    ids: BTreeMap<IdentityKey, u16>,
+    gateways: Vec<&'a ConsensusRelay>,
+    layers: usize,
+}
+
+impl<'a> Paths<'a> {
+    /// Mix `i` of layer `l` (from 0) gets id `l · mixes_per_layer + i`, in the selector's
+    /// order; gateway `g` is the directory's `g`-th gateway.
+    pub fn new(directory: &'a Directory, topo: &Topology) -> Result<Paths<'a>> {
+        let selector = PathSelector::new(&directory.consensus, PathRules::default());
+        let mut ids = BTreeMap::new();
+        for layer in 0..LAYERS {
+            for (i, relay) in selector.layer(layer + 1).iter().enumerate() {
+                ids.insert(
+                    relay.identity,
+                    (layer * topo.mixes_per_layer as usize + i) as u16,
+                );
+            }
+        }
+        let gateways: Vec<_> = directory
+            .consensus
+            .relays
+            .iter()
+            .filter(|r| r.roles.gateway)
+            .collect();
+        if ids.len() != LAYERS * topo.mixes_per_layer as usize
+            || gateways.len() != topo.gateways as usize
+        {
+            return Err(Error::Input(
+                "the generated directory does not match the scenario's network".into(),
+            ));
+        }
+        Ok(Paths {
+            selector,
+            ids,
+            gateways,
+            layers: topo.layers,
+        })
+    }
+
+    /// The path of one packet sent through `gateway` (`None` for a mix's own loop): the
+    /// directory's bandwidth-weighted draw of one mix per layer under its family and subnet
+    /// rules, avoiding the gateway.
+    pub fn choose<R: Rng + ?Sized>(&self, rng: &mut R, gateway: Option<u32>) -> Result<Path> {
+        let avoid: &[&ConsensusRelay] = match gateway.and_then(|g| self.gateways.get(g as usize)) {
+            Some(g) => std::slice::from_ref(g),
+            None => &[],
+        };
+        let relays = self.selector.mix_path(rng, avoid)?;
+        let mut path = [0u16; MAX_LAYERS];
+        for (hop, relay) in path.iter_mut().zip(&relays).take(self.layers) {
+            *hop = self.ids.get(&relay.identity).copied().ok_or_else(|| {
+                Error::Input("the path selector chose a relay outside the network".into())
+            })?;
+        }
+        Ok(path)
     }
 }
 
@@ -137,15 +227,24 @@ mod tests {
     }
 
     #[test]
-    fn paths_cross_one_mix_per_layer_and_corrupt_count_is_exact() {
+    fn directory_paths_cross_one_mix_per_layer_and_corrupt_count_is_exact() {
         let mut rng = ChaCha20Rng::seed_from_u64(2);
-        let t = Topology::new(&scenario(10, 1, 0.25), &mut rng);
+        let s = scenario(10, 2, 0.25);
+        let t = Topology::new(&s, &mut rng);
         assert_eq!(t.corrupt_mix.iter().filter(|&&c| c).count(), 3);
-        for _ in 0..100 {
-            let p = t.choose_path(&mut rng);
+        let directory = Directory::generate(&s, &mut rng);
+        let paths = Paths::new(&directory, &t).unwrap();
+        let mut seen = vec![0u32; t.mixes()];
+        for i in 0..1200 {
+            let p = paths
+                .choose(&mut rng, (i % 3 < 2).then_some(i % 2))
+                .unwrap();
             for (l, &m) in p.iter().enumerate() {
                 assert_eq!(t.layer_of(m as usize), l);
+                seen[m as usize] += 1;
             }
         }
+        // Equal bandwidths: every mix of a layer is drawn about equally (300 ± 5 sd of 15).
+        assert!(seen.iter().all(|&n| (225..375).contains(&n)), "{seen:?}");
     }
 }

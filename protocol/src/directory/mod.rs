@@ -1,0 +1,329 @@
+//! The signed directory: relay descriptors, the consensus, and their verification.
+//!
+//! Documents have a canonical binary encoding (postcard of the structs below; decoding
+//! re-encodes and refuses anything that is not byte-identical, so every document has exactly
+//! one encoding). Signatures follow Tor's shape: each covers the SHA-256 digest of the
+//! domain-separated body, and carries that digest, so a verifier can tell "this body is not
+//! what the authority signed" (tampered) from "this is not the authority's signature" (forged).
+//!
+//! Nothing here reads a clock: verification takes `now` as Unix seconds.
+
+pub mod exit_policy;
+pub mod path;
+pub mod sign;
+pub mod synthetic;
+
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
+
+pub use exit_policy::ExitPolicy;
+pub use sign::{
+    AuthoritySet, DocumentKind, DocumentSignature, IdentityKey, SignedConsensus, SignedDescriptor,
+    VerifiedConsensus, document_digest, sign_document,
+};
+
+use crate::{Error, Result};
+
+/// Seconds since the Unix epoch, as the caller's clock tells it.
+pub type UnixTime = u64;
+
+/// An epoch number: `unix_time / epoch_length`.
+pub type Epoch = u32;
+
+/// The schema version of every directory document this build writes and reads.
+pub const DIRECTORY_SCHEMA: u16 = 1;
+
+/// The most relays a consensus may list (bounds memory when decoding untrusted bytes).
+pub const MAX_RELAYS: usize = 10_000;
+
+/// Longest family name, in bytes.
+pub const MAX_FAMILY_LEN: usize = 64;
+
+/// A mix layer, 1 to 3.
+pub type Layer = u8;
+
+/// The number of mix layers.
+pub const LAYERS: usize = 3;
+
+/// What a relay offers to do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Roles {
+    /// Accepts client WebSockets and delivers replies to them.
+    pub gateway: bool,
+    /// Mixes in one of the three layers.
+    pub mix: bool,
+    /// Final hop: opens TCP connections for clients' streams.
+    pub exit: bool,
+}
+
+/// A Sphinx public key for one epoch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EpochKey {
+    pub epoch: Epoch,
+    pub key: [u8; 32],
+}
+
+/// Where a relay listens.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RelayAddresses {
+    /// Relay-to-relay TCP (fixed-size frames).
+    pub mix: SocketAddr,
+    /// Client WebSocket, for gateways.
+    pub client: Option<SocketAddr>,
+}
+
+/// What a relay says about itself; signed by its identity key.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Descriptor {
+    pub schema: u16,
+    pub identity: IdentityKey,
+    /// Operator or family: no path holds two relays of one family.
+    pub family: String,
+    pub addresses: RelayAddresses,
+    pub roles: Roles,
+    /// Sphinx keys for the current and next epochs.
+    pub sphinx_keys: Vec<EpochKey>,
+    pub exit_policy: ExitPolicy,
+    /// Price per packet carried, in the ledger's base unit.
+    pub price_per_packet: u64,
+    /// Advertised capacity in packets per second (path-selection weight).
+    pub bandwidth: u32,
+    pub published: UnixTime,
+}
+
+/// Loopix parameters and limits every client and relay obeys; published so all look alike.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct NetworkParams {
+    /// λ_P: the client's Poisson send rate (real or cover), packets per second.
+    pub lambda_p: f64,
+    /// λ_L: the client's loop-cover rate, per second.
+    pub lambda_l: f64,
+    /// λ_D: the client's drop-cover rate, per second.
+    pub lambda_d: f64,
+    /// λ_M: each relay's loop-cover rate, per second.
+    pub lambda_m: f64,
+    /// μ: per-hop delay rate; the mean hop delay is 1/μ seconds.
+    pub mu: f64,
+    /// The most a relay holds a packet, in milliseconds (longer requested delays are clamped).
+    pub max_hop_delay_ms: u64,
+    /// Epoch length in seconds.
+    pub epoch_length_s: u64,
+}
+
+impl NetworkParams {
+    /// Nym's defaults (REFERENCE.md): 20 ms send gap, 200 ms loop gap, 15 ms per hop.
+    pub fn nym_like() -> Self {
+        NetworkParams {
+            lambda_p: 50.0,
+            lambda_l: 5.0,
+            lambda_d: 5.0,
+            lambda_m: 5.0,
+            mu: 1000.0 / 15.0,
+            max_hop_delay_ms: 10_000,
+            epoch_length_s: 20 * 60,
+        }
+    }
+
+    /// The mean per-hop delay.
+    pub fn mean_hop_delay(&self) -> std::time::Duration {
+        if self.mu.is_finite() && self.mu > 0.0 {
+            std::time::Duration::try_from_secs_f64(1.0 / self.mu).unwrap_or_default()
+        } else {
+            std::time::Duration::ZERO
+        }
+    }
+
+    /// Refuses rates that are negative, not finite, or an epoch of zero length.
+    pub fn validate(&self) -> Result<()> {
+        for (name, v) in [
+            ("lambda_p", self.lambda_p),
+            ("lambda_l", self.lambda_l),
+            ("lambda_d", self.lambda_d),
+            ("lambda_m", self.lambda_m),
+        ] {
+            if !(v.is_finite() && v >= 0.0) {
+                return Err(Error::Document(format!(
+                    "{name} must be a finite rate ≥ 0, got {v}"
+                )));
+            }
+        }
+        if !(self.mu.is_finite() && self.mu > 0.0) {
+            return Err(Error::Document(format!(
+                "mu must be a finite rate > 0, got {}",
+                self.mu
+            )));
+        }
+        if self.epoch_length_s == 0 {
+            return Err(Error::Document("epoch_length_s must be positive".into()));
+        }
+        Ok(())
+    }
+
+    /// The epoch `now` falls in.
+    pub fn epoch_at(&self, now: UnixTime) -> Epoch {
+        let e = now / self.epoch_length_s.max(1);
+        Epoch::try_from(e).unwrap_or(Epoch::MAX)
+    }
+}
+
+/// A relay as the consensus lists it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ConsensusRelay {
+    pub identity: IdentityKey,
+    pub family: String,
+    pub addresses: RelayAddresses,
+    pub roles: Roles,
+    /// The mix layer (1–3) the authorities assigned, if the relay mixes.
+    pub layer: Option<Layer>,
+    pub sphinx_keys: Vec<EpochKey>,
+    pub exit_policy: ExitPolicy,
+    pub price_per_packet: u64,
+    pub bandwidth: u32,
+}
+
+impl ConsensusRelay {
+    /// The relay's Sphinx key for `epoch`, if it published one.
+    pub fn sphinx_key(&self, epoch: Epoch) -> Option<x25519_dalek::PublicKey> {
+        self.sphinx_keys
+            .iter()
+            .find(|k| k.epoch == epoch)
+            .map(|k| x25519_dalek::PublicKey::from(k.key))
+    }
+
+    /// The relay's Sphinx address (its identity key bytes).
+    pub fn address(&self) -> crate::packet::Address {
+        crate::packet::Address(self.identity.0)
+    }
+
+    /// This relay as a hop of a Sphinx route for `epoch`.
+    pub fn route_hop(&self, epoch: Epoch) -> Result<crate::packet::RouteHop> {
+        let sphinx_key = self.sphinx_key(epoch).ok_or(Error::Path(format!(
+            "relay {:?} has no Sphinx key for epoch {epoch}",
+            self.identity
+        )))?;
+        Ok(crate::packet::RouteHop {
+            address: self.address(),
+            sphinx_key,
+        })
+    }
+}
+
+/// The network's view for one epoch, agreed and signed by the authorities.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Consensus {
+    pub schema: u16,
+    pub epoch: Epoch,
+    /// The document may be used from this time...
+    pub valid_after: UnixTime,
+    /// ...a newer one should be fetched from this time...
+    pub fresh_until: UnixTime,
+    /// ...and it must not be used after this time.
+    pub valid_until: UnixTime,
+    pub params: NetworkParams,
+    /// Sorted by identity; identities are unique.
+    pub relays: Vec<ConsensusRelay>,
+}
+
+impl Consensus {
+    /// The relay with this identity.
+    pub fn relay(&self, identity: &IdentityKey) -> Option<&ConsensusRelay> {
+        self.relays
+            .binary_search_by(|r| r.identity.cmp(identity))
+            .ok()
+            .and_then(|i| self.relays.get(i))
+    }
+
+    /// Checks the structure: schema, times in order, parameters, relays sorted and unique,
+    /// layers in range.
+    pub fn validate(&self) -> Result<()> {
+        if self.schema != DIRECTORY_SCHEMA {
+            return Err(Error::Document(format!(
+                "consensus schema {} is not supported (expected {DIRECTORY_SCHEMA})",
+                self.schema
+            )));
+        }
+        if !(self.valid_after <= self.fresh_until && self.fresh_until <= self.valid_until) {
+            return Err(Error::Document(
+                "validity times out of order (valid-after ≤ fresh-until ≤ valid-until)".into(),
+            ));
+        }
+        self.params.validate()?;
+        if self.relays.len() > MAX_RELAYS {
+            return Err(Error::Document(format!("more than {MAX_RELAYS} relays")));
+        }
+        for pair in self.relays.windows(2) {
+            if pair[0].identity >= pair[1].identity {
+                return Err(Error::Document(
+                    "relays must be sorted by identity without duplicates".into(),
+                ));
+            }
+        }
+        for r in &self.relays {
+            if let Some(layer) = r
+                .layer
+                .filter(|&l| !(1..=LAYERS as u8).contains(&l) || !r.roles.mix)
+            {
+                return Err(Error::Document(format!(
+                    "relay {:?} has layer {layer} but is not a mix in 1..=3",
+                    r.identity
+                )));
+            }
+            if r.family.len() > MAX_FAMILY_LEN {
+                return Err(Error::Document("family name too long".into()));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Descriptor {
+    /// Checks the structure of a descriptor.
+    pub fn validate(&self) -> Result<()> {
+        if self.schema != DIRECTORY_SCHEMA {
+            return Err(Error::Document(format!(
+                "descriptor schema {} is not supported (expected {DIRECTORY_SCHEMA})",
+                self.schema
+            )));
+        }
+        if self.family.is_empty() || self.family.len() > MAX_FAMILY_LEN {
+            return Err(Error::Document(format!(
+                "family must be 1 to {MAX_FAMILY_LEN} bytes"
+            )));
+        }
+        if self.sphinx_keys.is_empty() || self.sphinx_keys.len() > 4 {
+            return Err(Error::Document(
+                "a descriptor carries 1 to 4 Sphinx keys".into(),
+            ));
+        }
+        if self.roles.gateway && self.addresses.client.is_none() {
+            return Err(Error::Document(
+                "a gateway must publish a client address".into(),
+            ));
+        }
+        if !(self.roles.gateway || self.roles.mix || self.roles.exit) {
+            return Err(Error::Document(
+                "a relay must have at least one role".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Encodes a document canonically.
+pub fn encode<T: Serialize>(doc: &T) -> Result<Vec<u8>> {
+    postcard::to_allocvec(doc).map_err(|e| Error::Document(format!("cannot encode: {e}")))
+}
+
+/// Decodes a document, refusing trailing bytes and any non-canonical encoding.
+pub fn decode<T: Serialize + for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T> {
+    let (doc, rest) = postcard::take_from_bytes::<T>(bytes)
+        .map_err(|e| Error::Document(format!("cannot decode: {e}")))?;
+    if !rest.is_empty() {
+        return Err(Error::Document(format!("{} trailing bytes", rest.len())));
+    }
+    if encode(&doc)? != bytes {
+        return Err(Error::NonCanonical);
+    }
+    Ok(doc)
+}

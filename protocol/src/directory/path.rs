@@ -1,0 +1,272 @@
+//! Path selection: one mix per layer for every packet, a gateway per client, an exit per
+//! stream.
+//!
+//! Rules (Tor's, applied across the whole route, gateway and exit included): no two relays of
+//! one family, no two in one IPv4 /16 or IPv6 /32 (unless the network opts out, as a network
+//! on one loopback address must), never the same relay twice. Choices are weighted by
+//! advertised bandwidth. Only relays that published a Sphinx key for the consensus epoch are
+//! eligible.
+//!
+//! Mixes are drawn layer by layer; if an early choice leaves a later layer without a
+//! compatible relay the draw restarts, and after a few failed draws every valid path is
+//! enumerated (in small directories, where that happens) so that an error means no valid
+//! path exists, not bad luck.
+
+use std::net::IpAddr;
+
+use rand::{Rng, RngExt};
+
+use super::{Consensus, ConsensusRelay, LAYERS};
+use crate::{Error, Result};
+
+/// Knobs of the path rules.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PathRules {
+    /// Refuse two relays in one IPv4 /16 or IPv6 /32 (Tor's EnforceDistinctSubnets).
+    pub distinct_subnets: bool,
+}
+
+impl Default for PathRules {
+    fn default() -> Self {
+        PathRules {
+            distinct_subnets: true,
+        }
+    }
+}
+
+/// Where a stream goes, as far as exit policies can tell.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExitTarget {
+    /// An address the client already has.
+    Ip(IpAddr, u16),
+    /// A host name, resolved only by the exit: only the port is known.
+    HostPort(u16),
+}
+
+const GREEDY_ATTEMPTS: usize = 8;
+/// Enumerate every path only when there are at most this many layer combinations.
+const MAX_ENUMERATION: usize = 250_000;
+
+/// Picks paths from one consensus. Cheap to build; build one per consensus.
+#[derive(Debug)]
+pub struct PathSelector<'a> {
+    consensus: &'a Consensus,
+    rules: PathRules,
+    layers: [Vec<&'a ConsensusRelay>; LAYERS],
+    gateways: Vec<&'a ConsensusRelay>,
+    exits: Vec<&'a ConsensusRelay>,
+}
+
+impl<'a> PathSelector<'a> {
+    pub fn new(consensus: &'a Consensus, rules: PathRules) -> Self {
+        let epoch = consensus.epoch;
+        let keyed = |r: &&ConsensusRelay| r.sphinx_key(epoch).is_some();
+        let mut layers: [Vec<&ConsensusRelay>; LAYERS] = Default::default();
+        for r in consensus.relays.iter().filter(keyed) {
+            if let Some(slot) = r
+                .layer
+                .filter(|_| r.roles.mix)
+                .and_then(|layer| layers.get_mut(usize::from(layer).wrapping_sub(1)))
+            {
+                slot.push(r);
+            }
+        }
+        PathSelector {
+            consensus,
+            rules,
+            layers,
+            gateways: consensus
+                .relays
+                .iter()
+                .filter(|r| r.roles.gateway && r.addresses.client.is_some())
+                .collect(),
+            exits: consensus
+                .relays
+                .iter()
+                .filter(keyed)
+                .filter(|r| r.roles.exit)
+                .collect(),
+        }
+    }
+
+    /// The consensus paths come from.
+    pub fn consensus(&self) -> &'a Consensus {
+        self.consensus
+    }
+
+    /// The mixes of layer `layer` (1–3).
+    pub fn layer(&self, layer: usize) -> &[&'a ConsensusRelay] {
+        self.layers
+            .get(layer.wrapping_sub(1))
+            .map(Vec::as_slice)
+            .unwrap_or(&[])
+    }
+
+    /// Whether two relays may not share a route.
+    pub fn conflict(&self, a: &ConsensusRelay, b: &ConsensusRelay) -> bool {
+        a.identity == b.identity
+            || a.family == b.family
+            || (self.rules.distinct_subnets
+                && subnet(a.addresses.mix.ip()) == subnet(b.addresses.mix.ip()))
+    }
+
+    fn compatible(&self, r: &ConsensusRelay, chosen: &[&ConsensusRelay]) -> bool {
+        chosen.iter().all(|c| !self.conflict(r, c))
+    }
+
+    /// A gateway for a client (its entry, kept like a Tor guard).
+    pub fn choose_gateway<R: Rng + ?Sized>(&self, rng: &mut R) -> Result<&'a ConsensusRelay> {
+        weighted_choice(rng, &self.gateways)
+            .ok_or_else(|| Error::Path("the consensus lists no gateway".into()))
+    }
+
+    /// An exit whose policy allows `target`, compatible with the relays in `avoid`.
+    pub fn choose_exit<R: Rng + ?Sized>(
+        &self,
+        rng: &mut R,
+        target: ExitTarget,
+        avoid: &[&ConsensusRelay],
+    ) -> Result<&'a ConsensusRelay> {
+        let allowed: Vec<_> = self
+            .exits
+            .iter()
+            .copied()
+            .filter(|r| match target {
+                ExitTarget::Ip(ip, port) => r.exit_policy.allows(ip, port),
+                ExitTarget::HostPort(port) => r.exit_policy.may_allow_port(port),
+            })
+            .collect();
+        if allowed.is_empty() {
+            return Err(Error::NoExit);
+        }
+        let usable: Vec<_> = allowed
+            .into_iter()
+            .filter(|r| self.compatible(r, avoid))
+            .collect();
+        weighted_choice(rng, &usable).ok_or_else(|| {
+            Error::Path("every exit that allows the destination conflicts with the gateway".into())
+        })
+    }
+
+    /// `[L1, L2, L3]` for one packet, compatible with each other and with `avoid`
+    /// (the client's gateway and the stream's exit).
+    pub fn mix_path<R: Rng + ?Sized>(
+        &self,
+        rng: &mut R,
+        avoid: &[&ConsensusRelay],
+    ) -> Result<[&'a ConsensusRelay; LAYERS]> {
+        for (i, layer) in self.layers.iter().enumerate() {
+            if layer.is_empty() {
+                return Err(Error::Path(format!("layer {} has no mix", i + 1)));
+            }
+        }
+        let mut chosen: Vec<&ConsensusRelay> = Vec::with_capacity(avoid.len() + LAYERS);
+        'attempt: for _ in 0..GREEDY_ATTEMPTS {
+            chosen.clear();
+            chosen.extend_from_slice(avoid);
+            let mut path = [self.layers[0][0]; LAYERS];
+            for (slot, layer) in path.iter_mut().zip(&self.layers) {
+                // Fast path: a weighted draw that usually fits; filter only when it does not.
+                let mut pick = weighted_choice(rng, layer).filter(|r| self.compatible(r, &chosen));
+                if pick.is_none() {
+                    let fits: Vec<_> = layer
+                        .iter()
+                        .copied()
+                        .filter(|r| self.compatible(r, &chosen))
+                        .collect();
+                    pick = weighted_choice(rng, &fits);
+                }
+                let Some(relay) = pick else {
+                    continue 'attempt;
+                };
+                *slot = relay;
+                chosen.push(relay);
+            }
+            return Ok(path);
+        }
+        self.enumerate_paths(rng, avoid)
+    }
+
+    /// Every valid path, drawn with probability proportional to its bandwidth product.
+    fn enumerate_paths<R: Rng + ?Sized>(
+        &self,
+        rng: &mut R,
+        avoid: &[&ConsensusRelay],
+    ) -> Result<[&'a ConsensusRelay; LAYERS]> {
+        let combos = self.layers.iter().map(Vec::len).product::<usize>();
+        if combos > MAX_ENUMERATION {
+            return Err(Error::Path(
+                "no compatible path found (too many relays conflict with the gateway and exit)"
+                    .into(),
+            ));
+        }
+        let mut valid: Vec<([&ConsensusRelay; LAYERS], u128)> = Vec::new();
+        for &a in self.layers[0].iter().filter(|r| self.compatible(r, avoid)) {
+            for &b in self.layers[1]
+                .iter()
+                .filter(|r| self.compatible(r, avoid) && !self.conflict(r, a))
+            {
+                for &c in self.layers[2].iter().filter(|r| {
+                    self.compatible(r, avoid) && !self.conflict(r, a) && !self.conflict(r, b)
+                }) {
+                    let w = [a, b, c].iter().map(|r| weight(r) as u128).product();
+                    valid.push(([a, b, c], w));
+                }
+            }
+        }
+        let total: u128 = valid.iter().map(|(_, w)| w).sum();
+        if total == 0 {
+            return Err(Error::Path(
+                "no path satisfies the rules: every choice of one mix per layer shares a \
+                 family or subnet, or conflicts with the gateway or exit"
+                    .into(),
+            ));
+        }
+        let mut x = rng.random_range(0..total);
+        for (path, w) in &valid {
+            if x < *w {
+                return Ok(*path);
+            }
+            x -= w;
+        }
+        Err(Error::Path("internal: weighted draw overran".into()))
+    }
+}
+
+fn weight(r: &ConsensusRelay) -> u64 {
+    u64::from(r.bandwidth.max(1))
+}
+
+/// A bandwidth-weighted draw; `None` if `candidates` is empty.
+fn weighted_choice<'a, R: Rng + ?Sized>(
+    rng: &mut R,
+    candidates: &[&'a ConsensusRelay],
+) -> Option<&'a ConsensusRelay> {
+    let total: u64 = candidates.iter().map(|r| weight(r)).sum();
+    if total == 0 {
+        return None;
+    }
+    let mut x = rng.random_range(0..total);
+    for r in candidates {
+        let w = weight(r);
+        if x < w {
+            return Some(r);
+        }
+        x -= w;
+    }
+    None
+}
+
+/// The IPv4 /16 or IPv6 /32 an address lies in.
+pub fn subnet(ip: IpAddr) -> (u8, u32) {
+    match ip {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => (4, u32::from(v4) >> 16),
+            None => {
+                let s = v6.segments();
+                (6, (u32::from(s[0]) << 16) | u32::from(s[1]))
+            }
+        },
+        IpAddr::V4(v4) => (4, u32::from(v4) >> 16),
+    }
+}

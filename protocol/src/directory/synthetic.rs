@@ -1,0 +1,117 @@
+//! Generated networks: a consensus of relays with fresh keys, for the simulator, benchmarks
+//! and tests. Every relay gets its own family and its own /16, so the path rules hold.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+
+use ed25519_dalek::SigningKey;
+use rand::CryptoRng;
+use x25519_dalek::{PublicKey, StaticSecret};
+
+use super::{
+    Consensus, ConsensusRelay, DIRECTORY_SCHEMA, Epoch, EpochKey, ExitPolicy, IdentityKey,
+    NetworkParams, RelayAddresses, Roles,
+};
+
+/// The shape of a generated network.
+#[derive(Clone, Debug)]
+pub struct SyntheticNetwork {
+    pub mixes_per_layer: usize,
+    pub gateways: usize,
+    pub exits: usize,
+    pub params: NetworkParams,
+    pub epoch: Epoch,
+}
+
+/// A generated relay's secrets, for tests that process packets.
+pub struct SyntheticKeys {
+    pub identity: SigningKey,
+    pub sphinx: StaticSecret,
+}
+
+/// Generates the consensus (sorted by identity) and every relay's secrets, in the same order.
+pub fn generate<R: CryptoRng + ?Sized>(
+    rng: &mut R,
+    net: &SyntheticNetwork,
+) -> (Consensus, Vec<SyntheticKeys>) {
+    let mut relays: Vec<(ConsensusRelay, SyntheticKeys)> = Vec::new();
+    let mut add = |rng: &mut R, roles: Roles, layer: Option<u8>| {
+        let n = relays.len() as u32;
+        let identity = SigningKey::generate(rng);
+        let sphinx = StaticSecret::random_from_rng(rng);
+        // One /16 per relay (for up to 51,200 relays): the index spread over the first two
+        // octets.
+        let ip = IpAddr::V4(Ipv4Addr::new(
+            1 + (n / 256 % 200) as u8,
+            (n % 256) as u8,
+            0,
+            1,
+        ));
+        let relay = ConsensusRelay {
+            identity: IdentityKey::of(&identity),
+            family: format!("family-{n}"),
+            addresses: RelayAddresses {
+                mix: SocketAddr::new(ip, 1789),
+                client: roles.gateway.then_some(SocketAddr::new(ip, 9000)),
+            },
+            roles,
+            layer,
+            sphinx_keys: vec![EpochKey {
+                epoch: net.epoch,
+                key: PublicKey::from(&sphinx).to_bytes(),
+            }],
+            exit_policy: if roles.exit {
+                ExitPolicy::parse("accept *:*", true).unwrap_or_default()
+            } else {
+                ExitPolicy::reject_all()
+            },
+            price_per_packet: 1,
+            bandwidth: 1000,
+        };
+        relays.push((relay, SyntheticKeys { identity, sphinx }));
+    };
+    for layer in 1..=3u8 {
+        for _ in 0..net.mixes_per_layer {
+            add(
+                rng,
+                Roles {
+                    mix: true,
+                    ..Roles::default()
+                },
+                Some(layer),
+            );
+        }
+    }
+    for _ in 0..net.gateways {
+        add(
+            rng,
+            Roles {
+                gateway: true,
+                ..Roles::default()
+            },
+            None,
+        );
+    }
+    for _ in 0..net.exits {
+        add(
+            rng,
+            Roles {
+                exit: true,
+                ..Roles::default()
+            },
+            None,
+        );
+    }
+    relays.sort_by_key(|r| r.0.identity);
+    let (relays, keys) = relays.into_iter().unzip();
+    let start = u64::from(net.epoch) * net.params.epoch_length_s;
+    let consensus = Consensus {
+        schema: DIRECTORY_SCHEMA,
+        epoch: net.epoch,
+        valid_after: start,
+        fresh_until: start + net.params.epoch_length_s,
+        valid_until: start + 2 * net.params.epoch_length_s,
+        params: net.params,
+        relays,
+    };
+    (consensus, keys)
+}
