@@ -54,6 +54,9 @@ pub enum Command {
         x_label: Option<String>,
         #[arg(long)]
         y_label: Option<String>,
+        /// Plot log10 of x (for rates that span decades).
+        #[arg(long)]
+        log_x: bool,
     },
 }
 
@@ -179,6 +182,7 @@ pub fn execute(cli: Cli) -> Result<()> {
             title,
             x_label,
             y_label,
+            log_x,
         } => {
             let series = inputs
                 .iter()
@@ -191,7 +195,12 @@ pub fn execute(cli: Cli) -> Result<()> {
                         path: PathBuf::from(file),
                         source,
                     })?;
-                    Ok((label, sweep::csv_columns(&text, &x, &y)?))
+                    let mut points = sweep::csv_columns(&text, &x, &y)?;
+                    if log_x {
+                        points.retain(|p| p.0 > 0.0);
+                        points.iter_mut().for_each(|p| p.0 = p.0.log10());
+                    }
+                    Ok((label, points))
                 })
                 .collect::<Result<Vec<_>>>()?;
             if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -200,10 +209,16 @@ pub fn execute(cli: Cli) -> Result<()> {
                     source,
                 })?;
             }
+            let x_label = x_label.unwrap_or_else(|| x.clone());
+            let x_label = if log_x {
+                format!("log10 {x_label}")
+            } else {
+                x_label
+            };
             plot::lines(
                 &out,
                 &title,
-                x_label.as_deref().unwrap_or(&x),
+                &x_label,
                 y_label.as_deref().unwrap_or(&y),
                 &series,
             )?;

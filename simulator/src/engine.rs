@@ -8,9 +8,6 @@
 //! the adversary or the ticket rate leaves the traffic exactly as it was, so sweeps over those
 //! compare like with like.
 
-use std::cmp::{Ordering, Reverse};
-use std::collections::BinaryHeap;
-
 use murmur_protocol::cover::{
     ClientCover, ClientEmission, ClientRates, PoissonProcess, RelayLoopCover,
 };
@@ -22,8 +19,9 @@ use rand_chacha::ChaCha20Rng;
 
 use crate::Result;
 use crate::anonymity::{Anonymity, Dist, Pool};
+use crate::queue::EventQueue;
 use crate::report::{MessageRow, MixRow, RunResult, Summary};
-use crate::scenario::{Loaded, TrafficModel, load_trace};
+use crate::scenario::{Loaded, Scenario, TrafficModel, load_trace};
 use crate::topology::{Directory, Path, Paths, Topology};
 
 /// No message (a cover packet).
@@ -51,30 +49,6 @@ enum Ev {
     Hop(u32),
     /// A mix's loop schedule is due.
     RelayLoop(u32),
-}
-
-#[derive(Debug, Clone, Copy)]
-struct Entry {
-    t: u64,
-    seq: u64,
-    ev: Ev,
-}
-
-impl PartialEq for Entry {
-    fn eq(&self, other: &Self) -> bool {
-        (self.t, self.seq) == (other.t, other.seq)
-    }
-}
-impl Eq for Entry {}
-impl PartialOrd for Entry {
-    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
-        Some(self.cmp(other))
-    }
-}
-impl Ord for Entry {
-    fn cmp(&self, other: &Self) -> Ordering {
-        (self.t, self.seq).cmp(&(other.t, other.seq))
-    }
 }
 
 #[derive(Debug)]
@@ -130,8 +104,7 @@ struct Sim<'a> {
     warmup: u64,
     end: u64,
     track: bool,
-    heap: BinaryHeap<Reverse<Entry>>,
-    seq: u64,
+    queue: EventQueue<Ev>,
     events: u64,
     rng: ChaCha20Rng,
     measure_rng: ChaCha20Rng,
@@ -209,8 +182,7 @@ impl<'a> Sim<'a> {
             warmup: s.warmup_ns(),
             end: s.duration_ns(),
             track,
-            heap: BinaryHeap::new(),
-            seq: 0,
+            queue: EventQueue::new(bucket_width(s, &trace, &topo)),
             events: 0,
             rng: stream(seed, STREAM_TRAFFIC),
             measure_rng: stream(seed, STREAM_MEASURE),
@@ -238,12 +210,7 @@ impl<'a> Sim<'a> {
     }
 
     fn push(&mut self, t: u64, ev: Ev) {
-        self.seq += 1;
-        self.heap.push(Reverse(Entry {
-            t,
-            seq: self.seq,
-            ev,
-        }));
+        self.queue.push(t, ev);
     }
 
     /// Starts every schedule at time zero.
@@ -291,7 +258,7 @@ impl<'a> Sim<'a> {
     }
 
     fn run(&mut self, progress: &mut dyn FnMut(f64)) -> Result<()> {
-        while let Some(Reverse(Entry { t, ev, .. })) = self.heap.pop() {
+        while let Some((t, ev)) = self.queue.pop() {
             // Past the end, only the measured messages still in flight keep the run going
             // (cover keeps flowing so they leave their queues and pools as they would).
             if t >= self.end && self.outstanding == 0 {
@@ -587,6 +554,25 @@ impl<'a> Sim<'a> {
             mixes,
         }
     }
+}
+
+/// A calendar-queue bucket width that holds a few dozen events: the expected event rate is
+/// one per packet per hop, one per packet sent, and one per message created.
+fn bucket_width(s: &Scenario, trace: &[(u64, u32)], topo: &Topology) -> u64 {
+    let r = &s.rates;
+    let clients = f64::from(s.network.clients);
+    let messages = match s.traffic.messages_per_s {
+        Some(rate) => clients * rate,
+        None => trace.len() as f64 / s.duration_s,
+    };
+    let cover = if r.cover {
+        clients * (r.lambda_p + r.lambda_l + r.lambda_d) + topo.mixes() as f64 * r.lambda_m
+    } else {
+        messages
+    };
+    let events_per_s = messages + cover * (1.0 + topo.layers as f64);
+    let width_s = 32.0 / events_per_s.max(1e-6);
+    (width_s * 1e9).clamp(1e3, 1e12) as u64
 }
 
 /// Two distinct elements of a slice, mutably and immutably.

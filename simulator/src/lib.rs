@@ -5,6 +5,7 @@ pub mod cli;
 pub mod engine;
 pub mod error;
 pub mod plot;
+pub mod queue;
 pub mod report;
 pub mod scenario;
 pub mod sweep;
