@@ -140,6 +140,10 @@ pub enum Error {
     /// No exit's policy allows the destination.
     #[error("no exit relay's policy allows this destination")]
     NoExit,
+    // ---- cover traffic ----
+    /// A cover-traffic rate is unusable (the rate, as given).
+    #[error("cover-traffic rate must be finite and non-negative (per second); got {0}")]
+    CoverRate(String),
 
     // ---- delays ----
     /// A delay distribution's mean is unusable.
@@ -177,6 +181,8 @@ impl Error {
             Error::WrongEpoch { .. } => "wrong_epoch",
             Error::Path(_) => "no_path",
             Error::NoExit => "no_exit",
+            Error::CoverRate(_) => "config",
+            Error::DelayMean(_) => "config",
         }
     }
 }

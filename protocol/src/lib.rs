@@ -1,5 +1,6 @@
 #![doc = include_str!("../README.md")]
 
+pub mod cover;
 pub mod delay;
 pub mod directory;
 pub mod error;
