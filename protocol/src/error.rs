@@ -182,7 +182,6 @@ impl Error {
             Error::Path(_) => "no_path",
             Error::NoExit => "no_exit",
             Error::CoverRate(_) => "config",
-            Error::DelayMean(_) => "config",
         }
     }
 }
