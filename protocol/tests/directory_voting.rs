@@ -6,11 +6,11 @@ use std::collections::BTreeMap;
 use ed25519_dalek::SigningKey;
 use murmur_protocol::Error;
 use murmur_protocol::directory::consensus::{ValidityTimes, assign_layers, compute_consensus};
-use murmur_protocol::directory::synthetic::{SyntheticNetwork, generate};
+use murmur_protocol::directory::synthetic::{SyntheticNetwork, generate, signed_descriptors};
 use murmur_protocol::directory::{
-    AuthoritySet, Consensus, ConsensusStore, Descriptor, DocumentKind, EpochKey, IdentityKey,
-    NetworkParams, Offer, SignedConsensus, SignedDescriptor, SignedVote, VerifiedVote, Vote,
-    decode, encode, sign_document,
+    AuthoritySet, Consensus, ConsensusStore, Descriptor, DocumentKind, IdentityKey, NetworkParams,
+    Offer, SignedConsensus, SignedDescriptor, SignedVote, VerifiedVote, Vote, decode, encode,
+    sign_document,
 };
 use proptest::prelude::*;
 use rand::SeedableRng;
@@ -37,30 +37,12 @@ fn relays(seed: u64, mixes_per_layer: usize) -> Vec<(SignedDescriptor, Descripto
         epoch: EPOCH,
     };
     let (consensus, keys) = generate(&mut rng, &net);
-    consensus
-        .relays
-        .iter()
-        .zip(&keys)
-        .map(|(r, k)| {
-            let d = Descriptor {
-                schema: 1,
-                identity: r.identity,
-                family: r.family.clone(),
-                addresses: r.addresses,
-                roles: r.roles,
-                sphinx_keys: vec![
-                    r.sphinx_keys[0],
-                    EpochKey {
-                        epoch: EPOCH + 1,
-                        key: [7; 32],
-                    },
-                ],
-                exit_policy: r.exit_policy.clone(),
-                price_per_packet: r.price_per_packet,
-                bandwidth: r.bandwidth,
-                published: 1000,
-            };
-            (SignedDescriptor::sign(&d, &k.identity).unwrap(), d)
+    signed_descriptors(&consensus, &keys, &[EPOCH, EPOCH + 1], 1000)
+        .unwrap()
+        .into_iter()
+        .map(|s| {
+            let d = s.verify().unwrap();
+            (s, d)
         })
         .collect()
 }
