@@ -138,20 +138,36 @@ fn logs(authorities: &[Authority]) -> String {
         .collect()
 }
 
-/// Fetches the latest consensus from `url` and verifies it now, if it can.
-async fn fetch_verified(
+/// Polls authority 0 until it serves a consensus that verifies now and satisfies `want`;
+/// fails after `within_s` seconds with the authorities' logs.
+async fn wait_for_consensus(
     client: &DirectoryClient,
-    url: &str,
     set: &AuthoritySet,
-) -> Option<(SignedConsensus, VerifiedConsensus)> {
-    let doc = client.fetch_consensus(url).await.ok()?;
-    let at = Freshness {
-        now: unix_now(),
-        expected_epoch: None,
-        clock_skew_s: SKEW_S,
-    };
-    let verified = doc.verify(set, at).ok()?;
-    Some((doc, verified))
+    authorities: &[Authority],
+    within_s: u64,
+    what: &str,
+    want: impl Fn(&VerifiedConsensus) -> bool,
+) -> (SignedConsensus, VerifiedConsensus) {
+    let deadline = Instant::now() + Duration::from_secs(within_s);
+    loop {
+        let at = Freshness {
+            now: unix_now(),
+            expected_epoch: None,
+            clock_skew_s: SKEW_S,
+        };
+        if let Ok(doc) = client.fetch_consensus(&authorities[0].url).await
+            && let Ok(v) = doc.verify(set, at)
+            && want(&v)
+        {
+            return (doc, v);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no {what} within {within_s} s\n{}",
+            logs(authorities)
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
 }
 
 fn epoch_now() -> u32 {
@@ -233,21 +249,15 @@ async fn three_authorities_sign_survive_one_loss_and_stop_at_two() {
     };
 
     // 1. All three up: a consensus with every relay and three valid signatures.
-    let deadline = Instant::now() + Duration::from_secs(4 * EPOCH_S);
-    let first = loop {
-        if let Some((doc, v)) = fetch_verified(&client, &urls[0], &set).await
-            && v.consensus.relays.len() == relay_count
-            && v.signers.len() == 3
-        {
-            break (doc, v);
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no consensus with {relay_count} relays and 3 signatures\n{}",
-            logs(&authorities)
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    };
+    let first = wait_for_consensus(
+        &client,
+        &set,
+        &authorities,
+        4 * EPOCH_S,
+        &format!("a consensus with {relay_count} relays and 3 signatures"),
+        |v| v.consensus.relays.len() == relay_count && v.signers.len() == 3,
+    )
+    .await;
     let (doc, v) = &first;
     assert_eq!(doc.signatures.len(), 3);
     assert_eq!(v.signers, set.keys().to_vec());
@@ -297,20 +307,15 @@ async fn three_authorities_sign_survive_one_loss_and_stop_at_two() {
     };
     assert!(status.success(), "graceful shutdown exits 0: {status}");
     let after = epoch_now().max(v.consensus.epoch);
-    let deadline = Instant::now() + Duration::from_secs(3 * EPOCH_S);
-    let second = loop {
-        if let Some((doc, v)) = fetch_verified(&client, &urls[0], &set).await
-            && v.consensus.epoch > after
-        {
-            break (doc, v);
-        }
-        assert!(
-            Instant::now() < deadline,
-            "two authorities produced no consensus after epoch {after}\n{}",
-            logs(&authorities)
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    };
+    let second = wait_for_consensus(
+        &client,
+        &set,
+        &authorities,
+        3 * EPOCH_S,
+        &format!("a consensus after epoch {after} from two authorities"),
+        |v| v.consensus.epoch > after,
+    )
+    .await;
     let (doc, v) = &second;
     assert_eq!(doc.signatures.len(), 2);
     assert!(!v.signers.contains(&authorities[2].identity));
