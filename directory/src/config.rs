@@ -149,6 +149,9 @@ pub struct Limits {
     /// A request body must arrive within this time.
     #[serde(with = "humantime_serde")]
     pub body_timeout: Duration,
+    /// A connection on which nothing arrives for this long is closed.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
     /// Timeout of each request to a peer authority.
     #[serde(with = "humantime_serde")]
     pub peer_timeout: Duration,
@@ -159,6 +162,7 @@ impl Default for Limits {
         Limits {
             max_connections: 256,
             body_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(30),
             peer_timeout: Duration::from_secs(5),
         }
     }

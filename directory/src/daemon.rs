@@ -154,7 +154,11 @@ pub async fn serve(
         stop.cancel();
     });
     let served = axum::serve(
-        CappedListener::new(listener, ctx.config.limits.max_connections),
+        CappedListener::new(
+            listener,
+            ctx.config.limits.max_connections,
+            ctx.config.limits.idle_timeout,
+        ),
         router(ctx.clone()),
     )
     .with_graceful_shutdown(token.clone().cancelled_owned())

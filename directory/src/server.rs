@@ -13,11 +13,13 @@
 //! | `GET /v1/consensus/latest.json` | the newest consensus, readable |
 //! | `GET /metrics` | Prometheus text |
 
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use axum::Router;
 use axum::body::{Body, Bytes};
@@ -32,6 +34,7 @@ use serde::Serialize;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::Sleep;
 
 use crate::authority::{Accepted, Refusal};
 use crate::daemon::Ctx;
@@ -341,18 +344,21 @@ pub(crate) fn count_vote(ctx: &Ctx, result: &Result<Accepted, Refusal>) {
     ctx.metrics.inc(VOTES_RECEIVED, label);
 }
 
-/// A TCP listener that holds at most `max` connections open at once; further connections
-/// wait in the kernel's backlog until one closes.
+/// A TCP listener that holds at most `max` connections open at once (further connections
+/// wait in the kernel's backlog until one closes) and closes a connection on which nothing
+/// arrives for `idle` (so idle or slow clients cannot keep the permits).
 pub(crate) struct CappedListener {
     inner: TcpListener,
     permits: Arc<Semaphore>,
+    idle: Duration,
 }
 
 impl CappedListener {
-    pub(crate) fn new(inner: TcpListener, max: usize) -> Self {
+    pub(crate) fn new(inner: TcpListener, max: usize, idle: Duration) -> Self {
         CappedListener {
             inner,
             permits: Arc::new(Semaphore::new(max.min(Semaphore::MAX_PERMITS))),
+            idle,
         }
     }
 }
@@ -366,17 +372,17 @@ impl axum::serve::Listener for CappedListener {
             // The semaphore is never closed; should it be, wait and try again.
             match self.permits.clone().acquire_owned().await {
                 Ok(p) => break p,
-                Err(_) => tokio::time::sleep(std::time::Duration::from_millis(100)).await,
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
             }
         };
         let (io, addr) = axum::serve::Listener::accept(&mut self.inner).await;
-        (
-            CappedStream {
-                io,
-                _permit: permit,
-            },
-            addr,
-        )
+        let stream = CappedStream {
+            io,
+            idle: self.idle,
+            deadline: Box::pin(tokio::time::sleep(self.idle)),
+            _permit: permit,
+        };
+        (stream, addr)
     }
 
     fn local_addr(&self) -> io::Result<Self::Addr> {
@@ -384,9 +390,12 @@ impl axum::serve::Listener for CappedListener {
     }
 }
 
-/// A connection holding one of the listener's permits until it is dropped.
+/// A connection holding one of the listener's permits until it is dropped, and failing its
+/// reads once nothing has arrived for the idle time.
 pub(crate) struct CappedStream {
     io: TcpStream,
+    idle: Duration,
+    deadline: Pin<Box<Sleep>>,
     _permit: OwnedSemaphorePermit,
 }
 
@@ -396,7 +405,23 @@ impl AsyncRead for CappedStream {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+        let this = self.get_mut();
+        match Pin::new(&mut this.io).poll_read(cx, buf) {
+            Poll::Pending => {
+                if this.deadline.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "connection idle",
+                    )));
+                }
+                Poll::Pending
+            }
+            ready => {
+                let next = tokio::time::Instant::now() + this.idle;
+                this.deadline.as_mut().reset(next);
+                ready
+            }
+        }
     }
 }
 

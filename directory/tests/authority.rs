@@ -42,16 +42,18 @@ struct Running {
 }
 
 async fn start(dir: &Path, identity: &str) -> Running {
+    start_with(dir, identity, |_| {}).await
+}
+
+async fn start_with(dir: &Path, identity: &str, tweak: impl FnOnce(&mut Config)) -> Running {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let (stop, stopped) = oneshot::channel::<()>();
-    let task = tokio::spawn(murmur_directory::serve(
-        config(dir, identity.to_owned(), port),
-        listener,
-        async move {
-            let _ = stopped.await;
-        },
-    ));
+    let mut config = config(dir, identity.to_owned(), port);
+    tweak(&mut config);
+    let task = tokio::spawn(murmur_directory::serve(config, listener, async move {
+        let _ = stopped.await;
+    }));
     Running {
         url: format!("http://127.0.0.1:{port}"),
         stop,
@@ -200,4 +202,37 @@ async fn one_authority_end_to_end_in_process() {
     let doc = client.fetch_consensus(&again.url).await.unwrap();
     assert!(store.offer(doc, unix_now()).is_ok());
     stop(again).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_are_capped_and_idle_ones_closed() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().unwrap();
+    let identity = keys::keygen(&dir.path().join("authority.key")).unwrap();
+    let running = start_with(dir.path(), &identity.to_hex(), |c| {
+        c.limits.max_connections = 1;
+        c.limits.idle_timeout = Duration::from_millis(400);
+    })
+    .await;
+    let addr = running.url.trim_start_matches("http://").to_owned();
+    // One idle connection takes the only place: a second is not served meanwhile.
+    let mut idle = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let mut second = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    second
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    let early = tokio::time::timeout(Duration::from_millis(200), second.read_to_end(&mut answer));
+    assert!(early.await.is_err(), "served beyond the connection cap");
+    // The idle one is closed after 400 ms, and then the second is served.
+    let mut byte = [0u8; 1];
+    let closed = tokio::time::timeout(Duration::from_secs(3), idle.read(&mut byte)).await;
+    assert!(matches!(closed, Ok(Ok(0)) | Ok(Err(_))), "{closed:?}");
+    tokio::time::timeout(Duration::from_secs(3), second.read_to_end(&mut answer))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&answer).starts_with("HTTP/1.1 200"));
+    stop(running).await;
 }
