@@ -128,6 +128,12 @@ pub enum Error {
     /// The document's validity window has not started.
     #[error("document is not valid before {valid_after} (now {now})")]
     NotYetValid { valid_after: u64, now: u64 },
+    /// Fewer authorities voted than a strict majority of the configured ones.
+    #[error("{votes} authorities voted; a consensus needs votes from a strict majority ({needed})")]
+    NotEnoughVotes { votes: usize, needed: usize },
+    /// No consensus has verified yet.
+    #[error("no consensus has been verified yet")]
+    NoConsensus,
     /// The document is for another epoch than the one asked for.
     #[error("document is for epoch {got}, expected epoch {expected}")]
     WrongEpoch { expected: u32, got: u32 },
@@ -176,6 +182,8 @@ impl Error {
             Error::ForgedSignature { .. } => "forged_signature",
             Error::UnknownSigner { .. } => "unknown_signer",
             Error::NotEnoughSignatures { .. } => "not_enough_signatures",
+            Error::NotEnoughVotes { .. } => "not_enough_votes",
+            Error::NoConsensus => "no_consensus",
             Error::Expired { .. } => "expired",
             Error::NotYetValid { .. } => "not_yet_valid",
             Error::WrongEpoch { .. } => "wrong_epoch",
