@@ -99,11 +99,6 @@ pub enum Error {
     #[error("stored replay filter is unusable: {0}")]
     ReplayStore(String),
 
-    // ---- cover traffic ----
-    /// A cover-traffic rate is unusable (the rate, as given).
-    #[error("cover-traffic rate must be finite and non-negative (per second); got {0}")]
-    CoverRate(String),
-
     // ---- directory ----
     /// A directory document is malformed or violates its rules.
     #[error("directory document is invalid: {0}")]
@@ -133,6 +128,12 @@ pub enum Error {
     /// The document's validity window has not started.
     #[error("document is not valid before {valid_after} (now {now})")]
     NotYetValid { valid_after: u64, now: u64 },
+    /// Fewer authorities voted than a strict majority of the configured ones.
+    #[error("{votes} authorities voted; a consensus needs votes from a strict majority ({needed})")]
+    NotEnoughVotes { votes: usize, needed: usize },
+    /// No consensus has verified yet.
+    #[error("no consensus has been verified yet")]
+    NoConsensus,
     /// The document is for another epoch than the one asked for.
     #[error("document is for epoch {got}, expected epoch {expected}")]
     WrongEpoch { expected: u32, got: u32 },
@@ -145,6 +146,10 @@ pub enum Error {
     /// No exit's policy allows the destination.
     #[error("no exit relay's policy allows this destination")]
     NoExit,
+    // ---- cover traffic ----
+    /// A cover-traffic rate is unusable (the rate, as given).
+    #[error("cover-traffic rate must be finite and non-negative (per second); got {0}")]
+    CoverRate(String),
 
     // ---- delays ----
     /// A delay distribution's mean is unusable.
@@ -171,18 +176,20 @@ impl Error {
             Error::FragmentInvalid { .. } | Error::FragmentConflict { .. } => "fragment",
             Error::ReassemblyFull(_) => "reassembly_full",
             Error::ReplayParams(_) | Error::ReplayStore(_) => "replay_store",
-            Error::CoverRate(_) => "config",
             Error::DelayMean(_) | Error::ExitPolicy(_) | Error::BadKey(_) => "config",
             Error::Document(_) | Error::NonCanonical => "document_malformed",
             Error::BodyTampered { .. } => "body_tampered",
             Error::ForgedSignature { .. } => "forged_signature",
             Error::UnknownSigner { .. } => "unknown_signer",
             Error::NotEnoughSignatures { .. } => "not_enough_signatures",
+            Error::NotEnoughVotes { .. } => "not_enough_votes",
+            Error::NoConsensus => "no_consensus",
             Error::Expired { .. } => "expired",
             Error::NotYetValid { .. } => "not_yet_valid",
             Error::WrongEpoch { .. } => "wrong_epoch",
             Error::Path(_) => "no_path",
             Error::NoExit => "no_exit",
+            Error::CoverRate(_) => "config",
         }
     }
 }

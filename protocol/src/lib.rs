@@ -1,5 +1,6 @@
 #![doc = include_str!("../README.md")]
 
+pub mod control;
 pub mod cover;
 pub mod delay;
 pub mod directory;
@@ -11,6 +12,9 @@ pub mod fuzz_entry;
 pub mod packet;
 pub mod payload;
 pub mod replay;
+pub mod session;
+pub mod socks;
+pub mod stream;
 pub mod surb;
 pub mod time;
 

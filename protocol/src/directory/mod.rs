@@ -8,10 +8,13 @@
 //!
 //! Nothing here reads a clock: verification takes `now` as Unix seconds.
 
+pub mod consensus;
 pub mod exit_policy;
 pub mod path;
 pub mod sign;
+pub mod store;
 pub mod synthetic;
+pub mod vote;
 
 use std::net::SocketAddr;
 
@@ -22,6 +25,8 @@ pub use sign::{
     AuthoritySet, DocumentKind, DocumentSignature, IdentityKey, SignedConsensus, SignedDescriptor,
     VerifiedConsensus, document_digest, sign_document,
 };
+pub use store::{ConsensusStore, Offer};
+pub use vote::{SignedVote, VerifiedVote, Vote};
 
 use crate::{Error, Result};
 

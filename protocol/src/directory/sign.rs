@@ -113,7 +113,9 @@ impl DocumentSignature {
         self.verify_digest(&document_digest(kind, body))
     }
 
-    fn verify_digest(&self, digest: &[u8; 32]) -> Result<()> {
+    /// Checks this signature over a known `digest` (an authority holding a peer's signature
+    /// before its own consensus is computed checks `self.digest`, then compares digests).
+    pub fn verify_digest(&self, digest: &[u8; 32]) -> Result<()> {
         if &self.digest != digest {
             return Err(Error::BodyTampered {
                 signer: self.signer.to_hex(),

@@ -115,3 +115,39 @@ pub fn generate<R: CryptoRng + ?Sized>(
     };
     (consensus, keys)
 }
+
+/// Descriptors of generated relays, as the relays would upload them: each signed by its own
+/// identity key, published at `published`, listing its Sphinx public key under each of
+/// `epochs` (a generated relay has one Sphinx secret; tests of the directory need keys for
+/// several epochs, not distinct ones).
+pub fn signed_descriptors(
+    consensus: &Consensus,
+    keys: &[SyntheticKeys],
+    epochs: &[Epoch],
+    published: super::UnixTime,
+) -> crate::Result<Vec<super::SignedDescriptor>> {
+    consensus
+        .relays
+        .iter()
+        .zip(keys)
+        .map(|(r, k)| {
+            let key = PublicKey::from(&k.sphinx).to_bytes();
+            let descriptor = super::Descriptor {
+                schema: DIRECTORY_SCHEMA,
+                identity: r.identity,
+                family: r.family.clone(),
+                addresses: r.addresses,
+                roles: r.roles,
+                sphinx_keys: epochs
+                    .iter()
+                    .map(|&epoch| EpochKey { epoch, key })
+                    .collect(),
+                exit_policy: r.exit_policy.clone(),
+                price_per_packet: r.price_per_packet,
+                bandwidth: r.bandwidth,
+                published,
+            };
+            super::SignedDescriptor::sign(&descriptor, &k.identity)
+        })
+        .collect()
+}

@@ -1,0 +1,84 @@
+//! The authority's identity key on disk: 64 hex digits of Ed25519 secret seed and a newline,
+//! in a file only its owner can read.
+
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::Path;
+
+use ed25519_dalek::SigningKey;
+use murmur_protocol::directory::IdentityKey;
+use zeroize::Zeroizing;
+
+use crate::{Error, Result};
+
+fn key_error(path: &Path, message: impl Into<String>) -> Error {
+    Error::Key {
+        path: path.to_owned(),
+        message: message.into(),
+    }
+}
+
+/// Generates a key and writes it to `path` (mode 0600), refusing to overwrite anything.
+/// Returns the public identity.
+pub fn keygen(path: &Path) -> Result<IdentityKey> {
+    // The thread RNG is a CSPRNG seeded from the operating system.
+    let key = SigningKey::generate(&mut rand::rng());
+    let seed = Zeroizing::new(key.to_bytes());
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::AlreadyExists => Error::KeyExists(path.to_owned()),
+            _ => key_error(path, format!("cannot create: {e}")),
+        })?;
+    let hex = Zeroizing::new(crate::hex(seed.as_ref()));
+    file.write_all(format!("{}\n", hex.as_str()).as_bytes())
+        .and_then(|()| file.sync_all())
+        .map_err(|e| key_error(path, format!("cannot write: {e}")))?;
+    Ok(IdentityKey::of(&key))
+}
+
+/// Reads the key at `path`. Refuses a file that others can read.
+pub fn load(path: &Path) -> Result<SigningKey> {
+    let meta = std::fs::metadata(path).map_err(|e| {
+        key_error(
+            path,
+            format!("cannot read: {e} (create one with `murmur-directory keygen --out FILE`)"),
+        )
+    })?;
+    if meta.permissions().mode() & 0o077 != 0 {
+        return Err(key_error(
+            path,
+            "is readable by other users; run `chmod 600` on it",
+        ));
+    }
+    let text = Zeroizing::new(
+        std::fs::read_to_string(path).map_err(|e| key_error(path, format!("cannot read: {e}")))?,
+    );
+    // The seed has the shape of an identity's hex; reuse its parser.
+    let seed = IdentityKey::from_hex(text.trim())
+        .map_err(|_| key_error(path, "must hold 64 hex digits (an Ed25519 secret seed)"))?;
+    Ok(SigningKey::from_bytes(&seed.0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keygen_writes_a_private_key_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k");
+        let id = keygen(&path).unwrap();
+        let key = load(&path).unwrap();
+        assert_eq!(IdentityKey::of(&key), id);
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert!(matches!(keygen(&path), Err(Error::KeyExists(_))));
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert!(load(&path).unwrap_err().to_string().contains("chmod"));
+    }
+}

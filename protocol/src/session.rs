@@ -1,0 +1,938 @@
+//! The client's side of Murmur, sans-IO: streams to exits carried in Sphinx packets under
+//! Loopix cover, with acknowledgements, retransmission and reply blocks.
+//!
+//! The driver (the SOCKS proxy) owns the sockets and the clock. It tells the session what the
+//! application did ([`ClientSession::open_stream`], [`ClientSession::write`],
+//! [`ClientSession::close_stream`]), hands it what the gateway delivered
+//! ([`ClientSession::handle_delivery`]), and at the times [`ClientSession::poll_timeout`] names
+//! asks for a frame to send ([`ClientSession::poll_transmit`]) and for events
+//! ([`ClientSession::poll_event`]).
+//!
+//! What goes on the wire follows the published Loopix rates only: at each λ_P tick the session
+//! sends a real packet if it has one, otherwise a cover packet; loop and drop cover run at λ_L
+//! and λ_D. Real packets are built lazily at the tick, from whatever the streams have waiting,
+//! so a message always carries the freshest acknowledgements.
+//!
+//! Reliability. Each forward packet carries a SURB-ACK; an unacknowledged packet is re-sent on
+//! a fresh route after `1.5 × (the delays it was built with) + slack` (Nym uses the expected
+//! round trip; Murmur knows the exact delays it sampled). After `max_attempts` the streams it
+//! carried fail with a clear error. The exit's data comes back on reply blocks the client sent
+//! ahead; the client acknowledges it cumulatively and the exit re-sends what was lost.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rand::{CryptoRng, Rng, RngExt};
+
+use crate::cover::{ClientCover, ClientEmission, ClientRates};
+use crate::delay::ExpDelay;
+use crate::directory::path::{ExitTarget, PathRules, PathSelector};
+use crate::directory::{Consensus, ConsensusRelay, IdentityKey};
+use crate::fragment::Fragment;
+use crate::frame::Frame;
+use crate::packet::{Address, RouteHop, SurbId, build_packet};
+use crate::payload::{Content, FORWARD_FRAGMENT_DATA_LEN};
+use crate::stream::{
+    CLIENT_MESSAGE_OVERHEAD, ClientItem, ClientMessage, DATA_ITEM_OVERHEAD, ExitItem, ExitMessage,
+    RecvBuffer, Refusal, StreamId, Target,
+};
+use crate::surb::{REPLY_BLOCK_LEN, ReplyBlock, ReplyKey, build_reply_block};
+use crate::time::Instant;
+use crate::{Error, Result};
+
+/// Session knobs.
+#[derive(Clone, Debug)]
+pub struct SessionConfig {
+    /// This client's address at its gateway (random, secret).
+    pub address: Address,
+    /// Added to 1.5 × a packet's delays to get its retransmission timeout.
+    pub ack_slack: Duration,
+    /// Sends of one packet before its streams fail.
+    pub max_attempts: u32,
+    /// Bytes each stream may have unacknowledged by the exit.
+    pub stream_window: usize,
+    /// Reply blocks the client tries to keep at each exit session.
+    pub surbs_target: usize,
+    /// Path rules (distinct subnets off for a network on one host).
+    pub path_rules: PathRules,
+    /// A loop not back after this long is counted missing.
+    pub loop_timeout: Duration,
+    /// An open not answered within this is sent again (the exit's answer rides on an
+    /// unacknowledged reply packet, which may be lost).
+    pub reply_timeout: Duration,
+}
+
+impl SessionConfig {
+    /// Defaults for `address`.
+    pub fn new(address: Address) -> Self {
+        SessionConfig {
+            address,
+            ack_slack: Duration::from_millis(1500),
+            max_attempts: 8,
+            stream_window: 512 * 1024,
+            surbs_target: 48,
+            path_rules: PathRules::default(),
+            loop_timeout: Duration::from_secs(30),
+            reply_timeout: Duration::from_secs(4),
+        }
+    }
+}
+
+/// What the session tells the driver.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// The exit connected the stream.
+    Opened(StreamId),
+    /// The stream could not be opened; `code` is the SOCKS5 reply code to give.
+    Refused(StreamId, u8),
+    /// Bytes for the application, in order.
+    Data(StreamId, Vec<u8>),
+    /// The destination closed its side; no more data will come.
+    Eof(StreamId),
+    /// The stream broke (`code` as a SOCKS5 reply code, for logs).
+    Reset(StreamId, u8),
+    /// The stream can take more bytes from the application.
+    Writable(StreamId),
+}
+
+/// Counters a driver exports.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct SessionStats {
+    pub real_sent: u64,
+    pub cover_sent: u64,
+    pub loops_sent: u64,
+    pub loops_returned: u64,
+    pub loops_missing: u64,
+    pub retransmits: u64,
+    pub acks: u64,
+    pub replies: u64,
+    pub unknown_deliveries: u64,
+    pub bad_replies: u64,
+}
+
+/// An exit session: one per (exit, isolation token).
+struct ExitSession {
+    exit: IdentityKey,
+    id: u64,
+    /// Reply blocks the exit is believed to hold.
+    surbs_at_exit: usize,
+    streams: Vec<StreamId>,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum StreamState {
+    Opening,
+    Open,
+}
+
+struct Stream {
+    exit_session: usize,
+    target: Target,
+    state: StreamState,
+    open_sent: bool,
+    open_sent_at: Instant,
+    /// Application bytes not yet packed into a message.
+    outbox: VecDeque<u8>,
+    /// Offset of the next byte packed.
+    sent: u64,
+    /// The exit has written every byte below this.
+    exit_acked: u64,
+    app_closed: bool,
+    fin_sent: bool,
+    recv: RecvBuffer,
+    /// The last cumulative ack sent for the exit's data.
+    acked_sent: u64,
+    /// Bytes handed to the application in events but not yet consumed by it; acks cover
+    /// only what the application took, so the exit's window bounds what waits here.
+    unconsumed: u64,
+    eof_reported: bool,
+    writable_wanted: bool,
+}
+
+/// A SOCKS user name and password, used only to keep streams apart.
+type Isolation = Option<(Vec<u8>, Vec<u8>)>;
+
+/// A packet waiting for its acknowledgement.
+struct Pending {
+    exit: IdentityKey,
+    fragment: Fragment,
+    streams: Vec<StreamId>,
+    attempts: u32,
+    deadline: Instant,
+    key: ReplyKey,
+}
+
+/// A packet built and waiting for its send tick.
+pub struct Queued {
+    frame: Frame,
+}
+
+/// The client session.
+pub struct ClientSession {
+    config: SessionConfig,
+    consensus: Arc<Consensus>,
+    gateway: ConsensusRelay,
+    cover: ClientCover<Queued>,
+    delay: ExpDelay,
+    exits: Vec<ExitSession>,
+    exit_index: HashMap<(IdentityKey, Isolation), usize>,
+    streams: BTreeMap<StreamId, Stream>,
+    next_stream: StreamId,
+    pending: HashMap<SurbId, Pending>,
+    /// Timeouts of pending packets (lazily cleaned: an entry whose packet was acked is skipped).
+    deadlines: BTreeMap<(Instant, SurbId), ()>,
+    retransmit: VecDeque<SurbId>,
+    reply_keys: HashMap<SurbId, (ReplyKey, usize)>,
+    loops: HashMap<SurbId, Instant>,
+    events: VecDeque<Event>,
+    stats: SessionStats,
+    round_robin: usize,
+    /// Streams the application abandoned, to reset at their exit: (exit session, stream).
+    aborted: VecDeque<(usize, StreamId)>,
+}
+
+impl ClientSession {
+    /// A session through `gateway` (which must be in `consensus`).
+    pub fn new<R: Rng + ?Sized>(
+        config: SessionConfig,
+        consensus: Arc<Consensus>,
+        gateway: IdentityKey,
+        now: Instant,
+        rng: &mut R,
+    ) -> Result<Self> {
+        let gw = consensus
+            .relay(&gateway)
+            .filter(|r| r.roles.gateway)
+            .cloned()
+            .ok_or_else(|| Error::Path("the chosen gateway is not in the consensus".into()))?;
+        let p = consensus.params;
+        let cover = ClientCover::new(
+            ClientRates {
+                lambda_p: p.lambda_p,
+                lambda_l: p.lambda_l,
+                lambda_d: p.lambda_d,
+            },
+            now,
+            rng,
+        )?;
+        let delay = ExpDelay::with_mean(p.mean_hop_delay())?;
+        Ok(ClientSession {
+            config,
+            consensus,
+            gateway: gw,
+            cover,
+            delay,
+            exits: Vec::new(),
+            exit_index: HashMap::new(),
+            streams: BTreeMap::new(),
+            next_stream: 1,
+            pending: HashMap::new(),
+            deadlines: BTreeMap::new(),
+            retransmit: VecDeque::new(),
+            reply_keys: HashMap::new(),
+            loops: HashMap::new(),
+            events: VecDeque::new(),
+            stats: SessionStats::default(),
+            round_robin: 0,
+            aborted: VecDeque::new(),
+        })
+    }
+
+    /// Counters so far.
+    pub fn stats(&self) -> SessionStats {
+        self.stats
+    }
+
+    /// The gateway this session goes through.
+    pub fn gateway(&self) -> &ConsensusRelay {
+        &self.gateway
+    }
+
+    /// Puts a newer consensus in force (paths, keys, rates). Keeps the gateway if it is
+    /// still listed; returns an error if it is not (the driver should move to another).
+    pub fn set_consensus<R: Rng + ?Sized>(
+        &mut self,
+        consensus: Arc<Consensus>,
+        now: Instant,
+        rng: &mut R,
+    ) -> Result<()> {
+        let gw = consensus
+            .relay(&self.gateway.identity)
+            .filter(|r| r.roles.gateway)
+            .cloned()
+            .ok_or_else(|| Error::Path("the gateway left the consensus".into()))?;
+        if consensus.params != self.consensus.params {
+            let p = consensus.params;
+            self.cover = ClientCover::new(
+                ClientRates {
+                    lambda_p: p.lambda_p,
+                    lambda_l: p.lambda_l,
+                    lambda_d: p.lambda_d,
+                },
+                now,
+                rng,
+            )?;
+            self.delay = ExpDelay::with_mean(p.mean_hop_delay())?;
+        }
+        self.gateway = gw;
+        self.consensus = consensus;
+        Ok(())
+    }
+
+    /// Opens a stream to `target`. Streams with different `isolation` tokens never share
+    /// an exit session. Fails at once if no exit's policy allows the target.
+    pub fn open_stream<R: Rng + ?Sized>(
+        &mut self,
+        target: Target,
+        isolation: Isolation,
+        rng: &mut R,
+    ) -> Result<StreamId> {
+        let selector = PathSelector::new(&self.consensus, self.config.path_rules);
+        let exit_target = match &target {
+            Target::Addr(a) => ExitTarget::Ip(a.ip(), a.port()),
+            Target::Host(_, port) => ExitTarget::HostPort(*port),
+        };
+        let exit = selector
+            .choose_exit(rng, exit_target, &[&self.gateway])?
+            .identity;
+        let key = (exit, isolation);
+        let index = match self.exit_index.get(&key) {
+            Some(&i) => i,
+            None => {
+                self.exits.push(ExitSession {
+                    exit,
+                    id: rng.random(),
+                    surbs_at_exit: 0,
+                    streams: Vec::new(),
+                });
+                self.exit_index.insert(key, self.exits.len() - 1);
+                self.exits.len() - 1
+            }
+        };
+        let id = self.next_stream;
+        self.next_stream = self.next_stream.wrapping_add(1).max(1);
+        self.exits[index].streams.push(id);
+        self.streams.insert(
+            id,
+            Stream {
+                exit_session: index,
+                target,
+                state: StreamState::Opening,
+                open_sent: false,
+                open_sent_at: Instant::ZERO,
+                outbox: VecDeque::new(),
+                sent: 0,
+                exit_acked: 0,
+                app_closed: false,
+                fin_sent: false,
+                recv: RecvBuffer::new(self.config.stream_window),
+                acked_sent: 0,
+                unconsumed: 0,
+                eof_reported: false,
+                writable_wanted: false,
+            },
+        );
+        Ok(id)
+    }
+
+    /// Takes up to the stream's free window of `bytes`; returns how many were taken. When
+    /// fewer than all, an [`Event::Writable`] follows once there is room.
+    pub fn write(&mut self, stream: StreamId, bytes: &[u8]) -> usize {
+        let window = self.config.stream_window;
+        let Some(s) = self.streams.get_mut(&stream) else {
+            return 0;
+        };
+        if s.app_closed {
+            return 0;
+        }
+        let in_flight = (s.sent - s.exit_acked) as usize + s.outbox.len();
+        let n = bytes.len().min(window.saturating_sub(in_flight));
+        s.outbox.extend(&bytes[..n]);
+        if n < bytes.len() {
+            s.writable_wanted = true;
+        }
+        n
+    }
+
+    /// The application took `n` bytes of the stream's data; they may now be acknowledged.
+    pub fn consumed(&mut self, stream: StreamId, n: usize) {
+        if let Some(s) = self.streams.get_mut(&stream) {
+            s.unconsumed = s.unconsumed.saturating_sub(n as u64);
+        }
+    }
+
+    /// The application closed its sending side.
+    pub fn close_stream(&mut self, stream: StreamId) {
+        if let Some(s) = self.streams.get_mut(&stream) {
+            s.app_closed = true;
+        }
+    }
+
+    /// The application went away: reset the stream at the exit.
+    pub fn abort_stream(&mut self, stream: StreamId) {
+        if let Some(s) = self.streams.remove(&stream) {
+            let exit = &mut self.exits[s.exit_session];
+            exit.streams.retain(|&x| x != stream);
+            // Tell the exit on the next message to it (a reset for an unknown stream is harmless).
+            self.aborted.push_back((s.exit_session, stream));
+        }
+    }
+
+    /// The next event for the driver.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// When [`Self::poll_transmit`] next has something to do.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let ack = self.deadlines.keys().next().map(|(t, _)| *t);
+        [self.cover.poll_timeout(), ack].into_iter().flatten().min()
+    }
+
+    /// The next frame to send at `now`, if one is due. Call until `None`.
+    pub fn poll_transmit<R: CryptoRng + ?Sized>(
+        &mut self,
+        now: Instant,
+        rng: &mut R,
+    ) -> Option<Frame> {
+        self.expire(now);
+        if self.cover.queued() == 0 {
+            match self.next_real(now, rng) {
+                Ok(Some(q)) => self.cover.push_real(q),
+                Ok(None) => {}
+                Err(_) => {} // no path right now: the tick goes out as cover
+            }
+        }
+        loop {
+            let emission = self.cover.poll_transmit(now, rng)?;
+            let frame = match emission {
+                ClientEmission::Real(q) => {
+                    self.stats.real_sent += 1;
+                    Some(q.frame)
+                }
+                ClientEmission::SendCover | ClientEmission::Drop => {
+                    self.stats.cover_sent += 1;
+                    self.drop_cover(rng).ok()
+                }
+                ClientEmission::Loop => {
+                    self.stats.loops_sent += 1;
+                    self.loop_cover(now, rng).ok()
+                }
+            };
+            if frame.is_some() {
+                return frame;
+            }
+        }
+    }
+
+    /// Takes a delivery from the gateway.
+    pub fn handle_delivery(&mut self, surb_id: SurbId, payload: &[u8], now: Instant) {
+        if let Some(p) = self.pending.remove(&surb_id) {
+            match p.key.open(payload).and_then(|b| Content::decode(&b)) {
+                Ok(Content::Ack) => self.stats.acks += 1,
+                _ => {
+                    self.stats.bad_replies += 1;
+                    // Not a valid ack: keep waiting for the real one.
+                    self.pending.insert(surb_id, p);
+                }
+            }
+            return;
+        }
+        if let Some((key, exit)) = self.reply_keys.remove(&surb_id) {
+            self.stats.replies += 1;
+            if let Some(e) = self.exits.get_mut(exit) {
+                e.surbs_at_exit = e.surbs_at_exit.saturating_sub(1);
+            }
+            let message = key
+                .open(payload)
+                .and_then(|b| Content::decode(&b))
+                .and_then(|c| match c {
+                    Content::Data { fragment } if fragment.count == 1 => {
+                        ExitMessage::decode(&fragment.data)
+                    }
+                    _ => Err(Error::ContentKind(0)),
+                });
+            match message {
+                Ok(m) => self.exit_message(exit, m),
+                Err(_) => self.stats.bad_replies += 1,
+            }
+            return;
+        }
+        if self.loops.remove(&surb_id).is_some() {
+            self.stats.loops_returned += 1;
+            return;
+        }
+        let _ = now;
+        self.stats.unknown_deliveries += 1;
+    }
+
+    fn exit_message(&mut self, exit: usize, message: ExitMessage) {
+        for item in message.items {
+            match item {
+                ExitItem::Opened { stream } => {
+                    if let Some(s) = self.stream_of(exit, stream)
+                        && s.state == StreamState::Opening
+                    {
+                        s.state = StreamState::Open;
+                        self.events.push_back(Event::Opened(stream));
+                    }
+                }
+                ExitItem::Refused { stream, reason } => {
+                    if self.stream_of(exit, stream).is_some() {
+                        self.end_stream(stream);
+                        self.events
+                            .push_back(Event::Refused(stream, reason.socks_code()));
+                    }
+                }
+                ExitItem::Reset { stream, reason } => {
+                    if self.stream_of(exit, stream).is_some() {
+                        self.end_stream(stream);
+                        self.events
+                            .push_back(Event::Reset(stream, reason.socks_code()));
+                    }
+                }
+                ExitItem::Data {
+                    stream,
+                    offset,
+                    bytes,
+                } => {
+                    let Some(s) = self.stream_of(exit, stream) else {
+                        continue;
+                    };
+                    if let Ok(ready) = s.recv.insert(offset, &bytes)
+                        && !ready.is_empty()
+                    {
+                        s.unconsumed += ready.len() as u64;
+                        self.events.push_back(Event::Data(stream, ready));
+                    }
+                    self.maybe_eof(stream);
+                }
+                ExitItem::Fin { stream, offset } => {
+                    if let Some(s) = self.stream_of(exit, stream) {
+                        let _ = s.recv.finish_at(offset);
+                    }
+                    self.maybe_eof(stream);
+                }
+                ExitItem::Ack { stream, offset } => {
+                    let window = self.config.stream_window;
+                    if let Some(s) = self.stream_of(exit, stream) {
+                        s.exit_acked = s.exit_acked.max(offset.min(s.sent));
+                        let in_flight = (s.sent - s.exit_acked) as usize + s.outbox.len();
+                        if s.writable_wanted && in_flight < window {
+                            s.writable_wanted = false;
+                            self.events.push_back(Event::Writable(stream));
+                        }
+                    }
+                }
+                ExitItem::SurbsLow { have } => {
+                    if let Some(e) = self.exits.get_mut(exit) {
+                        e.surbs_at_exit = usize::from(have);
+                    }
+                }
+            }
+        }
+    }
+
+    fn stream_of(&mut self, exit: usize, stream: StreamId) -> Option<&mut Stream> {
+        self.streams
+            .get_mut(&stream)
+            .filter(|s| s.exit_session == exit)
+    }
+
+    fn maybe_eof(&mut self, stream: StreamId) {
+        let Some(s) = self.streams.get_mut(&stream) else {
+            return;
+        };
+        if s.recv.is_finished() && !s.eof_reported {
+            s.eof_reported = true;
+            self.events.push_back(Event::Eof(stream));
+        }
+    }
+
+    fn end_stream(&mut self, stream: StreamId) {
+        if let Some(s) = self.streams.remove(&stream)
+            && let Some(e) = self.exits.get_mut(s.exit_session)
+        {
+            e.streams.retain(|&x| x != stream);
+        }
+    }
+
+    /// Moves timed-out packets to the retransmit queue, fails their streams after the last
+    /// attempt, and counts loops that never came back.
+    fn expire(&mut self, now: Instant) {
+        while let Some((&(t, id), _)) = self.deadlines.iter().next() {
+            if t > now {
+                break;
+            }
+            self.deadlines.remove(&(t, id));
+            let Some(p) = self.pending.get(&id) else {
+                continue;
+            };
+            if p.deadline != t {
+                continue;
+            }
+            if p.attempts >= self.config.max_attempts {
+                if let Some(p) = self.pending.remove(&id) {
+                    for s in p.streams {
+                        if self.streams.contains_key(&s) {
+                            self.end_stream(s);
+                            self.events
+                                .push_back(Event::Reset(s, Refusal::TtlExpired.socks_code()));
+                        }
+                    }
+                }
+                continue;
+            }
+            self.retransmit.push_back(id);
+        }
+        let timeout = self.config.loop_timeout;
+        let before = self.loops.len();
+        self.loops
+            .retain(|_, sent| now.saturating_duration_since(*sent) < timeout);
+        self.stats.loops_missing += (before - self.loops.len()) as u64;
+    }
+
+    fn selector(&self) -> PathSelector<'_> {
+        PathSelector::new(&self.consensus, self.config.path_rules)
+    }
+
+    /// A fresh `[L1, L2, L3]` avoiding the gateway and `also`.
+    fn mix_route<R: Rng + ?Sized>(
+        &self,
+        rng: &mut R,
+        also: Option<&ConsensusRelay>,
+    ) -> Result<Vec<RouteHop>> {
+        let selector = self.selector();
+        let mut avoid = vec![&self.gateway];
+        avoid.extend(also);
+        let epoch = self.consensus.epoch;
+        selector
+            .mix_path(rng, &avoid)?
+            .iter()
+            .map(|r| r.route_hop(epoch))
+            .collect()
+    }
+
+    /// Builds a packet over `route` and wraps it for the gateway.
+    fn seal<R: CryptoRng + ?Sized>(
+        &self,
+        rng: &mut R,
+        route: &[RouteHop],
+        delays: &[Duration],
+        destination: Address,
+        surb_id: SurbId,
+        content: &Content,
+    ) -> Result<Frame> {
+        let packet = build_packet(rng, route, delays, destination, surb_id, &content.encode()?)?;
+        Ok(Frame::Forward {
+            next_hop: route[0].address,
+            key_epoch: self.consensus.epoch,
+            packet,
+        })
+    }
+
+    /// A reply block back to this client over a fresh route; returns the block, its key and
+    /// the sum of its delays.
+    fn reply_block<R: CryptoRng + ?Sized>(
+        &self,
+        rng: &mut R,
+        avoid: Option<&ConsensusRelay>,
+    ) -> Result<(ReplyBlock, ReplyKey, Duration)> {
+        let mut route = self.mix_route(rng, avoid)?;
+        route.push(self.gateway.route_hop(self.consensus.epoch)?);
+        let delays = self.delay.sample_n(rng, route.len());
+        let total = delays[..delays.len() - 1].iter().sum();
+        let (block, key) = build_reply_block(
+            rng,
+            &route,
+            &delays,
+            self.config.address,
+            self.consensus.epoch,
+        )?;
+        Ok((block, key, total))
+    }
+
+    /// Sends `fragment` to `exit` with a fresh SURB-ACK on fresh routes.
+    fn send_fragment<R: CryptoRng + ?Sized>(
+        &mut self,
+        now: Instant,
+        rng: &mut R,
+        exit: IdentityKey,
+        fragment: Fragment,
+        streams: Vec<StreamId>,
+        attempts: u32,
+    ) -> Result<Queued> {
+        let exit_relay = self
+            .consensus
+            .relay(&exit)
+            .cloned()
+            .ok_or_else(|| Error::Path("the exit left the consensus".into()))?;
+        let (ack, key, ack_delay) = self.reply_block(rng, Some(&exit_relay))?;
+        let mut route = self.mix_route(rng, Some(&exit_relay))?;
+        route.push(exit_relay.route_hop(self.consensus.epoch)?);
+        let delays = self.delay.sample_n(rng, route.len());
+        let forward_delay: Duration = delays[..delays.len() - 1].iter().sum();
+        let frame = self.seal(
+            rng,
+            &route,
+            &delays,
+            exit_relay.address(),
+            [0; 16],
+            &Content::DataWithAck {
+                ack,
+                fragment: fragment.clone(),
+            },
+        )?;
+        let rto = (forward_delay + ack_delay).mul_f64(1.5) + self.config.ack_slack;
+        let deadline = now + rto;
+        let id = key.surb_id();
+        self.deadlines.insert((deadline, id), ());
+        self.pending.insert(
+            id,
+            Pending {
+                exit,
+                fragment,
+                streams,
+                attempts: attempts + 1,
+                deadline,
+                key,
+            },
+        );
+        Ok(Queued { frame })
+    }
+
+    /// The next real packet: a retransmission first, then a new message for some exit.
+    fn next_real<R: CryptoRng + ?Sized>(
+        &mut self,
+        now: Instant,
+        rng: &mut R,
+    ) -> Result<Option<Queued>> {
+        while let Some(id) = self.retransmit.pop_front() {
+            let Some(p) = self.pending.remove(&id) else {
+                continue;
+            };
+            self.stats.retransmits += 1;
+            return self
+                .send_fragment(now, rng, p.exit, p.fragment, p.streams, p.attempts)
+                .map(Some);
+        }
+        let n = self.exits.len();
+        for k in 0..n {
+            let exit = (self.round_robin + k) % n;
+            if let Some((message, streams)) = self.compose(exit, now, rng)? {
+                self.round_robin = (exit + 1) % n.max(1);
+                let fragment = Fragment {
+                    message_id: rng.random(),
+                    index: 0,
+                    count: 1,
+                    data: message.encode()?,
+                };
+                let exit_id = self.exits[exit].exit;
+                return self
+                    .send_fragment(now, rng, exit_id, fragment, streams, 0)
+                    .map(Some);
+            }
+        }
+        Ok(None)
+    }
+
+    /// One message for exit session `exit`, filling one packet, or `None` if nothing waits.
+    fn compose<R: CryptoRng + ?Sized>(
+        &mut self,
+        exit: usize,
+        now: Instant,
+        rng: &mut R,
+    ) -> Result<Option<(ClientMessage, Vec<StreamId>)>> {
+        let budget = FORWARD_FRAGMENT_DATA_LEN - CLIENT_MESSAGE_OVERHEAD;
+        let mut used = 0;
+        let mut items = Vec::new();
+        let mut carried = Vec::new();
+        let session_id = self.exits[exit].id;
+        // Resets of aborted streams.
+        let mut keep = VecDeque::new();
+        while let Some((e, stream)) = self.aborted.pop_front() {
+            if e == exit && used + 5 <= budget {
+                items.push(ClientItem::Reset { stream });
+                used += 5;
+            } else {
+                keep.push_back((e, stream));
+            }
+        }
+        self.aborted = keep;
+        let stream_ids = self.exits[exit].streams.clone();
+        let mut wants_surbs = false;
+        let reply_timeout = self.config.reply_timeout;
+        for &id in &stream_ids {
+            let Some(s) = self.streams.get_mut(&id) else {
+                continue;
+            };
+            let unanswered = s.state == StreamState::Opening
+                && s.open_sent
+                && now.saturating_duration_since(s.open_sent_at) >= reply_timeout;
+            if !s.open_sent || unanswered {
+                let item = ClientItem::Open {
+                    stream: id,
+                    target: s.target.clone(),
+                };
+                if used + item.encoded_len() > budget {
+                    break;
+                }
+                used += item.encoded_len();
+                items.push(item);
+                s.open_sent = true;
+                s.open_sent_at = now;
+                carried.push(id);
+                wants_surbs = true;
+                if unanswered {
+                    // Its reply blocks may have been spent on the lost answer.
+                    self.exits[s.exit_session].surbs_at_exit = 0;
+                }
+            }
+            let consumed = s.recv.delivered() - s.unconsumed;
+            let ack = consumed + u64::from(s.recv.is_finished() && s.unconsumed == 0);
+            if ack > s.acked_sent && used + 13 <= budget {
+                items.push(ClientItem::Ack {
+                    stream: id,
+                    offset: ack,
+                });
+                used += 13;
+                s.acked_sent = ack;
+            }
+            if s.state == StreamState::Open || !s.outbox.is_empty() {
+                wants_surbs = true;
+            }
+        }
+        // Reply blocks: keep the exit stocked while it has streams.
+        let stocked = self.exits[exit].surbs_at_exit;
+        let target = if stream_ids.is_empty() {
+            0
+        } else {
+            self.config.surbs_target
+        };
+        let mut blocks = Vec::new();
+        if wants_surbs && stocked < target {
+            let want = (target - stocked).min(3);
+            let exit_relay = self.consensus.relay(&self.exits[exit].exit).cloned();
+            for _ in 0..want {
+                if used + 2 + (blocks.len() + 1) * REPLY_BLOCK_LEN > budget {
+                    break;
+                }
+                let (block, key, _) = self.reply_block(rng, exit_relay.as_ref())?;
+                self.reply_keys.insert(key.surb_id(), (key, exit));
+                blocks.push(block);
+            }
+            if !blocks.is_empty() {
+                used += 2 + blocks.len() * REPLY_BLOCK_LEN;
+                self.exits[exit].surbs_at_exit += blocks.len();
+            }
+        }
+        // Data, then ends of data.
+        for &id in &stream_ids {
+            let Some(s) = self.streams.get_mut(&id) else {
+                continue;
+            };
+            if !s.open_sent {
+                continue;
+            }
+            let window_left = self
+                .config
+                .stream_window
+                .saturating_sub((s.sent - s.exit_acked) as usize);
+            let room = budget.saturating_sub(used + DATA_ITEM_OVERHEAD);
+            let take = s.outbox.len().min(room).min(window_left);
+            if take > 0 {
+                let bytes: Vec<u8> = s.outbox.drain(..take).collect();
+                items.push(ClientItem::Data {
+                    stream: id,
+                    offset: s.sent,
+                    bytes,
+                });
+                used += DATA_ITEM_OVERHEAD + take;
+                s.sent += take as u64;
+                carried.push(id);
+            }
+            if s.app_closed && s.outbox.is_empty() && !s.fin_sent && used + 13 <= budget {
+                items.push(ClientItem::Fin {
+                    stream: id,
+                    offset: s.sent,
+                });
+                used += 13;
+                s.fin_sent = true;
+                carried.push(id);
+            }
+        }
+        if !blocks.is_empty() {
+            items.push(ClientItem::Surbs(blocks));
+        }
+        // Streams finished both ways (our end sent, theirs received and acknowledged).
+        let finished: Vec<StreamId> = stream_ids
+            .iter()
+            .copied()
+            .filter(|id| {
+                self.streams.get(id).is_some_and(|s| {
+                    s.fin_sent
+                        && s.eof_reported
+                        && s.exit_acked == s.sent
+                        && s.unconsumed == 0
+                        && s.acked_sent > s.recv.delivered()
+                })
+            })
+            .collect();
+        for id in finished {
+            self.end_stream(id);
+        }
+        if items.is_empty() {
+            return Ok(None);
+        }
+        carried.sort_unstable();
+        carried.dedup();
+        Ok(Some((
+            ClientMessage {
+                session: session_id,
+                items,
+            },
+            carried,
+        )))
+    }
+
+    /// Drop cover: a full-route packet to a random exit, which discards it.
+    fn drop_cover<R: CryptoRng + ?Sized>(&self, rng: &mut R) -> Result<Frame> {
+        let selector = self.selector();
+        let target = selector.choose_exit(rng, ExitTarget::HostPort(443), &[&self.gateway]);
+        let last = match target {
+            Ok(r) => r.clone(),
+            Err(_) => self.gateway.clone(),
+        };
+        let mut route = self.mix_route(rng, Some(&last))?;
+        route.push(last.route_hop(self.consensus.epoch)?);
+        let delays = self.delay.sample_n(rng, route.len());
+        self.seal(
+            rng,
+            &route,
+            &delays,
+            last.address(),
+            [0; 16],
+            &Content::Cover,
+        )
+    }
+
+    /// Loop cover: a packet through the mixes back to this client via its gateway.
+    fn loop_cover<R: CryptoRng + ?Sized>(&mut self, now: Instant, rng: &mut R) -> Result<Frame> {
+        let mut route = self.mix_route(rng, None)?;
+        route.push(self.gateway.route_hop(self.consensus.epoch)?);
+        let delays = self.delay.sample_n(rng, route.len());
+        let mut id: SurbId = rng.random();
+        id[0] |= 1;
+        let frame = self.seal(
+            rng,
+            &route,
+            &delays,
+            self.config.address,
+            id,
+            &Content::Cover,
+        )?;
+        self.loops.insert(id, now);
+        Ok(frame)
+    }
+}

@@ -1,0 +1,990 @@
+//! Streams between a client and an exit: the messages, and the buffers that make the byte
+//! streams reliable and ordered.
+//!
+//! A client message ([`ClientMessage`]) names the client's session (random per client run,
+//! so the exit can keep its streams and SURBs together without learning who it is) and
+//! carries items: open a stream, stream data at an offset, end of data, cumulative
+//! acknowledgements of the exit's data, resets, and reply blocks for the exit to answer with.
+//! Client messages are fragmented into forward packets, each acknowledged by a SURB-ACK and
+//! re-sent on a fresh route until it is.
+//!
+//! An exit message ([`ExitMessage`]) fits one reply packet. Replies have no packet-level
+//! acknowledgement, so the exit keeps what it sent in a [`SendBuffer`] until the client's
+//! cumulative `Ack` covers it, and re-sends what is not acknowledged in time. Both ends put
+//! data back in order with a [`RecvBuffer`].
+
+use std::collections::{BTreeMap, VecDeque};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::time::Duration;
+
+use crate::surb::{REPLY_BLOCK_LEN, ReplyBlock};
+use crate::time::Instant;
+use crate::{Error, Result};
+
+/// A stream's number within a session.
+pub type StreamId = u32;
+
+/// Where a stream goes. Host names are resolved by the exit, never by the client.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Target {
+    Host(String, u16),
+    Addr(SocketAddr),
+}
+
+impl Target {
+    /// The port.
+    pub fn port(&self) -> u16 {
+        match self {
+            Target::Host(_, p) => *p,
+            Target::Addr(a) => a.port(),
+        }
+    }
+}
+
+/// Why an exit refused or ended a stream, as a SOCKS5 reply code (RFC 1928 §6).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Refusal {
+    General = 1,
+    NotAllowed = 2,
+    NetworkUnreachable = 3,
+    HostUnreachable = 4,
+    ConnectionRefused = 5,
+    TtlExpired = 6,
+}
+
+impl Refusal {
+    /// The SOCKS5 reply code.
+    pub fn socks_code(self) -> u8 {
+        self as u8
+    }
+
+    fn from_code(code: u8) -> Result<Self> {
+        Ok(match code {
+            1 => Refusal::General,
+            2 => Refusal::NotAllowed,
+            3 => Refusal::NetworkUnreachable,
+            4 => Refusal::HostUnreachable,
+            5 => Refusal::ConnectionRefused,
+            6 => Refusal::TtlExpired,
+            other => return Err(Error::ContentKind(other)),
+        })
+    }
+}
+
+/// Longest host name (DNS).
+pub const MAX_HOST_LEN: usize = 255;
+/// Most reply blocks in one item.
+pub const MAX_SURBS_PER_ITEM: usize = 255;
+
+/// Something the client tells the exit.
+#[derive(Debug)]
+pub enum ClientItem {
+    Open {
+        stream: StreamId,
+        target: Target,
+    },
+    Data {
+        stream: StreamId,
+        offset: u64,
+        bytes: Vec<u8>,
+    },
+    /// The client's data for `stream` ends at `offset`.
+    Fin {
+        stream: StreamId,
+        offset: u64,
+    },
+    /// The client has every exit byte of `stream` below `offset`.
+    Ack {
+        stream: StreamId,
+        offset: u64,
+    },
+    Reset {
+        stream: StreamId,
+    },
+    Surbs(Vec<ReplyBlock>),
+}
+
+/// Something the exit tells the client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExitItem {
+    Opened {
+        stream: StreamId,
+    },
+    Refused {
+        stream: StreamId,
+        reason: Refusal,
+    },
+    Data {
+        stream: StreamId,
+        offset: u64,
+        bytes: Vec<u8>,
+    },
+    Fin {
+        stream: StreamId,
+        offset: u64,
+    },
+    /// The exit has every client byte of `stream` below `offset`.
+    Ack {
+        stream: StreamId,
+        offset: u64,
+    },
+    Reset {
+        stream: StreamId,
+        reason: Refusal,
+    },
+    /// The exit holds only `have` reply blocks for this session.
+    SurbsLow {
+        have: u16,
+    },
+}
+
+/// One message from a client to an exit.
+#[derive(Debug)]
+pub struct ClientMessage {
+    pub session: u64,
+    pub items: Vec<ClientItem>,
+}
+
+/// One message from an exit to a client (fits one reply packet).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExitMessage {
+    pub items: Vec<ExitItem>,
+}
+
+const OPEN: u8 = 1;
+const DATA: u8 = 2;
+const FIN: u8 = 3;
+const ACK: u8 = 4;
+const RESET: u8 = 5;
+const SURBS: u8 = 6;
+const OPENED: u8 = 7;
+const REFUSED: u8 = 8;
+const SURBS_LOW: u8 = 9;
+
+/// Bytes an exit `Data` item adds to its payload.
+pub const DATA_ITEM_OVERHEAD: usize = 1 + 4 + 8 + 2;
+/// Bytes of a message's header (item count; plus the session for client messages).
+pub const EXIT_MESSAGE_OVERHEAD: usize = 2;
+pub const CLIENT_MESSAGE_OVERHEAD: usize = 8 + 2;
+
+impl ClientItem {
+    /// Encoded length.
+    pub fn encoded_len(&self) -> usize {
+        match self {
+            ClientItem::Open { target, .. } => 1 + 4 + target_len(target),
+            ClientItem::Data { bytes, .. } => DATA_ITEM_OVERHEAD + bytes.len(),
+            ClientItem::Fin { .. } | ClientItem::Ack { .. } => 1 + 4 + 8,
+            ClientItem::Reset { .. } => 1 + 4,
+            ClientItem::Surbs(blocks) => 2 + blocks.len() * REPLY_BLOCK_LEN,
+        }
+    }
+}
+
+impl ExitItem {
+    /// Encoded length.
+    pub fn encoded_len(&self) -> usize {
+        match self {
+            ExitItem::Opened { .. } => 1 + 4,
+            ExitItem::Refused { .. } | ExitItem::Reset { .. } => 1 + 4 + 1,
+            ExitItem::Data { bytes, .. } => DATA_ITEM_OVERHEAD + bytes.len(),
+            ExitItem::Fin { .. } | ExitItem::Ack { .. } => 1 + 4 + 8,
+            ExitItem::SurbsLow { .. } => 1 + 2,
+        }
+    }
+}
+
+fn target_len(t: &Target) -> usize {
+    match t {
+        Target::Host(h, _) => 1 + 1 + h.len() + 2,
+        Target::Addr(SocketAddr::V4(_)) => 1 + 4 + 2,
+        Target::Addr(SocketAddr::V6(_)) => 1 + 16 + 2,
+    }
+}
+
+fn put_target(out: &mut Vec<u8>, t: &Target) -> Result<()> {
+    match t {
+        Target::Host(h, port) => {
+            if h.is_empty() || h.len() > MAX_HOST_LEN {
+                return Err(Error::TooLong {
+                    what: "host name",
+                    len: h.len(),
+                    max: MAX_HOST_LEN,
+                });
+            }
+            out.push(3);
+            out.push(h.len() as u8);
+            out.extend_from_slice(h.as_bytes());
+            out.extend_from_slice(&port.to_be_bytes());
+        }
+        Target::Addr(SocketAddr::V4(a)) => {
+            out.push(1);
+            out.extend_from_slice(&a.ip().octets());
+            out.extend_from_slice(&a.port().to_be_bytes());
+        }
+        Target::Addr(SocketAddr::V6(a)) => {
+            out.push(4);
+            out.extend_from_slice(&a.ip().octets());
+            out.extend_from_slice(&a.port().to_be_bytes());
+        }
+    }
+    Ok(())
+}
+
+impl ClientMessage {
+    /// Encodes the message.
+    pub fn encode(&self) -> Result<Vec<u8>> {
+        let count = u16::try_from(self.items.len()).map_err(|_| Error::TooLong {
+            what: "item list",
+            len: self.items.len(),
+            max: u16::MAX as usize,
+        })?;
+        let mut out = Vec::with_capacity(self.encoded_len());
+        out.extend_from_slice(&self.session.to_be_bytes());
+        out.extend_from_slice(&count.to_be_bytes());
+        for item in &self.items {
+            match item {
+                ClientItem::Open { stream, target } => {
+                    out.push(OPEN);
+                    out.extend_from_slice(&stream.to_be_bytes());
+                    put_target(&mut out, target)?;
+                }
+                ClientItem::Data {
+                    stream,
+                    offset,
+                    bytes,
+                } => put_data(&mut out, *stream, *offset, bytes)?,
+                ClientItem::Fin { stream, offset } => put_offset(&mut out, FIN, *stream, *offset),
+                ClientItem::Ack { stream, offset } => put_offset(&mut out, ACK, *stream, *offset),
+                ClientItem::Reset { stream } => {
+                    out.push(RESET);
+                    out.extend_from_slice(&stream.to_be_bytes());
+                }
+                ClientItem::Surbs(blocks) => {
+                    if blocks.len() > MAX_SURBS_PER_ITEM {
+                        return Err(Error::TooLong {
+                            what: "reply block list",
+                            len: blocks.len(),
+                            max: MAX_SURBS_PER_ITEM,
+                        });
+                    }
+                    out.push(SURBS);
+                    out.push(blocks.len() as u8);
+                    for b in blocks {
+                        out.extend_from_slice(&b.to_bytes());
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Encoded length.
+    pub fn encoded_len(&self) -> usize {
+        CLIENT_MESSAGE_OVERHEAD
+            + self
+                .items
+                .iter()
+                .map(ClientItem::encoded_len)
+                .sum::<usize>()
+    }
+
+    /// Decodes a message.
+    pub fn decode(bytes: &[u8]) -> Result<Self> {
+        let mut r = Reader::new(bytes, "client message");
+        let session = r.u64()?;
+        let count = r.u16()?;
+        let mut items = Vec::with_capacity(usize::from(count).min(64));
+        for _ in 0..count {
+            let item = match r.u8()? {
+                OPEN => ClientItem::Open {
+                    stream: r.u32()?,
+                    target: r.target()?,
+                },
+                DATA => {
+                    let (stream, offset, bytes) = r.data()?;
+                    ClientItem::Data {
+                        stream,
+                        offset,
+                        bytes,
+                    }
+                }
+                FIN => ClientItem::Fin {
+                    stream: r.u32()?,
+                    offset: r.u64()?,
+                },
+                ACK => ClientItem::Ack {
+                    stream: r.u32()?,
+                    offset: r.u64()?,
+                },
+                RESET => ClientItem::Reset { stream: r.u32()? },
+                SURBS => {
+                    let n = r.u8()?;
+                    let mut blocks = Vec::with_capacity(usize::from(n));
+                    for _ in 0..n {
+                        blocks.push(ReplyBlock::from_bytes(r.take(REPLY_BLOCK_LEN)?)?);
+                    }
+                    ClientItem::Surbs(blocks)
+                }
+                other => return Err(Error::ContentKind(other)),
+            };
+            items.push(item);
+        }
+        r.finish()?;
+        Ok(ClientMessage { session, items })
+    }
+}
+
+impl ExitMessage {
+    /// Encoded length.
+    pub fn encoded_len(&self) -> usize {
+        EXIT_MESSAGE_OVERHEAD + self.items.iter().map(ExitItem::encoded_len).sum::<usize>()
+    }
+
+    /// Encodes the message.
+    pub fn encode(&self) -> Result<Vec<u8>> {
+        let count = u16::try_from(self.items.len()).map_err(|_| Error::TooLong {
+            what: "item list",
+            len: self.items.len(),
+            max: u16::MAX as usize,
+        })?;
+        let mut out = Vec::with_capacity(self.encoded_len());
+        out.extend_from_slice(&count.to_be_bytes());
+        for item in &self.items {
+            match item {
+                ExitItem::Opened { stream } => {
+                    out.push(OPENED);
+                    out.extend_from_slice(&stream.to_be_bytes());
+                }
+                ExitItem::Refused { stream, reason } | ExitItem::Reset { stream, reason } => {
+                    out.push(if matches!(item, ExitItem::Refused { .. }) {
+                        REFUSED
+                    } else {
+                        RESET
+                    });
+                    out.extend_from_slice(&stream.to_be_bytes());
+                    out.push(reason.socks_code());
+                }
+                ExitItem::Data {
+                    stream,
+                    offset,
+                    bytes,
+                } => put_data(&mut out, *stream, *offset, bytes)?,
+                ExitItem::Fin { stream, offset } => put_offset(&mut out, FIN, *stream, *offset),
+                ExitItem::Ack { stream, offset } => put_offset(&mut out, ACK, *stream, *offset),
+                ExitItem::SurbsLow { have } => {
+                    out.push(SURBS_LOW);
+                    out.extend_from_slice(&have.to_be_bytes());
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Decodes a message.
+    pub fn decode(bytes: &[u8]) -> Result<Self> {
+        let mut r = Reader::new(bytes, "exit message");
+        let count = r.u16()?;
+        let mut items = Vec::with_capacity(usize::from(count).min(64));
+        for _ in 0..count {
+            let item = match r.u8()? {
+                OPENED => ExitItem::Opened { stream: r.u32()? },
+                REFUSED => ExitItem::Refused {
+                    stream: r.u32()?,
+                    reason: Refusal::from_code(r.u8()?)?,
+                },
+                RESET => ExitItem::Reset {
+                    stream: r.u32()?,
+                    reason: Refusal::from_code(r.u8()?)?,
+                },
+                DATA => {
+                    let (stream, offset, bytes) = r.data()?;
+                    ExitItem::Data {
+                        stream,
+                        offset,
+                        bytes,
+                    }
+                }
+                FIN => ExitItem::Fin {
+                    stream: r.u32()?,
+                    offset: r.u64()?,
+                },
+                ACK => ExitItem::Ack {
+                    stream: r.u32()?,
+                    offset: r.u64()?,
+                },
+                SURBS_LOW => ExitItem::SurbsLow { have: r.u16()? },
+                other => return Err(Error::ContentKind(other)),
+            };
+            items.push(item);
+        }
+        r.finish()?;
+        Ok(ExitMessage { items })
+    }
+}
+
+fn put_offset(out: &mut Vec<u8>, kind: u8, stream: StreamId, offset: u64) {
+    out.push(kind);
+    out.extend_from_slice(&stream.to_be_bytes());
+    out.extend_from_slice(&offset.to_be_bytes());
+}
+
+fn put_data(out: &mut Vec<u8>, stream: StreamId, offset: u64, bytes: &[u8]) -> Result<()> {
+    let len = u16::try_from(bytes.len()).map_err(|_| Error::TooLong {
+        what: "data item",
+        len: bytes.len(),
+        max: u16::MAX as usize,
+    })?;
+    out.push(DATA);
+    out.extend_from_slice(&stream.to_be_bytes());
+    out.extend_from_slice(&offset.to_be_bytes());
+    out.extend_from_slice(&len.to_be_bytes());
+    out.extend_from_slice(bytes);
+    Ok(())
+}
+
+struct Reader<'a> {
+    bytes: &'a [u8],
+    at: usize,
+    what: &'static str,
+}
+
+impl<'a> Reader<'a> {
+    fn new(bytes: &'a [u8], what: &'static str) -> Self {
+        Reader { bytes, at: 0, what }
+    }
+
+    fn take(&mut self, n: usize) -> Result<&'a [u8]> {
+        let end = self.at.checked_add(n).filter(|&e| e <= self.bytes.len());
+        let Some(end) = end else {
+            return Err(Error::Truncated {
+                what: self.what,
+                needed: self.at.saturating_add(n),
+                got: self.bytes.len(),
+            });
+        };
+        let s = &self.bytes[self.at..end];
+        self.at = end;
+        Ok(s)
+    }
+
+    fn array<const N: usize>(&mut self) -> Result<[u8; N]> {
+        let mut a = [0u8; N];
+        a.copy_from_slice(self.take(N)?);
+        Ok(a)
+    }
+
+    fn u8(&mut self) -> Result<u8> {
+        Ok(self.array::<1>()?[0])
+    }
+    fn u16(&mut self) -> Result<u16> {
+        Ok(u16::from_be_bytes(self.array()?))
+    }
+    fn u32(&mut self) -> Result<u32> {
+        Ok(u32::from_be_bytes(self.array()?))
+    }
+    fn u64(&mut self) -> Result<u64> {
+        Ok(u64::from_be_bytes(self.array()?))
+    }
+
+    fn data(&mut self) -> Result<(StreamId, u64, Vec<u8>)> {
+        let stream = self.u32()?;
+        let offset = self.u64()?;
+        let len = usize::from(self.u16()?);
+        let bytes = self.take(len)?.to_vec();
+        if offset.checked_add(len as u64).is_none() {
+            return Err(Error::Truncated {
+                what: "data offset overflows",
+                needed: 0,
+                got: 0,
+            });
+        }
+        Ok((stream, offset, bytes))
+    }
+
+    fn target(&mut self) -> Result<Target> {
+        match self.u8()? {
+            1 => {
+                let ip = Ipv4Addr::from(self.array::<4>()?);
+                Ok(Target::Addr(SocketAddr::new(IpAddr::V4(ip), self.u16()?)))
+            }
+            4 => {
+                let ip = Ipv6Addr::from(self.array::<16>()?);
+                Ok(Target::Addr(SocketAddr::new(IpAddr::V6(ip), self.u16()?)))
+            }
+            3 => {
+                let len = usize::from(self.u8()?);
+                let host = std::str::from_utf8(self.take(len)?)
+                    .map_err(|_| Error::ContentKind(3))?
+                    .to_string();
+                if host.is_empty() {
+                    return Err(Error::ContentKind(3));
+                }
+                Ok(Target::Host(host, self.u16()?))
+            }
+            other => Err(Error::ContentKind(other)),
+        }
+    }
+
+    fn finish(&self) -> Result<()> {
+        if self.at == self.bytes.len() {
+            Ok(())
+        } else {
+            Err(Error::FramePadding("message tail"))
+        }
+    }
+}
+
+/// Puts a byte stream back in order from pieces arriving at any offset, at most once each.
+#[derive(Debug)]
+pub struct RecvBuffer {
+    /// Every byte below this has been handed over.
+    delivered: u64,
+    /// Pieces beyond `delivered`, keyed by offset, not overlapping.
+    pending: BTreeMap<u64, Vec<u8>>,
+    pending_bytes: usize,
+    /// The most bytes held out of order; pieces beyond `delivered + window` are refused.
+    window: usize,
+    /// Where the stream ends, once known.
+    fin: Option<u64>,
+}
+
+impl RecvBuffer {
+    pub fn new(window: usize) -> Self {
+        RecvBuffer {
+            delivered: 0,
+            pending: BTreeMap::new(),
+            pending_bytes: 0,
+            window,
+            fin: None,
+        }
+    }
+
+    /// Every byte below this offset has been delivered (a cumulative ack).
+    pub fn delivered(&self) -> u64 {
+        self.delivered
+    }
+
+    /// Whether every byte up to the end of the stream has been delivered.
+    pub fn is_finished(&self) -> bool {
+        self.fin == Some(self.delivered)
+    }
+
+    /// Notes that the stream ends at `offset`.
+    pub fn finish_at(&mut self, offset: u64) -> Result<()> {
+        match self.fin {
+            Some(f) if f != offset => Err(Error::FragmentConflict {
+                message_id: 0,
+                reason: "stream end moved",
+            }),
+            _ if offset < self.delivered => Err(Error::FragmentConflict {
+                message_id: 0,
+                reason: "stream end before delivered data",
+            }),
+            _ => {
+                self.fin = Some(offset);
+                Ok(())
+            }
+        }
+    }
+
+    /// Takes data at `offset`; returns the bytes now deliverable in order (maybe none).
+    /// Data already delivered or held is ignored; data beyond the window is refused.
+    pub fn insert(&mut self, offset: u64, bytes: &[u8]) -> Result<Vec<u8>> {
+        let end = offset.saturating_add(bytes.len() as u64);
+        if self.fin.is_some_and(|f| end > f) {
+            return Err(Error::FragmentConflict {
+                message_id: 0,
+                reason: "data past the end of the stream",
+            });
+        }
+        if end > self.delivered.saturating_add(self.window as u64) {
+            return Err(Error::ReassemblyFull("stream receive window"));
+        }
+        // Trim what was already delivered.
+        let (mut offset, mut bytes) = (offset, bytes);
+        if offset < self.delivered {
+            let skip = (self.delivered - offset).min(bytes.len() as u64) as usize;
+            bytes = &bytes[skip..];
+            offset = self.delivered;
+        }
+        if bytes.is_empty() {
+            return Ok(Vec::new());
+        }
+        // Keep only the parts not already held (pieces never overlap).
+        let mut pieces = vec![(offset, bytes.to_vec())];
+        for (&o, held) in self
+            .pending
+            .range(..offset.saturating_add(bytes.len() as u64))
+        {
+            let held_end = o + held.len() as u64;
+            pieces = pieces
+                .into_iter()
+                .flat_map(|(po, pb)| cut(po, pb, o, held_end))
+                .collect();
+        }
+        for (po, pb) in pieces {
+            self.pending_bytes += pb.len();
+            self.pending.insert(po, pb);
+        }
+        let mut out = Vec::new();
+        while let Some(entry) = self.pending.first_entry() {
+            if *entry.key() != self.delivered {
+                break;
+            }
+            let piece = entry.remove();
+            self.pending_bytes -= piece.len();
+            self.delivered += piece.len() as u64;
+            out.extend_from_slice(&piece);
+        }
+        Ok(out)
+    }
+
+    /// Bytes held out of order.
+    pub fn pending_bytes(&self) -> usize {
+        self.pending_bytes
+    }
+}
+
+/// The parts of `[po, po+pb.len())` outside `[o, end)`.
+fn cut(po: u64, pb: Vec<u8>, o: u64, end: u64) -> Vec<(u64, Vec<u8>)> {
+    let pend = po + pb.len() as u64;
+    if end <= po || o >= pend {
+        return vec![(po, pb)];
+    }
+    let mut out = Vec::new();
+    if po < o {
+        out.push((po, pb[..(o - po) as usize].to_vec()));
+    }
+    if end < pend {
+        out.push((end, pb[(end - po) as usize..].to_vec()));
+    }
+    out
+}
+
+/// The sending side of a stream whose receiver acknowledges cumulatively: holds data until
+/// acknowledged, hands out new segments, and re-sends segments not acknowledged within the
+/// retransmission timeout.
+#[derive(Debug)]
+pub struct SendBuffer {
+    /// Offset of `unacked[0]`: everything below is acknowledged.
+    acked: u64,
+    unacked: VecDeque<u8>,
+    /// Offset of the first byte never sent.
+    next_new: u64,
+    /// Sent segments not yet acknowledged: offset → (length, when last sent).
+    in_flight: BTreeMap<u64, (usize, Instant)>,
+    window: usize,
+    rto: Duration,
+    /// Where the data ends, once the writer closed.
+    fin: Option<u64>,
+}
+
+impl SendBuffer {
+    pub fn new(window: usize, rto: Duration) -> Self {
+        SendBuffer {
+            acked: 0,
+            unacked: VecDeque::new(),
+            next_new: 0,
+            in_flight: BTreeMap::new(),
+            window,
+            rto,
+            fin: None,
+        }
+    }
+
+    /// How many more bytes [`Self::push`] accepts now.
+    pub fn space(&self) -> usize {
+        if self.fin.is_some() {
+            return 0;
+        }
+        self.window.saturating_sub(self.unacked.len())
+    }
+
+    /// Appends data (at most [`Self::space`] bytes are taken); returns how many were taken.
+    pub fn push(&mut self, bytes: &[u8]) -> usize {
+        let n = bytes.len().min(self.space());
+        self.unacked.extend(&bytes[..n]);
+        n
+    }
+
+    /// Marks the end of the data.
+    pub fn close(&mut self) {
+        if self.fin.is_none() {
+            self.fin = Some(self.acked + self.unacked.len() as u64);
+        }
+    }
+
+    /// Where the data ends, if closed.
+    pub fn fin_offset(&self) -> Option<u64> {
+        self.fin
+    }
+
+    /// The peer has every byte below `offset`. Returns whether anything new was acknowledged.
+    pub fn ack(&mut self, offset: u64) -> bool {
+        let end = self.acked + self.unacked.len() as u64;
+        let offset = offset.min(end).min(self.next_new);
+        if offset <= self.acked {
+            return false;
+        }
+        self.unacked.drain(..(offset - self.acked) as usize);
+        self.acked = offset;
+        // Drop segments wholly acknowledged; a partly acknowledged one shrinks.
+        let covered: Vec<u64> = self.in_flight.range(..offset).map(|(&o, _)| o).collect();
+        for o in covered {
+            if let Some((len, at)) = self.in_flight.remove(&o) {
+                let end = o + len as u64;
+                if end > offset {
+                    self.in_flight.insert(offset, ((end - offset) as usize, at));
+                }
+            }
+        }
+        true
+    }
+
+    /// Everything sent is acknowledged, and the data is closed.
+    pub fn is_done(&self) -> bool {
+        self.fin.is_some() && self.unacked.is_empty()
+    }
+
+    /// Bytes held (sent or not) until acknowledged.
+    pub fn unacked_bytes(&self) -> usize {
+        self.unacked.len()
+    }
+
+    /// The next segment to send at `now`, at most `max_len` bytes: a timed-out one first,
+    /// then new data. Returns `(offset, bytes)`.
+    pub fn poll_segment(&mut self, now: Instant, max_len: usize) -> Option<(u64, Vec<u8>)> {
+        if max_len == 0 {
+            return None;
+        }
+        let due = self
+            .in_flight
+            .iter()
+            .find(|(_, (_, at))| now.saturating_duration_since(*at) >= self.rto)
+            .map(|(&o, &(len, _))| (o, len));
+        let (offset, len) = match due {
+            Some((o, len)) => {
+                let take = len.min(max_len);
+                self.in_flight.remove(&o);
+                self.in_flight.insert(o, (take, now));
+                if take < len {
+                    self.in_flight
+                        .insert(o + take as u64, (len - take, Instant::ZERO));
+                }
+                (o, take)
+            }
+            None => {
+                let end = self.acked + self.unacked.len() as u64;
+                if self.next_new >= end {
+                    return None;
+                }
+                let take = ((end - self.next_new) as usize).min(max_len);
+                let o = self.next_new;
+                self.in_flight.insert(o, (take, now));
+                self.next_new += take as u64;
+                (o, take)
+            }
+        };
+        let start = (offset - self.acked) as usize;
+        let bytes = self.unacked.range(start..start + len).copied().collect();
+        Some((offset, bytes))
+    }
+
+    /// When the earliest in-flight segment times out.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.in_flight.values().map(|&(_, at)| at + self.rto).min()
+    }
+
+    /// Whether new (never sent) data is waiting.
+    pub fn has_new(&self) -> bool {
+        self.next_new < self.acked + self.unacked.len() as u64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn exit_messages_round_trip_and_bad_bytes_error() {
+        let m = ExitMessage {
+            items: vec![
+                ExitItem::Opened { stream: 1 },
+                ExitItem::Refused {
+                    stream: 2,
+                    reason: Refusal::NotAllowed,
+                },
+                ExitItem::Data {
+                    stream: 1,
+                    offset: 5,
+                    bytes: b"hello".to_vec(),
+                },
+                ExitItem::Fin {
+                    stream: 1,
+                    offset: 10,
+                },
+                ExitItem::Ack {
+                    stream: 1,
+                    offset: 3,
+                },
+                ExitItem::Reset {
+                    stream: 3,
+                    reason: Refusal::HostUnreachable,
+                },
+                ExitItem::SurbsLow { have: 4 },
+            ],
+        };
+        let bytes = m.encode().unwrap();
+        assert_eq!(bytes.len(), m.encoded_len());
+        assert_eq!(ExitMessage::decode(&bytes).unwrap(), m);
+        assert!(ExitMessage::decode(&bytes[..bytes.len() - 1]).is_err());
+        let mut extra = bytes.clone();
+        extra.push(0);
+        assert!(ExitMessage::decode(&extra).is_err());
+    }
+
+    #[test]
+    fn recv_buffer_orders_trims_and_bounds() {
+        let mut r = RecvBuffer::new(10);
+        assert_eq!(r.insert(3, b"def").unwrap(), b"");
+        assert_eq!(r.insert(0, b"abcd").unwrap(), b"abcdef");
+        assert_eq!(r.insert(2, b"cdefg").unwrap(), b"g");
+        assert_eq!(r.delivered(), 7);
+        assert!(r.insert(7, &[0; 11]).is_err(), "beyond the window");
+        r.finish_at(8).unwrap();
+        assert!(r.insert(7, b"hi").is_err(), "past the end");
+        assert!(!r.is_finished());
+        assert_eq!(r.insert(7, b"h").unwrap(), b"h");
+        assert!(r.is_finished());
+    }
+
+    #[test]
+    fn send_buffer_retransmits_after_rto_and_frees_on_ack() {
+        let rto = Duration::from_secs(1);
+        let mut s = SendBuffer::new(8, rto);
+        assert_eq!(s.push(b"abcdefghij"), 8);
+        let t0 = Instant::ZERO;
+        assert_eq!(s.poll_segment(t0, 3), Some((0, b"abc".to_vec())));
+        assert_eq!(s.poll_segment(t0, 3), Some((3, b"def".to_vec())));
+        assert_eq!(s.poll_segment(t0, 3), Some((6, b"gh".to_vec())));
+        assert_eq!(s.poll_segment(t0, 3), None);
+        assert!(s.ack(3));
+        assert_eq!(s.space(), 3);
+        let t1 = t0 + rto;
+        assert_eq!(s.poll_segment(t1, 2), Some((3, b"de".to_vec())));
+        assert_eq!(
+            s.poll_segment(t1, 8),
+            Some((5, b"f".to_vec())),
+            "rest of the split segment"
+        );
+        assert_eq!(s.poll_segment(t1, 8), Some((6, b"gh".to_vec())));
+        s.close();
+        assert!(s.ack(8));
+        assert!(s.is_done());
+        assert_eq!(s.poll_timeout(), None);
+    }
+
+    proptest! {
+        #[test]
+        fn any_delivery_order_reassembles_the_stream(
+            data in proptest::collection::vec(any::<u8>(), 1..3000),
+            cuts in proptest::collection::vec(1usize..400, 1..40),
+            order_seed: u64,
+            dup in 0usize..4,
+        ) {
+            let mut pieces = Vec::new();
+            let mut at = 0;
+            for c in cuts.iter().cycle() {
+                if at >= data.len() { break; }
+                let end = (at + c).min(data.len());
+                pieces.push((at as u64, data[at..end].to_vec()));
+                at = end;
+            }
+            for i in 0..dup.min(pieces.len()) {
+                pieces.push(pieces[i].clone());
+            }
+            // Deterministic shuffle.
+            let mut x = order_seed | 1;
+            for i in (1..pieces.len()).rev() {
+                x ^= x << 13; x ^= x >> 7; x ^= x << 17;
+                pieces.swap(i, (x % (i as u64 + 1)) as usize);
+            }
+            let mut r = RecvBuffer::new(data.len());
+            let mut out = Vec::new();
+            for (o, b) in pieces {
+                out.extend(r.insert(o, &b).unwrap());
+            }
+            prop_assert_eq!(out, data);
+            prop_assert_eq!(r.pending_bytes(), 0);
+        }
+
+        #[test]
+        fn send_then_lossy_delivery_with_retransmission_arrives_whole(
+            data in proptest::collection::vec(any::<u8>(), 1..5000),
+            seg in 1usize..700,
+            loss_pattern in proptest::collection::vec(any::<bool>(), 1..50),
+        ) {
+            let rto = Duration::from_secs(1);
+            let mut s = SendBuffer::new(1 << 20, rto);
+            prop_assert_eq!(s.push(&data), data.len());
+            s.close();
+            let mut r = RecvBuffer::new(1 << 20);
+            let mut out = Vec::new();
+            let mut now = Instant::ZERO;
+            let mut i = 0;
+            for _round in 0..200 {
+                while let Some((o, b)) = s.poll_segment(now, seg) {
+                    let lost = loss_pattern[i % loss_pattern.len()] && i < 10_000 && _round < 100;
+                    i += 1;
+                    if !lost {
+                        out.extend(r.insert(o, &b).unwrap());
+                    }
+                }
+                s.ack(r.delivered());
+                if s.is_done() { break; }
+                now = now + rto;
+            }
+            prop_assert!(s.is_done());
+            prop_assert_eq!(out, data);
+        }
+
+        #[test]
+        fn client_messages_round_trip(
+            session: u64,
+            stream: u32,
+            offset in 0u64..1 << 40,
+            bytes in proptest::collection::vec(any::<u8>(), 0..1500),
+            host in "[a-z0-9.-]{1,60}",
+            port: u16,
+            v4: [u8; 4],
+            v6: [u8; 16],
+        ) {
+            let msg = ClientMessage {
+                session,
+                items: vec![
+                    ClientItem::Open { stream, target: Target::Host(host.clone(), port) },
+                    ClientItem::Open { stream, target: Target::Addr(SocketAddr::from((v4, port))) },
+                    ClientItem::Open { stream, target: Target::Addr(SocketAddr::from((v6, port))) },
+                    ClientItem::Data { stream, offset, bytes: bytes.clone() },
+                    ClientItem::Fin { stream, offset },
+                    ClientItem::Ack { stream, offset },
+                    ClientItem::Reset { stream },
+                    ClientItem::Surbs(Vec::new()),
+                ],
+            };
+            let enc = msg.encode().unwrap();
+            prop_assert_eq!(enc.len(), msg.encoded_len());
+            let dec = ClientMessage::decode(&enc).unwrap();
+            prop_assert_eq!(dec.session, session);
+            prop_assert_eq!(dec.encode().unwrap(), enc);
+        }
+
+        #[test]
+        fn decoders_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let _ = ClientMessage::decode(&bytes);
+            let _ = ExitMessage::decode(&bytes);
+        }
+    }
+}

@@ -1,0 +1,1 @@
+//! End-to-end tests of Murmur live in `tests/`; this library is empty.
