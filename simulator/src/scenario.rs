@@ -181,9 +181,19 @@ pub struct Loaded {
     pub base_dir: PathBuf,
 }
 
+impl Loaded {
+    /// A scenario given as text (with overrides); relative paths start at the working directory.
+    pub fn from_text<S: AsRef<str>>(text: &str, overrides: &[S]) -> Result<Loaded> {
+        Ok(Loaded {
+            scenario: Scenario::parse(text, overrides)?,
+            base_dir: PathBuf::from("."),
+        })
+    }
+}
+
 impl Scenario {
     /// Reads, overrides (`key.path=value`, value in TOML syntax) and checks a scenario file.
-    pub fn load(path: &Path, overrides: &[String]) -> Result<Loaded> {
+    pub fn load<S: AsRef<str>>(path: &Path, overrides: &[S]) -> Result<Loaded> {
         let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
             path: path.to_path_buf(),
             source,
@@ -203,7 +213,7 @@ impl Scenario {
     }
 
     /// Parses and checks scenario text, with overrides applied.
-    pub fn parse(text: &str, overrides: &[String]) -> Result<Scenario> {
+    pub fn parse<S: AsRef<str>>(text: &str, overrides: &[S]) -> Result<Scenario> {
         let bad = |message: String| Error::Scenario {
             origin: "scenario".into(),
             message,
@@ -213,7 +223,7 @@ impl Scenario {
         if !overrides.is_empty() {
             let mut table: toml::Table = toml::from_str(text).map_err(|e| bad(e.to_string()))?;
             for o in overrides {
-                apply_override(&mut table, o)?;
+                apply_override(&mut table, o.as_ref())?;
             }
             scenario = table.try_into().map_err(|e| bad(e.to_string()))?;
         }
@@ -446,7 +456,7 @@ mod tests {
 
     #[test]
     fn minimal_scenario_takes_defaults() {
-        let s = Scenario::parse(MINIMAL, &[]).unwrap();
+        let s = Scenario::parse::<&str>(MINIMAL, &[]).unwrap();
         assert_eq!(s.seed, 1);
         assert!(s.rates.cover && s.adversary.global_passive && s.measure.anonymity);
         assert_eq!(s.network.gateways, 1);
@@ -456,23 +466,20 @@ mod tests {
     fn overrides_replace_values_and_are_checked() {
         let s = Scenario::parse(
             MINIMAL,
-            &[
-                "rates.mu=4.5".into(),
-                "adversary.corrupt_mix_fraction=0.5".into(),
-            ],
+            &["rates.mu=4.5", "adversary.corrupt_mix_fraction=0.5"],
         )
         .unwrap();
         assert_eq!(s.rates.mu, 4.5);
         assert_eq!(s.adversary.corrupt_mix_fraction, 0.5);
-        let err = Scenario::parse(MINIMAL, &["rates.mu=-1".into()]).unwrap_err();
+        let err = Scenario::parse(MINIMAL, &["rates.mu=-1"]).unwrap_err();
         assert!(
             err.to_string().contains("rates.mu must be a positive"),
             "{err}"
         );
-        let err = Scenario::parse(MINIMAL, &["rates.bogus=1".into()]).unwrap_err();
+        let err = Scenario::parse(MINIMAL, &["rates.bogus=1"]).unwrap_err();
         assert!(err.to_string().contains("bogus"), "{err}");
         assert!(matches!(
-            Scenario::parse(MINIMAL, &["nonsense".into()]),
+            Scenario::parse(MINIMAL, &["nonsense"]),
             Err(Error::Override(..))
         ));
     }
@@ -501,7 +508,7 @@ mod tests {
         ];
         for (from, to, expect) in cases {
             let text = MINIMAL.replace(from, to);
-            let err = Scenario::parse(&text, &[]).unwrap_err().to_string();
+            let err = Scenario::parse::<&str>(&text, &[]).unwrap_err().to_string();
             assert!(err.contains(expect), "{to}: {err}");
         }
     }

@@ -205,7 +205,7 @@ mod tests {
              lambda_m = 0\nmu = 1\n[traffic]\nmodel = \"poisson\"\nmessages_per_s = 0.1\n\
              [adversary]\ncorrupt_mix_fraction = {fraction}\ncorrupt_gateways = 1\n"
         );
-        Scenario::parse(&text, &[]).unwrap()
+        Scenario::parse::<&str>(&text, &[]).unwrap()
     }
 
     #[test]

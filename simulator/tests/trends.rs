@@ -3,7 +3,7 @@
 //! Runs share one seed, so the traffic is the same wherever the parameter allows it.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use murmur_sim::{Loaded, Scenario, run_loaded};
 
@@ -28,11 +28,7 @@ const BASE: &str = r#"
 "#;
 
 fn entropy(overrides: &[&str]) -> f64 {
-    let overrides: Vec<String> = overrides.iter().map(|s| s.to_string()).collect();
-    let loaded = Loaded {
-        scenario: Scenario::parse(BASE, &overrides).unwrap(),
-        base_dir: PathBuf::from("."),
-    };
+    let loaded = Loaded::from_text(BASE, overrides).unwrap();
     let s = run_loaded(&loaded, None, &mut |_| {}).unwrap().0.summary;
     assert!(s.measured_messages > 500, "{}", s.measured_messages);
     s.entropy_mean_bits.unwrap()
@@ -93,7 +89,7 @@ fn example_scenarios_load() {
     for entry in std::fs::read_dir(&dir).unwrap() {
         let path = entry.unwrap().path();
         if path.extension().is_some_and(|e| e == "toml") {
-            let loaded = Scenario::load(&path, &[]).unwrap_or_else(|e| panic!("{e}"));
+            let loaded = Scenario::load::<&str>(&path, &[]).unwrap_or_else(|e| panic!("{e}"));
             if let Some(file) = &loaded.scenario.traffic.file {
                 murmur_sim::scenario::load_trace(
                     &loaded.base_dir.join(file),

@@ -2,9 +2,7 @@
 //! exponential mix, and byte-identical output for one seed.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::path::PathBuf;
-
-use murmur_sim::{Loaded, Scenario, Summary, run_loaded, write_outputs};
+use murmur_sim::{Loaded, Summary, run_loaded, write_outputs};
 
 /// A network without cover whose clients send Poisson messages; `overrides` adjust it.
 const BASE: &str = r#"
@@ -30,11 +28,7 @@ const BASE: &str = r#"
 "#;
 
 fn run(overrides: &[&str]) -> Summary {
-    let overrides: Vec<String> = overrides.iter().map(|s| s.to_string()).collect();
-    let loaded = Loaded {
-        scenario: Scenario::parse(BASE, &overrides).unwrap(),
-        base_dir: PathBuf::from("."),
-    };
+    let loaded = Loaded::from_text(BASE, overrides).unwrap();
     run_loaded(&loaded, None, &mut |_| {}).unwrap().0.summary
 }
 
@@ -108,27 +102,24 @@ fn one_mix_entropy_approaches_danezis() {
 /// The same seed writes byte-identical summary.json and messages.csv; another seed does not.
 #[test]
 fn same_seed_same_bytes() {
-    let scenario = Loaded {
-        scenario: Scenario::parse(
-            BASE,
-            &[
-                "network.clients = 60".into(),
-                "network.layers = 3".into(),
-                "network.mixes_per_layer = 2".into(),
-                "rates.cover = true".into(),
-                "rates.lambda_p = 2".into(),
-                "rates.lambda_l = 0.5".into(),
-                "rates.lambda_d = 0.5".into(),
-                "rates.lambda_m = 1".into(),
-                "traffic.messages_per_s = 0.5".into(),
-                "measure.anonymity = true".into(),
-                "adversary.corrupt_mix_fraction = 0.34".into(),
-                "tickets.rate = 0.5".into(),
-            ],
-        )
-        .unwrap(),
-        base_dir: PathBuf::from("."),
-    };
+    let scenario = Loaded::from_text(
+        BASE,
+        &[
+            "network.clients = 60",
+            "network.layers = 3",
+            "network.mixes_per_layer = 2",
+            "rates.cover = true",
+            "rates.lambda_p = 2",
+            "rates.lambda_l = 0.5",
+            "rates.lambda_d = 0.5",
+            "rates.lambda_m = 1",
+            "traffic.messages_per_s = 0.5",
+            "measure.anonymity = true",
+            "adversary.corrupt_mix_fraction = 0.34",
+            "tickets.rate = 0.5",
+        ],
+    )
+    .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let files = |name: &str, seed: u64| {
         let out = dir.path().join(name);
