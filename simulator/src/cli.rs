@@ -98,7 +98,7 @@ impl Progress {
             return;
         }
         let bar = self.bar.get_or_insert_with(|| {
-            let bar = ProgressBar::new(1000);
+            let bar = ProgressBar::new(1000).with_elapsed(self.started.elapsed());
             if let Ok(style) = ProgressStyle::with_template(
                 "{msg} [{elapsed_precise}] {wide_bar} {percent}% simulated (eta {eta})",
             ) {
