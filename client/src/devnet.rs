@@ -1,7 +1,7 @@
 //! `murmur-client --devnet`: a whole Murmur network on loopback, in this process.
 //!
 //! Three directory authorities, one gateway, three mixes per layer and one exit whose policy
-//! allows loopback destinations, each with its own keys and state in a temporary directory,
+//! allows loopback destinations (and, like Tor's default, refuses port 25), each with its own keys and state in a temporary directory,
 //! each the same code the daemons run (`murmur_directory::serve`, `murmur_relay::cli::run`).
 //! Epochs are short so key rotation happens while you watch.
 
@@ -181,7 +181,8 @@ key_grace = "{epoch}s"
 workers = 1
 replay_capacity = 1000000
 [exit]
-policy = "accept *:*"
+# Like Tor's default, refuse SMTP, so a policy refusal can be seen; loopback is allowed.
+policy = "reject *:25, accept *:*"
 allow_private = true
 connect_timeout = "3s"
 "#,
