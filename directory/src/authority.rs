@@ -25,7 +25,7 @@ pub struct Refusal {
 }
 
 impl Refusal {
-    fn new(reason: &'static str, status: u16, message: impl Into<String>) -> Self {
+    pub fn new(reason: &'static str, status: u16, message: impl Into<String>) -> Self {
         Refusal {
             reason,
             status,

@@ -52,9 +52,25 @@ impl Ctx {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Verifies (without the lock: a vote carries many descriptor signatures) and holds a
-    /// decoded vote; counted under its result.
-    pub fn take_vote(
+    /// Verifies and holds a decoded vote, counted under its result. Verification (1,000
+    /// descriptor signatures take about 75 ms) runs on the blocking pool, without the lock.
+    pub async fn take_vote(
+        self: &Arc<Self>,
+        decoded: murmur_protocol::Result<SignedVote>,
+    ) -> std::result::Result<Accepted, Refusal> {
+        let ctx = self.clone();
+        tokio::task::spawn_blocking(move || ctx.take_vote_blocking(decoded))
+            .await
+            .unwrap_or_else(|e| {
+                Err(Refusal::new(
+                    "internal",
+                    500,
+                    format!("vote check failed: {e}"),
+                ))
+            })
+    }
+
+    fn take_vote_blocking(
         &self,
         decoded: murmur_protocol::Result<SignedVote>,
     ) -> std::result::Result<Accepted, Refusal> {
@@ -394,7 +410,7 @@ async fn fetch_missing_votes(ctx: &Arc<Ctx>, epoch: Epoch) {
         };
         for vote in votes {
             if !ctx.lock().has_vote(epoch, &vote.signer()) {
-                let _ = ctx.take_vote(Ok(vote));
+                let _ = ctx.take_vote(Ok(vote)).await;
             }
         }
     }

@@ -153,7 +153,7 @@ async fn post_descriptor(State(ctx): State<Arc<Ctx>>, body: Body) -> Result<Resp
 
 async fn post_vote(State(ctx): State<Arc<Ctx>>, body: Body) -> Result<Response, Reply> {
     let bytes = read_body(&ctx, body, MAX_VOTE_BYTES).await?;
-    match ctx.take_vote(decode(&bytes)) {
+    match ctx.take_vote(decode(&bytes)).await {
         Ok(Accepted::Stored) => Ok(ok("accepted")),
         Ok(_) => Ok(ok("already held")),
         Err(r) => Err((&r).into()),

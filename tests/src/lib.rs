@@ -1,1 +1,445 @@
-//! End-to-end tests of Murmur live in `tests/`; this library is empty.
+//! Shared helpers of Murmur's end-to-end tests (`tests/tests/*.rs`): the built binaries,
+//! child processes that die with the test, free ports, bounded polling, a tiny HTTP server
+//! and a Prometheus scraper. Everything stays on 127.0.0.1.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+/// A built workspace binary, next to the test executable (`target/<profile>/NAME`).
+pub fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let profile_dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("test executable lives in target/<profile>/deps");
+    let bin = profile_dir.join(name);
+    assert!(
+        bin.exists(),
+        "{} is missing: run `cargo build -p {name}` (or `cargo test --workspace`, which builds \
+         it) first",
+        bin.display()
+    );
+    bin
+}
+
+/// Distinct free ports on 127.0.0.1 (held together so they differ, then released).
+pub fn free_ports(n: usize) -> Vec<u16> {
+    let listeners: Vec<TcpListener> = (0..n)
+        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    listeners
+        .iter()
+        .map(|l| l.local_addr().unwrap().port())
+        .collect()
+}
+
+/// Polls `f` every `every` until it returns `Some` or `timeout` passes.
+pub fn wait_until<T>(
+    timeout: Duration,
+    every: Duration,
+    mut f: impl FnMut() -> Option<T>,
+) -> Option<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(every);
+    }
+}
+
+/// A child process killed and reaped when dropped; its stderr goes to a log file.
+pub struct Proc {
+    pub name: String,
+    pub log: PathBuf,
+    child: Option<Child>,
+}
+
+impl Proc {
+    /// Starts `bin args...` with stderr to `log` and stdout to `<log>.out`.
+    pub fn spawn(name: &str, bin: &Path, args: &[&str], log: PathBuf) -> Proc {
+        let err = std::fs::File::create(&log).unwrap();
+        let out = std::fs::File::create(log.with_extension("out")).unwrap();
+        let child = Command::new(bin)
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .unwrap();
+        Proc {
+            name: name.to_string(),
+            log,
+            child: Some(child),
+        }
+    }
+
+    /// The process id, while running.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// SIGKILL, and reap.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM; waits up to `timeout` for a clean exit and returns its success.
+    pub fn terminate(&mut self, timeout: Duration) -> bool {
+        let Some(mut c) = self.child.take() else {
+            return false;
+        };
+        let _ = Command::new("kill").arg(c.id().to_string()).status();
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = c.try_wait() {
+                return status.success();
+            }
+            if Instant::now() >= deadline {
+                let _ = c.kill();
+                let _ = c.wait();
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Whether it is still running.
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// Its log so far (for failure messages).
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Its standard output so far.
+    pub fn stdout_text(&self) -> String {
+        std::fs::read_to_string(self.log.with_extension("out")).unwrap_or_default()
+    }
+
+    /// Resident memory in KiB (Linux `/proc`).
+    pub fn rss_kib(&self) -> Option<u64> {
+        let pid = self.pid()?;
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        status
+            .lines()
+            .find(|l| l.starts_with("VmRSS:"))?
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// One directory authority of a test network.
+pub struct AuthorityInfo {
+    pub identity: String,
+    pub url: String,
+    pub dir: PathBuf,
+}
+
+/// Writes keys and configs for `n` authorities under `dir` and starts them.
+pub fn start_authorities(dir: &Path, n: usize, epoch_s: u64) -> (Vec<AuthorityInfo>, Vec<Proc>) {
+    let bin = binary("murmur-directory");
+    let ports = free_ports(n);
+    let mut infos = Vec::new();
+    for (i, port) in ports.iter().enumerate() {
+        let adir = dir.join(format!("authority-{i}"));
+        std::fs::create_dir_all(&adir).unwrap();
+        let out = Command::new(&bin)
+            .args(["keygen", "--out"])
+            .arg(adir.join("authority.key"))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        infos.push(AuthorityInfo {
+            identity: String::from_utf8_lossy(&out.stdout).trim().to_string(),
+            url: format!("http://127.0.0.1:{port}"),
+            dir: adir,
+        });
+    }
+    let vote = (epoch_s * 6 / 10).max(1);
+    let compute = (epoch_s * 3 / 10).max(1);
+    let mut procs = Vec::new();
+    for (i, a) in infos.iter().enumerate() {
+        let mut text = format!(
+            "version = 1\nlisten = \"127.0.0.1:{}\"\nkey_file = \"authority.key\"\n\
+             state_dir = \"state\"\nclock_skew = \"1s\"\n\
+             [schedule]\nepoch_length = \"{epoch_s}s\"\nvote_lead = \"{vote}s\"\ncompute_lead = \"{compute}s\"\n\
+             [network]\nlambda_p = 20.0\nlambda_l = 1.0\nlambda_d = 1.0\nlambda_m = 1.0\nmu = 100.0\n\
+             [policy]\nallow_private_addresses = true\n[limits]\npeer_timeout = \"1s\"\n",
+            ports[i]
+        );
+        for other in &infos {
+            text += &format!(
+                "[[authority]]\nidentity = \"{}\"\nurl = \"{}\"\n",
+                other.identity, other.url
+            );
+        }
+        let config = a.dir.join("authority.toml");
+        std::fs::write(&config, text).unwrap();
+        procs.push(Proc::spawn(
+            &format!("authority-{i}"),
+            &bin,
+            &["run", "--config", config.to_str().unwrap()],
+            a.dir.join("authority.log"),
+        ));
+    }
+    (infos, procs)
+}
+
+/// The `[directory]` section for relays and the `authorities` list for clients.
+pub fn authorities_toml(authorities: &[AuthorityInfo]) -> String {
+    authorities
+        .iter()
+        .map(|a| format!("{{ identity = \"{}\", url = \"{}\" }}", a.identity, a.url))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// A relay process of a test network.
+pub struct RelayProc {
+    pub proc: Proc,
+    pub dir: PathBuf,
+    pub identity: String,
+    pub mix: SocketAddr,
+    pub client: Option<SocketAddr>,
+    pub metrics: SocketAddr,
+    pub config: PathBuf,
+}
+
+/// Writes a key and config for a relay under `dir/name` and starts it. `roles` is TOML
+/// (`["mix"]`); `extra` is appended to the config (more sections).
+pub fn start_relay(
+    dir: &Path,
+    name: &str,
+    roles: &str,
+    authorities: &[AuthorityInfo],
+    epoch_s: u64,
+    extra: &str,
+) -> RelayProc {
+    let bin = binary("murmur-relay");
+    let rdir = dir.join(name);
+    std::fs::create_dir_all(&rdir).unwrap();
+    let out = Command::new(&bin)
+        .args(["keygen", "--out"])
+        .arg(rdir.join("identity.key"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let identity = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let ports = free_ports(3);
+    let (mix, client, metrics) = (
+        SocketAddr::from(([127, 0, 0, 1], ports[0])),
+        SocketAddr::from(([127, 0, 0, 1], ports[1])),
+        SocketAddr::from(([127, 0, 0, 1], ports[2])),
+    );
+    let text = format!(
+        "version = 1\n[relay]\nfamily = \"test-{name}\"\nroles = {roles}\n\
+         [listen]\nmix = \"{mix}\"\nclient = \"{client}\"\nmetrics = \"{metrics}\"\n\
+         [directory]\nauthorities = [{}]\nepoch_length = \"{epoch_s}s\"\nkey_grace = \"{epoch_s}s\"\nclock_skew = \"1s\"\n\
+         {extra}\n",
+        authorities_toml(authorities)
+    );
+    let config = rdir.join("relay.toml");
+    std::fs::write(&config, text).unwrap();
+    let proc = Proc::spawn(
+        name,
+        &bin,
+        &["run", "--config", config.to_str().unwrap()],
+        rdir.join("relay.log"),
+    );
+    RelayProc {
+        proc,
+        dir: rdir,
+        identity,
+        mix,
+        client: roles.contains("gateway").then_some(client),
+        metrics,
+        config,
+    }
+}
+
+impl RelayProc {
+    /// Starts the relay again from the same config and state (after a kill).
+    pub fn restart(&mut self) {
+        let bin = binary("murmur-relay");
+        let log = self.dir.join("relay-restarted.log");
+        self.proc = Proc::spawn(
+            &self.proc.name.clone(),
+            &bin,
+            &["run", "--config", self.config.to_str().unwrap()],
+            log,
+        );
+    }
+
+    /// A Prometheus sample: the sum of every series of `name` whose labels contain `labels`.
+    pub fn metric(&self, name: &str, labels: &str) -> Option<f64> {
+        scrape(self.metrics, name, labels)
+    }
+}
+
+/// GETs `/metrics` at `addr` and sums the samples of `name` whose label set contains `labels`
+/// (e.g. `reason="replay"`); `None` if unreachable.
+pub fn scrape(addr: SocketAddr, name: &str, labels: &str) -> Option<f64> {
+    let body = http_get(addr, "/metrics").ok()?;
+    let text = String::from_utf8_lossy(&body);
+    let mut sum = 0.0;
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let Some((series, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let series_name = series.split('{').next().unwrap_or(series);
+        if series_name == name && series.contains(labels) {
+            sum += value.parse::<f64>().unwrap_or(0.0);
+        }
+    }
+    Some(sum)
+}
+
+/// A minimal HTTP/1.0 GET; returns the body of a 200 answer.
+pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<Vec<u8>> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf)?;
+    let split = buf
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or_else(|| std::io::Error::other("no header end"))?;
+    Ok(buf[split + 4..].to_vec())
+}
+
+/// A tiny HTTP/1.0 file server on 127.0.0.1 serving `files` (path → body) until dropped.
+pub struct HttpServer {
+    pub addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+}
+
+impl HttpServer {
+    pub fn start(files: Vec<(String, Vec<u8>)>) -> HttpServer {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let files = Arc::new(files);
+        let flag = stop.clone();
+        std::thread::spawn(move || {
+            while !flag.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((stream, _)) => {
+                        let files = files.clone();
+                        std::thread::spawn(move || serve_one(stream, &files));
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        });
+        HttpServer { addr, stop }
+    }
+
+    /// `http://127.0.0.1:PORT`.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+}
+
+impl Drop for HttpServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+fn serve_one(mut stream: TcpStream, files: &[(String, Vec<u8>)]) {
+    let _ = stream.set_nonblocking(false);
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+    let mut req = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !req.windows(4).any(|w| w == b"\r\n\r\n") && req.len() < 16 * 1024 {
+        match stream.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => req.extend_from_slice(&buf[..n]),
+        }
+    }
+    let text = String::from_utf8_lossy(&req);
+    let path = text.split_whitespace().nth(1).unwrap_or("/");
+    match files.iter().find(|(p, _)| p == path) {
+        Some((_, body)) => {
+            let _ = write!(
+                stream,
+                "HTTP/1.0 200 OK\r\nContent-Length: {}\r\nContent-Type: application/octet-stream\r\n\r\n",
+                body.len()
+            );
+            let _ = stream.write_all(body);
+        }
+        None => {
+            let _ = stream.write_all(b"HTTP/1.0 404 Not Found\r\nContent-Length: 0\r\n\r\n");
+        }
+    }
+}
+
+/// Deterministic pseudo-random bytes (a xorshift stream), for test files.
+pub fn test_bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+/// Runs curl through the SOCKS5 proxy at `socks`; returns (exit status code, stdout bytes,
+/// stderr text).
+pub fn curl(socks: SocketAddr, url: &str, max_time_s: u64) -> (i32, Vec<u8>, String) {
+    let out = Command::new("curl")
+        .args([
+            "-sS",
+            "--max-time",
+            &max_time_s.to_string(),
+            "--socks5-hostname",
+            &socks.to_string(),
+            url,
+        ])
+        .output()
+        .expect("curl is installed (apt-get install -y curl)");
+    (
+        out.status.code().unwrap_or(-1),
+        out.stdout,
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
+}

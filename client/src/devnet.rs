@@ -1,0 +1,191 @@
+//! `murmur-client --devnet`: a whole Murmur network on loopback, in this process.
+//!
+//! Three directory authorities, one gateway, three mixes per layer and one exit whose policy
+//! allows loopback destinations (and, like Tor's default, refuses port 25), each with its own keys and state in a temporary directory,
+//! each the same code the daemons run (`murmur_directory::serve`, `murmur_relay::cli::run`).
+//! Epochs are short so key rotation happens while you watch.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use murmur_directory::config::{AuthorityEntry, Config as AuthorityConfig};
+use murmur_protocol::directory::IdentityKey;
+use murmur_protocol::directory::path::PathRules;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// The shape and pace of the local network.
+#[derive(Clone, Debug)]
+pub struct DevnetOptions {
+    pub mixes_per_layer: usize,
+    pub epoch_length: Duration,
+    /// Mean per-hop delay (1/μ).
+    pub mean_hop_delay: Duration,
+    /// λ_P, packets per second per client.
+    pub lambda_p: f64,
+    pub lambda_l: f64,
+    pub lambda_d: f64,
+    pub lambda_m: f64,
+}
+
+impl Default for DevnetOptions {
+    fn default() -> Self {
+        DevnetOptions {
+            mixes_per_layer: 3,
+            epoch_length: Duration::from_secs(20),
+            mean_hop_delay: Duration::from_millis(15),
+            lambda_p: 100.0,
+            lambda_l: 2.0,
+            lambda_d: 2.0,
+            lambda_m: 2.0,
+        }
+    }
+}
+
+/// A running local network.
+pub struct Devnet {
+    pub authorities: Vec<(IdentityKey, String)>,
+    pub path_rules: PathRules,
+    /// The relays' names (their state lives under `dir()/<name>`).
+    pub relays: Vec<String>,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+    _dir: tempfile::TempDir,
+}
+
+impl Devnet {
+    /// Starts everything; returns once every listener is bound and the relays are uploading.
+    pub async fn start(options: &DevnetOptions) -> anyhow::Result<Devnet> {
+        let dir = tempfile::Builder::new()
+            .prefix("murmur-devnet-")
+            .tempdir()?;
+        let shutdown = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let epoch = options.epoch_length.as_secs().max(4);
+
+        // Authorities: bind first so every one knows every URL.
+        let mut listeners = Vec::new();
+        let mut entries = Vec::new();
+        let mut keys = Vec::new();
+        for i in 0..3 {
+            let listener = TcpListener::bind("127.0.0.1:0").await?;
+            let url = format!("http://{}", listener.local_addr()?);
+            let key_path = dir.path().join(format!("authority-{i}.key"));
+            let identity = murmur_directory::keys::keygen(&key_path)?;
+            entries.push(AuthorityEntry {
+                identity: identity.to_hex(),
+                url: url.clone(),
+            });
+            keys.push((identity, url));
+            listeners.push((listener, key_path));
+        }
+        for (i, (listener, key_path)) in listeners.into_iter().enumerate() {
+            let mut config = AuthorityConfig::with_defaults();
+            config.listen = listener.local_addr()?;
+            config.key_file = key_path;
+            config.state_dir = dir.path().join(format!("authority-{i}"));
+            config.authorities = entries.clone();
+            config.schedule.epoch_length = Duration::from_secs(epoch);
+            config.schedule.vote_lead = Duration::from_secs(epoch * 6 / 10);
+            config.schedule.compute_lead = Duration::from_secs((epoch * 4 / 10).max(1));
+            config.network.lambda_p = options.lambda_p;
+            config.network.lambda_l = options.lambda_l;
+            config.network.lambda_d = options.lambda_d;
+            config.network.lambda_m = options.lambda_m;
+            config.network.mu = 1.0 / options.mean_hop_delay.as_secs_f64().max(1e-6);
+            config.policy.allow_private_addresses = true;
+            let stop = shutdown.clone();
+            tracker.spawn(async move {
+                if let Err(e) =
+                    murmur_directory::serve(config, listener, async move { stop.cancelled().await })
+                        .await
+                {
+                    tracing::error!(error = %e, "devnet authority stopped");
+                }
+            });
+        }
+
+        // Relays.
+        let authorities_toml: String = entries
+            .iter()
+            .map(|e| format!("{{ identity = \"{}\", url = \"{}\" }}", e.identity, e.url))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let mut roles: Vec<(String, &str)> = vec![("gateway".into(), "[\"gateway\"]")];
+        for layer in 0..3 {
+            for m in 0..options.mixes_per_layer {
+                roles.push((format!("mix-{layer}-{m}"), "[\"mix\"]"));
+            }
+        }
+        roles.push(("exit".into(), "[\"exit\"]"));
+        let mut relays = Vec::new();
+        for (name, role) in roles {
+            let rdir = dir.path().join(&name);
+            std::fs::create_dir_all(&rdir)?;
+            murmur_directory::keys::keygen(&rdir.join("identity.key"))?;
+            let text = relay_config(&name, role, &authorities_toml, epoch);
+            let config = murmur_relay::Config::parse(&text, rdir.clone())
+                .map_err(|e| anyhow::anyhow!("devnet relay config: {e}"))?;
+            relays.push(name.clone());
+            let stop = shutdown.clone();
+            tracker.spawn(async move {
+                if let Err(e) =
+                    murmur_relay::cli::run(config, async move { stop.cancelled().await }).await
+                {
+                    tracing::error!(relay = name, error = %e, "devnet relay stopped");
+                }
+            });
+        }
+        Ok(Devnet {
+            authorities: keys,
+            path_rules: PathRules {
+                distinct_subnets: false,
+            },
+            relays,
+            shutdown,
+            tracker,
+            _dir: dir,
+        })
+    }
+
+    /// Where the network keeps its keys and state.
+    pub fn dir(&self) -> &Path {
+        self._dir.path()
+    }
+
+    /// Stops every authority and relay and waits for them.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        self.tracker.close();
+        self.tracker.wait().await;
+    }
+}
+
+fn relay_config(name: &str, roles: &str, authorities: &str, epoch: u64) -> String {
+    let state: PathBuf = PathBuf::from("state");
+    format!(
+        r#"version = 1
+[relay]
+family = "devnet-{name}"
+roles = {roles}
+state_dir = "{state}"
+[listen]
+mix = "127.0.0.1:0"
+client = "127.0.0.1:0"
+[directory]
+authorities = [{authorities}]
+epoch_length = "{epoch}s"
+key_grace = "{epoch}s"
+[mixing]
+workers = 1
+replay_capacity = 1000000
+[exit]
+# Like Tor's default, refuse SMTP, so a policy refusal can be seen; loopback is allowed.
+policy = "reject *:25, accept *:*"
+allow_private = true
+connect_timeout = "3s"
+"#,
+        state = state.display()
+    )
+}

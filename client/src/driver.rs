@@ -1,0 +1,213 @@
+//! Drives a [`ClientSession`] on its own thread.
+//!
+//! Building packets is CPU work (a few hundred microseconds of scalar multiplications per
+//! packet and per reply block), so the session lives on a dedicated thread and never blocks
+//! the async reactor. Everything talks to it through one bounded command queue; frames go
+//! out through a bounded channel to the gateway link, and each stream gets its events on
+//! its own channel.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant as StdInstant};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
+use murmur_protocol::PAYLOAD_SIZE;
+use murmur_protocol::directory::Consensus;
+use murmur_protocol::frame::Frame;
+use murmur_protocol::packet::SurbId;
+use murmur_protocol::session::{ClientSession, Event, SessionStats};
+use murmur_protocol::stream::{StreamId, Target};
+use murmur_protocol::time::Instant;
+use tokio::sync::{mpsc, oneshot};
+
+/// Commands queued at once; a full queue drops deliveries (counted) and refuses opens.
+const COMMAND_QUEUE: usize = 16_384;
+
+/// What the rest of the client asks of the session.
+pub enum Cmd {
+    Open {
+        target: Target,
+        isolation: Option<(Vec<u8>, Vec<u8>)>,
+        events: mpsc::UnboundedSender<Event>,
+        reply: oneshot::Sender<Result<StreamId, String>>,
+    },
+    Write {
+        stream: StreamId,
+        bytes: Vec<u8>,
+        reply: oneshot::Sender<usize>,
+    },
+    Consumed {
+        stream: StreamId,
+        n: usize,
+    },
+    Close {
+        stream: StreamId,
+    },
+    Abort {
+        stream: StreamId,
+    },
+    Delivery {
+        surb_id: SurbId,
+        payload: Box<[u8; PAYLOAD_SIZE]>,
+    },
+    Consensus(Arc<Consensus>),
+    Stop,
+}
+
+/// Counters the driver keeps besides the session's own.
+#[derive(Default)]
+pub struct DriverStats {
+    pub frames_dropped: AtomicU64,
+    pub deliveries_dropped: AtomicU64,
+}
+
+/// A handle to the session thread.
+#[derive(Clone)]
+pub struct SessionHandle {
+    tx: Sender<Cmd>,
+    pub stats: Arc<DriverStats>,
+    session_stats: Arc<std::sync::Mutex<SessionStats>>,
+}
+
+impl SessionHandle {
+    /// Queues a command; `false` if the queue is full or the session stopped.
+    pub fn send(&self, cmd: Cmd) -> bool {
+        match self.tx.try_send(cmd) {
+            Ok(()) => true,
+            Err(TrySendError::Full(Cmd::Delivery { .. })) => {
+                self.stats
+                    .deliveries_dropped
+                    .fetch_add(1, Ordering::Relaxed);
+                false
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// The session's counters, as of its last loop.
+    pub fn session_stats(&self) -> SessionStats {
+        self.session_stats.lock().map(|s| *s).unwrap_or_default()
+    }
+}
+
+/// Starts the session thread. Frames to send go to `frames`.
+pub fn spawn(
+    session: ClientSession,
+    frames: mpsc::Sender<Frame>,
+) -> std::io::Result<(SessionHandle, std::thread::JoinHandle<()>)> {
+    let (tx, rx) = crossbeam_channel::bounded(COMMAND_QUEUE);
+    let stats = Arc::new(DriverStats::default());
+    let session_stats = Arc::new(std::sync::Mutex::new(SessionStats::default()));
+    let handle = SessionHandle {
+        tx,
+        stats: stats.clone(),
+        session_stats: session_stats.clone(),
+    };
+    let thread = std::thread::Builder::new()
+        .name("murmur-session".into())
+        .spawn(move || run(session, rx, frames, stats, session_stats))?;
+    Ok((handle, thread))
+}
+
+fn run(
+    mut session: ClientSession,
+    rx: Receiver<Cmd>,
+    frames: mpsc::Sender<Frame>,
+    stats: Arc<DriverStats>,
+    session_stats: Arc<std::sync::Mutex<SessionStats>>,
+) {
+    let origin = StdInstant::now();
+    let now = || Instant::from_elapsed(origin.elapsed());
+    let mut rng = rand::rng();
+    let mut streams: HashMap<StreamId, mpsc::UnboundedSender<Event>> = HashMap::new();
+    loop {
+        let t = now();
+        while let Some(frame) = session.poll_transmit(t, &mut rng) {
+            if frames.try_send(frame).is_err() {
+                // The gateway link is down or slow: the packet is lost like any other, and
+                // the session's ARQ re-sends real ones.
+                stats.frames_dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        while let Some(event) = session.poll_event() {
+            let id = match &event {
+                Event::Opened(s)
+                | Event::Refused(s, _)
+                | Event::Data(s, _)
+                | Event::Eof(s)
+                | Event::Reset(s, _)
+                | Event::Writable(s) => *s,
+            };
+            let ends = matches!(event, Event::Refused(..) | Event::Reset(..));
+            if let Some(tx) = streams.get(&id)
+                && tx.send(event).is_err()
+            {
+                // The application is gone.
+                streams.remove(&id);
+                session.abort_stream(id);
+                continue;
+            }
+            if ends {
+                streams.remove(&id);
+            }
+        }
+        if let Ok(mut s) = session_stats.lock() {
+            *s = session.stats();
+        }
+        let wait = session
+            .poll_timeout()
+            .map_or(Duration::from_millis(100), |d| {
+                d.saturating_duration_since(now())
+            })
+            .min(Duration::from_millis(100));
+        let cmd = match rx.recv_timeout(wait) {
+            Ok(c) => c,
+            Err(RecvTimeoutError::Timeout) => continue,
+            Err(RecvTimeoutError::Disconnected) => return,
+        };
+        // Take everything queued before polling again.
+        let mut next = Some(cmd);
+        while let Some(cmd) = next.take() {
+            match cmd {
+                Cmd::Open {
+                    target,
+                    isolation,
+                    events,
+                    reply,
+                } => {
+                    let result = session
+                        .open_stream(target, isolation, &mut rng)
+                        .map_err(|e| e.to_string());
+                    if let Ok(id) = result {
+                        streams.insert(id, events);
+                    }
+                    let _ = reply.send(result);
+                }
+                Cmd::Write {
+                    stream,
+                    bytes,
+                    reply,
+                } => {
+                    let _ = reply.send(session.write(stream, &bytes));
+                }
+                Cmd::Consumed { stream, n } => session.consumed(stream, n),
+                Cmd::Close { stream } => session.close_stream(stream),
+                Cmd::Abort { stream } => {
+                    streams.remove(&stream);
+                    session.abort_stream(stream);
+                }
+                Cmd::Delivery { surb_id, payload } => {
+                    session.handle_delivery(surb_id, &payload[..], now())
+                }
+                Cmd::Consensus(c) => {
+                    if let Err(e) = session.set_consensus(c, now(), &mut rng) {
+                        tracing::warn!(error = %e, "new consensus not applied");
+                    }
+                }
+                Cmd::Stop => return,
+            }
+            next = rx.try_recv().ok();
+        }
+    }
+}

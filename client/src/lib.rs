@@ -1,0 +1,8 @@
+#![doc = include_str!("../README.md")]
+
+pub mod cli;
+pub mod devnet;
+pub mod driver;
+pub mod gateway;
+pub mod proxy;
+pub mod socks;

@@ -1,0 +1,259 @@
+//! The client as a whole: follow the directory, keep a session through a gateway, serve
+//! SOCKS5. Moves to another gateway when its gateway stays unreachable.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use murmur_directory::client::DirectoryClient;
+use murmur_protocol::directory::path::{PathRules, PathSelector};
+use murmur_protocol::directory::{AuthoritySet, Consensus, ConsensusStore, IdentityKey, Offer};
+use murmur_protocol::packet::Address;
+use murmur_protocol::session::{ClientSession, SessionConfig};
+use murmur_protocol::time::Instant;
+use rand::RngExt;
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::driver::{self, Cmd, SessionHandle};
+use crate::gateway::{self, LinkEnd};
+use crate::socks::{self, SocksLimits, SocksStats};
+
+/// Everything the proxy needs to know.
+#[derive(Clone, Debug)]
+pub struct ProxyOptions {
+    pub socks: SocketAddr,
+    /// (identity, base URL) of each authority.
+    pub authorities: Vec<(IdentityKey, String)>,
+    pub clock_skew: Duration,
+    pub path_rules: PathRules,
+    pub socks_limits: SocksLimits,
+    /// How often the directory is asked for a newer consensus.
+    pub refresh_every: Duration,
+}
+
+/// A live session: its handle and the gateway it uses.
+struct Live {
+    handle: SessionHandle,
+    gateway: IdentityKey,
+}
+
+/// Runs the proxy until `shutdown`. Calls `ready` once with the SOCKS address when the
+/// first request can be served.
+pub async fn run(
+    options: ProxyOptions,
+    ready: impl FnOnce(SocketAddr) + Send,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(options.socks)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen for SOCKS on {}: {e}", options.socks))?;
+    let socks_addr = listener.local_addr()?;
+    let urls: Vec<String> = options.authorities.iter().map(|(_, u)| u.clone()).collect();
+    let set = AuthoritySet::new(options.authorities.iter().map(|(k, _)| *k).collect())?;
+    let client = DirectoryClient::new(Duration::from_secs(5))?;
+    let mut store = ConsensusStore::new(set, options.clock_skew.as_secs());
+    let tracker = TaskTracker::new();
+
+    // The first consensus with a usable gateway.
+    let consensus = loop {
+        let now = murmur_directory::unix_now();
+        if let Err(e) = client.refresh(&urls, &mut store, now).await {
+            tracing::debug!(error = %e, "no consensus yet");
+        }
+        if let Ok(v) = store.current(now) {
+            let c = Arc::new(v.consensus.clone());
+            if usable(&c, &options.path_rules) {
+                break c;
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+        }
+    };
+    let consensus_now = Arc::new(RwLock::new(consensus));
+    let mut dead_gateways: Vec<IdentityKey> = Vec::new();
+    let stats = Arc::new(SocksStats::default());
+    let mut ready = Some(ready);
+    let current: Arc<RwLock<Option<SessionHandle>>> = Arc::new(RwLock::new(None));
+
+    // Follow the directory.
+    {
+        let (current, consensus_now, shutdown) =
+            (current.clone(), consensus_now.clone(), shutdown.clone());
+        let every = options.refresh_every;
+        tracker.spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(every) => {}
+                }
+                let now = murmur_directory::unix_now();
+                if !store.needs_refresh(now) {
+                    continue;
+                }
+                match client.refresh(&urls, &mut store, now).await {
+                    Ok(Offer::Installed { epoch }) => {
+                        if let Ok(v) = store.current(now) {
+                            tracing::info!(epoch, relays = v.consensus.relays.len(), "new consensus");
+                            let c = Arc::new(v.consensus.clone());
+                            if let Ok(mut slot) = consensus_now.write() {
+                                *slot = c.clone();
+                            }
+                            if let Some(h) = current.read().ok().and_then(|h| h.clone()) {
+                                h.send(Cmd::Consensus(c));
+                            }
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::debug!(error = %e, "refresh failed; keeping the last good consensus"),
+                }
+            }
+        });
+    }
+
+    // SOCKS connections use whichever session is current when they arrive.
+    let (session_tx, session_rx) = watch::channel::<Option<SessionHandle>>(None);
+    {
+        let (stats, limits, shutdown, tracker2) = (
+            stats.clone(),
+            options.socks_limits.clone(),
+            shutdown.clone(),
+            tracker.clone(),
+        );
+        let mut session_rx = session_rx.clone();
+        tracker.spawn(async move {
+            // Serve only once a session exists.
+            let handle = loop {
+                if let Some(h) = session_rx.borrow().clone() {
+                    break h;
+                }
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    r = session_rx.changed() => if r.is_err() { return },
+                }
+            };
+            socks::serve(
+                listener,
+                SwitchableSession {
+                    rx: session_rx,
+                    first: handle,
+                },
+                limits,
+                stats,
+                shutdown,
+                tracker2,
+            )
+            .await;
+        });
+    }
+
+    // Sessions: one gateway at a time; a dead gateway is replaced.
+    loop {
+        let consensus = consensus_now
+            .read()
+            .map(|c| c.clone())
+            .map_err(|_| anyhow::anyhow!("consensus lock poisoned"))?;
+        let mut rng = rand::rng();
+        let selector = PathSelector::new(&consensus, options.path_rules);
+        let gateways: Vec<_> = (0..32)
+            .filter_map(|_| selector.choose_gateway(&mut rng).ok())
+            .filter(|g| !dead_gateways.contains(&g.identity))
+            .collect();
+        let Some(gateway) = gateways.first().copied() else {
+            if dead_gateways.is_empty() {
+                anyhow::bail!("the consensus lists no gateway");
+            }
+            tracing::warn!("every gateway failed; trying them all again");
+            dead_gateways.clear();
+            continue;
+        };
+        let Some(gateway_addr) = gateway.addresses.client else {
+            dead_gateways.push(gateway.identity);
+            continue;
+        };
+        let address = Address(rng.random());
+        let mut config = SessionConfig::new(address);
+        config.path_rules = options.path_rules;
+        let session = ClientSession::new(
+            config,
+            consensus.clone(),
+            gateway.identity,
+            Instant::ZERO,
+            &mut rng,
+        )?;
+        let (frames_tx, frames_rx) = mpsc::channel(1024);
+        let (handle, thread) = driver::spawn(session, frames_tx)?;
+        if let Ok(mut c) = current.write() {
+            *c = Some(handle.clone());
+        }
+        let live = Live {
+            handle: handle.clone(),
+            gateway: gateway.identity,
+        };
+        let (connected_tx, mut connected_rx) = watch::channel(false);
+        let link = tokio::spawn(gateway::run(
+            gateway_addr,
+            address,
+            frames_rx,
+            handle.clone(),
+            connected_tx,
+            shutdown.clone(),
+        ));
+        // Ready once the gateway has welcomed us.
+        if ready.is_some() {
+            let up =
+                tokio::time::timeout(Duration::from_secs(10), connected_rx.wait_for(|c| *c)).await;
+            if matches!(up, Ok(Ok(_))) {
+                let _ = session_tx.send(Some(handle.clone()));
+                if let Some(f) = ready.take() {
+                    f(socks_addr);
+                }
+            }
+        } else {
+            let _ = session_tx.send(Some(handle.clone()));
+        }
+        let end = link.await.unwrap_or(LinkEnd::Shutdown);
+        live.handle.send(Cmd::Stop);
+        let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        match end {
+            LinkEnd::Shutdown => break,
+            LinkEnd::GatewayDead => {
+                tracing::warn!(gateway = %live.gateway, "gateway unreachable; moving to another");
+                dead_gateways.push(live.gateway);
+            }
+        }
+    }
+    tracker.close();
+    tracker.wait().await;
+    Ok(())
+}
+
+/// Whether a consensus can carry traffic: a gateway, an exit, and a mix in each layer.
+fn usable(c: &Consensus, rules: &PathRules) -> bool {
+    let s = PathSelector::new(c, *rules);
+    let mut rng = rand::rng();
+    s.choose_gateway(&mut rng).is_ok()
+        && c.relays.iter().any(|r| r.roles.exit)
+        && (1..=3).all(|l| !s.layer(l).is_empty())
+}
+
+/// The session a new SOCKS connection should use (the latest one).
+#[derive(Clone)]
+pub struct SwitchableSession {
+    rx: watch::Receiver<Option<SessionHandle>>,
+    first: SessionHandle,
+}
+
+impl SwitchableSession {
+    /// The current session.
+    pub fn current(&self) -> SessionHandle {
+        self.rx
+            .borrow()
+            .clone()
+            .unwrap_or_else(|| self.first.clone())
+    }
+}

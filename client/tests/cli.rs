@@ -1,0 +1,27 @@
+//! The `murmur-client` binary's command line. (Also makes cargo build the binary for the
+//! end-to-end tests in `tests/`.)
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::process::Command;
+
+const BIN: &str = env!("CARGO_BIN_EXE_murmur-client");
+
+#[test]
+fn help_names_the_devnet_and_bad_invocations_fail_clearly() {
+    let out = Command::new(BIN).arg("--help").output().unwrap();
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("--devnet"));
+    let out = Command::new(BIN).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--devnet"));
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("client.toml");
+    std::fs::write(&bad, "version = 1\nauthorities = []\n").unwrap();
+    let out = Command::new(BIN)
+        .args(["--config"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no authorities"));
+}

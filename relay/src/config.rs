@@ -1,0 +1,456 @@
+//! The relay's TOML configuration: one file, a schema version, unknown keys refused.
+//!
+//! Every option has a default except the ones an operator must decide (roles, family,
+//! authorities). `relay.example.toml` beside this crate lists every option with its default;
+//! a test checks the two agree.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use murmur_protocol::directory::{ExitPolicy, IdentityKey};
+use serde::Deserialize;
+
+use crate::error::{Error, Result};
+
+/// The schema version this build reads.
+pub const CONFIG_VERSION: u32 = 1;
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Schema version; must be 1.
+    pub version: u32,
+    pub relay: RelaySection,
+    #[serde(default)]
+    pub listen: ListenSection,
+    #[serde(default)]
+    pub directory: DirectorySection,
+    #[serde(default)]
+    pub mixing: MixingSection,
+    #[serde(default)]
+    pub gateway: GatewaySection,
+    #[serde(default)]
+    pub exit: ExitSection,
+    /// Where the file was read from; relative paths are resolved against its directory.
+    #[serde(skip)]
+    pub base_dir: PathBuf,
+}
+
+/// What the relay is.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RelaySection {
+    /// Ed25519 identity key file (`murmur-relay keygen` writes it).
+    #[serde(default = "default_identity_key")]
+    pub identity_key: PathBuf,
+    /// Sphinx keys, replay state and queues live here.
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
+    /// Operator or family name: no path holds two relays of one family.
+    pub family: String,
+    /// Any of "gateway", "mix", "exit".
+    pub roles: Vec<Role>,
+    /// Advertised capacity in packets per second (path-selection weight).
+    #[serde(default = "default_bandwidth")]
+    pub bandwidth: u32,
+    /// Price per packet carried, in the ledger's base unit.
+    #[serde(default = "default_price")]
+    pub price_per_packet: u64,
+}
+
+/// A relay role.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Gateway,
+    Mix,
+    Exit,
+}
+
+/// Where the relay listens.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ListenSection {
+    /// Relay-to-relay TCP.
+    pub mix: SocketAddr,
+    /// The address other relays are told to connect to (defaults to `mix`).
+    pub advertise_mix: Option<SocketAddr>,
+    /// Client WebSocket (gateways only).
+    pub client: SocketAddr,
+    /// Prometheus `/metrics` (off unless set); loopback only unless you mean it.
+    pub metrics: Option<SocketAddr>,
+}
+
+/// The directory authorities.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DirectorySection {
+    pub authorities: Vec<AuthorityEntry>,
+    /// Must match the authorities' epoch length.
+    #[serde(with = "humantime_serde")]
+    pub epoch_length: Duration,
+    /// How long keys of the previous epoch are still accepted.
+    #[serde(with = "humantime_serde")]
+    pub key_grace: Duration,
+    /// Clock disagreement tolerated when checking documents.
+    #[serde(with = "humantime_serde")]
+    pub clock_skew: Duration,
+}
+
+/// One authority.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AuthorityEntry {
+    /// Ed25519 identity, 64 hex digits.
+    pub identity: String,
+    /// Base URL, e.g. `http://127.0.0.1:7000`.
+    pub url: String,
+}
+
+/// Mixing and queue bounds.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct MixingSection {
+    /// Longest hold; longer requested delays are clamped.
+    #[serde(with = "humantime_serde")]
+    pub max_hop_delay: Duration,
+    /// Sphinx worker threads; 0 means one per core.
+    pub workers: usize,
+    /// Frames waiting for a worker; beyond it, frames are dropped and counted.
+    pub input_queue: usize,
+    /// Packets held for their delay at once; beyond it, dropped and counted.
+    pub max_held_packets: usize,
+    /// Frames queued per outgoing link; beyond it, dropped and counted.
+    pub peer_queue: usize,
+    /// Inbound relay connections at once.
+    pub max_inbound_connections: usize,
+    /// Replay tags each Sphinx key's filter is sized for.
+    pub replay_capacity: u64,
+    /// The replay filter's false-positive rate at capacity.
+    pub replay_fp_rate: f64,
+}
+
+/// The gateway role.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct GatewaySection {
+    /// Client sessions at once.
+    pub max_clients: usize,
+    /// Deliveries kept for a briefly disconnected client.
+    pub inbox_packets: usize,
+    /// How long a disconnected client's inbox is kept.
+    #[serde(with = "humantime_serde")]
+    pub inbox_ttl: Duration,
+    /// Frames queued towards one connected client.
+    pub client_queue: usize,
+}
+
+/// The exit role.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ExitSection {
+    /// Tor syntax: `accept *:443, reject 10.0.0.0/8:*`; first match wins; no match rejects.
+    pub policy: String,
+    /// Allow loopback and private destinations (for local test networks only).
+    pub allow_private: bool,
+    /// Open TCP streams at once.
+    pub max_streams: usize,
+    /// A stream with no traffic for this long is closed.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// Time allowed to connect to a destination.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+}
+
+fn default_identity_key() -> PathBuf {
+    PathBuf::from("identity.key")
+}
+fn default_state_dir() -> PathBuf {
+    PathBuf::from("state")
+}
+fn default_bandwidth() -> u32 {
+    1000
+}
+fn default_price() -> u64 {
+    1
+}
+
+impl Default for ListenSection {
+    fn default() -> Self {
+        ListenSection {
+            mix: SocketAddr::from(([127, 0, 0, 1], 1789)),
+            advertise_mix: None,
+            client: SocketAddr::from(([127, 0, 0, 1], 9000)),
+            metrics: None,
+        }
+    }
+}
+
+impl Default for DirectorySection {
+    fn default() -> Self {
+        DirectorySection {
+            authorities: Vec::new(),
+            epoch_length: Duration::from_secs(20 * 60),
+            key_grace: Duration::from_secs(20 * 60),
+            clock_skew: Duration::from_secs(60),
+        }
+    }
+}
+
+impl Default for MixingSection {
+    fn default() -> Self {
+        MixingSection {
+            max_hop_delay: Duration::from_secs(10),
+            workers: 0,
+            input_queue: 8192,
+            max_held_packets: 100_000,
+            peer_queue: 2000,
+            max_inbound_connections: 512,
+            replay_capacity: 10_000_000,
+            replay_fp_rate: 1e-6,
+        }
+    }
+}
+
+impl Default for GatewaySection {
+    fn default() -> Self {
+        GatewaySection {
+            max_clients: 1024,
+            inbox_packets: 2000,
+            inbox_ttl: Duration::from_secs(60),
+            client_queue: 4096,
+        }
+    }
+}
+
+impl Default for ExitSection {
+    fn default() -> Self {
+        ExitSection {
+            policy: "accept *:80, accept *:443".into(),
+            allow_private: false,
+            max_streams: 1024,
+            idle_timeout: Duration::from_secs(300),
+            connect_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+impl Config {
+    /// Reads and checks a configuration file.
+    pub fn load(path: &Path) -> Result<Config> {
+        let text = std::fs::read_to_string(path).map_err(|source| Error::ConfigRead {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let base = path.parent().unwrap_or(Path::new(".")).to_path_buf();
+        Config::parse(&text, base).map_err(|reason| Error::Config {
+            path: path.to_path_buf(),
+            reason,
+        })
+    }
+
+    /// Parses and checks configuration text; relative paths resolve against `base_dir`.
+    pub fn parse(text: &str, base_dir: PathBuf) -> std::result::Result<Config, String> {
+        let mut config: Config = toml::from_str(text).map_err(|e| e.to_string())?;
+        config.base_dir = base_dir;
+        config.check()?;
+        Ok(config)
+    }
+
+    /// Applies `-o KEY=VALUE` overrides by re-parsing the text with the values set.
+    pub fn parse_with_overrides(
+        text: &str,
+        base_dir: PathBuf,
+        overrides: &[String],
+    ) -> std::result::Result<Config, String> {
+        let mut doc: toml::Table = toml::from_str(text).map_err(|e| e.to_string())?;
+        for o in overrides {
+            let (key, value) = o
+                .split_once('=')
+                .ok_or_else(|| format!("override `{o}` is not KEY=VALUE"))?;
+            let value: toml::Value = toml::from_str::<toml::Table>(&format!("v = {value}"))
+                .ok()
+                .and_then(|mut t| t.remove("v"))
+                .unwrap_or_else(|| toml::Value::String(value.to_string()));
+            set_path(&mut doc, key.trim(), value)?;
+        }
+        let text = toml::to_string(&doc).map_err(|e| e.to_string())?;
+        Config::parse(&text, base_dir)
+    }
+
+    fn check(&self) -> std::result::Result<(), String> {
+        if self.version != CONFIG_VERSION {
+            return Err(format!(
+                "config version {} is not supported (this build reads version {CONFIG_VERSION})",
+                self.version
+            ));
+        }
+        if self.relay.roles.is_empty() {
+            return Err("relay.roles must name at least one of gateway, mix, exit".into());
+        }
+        if self.relay.family.trim().is_empty() || self.relay.family.len() > 64 {
+            return Err("relay.family must be 1 to 64 bytes".into());
+        }
+        for a in &self.directory.authorities {
+            IdentityKey::from_hex(&a.identity)
+                .map_err(|e| format!("directory.authorities identity {}: {e}", a.identity))?;
+            if !a.url.starts_with("http://") && !a.url.starts_with("https://") {
+                return Err(format!("authority url {} must start with http://", a.url));
+            }
+        }
+        if self.directory.epoch_length < Duration::from_secs(1) {
+            return Err("directory.epoch_length must be at least 1s".into());
+        }
+        let m = &self.mixing;
+        if m.input_queue == 0
+            || m.max_held_packets == 0
+            || m.peer_queue == 0
+            || m.max_inbound_connections == 0
+        {
+            return Err("mixing queue bounds must be positive".into());
+        }
+        if m.replay_capacity == 0 || !(m.replay_fp_rate > 0.0 && m.replay_fp_rate < 0.5) {
+            return Err("mixing.replay_capacity must be > 0 and replay_fp_rate in (0, 0.5)".into());
+        }
+        if self.has(Role::Exit) {
+            self.exit_policy()
+                .map_err(|e| format!("exit.policy: {e}"))?;
+        }
+        Ok(())
+    }
+
+    /// Whether the relay has `role`.
+    pub fn has(&self, role: Role) -> bool {
+        self.relay.roles.contains(&role)
+    }
+
+    /// The parsed exit policy (with `reject private:*` first unless private is allowed).
+    pub fn exit_policy(&self) -> std::result::Result<ExitPolicy, murmur_protocol::Error> {
+        if self.has(Role::Exit) {
+            ExitPolicy::parse(&self.exit.policy, self.exit.allow_private)
+        } else {
+            Ok(ExitPolicy::reject_all())
+        }
+    }
+
+    /// A path from the config, resolved against the config file's directory.
+    pub fn resolve(&self, p: &Path) -> PathBuf {
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            self.base_dir.join(p)
+        }
+    }
+}
+
+fn set_path(
+    doc: &mut toml::Table,
+    key: &str,
+    value: toml::Value,
+) -> std::result::Result<(), String> {
+    let mut parts: Vec<&str> = key.split('.').collect();
+    let last = parts.pop().ok_or("empty override key")?;
+    let mut table = doc;
+    for part in parts {
+        table = table
+            .entry(part.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+            .as_table_mut()
+            .ok_or_else(|| format!("override {key}: {part} is not a table"))?;
+    }
+    table.insert(last.to_string(), value);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = "version = 1\n[relay]\nfamily = \"op\"\nroles = [\"mix\"]\n";
+
+    #[test]
+    fn minimal_config_takes_defaults() {
+        let c = Config::parse(MINIMAL, PathBuf::from("/etc/murmur")).unwrap();
+        assert_eq!(c.mixing, MixingSection::default());
+        assert_eq!(
+            c.resolve(&c.relay.identity_key),
+            PathBuf::from("/etc/murmur/identity.key")
+        );
+    }
+
+    #[test]
+    fn bad_configs_are_refused_with_a_reason() {
+        for (text, needle) in [
+            (
+                "version = 2\n[relay]\nfamily = \"op\"\nroles = [\"mix\"]\n",
+                "version 2",
+            ),
+            (&format!("{MINIMAL}bogus = 1\n"), "unknown field"),
+            (
+                "version = 1\n[relay]\nfamily = \"op\"\nroles = []\n",
+                "roles",
+            ),
+            (
+                "version = 1\n[relay]\nfamily = \"op\"\nroles = [\"boss\"]\n",
+                "unknown variant",
+            ),
+            (
+                "version = 1\n[relay]\nfamily = \"op\"\nroles = [\"exit\"]\n[exit]\npolicy = \"allow all\"\n",
+                "exit.policy",
+            ),
+        ] {
+            let err = Config::parse(text, PathBuf::new()).unwrap_err();
+            assert!(err.contains(needle), "{err} should mention {needle}");
+        }
+    }
+
+    #[test]
+    fn overrides_set_nested_keys() {
+        let c = Config::parse_with_overrides(
+            MINIMAL,
+            PathBuf::new(),
+            &[
+                "mixing.workers=3".into(),
+                "listen.mix=\"127.0.0.1:5000\"".into(),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.mixing.workers, 3);
+        assert_eq!(c.listen.mix, SocketAddr::from(([127, 0, 0, 1], 5000)));
+        assert!(Config::parse_with_overrides(MINIMAL, PathBuf::new(), &["nokey".into()]).is_err());
+    }
+}
+
+#[cfg(test)]
+mod example {
+    use super::*;
+
+    /// The example lists every option with its default: as shipped it parses to the
+    /// defaults, and with every option uncommented it parses to the same thing.
+    #[test]
+    fn example_config_matches_the_defaults() {
+        let text = include_str!("../relay.example.toml");
+        let shipped = Config::parse(text, PathBuf::new()).unwrap();
+        assert_eq!(shipped.listen, ListenSection::default());
+        assert_eq!(shipped.directory, DirectorySection::default());
+        assert_eq!(shipped.mixing, MixingSection::default());
+        assert_eq!(shipped.gateway, GatewaySection::default());
+        assert_eq!(shipped.exit, ExitSection::default());
+        let uncommented: String = text
+            .lines()
+            .map(|l| match l.strip_prefix('#') {
+                // `#key = value` is an option; `# text` is prose.
+                Some(rest) if !rest.starts_with(' ') && rest.contains(" = ") => rest,
+                _ => l,
+            })
+            // Options that are off by default show an example value instead.
+            .filter(|l| !l.starts_with("advertise_mix") && !l.starts_with("metrics"))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let full = Config::parse(&uncommented, PathBuf::new()).unwrap();
+        assert_eq!(full, shipped, "a commented value differs from its default");
+    }
+}

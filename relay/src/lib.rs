@@ -1,0 +1,17 @@
+#![doc = include_str!("../README.md")]
+
+pub mod cli;
+pub mod config;
+pub mod error;
+pub mod exit;
+pub mod gateway;
+pub mod keys;
+pub mod links;
+pub mod loops;
+pub mod metrics;
+pub mod node;
+pub mod pipeline;
+
+pub use config::Config;
+pub use error::{Error, Result};
+pub use node::Node;

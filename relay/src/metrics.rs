@@ -1,0 +1,41 @@
+//! Metric names and the Prometheus endpoint.
+//!
+//! Counters carry a `reason` label for drops so an operator can tell a replay flood from a
+//! full queue. Nothing here names a destination or a client address.
+
+use std::net::SocketAddr;
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
+
+use crate::error::{Error, Result};
+
+pub const PACKETS_IN: &str = "murmur_relay_packets_received_total";
+pub const PACKETS_FORWARDED: &str = "murmur_relay_packets_forwarded_total";
+pub const PACKETS_DROPPED: &str = "murmur_relay_packets_dropped_total";
+pub const FINAL_DELIVERED: &str = "murmur_relay_final_delivered_total";
+pub const QUEUE_DEPTH: &str = "murmur_relay_queue_depth";
+pub const HOLD_SECONDS: &str = "murmur_relay_hold_seconds";
+pub const DELAY_CLAMPED: &str = "murmur_relay_delay_clamped_total";
+pub const CLIENT_SESSIONS: &str = "murmur_relay_client_sessions";
+pub const LINK_CONNECTS: &str = "murmur_relay_link_connects_total";
+pub const REPLAY_TAGS: &str = "murmur_relay_replay_tags";
+pub const EXIT_STREAMS: &str = "murmur_relay_exit_streams_total";
+pub const LOOPS: &str = "murmur_relay_loops_total";
+
+/// Counts one dropped packet.
+pub fn drop_packet(reason: &'static str) {
+    metrics::counter!(PACKETS_DROPPED, "reason" => reason).increment(1);
+}
+
+/// Starts `/metrics` on `addr` (Prometheus text format).
+pub fn install(addr: SocketAddr) -> Result<()> {
+    let hold_buckets = [
+        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+    ];
+    PrometheusBuilder::new()
+        .with_http_listener(addr)
+        .set_buckets_for_metric(Matcher::Full(HOLD_SECONDS.into()), &hold_buckets)
+        .map_err(|e| Error::Metrics(e.to_string()))?
+        .install()
+        .map_err(|e| Error::Metrics(e.to_string()))
+}

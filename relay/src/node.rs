@@ -1,0 +1,319 @@
+//! One running relay: listeners, the Sphinx pipeline, the delay queue and the roles.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, RwLock};
+use std::time::Instant;
+
+use ed25519_dalek::SigningKey;
+use murmur_protocol::directory::{
+    Consensus, DIRECTORY_SCHEMA, Descriptor, Epoch, EpochKey as PublishedKey, IdentityKey,
+    RelayAddresses, Roles, UnixTime,
+};
+use murmur_protocol::frame::Frame;
+use murmur_protocol::packet::{Address, recover_plaintext};
+use murmur_protocol::payload::Content;
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tokio_util::time::DelayQueue;
+
+use crate::config::{Config, Role};
+use crate::error::{Error, Result};
+use crate::exit::Exit;
+use crate::gateway::Gateway;
+use crate::keys::{KeyRing, ReplaySizing};
+use crate::links::{Links, Routes, serve_inbound};
+use crate::loops::{self, Outstanding};
+use crate::metrics::{self as m, drop_packet};
+use crate::pipeline::{Pipeline, PipelineConfig, Processed};
+
+/// A relay with its listeners bound and its tasks running.
+pub struct Node {
+    config: Config,
+    identity: SigningKey,
+    keys: Arc<KeyRing>,
+    links: Arc<Links>,
+    gateway: Option<Arc<Gateway>>,
+    exit: Option<Arc<Exit>>,
+    loops: Arc<Outstanding>,
+    consensus: RwLock<Option<Arc<Consensus>>>,
+    mix_addr: SocketAddr,
+    client_addr: Option<SocketAddr>,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+    pipeline: std::sync::Mutex<Option<Pipeline>>,
+}
+
+impl Node {
+    /// Opens state, binds listeners and starts every task. Stops when `shutdown` fires;
+    /// then call [`Node::join`].
+    pub async fn start(
+        config: Config,
+        identity: SigningKey,
+        shutdown: CancellationToken,
+    ) -> Result<Arc<Node>> {
+        let state_dir = config.resolve(&config.relay.state_dir);
+        std::fs::create_dir_all(&state_dir).map_err(|source| Error::State {
+            path: state_dir.clone(),
+            source,
+        })?;
+        let keys = Arc::new(KeyRing::open(
+            &state_dir,
+            ReplaySizing {
+                capacity: config.mixing.replay_capacity,
+                fp_rate: config.mixing.replay_fp_rate,
+            },
+        )?);
+        let tracker = TaskTracker::new();
+        let routes = Arc::new(RwLock::new(Routes::default()));
+        let links = Links::new(
+            routes,
+            config.mixing.peer_queue,
+            shutdown.clone(),
+            tracker.clone(),
+        );
+        let bind = |addr: SocketAddr| async move {
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| Error::Listen { addr, source })
+        };
+        let mix_listener = bind(config.listen.mix).await?;
+        let mix_addr = mix_listener.local_addr().map_err(|source| Error::Listen {
+            addr: config.listen.mix,
+            source,
+        })?;
+        let (release_tx, release_rx) = mpsc::channel(config.mixing.input_queue);
+        let pipeline = Pipeline::start(
+            PipelineConfig {
+                workers: config.mixing.workers,
+                input_queue: config.mixing.input_queue,
+                max_hop_delay: config.mixing.max_hop_delay,
+            },
+            keys.clone(),
+            release_tx,
+        )
+        .map_err(|source| Error::State {
+            path: state_dir.clone(),
+            source,
+        })?;
+        tracker.spawn(serve_inbound(
+            mix_listener,
+            config.mixing.max_inbound_connections,
+            pipeline.submitter(),
+            shutdown.clone(),
+            tracker.clone(),
+        ));
+        let (gateway, client_addr) = if config.has(Role::Gateway) {
+            let listener = bind(config.listen.client).await?;
+            let addr = listener.local_addr().map_err(|source| Error::Listen {
+                addr: config.listen.client,
+                source,
+            })?;
+            let gw = Gateway::new(config.gateway.clone(), links.clone());
+            tracker.spawn(
+                gw.clone()
+                    .serve(listener, shutdown.clone(), tracker.clone()),
+            );
+            (Some(gw), Some(addr))
+        } else {
+            (None, None)
+        };
+        let exit = if config.has(Role::Exit) {
+            Some(Exit::new(
+                config.exit_policy()?,
+                config.exit.clone(),
+                links.clone(),
+                shutdown.clone(),
+                tracker.clone(),
+            ))
+        } else {
+            None
+        };
+        let node = Arc::new(Node {
+            config,
+            identity,
+            keys,
+            links,
+            gateway,
+            exit,
+            loops: Arc::new(Outstanding::default()),
+            consensus: RwLock::new(None),
+            mix_addr,
+            client_addr,
+            shutdown,
+            tracker,
+            pipeline: std::sync::Mutex::new(Some(pipeline)),
+        });
+        let router = node.clone();
+        node.tracker
+            .spawn(async move { router.route(release_rx).await });
+        let weak = Arc::downgrade(&node);
+        node.tracker.spawn(loops::run(
+            node.address(),
+            node.keys.clone(),
+            node.links.clone(),
+            move || weak.upgrade().and_then(|n| n.consensus()),
+            node.loops.clone(),
+            node.shutdown.clone(),
+        ));
+        Ok(node)
+    }
+
+    /// This relay's Sphinx address.
+    pub fn address(&self) -> Address {
+        Address(self.identity.verifying_key().to_bytes())
+    }
+
+    /// This relay's identity.
+    pub fn identity(&self) -> IdentityKey {
+        IdentityKey::of(&self.identity)
+    }
+
+    /// The relay-link address actually bound.
+    pub fn mix_addr(&self) -> SocketAddr {
+        self.mix_addr
+    }
+
+    /// The client WebSocket address actually bound, for gateways.
+    pub fn client_addr(&self) -> Option<SocketAddr> {
+        self.client_addr
+    }
+
+    /// The Sphinx keys held.
+    pub fn keys(&self) -> &Arc<KeyRing> {
+        &self.keys
+    }
+
+    /// The consensus in force, if any.
+    pub fn consensus(&self) -> Option<Arc<Consensus>> {
+        self.consensus.read().ok().and_then(|c| c.clone())
+    }
+
+    /// Makes sure Sphinx keys exist for `epoch` and the next one; drops keys past the grace.
+    pub fn rotate_keys(&self, epoch: Epoch) -> Result<()> {
+        let grace_epochs = self
+            .config
+            .directory
+            .key_grace
+            .as_secs()
+            .div_ceil(self.config.directory.epoch_length.as_secs().max(1));
+        let oldest = epoch.saturating_sub(u32::try_from(grace_epochs).unwrap_or(u32::MAX));
+        if let Some(exit) = &self.exit {
+            exit.set_oldest_epoch(oldest);
+        }
+        self.keys.rotate(&mut rand::rng(), epoch, oldest)
+    }
+
+    /// The descriptor to upload: current and next epoch keys, addresses, roles, policy.
+    pub fn descriptor(&self, epoch: Epoch, now: UnixTime) -> Result<Descriptor> {
+        let sphinx_keys = [epoch, epoch.saturating_add(1)]
+            .into_iter()
+            .filter_map(|e| self.keys.get(e))
+            .map(|k| PublishedKey {
+                epoch: k.epoch,
+                key: k.public.to_bytes(),
+            })
+            .collect();
+        Ok(Descriptor {
+            schema: DIRECTORY_SCHEMA,
+            identity: self.identity(),
+            family: self.config.relay.family.clone(),
+            addresses: RelayAddresses {
+                mix: self.config.listen.advertise_mix.unwrap_or(self.mix_addr),
+                client: self.client_addr,
+            },
+            roles: Roles {
+                gateway: self.config.has(Role::Gateway),
+                mix: self.config.has(Role::Mix),
+                exit: self.config.has(Role::Exit),
+            },
+            sphinx_keys,
+            exit_policy: self.config.exit_policy()?,
+            price_per_packet: self.config.relay.price_per_packet,
+            bandwidth: self.config.relay.bandwidth,
+            published: now,
+        })
+    }
+
+    /// Puts a verified consensus in force: where relays are, which are layer 1.
+    pub fn apply_consensus(&self, consensus: Arc<Consensus>) {
+        let mut routes = Routes::default();
+        for r in &consensus.relays {
+            routes.mix_addrs.insert(r.address(), r.addresses.mix);
+            if r.layer == Some(1) {
+                routes.layer1.insert(r.address());
+            }
+        }
+        if let Ok(mut current) = self.links.routes().write() {
+            *current = routes;
+        }
+        if let Ok(mut c) = self.consensus.write() {
+            *c = Some(consensus);
+        }
+    }
+
+    /// Holds forwarded packets for their delay and dispatches final-hop packets.
+    async fn route(self: Arc<Self>, mut released: mpsc::Receiver<Processed>) {
+        let mut held: DelayQueue<(Address, Frame, Instant)> = DelayQueue::new();
+        let max_held = self.config.mixing.max_held_packets;
+        loop {
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                p = released.recv() => match p {
+                    None => return,
+                    Some(Processed::Forward { next_hop, key_epoch, packet, received, release_at }) => {
+                        let frame = Frame::Packet { key_epoch, packet };
+                        if release_at <= Instant::now() {
+                            self.links.send(next_hop, &frame, Some(received));
+                        } else if held.len() >= max_held {
+                            drop_packet("held_limit");
+                        } else {
+                            held.insert_at((next_hop, frame, received), release_at.into());
+                        }
+                        metrics::gauge!(m::QUEUE_DEPTH, "queue" => "held").set(held.len() as f64);
+                    }
+                    Some(Processed::Final { delivery, .. }) => self.final_hop(delivery),
+                },
+                Some(expired) = std::future::poll_fn(|cx| held.poll_expired(cx)), if !held.is_empty() => {
+                    let (next_hop, frame, received) = expired.into_inner();
+                    self.links.send(next_hop, &frame, Some(received));
+                }
+            }
+        }
+    }
+
+    fn final_hop(&self, delivery: murmur_protocol::packet::FinalDelivery) {
+        if delivery.destination != self.address() {
+            match &self.gateway {
+                Some(gw) => gw.deliver(delivery),
+                None => drop_packet("not_a_gateway"),
+            }
+            return;
+        }
+        let content = recover_plaintext(&delivery.payload[..]).and_then(|p| Content::decode(&p));
+        match content {
+            Ok(Content::Cover) => {
+                if !self.loops.returned(&delivery.surb_id) {
+                    metrics::counter!(m::FINAL_DELIVERED, "to" => "drop_cover").increment(1)
+                }
+            }
+            Ok(Content::DataWithAck { ack, fragment }) => match &self.exit {
+                Some(exit) => exit.on_packet(ack, fragment),
+                None => drop_packet("not_an_exit"),
+            },
+            Ok(_) => drop_packet("unexpected_content"),
+            Err(e) => drop_packet(e.label()),
+        }
+    }
+
+    /// Waits for every task and thread to finish after shutdown.
+    pub async fn join(&self) {
+        self.tracker.close();
+        self.tracker.wait().await;
+        let pipeline = self.pipeline.lock().ok().and_then(|mut p| p.take());
+        if let Some(p) = pipeline {
+            let _ = tokio::task::spawn_blocking(move || p.shutdown()).await;
+        }
+    }
+}

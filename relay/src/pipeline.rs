@@ -1,0 +1,222 @@
+//! Sphinx processing off the async reactor.
+//!
+//! ```text
+//! links ──try_send──▶ [input: bounded] ──▶ workers (one thread per core)
+//!     open (DH + MAC) → replay check-and-insert → process (blind + Lioness)
+//!   ──▶ [processed: bounded] ──▶ flusher thread: replay tags to disk (one fsync per batch)
+//!   ──▶ [released: bounded] ──▶ router (async): hold for the delay, forward or deliver
+//! ```
+//! Every queue is bounded; a full queue drops the packet and counts the reason.
+
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
+use murmur_protocol::directory::Epoch;
+use murmur_protocol::packet::{Address, FinalDelivery, HopOutput, OpenedPacket, Packet};
+
+use crate::keys::KeyRing;
+use crate::metrics::{self as m, drop_packet};
+
+/// A packet read off a relay link, waiting for a worker.
+pub struct Inbound {
+    pub key_epoch: Epoch,
+    pub packet: Packet,
+    pub received: Instant,
+}
+
+/// What a worker made of a packet.
+pub enum Processed {
+    /// Hold until `release_at`, then send to `next_hop`.
+    Forward {
+        next_hop: Address,
+        key_epoch: Epoch,
+        packet: Packet,
+        received: Instant,
+        release_at: Instant,
+    },
+    /// This relay is the packet's last hop.
+    Final {
+        key_epoch: Epoch,
+        delivery: FinalDelivery,
+        received: Instant,
+    },
+}
+
+/// Pipeline bounds.
+#[derive(Clone, Copy, Debug)]
+pub struct PipelineConfig {
+    pub workers: usize,
+    pub input_queue: usize,
+    pub max_hop_delay: Duration,
+}
+
+/// The running worker pool and flusher.
+pub struct Pipeline {
+    input: Sender<Inbound>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Pipeline {
+    /// Starts the workers and the flusher; released packets go to `release`.
+    pub fn start(
+        config: PipelineConfig,
+        keys: Arc<KeyRing>,
+        release: tokio::sync::mpsc::Sender<Processed>,
+    ) -> std::io::Result<Pipeline> {
+        let (input, input_rx) = crossbeam_channel::bounded::<Inbound>(config.input_queue);
+        let (processed_tx, processed_rx) =
+            crossbeam_channel::bounded::<Processed>(config.input_queue);
+        let workers = if config.workers == 0 {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        } else {
+            config.workers
+        };
+        let mut threads = Vec::new();
+        for i in 0..workers {
+            let rx = input_rx.clone();
+            let tx = processed_tx.clone();
+            let keys = keys.clone();
+            let max_delay = config.max_hop_delay;
+            threads.push(
+                std::thread::Builder::new()
+                    .name(format!("sphinx-{i}"))
+                    .spawn(move || worker(rx, tx, keys, max_delay))?,
+            );
+        }
+        drop(processed_tx);
+        threads.push(
+            std::thread::Builder::new()
+                .name("replay-flusher".into())
+                .spawn(move || flusher(processed_rx, keys, release))?,
+        );
+        Ok(Pipeline { input, threads })
+    }
+
+    /// A handle for link readers to submit packets.
+    pub fn submitter(&self) -> Submitter {
+        Submitter {
+            input: self.input.clone(),
+        }
+    }
+
+    /// Stops accepting packets and waits for the threads to finish what they hold.
+    pub fn shutdown(self) {
+        drop(self.input);
+        for t in self.threads {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Submits packets to the pipeline without blocking.
+#[derive(Clone)]
+pub struct Submitter {
+    input: Sender<Inbound>,
+}
+
+impl Submitter {
+    /// Queues a packet; a full queue drops it (counted).
+    pub fn submit(&self, inbound: Inbound) {
+        metrics::counter!(m::PACKETS_IN).increment(1);
+        match self.input.try_send(inbound) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => drop_packet("input_queue_full"),
+            Err(TrySendError::Disconnected(_)) => drop_packet("shutting_down"),
+        }
+        metrics::gauge!(m::QUEUE_DEPTH, "queue" => "input").set(self.input.len() as f64);
+    }
+}
+
+fn worker(rx: Receiver<Inbound>, tx: Sender<Processed>, keys: Arc<KeyRing>, max_delay: Duration) {
+    for inbound in rx.iter() {
+        let Some(key) = keys.get(inbound.key_epoch) else {
+            drop_packet("unknown_epoch");
+            continue;
+        };
+        let opened = match OpenedPacket::open(inbound.packet.as_bytes(), key.secret()) {
+            Ok(o) => o,
+            Err(e) => {
+                drop_packet(e.label());
+                continue;
+            }
+        };
+        if key.check_and_insert(&opened.replay_tag()) {
+            drop_packet("replay");
+            continue;
+        }
+        let out = match opened.process(max_delay) {
+            Ok(HopOutput::Forward {
+                next_hop,
+                delay,
+                delay_clamped,
+                packet,
+            }) => {
+                if delay_clamped {
+                    metrics::counter!(m::DELAY_CLAMPED).increment(1);
+                }
+                Processed::Forward {
+                    next_hop,
+                    key_epoch: inbound.key_epoch,
+                    packet,
+                    received: inbound.received,
+                    release_at: inbound.received + delay,
+                }
+            }
+            Ok(HopOutput::Final(delivery)) => Processed::Final {
+                key_epoch: inbound.key_epoch,
+                delivery,
+                received: inbound.received,
+            },
+            Err(e) => {
+                drop_packet(e.label());
+                continue;
+            }
+        };
+        // Blocking here is bounded by the flusher's pace; it never waits on the network.
+        if tx.send(out).is_err() {
+            return;
+        }
+    }
+}
+
+/// Collects processed packets, makes their replay tags durable, then releases them.
+fn flusher(
+    rx: Receiver<Processed>,
+    keys: Arc<KeyRing>,
+    release: tokio::sync::mpsc::Sender<Processed>,
+) {
+    const MAX_BATCH: usize = 1024;
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    loop {
+        match rx.recv_timeout(Duration::from_millis(200)) {
+            Ok(p) => batch.push(p),
+            Err(RecvTimeoutError::Timeout) => continue,
+            Err(RecvTimeoutError::Disconnected) => return,
+        }
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(p) => batch.push(p),
+                Err(_) => break,
+            }
+        }
+        if let Err(e) = keys.flush() {
+            // Without durable tags we may not release: a restart could re-admit them.
+            tracing::error!(error = %e, "cannot persist replay tags; dropping the batch");
+            for _ in batch.drain(..) {
+                drop_packet("replay_store_failed");
+            }
+            continue;
+        }
+        for p in batch.drain(..) {
+            match release.try_send(p) {
+                Ok(()) => {}
+                Err(tokio::sync::mpsc::error::TrySendError::Full(_)) => {
+                    drop_packet("release_queue_full")
+                }
+                Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => return,
+            }
+        }
+    }
+}
