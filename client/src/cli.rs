@@ -58,6 +58,14 @@ pub struct ClientConfig {
     pub max_connections: usize,
     #[serde(default = "default_open_timeout", with = "humantime_serde")]
     pub open_timeout: Duration,
+    /// Paths never hold two relays of one IPv4 /16 or IPv6 /32; turn off only for a test
+    /// network on one host.
+    #[serde(default = "default_true")]
+    pub distinct_subnets: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 /// One authority.
@@ -182,7 +190,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         socks: cli.socks.unwrap_or(config.socks),
         authorities,
         clock_skew: config.clock_skew,
-        path_rules: PathRules::default(),
+        path_rules: PathRules {
+            distinct_subnets: config.distinct_subnets,
+        },
         socks_limits: socks_limits(Some(&config)),
         refresh_every: Duration::from_secs(30),
     };

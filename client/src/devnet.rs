@@ -180,6 +180,8 @@ key_grace = "{epoch}s"
 [mixing]
 workers = 1
 replay_capacity = 1000000
+# Every devnet relay is on 127.0.0.1.
+distinct_subnets = false
 [exit]
 # Like Tor's default, refuse SMTP, so a policy refusal can be seen; loopback is allowed.
 policy = "reject *:25, accept *:*"

@@ -118,7 +118,15 @@ struct ExitSession {
     /// Reply blocks the exit is believed to hold.
     surbs_at_exit: usize,
     streams: Vec<StreamId>,
+    /// When the exit last answered, and when it was last sent reply blocks unasked: an exit
+    /// that went quiet while streams are open may have run out of blocks (its request for
+    /// more can be lost with the last one), so it gets a few every `reply_timeout`.
+    last_heard: Instant,
+    last_topup: Instant,
 }
+
+/// Consecutive lost packets after which a relay is left out of new paths.
+const SUSPECT_AFTER: u32 = 2;
 
 #[derive(Debug, PartialEq, Eq)]
 enum StreamState {
@@ -156,6 +164,8 @@ type Isolation = Option<(Vec<u8>, Vec<u8>)>;
 /// A packet waiting for its acknowledgement.
 struct Pending {
     exit: IdentityKey,
+    /// The mixes of its forward route and of its SURB-ACK's route.
+    relays: Vec<IdentityKey>,
     fragment: Fragment,
     streams: Vec<StreamId>,
     attempts: u32,
@@ -190,6 +200,10 @@ pub struct ClientSession {
     round_robin: usize,
     /// Streams the application abandoned, to reset at their exit: (exit session, stream).
     aborted: VecDeque<(usize, StreamId)>,
+    /// Relays on the routes of lost packets, by consecutive losses; an acknowledged packet
+    /// clears the relays on its routes. Relays at `SUSPECT_AFTER` are left out of new paths,
+    /// so retransmissions route around a dead mix.
+    suspects: HashMap<IdentityKey, u32>,
 }
 
 impl ClientSession {
@@ -236,6 +250,7 @@ impl ClientSession {
             stats: SessionStats::default(),
             round_robin: 0,
             aborted: VecDeque::new(),
+            suspects: HashMap::new(),
         })
     }
 
@@ -305,6 +320,8 @@ impl ClientSession {
                     id: rng.random(),
                     surbs_at_exit: 0,
                     streams: Vec::new(),
+                    last_heard: Instant::ZERO,
+                    last_topup: Instant::ZERO,
                 });
                 self.exit_index.insert(key, self.exits.len() - 1);
                 self.exits.len() - 1
@@ -430,7 +447,12 @@ impl ClientSession {
     pub fn handle_delivery(&mut self, surb_id: SurbId, payload: &[u8], now: Instant) {
         if let Some(p) = self.pending.remove(&surb_id) {
             match p.key.open(payload).and_then(|b| Content::decode(&b)) {
-                Ok(Content::Ack) => self.stats.acks += 1,
+                Ok(Content::Ack) => {
+                    self.stats.acks += 1;
+                    for r in &p.relays {
+                        self.suspects.remove(r);
+                    }
+                }
                 _ => {
                     self.stats.bad_replies += 1;
                     // Not a valid ack: keep waiting for the real one.
@@ -443,6 +465,7 @@ impl ClientSession {
             self.stats.replies += 1;
             if let Some(e) = self.exits.get_mut(exit) {
                 e.surbs_at_exit = e.surbs_at_exit.saturating_sub(1);
+                e.last_heard = now;
             }
             let message = key
                 .open(payload)
@@ -463,7 +486,6 @@ impl ClientSession {
             self.stats.loops_returned += 1;
             return;
         }
-        let _ = now;
         self.stats.unknown_deliveries += 1;
     }
 
@@ -584,6 +606,9 @@ impl ClientSession {
                 }
                 continue;
             }
+            for r in &p.relays {
+                *self.suspects.entry(*r).or_insert(0) += 1;
+            }
             self.retransmit.push_back(id);
         }
         let timeout = self.config.loop_timeout;
@@ -597,21 +622,29 @@ impl ClientSession {
         PathSelector::new(&self.consensus, self.config.path_rules)
     }
 
-    /// A fresh `[L1, L2, L3]` avoiding the gateway and `also`.
+    /// A fresh `[L1, L2, L3]` avoiding the gateway, `also` and suspected relays; the hops
+    /// and who they are.
     fn mix_route<R: Rng + ?Sized>(
         &self,
         rng: &mut R,
         also: Option<&ConsensusRelay>,
-    ) -> Result<Vec<RouteHop>> {
-        let selector = self.selector();
+    ) -> Result<(Vec<RouteHop>, Vec<IdentityKey>)> {
+        let suspects: Vec<IdentityKey> = self
+            .suspects
+            .iter()
+            .filter(|(_, n)| **n >= SUSPECT_AFTER)
+            .map(|(k, _)| *k)
+            .collect();
+        let selector = self.selector().excluding(&suspects);
         let mut avoid = vec![&self.gateway];
         avoid.extend(also);
         let epoch = self.consensus.epoch;
-        selector
-            .mix_path(rng, &avoid)?
+        let path = selector.mix_path(rng, &avoid)?;
+        let hops = path
             .iter()
             .map(|r| r.route_hop(epoch))
-            .collect()
+            .collect::<Result<_>>()?;
+        Ok((hops, path.iter().map(|r| r.identity).collect()))
     }
 
     /// Builds a packet over `route` and wraps it for the gateway.
@@ -638,8 +671,8 @@ impl ClientSession {
         &self,
         rng: &mut R,
         avoid: Option<&ConsensusRelay>,
-    ) -> Result<(ReplyBlock, ReplyKey, Duration)> {
-        let mut route = self.mix_route(rng, avoid)?;
+    ) -> Result<(ReplyBlock, ReplyKey, Duration, Vec<IdentityKey>)> {
+        let (mut route, relays) = self.mix_route(rng, avoid)?;
         route.push(self.gateway.route_hop(self.consensus.epoch)?);
         let delays = self.delay.sample_n(rng, route.len());
         let total = delays[..delays.len() - 1].iter().sum();
@@ -650,7 +683,7 @@ impl ClientSession {
             self.config.address,
             self.consensus.epoch,
         )?;
-        Ok((block, key, total))
+        Ok((block, key, total, relays))
     }
 
     /// Sends `fragment` to `exit` with a fresh SURB-ACK on fresh routes.
@@ -668,8 +701,9 @@ impl ClientSession {
             .relay(&exit)
             .cloned()
             .ok_or_else(|| Error::Path("the exit left the consensus".into()))?;
-        let (ack, key, ack_delay) = self.reply_block(rng, Some(&exit_relay))?;
-        let mut route = self.mix_route(rng, Some(&exit_relay))?;
+        let (ack, key, ack_delay, mut relays) = self.reply_block(rng, Some(&exit_relay))?;
+        let (mut route, forward_relays) = self.mix_route(rng, Some(&exit_relay))?;
+        relays.extend(forward_relays);
         route.push(exit_relay.route_hop(self.consensus.epoch)?);
         let delays = self.delay.sample_n(rng, route.len());
         let forward_delay: Duration = delays[..delays.len() - 1].iter().sum();
@@ -692,6 +726,7 @@ impl ClientSession {
             id,
             Pending {
                 exit,
+                relays,
                 fragment,
                 streams,
                 attempts: attempts + 1,
@@ -803,28 +838,37 @@ impl ClientSession {
                 wants_surbs = true;
             }
         }
-        // Reply blocks: keep the exit stocked while it has streams.
-        let stocked = self.exits[exit].surbs_at_exit;
+        // Reply blocks: keep the exit stocked while it has streams, and top up an exit that
+        // went quiet with streams still open.
+        let active = stream_ids
+            .iter()
+            .any(|id| self.streams.get(id).is_some_and(|s| !s.eof_reported));
+        let session = &self.exits[exit];
+        let quiet = active
+            && now.saturating_duration_since(session.last_heard) >= reply_timeout
+            && now.saturating_duration_since(session.last_topup) >= reply_timeout;
+        let stocked = if quiet { 0 } else { session.surbs_at_exit };
         let target = if stream_ids.is_empty() {
             0
         } else {
             self.config.surbs_target
         };
         let mut blocks = Vec::new();
-        if wants_surbs && stocked < target {
+        if (wants_surbs || quiet) && stocked < target {
             let want = (target - stocked).min(3);
             let exit_relay = self.consensus.relay(&self.exits[exit].exit).cloned();
             for _ in 0..want {
                 if used + 2 + (blocks.len() + 1) * REPLY_BLOCK_LEN > budget {
                     break;
                 }
-                let (block, key, _) = self.reply_block(rng, exit_relay.as_ref())?;
+                let (block, key, _, _) = self.reply_block(rng, exit_relay.as_ref())?;
                 self.reply_keys.insert(key.surb_id(), (key, exit));
                 blocks.push(block);
             }
             if !blocks.is_empty() {
                 used += 2 + blocks.len() * REPLY_BLOCK_LEN;
                 self.exits[exit].surbs_at_exit += blocks.len();
+                self.exits[exit].last_topup = now;
             }
         }
         // Data, then ends of data.
@@ -904,7 +948,7 @@ impl ClientSession {
             Ok(r) => r.clone(),
             Err(_) => self.gateway.clone(),
         };
-        let mut route = self.mix_route(rng, Some(&last))?;
+        let (mut route, _) = self.mix_route(rng, Some(&last))?;
         route.push(last.route_hop(self.consensus.epoch)?);
         let delays = self.delay.sample_n(rng, route.len());
         self.seal(
@@ -919,7 +963,7 @@ impl ClientSession {
 
     /// Loop cover: a packet through the mixes back to this client via its gateway.
     fn loop_cover<R: CryptoRng + ?Sized>(&mut self, now: Instant, rng: &mut R) -> Result<Frame> {
-        let mut route = self.mix_route(rng, None)?;
+        let (mut route, _) = self.mix_route(rng, None)?;
         route.push(self.gateway.route_hop(self.consensus.epoch)?);
         let delays = self.delay.sample_n(rng, route.len());
         let mut id: SurbId = rng.random();

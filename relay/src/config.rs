@@ -130,6 +130,9 @@ pub struct MixingSection {
     pub replay_capacity: u64,
     /// The replay filter's false-positive rate at capacity.
     pub replay_fp_rate: f64,
+    /// Loop cover paths never hold two relays of one IPv4 /16 or IPv6 /32 (turn off only for
+    /// a network on one host).
+    pub distinct_subnets: bool,
 }
 
 /// The gateway role.
@@ -211,6 +214,7 @@ impl Default for MixingSection {
             max_inbound_connections: 512,
             replay_capacity: 10_000_000,
             replay_fp_rate: 1e-6,
+            distinct_subnets: true,
         }
     }
 }

@@ -62,6 +62,7 @@ pub async fn run(
     links: Arc<Links>,
     consensus: impl Fn() -> Option<Arc<Consensus>>,
     outstanding: Arc<Outstanding>,
+    rules: PathRules,
     shutdown: CancellationToken,
 ) {
     let origin = StdInstant::now();
@@ -99,11 +100,12 @@ pub async fn run(
         outstanding.expire(mean * 60 + Duration::from_secs(30));
         let mut rng = rand::rng();
         while schedule.poll_transmit(now(), &mut rng) {
-            send_loop(me, &keys, &links, &c, &outstanding, &mut rng, mean);
+            send_loop(me, &keys, &links, &c, &outstanding, &mut rng, mean, rules);
         }
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn send_loop(
     me: Address,
     keys: &KeyRing,
@@ -112,6 +114,7 @@ fn send_loop(
     outstanding: &Outstanding,
     rng: &mut rand::rngs::ThreadRng,
     mean_delay: Duration,
+    rules: PathRules,
 ) {
     if outstanding
         .sent
@@ -124,7 +127,7 @@ fn send_loop(
     let Some(my_key) = keys.get(epoch) else {
         return;
     };
-    let selector = PathSelector::new(consensus, PathRules::default());
+    let selector = PathSelector::new(consensus, rules);
     let avoid: Vec<_> = consensus
         .relay(&murmur_protocol::directory::IdentityKey(me.0))
         .into_iter()

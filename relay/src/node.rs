@@ -155,6 +155,9 @@ impl Node {
             node.links.clone(),
             move || weak.upgrade().and_then(|n| n.consensus()),
             node.loops.clone(),
+            murmur_protocol::directory::path::PathRules {
+                distinct_subnets: node.config.mixing.distinct_subnets,
+            },
             node.shutdown.clone(),
         ));
         Ok(node)

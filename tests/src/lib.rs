@@ -161,8 +161,22 @@ pub struct AuthorityInfo {
     pub dir: PathBuf,
 }
 
+/// The Loopix parameters test authorities vote for unless told otherwise.
+pub const TEST_NETWORK: &str =
+    "lambda_p = 20.0\nlambda_l = 1.0\nlambda_d = 1.0\nlambda_m = 1.0\nmu = 100.0\n";
+
 /// Writes keys and configs for `n` authorities under `dir` and starts them.
 pub fn start_authorities(dir: &Path, n: usize, epoch_s: u64) -> (Vec<AuthorityInfo>, Vec<Proc>) {
+    start_authorities_with(dir, n, epoch_s, TEST_NETWORK)
+}
+
+/// As [`start_authorities`], with the `[network]` section's body given (λs and μ).
+pub fn start_authorities_with(
+    dir: &Path,
+    n: usize,
+    epoch_s: u64,
+    network: &str,
+) -> (Vec<AuthorityInfo>, Vec<Proc>) {
     let bin = binary("murmur-directory");
     let ports = free_ports(n);
     let mut infos = Vec::new();
@@ -193,7 +207,7 @@ pub fn start_authorities(dir: &Path, n: usize, epoch_s: u64) -> (Vec<AuthorityIn
             "version = 1\nlisten = \"127.0.0.1:{}\"\nkey_file = \"authority.key\"\n\
              state_dir = \"state\"\nclock_skew = \"1s\"\n\
              [schedule]\nepoch_length = \"{epoch_s}s\"\nvote_lead = \"{vote}s\"\ncompute_lead = \"{compute}s\"\n\
-             [network]\nlambda_p = 20.0\nlambda_l = 1.0\nlambda_d = 1.0\nlambda_m = 1.0\nmu = 100.0\n\
+             [network]\n{network}\
              [policy]\nallow_private_addresses = true\n[limits]\npeer_timeout = \"1s\"\n",
             ports[i]
         );

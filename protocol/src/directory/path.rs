@@ -89,6 +89,25 @@ impl<'a> PathSelector<'a> {
         }
     }
 
+    /// The same selector without the relays in `exclude` (say, ones that recently lost
+    /// packets); a layer that would be left empty keeps all its relays.
+    pub fn excluding(mut self, exclude: &[super::IdentityKey]) -> Self {
+        if exclude.is_empty() {
+            return self;
+        }
+        for layer in &mut self.layers {
+            let kept: Vec<_> = layer
+                .iter()
+                .copied()
+                .filter(|r| !exclude.contains(&r.identity))
+                .collect();
+            if !kept.is_empty() {
+                *layer = kept;
+            }
+        }
+        self
+    }
+
     /// The consensus paths come from.
     pub fn consensus(&self) -> &'a Consensus {
         self.consensus
