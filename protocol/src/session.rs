@@ -178,6 +178,24 @@ pub struct Queued {
     frame: Frame,
 }
 
+/// The cover schedules and delay distribution the published parameters ask for.
+fn schedules<R: Rng + ?Sized>(
+    p: &crate::directory::NetworkParams,
+    now: Instant,
+    rng: &mut R,
+) -> Result<(ClientCover<Queued>, ExpDelay)> {
+    let cover = ClientCover::new(
+        ClientRates {
+            lambda_p: p.lambda_p,
+            lambda_l: p.lambda_l,
+            lambda_d: p.lambda_d,
+        },
+        now,
+        rng,
+    )?;
+    Ok((cover, ExpDelay::with_mean(p.mean_hop_delay())?))
+}
+
 /// The client session.
 pub struct ClientSession {
     config: SessionConfig,
@@ -220,17 +238,7 @@ impl ClientSession {
             .filter(|r| r.roles.gateway)
             .cloned()
             .ok_or_else(|| Error::Path("the chosen gateway is not in the consensus".into()))?;
-        let p = consensus.params;
-        let cover = ClientCover::new(
-            ClientRates {
-                lambda_p: p.lambda_p,
-                lambda_l: p.lambda_l,
-                lambda_d: p.lambda_d,
-            },
-            now,
-            rng,
-        )?;
-        let delay = ExpDelay::with_mean(p.mean_hop_delay())?;
+        let (cover, delay) = schedules(&consensus.params, now, rng)?;
         Ok(ClientSession {
             config,
             consensus,
@@ -278,17 +286,7 @@ impl ClientSession {
             .cloned()
             .ok_or_else(|| Error::Path("the gateway left the consensus".into()))?;
         if consensus.params != self.consensus.params {
-            let p = consensus.params;
-            self.cover = ClientCover::new(
-                ClientRates {
-                    lambda_p: p.lambda_p,
-                    lambda_l: p.lambda_l,
-                    lambda_d: p.lambda_d,
-                },
-                now,
-                rng,
-            )?;
-            self.delay = ExpDelay::with_mean(p.mean_hop_delay())?;
+            (self.cover, self.delay) = schedules(&consensus.params, now, rng)?;
         }
         self.gateway = gw;
         self.consensus = consensus;
@@ -855,7 +853,8 @@ impl ClientSession {
         };
         let mut blocks = Vec::new();
         if (wants_surbs || quiet) && stocked < target {
-            let want = (target - stocked).min(3);
+            // Up to four fit one packet (4 × 400 bytes); each buys one reply packet.
+            let want = (target - stocked).min(4);
             let exit_relay = self.consensus.relay(&self.exits[exit].exit).cloned();
             for _ in 0..want {
                 if used + 2 + (blocks.len() + 1) * REPLY_BLOCK_LEN > budget {

@@ -165,19 +165,7 @@ impl Exit {
     pub fn on_packet(self: &Arc<Self>, ack: ReplyBlock, fragment: Fragment) {
         metrics::counter!(m::FINAL_DELIVERED, "to" => "exit").increment(1);
         // Acknowledge receipt first: the client's ARQ waits on it.
-        match Content::Ack.encode().and_then(|p| ack.use_block(&p)) {
-            Ok(reply) => {
-                self.links.send(
-                    reply.first_hop,
-                    &Frame::Packet {
-                        key_epoch: reply.key_epoch,
-                        packet: reply.packet,
-                    },
-                    None,
-                );
-            }
-            Err(e) => drop_packet(e.label()),
-        }
+        self.send_reply(Content::Ack.encode().and_then(|p| ack.use_block(&p)));
         let now = self.now();
         let assembled = match self.reassembler.lock() {
             Ok(mut r) => {
@@ -704,19 +692,24 @@ impl Exit {
                     .encode()
                 })
                 .and_then(|content| block.use_block(&content));
-            match reply {
-                Ok(reply) => {
-                    self.links.send(
-                        reply.first_hop,
-                        &Frame::Packet {
-                            key_epoch: reply.key_epoch,
-                            packet: reply.packet,
-                        },
-                        None,
-                    );
-                }
-                Err(e) => drop_packet(e.label()),
+            self.send_reply(reply);
+        }
+    }
+
+    /// Sends a packet built from a reply block to the block's first hop.
+    fn send_reply(&self, reply: murmur_protocol::Result<murmur_protocol::surb::Reply>) {
+        match reply {
+            Ok(reply) => {
+                self.links.send(
+                    reply.first_hop,
+                    &Frame::Packet {
+                        key_epoch: reply.key_epoch,
+                        packet: reply.packet,
+                    },
+                    None,
+                );
             }
+            Err(e) => drop_packet(e.label()),
         }
     }
 }

@@ -9,7 +9,6 @@
 //!   its last good document until its valid-until, then reports it expired.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -22,29 +21,13 @@ use murmur_protocol::directory::synthetic::{SyntheticNetwork, generate, signed_d
 use murmur_protocol::directory::{
     AuthoritySet, ConsensusStore, IdentityKey, NetworkParams, SignedConsensus, VerifiedConsensus,
 };
+use murmur_tests::{binary, free_ports};
 use rand::SeedableRng;
 use rand_chacha::ChaCha20Rng;
 
 const EPOCH_S: u64 = 6;
 const SKEW_S: u64 = 1;
 const RELAYS_PER_LAYER: usize = 3;
-
-/// The built `murmur-directory`, next to this test's own executable.
-fn binary() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let profile_dir = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .expect("test executable lives in target/<profile>/deps");
-    let bin = profile_dir.join("murmur-directory");
-    assert!(
-        bin.exists(),
-        "{} is missing: run `cargo build -p murmur-directory` (or `cargo test --workspace`, \
-         which builds it) first",
-        bin.display()
-    );
-    bin
-}
 
 /// Child processes killed (and reaped) when the test ends, however it ends.
 struct Processes(Vec<Option<Child>>);
@@ -62,17 +45,6 @@ struct Authority {
     identity: IdentityKey,
     url: String,
     dir: PathBuf,
-}
-
-fn free_ports(n: usize) -> Vec<u16> {
-    // Hold all at once so they differ; the authorities bind them right after.
-    let listeners: Vec<TcpListener> = (0..n)
-        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
-        .collect();
-    listeners
-        .iter()
-        .map(|l| l.local_addr().unwrap().port())
-        .collect()
 }
 
 fn keygen(bin: &Path, dir: &Path) -> IdentityKey {
@@ -177,7 +149,7 @@ fn epoch_now() -> u32 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_authorities_sign_survive_one_loss_and_stop_at_two() {
     let started = Instant::now();
-    let bin = binary();
+    let bin = binary("murmur-directory");
     let root = tempfile::tempdir().unwrap();
     let ports = free_ports(3);
     let authorities: Vec<Authority> = ports
