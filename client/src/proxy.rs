@@ -175,6 +175,7 @@ pub async fn run(
             dead_gateways.push(gateway.identity);
             continue;
         };
+        tracing::info!(gateway = %gateway.identity, "using gateway");
         let address = Address(rng.random());
         let mut config = SessionConfig::new(address);
         config.path_rules = options.path_rules;
@@ -216,7 +217,9 @@ pub async fn run(
         } else {
             let _ = session_tx.send(Some(handle.clone()));
         }
+        let reporter = tokio::spawn(report_stats(handle.clone(), shutdown.clone()));
         let end = link.await.unwrap_or(LinkEnd::Shutdown);
+        reporter.abort();
         live.handle.send(Cmd::Stop);
         let _ = tokio::task::spawn_blocking(move || thread.join()).await;
         match end {
@@ -230,6 +233,36 @@ pub async fn run(
     tracker.close();
     tracker.wait().await;
     Ok(())
+}
+
+/// Logs the session's counters every half minute, and warns when loops go missing: loop
+/// cover that does not come back means relays drop packets, or someone is attacking.
+async fn report_stats(handle: SessionHandle, shutdown: CancellationToken) {
+    let mut missing = 0;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(30)) => {}
+        }
+        let s = handle.session_stats();
+        tracing::info!(
+            real = s.real_sent,
+            cover = s.cover_sent,
+            loops_sent = s.loops_sent,
+            loops_returned = s.loops_returned,
+            loops_missing = s.loops_missing,
+            retransmits = s.retransmits,
+            replies = s.replies,
+            "session"
+        );
+        if s.loops_missing > missing {
+            tracing::warn!(
+                newly_missing = s.loops_missing - missing,
+                "loop cover did not come back: relays are dropping packets, or the network is under attack"
+            );
+            missing = s.loops_missing;
+        }
+    }
 }
 
 /// Whether a consensus can carry traffic: a gateway, an exit, and a mix in each layer.

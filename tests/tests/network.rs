@@ -5,7 +5,8 @@
 //! - packets injected at the gateway arrive at the exit (its metrics count them);
 //! - while idle, the client still sends at λ_P (+ λ_L + λ_D), counted at the gateway;
 //! - a destination refused by the exit's policy gets a SOCKS refusal promptly;
-//! - a mix killed in the middle of a transfer: the transfer still completes.
+//! - a mix killed in the middle of a transfer: the transfer still completes;
+//! - the client's gateway killed: the client moves to the other gateway and serves again.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::net::SocketAddr;
@@ -28,6 +29,7 @@ const NETWORK: &str =
 struct Network {
     _authorities: Vec<Proc>,
     gateway: RelayProc,
+    other_gateway: RelayProc,
     mixes: Vec<RelayProc>,
     exit: RelayProc,
     client: Proc,
@@ -38,6 +40,7 @@ fn start(dir: &Path) -> Network {
     let (infos, authorities) = start_authorities_with(dir, 3, EPOCH_S, NETWORK);
     let loopback = "[mixing]\nworkers = 1\nreplay_capacity = 200000\ndistinct_subnets = false\n";
     let gateway = start_relay(dir, "gateway", "[\"gateway\"]", &infos, EPOCH_S, loopback);
+    let other_gateway = start_relay(dir, "gateway-b", "[\"gateway\"]", &infos, EPOCH_S, loopback);
     let mixes = (0..6)
         .map(|i| {
             start_relay(
@@ -59,6 +62,7 @@ fn start(dir: &Path) -> Network {
     Network {
         _authorities: authorities,
         gateway,
+        other_gateway,
         mixes,
         exit,
         client,
@@ -121,10 +125,15 @@ fn a_network_of_processes_carries_streams_through_failures() {
 
     // Idle, the client still sends at λ_P + λ_L + λ_D: count frames from clients at the gateway.
     let window = Duration::from_secs(10);
+    // The client uses one of the two gateways: count at both.
     let count = || {
-        net.gateway
-            .metric("murmur_relay_packets_received_total", "from=\"client\"")
-            .unwrap()
+        [&net.gateway, &net.other_gateway]
+            .iter()
+            .map(|g| {
+                g.metric("murmur_relay_packets_received_total", "from=\"client\"")
+                    .unwrap()
+            })
+            .sum::<f64>()
     };
     std::thread::sleep(Duration::from_secs(2)); // let the page's stream finish
     let before = count();
@@ -176,6 +185,36 @@ fn a_network_of_processes_carries_streams_through_failures() {
     );
     eprintln!("1.5 MB with a mix killed midway: {took:?}");
 
+    // Kill the gateway the client uses: it moves to the other one and serves again.
+    let log = net.client.log_text();
+    let used = log
+        .lines()
+        .rev()
+        .find(|l| l.contains("using gateway"))
+        .expect("the client logs its gateway")
+        .to_string();
+    let (dead, alive) = if used.contains(&net.gateway.identity) {
+        (&mut net.gateway, &mut net.other_gateway)
+    } else {
+        (&mut net.other_gateway, &mut net.gateway)
+    };
+    dead.proc.kill9();
+    let t = Instant::now();
+    let served = wait_until(Duration::from_secs(90), Duration::from_millis(500), || {
+        let (code, body, _) = curl(net.socks, &server.url("/"), 10);
+        (code == 0 && body == page).then_some(())
+    });
+    assert!(
+        served.is_some(),
+        "no service after the gateway died:\n{}",
+        net.client.log_text()
+    );
+    eprintln!(
+        "gateway killed: serving again through the other after {:?}",
+        t.elapsed()
+    );
+    let alive = alive.proc.terminate(Duration::from_secs(15));
+
     // Everyone else is still up, and stops cleanly.
     assert!(
         net.client.terminate(Duration::from_secs(15)),
@@ -185,8 +224,5 @@ fn a_network_of_processes_carries_streams_through_failures() {
         net.exit.proc.terminate(Duration::from_secs(15)),
         "exit did not stop on SIGTERM"
     );
-    assert!(
-        net.gateway.proc.terminate(Duration::from_secs(15)),
-        "gateway did not stop on SIGTERM"
-    );
+    assert!(alive, "gateway did not stop on SIGTERM");
 }
