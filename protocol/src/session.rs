@@ -115,8 +115,13 @@ pub struct SessionStats {
 struct ExitSession {
     exit: IdentityKey,
     id: u64,
-    /// Reply blocks the exit is believed to hold.
+    /// Reply blocks the exit is believed to hold. The exit spends blocks in the order it got
+    /// them, so a reply on block `k` means every block before `k` is spent too (its reply
+    /// may have been lost): counting by sequence keeps lost replies from inflating this.
     surbs_at_exit: usize,
+    /// Blocks handed to this exit so far, and the newest one whose reply came back.
+    surbs_issued: u64,
+    newest_returned: Option<u64>,
     streams: Vec<StreamId>,
     /// When the exit last answered, and when it was last sent reply blocks unasked: an exit
     /// that went quiet while streams are open may have run out of blocks (its request for
@@ -211,7 +216,8 @@ pub struct ClientSession {
     /// Timeouts of pending packets (lazily cleaned: an entry whose packet was acked is skipped).
     deadlines: BTreeMap<(Instant, SurbId), ()>,
     retransmit: VecDeque<SurbId>,
-    reply_keys: HashMap<SurbId, (ReplyKey, usize)>,
+    /// Reply blocks handed out: their keys, the exit session, and their sequence there.
+    reply_keys: HashMap<SurbId, (ReplyKey, usize, u64)>,
     loops: HashMap<SurbId, Instant>,
     events: VecDeque<Event>,
     stats: SessionStats,
@@ -317,6 +323,8 @@ impl ClientSession {
                     exit,
                     id: rng.random(),
                     surbs_at_exit: 0,
+                    surbs_issued: 0,
+                    newest_returned: None,
                     streams: Vec::new(),
                     last_heard: Instant::ZERO,
                     last_topup: Instant::ZERO,
@@ -459,10 +467,13 @@ impl ClientSession {
             }
             return;
         }
-        if let Some((key, exit)) = self.reply_keys.remove(&surb_id) {
+        if let Some((key, exit, seq)) = self.reply_keys.remove(&surb_id) {
             self.stats.replies += 1;
             if let Some(e) = self.exits.get_mut(exit) {
-                e.surbs_at_exit = e.surbs_at_exit.saturating_sub(1);
+                if e.newest_returned.is_none_or(|n| seq > n) {
+                    e.newest_returned = Some(seq);
+                    e.surbs_at_exit = usize::try_from(e.surbs_issued - seq - 1).unwrap_or(0);
+                }
                 e.last_heard = now;
             }
             let message = key
@@ -861,12 +872,14 @@ impl ClientSession {
                     break;
                 }
                 let (block, key, _, _) = self.reply_block(rng, exit_relay.as_ref())?;
-                self.reply_keys.insert(key.surb_id(), (key, exit));
+                let seq = self.exits[exit].surbs_issued + blocks.len() as u64;
+                self.reply_keys.insert(key.surb_id(), (key, exit, seq));
                 blocks.push(block);
             }
             if !blocks.is_empty() {
                 used += 2 + blocks.len() * REPLY_BLOCK_LEN;
                 self.exits[exit].surbs_at_exit += blocks.len();
+                self.exits[exit].surbs_issued += blocks.len() as u64;
                 self.exits[exit].last_topup = now;
             }
         }

@@ -664,7 +664,9 @@ fn cut(po: u64, pb: Vec<u8>, o: u64, end: u64) -> Vec<(u64, Vec<u8>)> {
 
 /// The sending side of a stream whose receiver acknowledges cumulatively: holds data until
 /// acknowledged, hands out new segments, and re-sends segments not acknowledged within the
-/// retransmission timeout.
+/// retransmission timeout. The timeout adapts to the measured round trip as TCP's does
+/// (RFC 6298: SRTT + 4·RTTVAR, samples only from segments sent once — Karn's rule), within
+/// `[min_rto, max_rto]`; it starts at the `initial` timeout given to [`SendBuffer::new`].
 #[derive(Debug)]
 pub struct SendBuffer {
     /// Offset of `unacked[0]`: everything below is acknowledged.
@@ -672,25 +674,51 @@ pub struct SendBuffer {
     unacked: VecDeque<u8>,
     /// Offset of the first byte never sent.
     next_new: u64,
-    /// Sent segments not yet acknowledged: offset → (length, when last sent).
-    in_flight: BTreeMap<u64, (usize, Instant)>,
+    /// Sent segments not yet acknowledged: offset → (length, when last sent, sent only once).
+    in_flight: BTreeMap<u64, (usize, Instant, bool)>,
     window: usize,
     rto: Duration,
+    min_rto: Duration,
+    max_rto: Duration,
+    /// Smoothed round trip and its variation, once measured.
+    srtt: Option<(Duration, Duration)>,
     /// Where the data ends, once the writer closed.
     fin: Option<u64>,
 }
 
 impl SendBuffer {
-    pub fn new(window: usize, rto: Duration) -> Self {
+    /// A buffer holding at most `window` unacknowledged bytes, retransmitting after `initial`
+    /// until round trips are measured (then between a tenth of it and ten seconds).
+    pub fn new(window: usize, initial: Duration) -> Self {
         SendBuffer {
             acked: 0,
             unacked: VecDeque::new(),
             next_new: 0,
             in_flight: BTreeMap::new(),
             window,
-            rto,
+            rto: initial,
+            min_rto: initial / 10,
+            max_rto: initial.max(Duration::from_secs(10)),
+            srtt: None,
             fin: None,
         }
+    }
+
+    /// The retransmission timeout now in force.
+    pub fn rto(&self) -> Duration {
+        self.rto
+    }
+
+    fn sample(&mut self, rtt: Duration) {
+        let (srtt, rttvar) = match self.srtt {
+            None => (rtt, rtt / 2),
+            Some((srtt, rttvar)) => {
+                let diff = srtt.abs_diff(rtt);
+                ((srtt * 7 + rtt) / 8, (rttvar * 3 + diff) / 4)
+            }
+        };
+        self.srtt = Some((srtt, rttvar));
+        self.rto = (srtt + rttvar * 4).clamp(self.min_rto, self.max_rto);
     }
 
     /// How many more bytes [`Self::push`] accepts now.
@@ -720,8 +748,9 @@ impl SendBuffer {
         self.fin
     }
 
-    /// The peer has every byte below `offset`. Returns whether anything new was acknowledged.
-    pub fn ack(&mut self, offset: u64) -> bool {
+    /// The peer has every byte below `offset` (as learnt at `now`). Returns whether anything
+    /// new was acknowledged.
+    pub fn ack(&mut self, offset: u64, now: Instant) -> bool {
         let end = self.acked + self.unacked.len() as u64;
         let offset = offset.min(end).min(self.next_new);
         if offset <= self.acked {
@@ -731,13 +760,20 @@ impl SendBuffer {
         self.acked = offset;
         // Drop segments wholly acknowledged; a partly acknowledged one shrinks.
         let covered: Vec<u64> = self.in_flight.range(..offset).map(|(&o, _)| o).collect();
+        let mut newest_clean: Option<Instant> = None;
         for o in covered {
-            if let Some((len, at)) = self.in_flight.remove(&o) {
+            if let Some((len, at, once)) = self.in_flight.remove(&o) {
                 let end = o + len as u64;
                 if end > offset {
-                    self.in_flight.insert(offset, ((end - offset) as usize, at));
+                    self.in_flight
+                        .insert(offset, ((end - offset) as usize, at, once));
+                } else if once {
+                    newest_clean = newest_clean.max(Some(at));
                 }
             }
+        }
+        if let Some(at) = newest_clean {
+            self.sample(now.saturating_duration_since(at));
         }
         true
     }
@@ -761,16 +797,16 @@ impl SendBuffer {
         let due = self
             .in_flight
             .iter()
-            .find(|(_, (_, at))| now.saturating_duration_since(*at) >= self.rto)
-            .map(|(&o, &(len, _))| (o, len));
+            .find(|(_, (_, at, _))| now.saturating_duration_since(*at) >= self.rto)
+            .map(|(&o, &(len, _, _))| (o, len));
         let (offset, len) = match due {
             Some((o, len)) => {
                 let take = len.min(max_len);
                 self.in_flight.remove(&o);
-                self.in_flight.insert(o, (take, now));
+                self.in_flight.insert(o, (take, now, false));
                 if take < len {
                     self.in_flight
-                        .insert(o + take as u64, (len - take, Instant::ZERO));
+                        .insert(o + take as u64, (len - take, Instant::ZERO, false));
                 }
                 (o, take)
             }
@@ -781,7 +817,7 @@ impl SendBuffer {
                 }
                 let take = ((end - self.next_new) as usize).min(max_len);
                 let o = self.next_new;
-                self.in_flight.insert(o, (take, now));
+                self.in_flight.insert(o, (take, now, true));
                 self.next_new += take as u64;
                 (o, take)
             }
@@ -793,7 +829,10 @@ impl SendBuffer {
 
     /// When the earliest in-flight segment times out.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.in_flight.values().map(|&(_, at)| at + self.rto).min()
+        self.in_flight
+            .values()
+            .map(|&(_, at, _)| at + self.rto)
+            .min()
     }
 
     /// Whether new (never sent) data is waiting.
@@ -870,7 +909,7 @@ mod tests {
         assert_eq!(s.poll_segment(t0, 3), Some((3, b"def".to_vec())));
         assert_eq!(s.poll_segment(t0, 3), Some((6, b"gh".to_vec())));
         assert_eq!(s.poll_segment(t0, 3), None);
-        assert!(s.ack(3));
+        assert!(s.ack(3, t0));
         assert_eq!(s.space(), 3);
         let t1 = t0 + rto;
         assert_eq!(s.poll_segment(t1, 2), Some((3, b"de".to_vec())));
@@ -881,7 +920,7 @@ mod tests {
         );
         assert_eq!(s.poll_segment(t1, 8), Some((6, b"gh".to_vec())));
         s.close();
-        assert!(s.ack(8));
+        assert!(s.ack(8, t1));
         assert!(s.is_done());
         assert_eq!(s.poll_timeout(), None);
     }
@@ -942,7 +981,7 @@ mod tests {
                         out.extend(r.insert(o, &b).unwrap());
                     }
                 }
-                s.ack(r.delivered());
+                s.ack(r.delivered(), now);
                 if s.is_done() { break; }
                 now = now + rto;
             }

@@ -47,7 +47,7 @@ const SURBS_LOW: usize = 16;
 const MAX_SESSIONS: usize = 4096;
 /// A session with no stream is forgotten after this long.
 const SESSION_IDLE: Duration = Duration::from_secs(600);
-/// Reply data not acknowledged within this is re-sent.
+/// Reply data not acknowledged within this is re-sent, until round trips are measured.
 const REPLY_RTO: Duration = Duration::from_secs(3);
 /// How many times each new stream ack is sent.
 const ACK_REPEATS: u8 = 3;
@@ -221,6 +221,7 @@ impl Exit {
             return;
         };
         let mut opens = Vec::new();
+        let now = self.now();
         if let Ok(mut st) = session.state.lock() {
             st.last_active = Some(StdInstant::now());
             for item in msg.items {
@@ -265,7 +266,7 @@ impl Exit {
                     }
                     ClientItem::Ack { stream, offset } => {
                         if let Some(s) = st.streams.get_mut(&stream) {
-                            let mut progress = s.send.ack(offset);
+                            let mut progress = s.send.ack(offset, now);
                             if s.send.fin_offset().is_some_and(|f| offset > f) && !s.fin_acked {
                                 s.fin_acked = true;
                                 progress = true;
@@ -723,10 +724,10 @@ fn next_deadline(st: &SessionState) -> Option<Instant> {
                 s.send.poll_timeout(),
                 s.ack_sent_at
                     .filter(|_| s.ack_resends_left > 0)
-                    .map(|t| t + REPLY_RTO),
+                    .map(|t| t + s.send.rto()),
                 s.fin_sent_at
                     .filter(|_| !s.fin_acked)
-                    .map(|t| t + REPLY_RTO),
+                    .map(|t| t + s.send.rto()),
             ]
         })
         .flatten()
@@ -766,7 +767,7 @@ fn build_message(st: &mut SessionState, now: Instant) -> Option<ExitMessage> {
         };
         let ack_due = s.ack_resends_left > 0
             && s.ack_sent_at
-                .is_none_or(|t| now.saturating_duration_since(t) >= REPLY_RTO);
+                .is_none_or(|t| now.saturating_duration_since(t) >= s.send.rto());
         if ack_due && used + 13 <= budget {
             items.push(ExitItem::Ack {
                 stream: *id,
@@ -797,7 +798,7 @@ fn build_message(st: &mut SessionState, now: Instant) -> Option<ExitMessage> {
         let fin_due = !s.fin_acked
             && !s.send.has_new()
             && s.fin_sent_at
-                .is_none_or(|t| now.saturating_duration_since(t) >= REPLY_RTO);
+                .is_none_or(|t| now.saturating_duration_since(t) >= s.send.rto());
         if let Some(fin) = s
             .send
             .fin_offset()
