@@ -27,15 +27,20 @@ pub fn drop_packet(reason: &'static str) {
     metrics::counter!(PACKETS_DROPPED, "reason" => reason).increment(1);
 }
 
-/// Starts `/metrics` on `addr` (Prometheus text format).
-pub fn install(addr: SocketAddr) -> Result<()> {
+/// The Prometheus recorder as the relay configures it (histogram buckets), not yet installed.
+pub fn builder() -> Result<PrometheusBuilder> {
     let hold_buckets = [
         0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
     ];
     PrometheusBuilder::new()
-        .with_http_listener(addr)
         .set_buckets_for_metric(Matcher::Full(HOLD_SECONDS.into()), &hold_buckets)
-        .map_err(|e| Error::Metrics(e.to_string()))?
+        .map_err(|e| Error::Metrics(e.to_string()))
+}
+
+/// Starts `/metrics` on `addr` (Prometheus text format).
+pub fn install(addr: SocketAddr) -> Result<()> {
+    builder()?
+        .with_http_listener(addr)
         .install()
         .map_err(|e| Error::Metrics(e.to_string()))
 }

@@ -1,0 +1,441 @@
+//! `cargo bench -p murmur-relay --bench forwarding`: how many packets per second one relay
+//! forwards on loopback with zero delay, against the raw single-hop Sphinx rate of the same
+//! machine on all cores, measured in the same run.
+//!
+//! - Relay: an in-process [`Node`] (role mix, replay state on disk as in production, a
+//!   Prometheus recorder installed) with a consensus that lists itself and a sink, a TCP
+//!   listener of this benchmark. A client thread sends pre-built two-hop packets [relay, sink]
+//!   as relay-link frames, keeping at most `WINDOW` packets in flight so the relay is saturated
+//!   without its input queue overflowing; the rate is packets arriving at the sink per second.
+//! - Raw: one thread per core, each opening and processing (`OpenedPacket::open` +
+//!   `process`) pre-built packets in a loop, nothing else.
+//!
+//! Rounds alternate (raw, relay, raw, relay, ...) so that load from elsewhere on a shared
+//! machine touches both; the medians and their ratio are printed. So is the CPU time each
+//! packet cost, by thread, with the client and sink (which stand for other relays) counted
+//! against the relay. When other work competes for the cores the scheduler gives the relay's
+//! six threads a larger share than the raw test's two, and the throughput ratio reads high;
+//! the CPU ratio (raw CPU per packet ÷ relay CPU per packet) does not depend on that, and is
+//! what the throughput ratio comes to on an idle machine.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::collections::BTreeMap;
+use std::io::{BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use ed25519_dalek::SigningKey;
+use murmur_protocol::directory::{
+    Consensus, ConsensusRelay, DIRECTORY_SCHEMA, EpochKey, ExitPolicy, IdentityKey, NetworkParams,
+    RelayAddresses, Roles,
+};
+use murmur_protocol::frame::{FRAME_LEN, Frame};
+use murmur_protocol::packet::{
+    Address, HopOutput, OpenedPacket, Packet, PublicKey, RouteHop, StaticSecret, build_packet,
+};
+use murmur_relay::{Config, Node};
+use rand::SeedableRng;
+use rand_chacha::ChaCha20Rng;
+use tokio_util::sync::CancellationToken;
+
+const ROUNDS: usize = 3;
+/// Packets per relay round (each packet is good once: the relay refuses replays).
+const RELAY_PACKETS: usize = 40_000;
+/// Packets in flight between the client and the sink.
+const WINDOW: u64 = 4096;
+/// Frames per write.
+const CHUNK: u64 = 128;
+const RAW_PACKETS: usize = 512;
+const RAW_TIME: Duration = Duration::from_secs(3);
+const EPOCH: u32 = 1_000;
+
+fn main() {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let load_before = loadavg();
+    let dir = tempfile::tempdir().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let prometheus = murmur_relay::metrics::builder()
+        .unwrap()
+        .install_recorder()
+        .unwrap();
+
+    let mut rng = ChaCha20Rng::seed_from_u64(7);
+    let identity = SigningKey::generate(&mut rng);
+    let sink_identity = SigningKey::generate(&mut rng);
+    let sink_secret = StaticSecret::random_from_rng(&mut rng);
+    let config = Config::parse(
+        &format!(
+            "version = 1\n[relay]\nfamily = \"bench\"\nroles = [\"mix\"]\nstate_dir = \"{}\"\n\
+             [listen]\nmix = \"127.0.0.1:0\"\n[mixing]\nreplay_capacity = 1000000\n",
+            dir.path().join("state").display()
+        ),
+        dir.path().to_path_buf(),
+    )
+    .unwrap();
+    let shutdown = CancellationToken::new();
+    let node = rt
+        .block_on(Node::start(config, identity.clone(), shutdown.clone()))
+        .unwrap();
+    node.rotate_keys(EPOCH).unwrap();
+    let relay_key = node.keys().get(EPOCH).unwrap().public;
+
+    let sink = Sink::start();
+    node.apply_consensus(Arc::new(consensus(
+        (&identity, node.mix_addr(), relay_key),
+        (&sink_identity, sink.addr, PublicKey::from(&sink_secret)),
+    )));
+    let route = [
+        RouteHop {
+            address: node.address(),
+            sphinx_key: relay_key,
+        },
+        RouteHop {
+            address: Address(sink_identity.verifying_key().to_bytes()),
+            sphinx_key: PublicKey::from(&sink_secret),
+        },
+    ];
+
+    let t = Instant::now();
+    let raw_secret = StaticSecret::random_from_rng(&mut rng);
+    let raw_route = [
+        RouteHop {
+            address: Address([1; 32]),
+            sphinx_key: PublicKey::from(&raw_secret),
+        },
+        route[1].clone(),
+    ];
+    let raw_packets = Arc::new(build_many(&raw_route, RAW_PACKETS, cores, 1));
+    let rounds: Vec<Vec<u8>> = (0..ROUNDS)
+        .map(|r| {
+            let packets = build_many(&route, RELAY_PACKETS, cores, 100 + r as u64);
+            let mut frames = Vec::with_capacity(RELAY_PACKETS * FRAME_LEN);
+            for packet in packets {
+                let frame = Frame::Packet {
+                    key_epoch: EPOCH,
+                    packet,
+                };
+                frames.extend_from_slice(&frame.encode().unwrap()[..]);
+            }
+            frames
+        })
+        .collect();
+    println!(
+        "built {} packets in {:.1} s; {cores} cores",
+        RAW_PACKETS + ROUNDS * RELAY_PACKETS,
+        t.elapsed().as_secs_f64()
+    );
+
+    let mut raw_rates = Vec::new();
+    let mut relay_rates = Vec::new();
+    let mut raw_cpu = (0.0, 0u64);
+    let mut relay_cpu: BTreeMap<String, f64> = BTreeMap::new();
+    for (r, frames) in rounds.iter().enumerate() {
+        let before = process_cpu();
+        let (raw, n) = raw_rate(&raw_packets, &raw_secret, cores);
+        raw_cpu.0 += process_cpu() - before;
+        raw_cpu.1 += n;
+        let between = thread_cpu();
+        let (relay, lost) = relay_rate(node.mix_addr(), frames, &sink);
+        let after = thread_cpu();
+        for (name, t) in &after {
+            *relay_cpu.entry(thread_kind(name)).or_default() +=
+                t - between.get(name).copied().unwrap_or(0.0);
+        }
+        println!(
+            "round {}: raw Sphinx {raw:.0} packets/s on {cores} threads; relay {relay:.0} \
+             packets/s ({lost} lost); ratio {:.3}",
+            r + 1,
+            relay / raw
+        );
+        raw_rates.push(raw);
+        relay_rates.push(relay);
+    }
+    let (raw, relay) = (median(&mut raw_rates), median(&mut relay_rates));
+    println!(
+        "median: relay forwards {relay:.0} packets/s with zero delay; raw single-hop Sphinx \
+         {raw:.0} packets/s on {cores} cores; ratio {:.3}",
+        relay / raw
+    );
+    let per_packet = |secs: f64, n: f64| format!("{:.1} µs", secs / n * 1e6);
+    let relayed = (ROUNDS * RELAY_PACKETS) as f64;
+    let relay_total: f64 = relay_cpu.values().sum();
+    println!(
+        "CPU per packet: raw {}; relay {} in all (CPU ratio {:.3}): {}",
+        per_packet(raw_cpu.0, raw_cpu.1 as f64),
+        per_packet(relay_total, relayed),
+        (raw_cpu.0 / raw_cpu.1 as f64) / (relay_total / relayed),
+        relay_cpu
+            .iter()
+            .filter(|(_, t)| **t > 0.0)
+            .map(|(k, t)| format!("{k} {}", per_packet(*t, relayed)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    println!("load average: {} before, {} after", load_before, loadavg());
+    let drops: Vec<String> = prometheus
+        .render()
+        .lines()
+        .filter(|l| l.starts_with("murmur_relay_packets_dropped_total"))
+        .map(str::to_string)
+        .collect();
+    println!("relay drops: {drops:?}");
+    shutdown.cancel();
+    rt.block_on(node.join());
+}
+
+/// A consensus for `EPOCH` listing the relay and the sink, without relay loop cover.
+fn consensus(
+    relay: (&SigningKey, SocketAddr, PublicKey),
+    sink: (&SigningKey, SocketAddr, PublicKey),
+) -> Consensus {
+    let mut relays: Vec<ConsensusRelay> = [(relay, 1u8), (sink, 2u8)]
+        .into_iter()
+        .map(|((identity, addr, key), layer)| ConsensusRelay {
+            identity: IdentityKey::of(identity),
+            family: format!("bench-{layer}"),
+            addresses: RelayAddresses {
+                mix: addr,
+                client: None,
+            },
+            roles: Roles {
+                mix: true,
+                ..Roles::default()
+            },
+            layer: Some(layer),
+            sphinx_keys: vec![EpochKey {
+                epoch: EPOCH,
+                key: key.to_bytes(),
+            }],
+            exit_policy: ExitPolicy::reject_all(),
+            price_per_packet: 1,
+            bandwidth: 1000,
+        })
+        .collect();
+    relays.sort_by_key(|r| r.identity);
+    let params = NetworkParams {
+        lambda_m: 0.0,
+        ..NetworkParams::nym_like()
+    };
+    let start = u64::from(EPOCH) * params.epoch_length_s;
+    Consensus {
+        schema: DIRECTORY_SCHEMA,
+        epoch: EPOCH,
+        valid_after: start,
+        fresh_until: start + params.epoch_length_s,
+        valid_until: start + 2 * params.epoch_length_s,
+        params,
+        relays,
+    }
+}
+
+/// `n` zero-delay packets over `route`, built on `threads` threads.
+fn build_many(route: &[RouteHop], n: usize, threads: usize, seed: u64) -> Vec<Packet> {
+    let destination = route[route.len() - 1].address;
+    let per = n.div_ceil(threads);
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                std::thread::Builder::new()
+                    .name(format!("build-{t}"))
+                    .spawn_scoped(s, move || {
+                        let mut rng = ChaCha20Rng::seed_from_u64(seed * 1000 + t as u64);
+                        let count = per.min(n.saturating_sub(t * per));
+                        (0..count)
+                            .map(|_| {
+                                build_packet(
+                                    &mut rng,
+                                    route,
+                                    &[Duration::ZERO, Duration::ZERO],
+                                    destination,
+                                    [0; 16],
+                                    b"forwarding benchmark",
+                                )
+                                .unwrap()
+                            })
+                            .collect::<Vec<_>>()
+                    })
+                    .unwrap()
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap())
+            .collect()
+    })
+}
+
+/// Single-hop processing on `threads` threads for `RAW_TIME`; packets per second and count.
+fn raw_rate(packets: &Arc<Vec<Packet>>, secret: &StaticSecret, threads: usize) -> (f64, u64) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let handles: Vec<_> = (0..threads)
+        .map(|t| {
+            let (packets, secret, stop, done) =
+                (packets.clone(), secret.clone(), stop.clone(), done.clone());
+            std::thread::Builder::new()
+                .name(format!("raw-{t}"))
+                .spawn(move || {
+                    let mut i = t;
+                    let mut n = 0u64;
+                    while !stop.load(Ordering::Relaxed) {
+                        let p = &packets[i % packets.len()];
+                        let opened = OpenedPacket::open(p.as_bytes(), &secret).unwrap();
+                        match opened.process(Duration::MAX).unwrap() {
+                            HopOutput::Forward { packet, .. } => {
+                                std::hint::black_box(packet);
+                            }
+                            HopOutput::Final(_) => unreachable!(),
+                        }
+                        i += 1;
+                        n += 1;
+                    }
+                    done.fetch_add(n, Ordering::Relaxed);
+                })
+                .unwrap()
+        })
+        .collect();
+    std::thread::sleep(RAW_TIME);
+    stop.store(true, Ordering::Relaxed);
+    for h in handles {
+        h.join().unwrap();
+    }
+    let n = done.load(Ordering::Relaxed);
+    (n as f64 / start.elapsed().as_secs_f64(), n)
+}
+
+/// Sends `frames` to the relay, at most `WINDOW` ahead of what reached the sink; returns the
+/// sink's packets per second and how many never arrived.
+fn relay_rate(relay: SocketAddr, frames: &[u8], sink: &Sink) -> (f64, u64) {
+    let n = (frames.len() / FRAME_LEN) as u64;
+    let base = sink.received.load(Ordering::Relaxed);
+    let arrived = || sink.received.load(Ordering::Relaxed) - base;
+    let mut link = TcpStream::connect(relay).unwrap();
+    link.set_nodelay(true).unwrap();
+    let start = Instant::now();
+    let mut sent = 0u64;
+    let mut last_progress = (0, Instant::now());
+    while arrived() < n {
+        // Large writes and few wake-ups: the client stands for other relays, so it should
+        // take as little of the machine as it can.
+        let room = (WINDOW + arrived())
+            .saturating_sub(sent)
+            .min(n - sent)
+            .min(CHUNK);
+        if room == CHUNK || (room > 0 && sent + room == n) {
+            let from = sent as usize * FRAME_LEN;
+            link.write_all(&frames[from..from + room as usize * FRAME_LEN])
+                .unwrap();
+            sent += room;
+        } else {
+            std::thread::sleep(Duration::from_micros(500));
+        }
+        // Packets the relay dropped never arrive: stop once nothing moves for a while.
+        let a = arrived();
+        if a != last_progress.0 {
+            last_progress = (a, Instant::now());
+        } else if last_progress.1.elapsed() > Duration::from_secs(2) {
+            break;
+        }
+    }
+    let a = arrived();
+    (a as f64 / start.elapsed().as_secs_f64(), n - a)
+}
+
+/// Counts the frames the relay forwards to it.
+struct Sink {
+    addr: SocketAddr,
+    received: Arc<AtomicU64>,
+}
+
+impl Sink {
+    fn start() -> Sink {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let sink = Sink {
+            addr: listener.local_addr().unwrap(),
+            received: Arc::default(),
+        };
+        let received = sink.received.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(stream) = stream else { continue };
+                let received = received.clone();
+                std::thread::Builder::new()
+                    .name("sink".into())
+                    .spawn(move || {
+                        let mut reader = BufReader::with_capacity(64 * FRAME_LEN, stream);
+                        let mut buf = vec![0u8; FRAME_LEN];
+                        while reader.read_exact(&mut buf).is_ok() {
+                            received.fetch_add(1, Ordering::Relaxed);
+                        }
+                    })
+                    .unwrap();
+            }
+        });
+        sink
+    }
+}
+
+fn median(xs: &mut [f64]) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    xs[xs.len() / 2]
+}
+
+/// CPU seconds (user + system) of a `/proc/.../stat` line, and its "pid (comm" head.
+fn cpu_of(stat: &str) -> Option<(&str, f64)> {
+    let (head, rest) = stat.rsplit_once(')')?;
+    // utime and stime are the 12th and 13th fields after the command name, in 10 ms ticks.
+    let ticks: f64 = rest
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .map(|x| x.parse::<f64>().unwrap_or(0.0))
+        .sum();
+    Some((head, ticks / 100.0))
+}
+
+/// CPU seconds used so far by this process, finished threads included.
+fn process_cpu() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    cpu_of(&stat).map_or(0.0, |(_, t)| t)
+}
+
+/// CPU seconds used so far by each running thread of this process, by "id (name".
+fn thread_cpu() -> BTreeMap<String, f64> {
+    let mut out = BTreeMap::new();
+    for task in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
+        let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
+        let Some((head, secs)) = cpu_of(&stat) else {
+            continue;
+        };
+        out.insert(head.to_string(), secs);
+    }
+    out
+}
+
+/// What a thread is, from its name: `sphinx-0` and `sphinx-1` are both "Sphinx workers".
+fn thread_kind(name: &str) -> String {
+    let comm = name.split_once('(').map_or(name, |(_, n)| n);
+    match comm {
+        c if c.starts_with("sphinx-") => "Sphinx workers",
+        c if c.starts_with("tokio-") => "async runtime (links, router)",
+        "replay-flusher" => "replay flusher (fsync)",
+        "sink" => "sink (bench)",
+        c if c.starts_with("raw-") || c.starts_with("build-") => "other",
+        _ => "client (bench)",
+    }
+    .to_string()
+}
+
+/// The 1-minute load average (other work on a shared machine skews the rates).
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|l| l.split_whitespace().next().map(str::to_string))
+        .unwrap_or_default()
+}
