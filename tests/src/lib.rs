@@ -57,6 +57,24 @@ pub fn wait_until<T>(
     }
 }
 
+/// Runs `bin keygen --out key` (creating the key's directory); returns the printed identity.
+pub fn keygen(bin: &Path, key: &Path) -> String {
+    if let Some(dir) = key.parent() {
+        std::fs::create_dir_all(dir).unwrap();
+    }
+    let out = Command::new(bin)
+        .args(["keygen", "--out"])
+        .arg(key)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
 /// A child process killed and reaped when dropped; its stderr goes to a log file.
 pub struct Proc {
     pub name: String,
@@ -182,19 +200,8 @@ pub fn start_authorities_with(
     let mut infos = Vec::new();
     for (i, port) in ports.iter().enumerate() {
         let adir = dir.join(format!("authority-{i}"));
-        std::fs::create_dir_all(&adir).unwrap();
-        let out = Command::new(&bin)
-            .args(["keygen", "--out"])
-            .arg(adir.join("authority.key"))
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
         infos.push(AuthorityInfo {
-            identity: String::from_utf8_lossy(&out.stdout).trim().to_string(),
+            identity: keygen(&bin, &adir.join("authority.key")),
             url: format!("http://127.0.0.1:{port}"),
             dir: adir,
         });
@@ -261,18 +268,7 @@ pub fn start_relay(
 ) -> RelayProc {
     let bin = binary("murmur-relay");
     let rdir = dir.join(name);
-    std::fs::create_dir_all(&rdir).unwrap();
-    let out = Command::new(&bin)
-        .args(["keygen", "--out"])
-        .arg(rdir.join("identity.key"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let identity = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let identity = keygen(&bin, &rdir.join("identity.key"));
     let ports = free_ports(3);
     let (mix, client, metrics) = (
         SocketAddr::from(([127, 0, 0, 1], ports[0])),

@@ -48,18 +48,7 @@ struct Authority {
 }
 
 fn keygen(bin: &Path, dir: &Path) -> IdentityKey {
-    std::fs::create_dir_all(dir).unwrap();
-    let out = Command::new(bin)
-        .args(["keygen", "--out"])
-        .arg(dir.join("authority.key"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    IdentityKey::from_hex(String::from_utf8_lossy(&out.stdout).trim()).unwrap()
+    IdentityKey::from_hex(&murmur_tests::keygen(bin, &dir.join("authority.key"))).unwrap()
 }
 
 fn write_config(a: &Authority, port: u16, all: &[Authority]) -> PathBuf {
