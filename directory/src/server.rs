@@ -346,15 +346,16 @@ pub(crate) fn count_vote(ctx: &Ctx, result: &Result<Accepted, Refusal>) {
 
 /// A TCP listener that holds at most `max` connections open at once (further connections
 /// wait in the kernel's backlog until one closes) and closes a connection on which nothing
-/// arrives for `idle` (so idle or slow clients cannot keep the permits).
-pub(crate) struct CappedListener {
+/// arrives for `idle` (so idle or slow clients cannot keep the permits). Give it to
+/// `axum::serve` in place of the `TcpListener` (the ledger's server does too).
+pub struct CappedListener {
     inner: TcpListener,
     permits: Arc<Semaphore>,
     idle: Duration,
 }
 
 impl CappedListener {
-    pub(crate) fn new(inner: TcpListener, max: usize, idle: Duration) -> Self {
+    pub fn new(inner: TcpListener, max: usize, idle: Duration) -> Self {
         CappedListener {
             inner,
             permits: Arc::new(Semaphore::new(max.min(Semaphore::MAX_PERMITS))),
@@ -392,7 +393,7 @@ impl axum::serve::Listener for CappedListener {
 
 /// A connection holding one of the listener's permits until it is dropped, and failing its
 /// reads once nothing has arrived for the idle time.
-pub(crate) struct CappedStream {
+pub struct CappedStream {
     io: TcpStream,
     idle: Duration,
     deadline: Pin<Box<Sleep>>,
