@@ -35,6 +35,8 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Sleep;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::authority::{Accepted, Refusal};
 use crate::daemon::Ctx;
@@ -344,18 +346,46 @@ pub(crate) fn count_vote(ctx: &Ctx, result: &Result<Accepted, Refusal>) {
     ctx.metrics.inc(VOTES_RECEIVED, label);
 }
 
+/// Serves `router` on `listener` (at most `max_connections` at once, idle ones closed after
+/// `idle`) until `shutdown` completes; then cancels `token` (background tasks watch it),
+/// lets open requests finish, waits for the tasks in `tracker`, and returns. The directory
+/// authority and the ledger both run this way.
+pub async fn serve_until(
+    listener: TcpListener,
+    max_connections: usize,
+    idle: Duration,
+    router: Router,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    token: CancellationToken,
+    tracker: TaskTracker,
+) -> io::Result<()> {
+    let stop = token.clone();
+    tokio::spawn(async move {
+        shutdown.await;
+        tracing::info!("shutting down");
+        stop.cancel();
+    });
+    let served = axum::serve(CappedListener::new(listener, max_connections, idle), router)
+        .with_graceful_shutdown(token.clone().cancelled_owned())
+        .await;
+    token.cancel();
+    tracker.close();
+    tracker.wait().await;
+    tracing::info!("stopped");
+    served
+}
+
 /// A TCP listener that holds at most `max` connections open at once (further connections
 /// wait in the kernel's backlog until one closes) and closes a connection on which nothing
-/// arrives for `idle` (so idle or slow clients cannot keep the permits). Give it to
-/// `axum::serve` in place of the `TcpListener` (the ledger's server does too).
-pub struct CappedListener {
+/// arrives for `idle` (so idle or slow clients cannot keep the permits).
+pub(crate) struct CappedListener {
     inner: TcpListener,
     permits: Arc<Semaphore>,
     idle: Duration,
 }
 
 impl CappedListener {
-    pub fn new(inner: TcpListener, max: usize, idle: Duration) -> Self {
+    pub(crate) fn new(inner: TcpListener, max: usize, idle: Duration) -> Self {
         CappedListener {
             inner,
             permits: Arc::new(Semaphore::new(max.min(Semaphore::MAX_PERMITS))),
@@ -393,7 +423,7 @@ impl axum::serve::Listener for CappedListener {
 
 /// A connection holding one of the listener's permits until it is dropped, and failing its
 /// reads once nothing has arrived for the idle time.
-pub struct CappedStream {
+pub(crate) struct CappedStream {
     io: TcpStream,
     idle: Duration,
     deadline: Pin<Box<Sleep>>,

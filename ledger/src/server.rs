@@ -22,7 +22,7 @@ use axum::extract::{Path, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use murmur_directory::CappedListener;
+use murmur_directory::serve_until;
 use murmur_protocol::directory::IdentityKey;
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
@@ -209,27 +209,17 @@ pub async fn serve(
     let token = CancellationToken::new();
     let tracker = TaskTracker::new();
     tracker.spawn(prune_periodically(ctx.clone(), token.clone()));
-    let stop = token.clone();
-    tokio::spawn(async move {
-        shutdown.await;
-        tracing::info!("shutting down");
-        stop.cancel();
-    });
-    let served = axum::serve(
-        CappedListener::new(
-            listener,
-            ctx.config.limits.max_connections,
-            ctx.config.limits.idle_timeout,
-        ),
+    serve_until(
+        listener,
+        ctx.config.limits.max_connections,
+        ctx.config.limits.idle_timeout,
         router(ctx.clone()),
+        shutdown,
+        token,
+        tracker,
     )
-    .with_graceful_shutdown(token.clone().cancelled_owned())
-    .await;
-    token.cancel();
-    tracker.close();
-    tracker.wait().await;
-    tracing::info!("stopped");
-    served.map_err(Error::Serve)
+    .await
+    .map_err(Error::Serve)
 }
 
 async fn prune_periodically(ctx: Arc<Ctx>, token: CancellationToken) {
