@@ -303,28 +303,30 @@ impl Config {
     }
 }
 
+/// An example config with every setting uncommented: settings are commented out with one
+/// `#`, prose with `##`. The example-config tests (here and in the ledger) parse both forms
+/// and compare them with the defaults.
+pub fn uncomment_example(text: &str) -> String {
+    text.lines()
+        .map(|l| match l.strip_prefix('#') {
+            Some(rest) if !rest.starts_with('#') => rest.strip_prefix(' ').unwrap_or(rest),
+            _ => l,
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     const EXAMPLE: &str = include_str!("../authority.example.toml");
 
-    /// Settings are commented out with one `#`, prose with `##`.
-    fn uncomment(text: &str) -> String {
-        text.lines()
-            .map(|l| match l.strip_prefix('#') {
-                Some(rest) if !rest.starts_with('#') => rest.strip_prefix(' ').unwrap_or(rest),
-                _ => l,
-            })
-            .collect::<Vec<_>>()
-            .join("\n")
-    }
-
     #[test]
     fn the_example_config_is_the_defaults() {
         let path = Path::new("authority.example.toml");
         let as_shipped = Config::parse(EXAMPLE, path).unwrap();
-        let uncommented = Config::parse(&uncomment(EXAMPLE), path).unwrap();
+        let uncommented = Config::parse(&uncomment_example(EXAMPLE), path).unwrap();
         let mut expected = Config::with_defaults();
         expected.authorities = as_shipped.authorities.clone();
         assert_eq!(as_shipped, expected);
@@ -345,7 +347,7 @@ mod tests {
         assert!(err.to_string().contains("colour"), "{err}");
         let err = Config::parse(&format!("{base}\n[schedule]\nepoch = \"1s\"\n"), path);
         assert!(err.is_err());
-        let mut c = Config::parse(&uncomment(EXAMPLE), path).unwrap();
+        let mut c = Config::parse(&uncomment_example(EXAMPLE), path).unwrap();
         c.version = 2;
         assert!(c.validate().unwrap_err().to_string().contains("version"));
         let mut c = Config::parse(EXAMPLE, path).unwrap();

@@ -30,7 +30,7 @@ use crate::authority::{Accepted, Authority, AuthorityPolicy, Refusal};
 use crate::client::{DirectoryClient, MAX_DOCUMENT_BYTES};
 use crate::config::Config;
 use crate::metrics::{CONSENSUS_FAILED, CONSENSUS_PRODUCED, Metrics, PEER_REQUESTS_FAILED};
-use crate::server::{CappedListener, count_vote, router};
+use crate::server::{count_vote, router, serve_until};
 use crate::storage::Storage;
 use crate::{Error, Result, SignatureUpload, keys, unix_now, unix_now_ms};
 
@@ -163,27 +163,17 @@ pub async fn serve(
     let token = CancellationToken::new();
     let tracker = TaskTracker::new();
     tracker.spawn(schedule(ctx.clone(), token.clone(), tracker.clone()));
-    let stop = token.clone();
-    tokio::spawn(async move {
-        shutdown.await;
-        tracing::info!("shutting down");
-        stop.cancel();
-    });
-    let served = axum::serve(
-        CappedListener::new(
-            listener,
-            ctx.config.limits.max_connections,
-            ctx.config.limits.idle_timeout,
-        ),
+    serve_until(
+        listener,
+        ctx.config.limits.max_connections,
+        ctx.config.limits.idle_timeout,
         router(ctx.clone()),
+        shutdown,
+        token,
+        tracker,
     )
-    .with_graceful_shutdown(token.clone().cancelled_owned())
-    .await;
-    token.cancel();
-    tracker.close();
-    tracker.wait().await;
-    tracing::info!("stopped");
-    served.map_err(Error::Serve)
+    .await
+    .map_err(Error::Serve)
 }
 
 /// Sleeps until `at_ms` (Unix milliseconds); false if shut down first.

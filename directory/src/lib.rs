@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 pub use config::Config;
 pub use daemon::{run, serve};
 pub use error::{Error, Result};
-pub use server::{MAX_DESCRIPTOR_BYTES, MAX_SIGNATURE_BYTES, MAX_VOTE_BYTES};
+pub use server::{MAX_DESCRIPTOR_BYTES, MAX_SIGNATURE_BYTES, MAX_VOTE_BYTES, serve_until};
 
 /// What `POST /v1/signature` carries: an authority's signature on its consensus for `epoch`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

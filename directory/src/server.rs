@@ -35,6 +35,8 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Sleep;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::authority::{Accepted, Refusal};
 use crate::daemon::Ctx;
@@ -342,6 +344,35 @@ pub(crate) fn count_vote(ctx: &Ctx, result: &Result<Accepted, Refusal>) {
         Err(r) => r.reason,
     };
     ctx.metrics.inc(VOTES_RECEIVED, label);
+}
+
+/// Serves `router` on `listener` (at most `max_connections` at once, idle ones closed after
+/// `idle`) until `shutdown` completes; then cancels `token` (background tasks watch it),
+/// lets open requests finish, waits for the tasks in `tracker`, and returns. The directory
+/// authority and the ledger both run this way.
+pub async fn serve_until(
+    listener: TcpListener,
+    max_connections: usize,
+    idle: Duration,
+    router: Router,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    token: CancellationToken,
+    tracker: TaskTracker,
+) -> io::Result<()> {
+    let stop = token.clone();
+    tokio::spawn(async move {
+        shutdown.await;
+        tracing::info!("shutting down");
+        stop.cancel();
+    });
+    let served = axum::serve(CappedListener::new(listener, max_connections, idle), router)
+        .with_graceful_shutdown(token.clone().cancelled_owned())
+        .await;
+    token.cancel();
+    tracker.close();
+    tracker.wait().await;
+    tracing::info!("stopped");
+    served
 }
 
 /// A TCP listener that holds at most `max` connections open at once (further connections

@@ -155,6 +155,38 @@ pub enum Error {
     /// A delay distribution's mean is unusable.
     #[error("mean delay must be finite and non-negative; got {0:?}")]
     DelayMean(std::time::Duration),
+
+    // ---- tickets ----
+    /// An encoded ticket has the wrong size.
+    #[error("ticket has {got} bytes; a ticket has exactly {expected}")]
+    TicketLength { got: usize, expected: usize },
+    /// An encoded ticket names a format version this build does not read.
+    #[error("ticket version {0} is not supported (this build reads version {1})")]
+    TicketVersion(u8, u8),
+    /// The ticket is made out to another recipient.
+    #[error("ticket is made out to {recipient}, not to this relay")]
+    TicketWrongRecipient { recipient: String },
+    /// The ticket's expiry has passed.
+    #[error("ticket expired at {expiry} (now {now})")]
+    TicketExpired { expiry: u64, now: u64 },
+    /// The ticket's issue time is further in the future than clock skew explains.
+    #[error("ticket is issued at {issued}, in the future (now {now})")]
+    TicketNotYetValid { issued: u64, now: u64 },
+    /// The ticket's signature does not verify under its pot's key.
+    #[error("ticket signature does not verify under its pot's key (forged or altered)")]
+    TicketForged,
+    /// The ticket is worth less than asked for.
+    #[error("ticket is worth {expected_value} in expectation; at least {min} is required")]
+    TicketValue { expected_value: u64, min: u64 },
+    /// The reveal does not open the ticket's commitment.
+    #[error("reveal does not match the ticket's commitment")]
+    TicketRevealMismatch,
+    /// The ticket lost its lottery.
+    #[error("ticket is not a winner")]
+    TicketNotWinner,
+    /// Ticket terms cannot be chosen as asked.
+    #[error("ticket terms: {0}")]
+    TicketTerms(String),
 }
 
 /// Result with the protocol error.
@@ -189,7 +221,15 @@ impl Error {
             Error::WrongEpoch { .. } => "wrong_epoch",
             Error::Path(_) => "no_path",
             Error::NoExit => "no_exit",
-            Error::CoverRate(_) => "config",
+            Error::CoverRate(_) | Error::TicketTerms(_) => "config",
+            Error::TicketLength { .. } | Error::TicketVersion(..) => "ticket_malformed",
+            Error::TicketWrongRecipient { .. } => "ticket_wrong_recipient",
+            Error::TicketExpired { .. } => "ticket_expired",
+            Error::TicketNotYetValid { .. } => "ticket_not_yet_valid",
+            Error::TicketForged => "ticket_forged",
+            Error::TicketValue { .. } => "ticket_value",
+            Error::TicketRevealMismatch => "ticket_reveal_mismatch",
+            Error::TicketNotWinner => "ticket_not_winner",
         }
     }
 }

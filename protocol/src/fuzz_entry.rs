@@ -30,6 +30,7 @@ pub const TARGETS: &[&str] = &[
     "consensus",
     "descriptor",
     "exit_policy",
+    "ticket",
 ];
 
 /// Runs the target called `name` on `data`.
@@ -44,6 +45,7 @@ pub fn run(name: &str, data: &[u8]) {
         "consensus" => consensus(data),
         "descriptor" => descriptor(data),
         "exit_policy" => exit_policy(data),
+        "ticket" => ticket(data),
         other => panic!("unknown fuzz target {other}"),
     }
 }
@@ -158,5 +160,14 @@ pub fn exit_policy(data: &[u8]) {
     if let Ok(policy) = ExitPolicy::parse(text, false) {
         let again = ExitPolicy::parse(&policy.to_string(), false).expect("printed policy parses");
         assert_eq!(again, policy);
+    }
+}
+
+/// A ticket that decodes re-encodes to the same bytes; checking it never panics.
+pub fn ticket(data: &[u8]) {
+    if let Ok(t) = crate::ticket::Ticket::decode(data) {
+        assert_eq!(&t.encode()[..], data, "ticket encoding is not canonical");
+        let _ = t.check_for_recipient(&t.recipient, t.issued, 1);
+        let _ = t.check_win(&[0; 32]);
     }
 }

@@ -17,6 +17,7 @@ use murmur_protocol::packet::{Address, PublicKey, RouteHop, build_packet};
 use murmur_protocol::payload::Content;
 use murmur_protocol::replay::ReplayFilter;
 use murmur_protocol::surb::build_reply_block;
+use murmur_protocol::ticket::{Ticket, TicketFields, commitment_of};
 use rand::SeedableRng;
 use rand_chacha::ChaCha20Rng;
 
@@ -118,6 +119,19 @@ fn seeds(target: &str) -> Vec<Vec<u8>> {
         }
         "exit_policy" => {
             vec![b"accept *:443, reject 10.0.0.0/8:*\naccept6 [2001:db8::]/32:80-81 # c".to_vec()]
+        }
+        "ticket" => {
+            let payer = ed25519_dalek::SigningKey::from_bytes(&[5; 32]);
+            let fields = TicketFields {
+                recipient: IdentityKey([6; 32]),
+                face_value: 1_000,
+                win_ratio: u64::MAX / 2,
+                nonce: [7; 16],
+                issued: 1_000,
+                expiry: 2_000,
+                commitment: commitment_of(&[0; 32]),
+            };
+            vec![Ticket::sign(fields, &payer).encode().to_vec()]
         }
         other => panic!("no seeds for {other}"),
     }

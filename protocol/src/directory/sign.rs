@@ -41,7 +41,8 @@ impl IdentityKey {
         Ok(IdentityKey(out))
     }
 
-    fn verifying_key(&self) -> Result<VerifyingKey> {
+    /// The Ed25519 public key, if these bytes are one.
+    pub fn verifying_key(&self) -> Result<VerifyingKey> {
         VerifyingKey::from_bytes(&self.0)
             .map_err(|_| Error::BadKey(format!("{self:?} is not an Ed25519 public key")))
     }

@@ -1,0 +1,240 @@
+//! The HTTP API and the daemon around it. Bodies are JSON, read with a size bound and a
+//! deadline; connections are capped and closed when idle; every refusal is a 4xx with a JSON
+//! body `{"reason": …, "message": …}` counted under its reason; nothing logs a client's
+//! address (the server never asks for it).
+//!
+//! | route | body → answer |
+//! |---|---|
+//! | `POST /v1/fund` | `Signed<Fund>` → `Transfer` |
+//! | `POST /v1/warn` | `Signed<Warn>` → `Pot` |
+//! | `POST /v1/withdraw` | `Signed<Withdraw>` → `Transfer` |
+//! | `POST /v1/redeem` | `Signed<Redeem>` → `Redemption` |
+//! | `GET /v1/pot/{key}` | → `Pot` (404 `unknown_pot`) |
+//! | `GET /v1/account/{key}` | → `Account` |
+//! | `GET /metrics` | Prometheus text |
+
+use std::future::Future;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use murmur_directory::serve_until;
+use murmur_protocol::directory::IdentityKey;
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Config;
+use crate::ledger::{Apply, Ledger};
+use crate::metrics::Metrics;
+use crate::request::{Fund, Redeem, Signed, Warn, Withdraw};
+use crate::{Error, Refusal, Result, unix_now};
+
+/// The largest request body read (a redemption is about 1 KiB of JSON).
+pub const MAX_REQUEST_BYTES: usize = 4096;
+
+/// The JSON body of every refusal or failure.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// A refusal's label, or `storage` / `internal`.
+    pub reason: String,
+    pub message: String,
+}
+
+struct Ctx {
+    ledger: Ledger,
+    metrics: Metrics,
+    config: Config,
+}
+
+fn router(ctx: Arc<Ctx>) -> Router {
+    Router::new()
+        .route("/v1/fund", post(post_op::<Fund>))
+        .route("/v1/warn", post(post_op::<Warn>))
+        .route("/v1/withdraw", post(post_op::<Withdraw>))
+        .route("/v1/redeem", post(post_op::<Redeem>))
+        .route("/v1/pot/{key}", get(get_pot))
+        .route("/v1/account/{key}", get(get_account))
+        .route("/metrics", get(get_metrics))
+        .with_state(ctx)
+}
+
+/// Counts the result under `op` and answers: 200 with the JSON value, or the refusal's
+/// status with an [`ErrorBody`].
+fn respond<T: Serialize>(ctx: &Ctx, op: &'static str, result: Result<T>) -> Response {
+    let label = result.as_ref().map_or_else(Error::label, |_| "ok");
+    ctx.metrics.inc(op, label);
+    let (status, body) = match result {
+        Ok(value) => match serde_json::to_string(&value) {
+            Ok(text) => (StatusCode::OK, text),
+            Err(e) => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                error_json("internal", &e),
+            ),
+        },
+        Err(e) => {
+            let status = match e.refusal() {
+                Some(r) => {
+                    tracing::debug!(op, reason = label, "refused: {e}");
+                    StatusCode::from_u16(r.status()).unwrap_or(StatusCode::BAD_REQUEST)
+                }
+                None => {
+                    tracing::error!(op, "request failed: {e}");
+                    StatusCode::INTERNAL_SERVER_ERROR
+                }
+            };
+            let message = match &e {
+                Error::Refused { message, .. } => message.clone(),
+                other => other.to_string(),
+            };
+            (status, error_json(label, &message))
+        }
+    };
+    (status, [(header::CONTENT_TYPE, "application/json")], body).into_response()
+}
+
+fn error_json(reason: &str, message: &dyn std::fmt::Display) -> String {
+    let body = ErrorBody {
+        reason: reason.to_owned(),
+        message: message.to_string(),
+    };
+    serde_json::to_string(&body).unwrap_or_default()
+}
+
+/// Reads at most [`MAX_REQUEST_BYTES`] within the configured deadline.
+async fn read_body(ctx: &Ctx, body: Body) -> Result<Bytes> {
+    let deadline = ctx.config.limits.body_timeout;
+    match tokio::time::timeout(deadline, axum::body::to_bytes(body, MAX_REQUEST_BYTES)).await {
+        Ok(Ok(bytes)) => Ok(bytes),
+        Ok(Err(_)) => Err(Refusal::TooLarge.because(format!(
+            "body larger than {MAX_REQUEST_BYTES} bytes, or cut off"
+        ))),
+        Err(_) => {
+            Err(Refusal::BodyTimeout.because(format!("body did not arrive within {deadline:?}")))
+        }
+    }
+}
+
+async fn post_op<T: Apply>(State(ctx): State<Arc<Ctx>>, body: Body) -> Response {
+    let result = async {
+        let bytes = read_body(&ctx, body).await?;
+        let req: Signed<T> = serde_json::from_slice(&bytes).map_err(|e| {
+            Refusal::Malformed.because(format!("not a signed {} request: {e}", T::NAME))
+        })?;
+        ctx.ledger.apply_now(req).await
+    }
+    .await;
+    respond(&ctx, T::NAME, result)
+}
+
+fn parse_key(text: &str) -> Result<IdentityKey> {
+    IdentityKey::from_hex(text).map_err(|e| Refusal::Malformed.because(e.to_string()))
+}
+
+async fn get_pot(State(ctx): State<Arc<Ctx>>, Path(key): Path<String>) -> Response {
+    let result = match parse_key(&key) {
+        Ok(key) => ctx.ledger.blocking(move |l| l.read_pot(&key)).await,
+        Err(e) => Err(e),
+    };
+    respond(&ctx, "pot", result)
+}
+
+async fn get_account(State(ctx): State<Arc<Ctx>>, Path(key): Path<String>) -> Response {
+    let result = match parse_key(&key) {
+        Ok(key) => ctx.ledger.blocking(move |l| l.read_account(&key)).await,
+        Err(e) => Err(e),
+    };
+    respond(&ctx, "account", result)
+}
+
+async fn get_metrics(State(ctx): State<Arc<Ctx>>) -> Response {
+    let audit = ctx.ledger.blocking(|l| l.audit()).await;
+    if let Err(e) = &audit {
+        tracing::error!("cannot audit the ledger: {e}");
+    }
+    let text = ctx.metrics.render(audit.as_ref().ok());
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
+}
+
+/// Binds `config.listen` and runs the ledger until `shutdown` completes.
+pub async fn run(
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| Error::Listen {
+            addr: config.listen,
+            source,
+        })?;
+    serve(config, listener, shutdown).await
+}
+
+/// Opens the database and serves the API on an already bound listener (tests bind
+/// `127.0.0.1:0`) until `shutdown` completes; then stops accepting, finishes open requests
+/// and the pruning task, and returns (the database closes when the last request is done).
+pub async fn serve(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    std::fs::create_dir_all(&config.state_dir).map_err(|source| Error::State {
+        path: config.state_dir.clone(),
+        source,
+    })?;
+    let genesis = config.genesis()?;
+    let ledger = Ledger::open(&config.database_path(), config.params(), &genesis)?;
+    let addr = listener.local_addr().map_err(|source| Error::Listen {
+        addr: config.listen,
+        source,
+    })?;
+    tracing::info!(
+        %addr,
+        database = %config.database_path().display(),
+        notice_period_s = config.params().notice_period_s,
+        genesis_accounts = genesis.len(),
+        "ledger listening"
+    );
+    let ctx = Arc::new(Ctx {
+        ledger,
+        metrics: Metrics::default(),
+        config,
+    });
+
+    let token = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    tracker.spawn(prune_periodically(ctx.clone(), token.clone()));
+    serve_until(
+        listener,
+        ctx.config.limits.max_connections,
+        ctx.config.limits.idle_timeout,
+        router(ctx.clone()),
+        shutdown,
+        token,
+        tracker,
+    )
+    .await
+    .map_err(Error::Serve)
+}
+
+async fn prune_periodically(ctx: Arc<Ctx>, token: CancellationToken) {
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(ctx.config.prune_interval) => {}
+            () = token.cancelled() => return,
+        }
+        match ctx.ledger.blocking(|l| l.prune(unix_now())).await {
+            Ok(p) => tracing::debug!(
+                redeemed_tickets = p.redeemed_tickets,
+                requests = p.requests,
+                "pruned expired records"
+            ),
+            Err(e) => tracing::error!("cannot prune the ledger: {e}"),
+        }
+    }
+}

@@ -1,0 +1,79 @@
+//! The settlement interface relays and clients program against.
+//!
+//! It is async because every implementation but the embedded one is remote: the
+//! [`LedgerClient`](crate::client::LedgerClient) speaks HTTP to a `murmur-ledger`, and a
+//! blockchain contract would submit transactions and wait for them. The embedded [`Ledger`]
+//! is synchronous (redb blocks on disk) and runs each call on tokio's blocking pool, so a
+//! relay's event loop never waits on an fsync.
+//!
+//! Operations that move money take a [`Signed`] request: the implementation checks the
+//! signature (a contract would check the transaction's signer instead) and refuses with a
+//! [`Refusal`](crate::Refusal) that leaves every balance as it was.
+
+use std::future::Future;
+
+use murmur_protocol::directory::IdentityKey;
+
+use crate::ledger::{Account, Apply, Ledger, Pot, Redemption, Transfer};
+use crate::request::{Fund, Redeem, Signed, Warn, Withdraw};
+use crate::{Error, Result, unix_now};
+
+/// Pots, accounts and the redemption of winning tickets.
+pub trait Settlement: Send + Sync {
+    /// Moves `balance + escrow` from the signer's account into a pot.
+    fn fund(&self, req: Signed<Fund>) -> impl Future<Output = Result<Transfer>> + Send;
+    /// Starts the notice period for withdrawing an amount from the signer's pot.
+    fn warn(&self, req: Signed<Warn>) -> impl Future<Output = Result<Pot>> + Send;
+    /// After the notice, moves warned money from the signer's pot to the signer's account.
+    fn withdraw(&self, req: Signed<Withdraw>) -> impl Future<Output = Result<Transfer>> + Send;
+    /// Pays a winning ticket to its recipient (the signer), at most once.
+    fn redeem(&self, req: Signed<Redeem>) -> impl Future<Output = Result<Redemption>> + Send;
+    /// A pot's state ([`Refusal::UnknownPot`](crate::Refusal::UnknownPot) if none).
+    fn pot(&self, key: IdentityKey) -> impl Future<Output = Result<Pot>> + Send;
+    /// An account's balance (0 for a key never seen).
+    fn account(&self, key: IdentityKey) -> impl Future<Output = Result<Account>> + Send;
+}
+
+impl Ledger {
+    /// Runs `f` on the blocking pool.
+    pub(crate) async fn blocking<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Ledger) -> Result<R> + Send + 'static,
+    ) -> Result<R> {
+        let ledger = self.clone();
+        tokio::task::spawn_blocking(move || f(&ledger))
+            .await
+            .map_err(|e| Error::Storage(format!("ledger task failed: {e}")))?
+    }
+
+    /// Applies a signed operation at the current time, on the blocking pool.
+    pub(crate) async fn apply_now<T: Apply>(&self, req: Signed<T>) -> Result<T::Output> {
+        self.blocking(move |l| l.apply(&req, unix_now())).await
+    }
+}
+
+impl Settlement for Ledger {
+    async fn fund(&self, req: Signed<Fund>) -> Result<Transfer> {
+        self.apply_now(req).await
+    }
+
+    async fn warn(&self, req: Signed<Warn>) -> Result<Pot> {
+        self.apply_now(req).await
+    }
+
+    async fn withdraw(&self, req: Signed<Withdraw>) -> Result<Transfer> {
+        self.apply_now(req).await
+    }
+
+    async fn redeem(&self, req: Signed<Redeem>) -> Result<Redemption> {
+        self.apply_now(req).await
+    }
+
+    async fn pot(&self, key: IdentityKey) -> Result<Pot> {
+        self.blocking(move |l| l.read_pot(&key)).await
+    }
+
+    async fn account(&self, key: IdentityKey) -> Result<Account> {
+        self.blocking(move |l| l.read_account(&key)).await
+    }
+}
