@@ -89,7 +89,11 @@ impl Proc {
         let out = std::fs::File::create(log.with_extension("out")).unwrap();
         let child = Command::new(bin)
             .args(args)
-            .env("RUST_LOG", "info")
+            // MURMUR_TEST_LOG overrides the children's log filter when debugging a test.
+            .env(
+                "RUST_LOG",
+                std::env::var("MURMUR_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)
