@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant as StdInstant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
@@ -52,7 +52,6 @@ pub enum Cmd {
         payload: Box<[u8; PAYLOAD_SIZE]>,
     },
     Consensus(Arc<Consensus>),
-    Stop,
 }
 
 /// Counters the driver keeps besides the session's own.
@@ -66,6 +65,9 @@ pub struct DriverStats {
 #[derive(Clone)]
 pub struct SessionHandle {
     tx: Sender<Cmd>,
+    /// Set to end the session. A flag, not a command: a full command queue must not be able
+    /// to keep a session (and its thread) alive.
+    stop: Arc<AtomicBool>,
     pub stats: Arc<DriverStats>,
     session_stats: Arc<std::sync::Mutex<SessionStats>>,
 }
@@ -85,6 +87,11 @@ impl SessionHandle {
         }
     }
 
+    /// Ends the session; its thread exits within one loop (at most 100 ms).
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+
     /// The session's counters, as of its last loop.
     pub fn session_stats(&self) -> SessionStats {
         self.session_stats.lock().map(|s| *s).unwrap_or_default()
@@ -99,14 +106,16 @@ pub fn spawn(
     let (tx, rx) = crossbeam_channel::bounded(COMMAND_QUEUE);
     let stats = Arc::new(DriverStats::default());
     let session_stats = Arc::new(std::sync::Mutex::new(SessionStats::default()));
+    let stop = Arc::new(AtomicBool::new(false));
     let handle = SessionHandle {
         tx,
+        stop: stop.clone(),
         stats: stats.clone(),
         session_stats: session_stats.clone(),
     };
     let thread = std::thread::Builder::new()
         .name("murmur-session".into())
-        .spawn(move || run(session, rx, frames, stats, session_stats))?;
+        .spawn(move || run(session, rx, frames, stop, stats, session_stats))?;
     Ok((handle, thread))
 }
 
@@ -114,6 +123,7 @@ fn run(
     mut session: ClientSession,
     rx: Receiver<Cmd>,
     frames: mpsc::Sender<Frame>,
+    stop: Arc<AtomicBool>,
     stats: Arc<DriverStats>,
     session_stats: Arc<std::sync::Mutex<SessionStats>>,
 ) {
@@ -121,7 +131,7 @@ fn run(
     let now = || Instant::from_elapsed(origin.elapsed());
     let mut rng = rand::rng();
     let mut streams: HashMap<StreamId, mpsc::UnboundedSender<Event>> = HashMap::new();
-    loop {
+    while !stop.load(Ordering::Relaxed) {
         let t = now();
         while let Some(frame) = session.poll_transmit(t, &mut rng) {
             if frames.try_send(frame).is_err() {
@@ -205,7 +215,6 @@ fn run(
                         tracing::warn!(error = %e, "new consensus not applied");
                     }
                 }
-                Cmd::Stop => return,
             }
             next = rx.try_recv().ok();
         }

@@ -19,6 +19,11 @@ use crate::driver::{Cmd, SessionHandle};
 /// Consecutive failed connection attempts before the gateway is declared dead.
 pub const MAX_FAILURES: u32 = 6;
 
+/// The longest any one step with the gateway (connect, hello, welcome, a frame's send) may
+/// take. A gateway that stops reading (hung, not dead) would otherwise stall the link forever:
+/// a send into a full TCP buffer never returns.
+const STEP_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Why the link stopped.
 #[derive(Debug, PartialEq, Eq)]
 pub enum LinkEnd {
@@ -59,7 +64,7 @@ pub async fn run(
             }
             Err(Progress::NotConnected(reason)) => {
                 failures += 1;
-                tracing::debug!(reason, failures, "cannot reach the gateway");
+                tracing::info!(reason, failures, "cannot reach the gateway");
                 if failures >= MAX_FAILURES {
                     return LinkEnd::GatewayDead;
                 }
@@ -93,18 +98,22 @@ async fn session_once(
         .max_frame_size(Some(FRAME_LEN));
     let url = format!("ws://{gateway}/");
     let connect = tokio_tungstenite::connect_async_with_config(url, Some(config), true);
-    let (mut ws, _) = tokio::time::timeout(Duration::from_secs(5), connect)
+    let (mut ws, _) = tokio::time::timeout(STEP_TIMEOUT, connect)
         .await
         .map_err(|_| Progress::NotConnected("connect timed out"))?
         .map_err(|_| Progress::NotConnected("connect failed"))?;
     let hello = Frame::Control(Control::Hello { address }.encode())
         .encode()
         .map_err(|_| Progress::NotConnected("hello encode"))?;
-    ws.send(Message::Binary(hello.to_vec().into()))
-        .await
-        .map_err(|_| Progress::NotConnected("hello send failed"))?;
+    tokio::time::timeout(
+        STEP_TIMEOUT,
+        ws.send(Message::Binary(hello.to_vec().into())),
+    )
+    .await
+    .map_err(|_| Progress::NotConnected("hello send timed out"))?
+    .map_err(|_| Progress::NotConnected("hello send failed"))?;
     // The gateway answers hello with Welcome before anything else.
-    match tokio::time::timeout(Duration::from_secs(5), ws.next()).await {
+    match tokio::time::timeout(STEP_TIMEOUT, ws.next()).await {
         Ok(Some(Ok(Message::Binary(b)))) => match Frame::decode(&b) {
             Ok(Frame::Control(c)) if matches!(Control::decode(&c), Ok(Control::Welcome { .. })) => {
             }
@@ -116,14 +125,15 @@ async fn session_once(
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => {
-                let _ = ws.close(None).await;
+                let _ = tokio::time::timeout(STEP_TIMEOUT, ws.close(None)).await;
                 return Ok(());
             }
             frame = frames.recv() => {
                 let Some(frame) = frame else { return Ok(()) };
                 let bytes = frame.encode().map_err(|_| Progress::Connected("frame encode"))?;
-                ws.send(Message::Binary(bytes.to_vec().into()))
+                tokio::time::timeout(STEP_TIMEOUT, ws.send(Message::Binary(bytes.to_vec().into())))
                     .await
+                    .map_err(|_| Progress::Connected("send timed out"))?
                     .map_err(|_| Progress::Connected("send failed"))?;
             }
             msg = ws.next() => match msg {

@@ -220,8 +220,9 @@ pub async fn run(
         let reporter = tokio::spawn(report_stats(handle.clone(), shutdown.clone()));
         let end = link.await.unwrap_or(LinkEnd::Shutdown);
         reporter.abort();
-        live.handle.send(Cmd::Stop);
-        let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        live.handle.stop();
+        // The old session's thread ends within its next loop; the next gateway need not wait.
+        tracker.spawn_blocking(move || thread.join());
         match end {
             LinkEnd::Shutdown => break,
             LinkEnd::GatewayDead => {
