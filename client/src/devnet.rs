@@ -1,6 +1,6 @@
 //! `murmur-client --devnet`: a whole Murmur network on loopback, in this process.
 //!
-//! Three directory authorities, one gateway, three mixes per layer and one exit whose policy
+//! Three directory authorities, a ledger whose genesis funds the client, one gateway, three mixes per layer and one exit whose policy
 //! allows loopback destinations (and, like Tor's default, refuses port 25), each with its own keys and state in a temporary directory,
 //! each the same code the daemons run (`murmur_directory::serve`, `murmur_relay::cli::run`).
 //! Epochs are short so key rotation happens while you watch.
@@ -8,6 +8,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use ed25519_dalek::SigningKey;
 use murmur_directory::config::{AuthorityEntry, Config as AuthorityConfig};
 use murmur_protocol::directory::IdentityKey;
 use murmur_protocol::directory::path::PathRules;
@@ -43,9 +44,16 @@ impl Default for DevnetOptions {
     }
 }
 
+/// What the devnet's faucet credits the client's account with at genesis, in base units.
+pub const FAUCET: u64 = 1_000_000_000_000;
+
 /// A running local network.
 pub struct Devnet {
     pub authorities: Vec<(IdentityKey, String)>,
+    /// The ledger's base URL.
+    pub ledger_url: String,
+    /// The client's payer key: its account holds [`FAUCET`] from genesis.
+    pub payer_key: SigningKey,
     pub path_rules: PathRules,
     /// The relays' names (their state lives under `dir()/<name>`).
     pub relays: Vec<String>,
@@ -106,6 +114,27 @@ impl Devnet {
             });
         }
 
+        // The ledger, with the client's account as its faucet.
+        let payer_key = SigningKey::generate(&mut rand::rng());
+        let ledger_listener = TcpListener::bind("127.0.0.1:0").await?;
+        let ledger_url = format!("http://{}", ledger_listener.local_addr()?);
+        {
+            let mut config = murmur_ledger::Config::with_defaults();
+            config.listen = ledger_listener.local_addr()?;
+            config.state_dir = dir.path().join("ledger");
+            config.genesis = vec![murmur_ledger::config::GenesisEntry {
+                account: IdentityKey::of(&payer_key).to_hex(),
+                amount: FAUCET,
+            }];
+            let stop = shutdown.clone();
+            tracker.spawn(async move {
+                let stopped = async move { stop.cancelled().await };
+                if let Err(e) = murmur_ledger::serve(config, ledger_listener, stopped).await {
+                    tracing::error!(error = %e, "devnet ledger stopped");
+                }
+            });
+        }
+
         // Relays.
         let authorities_toml: String = entries
             .iter()
@@ -139,6 +168,8 @@ impl Devnet {
         }
         Ok(Devnet {
             authorities: keys,
+            ledger_url,
+            payer_key,
             path_rules: PathRules {
                 distinct_subnets: false,
             },

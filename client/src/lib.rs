@@ -6,3 +6,4 @@ pub mod driver;
 pub mod gateway;
 pub mod proxy;
 pub mod socks;
+pub mod wallet;
