@@ -16,6 +16,7 @@ pub mod session;
 pub mod socks;
 pub mod stream;
 pub mod surb;
+pub mod tab;
 pub mod ticket;
 pub mod time;
 
