@@ -10,6 +10,7 @@ pub mod frame;
 #[doc(hidden)]
 pub mod fuzz_entry;
 pub mod packet;
+pub mod payer;
 pub mod payload;
 pub mod replay;
 pub mod session;
