@@ -187,6 +187,24 @@ pub enum Error {
     /// Ticket terms cannot be chosen as asked.
     #[error("ticket terms: {0}")]
     TicketTerms(String),
+    /// A payer's or a gateway tab's configuration is unusable.
+    #[error("payment configuration: {0}")]
+    PaymentConfig(String),
+
+    // ---- control messages ----
+    /// A control message does not start with the control magic.
+    #[error("control message does not start with the control magic")]
+    ControlMagic,
+    /// A control message's kind byte is unknown.
+    #[error("control message kind {0} is unknown")]
+    ControlKind(u8),
+    /// A control message's body has the wrong length for its kind.
+    #[error("control message {kind} has a {got}-byte body; a {kind} body has exactly {expected}")]
+    ControlLength {
+        kind: &'static str,
+        got: usize,
+        expected: usize,
+    },
 }
 
 /// Result with the protocol error.
@@ -221,7 +239,7 @@ impl Error {
             Error::WrongEpoch { .. } => "wrong_epoch",
             Error::Path(_) => "no_path",
             Error::NoExit => "no_exit",
-            Error::CoverRate(_) | Error::TicketTerms(_) => "config",
+            Error::CoverRate(_) | Error::TicketTerms(_) | Error::PaymentConfig(_) => "config",
             Error::TicketLength { .. } | Error::TicketVersion(..) => "ticket_malformed",
             Error::TicketWrongRecipient { .. } => "ticket_wrong_recipient",
             Error::TicketExpired { .. } => "ticket_expired",
@@ -230,6 +248,9 @@ impl Error {
             Error::TicketValue { .. } => "ticket_value",
             Error::TicketRevealMismatch => "ticket_reveal_mismatch",
             Error::TicketNotWinner => "ticket_not_winner",
+            Error::ControlMagic | Error::ControlKind(_) | Error::ControlLength { .. } => {
+                "control_malformed"
+            }
         }
     }
 }

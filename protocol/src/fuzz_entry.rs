@@ -31,6 +31,7 @@ pub const TARGETS: &[&str] = &[
     "descriptor",
     "exit_policy",
     "ticket",
+    "control",
 ];
 
 /// Runs the target called `name` on `data`.
@@ -46,6 +47,7 @@ pub fn run(name: &str, data: &[u8]) {
         "descriptor" => descriptor(data),
         "exit_policy" => exit_policy(data),
         "ticket" => ticket(data),
+        "control" => control(data),
         other => panic!("unknown fuzz target {other}"),
     }
 }
@@ -169,5 +171,12 @@ pub fn ticket(data: &[u8]) {
         assert_eq!(&t.encode()[..], data, "ticket encoding is not canonical");
         let _ = t.check_for_recipient(&t.recipient, t.issued, 1);
         let _ = t.check_win(&[0; 32]);
+    }
+}
+
+/// A control message that decodes re-encodes to the same bytes (one encoding per message).
+pub fn control(data: &[u8]) {
+    if let Ok(c) = crate::control::Control::decode(data) {
+        assert_eq!(c.encode(), data, "control encoding is not canonical");
     }
 }

@@ -10,12 +10,14 @@ pub mod frame;
 #[doc(hidden)]
 pub mod fuzz_entry;
 pub mod packet;
+pub mod payer;
 pub mod payload;
 pub mod replay;
 pub mod session;
 pub mod socks;
 pub mod stream;
 pub mod surb;
+pub mod tab;
 pub mod ticket;
 pub mod time;
 

@@ -5,6 +5,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use murmur_protocol::control::Control;
 use murmur_protocol::directory::synthetic::{SyntheticNetwork, generate};
 use murmur_protocol::directory::{
     Descriptor, DocumentKind, EpochKey, ExitPolicy, IdentityKey, NetworkParams, RelayAddresses,
@@ -132,6 +133,31 @@ fn seeds(target: &str) -> Vec<Vec<u8>> {
                 commitment: commitment_of(&[0; 32]),
             };
             vec![Ticket::sign(fields, &payer).encode().to_vec()]
+        }
+        "control" => {
+            let payer = ed25519_dalek::SigningKey::from_bytes(&[5; 32]);
+            let fields = TicketFields {
+                recipient: IdentityKey([6; 32]),
+                face_value: 1_000,
+                win_ratio: u64::MAX / 2,
+                nonce: [7; 16],
+                issued: 1_000,
+                expiry: 2_000,
+                commitment: commitment_of(&[0; 32]),
+            };
+            vec![
+                Control::Hello {
+                    address: Address([8; 32]),
+                }
+                .encode(),
+                Control::Welcome { queued: 3 }.encode(),
+                Control::Payment {
+                    ticket: Ticket::sign(fields, &payer),
+                }
+                .encode(),
+                Control::PaymentRefused { reason: 7 }.encode(),
+                Control::Cutoff.encode(),
+            ]
         }
         other => panic!("no seeds for {other}"),
     }

@@ -1,8 +1,11 @@
-//! Property tests for every codec and state machine in the packet layer.
+//! Property tests for every codec and state machine in the packet layer and for payments.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::time::Duration;
 
+use ed25519_dalek::SigningKey;
+use murmur_protocol::control::Control;
+use murmur_protocol::directory::IdentityKey;
 use murmur_protocol::fragment::{
     Assembled, Fragment, Reassembler, ReassemblyLimits, split_message,
 };
@@ -11,9 +14,12 @@ use murmur_protocol::packet::{
     Address, HopOutput, OpenedPacket, Packet, PublicKey, RouteHop, StaticSecret, build_packet,
     recover_plaintext,
 };
+use murmur_protocol::payer::{PayeeInfo, Payer, PayerConfig};
 use murmur_protocol::payload::{Content, FORWARD_FRAGMENT_DATA_LEN};
 use murmur_protocol::replay::ReplayFilter;
 use murmur_protocol::surb::{ReplyBlock, build_reply_block};
+use murmur_protocol::tab::{Tab, TabConfig, Verdict};
+use murmur_protocol::ticket::{Ticket, TicketFields, commitment_of};
 use murmur_protocol::time::Instant;
 use murmur_protocol::{Error, HEADER_SIZE, PACKET_SIZE, PAYLOAD_SIZE, PLAINTEXT_SIZE};
 use proptest::prelude::*;
@@ -332,4 +338,279 @@ fn a_sealed_forward_payload_with_a_flipped_bit_fails_at_the_final_hop() {
         recover_plaintext(&delivery.payload[..]),
         Err(Error::Payload(_))
     ));
+}
+
+// ---- payment: control messages, the payer, the gateway's tab ----
+
+fn any_ticket() -> impl Strategy<Value = Ticket> {
+    (
+        any::<[u8; 32]>(),
+        any::<[u8; 32]>(),
+        any::<u64>(),
+        any::<u64>(),
+        any::<[u8; 16]>(),
+        any::<u64>(),
+        any::<u64>(),
+        any::<[u8; 32]>(),
+    )
+        .prop_map(
+            |(seed, recipient, face_value, win_ratio, nonce, issued, expiry, commitment)| {
+                Ticket::sign(
+                    TicketFields {
+                        recipient: IdentityKey(recipient),
+                        face_value,
+                        win_ratio,
+                        nonce,
+                        issued,
+                        expiry,
+                        commitment,
+                    },
+                    &SigningKey::from_bytes(&seed),
+                )
+            },
+        )
+}
+
+fn any_control() -> impl Strategy<Value = Control> {
+    prop_oneof![
+        any::<[u8; 32]>().prop_map(|a| Control::Hello {
+            address: Address(a)
+        }),
+        any::<u32>().prop_map(|queued| Control::Welcome { queued }),
+        any_ticket().prop_map(|ticket| Control::Payment { ticket }),
+        any::<u8>().prop_map(|reason| Control::PaymentRefused { reason }),
+        Just(Control::Cutoff),
+    ]
+}
+
+/// One step of a client's traffic: relay `relay` carried `packets` packets, then the client
+/// asks for its ticket (as it does for each hop of each packet it builds).
+#[derive(Clone, Debug)]
+struct Carried {
+    relay: usize,
+    packets: u64,
+}
+
+fn carried_steps(relays: usize) -> impl Strategy<Value = Vec<Carried>> {
+    proptest::collection::vec(
+        (0..relays, 0u64..50).prop_map(|(relay, packets)| Carried { relay, packets }),
+        0..120,
+    )
+}
+
+fn payee(i: usize, price: u64) -> PayeeInfo {
+    PayeeInfo {
+        identity: IdentityKey([i as u8 + 1; 32]),
+        price_per_packet: price,
+        commitment: commitment_of(&[i as u8; 32]),
+    }
+}
+
+#[derive(Clone, Debug)]
+enum TabStep {
+    Charge(u64),
+    Credit(u64),
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, .. ProptestConfig::default() })]
+
+    #[test]
+    fn control_messages_round_trip(c in any_control()) {
+        let bytes = c.encode();
+        prop_assert!(bytes.len() <= MAX_CONTROL_LEN);
+        prop_assert_eq!(Control::decode(&bytes).unwrap(), c.clone());
+        // And inside a frame, as they travel.
+        let frame = Frame::Control(bytes).encode().unwrap();
+        match Frame::decode(&frame[..]).unwrap() {
+            Frame::Control(inner) => prop_assert_eq!(Control::decode(&inner).unwrap(), c),
+            other => prop_assert!(false, "{:?}", other),
+        }
+    }
+
+    #[test]
+    fn control_decode_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..=MAX_CONTROL_LEN)) {
+        if let Ok(c) = Control::decode(&bytes) {
+            prop_assert_eq!(c.encode(), bytes, "control encoding is not canonical");
+        }
+    }
+
+    /// Each relay's tickets are worth, in expectation, exactly `price × packets` it carried,
+    /// less the remainder still owed; the remainder is below the threshold, and rounding the
+    /// win ratio up overpays by at most one unit in all (the overpayment is credited to the
+    /// next ticket, so it does not grow with the number of tickets).
+    #[test]
+    fn each_relay_is_paid_its_price_for_what_it_carried(
+        seed: u64,
+        prices in proptest::collection::vec(0u64..1_000, 1..6),
+        packets_per_ticket in 1u64..200,
+        gateway_frames_per_ticket in 1u64..50,
+        // Above the largest debt a ticket can be asked for, so the face value never caps one.
+        face_value in 250_000u64..1_000_000_000_000,
+        steps in carried_steps(6),
+        gateway_is_first: bool,
+    ) {
+        let mut rng = ChaCha20Rng::seed_from_u64(seed);
+        let config = PayerConfig {
+            packets_per_ticket,
+            gateway_frames_per_ticket,
+            face_value,
+            ..PayerConfig::default()
+        };
+        let mut payer = Payer::new(SigningKey::from_bytes(&[3; 32]), config, u64::MAX).unwrap();
+        let relays: Vec<PayeeInfo> = prices.iter().enumerate().map(|(i, &p)| payee(i, p)).collect();
+        // Relay 0 is the gateway when asked: paid in-band on its own threshold.
+        let per_ticket = |i: usize| if gateway_is_first && i == 0 { gateway_frames_per_ticket } else { packets_per_ticket };
+        let mut carried = vec![0u64; relays.len()];
+        let mut paid = vec![0u128; relays.len()];
+        let mut tickets = vec![0u64; relays.len()];
+        let mut now = 1_000;
+        for step in steps.iter().filter(|s| s.relay < relays.len()) {
+            let relay = &relays[step.relay];
+            payer.carried(relay.identity, step.packets);
+            carried[step.relay] += step.packets;
+            now += 1;
+            let ticket = if gateway_is_first && step.relay == 0 {
+                payer.gateway_payment(relay, now, &mut rng)
+            } else {
+                payer.ticket_for(relay, now, &mut rng)
+            };
+            if let Some(t) = ticket {
+                prop_assert_eq!(t.recipient, relay.identity);
+                prop_assert_eq!(t.commitment, relay.commitment);
+                prop_assert_eq!(t.pot, payer.pot());
+                prop_assert_eq!((t.issued, t.expiry), (now, now + config.ticket_lifetime_s));
+                prop_assert!(t.face_value <= face_value);
+                prop_assert_eq!(t.verify_signature(), Ok(()));
+                paid[step.relay] += u128::from(t.expected_value());
+                tickets[step.relay] += 1;
+            }
+        }
+        for (i, relay) in relays.iter().enumerate() {
+            let Some(account) = payer.account(&relay.identity) else {
+                prop_assert_eq!(carried[i], 0);
+                continue;
+            };
+            let accrued = u128::from(relay.price_per_packet) * u128::from(carried[i]);
+            let owed = u128::from(account.owed());
+            prop_assert_eq!((account.packets, account.unpriced), (carried[i], 0));
+            prop_assert_eq!(account.accrued, accrued);
+            prop_assert_eq!(account.issued, paid[i]);
+            prop_assert_eq!(account.tickets, tickets[i]);
+            if paid[i] <= accrued {
+                prop_assert_eq!(paid[i], accrued - owed);
+            } else {
+                prop_assert_eq!(owed, 0);
+                prop_assert!(paid[i] - accrued <= 1, "overpaid {} by more than a unit", relay.identity);
+            }
+            let threshold = u128::from(per_ticket(i)) * u128::from(relay.price_per_packet);
+            prop_assert!(owed < threshold.max(1), "owes {} ≥ threshold {}", owed, threshold);
+        }
+        let stats = payer.stats();
+        prop_assert_eq!(
+            u128::from(stats.expected_value_issued),
+            paid.iter().sum::<u128>()
+        );
+        prop_assert_eq!(
+            stats.tickets_issued + stats.gateway_tickets_issued,
+            tickets.iter().sum::<u64>()
+        );
+    }
+
+    /// Whatever the debt, no ticket's face value exceeds what the payer believes the pot can
+    /// cover, and the tickets' total expected value never exceeds the pot's usable amount.
+    #[test]
+    fn tickets_stay_within_the_pot(
+        seed: u64,
+        usable in 0u64..100_000,
+        face_value in 1u64..1_000_000,
+        prices in proptest::collection::vec(0u64..1_000, 1..4),
+        steps in carried_steps(4),
+    ) {
+        let mut rng = ChaCha20Rng::seed_from_u64(seed);
+        let config = PayerConfig { packets_per_ticket: 8, face_value, ..PayerConfig::default() };
+        let mut payer = Payer::new(SigningKey::from_bytes(&[4; 32]), config, usable).unwrap();
+        let relays: Vec<PayeeInfo> = prices.iter().enumerate().map(|(i, &p)| payee(i, p)).collect();
+        let mut total = 0u64;
+        for step in steps.iter().filter(|s| s.relay < relays.len()) {
+            payer.carried(relays[step.relay].identity, step.packets);
+            let before = payer.pot_usable();
+            if let Some(t) = payer.ticket_for(&relays[step.relay], 0, &mut rng) {
+                prop_assert!(t.face_value <= before.min(face_value));
+                prop_assert!(t.expected_value() >= 1);
+                total += t.expected_value();
+                prop_assert_eq!(payer.pot_usable(), before - t.expected_value());
+            }
+        }
+        prop_assert!(total <= usable);
+    }
+
+    /// The tab against a model in exact arithmetic: the arrears are the model's debt, and the
+    /// verdict is a cut-off exactly when they exceed `max_arrears`.
+    #[test]
+    fn the_tab_cuts_off_exactly_past_max_arrears(
+        price in 0u64..1_000,
+        max_arrears in 0u64..100_000,
+        initial_credit in 0u64..100_000,
+        steps in proptest::collection::vec(
+            prop_oneof![
+                (0u64..200).prop_map(TabStep::Charge),
+                (0u64..100_000).prop_map(TabStep::Credit),
+            ],
+            0..200,
+        ),
+    ) {
+        let config = TabConfig { price, max_arrears, initial_credit };
+        let Ok(mut tab) = Tab::new(config) else {
+            prop_assert!(price > 0 && initial_credit + max_arrears < price);
+            return Ok(());
+        };
+        let mut balance = i128::from(initial_credit);
+        for step in steps {
+            let verdict = match step {
+                TabStep::Charge(frames) => {
+                    balance -= i128::from(frames) * i128::from(price);
+                    tab.charge(frames)
+                }
+                TabStep::Credit(value) => {
+                    balance += i128::from(value);
+                    tab.credit(value);
+                    tab.verdict()
+                }
+            };
+            let arrears = (-balance).max(0);
+            prop_assert_eq!(i128::from(tab.arrears()), arrears);
+            prop_assert_eq!(i128::from(tab.credit_left()), balance.max(0));
+            let cutoff = arrears > i128::from(max_arrears);
+            prop_assert_eq!(verdict, if cutoff { Verdict::Cutoff } else { Verdict::Serve });
+        }
+    }
+
+    /// Hostile amounts: nothing overflows, credit and arrears are never both positive, and
+    /// the verdict still follows the arrears.
+    #[test]
+    fn the_tab_survives_hostile_amounts(
+        price: u64,
+        max_arrears: u64,
+        initial_credit: u64,
+        steps in proptest::collection::vec(
+            prop_oneof![any::<u64>().prop_map(TabStep::Charge), any::<u64>().prop_map(TabStep::Credit)],
+            0..64,
+        ),
+    ) {
+        let Ok(mut tab) = Tab::new(TabConfig { price, max_arrears, initial_credit }) else {
+            return Ok(());
+        };
+        for step in steps {
+            let verdict = match step {
+                TabStep::Charge(frames) => tab.charge(frames),
+                TabStep::Credit(value) => {
+                    tab.credit(value);
+                    tab.verdict()
+                }
+            };
+            prop_assert!(tab.arrears() == 0 || tab.credit_left() == 0);
+            prop_assert_eq!(verdict == Verdict::Cutoff, tab.arrears() > max_arrears);
+        }
+    }
 }
