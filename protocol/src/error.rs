@@ -205,6 +205,33 @@ pub enum Error {
         got: usize,
         expected: usize,
     },
+    /// A ticket's time does not fit the payment envelope's 32-bit seconds.
+    #[error("ticket {field} {value} does not fit in a payment envelope's 32-bit seconds")]
+    TicketTimeRange { field: &'static str, value: u64 },
+
+    // ---- payment envelopes ----
+    /// An envelope buffer has the wrong size.
+    #[error("payment envelope has {got} bytes; every envelope has exactly {expected}")]
+    EnvelopeLength { got: usize, expected: usize },
+    /// An envelope was asked for with a route it cannot carry.
+    #[error(
+        "an envelope needs 1 to {max} hops and a slot for each; got {keys} keys, {slots} slots"
+    )]
+    EnvelopeShape {
+        keys: usize,
+        slots: usize,
+        max: usize,
+    },
+    /// This hop's envelope MAC does not verify: the envelope was altered on the way, belongs
+    /// to another packet, or was never built for this route.
+    #[error("payment envelope MAC does not verify (tampered, or not this packet's)")]
+    EnvelopeMac,
+    /// The MAC verified but the slot's flag byte is neither "empty" nor "ticket".
+    #[error("payment envelope slot has unknown flag {0}")]
+    EnvelopeFlag(u8),
+    /// The MAC verified but the slot's padding is not zero.
+    #[error("payment envelope slot has non-zero padding")]
+    EnvelopePadding,
 }
 
 /// Result with the protocol error.
@@ -251,6 +278,10 @@ impl Error {
             Error::ControlMagic | Error::ControlKind(_) | Error::ControlLength { .. } => {
                 "control_malformed"
             }
+            Error::TicketTimeRange { .. } | Error::EnvelopeShape { .. } => "build",
+            Error::EnvelopeLength { .. } => "length",
+            Error::EnvelopeMac => "envelope_mac",
+            Error::EnvelopeFlag(_) | Error::EnvelopePadding => "envelope_malformed",
         }
     }
 }

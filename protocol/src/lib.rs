@@ -4,6 +4,7 @@ pub mod control;
 pub mod cover;
 pub mod delay;
 pub mod directory;
+pub mod envelope;
 pub mod error;
 pub mod fragment;
 pub mod frame;

@@ -5,6 +5,17 @@
 //! Only then is the replay tag trustworthy, so the driver checks it against its
 //! [`crate::replay::ReplayFilter`] before paying for the rest ([`OpenedPacket::process`]):
 //! blinding (the second scalar multiplication) and the Lioness pass over the payload.
+//!
+//! # The envelope flag in the delay field
+//!
+//! Each forward hop's delay (nanoseconds, inside the MAC-protected routing information) also
+//! carries one bit for the payment envelope ([`crate::envelope`]): its lowest bit says whether
+//! the sender built a valid envelope for the packet, so the hop must enforce the envelope's
+//! MAC ([`HopOutput::Forward::envelope_authenticated`]). Packets from [`build_packet`] and its
+//! siblings set it on every hop (their senders know every hop's keys); reply blocks
+//! ([`crate::surb`]) clear it, because the exit that uses a block cannot build an envelope for
+//! hops it does not know. The bit costs at most 1 ns of delay; [`HopOutput`] reports the delay
+//! with the bit cleared.
 
 use std::fmt;
 use std::time::Duration;
@@ -12,6 +23,7 @@ use std::time::Duration;
 use rand::CryptoRng;
 use sphinx_packet::header::SphinxHeader;
 use sphinx_packet::header::delays::Delay;
+use sphinx_packet::header::keys::KeyMaterial;
 use sphinx_packet::header::shared_secret::ExpandedSharedSecret;
 use sphinx_packet::payload::Payload;
 use sphinx_packet::route::{Destination, DestinationAddressBytes, Node, NodeAddressBytes};
@@ -19,6 +31,7 @@ use sphinx_packet::version::CURRENT_VERSION;
 use sphinx_packet::{ProcessedPacketData, SphinxPacket, SphinxPacketBuilder};
 pub use x25519_dalek::{PublicKey, StaticSecret};
 
+use crate::envelope::{Envelope, EnvelopeKey, SlotTicket, build_envelope};
 use crate::{
     ADDRESS_LEN, Error, HEADER_SIZE, MAX_ROUTE_LEN, PACKET_SIZE, PAYLOAD_SIZE, PLAINTEXT_SIZE,
     Result, SURB_ID_LEN,
@@ -89,9 +102,16 @@ impl fmt::Debug for Packet {
     }
 }
 
+/// The lowest bit of a forward hop's delay in nanoseconds: set when the packet's payment
+/// envelope was built by a sender who knew every hop's keys, so the hop enforces its MAC.
+const ENVELOPE_AUTHENTICATED_BIT: u64 = 1;
+
+/// Sphinx's view of a route; every forward hop's delay carries `envelope_authenticated` in its
+/// lowest bit (see the module documentation).
 pub(crate) fn sphinx_route(
     route: &[RouteHop],
     delays: &[Duration],
+    envelope_authenticated: bool,
 ) -> Result<(Vec<Node>, Vec<Delay>)> {
     if route.is_empty() || route.len() > MAX_ROUTE_LEN || delays.len() != route.len() {
         return Err(Error::RouteShape {
@@ -106,7 +126,14 @@ pub(crate) fn sphinx_route(
         .collect();
     let delays = delays
         .iter()
-        .map(|d| Delay::new_from_nanos(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)))
+        .map(|d| {
+            let nanos = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+            Delay::new_from_nanos(if envelope_authenticated {
+                nanos | ENVELOPE_AUTHENTICATED_BIT
+            } else {
+                nanos & !ENVELOPE_AUTHENTICATED_BIT
+            })
+        })
         .collect();
     Ok((nodes, delays))
 }
@@ -114,7 +141,10 @@ pub(crate) fn sphinx_route(
 /// Builds a packet that crosses `route` and is delivered to `destination` at its last hop.
 ///
 /// `delays[i]` is how long hop `i` holds the packet; the last hop delivers it and ignores its
-/// delay. All randomness (the packet's ephemeral key) comes from `rng`.
+/// delay. All randomness (the packet's ephemeral key) comes from `rng`. Every hop is told to
+/// enforce the packet's payment envelope: a packet sent through mixes that check envelopes
+/// needs one, from [`build_packet_with_envelope`] (or [`build_packet_with_tags`] and
+/// [`build_envelope`]).
 pub fn build_packet<R: CryptoRng + ?Sized>(
     rng: &mut R,
     route: &[RouteHop],
@@ -123,6 +153,73 @@ pub fn build_packet<R: CryptoRng + ?Sized>(
     surb_id: SurbId,
     plaintext: &[u8],
 ) -> Result<Packet> {
+    let (packet, _) = build(rng, route, delays, destination, surb_id, plaintext, false)?;
+    Ok(packet)
+}
+
+/// A packet and what its sender needs to build the packet's payment envelope.
+#[derive(Debug)]
+pub struct BuiltPacket {
+    pub packet: Packet,
+    /// Each hop's replay tag, in route order: the tag [`OpenedPacket::replay_tag`] gives at
+    /// that hop, from which both the hop and the sender derive its [`EnvelopeKey`].
+    pub hop_tags: Vec<ReplayTag>,
+}
+
+/// [`build_packet`], also returning every hop's replay tag. Deriving them costs the sender a
+/// second pass of Diffie–Hellman over the route (`KeyMaterial::derive` from the same initial
+/// secret: 10 scalar multiplications for 4 hops).
+pub fn build_packet_with_tags<R: CryptoRng + ?Sized>(
+    rng: &mut R,
+    route: &[RouteHop],
+    delays: &[Duration],
+    destination: Address,
+    surb_id: SurbId,
+    plaintext: &[u8],
+) -> Result<BuiltPacket> {
+    let (packet, hop_tags) = build(rng, route, delays, destination, surb_id, plaintext, true)?;
+    Ok(BuiltPacket { packet, hop_tags })
+}
+
+/// Builds a packet and its payment envelope: `slots[i]` is hop `i`'s ticket, or `None`.
+/// Routes of 1 to [`crate::envelope::ENVELOPE_SLOTS`] hops; `slots` has one entry per hop.
+#[allow(clippy::too_many_arguments)]
+pub fn build_packet_with_envelope<R: CryptoRng + ?Sized>(
+    rng: &mut R,
+    route: &[RouteHop],
+    delays: &[Duration],
+    destination: Address,
+    surb_id: SurbId,
+    plaintext: &[u8],
+    slots: &[Option<SlotTicket>],
+) -> Result<(Packet, Envelope)> {
+    // Refuse a shape the envelope cannot carry before paying for the packet.
+    if slots.len() != route.len() || route.len() > crate::envelope::ENVELOPE_SLOTS {
+        return Err(Error::EnvelopeShape {
+            keys: route.len(),
+            slots: slots.len(),
+            max: crate::envelope::ENVELOPE_SLOTS,
+        });
+    }
+    let built = build_packet_with_tags(rng, route, delays, destination, surb_id, plaintext)?;
+    let keys: Vec<EnvelopeKey> = built
+        .hop_tags
+        .iter()
+        .map(EnvelopeKey::from_replay_tag)
+        .collect();
+    let envelope = build_envelope(rng, &keys, slots)?;
+    Ok((built.packet, envelope))
+}
+
+fn build<R: CryptoRng + ?Sized>(
+    rng: &mut R,
+    route: &[RouteHop],
+    delays: &[Duration],
+    destination: Address,
+    surb_id: SurbId,
+    plaintext: &[u8],
+    with_tags: bool,
+) -> Result<(Packet, Vec<ReplayTag>)> {
     if plaintext.len() > PLAINTEXT_SIZE {
         return Err(Error::TooLong {
             what: "packet plaintext",
@@ -130,7 +227,7 @@ pub fn build_packet<R: CryptoRng + ?Sized>(
             max: PLAINTEXT_SIZE,
         });
     }
-    let (nodes, delays) = sphinx_route(route, delays)?;
+    let (nodes, delays) = sphinx_route(route, delays, true)?;
     let initial_secret = StaticSecret::random_from_rng(rng);
     let destination = Destination::new(DestinationAddressBytes::from_bytes(destination.0), surb_id);
     let packet = SphinxPacketBuilder::new()
@@ -138,7 +235,17 @@ pub fn build_packet<R: CryptoRng + ?Sized>(
         .with_initial_secret(&initial_secret)
         .build_packet(plaintext, &nodes, &destination, &delays)
         .map_err(|e| Error::Build(e.to_string()))?;
-    Packet::from_sphinx(&packet)
+    let tags = if with_tags {
+        // The builder derives the same material internally but does not expose it.
+        KeyMaterial::derive(&nodes, &initial_secret)
+            .expanded_shared_secrets
+            .iter()
+            .map(|secret| ReplayTag(*secret.replay_tag()))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    Ok((Packet::from_sphinx(&packet)?, tags))
 }
 
 /// A packet whose header MAC verified under this hop's key; its replay tag is now meaningful.
@@ -205,11 +312,13 @@ impl OpenedPacket {
                 next_hop_address,
                 delay,
             } => {
-                let requested = delay.to_duration();
+                let raw = delay.to_nanos();
+                let requested = Duration::from_nanos(raw & !ENVELOPE_AUTHENTICATED_BIT);
                 Ok(HopOutput::Forward {
                     next_hop: Address(next_hop_address.to_bytes()),
                     delay: requested.min(max_delay),
                     delay_clamped: requested > max_delay,
+                    envelope_authenticated: raw & ENVELOPE_AUTHENTICATED_BIT != 0,
                     packet: Packet::from_sphinx(&next_hop_packet)?,
                 })
             }
@@ -256,6 +365,9 @@ pub enum HopOutput {
         delay: Duration,
         /// The header asked for more than the hop's maximum.
         delay_clamped: bool,
+        /// The sender built this packet's payment envelope for every hop, so this hop peels it
+        /// with the MAC enforced ([`crate::envelope::Envelope::peel`]); false for SURB replies.
+        envelope_authenticated: bool,
         packet: Packet,
     },
     /// This hop is the last: deliver the payload.
@@ -338,9 +450,11 @@ mod tests {
                     next_hop,
                     delay,
                     delay_clamped,
+                    envelope_authenticated,
                     packet: next,
                 } => {
                     assert!(i < 3);
+                    assert!(envelope_authenticated);
                     assert_eq!(next_hop, route[i + 1].address);
                     assert_eq!(delay, delays[i]);
                     assert!(!delay_clamped);
@@ -403,6 +517,35 @@ mod tests {
             OpenedPacket::open(&packet.as_bytes()[1..], &other),
             Err(Error::PacketLength { .. })
         ));
+    }
+
+    #[test]
+    fn an_envelope_needs_a_slot_per_hop_and_at_most_four_hops() {
+        let mut rng = ChaCha20Rng::seed_from_u64(7);
+        let (route, _) = keyed_route(&mut rng, 5);
+        let build = |rng: &mut ChaCha20Rng, hops: usize, slots: usize| {
+            build_packet_with_envelope(
+                rng,
+                &route[..hops],
+                &vec![Duration::ZERO; hops],
+                Address([0; 32]),
+                [0; 16],
+                b"",
+                &vec![None; slots],
+            )
+        };
+        for (hops, slots) in [(5, 5), (3, 2), (3, 4)] {
+            assert_eq!(
+                build(&mut rng, hops, slots).err(),
+                Some(Error::EnvelopeShape {
+                    keys: hops,
+                    slots,
+                    max: 4
+                })
+            );
+        }
+        let (_, envelope) = build(&mut rng, 4, 4).unwrap();
+        assert_eq!(envelope.as_bytes().len(), crate::envelope::ENVELOPE_LEN);
     }
 
     #[test]

@@ -150,7 +150,9 @@ pub fn build_reply_block<R: CryptoRng + ?Sized>(
     client: Address,
     key_epoch: u32,
 ) -> Result<(ReplyBlock, ReplyKey)> {
-    let (nodes, delays) = sphinx_route(route, delays)?;
+    // The exit that uses the block cannot build a payment envelope for hops it does not
+    // know: tell every hop not to enforce one.
+    let (nodes, delays) = sphinx_route(route, delays, false)?;
     let mut surb_id: SurbId = [0; crate::SURB_ID_LEN];
     // A zero identifier is reserved ("no SURB"); redraw until non-zero (2^-128 per draw).
     while surb_id == [0; crate::SURB_ID_LEN] {

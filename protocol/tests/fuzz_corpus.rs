@@ -11,10 +11,11 @@ use murmur_protocol::directory::{
     Descriptor, DocumentKind, EpochKey, ExitPolicy, IdentityKey, NetworkParams, RelayAddresses,
     Roles, SignedConsensus, SignedDescriptor, encode, sign_document,
 };
+use murmur_protocol::envelope::{EnvelopeKey, SlotTicket, build_envelope, encode_slot_content};
 use murmur_protocol::fragment::split_message;
 use murmur_protocol::frame::Frame;
 use murmur_protocol::fuzz_entry::{self, TARGETS};
-use murmur_protocol::packet::{Address, PublicKey, RouteHop, build_packet};
+use murmur_protocol::packet::{Address, PublicKey, ReplayTag, RouteHop, build_packet};
 use murmur_protocol::payload::Content;
 use murmur_protocol::replay::ReplayFilter;
 use murmur_protocol::surb::build_reply_block;
@@ -121,18 +122,20 @@ fn seeds(target: &str) -> Vec<Vec<u8>> {
         "exit_policy" => {
             vec![b"accept *:443, reject 10.0.0.0/8:*\naccept6 [2001:db8::]/32:80-81 # c".to_vec()]
         }
-        "ticket" => {
-            let payer = ed25519_dalek::SigningKey::from_bytes(&[5; 32]);
-            let fields = TicketFields {
-                recipient: IdentityKey([6; 32]),
-                face_value: 1_000,
-                win_ratio: u64::MAX / 2,
-                nonce: [7; 16],
-                issued: 1_000,
-                expiry: 2_000,
-                commitment: commitment_of(&[0; 32]),
-            };
-            vec![Ticket::sign(fields, &payer).encode().to_vec()]
+        "ticket" => vec![seed_ticket().encode().to_vec()],
+        "envelope_peel" => {
+            // A replay tag, then a built one-hop envelope the tag's key opens, or a slot's
+            // content with and without a ticket.
+            let tag = [8u8; 32];
+            let key = EnvelopeKey::from_replay_tag(&ReplayTag(tag));
+            let slot = SlotTicket::from_ticket(&seed_ticket()).unwrap();
+            let envelope = build_envelope(&mut rng, &[key], &[Some(slot)]).unwrap();
+            let with = |bytes: &[u8]| [&tag[..], bytes].concat();
+            vec![
+                with(envelope.as_bytes()),
+                with(&encode_slot_content(Some(&slot))),
+                with(&encode_slot_content(None)),
+            ]
         }
         "control" => {
             let payer = ed25519_dalek::SigningKey::from_bytes(&[5; 32]);
@@ -161,6 +164,20 @@ fn seeds(target: &str) -> Vec<Vec<u8>> {
         }
         other => panic!("no seeds for {other}"),
     }
+}
+
+fn seed_ticket() -> Ticket {
+    let payer = ed25519_dalek::SigningKey::from_bytes(&[5; 32]);
+    let fields = TicketFields {
+        recipient: IdentityKey([6; 32]),
+        face_value: 1_000,
+        win_ratio: u64::MAX / 2,
+        nonce: [7; 16],
+        issued: 1_000,
+        expiry: 2_000,
+        commitment: commitment_of(&[0; 32]),
+    };
+    Ticket::sign(fields, &payer)
 }
 
 #[test]

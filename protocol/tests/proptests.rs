@@ -6,13 +6,17 @@ use std::time::Duration;
 use ed25519_dalek::SigningKey;
 use murmur_protocol::control::Control;
 use murmur_protocol::directory::IdentityKey;
+use murmur_protocol::envelope::{
+    ENVELOPE_LEN, ENVELOPE_SLOTS, Envelope, EnvelopeKey, SLOT_CONTENT_LEN, SLOT_LEN, SlotTicket,
+    build_envelope, decode_slot_content, encode_slot_content, peel_in_place,
+};
 use murmur_protocol::fragment::{
     Assembled, Fragment, Reassembler, ReassemblyLimits, split_message,
 };
 use murmur_protocol::frame::{FRAME_LEN, Frame, MAX_CONTROL_LEN};
 use murmur_protocol::packet::{
-    Address, HopOutput, OpenedPacket, Packet, PublicKey, RouteHop, StaticSecret, build_packet,
-    recover_plaintext,
+    Address, HopOutput, OpenedPacket, Packet, PublicKey, ReplayTag, RouteHop, StaticSecret,
+    build_packet, build_packet_with_envelope, build_packet_with_tags, recover_plaintext,
 };
 use murmur_protocol::payer::{PayeeInfo, Payer, PayerConfig};
 use murmur_protocol::payload::{Content, FORWARD_FRAGMENT_DATA_LEN};
@@ -613,4 +617,277 @@ proptest! {
             prop_assert_eq!(verdict == Verdict::Cutoff, tab.arrears() > max_arrears);
         }
     }
+}
+
+// ---- payment envelopes ----
+
+fn any_slot_ticket() -> impl Strategy<Value = SlotTicket> {
+    (
+        any::<[u8; 32]>(),
+        any::<u64>(),
+        any::<u64>(),
+        any::<[u8; 16]>(),
+        any::<u32>(),
+        any::<u32>(),
+        proptest::collection::vec(any::<u8>(), 64),
+    )
+        .prop_map(
+            |(pot, face_value, win_ratio, nonce, issued, expiry, signature)| SlotTicket {
+                pot: IdentityKey(pot),
+                face_value,
+                win_ratio,
+                nonce,
+                issued,
+                expiry,
+                signature: signature.try_into().unwrap(),
+            },
+        )
+}
+
+/// One to four hops' slots, each a ticket or empty.
+fn any_slots() -> impl Strategy<Value = Vec<Option<SlotTicket>>> {
+    proptest::collection::vec(proptest::option::of(any_slot_ticket()), 1..=ENVELOPE_SLOTS)
+}
+
+fn envelope_keys(rng: &mut ChaCha20Rng, hops: usize) -> Vec<EnvelopeKey> {
+    (0..hops)
+        .map(|_| {
+            let mut tag = [0u8; 32];
+            rand::Rng::fill_bytes(rng, &mut tag);
+            EnvelopeKey::from_replay_tag(&ReplayTag(tag))
+        })
+        .collect()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, .. ProptestConfig::default() })]
+
+    /// Through real Sphinx processing: each hop derives its key from the replay tag it
+    /// opens, peels as the delay flag says (the final hop always enforces) and reads exactly
+    /// its slot.
+    #[test]
+    fn every_hop_of_a_real_packet_reads_exactly_its_slot(seed: u64, slots in any_slots()) {
+        let mut rng = ChaCha20Rng::seed_from_u64(seed);
+        let hops = slots.len();
+        let (route, secrets) = keyed_route(&mut rng, hops);
+        let delays = vec![Duration::from_millis(3); hops];
+        let (mut packet, mut envelope) = build_packet_with_envelope(
+            &mut rng, &route, &delays, Address([1; 32]), [0; 16], b"paid", &slots,
+        ).unwrap();
+        for (i, secret) in secrets.iter().enumerate() {
+            let opened = OpenedPacket::open(packet.as_bytes(), secret).unwrap();
+            let key = EnvelopeKey::from_replay_tag(&opened.replay_tag());
+            match opened.process(Duration::MAX).unwrap() {
+                HopOutput::Forward { envelope_authenticated, packet: next, .. } => {
+                    prop_assert!(envelope_authenticated);
+                    let peeled = envelope.peel(&key, envelope_authenticated).unwrap();
+                    prop_assert_eq!(&peeled.ticket, &slots[i]);
+                    envelope = peeled.next;
+                    packet = next;
+                }
+                HopOutput::Final(_) => {
+                    prop_assert_eq!(i + 1, hops);
+                    prop_assert_eq!(&envelope.peel(&key, true).unwrap().ticket, &slots[i]);
+                }
+            }
+        }
+    }
+
+    /// The same with keys alone, many more routes: by value and in place.
+    #[test]
+    fn envelopes_round_trip(seed: u64, slots in any_slots()) {
+        let mut rng = ChaCha20Rng::seed_from_u64(seed);
+        let keys = envelope_keys(&mut rng, slots.len());
+        let mut envelope = build_envelope(&mut rng, &keys, &slots).unwrap();
+        for (key, slot) in keys.iter().zip(&slots) {
+            let mut bytes = *envelope.as_bytes();
+            prop_assert_eq!(&peel_in_place(&mut bytes, key, true).unwrap(), slot);
+            let peeled = envelope.peel(key, true).unwrap();
+            prop_assert_eq!(&peeled.ticket, slot);
+            prop_assert_eq!(&bytes, peeled.next.as_bytes());
+            envelope = peeled.next;
+        }
+    }
+
+    /// A hop that flips any bit of the envelope it forwards (its own output: later hops'
+    /// slots, their MACs, the filler) is caught by the next hop; so is a flip on the link
+    /// into the first hop.
+    #[test]
+    fn a_bit_flipped_after_any_hop_is_caught_by_the_next(
+        seed: u64,
+        slots in proptest::collection::vec(proptest::option::of(any_slot_ticket()), 2..=ENVELOPE_SLOTS),
+        tamperer_frac in 0.0f64..1.0,
+        bit in 0usize..ENVELOPE_LEN * 8,
+    ) {
+        let mut rng = ChaCha20Rng::seed_from_u64(seed);
+        let hops = slots.len();
+        let keys = envelope_keys(&mut rng, hops);
+        let mut envelope = build_envelope(&mut rng, &keys, &slots).unwrap();
+        // The hop whose input is altered: 0 means the link into the first hop.
+        let victim = ((tamperer_frac * hops as f64) as usize).min(hops - 1);
+        for key in &keys[..victim] {
+            envelope = envelope.peel(key, true).unwrap().next;
+        }
+        let mut bytes = *envelope.as_bytes();
+        bytes[bit / 8] ^= 1 << (bit % 8);
+        let tampered = Envelope::from_slice(&bytes).unwrap();
+        prop_assert_eq!(tampered.peel(&keys[victim], true), Err(Error::EnvelopeMac));
+        // A hop told not to enforce passes it on, reading nothing.
+        prop_assert_eq!(tampered.peel(&keys[victim], false).unwrap().ticket, None);
+    }
+
+    #[test]
+    fn slot_tickets_and_slot_content_round_trip(ticket in any_slot_ticket(), empty: bool) {
+        prop_assert_eq!(SlotTicket::decode(&ticket.encode()), ticket);
+        let slot = (!empty).then_some(ticket);
+        let content = encode_slot_content(slot.as_ref());
+        prop_assert_eq!(decode_slot_content(&content), Ok(slot));
+    }
+
+    #[test]
+    fn slot_content_that_decodes_is_canonical(
+        bytes in proptest::collection::vec(any::<u8>(), SLOT_CONTENT_LEN),
+        flag in 0u8..3,
+        zero_tail: bool,
+    ) {
+        let mut content: [u8; SLOT_CONTENT_LEN] = bytes.try_into().unwrap();
+        content[0] = flag;
+        if zero_tail {
+            // Most random contents fail on padding; make the padding valid half the time.
+            let from = if flag == 0 { 1 } else { 137 };
+            content[from..].fill(0);
+        }
+        match decode_slot_content(&content) {
+            Ok(slot) => prop_assert_eq!(encode_slot_content(slot.as_ref()), content),
+            Err(e) => prop_assert!(matches!(e, Error::EnvelopeFlag(_) | Error::EnvelopePadding), "{:?}", e),
+        }
+    }
+
+    #[test]
+    fn unauthenticated_peeling_never_fails(
+        bytes in proptest::collection::vec(any::<u8>(), ENVELOPE_LEN),
+        tag: [u8; 32],
+    ) {
+        let envelope = Envelope::from_slice(&bytes).unwrap();
+        let key = EnvelopeKey::from_replay_tag(&ReplayTag(tag));
+        let peeled = envelope.peel(&key, false).unwrap();
+        prop_assert_eq!(peeled.ticket, None);
+        // The bytes are transformed all the same: a hop's input and output do not match.
+        prop_assert_ne!(&peeled.next.as_bytes()[..SLOT_LEN], &bytes[SLOT_LEN..2 * SLOT_LEN]);
+        // Random bytes do not pass the MAC (2^-128).
+        prop_assert_eq!(envelope.peel(&key, true), Err(Error::EnvelopeMac));
+    }
+
+    /// An envelope is bound to its packet: moved to another packet over the same route, the
+    /// first hop refuses it.
+    #[test]
+    fn an_envelope_moved_to_another_packet_fails(seed: u64, slots in any_slots()) {
+        let mut rng = ChaCha20Rng::seed_from_u64(seed);
+        let hops = slots.len();
+        let (route, secrets) = keyed_route(&mut rng, hops);
+        let delays = vec![Duration::ZERO; hops];
+        let build = |rng: &mut ChaCha20Rng| build_packet_with_envelope(
+            rng, &route, &delays, Address([1; 32]), [0; 16], b"x", &slots,
+        ).unwrap();
+        let (_, envelope_a) = build(&mut rng);
+        let (packet_b, envelope_b) = build(&mut rng);
+        let opened = OpenedPacket::open(packet_b.as_bytes(), &secrets[0]).unwrap();
+        let key = EnvelopeKey::from_replay_tag(&opened.replay_tag());
+        prop_assert_eq!(envelope_a.peel(&key, true), Err(Error::EnvelopeMac));
+        prop_assert_eq!(&envelope_b.peel(&key, true).unwrap().ticket, &slots[0]);
+    }
+}
+
+#[test]
+fn the_senders_hop_tags_are_the_tags_each_hop_opens() {
+    let mut rng = ChaCha20Rng::seed_from_u64(21);
+    for hops in 1..=5 {
+        let (route, secrets) = keyed_route(&mut rng, hops);
+        let built = build_packet_with_tags(
+            &mut rng,
+            &route,
+            &vec![Duration::from_millis(1); hops],
+            Address([1; 32]),
+            [0; 16],
+            b"tags",
+        )
+        .unwrap();
+        assert_eq!(built.hop_tags.len(), hops);
+        let mut packet = built.packet;
+        for (i, secret) in secrets.iter().enumerate() {
+            let opened = OpenedPacket::open(packet.as_bytes(), secret).unwrap();
+            assert_eq!(opened.replay_tag(), built.hop_tags[i], "hop {i} of {hops}");
+            if let HopOutput::Forward { packet: next, .. } = opened.process(Duration::MAX).unwrap()
+            {
+                packet = next;
+            }
+        }
+    }
+}
+
+#[test]
+fn the_envelope_flag_rides_in_the_delay_field() {
+    let mut rng = ChaCha20Rng::seed_from_u64(22);
+    let (route, secrets) = keyed_route(&mut rng, 4);
+    // Odd nanoseconds: the flag bit must not depend on the delay's own lowest bit.
+    let delays = [1, 2, 3, 4].map(|n| Duration::from_nanos(1_000_000 * n + n % 2));
+
+    // A forward packet: every mix is told to enforce the envelope, and sees the delay with
+    // the flag bit cleared.
+    let mut packet =
+        build_packet(&mut rng, &route, &delays, Address([1; 32]), [0; 16], b"f").unwrap();
+    let mut mixes = 0;
+    for (i, secret) in secrets.iter().enumerate() {
+        match OpenedPacket::open(packet.as_bytes(), secret)
+            .unwrap()
+            .process(Duration::MAX)
+            .unwrap()
+        {
+            HopOutput::Forward {
+                envelope_authenticated,
+                delay,
+                packet: next,
+                ..
+            } => {
+                assert!(envelope_authenticated, "forward packet, hop {i}");
+                assert_eq!(delay.as_nanos(), delays[i].as_nanos() & !1);
+                mixes += 1;
+                packet = next;
+            }
+            HopOutput::Final(_) => assert_eq!(i, 3),
+        }
+    }
+    assert_eq!(mixes, 3);
+
+    // A SURB reply, with the random envelope its sender can only send: no mix enforces it,
+    // each passes it on, and the final hop (which always enforces) finds it unpaid.
+    let (block, _) = build_reply_block(&mut rng, &route, &delays, Address([2; 32]), 1).unwrap();
+    let mut packet = block.use_block(b"reply").unwrap().packet;
+    let mut envelope = Envelope::random(&mut rng);
+    let mut mixes = 0;
+    for (i, secret) in secrets.iter().enumerate() {
+        let opened = OpenedPacket::open(packet.as_bytes(), secret).unwrap();
+        let key = EnvelopeKey::from_replay_tag(&opened.replay_tag());
+        match opened.process(Duration::MAX).unwrap() {
+            HopOutput::Forward {
+                envelope_authenticated,
+                delay,
+                packet: next,
+                ..
+            } => {
+                assert!(!envelope_authenticated, "SURB reply, hop {i}");
+                assert_eq!(delay.as_nanos(), delays[i].as_nanos() & !1);
+                let peeled = envelope.peel(&key, envelope_authenticated).unwrap();
+                assert_eq!(peeled.ticket, None);
+                envelope = peeled.next;
+                mixes += 1;
+                packet = next;
+            }
+            HopOutput::Final(_) => {
+                assert_eq!(i, 3);
+                assert_eq!(envelope.peel(&key, true), Err(Error::EnvelopeMac));
+            }
+        }
+    }
+    assert_eq!(mixes, 3);
 }

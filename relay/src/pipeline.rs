@@ -154,6 +154,7 @@ fn worker(rx: Receiver<Inbound>, tx: Sender<Processed>, keys: Arc<KeyRing>, max_
                 delay,
                 delay_clamped,
                 packet,
+                ..
             }) => {
                 if delay_clamped {
                     metrics::counter!(m::DELAY_CLAMPED).increment(1);
