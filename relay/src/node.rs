@@ -216,6 +216,7 @@ impl Node {
             .map(|k| PublishedKey {
                 epoch: k.epoch,
                 key: k.public.to_bytes(),
+                payment_commitment: k.payment_commitment(),
             })
             .collect();
         Ok(Descriptor {
