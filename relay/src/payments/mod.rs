@@ -26,6 +26,8 @@
 
 mod redeem;
 mod store;
+#[cfg(test)]
+mod tests;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
