@@ -38,10 +38,16 @@
 //! payers: a recipient must stop accepting tickets against a commitment before it redeems a
 //! ticket made out to it, and publish a fresh one.
 //!
+//! A relay has one reveal per Sphinx key epoch, derived from that epoch's Sphinx secret
+//! ([`reveal_from_secret`]: `SHA-256("murmur/ticket-reveal/v1\0" ‖ secret)`), and publishes
+//! its commitment beside the epoch's Sphinx key in its descriptor. It accepts tickets of epoch
+//! E only while it holds key E and redeems them only after key E has retired.
+//!
 //! Nothing here reads a clock: the checks take `now` in Unix seconds.
 
 use ed25519_dalek::{Signature, Signer, SigningKey};
 use sha2::{Digest, Sha256};
+use zeroize::Zeroizing;
 
 use crate::directory::{IdentityKey, UnixTime};
 use crate::{Error, Result};
@@ -61,6 +67,7 @@ pub const MAX_CLOCK_SKEW_S: u64 = 30;
 const SIGNATURE_DOMAIN: &[u8] = b"murmur/ticket/v1\0";
 const COMMIT_DOMAIN: &[u8] = b"murmur/ticket-commit/v1\0";
 const WIN_DOMAIN: &[u8] = b"murmur/ticket-win/v1\0";
+const REVEAL_DOMAIN: &[u8] = b"murmur/ticket-reveal/v1\0";
 
 /// A signed ticket.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -110,6 +117,16 @@ pub fn commitment_of(reveal: &[u8; 32]) -> [u8; 32] {
     h.update(COMMIT_DOMAIN);
     h.update(reveal);
     h.finalize().into()
+}
+
+/// A relay's secret reveal for one key epoch, derived from that epoch's 32-byte Sphinx secret:
+/// `SHA-256("murmur/ticket-reveal/v1\0" ‖ secret)`. Publishing it (by redeeming a ticket)
+/// tells nothing about the Sphinx secret, which has retired by then anyway.
+pub fn reveal_from_secret(secret: &[u8; 32]) -> Zeroizing<[u8; 32]> {
+    let mut h = Sha256::new();
+    h.update(REVEAL_DOMAIN);
+    h.update(secret);
+    Zeroizing::new(h.finalize().into())
 }
 
 /// `floor(face_value · (win_ratio + 1) / 2^64)`: a ticket's expected value in base units.
@@ -319,6 +336,19 @@ impl Ticket {
         now: UnixTime,
         min_expected_value: u64,
     ) -> Result<()> {
+        self.check_terms_for_recipient(me, now, min_expected_value)?;
+        self.verify_signature()
+    }
+
+    /// [`Ticket::check_for_recipient`] without the signature: the cheap checks, for a
+    /// recipient that checks its own state (nonce, pot) before it pays for the signature
+    /// check, which it must still do last.
+    pub fn check_terms_for_recipient(
+        &self,
+        me: &IdentityKey,
+        now: UnixTime,
+        min_expected_value: u64,
+    ) -> Result<()> {
         self.check_recipient(me)?;
         self.check_expiry(now)?;
         if self.issued > now.saturating_add(MAX_CLOCK_SKEW_S) {
@@ -335,7 +365,7 @@ impl Ticket {
                 min,
             });
         }
-        self.verify_signature()
+        Ok(())
     }
 }
 
@@ -486,6 +516,11 @@ mod tests {
             forged.check_for_recipient(&me_id, 1_500, 0),
             Err(Error::TicketForged)
         );
+        assert_eq!(
+            forged.check_terms_for_recipient(&me_id, 1_500, 0),
+            Ok(()),
+            "the terms check leaves the signature to the caller"
+        );
         let mut other_pot = t;
         other_pot.pot = IdentityKey::of(&key(3));
         assert_eq!(other_pot.verify_signature(), Err(Error::TicketForged));
@@ -496,6 +531,15 @@ mod tests {
         ] {
             assert!(label.starts_with("ticket_"), "{label}");
         }
+    }
+
+    #[test]
+    fn reveals_are_derived_per_secret_and_domain_separated() {
+        let a = reveal_from_secret(&[1; 32]);
+        assert_eq!(*a, *reveal_from_secret(&[1; 32]));
+        assert_ne!(*a, *reveal_from_secret(&[2; 32]));
+        assert_ne!(*a, [1; 32]);
+        assert_ne!(commitment_of(&a), *a);
     }
 
     #[test]

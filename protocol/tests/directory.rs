@@ -211,6 +211,7 @@ fn descriptors_are_signed_by_their_relay() {
         sphinx_keys: vec![EpochKey {
             epoch: 5,
             key: [9; 32],
+            payment_commitment: [8; 32],
         }],
         exit_policy: ExitPolicy::reject_all(),
         price_per_packet: 10,
@@ -254,6 +255,7 @@ fn relay(
         sphinx_keys: vec![EpochKey {
             epoch: 7,
             key: [1; 32],
+            payment_commitment: [2; 32],
         }],
         exit_policy: ExitPolicy::parse("accept *:443", false).unwrap(),
         price_per_packet: 1,

@@ -111,6 +111,7 @@ fn seeds(target: &str) -> Vec<Vec<u8>> {
                 sphinx_keys: vec![EpochKey {
                     epoch: 1,
                     key: [5; 32],
+                    payment_commitment: commitment_of(&[6; 32]),
                 }],
                 exit_policy: ExitPolicy::reject_all(),
                 price_per_packet: 1,

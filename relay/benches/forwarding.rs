@@ -210,6 +210,7 @@ fn consensus(
             sphinx_keys: vec![EpochKey {
                 epoch: EPOCH,
                 key: key.to_bytes(),
+                payment_commitment: [0; 32],
             }],
             exit_policy: ExitPolicy::reject_all(),
             price_per_packet: 1,

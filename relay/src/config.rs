@@ -33,6 +33,8 @@ pub struct Config {
     pub gateway: GatewaySection,
     #[serde(default)]
     pub exit: ExitSection,
+    #[serde(default)]
+    pub payments: PaymentsSection,
     /// Where the file was read from; relative paths are resolved against its directory.
     #[serde(skip)]
     pub base_dir: PathBuf,
@@ -168,6 +170,57 @@ pub struct ExitSection {
     pub connect_timeout: Duration,
 }
 
+/// Nanopayments: tickets that pay this relay for the packets it carries.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct PaymentsSection {
+    /// The ledger's base URL (`http://host:port`). Unset: payments are off, tickets are
+    /// ignored and every packet is forwarded as if unpaid traffic were allowed.
+    pub ledger: Option<String>,
+    /// What to do with a packet that carries no acceptable ticket for this hop.
+    pub unpaid: UnpaidPolicy,
+    /// The least expected value (in the ledger's base unit) a ticket must carry.
+    pub min_expected_value: u64,
+    /// A ticket must stay redeemable for at least this long after the Sphinx key of its
+    /// epoch retires (tickets are redeemed only then); one expiring sooner is refused.
+    #[serde(with = "humantime_serde")]
+    pub min_redeem_window: Duration,
+    /// How often retired epochs' winning tickets are redeemed (also right after start).
+    #[serde(with = "humantime_serde")]
+    pub redeem_interval: Duration,
+    /// Longest wait between retries of a redemption the ledger could not answer.
+    #[serde(with = "humantime_serde")]
+    pub redeem_backoff_max: Duration,
+    /// How long a pot's state from the ledger is trusted before it is fetched again.
+    #[serde(with = "humantime_serde")]
+    pub pot_refresh: Duration,
+    /// Time allowed for one request to the ledger.
+    #[serde(with = "humantime_serde")]
+    pub ledger_timeout: Duration,
+    /// Tickets remembered per key epoch (their nonces, so none is counted twice); beyond
+    /// it, tickets are refused and counted.
+    pub max_tickets_per_epoch: usize,
+    /// Pots whose state is cached; beyond it, tickets from new pots are refused and counted.
+    pub max_pots: usize,
+    /// Pots looked up at the ledger at once (tickets from a pot being looked up are accepted
+    /// meanwhile); also the most lookups per refresh round.
+    pub max_pot_lookups: usize,
+    /// Winning tickets stored but not yet redeemed; beyond it, winners are refused.
+    pub max_pending_winners: usize,
+}
+
+/// What a relay does with a packet that carries no acceptable ticket for it.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum UnpaidPolicy {
+    /// Forward it anyway (counted).
+    #[default]
+    Forward,
+    /// Drop it (counted). A mix then also drops other relays' loop cover and reply-block
+    /// traffic that carries no ticket for it.
+    Drop,
+}
+
 fn default_identity_key() -> PathBuf {
     PathBuf::from("identity.key")
 }
@@ -238,6 +291,25 @@ impl Default for ExitSection {
             max_streams: 1024,
             idle_timeout: Duration::from_secs(300),
             connect_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+impl Default for PaymentsSection {
+    fn default() -> Self {
+        PaymentsSection {
+            ledger: None,
+            unpaid: UnpaidPolicy::Forward,
+            min_expected_value: 1,
+            min_redeem_window: Duration::from_secs(30 * 60),
+            redeem_interval: Duration::from_secs(60),
+            redeem_backoff_max: Duration::from_secs(10 * 60),
+            pot_refresh: Duration::from_secs(60),
+            ledger_timeout: Duration::from_secs(10),
+            max_tickets_per_epoch: 1_000_000,
+            max_pots: 10_000,
+            max_pot_lookups: 256,
+            max_pending_winners: 100_000,
         }
     }
 }
@@ -323,7 +395,45 @@ impl Config {
             self.exit_policy()
                 .map_err(|e| format!("exit.policy: {e}"))?;
         }
+        let p = &self.payments;
+        if let Some(url) = &p.ledger
+            && !url.starts_with("http://")
+            && !url.starts_with("https://")
+        {
+            return Err(format!("payments.ledger {url} must start with http://"));
+        }
+        if p.min_expected_value == 0 {
+            return Err("payments.min_expected_value must be at least 1".into());
+        }
+        for (name, d) in [
+            ("redeem_interval", p.redeem_interval),
+            ("redeem_backoff_max", p.redeem_backoff_max),
+            ("pot_refresh", p.pot_refresh),
+            ("ledger_timeout", p.ledger_timeout),
+        ] {
+            if d < Duration::from_secs(1) {
+                return Err(format!("payments.{name} must be at least 1s"));
+            }
+        }
+        if p.max_tickets_per_epoch == 0
+            || p.max_pots == 0
+            || p.max_pot_lookups == 0
+            || p.max_pending_winners == 0
+        {
+            return Err("payments bounds must be positive".into());
+        }
         Ok(())
+    }
+
+    /// Epochs past the current one whose Sphinx keys are still held (`key_grace` in whole
+    /// epochs, rounded up).
+    pub fn grace_epochs(&self) -> u32 {
+        let grace = self
+            .directory
+            .key_grace
+            .as_secs()
+            .div_ceil(self.directory.epoch_length.as_secs().max(1));
+        u32::try_from(grace).unwrap_or(u32::MAX)
     }
 
     /// Whether the relay has `role`.
@@ -405,6 +515,30 @@ mod tests {
                 "version = 1\n[relay]\nfamily = \"op\"\nroles = [\"exit\"]\n[exit]\npolicy = \"allow all\"\n",
                 "exit.policy",
             ),
+            (
+                &format!("{MINIMAL}[payments]\nledger = \"ftp://x\"\n"),
+                "payments.ledger",
+            ),
+            (
+                &format!("{MINIMAL}[payments]\nunpaid = \"maybe\"\n"),
+                "unknown variant",
+            ),
+            (
+                &format!("{MINIMAL}[payments]\nmin_expected_value = 0\n"),
+                "min_expected_value",
+            ),
+            (
+                &format!("{MINIMAL}[payments]\nmax_pots = 0\n"),
+                "payments bounds",
+            ),
+            (
+                &format!("{MINIMAL}[payments]\nredeem_interval = \"10ms\"\n"),
+                "redeem_interval",
+            ),
+            (
+                &format!("{MINIMAL}[payments]\nredeem_interval_s = 5\n"),
+                "unknown field",
+            ),
         ] {
             let err = Config::parse(text, PathBuf::new()).unwrap_err();
             assert!(err.contains(needle), "{err} should mention {needle}");
@@ -425,6 +559,17 @@ mod tests {
         assert_eq!(c.mixing.workers, 3);
         assert_eq!(c.listen.mix, SocketAddr::from(([127, 0, 0, 1], 5000)));
         assert!(Config::parse_with_overrides(MINIMAL, PathBuf::new(), &["nokey".into()]).is_err());
+        let c = Config::parse_with_overrides(
+            MINIMAL,
+            PathBuf::new(),
+            &[
+                "payments.ledger=\"http://127.0.0.1:7080\"".into(),
+                "payments.unpaid=\"drop\"".into(),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.payments.ledger.as_deref(), Some("http://127.0.0.1:7080"));
+        assert_eq!(c.payments.unpaid, UnpaidPolicy::Drop);
     }
 }
 
@@ -443,6 +588,8 @@ mod example {
         assert_eq!(shipped.mixing, MixingSection::default());
         assert_eq!(shipped.gateway, GatewaySection::default());
         assert_eq!(shipped.exit, ExitSection::default());
+        assert_eq!(shipped.payments, PaymentsSection::default());
+        assert_eq!(shipped.payments.ledger, None, "payments are off unless set");
         let uncommented: String = text
             .lines()
             .map(|l| match l.strip_prefix('#') {
@@ -451,7 +598,11 @@ mod example {
                 _ => l,
             })
             // Options that are off by default show an example value instead.
-            .filter(|l| !l.starts_with("advertise_mix") && !l.starts_with("metrics"))
+            .filter(|l| {
+                !l.starts_with("advertise_mix")
+                    && !l.starts_with("metrics")
+                    && !l.starts_with("ledger")
+            })
             .collect::<Vec<_>>()
             .join("\n");
         let full = Config::parse(&uncommented, PathBuf::new()).unwrap();

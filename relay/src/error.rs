@@ -27,6 +27,12 @@ pub enum Error {
     /// Stored replay state is corrupt.
     #[error("replay state {path}: {reason}")]
     ReplayState { path: PathBuf, reason: String },
+    /// The store of winning tickets failed (disk full, corruption, ...).
+    #[error("payment store {path}: {reason}")]
+    PaymentStore { path: PathBuf, reason: String },
+    /// The ledger client could not be set up.
+    #[error("ledger: {0}")]
+    Ledger(String),
     /// A listener could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Listen {

@@ -20,6 +20,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use murmur_protocol::directory::Epoch;
 use murmur_protocol::packet::{PublicKey, ReplayTag, StaticSecret};
 use murmur_protocol::replay::ReplayFilter;
+use murmur_protocol::ticket::{commitment_of, reveal_from_secret};
 use rand::CryptoRng;
 use zeroize::Zeroizing;
 
@@ -65,6 +66,9 @@ pub struct EpochKey {
     pub epoch: Epoch,
     secret: StaticSecret,
     pub public: PublicKey,
+    /// The epoch's ticket reveal, derived from `secret` (secret until a ticket is redeemed).
+    payment_reveal: Zeroizing<[u8; 32]>,
+    payment_commitment: [u8; 32],
     replay: Mutex<ReplayState>,
     log: Mutex<ReplayLog>,
 }
@@ -86,6 +90,18 @@ impl EpochKey {
     /// The secret, for opening packets.
     pub fn secret(&self) -> &StaticSecret {
         &self.secret
+    }
+
+    /// The secret reveal of this epoch's ticket commitment
+    /// ([`reveal_from_secret`]` (secret)`). It must not leave the relay before the epoch has
+    /// retired: redeeming a ticket shows it to the ledger.
+    pub fn payment_reveal(&self) -> &Zeroizing<[u8; 32]> {
+        &self.payment_reveal
+    }
+
+    /// The commitment published for this epoch: [`commitment_of`]` (payment_reveal)`.
+    pub fn payment_commitment(&self) -> [u8; 32] {
+        self.payment_commitment
     }
 
     /// Records `tag`; `true` means it was seen before (a replay, or a false positive at the
@@ -307,10 +323,14 @@ fn load_epoch(dir: &Path, epoch: Epoch, sizing: ReplaySizing) -> Result<EpochKey
     if len % 32 != 0 {
         file.set_len(len - len % 32).map_err(state_err(&log_path))?;
     }
+    let payment_reveal = reveal_from_secret(secret.as_bytes());
+    let payment_commitment = commitment_of(&payment_reveal);
     Ok(EpochKey {
         epoch,
         public: PublicKey::from(&secret),
         secret,
+        payment_reveal,
+        payment_commitment,
         replay: Mutex::new(ReplayState {
             filter,
             pending: Vec::new(),
@@ -350,11 +370,23 @@ mod tests {
         assert_eq!(ring.flush().unwrap(), 1);
         assert!(!key.check_and_insert(&unflushed));
         let public = key.public;
+        let commitment = key.payment_commitment();
+        assert_eq!(commitment_of(key.payment_reveal()), commitment);
+        assert_ne!(
+            commitment,
+            ring.get(11).unwrap().payment_commitment(),
+            "one commitment per epoch"
+        );
         drop((key, ring)); // a crash: the unflushed tag never reached disk
 
         let ring = KeyRing::open(dir.path(), SIZING).unwrap();
         let key = ring.get(10).unwrap();
         assert_eq!(key.public, public, "the key itself survives");
+        assert_eq!(
+            key.payment_commitment(),
+            commitment,
+            "and so does its reveal"
+        );
         assert!(key.check_and_insert(&flushed), "flushed tag remembered");
         assert!(
             !key.check_and_insert(&unflushed),

@@ -10,6 +10,7 @@ pub mod links;
 pub mod loops;
 pub mod metrics;
 pub mod node;
+pub mod payments;
 pub mod pipeline;
 
 pub use config::Config;

@@ -21,6 +21,26 @@ pub const LINK_CONNECTS: &str = "murmur_relay_link_connects_total";
 pub const REPLAY_TAGS: &str = "murmur_relay_replay_tags";
 pub const EXIT_STREAMS: &str = "murmur_relay_exit_streams_total";
 pub const LOOPS: &str = "murmur_relay_loops_total";
+/// Tickets that paid this hop.
+pub const TICKETS_ACCEPTED: &str = "murmur_relay_tickets_accepted_total";
+/// Tickets refused, by `reason` (`PaymentRefusal::label`).
+pub const TICKETS_REFUSED: &str = "murmur_relay_tickets_refused_total";
+/// Accepted tickets that won.
+pub const TICKETS_WON: &str = "murmur_relay_tickets_won_total";
+/// The sum of accepted tickets' expected values (base units): what the relay earns on average.
+pub const TICKET_VALUE_EARNED: &str = "murmur_relay_ticket_expected_value_total";
+/// Winning tickets stored and not yet settled.
+pub const WINNERS_PENDING: &str = "murmur_relay_winners_pending";
+/// Winning tickets the ledger paid.
+pub const TICKETS_REDEEMED: &str = "murmur_relay_tickets_redeemed_total";
+/// What the ledger paid for them (base units).
+pub const REDEEMED_VALUE: &str = "murmur_relay_redeemed_value_total";
+/// Redemption attempts that were not paid, by `reason` (the ledger's refusal label, `http`, ...).
+pub const REDEMPTION_FAILURES: &str = "murmur_relay_redemption_failures_total";
+/// The relay's account balance at the ledger, as of the last redemption.
+pub const LEDGER_BALANCE: &str = "murmur_relay_ledger_balance";
+/// Pot lookups at the ledger, by `result`: `known`, `unknown`, `failed`.
+pub const POT_LOOKUPS: &str = "murmur_relay_pot_lookups_total";
 
 /// Counts one dropped packet.
 pub fn drop_packet(reason: &'static str) {

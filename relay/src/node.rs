@@ -5,6 +5,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
 use ed25519_dalek::SigningKey;
+use murmur_ledger::client::LedgerClient;
 use murmur_protocol::directory::{
     Consensus, DIRECTORY_SCHEMA, Descriptor, Epoch, EpochKey as PublishedKey, IdentityKey,
     RelayAddresses, Roles, UnixTime,
@@ -26,6 +27,7 @@ use crate::keys::{KeyRing, ReplaySizing};
 use crate::links::{Links, Routes, serve_inbound};
 use crate::loops::{self, Outstanding};
 use crate::metrics::{self as m, drop_packet};
+use crate::payments::{Payments, PaymentsParams, run_pot_refresher, run_redeemer};
 use crate::pipeline::{Pipeline, PipelineConfig, Processed};
 
 /// A relay with its listeners bound and its tasks running.
@@ -33,6 +35,7 @@ pub struct Node {
     config: Config,
     identity: SigningKey,
     keys: Arc<KeyRing>,
+    payments: Option<Arc<Payments>>,
     links: Arc<Links>,
     gateway: Option<Arc<Gateway>>,
     exit: Option<Arc<Exit>>,
@@ -66,6 +69,29 @@ impl Node {
             },
         )?);
         let tracker = TaskTracker::new();
+        let payments = match &config.payments.ledger {
+            Some(url) => {
+                let params = PaymentsParams::from_config(&config, IdentityKey::of(&identity));
+                let payments = Arc::new(Payments::open(&state_dir, params, keys.clone())?);
+                let ledger = LedgerClient::new(url, config.payments.ledger_timeout)
+                    .map_err(|e| Error::Ledger(e.to_string()))?;
+                tracker.spawn(run_redeemer(
+                    payments.clone(),
+                    ledger.clone(),
+                    identity.clone(),
+                    config.payments.redeem_interval,
+                    shutdown.clone(),
+                ));
+                tracker.spawn(run_pot_refresher(
+                    payments.clone(),
+                    ledger,
+                    shutdown.clone(),
+                ));
+                tracing::info!(ledger = %url, "taking payments");
+                Some(payments)
+            }
+            None => None,
+        };
         let routes = Arc::new(RwLock::new(Routes::default()));
         let links = Links::new(
             routes,
@@ -91,6 +117,7 @@ impl Node {
                 max_hop_delay: config.mixing.max_hop_delay,
             },
             keys.clone(),
+            payments.clone(),
             release_tx,
         )
         .map_err(|source| Error::State {
@@ -134,6 +161,7 @@ impl Node {
             config,
             identity,
             keys,
+            payments,
             links,
             gateway,
             exit,
@@ -188,6 +216,11 @@ impl Node {
         &self.keys
     }
 
+    /// Ticket acceptance and redemption, if the relay takes payments (`payments.ledger`).
+    pub fn payments(&self) -> Option<&Arc<Payments>> {
+        self.payments.as_ref()
+    }
+
     /// The consensus in force, if any.
     pub fn consensus(&self) -> Option<Arc<Consensus>> {
         self.consensus.read().ok().and_then(|c| c.clone())
@@ -195,13 +228,7 @@ impl Node {
 
     /// Makes sure Sphinx keys exist for `epoch` and the next one; drops keys past the grace.
     pub fn rotate_keys(&self, epoch: Epoch) -> Result<()> {
-        let grace_epochs = self
-            .config
-            .directory
-            .key_grace
-            .as_secs()
-            .div_ceil(self.config.directory.epoch_length.as_secs().max(1));
-        let oldest = epoch.saturating_sub(u32::try_from(grace_epochs).unwrap_or(u32::MAX));
+        let oldest = epoch.saturating_sub(self.config.grace_epochs());
         if let Some(exit) = &self.exit {
             exit.set_oldest_epoch(oldest);
         }
@@ -216,6 +243,7 @@ impl Node {
             .map(|k| PublishedKey {
                 epoch: k.epoch,
                 key: k.public.to_bytes(),
+                payment_commitment: k.payment_commitment(),
             })
             .collect();
         Ok(Descriptor {

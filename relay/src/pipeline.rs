@@ -3,7 +3,8 @@
 //! ```text
 //! links ──try_send──▶ [input: bounded] ──▶ workers (one thread per core)
 //!     open (DH + MAC) → replay check-and-insert → process (blind + Lioness)
-//!   ──▶ [processed: bounded] ──▶ flusher thread: replay tags to disk (one fsync per batch)
+//!   ──▶ [processed: bounded] ──▶ flusher thread: replay tags to disk (one fsync per batch),
+//!       then winning tickets to the payments store (one transaction per batch)
 //!   ──▶ [released: bounded] ──▶ router (async): hold for the delay, forward or deliver
 //! ```
 //! Every queue is bounded; a full queue drops the packet and counts the reason.
@@ -18,6 +19,7 @@ use murmur_protocol::packet::{Address, FinalDelivery, HopOutput, OpenedPacket, P
 
 use crate::keys::KeyRing;
 use crate::metrics::{self as m, drop_packet};
+use crate::payments::Payments;
 
 /// A packet read off a relay link, waiting for a worker.
 pub struct Inbound {
@@ -59,10 +61,12 @@ pub struct Pipeline {
 }
 
 impl Pipeline {
-    /// Starts the workers and the flusher; released packets go to `release`.
+    /// Starts the workers and the flusher; released packets go to `release`. With
+    /// `payments`, the flusher makes winning tickets durable before it releases a batch.
     pub fn start(
         config: PipelineConfig,
         keys: Arc<KeyRing>,
+        payments: Option<Arc<Payments>>,
         release: tokio::sync::mpsc::Sender<Processed>,
     ) -> std::io::Result<Pipeline> {
         let (input, input_rx) = crossbeam_channel::bounded::<Inbound>(config.input_queue);
@@ -78,11 +82,12 @@ impl Pipeline {
             let rx = input_rx.clone();
             let tx = processed_tx.clone();
             let keys = keys.clone();
+            let payments = payments.clone();
             let max_delay = config.max_hop_delay;
             threads.push(
                 std::thread::Builder::new()
                     .name(format!("sphinx-{i}"))
-                    .spawn(move || worker(rx, tx, keys, max_delay))?,
+                    .spawn(move || worker(rx, tx, keys, payments, max_delay))?,
             );
         }
         drop(processed_tx);
@@ -91,7 +96,7 @@ impl Pipeline {
         threads.push(
             std::thread::Builder::new()
                 .name("replay-flusher".into())
-                .spawn(move || flusher(processed_rx, backlog, keys, release))?,
+                .spawn(move || flusher(processed_rx, backlog, keys, payments, release))?,
         );
         Ok(Pipeline { input, threads })
     }
@@ -131,7 +136,16 @@ impl Submitter {
     }
 }
 
-fn worker(rx: Receiver<Inbound>, tx: Sender<Processed>, keys: Arc<KeyRing>, max_delay: Duration) {
+/// `payments` (when the relay takes payments) is where the hop's ticket will be checked
+/// (`Payments::accept(ticket, key_epoch, now)`) once frames carry the payment envelope; until
+/// then no packet carries a ticket and every packet is forwarded.
+fn worker(
+    rx: Receiver<Inbound>,
+    tx: Sender<Processed>,
+    keys: Arc<KeyRing>,
+    _payments: Option<Arc<Payments>>,
+    max_delay: Duration,
+) {
     for inbound in rx.iter() {
         let Some(key) = keys.get(inbound.key_epoch) else {
             drop_packet("unknown_epoch");
@@ -195,11 +209,13 @@ const BATCH_LINGER: Duration = Duration::from_millis(5);
 const BATCH_LINGER_STEP: Duration = Duration::from_millis(1);
 const MAX_BATCH: usize = 1024;
 
-/// Collects processed packets, makes their replay tags durable, then releases them.
+/// Collects processed packets, makes their replay tags and winning tickets durable, then
+/// releases them.
 fn flusher(
     rx: Receiver<Processed>,
     backlog: Receiver<Inbound>,
     keys: Arc<KeyRing>,
+    payments: Option<Arc<Payments>>,
     release: tokio::sync::mpsc::Sender<Processed>,
 ) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
@@ -229,6 +245,15 @@ fn flusher(
             tracing::error!(error = %e, "cannot persist replay tags; dropping the batch");
             for _ in batch.drain(..) {
                 drop_packet("replay_store_failed");
+            }
+            continue;
+        }
+        if let Some(Err(e)) = payments.as_ref().map(|p| p.flush()) {
+            // A winning ticket is written durably before it is acknowledged: the packets it
+            // paid for may not leave. The winners stay queued for the next batch.
+            tracing::error!(error = %e, "cannot store winning tickets; dropping the batch");
+            for _ in batch.drain(..) {
+                drop_packet("payment_store_failed");
             }
             continue;
         }
@@ -289,7 +314,7 @@ mod tests {
             input_queue: N + 10,
             max_hop_delay: Duration::from_secs(1),
         };
-        let pipeline = Pipeline::start(config, keys.clone(), release).unwrap();
+        let pipeline = Pipeline::start(config, keys.clone(), None, release).unwrap();
         let submit = pipeline.submitter();
         // All at once (the input queue holds them all), so the flusher sees a backlog.
         for packet in packets.iter().chain(&packets[..10]) {

@@ -116,7 +116,13 @@ impl FakeHop {
                 mix: true,
                 ..Roles::default()
             },
-            sphinx_keys: (e..e + 4).map(|epoch| EpochKey { epoch, key }).collect(),
+            sphinx_keys: (e..e + 4)
+                .map(|epoch| EpochKey {
+                    epoch,
+                    key,
+                    payment_commitment: [0; 32],
+                })
+                .collect(),
             exit_policy: ExitPolicy::reject_all(),
             price_per_packet: 1,
             bandwidth: 1000,

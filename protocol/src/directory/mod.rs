@@ -62,11 +62,14 @@ pub struct Roles {
     pub exit: bool,
 }
 
-/// A Sphinx public key for one epoch.
+/// A Sphinx public key for one epoch, and the relay's ticket commitment for that epoch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EpochKey {
     pub epoch: Epoch,
     pub key: [u8; 32],
+    /// [`commitment_of`](crate::ticket::commitment_of) the relay's secret reveal for this
+    /// epoch: tickets paying the relay for packets under `key` name it.
+    pub payment_commitment: [u8; 32],
 }
 
 /// Where a relay listens.
@@ -194,6 +197,14 @@ impl ConsensusRelay {
             .iter()
             .find(|k| k.epoch == epoch)
             .map(|k| x25519_dalek::PublicKey::from(k.key))
+    }
+
+    /// The relay's ticket commitment for `epoch`, if it published a key for it.
+    pub fn payment_commitment(&self, epoch: Epoch) -> Option<[u8; 32]> {
+        self.sphinx_keys
+            .iter()
+            .find(|k| k.epoch == epoch)
+            .map(|k| k.payment_commitment)
     }
 
     /// The relay's Sphinx address (its identity key bytes).

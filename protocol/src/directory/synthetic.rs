@@ -7,6 +7,8 @@ use ed25519_dalek::SigningKey;
 use rand::CryptoRng;
 use x25519_dalek::{PublicKey, StaticSecret};
 
+use crate::ticket::{commitment_of, reveal_from_secret};
+
 use super::{
     Consensus, ConsensusRelay, DIRECTORY_SCHEMA, Epoch, EpochKey, ExitPolicy, IdentityKey,
     NetworkParams, RelayAddresses, Roles,
@@ -26,6 +28,17 @@ pub struct SyntheticNetwork {
 pub struct SyntheticKeys {
     pub identity: SigningKey,
     pub sphinx: StaticSecret,
+}
+
+impl SyntheticKeys {
+    /// The relay's ticket reveal (derived from its Sphinx secret, as a real relay's is).
+    pub fn payment_reveal(&self) -> zeroize::Zeroizing<[u8; 32]> {
+        reveal_from_secret(self.sphinx.as_bytes())
+    }
+}
+
+fn payment_commitment(sphinx: &StaticSecret) -> [u8; 32] {
+    commitment_of(&reveal_from_secret(sphinx.as_bytes()))
 }
 
 /// Generates the consensus (sorted by identity) and every relay's secrets, in the same order.
@@ -58,6 +71,7 @@ pub fn generate<R: CryptoRng + ?Sized>(
             sphinx_keys: vec![EpochKey {
                 epoch: net.epoch,
                 key: PublicKey::from(&sphinx).to_bytes(),
+                payment_commitment: payment_commitment(&sphinx),
             }],
             exit_policy: if roles.exit {
                 ExitPolicy::parse("accept *:*", true).unwrap_or_default()
@@ -132,6 +146,7 @@ pub fn signed_descriptors(
         .zip(keys)
         .map(|(r, k)| {
             let key = PublicKey::from(&k.sphinx).to_bytes();
+            let payment_commitment = payment_commitment(&k.sphinx);
             let descriptor = super::Descriptor {
                 schema: DIRECTORY_SCHEMA,
                 identity: r.identity,
@@ -140,7 +155,11 @@ pub fn signed_descriptors(
                 roles: r.roles,
                 sphinx_keys: epochs
                     .iter()
-                    .map(|&epoch| EpochKey { epoch, key })
+                    .map(|&epoch| EpochKey {
+                        epoch,
+                        key,
+                        payment_commitment,
+                    })
                     .collect(),
                 exit_policy: r.exit_policy.clone(),
                 price_per_packet: r.price_per_packet,

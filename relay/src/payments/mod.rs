@@ -1,0 +1,525 @@
+//! The relay's side of nanopayments (issue 6): accepting the tickets that pay this hop,
+//! keeping the winners durably, and redeeming them at the ledger.
+//!
+//! ```text
+//! Sphinx workers ──accept(ticket, key epoch, now)──▶ Payments
+//!     recipient, expiry, issue time, value → epoch held, commitment → redeemable in time
+//!     → nonce unseen → pot able to pay → signature (last: the expensive one)
+//!     → win test with the epoch's reveal: a winner is queued
+//! flusher ──flush()──▶ queued winners → payments.redb, one transaction (before the batch's
+//!     packets are released: a winning ticket is durable before it is acknowledged)
+//! redeemer (async) ──▶ winners whose key epoch has retired → ledger `redeem` → settled
+//! pot refresher (async) ──▶ ledger `pot` lookups for the pot cache
+//! ```
+//!
+//! **Why redeem only after the epoch retires.** Redeeming shows the epoch's reveal to the
+//! ledger, and so perhaps to payers, who could then sign only tickets that lose. Tickets of
+//! key epoch E are therefore accepted only while this relay holds Sphinx key E
+//! ([`KeyRing`]), and redeemed only once key E has left the ring. A payer must set expiries
+//! that leave room for that (`payments.min_redeem_window` past the key's retirement; sooner
+//! is refused as `expires_too_soon`).
+//!
+//! **What is in memory only.** The nonces of accepted tickets (an exact set per key epoch;
+//! winners are also in the store, and reloaded into the set on start) and the pot cache. After
+//! a restart a payer could present a losing ticket of a live epoch a second time; winners
+//! cannot be paid twice (the ledger redeems each `(pot, nonce)` once).
+
+mod redeem;
+mod store;
+#[cfg(test)]
+mod tests;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use murmur_ledger::Pot;
+use murmur_protocol::directory::{Epoch, IdentityKey, UnixTime};
+use murmur_protocol::ticket::{MAX_CLOCK_SKEW_S, Ticket};
+
+pub use crate::config::UnpaidPolicy;
+use crate::config::{Config, PaymentsSection};
+use crate::error::Result;
+use crate::keys::KeyRing;
+use crate::metrics as m;
+pub use redeem::{RedeemRound, run_pot_refresher, run_redeemer};
+pub use store::{Settled, TicketId, Winner, ticket_id};
+
+/// What [`Payments`] is told by the configuration.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PaymentsParams {
+    /// This relay's identity: tickets must be made out to it.
+    pub me: IdentityKey,
+    pub min_expected_value: u64,
+    /// The directory's epoch length, and how many epochs past the current one keys are held:
+    /// key epoch E retires at `(E + 1 + grace_epochs) · epoch_length_s`.
+    pub epoch_length_s: u64,
+    pub grace_epochs: u32,
+    /// A ticket must stay redeemable this long after its key epoch retires.
+    pub min_redeem_window_s: u64,
+    pub max_tickets_per_epoch: usize,
+    pub max_pots: usize,
+    pub max_pot_lookups: usize,
+    pub max_pending_winners: usize,
+    /// Seconds a pot's state is trusted.
+    pub pot_refresh_s: u64,
+    /// First retry of a redemption after 1 s, doubling up to this.
+    pub redeem_backoff_max_s: u64,
+    pub unpaid: UnpaidPolicy,
+}
+
+impl PaymentsParams {
+    /// The parameters of relay `me` under `config`.
+    pub fn from_config(config: &Config, me: IdentityKey) -> Self {
+        let p: &PaymentsSection = &config.payments;
+        PaymentsParams {
+            me,
+            min_expected_value: p.min_expected_value,
+            epoch_length_s: config.directory.epoch_length.as_secs().max(1),
+            grace_epochs: config.grace_epochs(),
+            min_redeem_window_s: p.min_redeem_window.as_secs(),
+            max_tickets_per_epoch: p.max_tickets_per_epoch,
+            max_pots: p.max_pots,
+            max_pot_lookups: p.max_pot_lookups,
+            max_pending_winners: p.max_pending_winners,
+            pot_refresh_s: p.pot_refresh.as_secs().max(1),
+            redeem_backoff_max_s: p.redeem_backoff_max.as_secs().max(1),
+            unpaid: p.unpaid,
+        }
+    }
+
+    /// When key epoch `epoch` leaves the ring (its tickets become redeemable), by the
+    /// directory's clock.
+    pub fn retires_at(&self, epoch: Epoch) -> UnixTime {
+        (u64::from(epoch) + 1 + u64::from(self.grace_epochs)).saturating_mul(self.epoch_length_s)
+    }
+}
+
+/// Why a ticket does not pay this hop. Each has its own metrics label.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum PaymentRefusal {
+    #[error("the ticket is made out to another relay")]
+    WrongRecipient,
+    #[error("the ticket expired at {expiry} (now {now})")]
+    Expired { expiry: UnixTime, now: UnixTime },
+    #[error("the ticket is issued at {issued}, more than {MAX_CLOCK_SKEW_S} s after now ({now})")]
+    NotYetValid { issued: UnixTime, now: UnixTime },
+    #[error("the ticket's expected value {expected_value} is below the minimum {min}")]
+    TooSmall { expected_value: u64, min: u64 },
+    #[error("no Sphinx key is held for epoch {0}")]
+    UnknownEpoch(Epoch),
+    #[error("the ticket does not name this relay's commitment for epoch {0}")]
+    WrongCommitment(Epoch),
+    #[error("the ticket expires at {expiry}, before it could be redeemed (from {redeemable_from})")]
+    ExpiresTooSoon {
+        expiry: UnixTime,
+        redeemable_from: UnixTime,
+    },
+    #[error("a ticket with this pot and nonce was already accepted")]
+    NonceReused,
+    #[error("epoch {0} has accepted as many tickets as it remembers")]
+    TooManyTickets(Epoch),
+    #[error("the ledger knows no pot {0}")]
+    PotUnknown(IdentityKey),
+    #[error("pot can pay {usable}, less than the face value {face_value}")]
+    PotInsufficient { usable: u64, face_value: u64 },
+    #[error("too many pots being looked up at the ledger")]
+    PotLookupsFull,
+    #[error("the pot cache is full")]
+    PotCacheFull,
+    #[error("the ticket's signature is not its pot's")]
+    Forged,
+    #[error("too many winning tickets wait for redemption")]
+    WinnersFull,
+    #[error("unusable ticket: {0}")]
+    Malformed(String),
+}
+
+impl PaymentRefusal {
+    /// The `reason` label of `murmur_relay_tickets_refused_total`.
+    pub fn label(&self) -> &'static str {
+        match self {
+            PaymentRefusal::WrongRecipient => "wrong_recipient",
+            PaymentRefusal::Expired { .. } => "expired",
+            PaymentRefusal::NotYetValid { .. } => "not_yet_valid",
+            PaymentRefusal::TooSmall { .. } => "too_small",
+            PaymentRefusal::UnknownEpoch(_) => "unknown_epoch",
+            PaymentRefusal::WrongCommitment(_) => "wrong_commitment",
+            PaymentRefusal::ExpiresTooSoon { .. } => "expires_too_soon",
+            PaymentRefusal::NonceReused => "nonce_reused",
+            PaymentRefusal::TooManyTickets(_) => "nonce_set_full",
+            PaymentRefusal::PotUnknown(_) => "pot_unknown",
+            PaymentRefusal::PotInsufficient { .. } => "pot_insufficient",
+            PaymentRefusal::PotLookupsFull => "pot_lookups_full",
+            PaymentRefusal::PotCacheFull => "pot_cache_full",
+            PaymentRefusal::Forged => "forged",
+            PaymentRefusal::WinnersFull => "winners_full",
+            PaymentRefusal::Malformed(_) => "malformed",
+        }
+    }
+
+    fn from_ticket_error(e: murmur_protocol::Error) -> Self {
+        use murmur_protocol::Error as P;
+        match e {
+            P::TicketWrongRecipient { .. } => PaymentRefusal::WrongRecipient,
+            P::TicketExpired { expiry, now } => PaymentRefusal::Expired { expiry, now },
+            P::TicketNotYetValid { issued, now } => PaymentRefusal::NotYetValid { issued, now },
+            P::TicketValue {
+                expected_value,
+                min,
+            } => PaymentRefusal::TooSmall {
+                expected_value,
+                min,
+            },
+            P::TicketForged => PaymentRefusal::Forged,
+            other => PaymentRefusal::Malformed(other.to_string()),
+        }
+    }
+}
+
+/// A ticket that pays this hop.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Accepted {
+    /// What the ticket is worth in expectation (base units).
+    pub expected_value: u64,
+    /// It won: it is queued for the store and will be redeemed.
+    pub winner: bool,
+}
+
+/// The nonces accepted under one key epoch, per pot.
+#[derive(Default)]
+struct SeenNonces {
+    by_pot: HashMap<IdentityKey, HashSet<[u8; 16]>>,
+    len: usize,
+}
+
+impl SeenNonces {
+    fn contains(&self, pot: &IdentityKey, nonce: &[u8; 16]) -> bool {
+        self.by_pot.get(pot).is_some_and(|s| s.contains(nonce))
+    }
+
+    fn insert(&mut self, pot: IdentityKey, nonce: [u8; 16]) -> bool {
+        let fresh = self.by_pot.entry(pot).or_default().insert(nonce);
+        self.len += usize::from(fresh);
+        fresh
+    }
+}
+
+/// What the relay knows of a pot.
+#[derive(Clone, Copy, Debug)]
+enum PotState {
+    /// Asked for; tickets are accepted meanwhile.
+    LookingUp,
+    Known(Pot),
+    /// The ledger has no such pot.
+    Unknown,
+}
+
+struct PotEntry {
+    state: PotState,
+    /// When the ledger last answered for it (0: never).
+    fetched_at: UnixTime,
+    /// A ticket named it since the last refresh (unused entries are dropped, not refreshed).
+    used: bool,
+}
+
+#[derive(Default)]
+struct PotCache {
+    entries: HashMap<IdentityKey, PotEntry>,
+    looking_up: usize,
+}
+
+/// Redemption attempts of one pending winner.
+#[derive(Clone, Copy, Debug, Default)]
+struct Attempts {
+    failures: u32,
+    /// Not before this (Unix seconds).
+    next_at: UnixTime,
+    /// A redemption of it is under way.
+    in_flight: bool,
+}
+
+/// Ticket acceptance, the winners' store and their redemption state. Shared by the Sphinx
+/// workers (`accept`), the flusher (`flush`) and the redeemer and pot refresher tasks.
+pub struct Payments {
+    params: PaymentsParams,
+    keys: Arc<KeyRing>,
+    store: store::Store,
+    seen: Mutex<BTreeMap<Epoch, SeenNonces>>,
+    pots: Mutex<PotCache>,
+    /// Wakes the pot refresher when a new pot needs a lookup.
+    lookups_wanted: tokio::sync::Notify,
+    /// Winners accepted since the last flush.
+    queued: Mutex<Vec<Winner>>,
+    /// Winners queued or stored and not yet settled (bounded by `max_pending_winners`).
+    pending: AtomicUsize,
+    attempts: Mutex<HashMap<TicketId, Attempts>>,
+    /// When settled records were last pruned.
+    last_prune: Mutex<UnixTime>,
+}
+
+impl Payments {
+    /// Opens `<state_dir>/payments.redb` and reloads the pending winners' nonces.
+    pub fn open(state_dir: &Path, params: PaymentsParams, keys: Arc<KeyRing>) -> Result<Payments> {
+        let store = store::Store::open(&state_dir.join("payments.redb"))?;
+        let rows = store.pending()?;
+        let mut seen: BTreeMap<Epoch, SeenNonces> = BTreeMap::new();
+        for w in &rows.winners {
+            if keys.get(w.epoch).is_some() {
+                seen.entry(w.epoch)
+                    .or_default()
+                    .insert(w.ticket.pot, w.ticket.nonce);
+            }
+        }
+        let pending = rows.winners.len() + rows.corrupt.len();
+        metrics::gauge!(m::WINNERS_PENDING).set(pending as f64);
+        Ok(Payments {
+            params,
+            keys,
+            store,
+            seen: Mutex::new(seen),
+            pots: Mutex::new(PotCache::default()),
+            lookups_wanted: tokio::sync::Notify::new(),
+            queued: Mutex::new(Vec::new()),
+            pending: AtomicUsize::new(pending),
+            attempts: Mutex::new(HashMap::new()),
+            last_prune: Mutex::new(0),
+        })
+    }
+
+    /// The parameters in force.
+    pub fn params(&self) -> &PaymentsParams {
+        &self.params
+    }
+
+    /// What to do with a packet that carries no acceptable ticket.
+    pub fn unpaid_policy(&self) -> UnpaidPolicy {
+        self.params.unpaid
+    }
+
+    /// Decides whether `ticket` pays for a packet that arrived under Sphinx key `key_epoch`.
+    /// Checks, cheapest first: recipient, expiry, issue time, expected value; the key epoch is
+    /// held and the ticket names its commitment, and expires late enough to be redeemed after
+    /// the key retires; the nonce is fresh; the pot can pay (as far as is known: a pot not
+    /// yet known is looked up in the background and accepted meanwhile); and last the
+    /// signature. Then the win test: a winner is queued for the next [`Payments::flush`].
+    /// Every outcome is counted.
+    pub fn accept(
+        &self,
+        ticket: &Ticket,
+        key_epoch: Epoch,
+        now_unix: UnixTime,
+    ) -> std::result::Result<Accepted, PaymentRefusal> {
+        let result = self.decide(ticket, key_epoch, now_unix);
+        match &result {
+            Ok(a) => {
+                metrics::counter!(m::TICKETS_ACCEPTED).increment(1);
+                metrics::counter!(m::TICKET_VALUE_EARNED).increment(a.expected_value);
+                if a.winner {
+                    metrics::counter!(m::TICKETS_WON).increment(1);
+                }
+            }
+            Err(r) => metrics::counter!(m::TICKETS_REFUSED, "reason" => r.label()).increment(1),
+        }
+        result
+    }
+
+    fn decide(
+        &self,
+        t: &Ticket,
+        key_epoch: Epoch,
+        now: UnixTime,
+    ) -> std::result::Result<Accepted, PaymentRefusal> {
+        let p = &self.params;
+        t.check_terms_for_recipient(&p.me, now, p.min_expected_value)
+            .map_err(PaymentRefusal::from_ticket_error)?;
+        let key = self
+            .keys
+            .get(key_epoch)
+            .ok_or(PaymentRefusal::UnknownEpoch(key_epoch))?;
+        if t.commitment != key.payment_commitment() {
+            return Err(PaymentRefusal::WrongCommitment(key_epoch));
+        }
+        let redeemable_from = p.retires_at(key_epoch);
+        if t.expiry < redeemable_from.saturating_add(p.min_redeem_window_s) {
+            return Err(PaymentRefusal::ExpiresTooSoon {
+                expiry: t.expiry,
+                redeemable_from,
+            });
+        }
+        self.check_nonce(t, key_epoch)?;
+        let known = self.check_pot(t)?;
+        t.verify_signature()
+            .map_err(PaymentRefusal::from_ticket_error)?;
+
+        // The ticket is genuine: record it.
+        let winner = t.is_winner(key.payment_reveal());
+        if winner && !self.reserve_winner_slot() {
+            return Err(PaymentRefusal::WinnersFull);
+        }
+        let recorded = (|| {
+            if !known {
+                self.want_lookup(&t.pot)?;
+            }
+            self.insert_nonce(t, key_epoch)
+        })();
+        if let Err(r) = recorded {
+            if winner {
+                self.pending.fetch_sub(1, Ordering::Relaxed);
+            }
+            return Err(r);
+        }
+        if winner {
+            let w = Winner {
+                ticket: *t,
+                reveal: key.payment_reveal().clone(),
+                epoch: key_epoch,
+            };
+            if let Ok(mut q) = self.queued.lock() {
+                q.push(w);
+            }
+            metrics::gauge!(m::WINNERS_PENDING).set(self.pending.load(Ordering::Relaxed) as f64);
+        }
+        Ok(Accepted {
+            expected_value: t.expected_value(),
+            winner,
+        })
+    }
+
+    fn check_nonce(&self, t: &Ticket, epoch: Epoch) -> std::result::Result<(), PaymentRefusal> {
+        let seen = self.seen.lock().map_err(|_| PaymentRefusal::NonceReused)?;
+        match seen.get(&epoch) {
+            Some(s) if s.contains(&t.pot, &t.nonce) => Err(PaymentRefusal::NonceReused),
+            Some(s) if s.len >= self.params.max_tickets_per_epoch => {
+                Err(PaymentRefusal::TooManyTickets(epoch))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Inserts the nonce if it is still fresh and there is room (another worker may have
+    /// accepted the same ticket since [`Payments::check_nonce`]).
+    fn insert_nonce(&self, t: &Ticket, epoch: Epoch) -> std::result::Result<(), PaymentRefusal> {
+        let mut seen = self.seen.lock().map_err(|_| PaymentRefusal::NonceReused)?;
+        let set = seen.entry(epoch).or_default();
+        if set.contains(&t.pot, &t.nonce) {
+            return Err(PaymentRefusal::NonceReused);
+        }
+        if set.len >= self.params.max_tickets_per_epoch {
+            return Err(PaymentRefusal::TooManyTickets(epoch));
+        }
+        set.insert(t.pot, t.nonce);
+        Ok(())
+    }
+
+    /// Refuses a pot known to be unable to pay; `Ok(false)` if the pot is not known yet.
+    fn check_pot(&self, t: &Ticket) -> std::result::Result<bool, PaymentRefusal> {
+        let mut cache = self.pots.lock().map_err(|_| PaymentRefusal::PotCacheFull)?;
+        let Some(entry) = cache.entries.get_mut(&t.pot) else {
+            return Ok(false);
+        };
+        entry.used = true;
+        match entry.state {
+            PotState::LookingUp => Ok(true),
+            PotState::Unknown => Err(PaymentRefusal::PotUnknown(t.pot)),
+            PotState::Known(pot) => {
+                let usable = pot.usable();
+                if usable >= t.face_value {
+                    Ok(true)
+                } else {
+                    Err(PaymentRefusal::PotInsufficient {
+                        usable,
+                        face_value: t.face_value,
+                    })
+                }
+            }
+        }
+    }
+
+    /// Adds `pot` to the cache as being looked up and wakes the refresher.
+    fn want_lookup(&self, pot: &IdentityKey) -> std::result::Result<(), PaymentRefusal> {
+        let mut cache = self.pots.lock().map_err(|_| PaymentRefusal::PotCacheFull)?;
+        if cache.entries.contains_key(pot) {
+            return Ok(());
+        }
+        if cache.entries.len() >= self.params.max_pots {
+            return Err(PaymentRefusal::PotCacheFull);
+        }
+        if cache.looking_up >= self.params.max_pot_lookups {
+            return Err(PaymentRefusal::PotLookupsFull);
+        }
+        cache.entries.insert(
+            *pot,
+            PotEntry {
+                state: PotState::LookingUp,
+                fetched_at: 0,
+                used: true,
+            },
+        );
+        cache.looking_up += 1;
+        drop(cache);
+        self.lookups_wanted.notify_one();
+        Ok(())
+    }
+
+    fn reserve_winner_slot(&self) -> bool {
+        let max = self.params.max_pending_winners;
+        self.pending
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .is_ok()
+    }
+
+    /// Makes every winner accepted since the last call durable, in one transaction. Call it
+    /// before releasing the packets whose tickets were accepted since the last call. On error
+    /// the winners stay queued for the next call.
+    pub fn flush(&self) -> Result<usize> {
+        let batch = match self.queued.lock() {
+            Ok(mut q) => std::mem::take(&mut *q),
+            Err(_) => return Ok(0),
+        };
+        if batch.is_empty() {
+            return Ok(0);
+        }
+        match self.store.put_pending(&batch) {
+            Ok(new) => {
+                // A ticket stored (or settled) before and accepted again after a restart
+                // holds one slot, not two.
+                let dup = batch.len() - new;
+                if dup > 0 {
+                    self.pending.fetch_sub(dup, Ordering::Relaxed);
+                }
+                metrics::gauge!(m::WINNERS_PENDING)
+                    .set(self.pending.load(Ordering::Relaxed) as f64);
+                Ok(batch.len())
+            }
+            Err(e) => {
+                if let Ok(mut q) = self.queued.lock() {
+                    q.splice(0..0, batch);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Winners stored and not yet settled.
+    pub fn pending_winners(&self) -> Result<Vec<Winner>> {
+        Ok(self.store.pending()?.winners)
+    }
+
+    /// Winners settled (paid or refused for good), kept for 30 days.
+    pub fn settled(&self) -> Result<Vec<Settled>> {
+        self.store.settled()
+    }
+
+    /// Forgets the nonces of key epochs no longer held (their tickets are refused anyway).
+    pub fn forget_retired_epochs(&self) {
+        let held = self.keys.epochs();
+        if let Ok(mut seen) = self.seen.lock() {
+            seen.retain(|e, _| held.contains(e));
+        }
+    }
+}

@@ -1,0 +1,277 @@
+//! The durable record of winning tickets: a redb database at `<state_dir>/payments.redb`
+//! (mode 0600: it holds reveals of epochs that may still be live).
+//!
+//! | table | key | value |
+//! |---|---|---|
+//! | `pending` | pot ‖ nonce (48 bytes) | version 1 ‖ ticket (209) ‖ reveal (32) ‖ key epoch (4, BE) |
+//! | `settled` | pot ‖ nonce | (paid, outcome label, settled at Unix seconds) |
+//!
+//! Every write is one redb transaction committed with redb's default durability (fsync before
+//! `commit` returns), so a winner that [`Store::put_pending`] stored survives `kill -9`, and
+//! moving it from `pending` to `settled` is all or nothing.
+
+use std::fs::OpenOptions;
+use std::path::{Path, PathBuf};
+
+use murmur_protocol::directory::{Epoch, IdentityKey, UnixTime};
+use murmur_protocol::ticket::{TICKET_LEN, Ticket};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use zeroize::Zeroizing;
+
+use crate::error::{Error, Result};
+
+const PENDING: TableDefinition<&[u8; 48], &[u8]> = TableDefinition::new("pending");
+const SETTLED: TableDefinition<&[u8; 48], (u64, &str, u64)> = TableDefinition::new("settled");
+
+const RECORD_VERSION: u8 = 1;
+const RECORD_LEN: usize = 1 + TICKET_LEN + 32 + 4;
+
+/// A ticket's identity at the ledger, which redeems each `(pot, nonce)` once.
+pub type TicketId = [u8; 48];
+
+/// `pot ‖ nonce`.
+pub fn ticket_id(t: &Ticket) -> TicketId {
+    let mut id = [0u8; 48];
+    id[..32].copy_from_slice(&t.pot.0);
+    id[32..].copy_from_slice(&t.nonce);
+    id
+}
+
+/// A winning ticket with what it takes to redeem it.
+#[derive(Clone)]
+pub struct Winner {
+    pub ticket: Ticket,
+    /// The reveal of the ticket's key epoch.
+    pub reveal: Zeroizing<[u8; 32]>,
+    /// The Sphinx key epoch the ticket paid for; it is redeemed once that key has retired.
+    pub epoch: Epoch,
+}
+
+impl std::fmt::Debug for Winner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Winner")
+            .field("pot", &self.ticket.pot)
+            .field("nonce", &self.ticket.nonce)
+            .field("face_value", &self.ticket.face_value)
+            .field("epoch", &self.epoch)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Winner {
+    /// Its `(pot, nonce)`.
+    pub fn id(&self) -> TicketId {
+        ticket_id(&self.ticket)
+    }
+
+    fn encode(&self) -> Zeroizing<Vec<u8>> {
+        let mut out = Zeroizing::new(Vec::with_capacity(RECORD_LEN));
+        out.push(RECORD_VERSION);
+        out.extend_from_slice(&self.ticket.encode());
+        out.extend_from_slice(&self.reveal[..]);
+        out.extend_from_slice(&self.epoch.to_be_bytes());
+        out
+    }
+
+    fn decode(bytes: &[u8]) -> Option<Winner> {
+        if bytes.len() != RECORD_LEN || bytes.first() != Some(&RECORD_VERSION) {
+            return None;
+        }
+        let ticket = Ticket::decode(bytes.get(1..1 + TICKET_LEN)?).ok()?;
+        let mut reveal = Zeroizing::new([0u8; 32]);
+        reveal.copy_from_slice(bytes.get(1 + TICKET_LEN..1 + TICKET_LEN + 32)?);
+        let epoch = Epoch::from_be_bytes(bytes.get(1 + TICKET_LEN + 32..)?.try_into().ok()?);
+        Some(Winner {
+            ticket,
+            reveal,
+            epoch,
+        })
+    }
+}
+
+/// How a winner left the `pending` table.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Settled {
+    pub pot: IdentityKey,
+    pub nonce: [u8; 16],
+    /// What the ledger paid (0 unless `outcome` is `"paid"`).
+    pub paid: u64,
+    /// `"paid"`, or the ledger's refusal label (`"already_redeemed"`, `"ticket_expired"`, …),
+    /// or the relay's reason for giving up (`"expired_unredeemed"`, `"corrupt_record"`).
+    pub outcome: String,
+    pub at: UnixTime,
+}
+
+/// What the `pending` table holds.
+pub(crate) struct PendingRows {
+    pub winners: Vec<Winner>,
+    /// Rows that do not decode (never expected; settled as `corrupt_record`).
+    pub corrupt: Vec<TicketId>,
+}
+
+pub(crate) struct Store {
+    db: Database,
+    path: PathBuf,
+}
+
+impl Store {
+    fn err(&self) -> impl Fn(redb::Error) -> Error + '_ {
+        |e| Error::PaymentStore {
+            path: self.path.clone(),
+            reason: e.to_string(),
+        }
+    }
+
+    /// Opens (or creates) the database at `path`.
+    pub fn open(path: &Path) -> Result<Store> {
+        let fail = |reason: String| Error::PaymentStore {
+            path: path.to_path_buf(),
+            reason,
+        };
+        // Create it private before redb initialises it (redb opens an existing empty file).
+        let mut opts = OpenOptions::new();
+        opts.create(true).append(true);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            opts.mode(0o600);
+        }
+        opts.open(path).map_err(|e| fail(e.to_string()))?;
+        let db = Database::create(path).map_err(|e| fail(e.to_string()))?;
+        let store = Store {
+            db,
+            path: path.to_path_buf(),
+        };
+        let txn = store.db.begin_write().map_err(|e| fail(e.to_string()))?;
+        txn.open_table(PENDING).map_err(|e| fail(e.to_string()))?;
+        txn.open_table(SETTLED).map_err(|e| fail(e.to_string()))?;
+        txn.commit().map_err(|e| fail(e.to_string()))?;
+        Ok(store)
+    }
+
+    /// Where the database is.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Stores `winners` in one durable transaction. Returns how many were not stored before.
+    pub fn put_pending(&self, winners: &[Winner]) -> Result<usize> {
+        let err = self.err();
+        let txn = self.db.begin_write().map_err(|e| err(e.into()))?;
+        let mut new = 0;
+        {
+            let mut pending = txn.open_table(PENDING).map_err(|e| err(e.into()))?;
+            let settled = txn.open_table(SETTLED).map_err(|e| err(e.into()))?;
+            for w in winners {
+                let id = w.id();
+                if settled.get(&id).map_err(|e| err(e.into()))?.is_some() {
+                    continue;
+                }
+                let old = pending
+                    .insert(&id, w.encode().as_slice())
+                    .map_err(|e| err(e.into()))?;
+                new += usize::from(old.is_none());
+            }
+        }
+        txn.commit().map_err(|e| err(e.into()))?;
+        Ok(new)
+    }
+
+    /// Every pending winner.
+    pub fn pending(&self) -> Result<PendingRows> {
+        let err = self.err();
+        let txn = self.db.begin_read().map_err(|e| err(e.into()))?;
+        let table = txn.open_table(PENDING).map_err(|e| err(e.into()))?;
+        let mut rows = PendingRows {
+            winners: Vec::new(),
+            corrupt: Vec::new(),
+        };
+        for entry in table.iter().map_err(|e| err(e.into()))? {
+            let (id, value) = entry.map_err(|e| err(e.into()))?;
+            match Winner::decode(value.value()) {
+                Some(w) if w.id() == *id.value() => rows.winners.push(w),
+                _ => rows.corrupt.push(*id.value()),
+            }
+        }
+        Ok(rows)
+    }
+
+    /// Which of `ids` are still pending.
+    pub fn still_pending(&self, ids: &[TicketId]) -> Result<Vec<bool>> {
+        let err = self.err();
+        let txn = self.db.begin_read().map_err(|e| err(e.into()))?;
+        let table = txn.open_table(PENDING).map_err(|e| err(e.into()))?;
+        ids.iter()
+            .map(|id| Ok(table.get(id).map_err(|e| err(e.into()))?.is_some()))
+            .collect()
+    }
+
+    /// Moves a winner from `pending` to `settled` in one durable transaction. Returns false
+    /// (and writes nothing) if it was not pending.
+    pub fn settle(&self, id: &TicketId, paid: u64, outcome: &str, at: UnixTime) -> Result<bool> {
+        let err = self.err();
+        let txn = self.db.begin_write().map_err(|e| err(e.into()))?;
+        let was_pending = {
+            let mut pending = txn.open_table(PENDING).map_err(|e| err(e.into()))?;
+            let removed = pending.remove(id).map_err(|e| err(e.into()))?.is_some();
+            if removed {
+                let mut settled = txn.open_table(SETTLED).map_err(|e| err(e.into()))?;
+                settled
+                    .insert(id, (paid, outcome, at))
+                    .map_err(|e| err(e.into()))?;
+            }
+            removed
+        };
+        if was_pending {
+            txn.commit().map_err(|e| err(e.into()))?;
+        } else {
+            let _ = txn.abort();
+        }
+        Ok(was_pending)
+    }
+
+    /// Every settled winner.
+    pub fn settled(&self) -> Result<Vec<Settled>> {
+        let err = self.err();
+        let txn = self.db.begin_read().map_err(|e| err(e.into()))?;
+        let table = txn.open_table(SETTLED).map_err(|e| err(e.into()))?;
+        let mut out = Vec::new();
+        for entry in table.iter().map_err(|e| err(e.into()))? {
+            let (id, value) = entry.map_err(|e| err(e.into()))?;
+            let id = id.value();
+            let (paid, outcome, at) = value.value();
+            let mut pot = [0u8; 32];
+            pot.copy_from_slice(&id[..32]);
+            let mut nonce = [0u8; 16];
+            nonce.copy_from_slice(&id[32..]);
+            out.push(Settled {
+                pot: IdentityKey(pot),
+                nonce,
+                paid,
+                outcome: outcome.to_owned(),
+                at,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Forgets settled records older than `before`. Returns how many.
+    pub fn prune_settled(&self, before: UnixTime) -> Result<u64> {
+        let err = self.err();
+        let txn = self.db.begin_write().map_err(|e| err(e.into()))?;
+        let removed = {
+            let mut settled = txn.open_table(SETTLED).map_err(|e| err(e.into()))?;
+            let mut removed = 0u64;
+            settled
+                .retain(|_, (_, _, at)| {
+                    let keep = at >= before;
+                    removed += u64::from(!keep);
+                    keep
+                })
+                .map_err(|e| err(e.into()))?;
+            removed
+        };
+        txn.commit().map_err(|e| err(e.into()))?;
+        Ok(removed)
+    }
+}

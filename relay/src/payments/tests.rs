@@ -1,0 +1,692 @@
+//! Ticket acceptance (each refusal with its own error and counter), the winners' store
+//! across a real crash, and redemption against the embedded ledger and over HTTP.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ed25519_dalek::SigningKey;
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use murmur_ledger::request::{Fund, Redeem, Signed};
+use murmur_ledger::{Ledger, Params, Settlement, unix_now};
+use murmur_protocol::directory::{Epoch, IdentityKey};
+use murmur_protocol::ticket::{Ticket, TicketFields};
+use rand::SeedableRng;
+use rand_chacha::ChaCha20Rng;
+use tempfile::TempDir;
+
+use super::*;
+use crate::keys::ReplaySizing;
+
+const SIZING: ReplaySizing = ReplaySizing {
+    capacity: 10_000,
+    fp_rate: 1e-6,
+};
+const EPOCH_LEN: u64 = 60;
+/// Pays winners 100 each; wins always.
+const FACE: u64 = 100;
+
+fn relay_key() -> SigningKey {
+    SigningKey::from_bytes(&[2; 32])
+}
+fn payer(i: u8) -> SigningKey {
+    SigningKey::from_bytes(&[10 + i; 32])
+}
+fn id(k: &SigningKey) -> IdentityKey {
+    IdentityKey::of(k)
+}
+
+fn params() -> PaymentsParams {
+    PaymentsParams {
+        me: id(&relay_key()),
+        min_expected_value: 1,
+        epoch_length_s: EPOCH_LEN,
+        grace_epochs: 1,
+        min_redeem_window_s: 600,
+        max_tickets_per_epoch: 1000,
+        max_pots: 100,
+        max_pot_lookups: 10,
+        max_pending_winners: 1000,
+        pot_refresh_s: 60,
+        redeem_backoff_max_s: 60,
+        unpaid: UnpaidPolicy::Forward,
+    }
+}
+
+/// The epoch the ring's current key belongs to, by the real clock (the ledger checks real
+/// expiries).
+fn current_epoch() -> Epoch {
+    Epoch::try_from(unix_now() / EPOCH_LEN).unwrap()
+}
+
+struct Relay {
+    keys: Arc<KeyRing>,
+    payments: Arc<Payments>,
+    epoch: Epoch,
+}
+
+impl Relay {
+    /// Opens the relay's state in `dir`, creating keys for the current epoch if needed.
+    fn open(dir: &Path, params: PaymentsParams) -> Relay {
+        let keys = Arc::new(KeyRing::open(dir, SIZING).unwrap());
+        let epoch = current_epoch();
+        if keys.get(epoch).is_none() && keys.epochs().is_empty() {
+            keys.rotate(&mut ChaCha20Rng::seed_from_u64(1), epoch, epoch)
+                .unwrap();
+        }
+        let epoch = keys.epochs()[0];
+        let payments = Arc::new(Payments::open(dir, params, keys.clone()).unwrap());
+        Relay {
+            keys,
+            payments,
+            epoch,
+        }
+    }
+
+    fn commitment(&self, epoch: Epoch) -> [u8; 32] {
+        self.keys.get(epoch).unwrap().payment_commitment()
+    }
+
+    /// A ticket from `payer` to this relay for key epoch `self.epoch` that always wins.
+    fn winner(&self, payer: &SigningKey, nonce: u16) -> Ticket {
+        self.ticket(payer, nonce, |_| {})
+    }
+
+    fn ticket(
+        &self,
+        payer: &SigningKey,
+        nonce: u16,
+        edit: impl FnOnce(&mut TicketFields),
+    ) -> Ticket {
+        let now = unix_now();
+        let mut n = [0u8; 16];
+        n[..2].copy_from_slice(&nonce.to_be_bytes());
+        let mut f = TicketFields {
+            recipient: id(&relay_key()),
+            face_value: FACE,
+            win_ratio: u64::MAX,
+            nonce: n,
+            issued: now,
+            expiry: now + 3600,
+            commitment: self.commitment(self.epoch),
+        };
+        edit(&mut f);
+        Ticket::sign(f, payer)
+    }
+
+    /// Drops every key of the ticket epochs (as rotation does once `key_grace` is over).
+    fn retire(&self) {
+        let later = self.epoch + 5;
+        self.keys
+            .rotate(&mut ChaCha20Rng::seed_from_u64(9), later, later)
+            .unwrap();
+        assert!(self.keys.get(self.epoch).is_none());
+    }
+}
+
+/// A ledger where payers 0..3 have money; payers 0 and 1 have funded pots (payer 1's too
+/// small for [`FACE`]: usable 50), payer 2 none.
+async fn ledger(dir: &Path) -> Ledger {
+    let genesis: Vec<_> = (0..3).map(|i| (id(&payer(i)), 1u64 << 50)).collect();
+    let ledger = Ledger::open(
+        &dir.join("ledger.redb"),
+        Params {
+            notice_period_s: 3600,
+            request_window_s: 300,
+        },
+        &genesis,
+    )
+    .unwrap();
+    for (i, balance, escrow) in [(0, 1u64 << 44, 1u64 << 46), (1, 50, 100)] {
+        let k = payer(i);
+        let fund = Fund {
+            pot: id(&k),
+            balance,
+            escrow,
+        };
+        ledger
+            .fund(Signed::new(fund, &k, unix_now()))
+            .await
+            .unwrap();
+    }
+    ledger
+}
+
+fn recorder() -> (
+    metrics_exporter_prometheus::PrometheusRecorder,
+    PrometheusHandle,
+) {
+    let r = PrometheusBuilder::new().build_recorder();
+    let h = r.handle();
+    (r, h)
+}
+
+/// The value of `name{label}` in Prometheus text (0 if absent).
+fn metric(text: &str, name: &str, label: &str) -> u64 {
+    text.lines()
+        .filter(|l| l.starts_with(name) && l.contains(label))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .map(|v| v as u64)
+        .sum()
+}
+
+#[tokio::test]
+async fn each_refusal_has_its_own_error_and_counter() {
+    let dir = TempDir::new().unwrap();
+    let ledger = ledger(dir.path()).await;
+    let r = Relay::open(dir.path(), params());
+    let p = &r.payments;
+    let now = unix_now();
+    let (rich, poor, potless) = (payer(0), payer(1), payer(2));
+    let (rec, handle) = recorder();
+
+    // Pots not yet known are accepted while they are looked up.
+    metrics::with_local_recorder(&rec, || {
+        for (k, nonce) in [(&rich, 1), (&poor, 1), (&potless, 1)] {
+            let a = p.accept(&r.winner(k, nonce), r.epoch, now).unwrap();
+            assert_eq!(
+                a,
+                Accepted {
+                    expected_value: FACE,
+                    winner: true
+                }
+            );
+        }
+    });
+    assert_eq!(p.refresh_pots(&ledger, now).await, 3);
+
+    let other_relay = id(&SigningKey::from_bytes(&[3; 32]));
+    let next = r.epoch + 1;
+    // A losing ticket worth 1 in expectation: wins with probability 2^-40.
+    let loser = r.ticket(&rich, 2, |f| {
+        f.face_value = 1 << 40;
+        f.win_ratio = (1 << 24) - 1;
+    });
+    let mut forged = r.winner(&rich, 3);
+    forged.face_value += 1;
+    let mut forged_reused = r.winner(&rich, 1);
+    forged_reused.face_value += 1;
+    let mut forged_other_epoch = r.ticket(&rich, 4, |f| f.commitment = r.commitment(next));
+    forged_other_epoch.face_value += 1;
+    let mut forged_potless = r.winner(&potless, 2);
+    forged_potless.face_value += 1;
+
+    let cases: Vec<(Ticket, Epoch, PaymentRefusal)> = vec![
+        (
+            r.ticket(&rich, 10, |f| f.recipient = other_relay),
+            r.epoch,
+            PaymentRefusal::WrongRecipient,
+        ),
+        (
+            r.ticket(&rich, 11, |f| f.expiry = now - 1),
+            r.epoch,
+            PaymentRefusal::Expired {
+                expiry: now - 1,
+                now,
+            },
+        ),
+        (
+            r.ticket(&rich, 12, |f| f.issued = now + 31),
+            r.epoch,
+            PaymentRefusal::NotYetValid {
+                issued: now + 31,
+                now,
+            },
+        ),
+        (
+            r.ticket(&rich, 13, |f| f.win_ratio = 0),
+            r.epoch,
+            PaymentRefusal::TooSmall {
+                expected_value: 0,
+                min: 1,
+            },
+        ),
+        (
+            r.winner(&rich, 14),
+            12345,
+            PaymentRefusal::UnknownEpoch(12345),
+        ),
+        (
+            r.ticket(&rich, 15, |f| f.commitment = r.commitment(next)),
+            r.epoch,
+            PaymentRefusal::WrongCommitment(r.epoch),
+        ),
+        (
+            r.winner(&rich, 16),
+            next,
+            PaymentRefusal::WrongCommitment(next),
+        ),
+        (
+            r.ticket(&rich, 17, |f| f.expiry = now + 300),
+            r.epoch,
+            PaymentRefusal::ExpiresTooSoon {
+                expiry: now + 300,
+                redeemable_from: params().retires_at(r.epoch),
+            },
+        ),
+        (r.winner(&rich, 1), r.epoch, PaymentRefusal::NonceReused),
+        (
+            r.winner(&potless, 3),
+            r.epoch,
+            PaymentRefusal::PotUnknown(id(&potless)),
+        ),
+        (
+            r.winner(&poor, 2),
+            r.epoch,
+            PaymentRefusal::PotInsufficient {
+                usable: 50,
+                face_value: FACE,
+            },
+        ),
+        // The signature is checked last: a forged ticket that fails another check is
+        // refused for that.
+        (forged_reused, r.epoch, PaymentRefusal::NonceReused),
+        (
+            forged_other_epoch,
+            r.epoch,
+            PaymentRefusal::WrongCommitment(r.epoch),
+        ),
+        (
+            forged_potless,
+            r.epoch,
+            PaymentRefusal::PotUnknown(id(&potless)),
+        ),
+        (forged, r.epoch, PaymentRefusal::Forged),
+    ];
+    metrics::with_local_recorder(&rec, || {
+        for (ticket, epoch, want) in &cases {
+            assert_eq!(&p.accept(ticket, *epoch, now).unwrap_err(), want);
+        }
+        // A forged ticket did not use up its nonce; a loser pays in expectation only.
+        assert!(p.accept(&r.winner(&rich, 3), r.epoch, now).unwrap().winner);
+        assert_eq!(
+            p.accept(&loser, r.epoch, now).unwrap(),
+            Accepted {
+                expected_value: 1,
+                winner: false
+            }
+        );
+    });
+
+    let text = handle.render();
+    let mut labels: Vec<&str> = cases.iter().map(|(_, _, r)| r.label()).collect();
+    labels.sort_unstable();
+    labels.dedup();
+    assert_eq!(labels.len(), 11, "distinct labels: {labels:?}");
+    for label in labels {
+        let expected = cases.iter().filter(|(_, _, r)| r.label() == label).count() as u64;
+        let got = metric(&text, m::TICKETS_REFUSED, &format!("reason=\"{label}\""));
+        assert_eq!(got, expected, "{label}: {text}");
+    }
+    assert_eq!(metric(&text, m::TICKETS_ACCEPTED, ""), 5);
+    assert_eq!(metric(&text, m::TICKETS_WON, ""), 4);
+    assert_eq!(metric(&text, m::TICKET_VALUE_EARNED, ""), 4 * FACE + 1);
+    assert_eq!(p.flush().unwrap(), 4);
+    assert_eq!(p.flush().unwrap(), 0, "nothing queued twice");
+}
+
+#[tokio::test]
+async fn every_set_and_queue_is_bounded() {
+    let dir = TempDir::new().unwrap();
+    let ledger = ledger(dir.path()).await;
+    let r = Relay::open(
+        dir.path(),
+        PaymentsParams {
+            max_tickets_per_epoch: 4,
+            max_pots: 2,
+            max_pot_lookups: 1,
+            max_pending_winners: 3,
+            ..params()
+        },
+    );
+    let p = &r.payments;
+    let now = unix_now();
+    let (rec, handle) = recorder();
+    metrics::with_local_recorder(&rec, || {
+        p.accept(&r.winner(&payer(0), 1), r.epoch, now).unwrap();
+        assert_eq!(
+            p.accept(&r.winner(&payer(1), 1), r.epoch, now),
+            Err(PaymentRefusal::PotLookupsFull)
+        );
+    });
+    p.refresh_pots(&ledger, now).await;
+    metrics::with_local_recorder(&rec, || {
+        // Payer 0's pot is known now; payer 1's is looked up (and accepted meanwhile): the
+        // cache is full.
+        p.accept(&r.winner(&payer(1), 1), r.epoch, now).unwrap();
+        assert_eq!(
+            p.accept(&r.winner(&payer(2), 1), r.epoch, now),
+            Err(PaymentRefusal::PotCacheFull)
+        );
+        p.accept(&r.winner(&payer(0), 2), r.epoch, now).unwrap();
+        assert_eq!(
+            p.accept(&r.winner(&payer(0), 3), r.epoch, now),
+            Err(PaymentRefusal::WinnersFull),
+            "three winners wait already"
+        );
+        let loser = r.ticket(&payer(0), 4, |f| {
+            f.face_value = 1 << 40;
+            f.win_ratio = (1 << 24) - 1;
+        });
+        p.accept(&loser, r.epoch, now).unwrap();
+        assert_eq!(
+            p.accept(&r.winner(&payer(0), 5), r.epoch, now),
+            Err(PaymentRefusal::TooManyTickets(r.epoch))
+        );
+    });
+    let text = handle.render();
+    for label in [
+        "pot_lookups_full",
+        "pot_cache_full",
+        "winners_full",
+        "nonce_set_full",
+    ] {
+        assert_eq!(
+            metric(&text, m::TICKETS_REFUSED, &format!("reason=\"{label}\"")),
+            1,
+            "{label}"
+        );
+    }
+    // Flushed winners still count against the bound until they are settled.
+    assert_eq!(p.flush().unwrap(), 3);
+    r.retire();
+    p.forget_retired_epochs();
+    assert!(
+        p.seen.lock().unwrap().is_empty(),
+        "retired nonces forgotten"
+    );
+}
+
+const CRASH_CHILD: &str = "MURMUR_TEST_PAYMENTS_CRASH_DIR";
+const CRASH_N: u16 = 20;
+
+/// In a child process: accept `CRASH_N` winners, flush, accept one more, then abort (no
+/// destructor runs, as under `kill -9`).
+fn crash_child(dir: &Path) -> ! {
+    let r = Relay::open(dir, params());
+    let now = unix_now();
+    for nonce in 0..CRASH_N {
+        let a = r.payments.accept(&r.winner(&payer(0), nonce), r.epoch, now);
+        assert!(a.unwrap().winner);
+    }
+    assert_eq!(r.payments.flush().unwrap(), usize::from(CRASH_N));
+    // Accepted but never flushed: its packet was never released.
+    r.payments
+        .accept(&r.winner(&payer(0), CRASH_N), r.epoch, now)
+        .unwrap();
+    std::process::abort()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn winners_flushed_before_a_crash_are_paid_exactly_once() {
+    if let Some(dir) = std::env::var_os(CRASH_CHILD) {
+        crash_child(Path::new(&dir));
+    }
+    let dir = TempDir::new().unwrap();
+    let ledger = ledger(dir.path()).await;
+    // The relay's keys exist before the child starts.
+    drop(Relay::open(dir.path(), params()));
+    let status = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "payments::tests::winners_flushed_before_a_crash_are_paid_exactly_once",
+            "--test-threads=1",
+        ])
+        .env(CRASH_CHILD, dir.path())
+        .status()
+        .unwrap();
+    assert!(!status.success(), "the child crashes on purpose");
+
+    let r = Relay::open(dir.path(), params());
+    let p = &r.payments;
+    let pending = p.pending_winners().unwrap();
+    assert_eq!(
+        pending.len(),
+        usize::from(CRASH_N),
+        "every flushed winner survives"
+    );
+    assert!(pending.iter().all(|w| w.epoch == r.epoch));
+    let me = id(&relay_key());
+    let relay = relay_key();
+    // The child accepted nonces 0..=CRASH_N: all remembered but the unflushed one.
+    assert_eq!(
+        p.accept(&r.winner(&payer(0), 0), r.epoch, unix_now()),
+        Err(PaymentRefusal::NonceReused)
+    );
+
+    // Not redeemed while the epoch's key is held.
+    let round = p.redeem_due(&ledger, &relay, unix_now()).await.unwrap();
+    assert_eq!(round.waiting, usize::from(CRASH_N));
+    assert_eq!(round.paid, 0);
+    assert_eq!(ledger.account(me).await.unwrap().balance, 0);
+
+    // As if an earlier run had crashed after the ledger paid winner 0 but before it was
+    // recorded: the ledger already redeemed it.
+    let first = pending
+        .iter()
+        .find(|w| w.ticket.nonce[..2] == [0, 0])
+        .unwrap();
+    let op = Redeem {
+        ticket: first.ticket,
+        reveal: *first.reveal,
+    };
+    ledger
+        .redeem(Signed::new(op, &relay, unix_now()))
+        .await
+        .unwrap();
+
+    r.retire();
+    let (a, b) = tokio::join!(
+        p.redeem_due(&ledger, &relay, unix_now()),
+        p.redeem_due(&ledger, &relay, unix_now())
+    );
+    let (a, b) = (a.unwrap(), b.unwrap());
+    assert_eq!(a.paid + b.paid, usize::from(CRASH_N) - 1, "{a:?} {b:?}");
+    assert_eq!(a.settled_unpaid + b.settled_unpaid, 1, "{a:?} {b:?}");
+    let total = u64::from(CRASH_N) * FACE;
+    assert_eq!(ledger.account(me).await.unwrap().balance, total);
+    assert!(p.pending_winners().unwrap().is_empty());
+    let settled = p.settled().unwrap();
+    assert_eq!(settled.len(), usize::from(CRASH_N));
+    assert_eq!(
+        settled.iter().filter(|s| s.outcome == "paid").count(),
+        usize::from(CRASH_N) - 1
+    );
+    assert!(settled.iter().any(|s| s.outcome == "already_redeemed"));
+
+    // Again, and after another restart: nothing is paid twice.
+    let again = p.redeem_due(&ledger, &relay, unix_now()).await.unwrap();
+    assert_eq!(again, RedeemRound::default());
+    drop(r);
+    let r = Relay::open(dir.path(), params());
+    let again = r
+        .payments
+        .redeem_due(&ledger, &relay, unix_now())
+        .await
+        .unwrap();
+    assert_eq!(again, RedeemRound::default());
+    assert_eq!(ledger.account(me).await.unwrap().balance, total);
+    assert!(ledger.audit().unwrap().conserved());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_redeemer_retries_until_the_ledger_answers() {
+    let dir = TempDir::new().unwrap();
+    // A port with nothing listening (yet).
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let url = format!("http://{addr}");
+    let client = murmur_ledger::client::LedgerClient::new(&url, Duration::from_secs(2)).unwrap();
+    let r = Relay::open(dir.path(), params());
+    let p = r.payments.clone();
+    let relay = relay_key();
+    let now = unix_now();
+    p.accept(&r.winner(&payer(0), 1), r.epoch, now).unwrap();
+    p.flush().unwrap();
+    r.retire();
+
+    let round = p.redeem_due(&client, &relay, now).await.unwrap();
+    assert_eq!(round.retrying, 1, "{round:?}");
+    let round = p.redeem_due(&client, &relay, now).await.unwrap();
+    assert_eq!(round.deferred, 1, "backing off: {round:?}");
+    assert_eq!(p.pending_winners().unwrap().len(), 1, "the winner is kept");
+
+    // The redeemer task keeps trying while the ledger is down...
+    let stop = tokio_util::sync::CancellationToken::new();
+    let task = tokio::spawn(run_redeemer(
+        p.clone(),
+        client.clone(),
+        relay.clone(),
+        Duration::from_secs(3600),
+        stop.clone(),
+    ));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(p.pending_winners().unwrap().len(), 1);
+
+    // ...and is paid once it is up.
+    let mut config = murmur_ledger::Config::with_defaults();
+    config.state_dir = dir.path().join("ledger");
+    config.genesis = vec![murmur_ledger::config::GenesisEntry {
+        account: id(&payer(0)).to_hex(),
+        amount: 1 << 50,
+    }];
+    let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+    let server_stop = tokio_util::sync::CancellationToken::new();
+    let server = tokio::spawn(murmur_ledger::serve(
+        config,
+        listener,
+        server_stop.clone().cancelled_owned(),
+    ));
+    let fund = Fund {
+        pot: id(&payer(0)),
+        balance: 1 << 44,
+        escrow: 1 << 46,
+    };
+    client
+        .fund(Signed::new(fund, &payer(0), unix_now()))
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !p.pending_winners().unwrap().is_empty() {
+        assert!(tokio::time::Instant::now() < deadline, "not paid in 20 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let balance = client.account(id(&relay)).await.unwrap().balance;
+    assert_eq!(balance, FACE);
+    let settled = p.settled().unwrap();
+    assert_eq!((settled.len(), settled[0].paid), (1, FACE));
+    stop.cancel();
+    task.await.unwrap();
+    server_stop.cancel();
+    server.await.unwrap().unwrap();
+}
+
+/// The flusher stores a worker's winner before it releases the packets that follow it.
+#[test]
+fn the_pipeline_stores_winners_before_releasing_the_batch() {
+    use crate::pipeline::{Inbound, Pipeline, PipelineConfig};
+    use murmur_protocol::packet::{Address, PublicKey, RouteHop, StaticSecret, build_packet};
+    use std::time::Instant;
+
+    let dir = TempDir::new().unwrap();
+    let r = Relay::open(dir.path(), params());
+    let mut rng = ChaCha20Rng::seed_from_u64(5);
+    let next = StaticSecret::random_from_rng(&mut rng);
+    let route = [
+        RouteHop {
+            address: Address(id(&relay_key()).0),
+            sphinx_key: r.keys.get(r.epoch).unwrap().public,
+        },
+        RouteHop {
+            address: Address([9; 32]),
+            sphinx_key: PublicKey::from(&next),
+        },
+    ];
+    let (release, mut released) = tokio::sync::mpsc::channel(16);
+    let pipeline = Pipeline::start(
+        PipelineConfig {
+            workers: 1,
+            input_queue: 16,
+            max_hop_delay: Duration::from_secs(1),
+        },
+        r.keys.clone(),
+        Some(r.payments.clone()),
+        release,
+    )
+    .unwrap();
+    let submit = pipeline.submitter();
+    for nonce in 0..3 {
+        // What a worker will do with the packet's ticket.
+        r.payments
+            .accept(&r.winner(&payer(0), nonce), r.epoch, unix_now())
+            .unwrap();
+        let packet = build_packet(
+            &mut rng,
+            &route,
+            &[Duration::ZERO; 2],
+            Address([9; 32]),
+            [0; 16],
+            b"x",
+        )
+        .unwrap();
+        submit.submit(Inbound {
+            key_epoch: r.epoch,
+            packet,
+            received: Instant::now(),
+        });
+        released.blocking_recv().unwrap();
+        assert_eq!(
+            r.payments.pending_winners().unwrap().len(),
+            usize::from(nonce) + 1,
+            "released before its winner was stored"
+        );
+    }
+    drop(submit);
+    pipeline.shutdown();
+}
+
+#[tokio::test]
+async fn a_relay_configured_with_a_ledger_takes_payments_and_publishes_commitments() {
+    let dir = TempDir::new().unwrap();
+    let text = format!(
+        "version = 1\n[relay]\nfamily = \"op\"\nroles = [\"mix\"]\nstate_dir = \"{}\"\n\
+         [listen]\nmix = \"127.0.0.1:0\"\n[payments]\nledger = \"http://127.0.0.1:9\"\n",
+        dir.path().join("state").display()
+    );
+    let config = crate::Config::parse(&text, dir.path().to_path_buf()).unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let node = crate::Node::start(config.clone(), relay_key(), stop.clone())
+        .await
+        .unwrap();
+    let payments = node.payments().expect("payments are on");
+    assert_eq!(payments.params().me, id(&relay_key()));
+    assert_eq!(payments.unpaid_policy(), UnpaidPolicy::Forward);
+    let epoch = current_epoch();
+    node.rotate_keys(epoch).unwrap();
+    let d = node.descriptor(epoch, unix_now()).unwrap();
+    assert_eq!(d.sphinx_keys.len(), 2);
+    for k in &d.sphinx_keys {
+        let held = node.keys().get(k.epoch).unwrap();
+        assert_eq!(k.payment_commitment, held.payment_commitment());
+        assert_eq!(
+            k.payment_commitment,
+            murmur_protocol::ticket::commitment_of(held.payment_reveal())
+        );
+    }
+    stop.cancel();
+    node.join().await;
+
+    // Without a ledger, no payments.
+    let mut off = config;
+    off.payments.ledger = None;
+    off.relay.state_dir = dir.path().join("state2");
+    let stop = tokio_util::sync::CancellationToken::new();
+    let node = crate::Node::start(off, relay_key(), stop.clone())
+        .await
+        .unwrap();
+    assert!(node.payments().is_none());
+    stop.cancel();
+    node.join().await;
+}
