@@ -4,19 +4,22 @@
 //! - `murmur-client --config client.toml`: the proxy against the authorities the file names.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
+use ed25519_dalek::SigningKey;
 use murmur_protocol::directory::IdentityKey;
 use murmur_protocol::directory::path::PathRules;
+use murmur_protocol::payer::PayerConfig;
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
-use crate::devnet::{Devnet, DevnetOptions};
-use crate::proxy::{self, ProxyOptions};
+use crate::devnet::{Devnet, DevnetOptions, FAUCET};
+use crate::proxy::{self, PaymentOptions, ProxyOptions};
 use crate::socks::SocksLimits;
+use crate::wallet::FundingPolicy;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -42,6 +45,16 @@ struct Cli {
     /// Devnet: λ_P, packets per second the client sends (real or cover).
     #[arg(long, requires = "devnet")]
     send_rate: Option<f64>,
+    /// Devnet: λ_M, loop packets per second each relay sends (0: none).
+    #[arg(long, requires = "devnet")]
+    relay_loop_rate: Option<f64>,
+    /// Devnet: the face value of the client's tickets, in base units (small values make
+    /// many tickets win, so redemptions can be watched).
+    #[arg(long, requires = "devnet")]
+    ticket_face_value: Option<u64>,
+    /// Devnet: packets each ticket to a mix or exit pays for.
+    #[arg(long, requires = "devnet")]
+    packets_per_ticket: Option<u64>,
 }
 
 /// The client's configuration file.
@@ -62,6 +75,90 @@ pub struct ClientConfig {
     /// network on one host.
     #[serde(default = "default_true")]
     pub distinct_subnets: bool,
+    /// Paying relays; without it the client pays nothing (relays that charge may drop
+    /// its traffic, and gateways cut it off).
+    pub payments: Option<PaymentsConfig>,
+}
+
+/// `[payments]`: the ledger, the pot's key and how the client pays.
+#[derive(Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PaymentsConfig {
+    /// The ledger's base URL.
+    pub ledger: String,
+    /// The pot's Ed25519 key (32 raw bytes or 64 hex characters, as `murmur-relay keygen`
+    /// writes them); its ledger account funds the pot.
+    pub key_file: PathBuf,
+    #[serde(default = "default_face_value")]
+    pub face_value: u64,
+    #[serde(default = "default_packets_per_ticket")]
+    pub packets_per_ticket: u64,
+    #[serde(default = "default_gateway_frames_per_ticket")]
+    pub gateway_frames_per_ticket: u64,
+    /// The balance a top-up restores, and the balance below which the pot is topped up.
+    #[serde(default = "default_target_balance")]
+    pub target_balance: u64,
+    #[serde(default = "default_low_water")]
+    pub low_water: u64,
+}
+
+fn default_face_value() -> u64 {
+    PayerConfig::default().face_value
+}
+fn default_packets_per_ticket() -> u64 {
+    PayerConfig::default().packets_per_ticket
+}
+fn default_gateway_frames_per_ticket() -> u64 {
+    PayerConfig::default().gateway_frames_per_ticket
+}
+fn default_target_balance() -> u64 {
+    1_000 * PayerConfig::default().face_value
+}
+fn default_low_water() -> u64 {
+    100 * PayerConfig::default().face_value
+}
+
+impl PaymentsConfig {
+    /// The proxy's payment options, reading the key file.
+    pub fn options(&self, base: &Path) -> anyhow::Result<PaymentOptions> {
+        let path = base.join(&self.key_file);
+        let key = murmur_directory::keys::load(&path)
+            .map_err(|e| anyhow::anyhow!("pot key {}: {e}", path.display()))?;
+        Ok(payment_options(
+            self.ledger.clone(),
+            key,
+            PayerConfig {
+                face_value: self.face_value,
+                packets_per_ticket: self.packets_per_ticket,
+                gateway_frames_per_ticket: self.gateway_frames_per_ticket,
+                ..PayerConfig::default()
+            },
+            self.target_balance,
+            self.low_water,
+        ))
+    }
+}
+
+/// Payment options whose pot keeps an escrow of twice the face value (what relays require
+/// for a ticket of that face value to be covered).
+fn payment_options(
+    ledger: String,
+    key: SigningKey,
+    payer: PayerConfig,
+    target_balance: u64,
+    low_water: u64,
+) -> PaymentOptions {
+    PaymentOptions {
+        ledger,
+        key,
+        funding: FundingPolicy {
+            low_water,
+            target_balance,
+            escrow: payer.face_value.saturating_mul(2),
+        },
+        payer,
+        check_every: Duration::from_secs(10),
+    }
 }
 
 fn default_true() -> bool {
@@ -156,6 +253,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         if let Some(r) = cli.send_rate {
             options.lambda_p = r;
         }
+        if let Some(r) = cli.relay_loop_rate {
+            options.lambda_m = r;
+        }
         let devnet = Devnet::start(&options).await?;
         eprintln!(
             "devnet: 3 authorities, 1 gateway, {} mixes per layer, 1 exit (state in {})",
@@ -169,6 +269,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             path_rules: devnet.path_rules,
             socks_limits: socks_limits(None),
             refresh_every: Duration::from_secs(1),
+            payment: Some(devnet_payment(
+                &devnet,
+                cli.ticket_face_value,
+                cli.packets_per_ticket,
+            )),
         };
         let result = proxy::run(proxy_options, announce_ready, shutdown.clone()).await;
         devnet.stop().await;
@@ -195,8 +300,37 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         },
         socks_limits: socks_limits(Some(&config)),
         refresh_every: Duration::from_secs(30),
+        payment: match &config.payments {
+            Some(p) => Some(p.options(path.parent().unwrap_or(Path::new(".")))?),
+            None => None,
+        },
     };
     proxy::run(options, announce_ready, shutdown).await
+}
+
+/// The devnet client pays from the faucet's account; the pot is funded on start.
+fn devnet_payment(
+    devnet: &Devnet,
+    face_value: Option<u64>,
+    packets_per_ticket: Option<u64>,
+) -> PaymentOptions {
+    let defaults = PayerConfig::default();
+    let payer = PayerConfig {
+        face_value: face_value.unwrap_or(defaults.face_value).max(1),
+        packets_per_ticket: packets_per_ticket
+            .unwrap_or(defaults.packets_per_ticket)
+            .max(1),
+        ..defaults
+    };
+    let mut options = payment_options(
+        devnet.ledger_url.clone(),
+        devnet.payer_key.clone(),
+        payer,
+        FAUCET / 10,
+        FAUCET / 100,
+    );
+    options.check_every = Duration::from_secs(2);
+    options
 }
 
 fn announce_ready(addr: SocketAddr) {

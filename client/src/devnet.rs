@@ -1,9 +1,12 @@
 //! `murmur-client --devnet`: a whole Murmur network on loopback, in this process.
 //!
-//! Three directory authorities, a ledger whose genesis funds the client, one gateway, three mixes per layer and one exit whose policy
-//! allows loopback destinations (and, like Tor's default, refuses port 25), each with its own keys and state in a temporary directory,
-//! each the same code the daemons run (`murmur_directory::serve`, `murmur_relay::cli::run`).
-//! Epochs are short so key rotation happens while you watch.
+//! Three directory authorities, a ledger whose genesis funds the client, one gateway, three
+//! mixes per layer and one exit whose policy allows loopback destinations (and, like Tor's
+//! default, refuses port 25), each with its own keys and state in a temporary directory, each
+//! the same code the daemons run (`murmur_directory::serve`, `murmur_ledger::serve`,
+//! `murmur_relay::cli::run`). Every relay takes payments at the ledger. Epochs are short so
+//! key rotation, and the redemption of winning tickets once their epoch retires, happen while
+//! you watch.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -153,7 +156,7 @@ impl Devnet {
             let rdir = dir.path().join(&name);
             std::fs::create_dir_all(&rdir)?;
             murmur_directory::keys::keygen(&rdir.join("identity.key"))?;
-            let text = relay_config(&name, role, &authorities_toml, epoch);
+            let text = relay_config(&name, role, &authorities_toml, epoch, &ledger_url);
             let config = murmur_relay::Config::parse(&text, rdir.clone())
                 .map_err(|e| anyhow::anyhow!("devnet relay config: {e}"))?;
             relays.push(name.clone());
@@ -193,7 +196,7 @@ impl Devnet {
     }
 }
 
-fn relay_config(name: &str, roles: &str, authorities: &str, epoch: u64) -> String {
+fn relay_config(name: &str, roles: &str, authorities: &str, epoch: u64, ledger: &str) -> String {
     let state: PathBuf = PathBuf::from("state");
     format!(
         r#"version = 1
@@ -218,6 +221,11 @@ distinct_subnets = false
 policy = "reject *:25, accept *:*"
 allow_private = true
 connect_timeout = "3s"
+[payments]
+ledger = "{ledger}"
+# Redeem soon after an epoch's key retires, so earnings show within a minute or two.
+redeem_interval = "5s"
+pot_refresh = "5s"
 "#,
         state = state.display()
     )

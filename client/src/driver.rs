@@ -52,6 +52,8 @@ pub enum Cmd {
         payload: Box<[u8; PAYLOAD_SIZE]>,
     },
     Consensus(Arc<Consensus>),
+    /// What the ledger says the pot can pay now.
+    PotUsable(u64),
 }
 
 /// Counters the driver keeps besides the session's own.
@@ -127,6 +129,7 @@ fn run(
     stats: Arc<DriverStats>,
     session_stats: Arc<std::sync::Mutex<SessionStats>>,
 ) {
+    // The session's clock starts at zero when the proxy creates it (`Instant::ZERO`).
     let origin = StdInstant::now();
     let now = || Instant::from_elapsed(origin.elapsed());
     let mut rng = rand::rng();
@@ -208,12 +211,15 @@ fn run(
                     session.abort_stream(stream);
                 }
                 Cmd::Delivery { surb_id, payload } => {
-                    session.handle_delivery(surb_id, &payload[..], now())
+                    session.handle_delivery(surb_id, &payload[..], now(), &mut rng)
                 }
                 Cmd::Consensus(c) => {
                     if let Err(e) = session.set_consensus(c, now(), &mut rng) {
                         tracing::warn!(error = %e, "new consensus not applied");
                     }
+                }
+                Cmd::PotUsable(usable) => {
+                    session.set_pot_usable(usable, now(), murmur_directory::unix_now())
                 }
             }
             next = rx.try_recv().ok();

@@ -141,7 +141,16 @@ async fn session_once(
                     Ok(Frame::Deliver { surb_id, payload }) => {
                         session.send(Cmd::Delivery { surb_id, payload });
                     }
-                    Ok(Frame::Control(_)) => {}
+                    Ok(Frame::Control(c)) => match Control::decode(&c) {
+                        Ok(Control::PaymentRefused { reason }) => tracing::warn!(
+                            reason = murmur_protocol::control::refusal::label(reason),
+                            "the gateway refused a payment"
+                        ),
+                        Ok(Control::Cutoff) => tracing::warn!(
+                            "the gateway cut this client off for falling behind in payment"
+                        ),
+                        _ => tracing::debug!("unexpected control message from the gateway"),
+                    },
                     _ => tracing::debug!("unexpected frame from the gateway"),
                 },
                 Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}

@@ -2,13 +2,17 @@
 //! SOCKS5. Moves to another gateway when its gateway stays unreachable.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use ed25519_dalek::SigningKey;
 use murmur_directory::client::DirectoryClient;
+use murmur_ledger::client::LedgerClient;
 use murmur_protocol::directory::path::{PathRules, PathSelector};
 use murmur_protocol::directory::{AuthoritySet, Consensus, ConsensusStore, IdentityKey, Offer};
 use murmur_protocol::packet::Address;
+use murmur_protocol::payer::{Payer, PayerConfig};
 use murmur_protocol::session::{ClientSession, SessionConfig};
 use murmur_protocol::time::Instant;
 use rand::RngExt;
@@ -20,6 +24,7 @@ use tokio_util::task::TaskTracker;
 use crate::driver::{self, Cmd, SessionHandle};
 use crate::gateway::{self, LinkEnd};
 use crate::socks::{self, SocksLimits, SocksStats};
+use crate::wallet::{self, FundingPolicy};
 
 /// Everything the proxy needs to know.
 #[derive(Clone, Debug)]
@@ -32,6 +37,32 @@ pub struct ProxyOptions {
     pub socks_limits: SocksLimits,
     /// How often the directory is asked for a newer consensus.
     pub refresh_every: Duration,
+    /// Paying relays, if the network charges.
+    pub payment: Option<PaymentOptions>,
+}
+
+/// How the client pays.
+#[derive(Clone)]
+pub struct PaymentOptions {
+    /// The ledger's base URL.
+    pub ledger: String,
+    /// The pot's key (and the account that funds it).
+    pub key: SigningKey,
+    pub payer: PayerConfig,
+    pub funding: FundingPolicy,
+    /// How often the pot is checked and topped up.
+    pub check_every: Duration,
+}
+
+impl std::fmt::Debug for PaymentOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PaymentOptions")
+            .field("ledger", &self.ledger)
+            .field("pot", &IdentityKey::of(&self.key))
+            .field("payer", &self.payer)
+            .field("funding", &self.funding)
+            .finish()
+    }
 }
 
 /// A live session: its handle and the gateway it uses.
@@ -79,6 +110,32 @@ pub async fn run(
     let stats = Arc::new(SocksStats::default());
     let mut ready = Some(ready);
     let current: Arc<RwLock<Option<SessionHandle>>> = Arc::new(RwLock::new(None));
+
+    // Keep the pot funded, and tell the session what it can pay. The first check happens
+    // before any session exists, so a session starts with what the pot holds.
+    let pot_usable = Arc::new(AtomicU64::new(0));
+    if let Some(payment) = &options.payment {
+        let ledger = LedgerClient::new(&payment.ledger, Duration::from_secs(10))
+            .map_err(|e| anyhow::anyhow!("ledger {}: {e}", payment.ledger))?;
+        match wallet::ensure_funded(&ledger, &payment.key, &payment.funding).await {
+            Ok(pot) => pot_usable.store(pot.usable(), Ordering::Relaxed),
+            Err(e) => tracing::warn!(error = %e, "cannot fund the pot yet; retrying"),
+        }
+        let (current, usable) = (current.clone(), pot_usable.clone());
+        tracker.spawn(wallet::keep_funded(
+            ledger,
+            payment.key.clone(),
+            payment.funding,
+            payment.check_every,
+            move |pot| {
+                usable.store(pot.usable(), Ordering::Relaxed);
+                if let Some(h) = current.read().ok().and_then(|h| h.clone()) {
+                    h.send(Cmd::PotUsable(pot.usable()));
+                }
+            },
+            shutdown.clone(),
+        ));
+    }
 
     // Follow the directory.
     {
@@ -179,13 +236,23 @@ pub async fn run(
         let address = Address(rng.random());
         let mut config = SessionConfig::new(address);
         config.path_rules = options.path_rules;
-        let session = ClientSession::new(
+        let mut session = ClientSession::new(
             config,
             consensus.clone(),
             gateway.identity,
             Instant::ZERO,
             &mut rng,
         )?;
+        if let Some(payment) = &options.payment {
+            // A new payer per session: what the last one owed relays below a ticket's worth
+            // (at most `packets_per_ticket` packets each) is not carried over.
+            let payer = Payer::new(
+                payment.key.clone(),
+                payment.payer,
+                pot_usable.load(Ordering::Relaxed),
+            )?;
+            session.set_payer(payer, Instant::ZERO, murmur_directory::unix_now());
+        }
         let (frames_tx, frames_rx) = mpsc::channel(1024);
         let (handle, thread) = driver::spawn(session, frames_tx)?;
         if let Ok(mut c) = current.write() {
@@ -254,6 +321,8 @@ async fn report_stats(handle: SessionHandle, shutdown: CancellationToken) {
             loops_missing = s.loops_missing,
             retransmits = s.retransmits,
             replies = s.replies,
+            hop_tickets = s.hop_tickets,
+            gateway_tickets = s.gateway_tickets,
             "session"
         );
         if s.loops_missing > missing {

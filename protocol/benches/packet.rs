@@ -6,9 +6,11 @@ use std::hint::black_box;
 use std::time::Duration;
 
 use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
+use murmur_protocol::envelope::EnvelopeKey;
 use murmur_protocol::frame::Frame;
 use murmur_protocol::packet::{
     Address, HopOutput, OpenedPacket, PublicKey, RouteHop, StaticSecret, build_packet,
+    build_packet_with_envelope,
 };
 use murmur_protocol::replay::ReplayFilter;
 use murmur_protocol::surb::build_reply_block;
@@ -52,32 +54,54 @@ fn benches(c: &mut Criterion) {
         })
     });
 
-    let packet = build_packet(&mut rng, &hops, &delays, dest, [0; 16], &plaintext).unwrap();
+    let (packet, envelope) = build_packet_with_envelope(
+        &mut rng, &hops, &delays, dest, [0; 16], &plaintext, &[None; 4],
+    )
+    .unwrap();
     let frame = Frame::Packet {
         key_epoch: 1,
         packet: packet.clone(),
+        envelope,
     }
     .encode()
     .unwrap();
     let filter = ReplayFilter::new(10_000_000, 1e-6).unwrap();
     c.bench_function(
-        "process one hop (frame decode, open, replay check, process, encode)",
+        "process one hop (frame decode, open, replay check, process, peel envelope, encode)",
         |b| {
             b.iter_batched(
                 || frame.clone(),
                 |frame| {
-                    let Frame::Packet { key_epoch, packet } = Frame::decode(&frame[..]).unwrap()
+                    let Frame::Packet {
+                        key_epoch,
+                        packet,
+                        mut envelope,
+                    } = Frame::decode(&frame[..]).unwrap()
                     else {
                         unreachable!()
                     };
                     let opened = OpenedPacket::open(packet.as_bytes(), &secrets[0]).unwrap();
                     // Fresh tags each time would need fresh packets; the filter lookup is what costs.
-                    black_box(filter.contains(&opened.replay_tag()));
-                    let HopOutput::Forward { packet, .. } = opened.process(Duration::MAX).unwrap()
+                    let tag = opened.replay_tag();
+                    black_box(filter.contains(&tag));
+                    let HopOutput::Forward {
+                        packet,
+                        envelope_authenticated,
+                        ..
+                    } = opened.process(Duration::MAX).unwrap()
                     else {
                         unreachable!()
                     };
-                    Frame::Packet { key_epoch, packet }.encode().unwrap()
+                    envelope
+                        .peel_in_place(&EnvelopeKey::from_replay_tag(&tag), envelope_authenticated)
+                        .unwrap();
+                    Frame::Packet {
+                        key_epoch,
+                        packet,
+                        envelope,
+                    }
+                    .encode()
+                    .unwrap()
                 },
                 BatchSize::SmallInput,
             )

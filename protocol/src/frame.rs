@@ -6,25 +6,27 @@
 //! ```text
 //! 0       1      2        4
 //! version kind   reserved body (zero-padded to FRAME_LEN)
-//!   Packet   key_epoch:u32 packet:2396                 relay → relay
-//!   Forward  next_hop:32 key_epoch:u32 packet:2396     client → gateway ("send to L1")
-//!   Deliver  surb_id:16 payload:2048                   gateway → client
-//!   Control  len:u16 bytes                             session messages, either way
+//!   Packet   key_epoch:u32 packet:2396 envelope:640                relay → relay
+//!   Forward  next_hop:32 key_epoch:u32 packet:2396 envelope:640    client → gateway
+//!   Deliver  surb_id:16 payload:2048                               gateway → client
+//!   Control  len:u16 bytes                                         either way
 //! ```
 //! Integers are big-endian. Reserved and padding bytes must be zero: anything else is refused,
-//! so a frame has exactly one encoding. The version byte lets a later wire format (payment
-//! envelopes, link encryption) be told apart and refused cleanly by older peers.
+//! so a frame has exactly one encoding. Version 2 added the payment envelope
+//! ([`crate::envelope`]) beside every packet; the version byte lets a later wire format (link
+//! encryption) be told apart and refused cleanly by older peers.
 
+use crate::envelope::{ENVELOPE_LEN, Envelope};
 use crate::packet::{Address, Packet, SurbId};
 use crate::{ADDRESS_LEN, Error, PACKET_SIZE, PAYLOAD_SIZE, Result, SURB_ID_LEN};
 
 /// The wire version this build speaks.
-pub const FRAME_VERSION: u8 = 1;
+pub const FRAME_VERSION: u8 = 2;
 
 const PREFIX_LEN: usize = 4;
 
 /// Bytes of every frame.
-pub const FRAME_LEN: usize = PREFIX_LEN + ADDRESS_LEN + 4 + PACKET_SIZE;
+pub const FRAME_LEN: usize = PREFIX_LEN + ADDRESS_LEN + 4 + PACKET_SIZE + ENVELOPE_LEN;
 
 /// The most bytes a control frame carries.
 pub const MAX_CONTROL_LEN: usize = FRAME_LEN - PREFIX_LEN - 2;
@@ -37,13 +39,20 @@ const KIND_CONTROL: u8 = 4;
 /// A decoded frame.
 #[derive(Clone, PartialEq, Eq)]
 pub enum Frame {
-    /// A Sphinx packet for the receiving relay, sealed with its key for `key_epoch`.
-    Packet { key_epoch: u32, packet: Packet },
-    /// From a client to its gateway: pass `packet` on to `next_hop` (a layer-1 mix).
+    /// A Sphinx packet for the receiving relay, sealed with its key for `key_epoch`, and its
+    /// payment envelope.
+    Packet {
+        key_epoch: u32,
+        packet: Packet,
+        envelope: Envelope,
+    },
+    /// From a client to its gateway: pass `packet` and its envelope on to `next_hop` (a
+    /// layer-1 mix).
     Forward {
         next_hop: Address,
         key_epoch: u32,
         packet: Packet,
+        envelope: Envelope,
     },
     /// From a gateway to a client: a final-hop payload that arrived for it.
     Deliver {
@@ -89,18 +98,27 @@ impl Frame {
         };
         let body = &mut out[PREFIX_LEN..];
         match self {
-            Frame::Packet { key_epoch, packet } => {
+            Frame::Packet {
+                key_epoch,
+                packet,
+                envelope,
+            } => {
                 body[..4].copy_from_slice(&key_epoch.to_be_bytes());
                 body[4..4 + PACKET_SIZE].copy_from_slice(packet.as_bytes());
+                body[4 + PACKET_SIZE..4 + PACKET_SIZE + ENVELOPE_LEN]
+                    .copy_from_slice(envelope.as_bytes());
             }
             Frame::Forward {
                 next_hop,
                 key_epoch,
                 packet,
+                envelope,
             } => {
+                const AT: usize = ADDRESS_LEN + 4;
                 body[..ADDRESS_LEN].copy_from_slice(&next_hop.0);
-                body[ADDRESS_LEN..ADDRESS_LEN + 4].copy_from_slice(&key_epoch.to_be_bytes());
-                body[ADDRESS_LEN + 4..].copy_from_slice(packet.as_bytes());
+                body[ADDRESS_LEN..AT].copy_from_slice(&key_epoch.to_be_bytes());
+                body[AT..AT + PACKET_SIZE].copy_from_slice(packet.as_bytes());
+                body[AT + PACKET_SIZE..].copy_from_slice(envelope.as_bytes());
             }
             Frame::Deliver { surb_id, payload } => {
                 body[..SURB_ID_LEN].copy_from_slice(surb_id);
@@ -150,19 +168,23 @@ impl Frame {
         };
         match bytes[1] {
             KIND_PACKET => {
-                zero_tail(4 + PACKET_SIZE)?;
+                const END: usize = 4 + PACKET_SIZE + ENVELOPE_LEN;
+                zero_tail(END)?;
                 Ok(Frame::Packet {
                     key_epoch: epoch_at(0),
                     packet: Packet::from_slice(&body[4..4 + PACKET_SIZE])?,
+                    envelope: Envelope::from_slice(&body[4 + PACKET_SIZE..END])?,
                 })
             }
             KIND_FORWARD => {
+                const AT: usize = ADDRESS_LEN + 4;
                 let mut next_hop = [0u8; ADDRESS_LEN];
                 next_hop.copy_from_slice(&body[..ADDRESS_LEN]);
                 Ok(Frame::Forward {
                     next_hop: Address(next_hop),
                     key_epoch: epoch_at(ADDRESS_LEN),
-                    packet: Packet::from_slice(&body[ADDRESS_LEN + 4..])?,
+                    packet: Packet::from_slice(&body[AT..AT + PACKET_SIZE])?,
+                    envelope: Envelope::from_slice(&body[AT + PACKET_SIZE..])?,
                 })
             }
             KIND_DELIVER => {
@@ -196,7 +218,7 @@ mod tests {
 
     #[test]
     fn layout() {
-        assert_eq!(FRAME_LEN, 2436);
+        assert_eq!(FRAME_LEN, 3076);
         let f = Frame::Control(b"hi".to_vec()).encode().unwrap();
         assert_eq!(
             &f[..8],
@@ -213,7 +235,10 @@ mod tests {
         ));
         let mut bad = good.clone();
         bad[0] = 9;
-        assert_eq!(Frame::decode(&bad[..]), Err(Error::FrameVersion(9, 1)));
+        assert_eq!(
+            Frame::decode(&bad[..]),
+            Err(Error::FrameVersion(9, FRAME_VERSION))
+        );
         let mut bad = good.clone();
         bad[1] = 77;
         assert_eq!(Frame::decode(&bad[..]), Err(Error::FrameKind(77)));

@@ -18,6 +18,16 @@
 //! round trip; Murmur knows the exact delays it sampled). After `max_attempts` the streams it
 //! carried fail with a clear error. The exit's data comes back on reply blocks the client sent
 //! ahead; the client acknowledges it cumulatively and the exit re-sends what was lost.
+//!
+//! Payment ([`ClientSession::set_payer`]). With a [`Payer`], every packet the session builds
+//! records one packet carried for each of its mixes and its exit, and carries in its payment
+//! envelope a ticket for each hop the payer says is due ([`Payer::ticket_for`]). Reply
+//! blocks are paid when their reply or acknowledgement arrives (the hops named at build time).
+//! The gateway, which sees every frame of the session, is paid in-band: each `Forward` frame
+//! sent and each delivery received counts one frame, and a due ticket goes out as a
+//! [`Control::Payment`] frame right after the frame that made it due. The gateway's own
+//! Sphinx hop (the last hop of loops and replies) is covered by those frames, so its slot
+//! stays empty.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
@@ -25,13 +35,16 @@ use std::time::Duration;
 
 use rand::{CryptoRng, Rng, RngExt};
 
+use crate::control::Control;
 use crate::cover::{ClientCover, ClientEmission, ClientRates};
 use crate::delay::ExpDelay;
 use crate::directory::path::{ExitTarget, PathRules, PathSelector};
-use crate::directory::{Consensus, ConsensusRelay, IdentityKey};
+use crate::directory::{Consensus, ConsensusRelay, IdentityKey, UnixTime};
+use crate::envelope::SlotTicket;
 use crate::fragment::Fragment;
 use crate::frame::Frame;
-use crate::packet::{Address, RouteHop, SurbId, build_packet};
+use crate::packet::{Address, RouteHop, SurbId, build_packet_with_envelope};
+use crate::payer::{PayeeInfo, Payer};
 use crate::payload::{Content, FORWARD_FRAGMENT_DATA_LEN};
 use crate::stream::{
     CLIENT_MESSAGE_OVERHEAD, ClientItem, ClientMessage, DATA_ITEM_OVERHEAD, ExitItem, ExitMessage,
@@ -109,6 +122,9 @@ pub struct SessionStats {
     pub replies: u64,
     pub unknown_deliveries: u64,
     pub bad_replies: u64,
+    /// Tickets put in packets' envelopes, and sent to the gateway in control frames.
+    pub hop_tickets: u64,
+    pub gateway_tickets: u64,
 }
 
 /// An exit session: one per (exit, isolation token).
@@ -171,6 +187,8 @@ struct Pending {
     exit: IdentityKey,
     /// The mixes of its forward route and of its SURB-ACK's route.
     relays: Vec<IdentityKey>,
+    /// The mixes of its SURB-ACK's route alone: paid when the acknowledgement arrives.
+    ack_relays: Vec<IdentityKey>,
     fragment: Fragment,
     streams: Vec<StreamId>,
     attempts: u32,
@@ -216,8 +234,9 @@ pub struct ClientSession {
     /// Timeouts of pending packets (lazily cleaned: an entry whose packet was acked is skipped).
     deadlines: BTreeMap<(Instant, SurbId), ()>,
     retransmit: VecDeque<SurbId>,
-    /// Reply blocks handed out: their keys, the exit session, and their sequence there.
-    reply_keys: HashMap<SurbId, (ReplyKey, usize, u64)>,
+    /// Reply blocks handed out: their keys, the exit session, their sequence there, and the
+    /// mixes of their routes (paid when the reply arrives).
+    reply_keys: HashMap<SurbId, (ReplyKey, usize, u64, Vec<IdentityKey>)>,
     loops: HashMap<SurbId, Instant>,
     events: VecDeque<Event>,
     stats: SessionStats,
@@ -228,6 +247,28 @@ pub struct ClientSession {
     /// clears the relays on its routes. Relays at `SUSPECT_AFTER` are left out of new paths,
     /// so retransmissions route around a dead mix.
     suspects: HashMap<IdentityKey, u32>,
+    /// Paying relays, if the session pays.
+    payment: Option<Payment>,
+}
+
+/// The payer and what it needs from outside: the wall clock, and the control frames for the
+/// gateway it produced.
+struct Payment {
+    payer: Payer,
+    /// Unix time at `anchor` on the session's clock (the driver reports both).
+    anchor: Instant,
+    unix_at_anchor: UnixTime,
+    /// Payments for the gateway, sent before the next packet.
+    to_gateway: VecDeque<Frame>,
+    /// The latest `now` the session was given: when queued payments are due.
+    last_now: Instant,
+}
+
+impl Payment {
+    fn unix_now(&self, now: Instant) -> UnixTime {
+        self.unix_at_anchor
+            .saturating_add(now.saturating_duration_since(self.anchor).as_secs())
+    }
 }
 
 impl ClientSession {
@@ -265,7 +306,35 @@ impl ClientSession {
             round_robin: 0,
             aborted: VecDeque::new(),
             suspects: HashMap::new(),
+            payment: None,
         })
+    }
+
+    /// Pays relays with `payer` from now on. `unix_now` is the wall-clock time (Unix seconds)
+    /// at `now`: tickets carry issue and expiry times.
+    pub fn set_payer(&mut self, payer: Payer, now: Instant, unix_now: UnixTime) {
+        self.payment = Some(Payment {
+            payer,
+            anchor: now,
+            unix_at_anchor: unix_now,
+            to_gateway: VecDeque::new(),
+            last_now: now,
+        });
+    }
+
+    /// What the ledger says the pot can pay now (see [`Payer::set_pot_usable`]), and the wall
+    /// clock at `now`.
+    pub fn set_pot_usable(&mut self, usable: u64, now: Instant, unix_now: UnixTime) {
+        if let Some(p) = &mut self.payment {
+            p.payer.set_pot_usable(usable);
+            p.anchor = now;
+            p.unix_at_anchor = unix_now;
+        }
+    }
+
+    /// The payer, if the session pays.
+    pub fn payer(&self) -> Option<&Payer> {
+        self.payment.as_ref().map(|p| &p.payer)
     }
 
     /// Counters so far.
@@ -295,6 +364,9 @@ impl ClientSession {
             (self.cover, self.delay) = schedules(&consensus.params, now, rng)?;
         }
         self.gateway = gw;
+        if let Some(p) = &mut self.payment {
+            p.payer.prune_to_consensus(&consensus);
+        }
         self.consensus = consensus;
         Ok(())
     }
@@ -410,7 +482,15 @@ impl ClientSession {
     /// When [`Self::poll_transmit`] next has something to do.
     pub fn poll_timeout(&self) -> Option<Instant> {
         let ack = self.deadlines.keys().next().map(|(t, _)| *t);
-        [self.cover.poll_timeout(), ack].into_iter().flatten().min()
+        let payment = self
+            .payment
+            .as_ref()
+            .filter(|p| !p.to_gateway.is_empty())
+            .map(|p| p.last_now);
+        [self.cover.poll_timeout(), ack, payment]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
     /// The next frame to send at `now`, if one is due. Call until `None`.
@@ -420,6 +500,12 @@ impl ClientSession {
         rng: &mut R,
     ) -> Option<Frame> {
         self.expire(now);
+        if let Some(p) = &mut self.payment {
+            p.last_now = now;
+            if let Some(frame) = p.to_gateway.pop_front() {
+                return Some(frame);
+            }
+        }
         if self.cover.queued() == 0 {
             match self.next_real(now, rng) {
                 Ok(Some(q)) => self.cover.push_real(q),
@@ -436,7 +522,7 @@ impl ClientSession {
                 }
                 ClientEmission::SendCover | ClientEmission::Drop => {
                     self.stats.cover_sent += 1;
-                    self.drop_cover(rng).ok()
+                    self.drop_cover(now, rng).ok()
                 }
                 ClientEmission::Loop => {
                     self.stats.loops_sent += 1;
@@ -444,13 +530,94 @@ impl ClientSession {
                 }
             };
             if frame.is_some() {
+                // The gateway forwards it: one frame on its tab.
+                self.gateway_frame(now, rng);
                 return frame;
             }
         }
     }
 
+    /// Records one frame the gateway handles for this session and queues its payment if one
+    /// is due.
+    fn gateway_frame<R: CryptoRng + ?Sized>(&mut self, now: Instant, rng: &mut R) {
+        let Some(p) = &mut self.payment else {
+            return;
+        };
+        p.last_now = now;
+        let gateway = &self.gateway;
+        p.payer.carried(gateway.identity, 1);
+        let Some(commitment) = gateway.payment_commitment(self.consensus.epoch) else {
+            return;
+        };
+        let unix_now = p.unix_now(now);
+        if let Some(ticket) =
+            p.payer
+                .gateway_payment(&PayeeInfo::of(gateway, commitment), unix_now, rng)
+        {
+            self.stats.gateway_tickets += 1;
+            p.to_gateway
+                .push_back(Frame::Control(Control::Payment { ticket }.encode()));
+        }
+    }
+
+    /// Records that each of `relays` carried one packet (a reply or acknowledgement that
+    /// came back over them).
+    fn carried(&mut self, relays: &[IdentityKey]) {
+        if let Some(p) = &mut self.payment {
+            for r in relays {
+                p.payer.carried(*r, 1);
+            }
+        }
+    }
+
+    /// The envelope slots for a packet over `route` whose hops are `payees`: every hop but
+    /// the gateway carried one packet, and gets a ticket if one is due.
+    fn pay_hops<R: CryptoRng + ?Sized>(
+        &mut self,
+        payees: &[IdentityKey],
+        now: Instant,
+        rng: &mut R,
+    ) -> Vec<Option<SlotTicket>> {
+        let Some(p) = &mut self.payment else {
+            return vec![None; payees.len()];
+        };
+        let epoch = self.consensus.epoch;
+        let unix_now = p.unix_now(now);
+        let mut slots = Vec::with_capacity(payees.len());
+        for id in payees {
+            let relay = self.consensus.relay(id);
+            let commitment = relay.and_then(|r| r.payment_commitment(epoch));
+            let (Some(relay), Some(commitment)) = (relay, commitment) else {
+                slots.push(None);
+                continue;
+            };
+            if relay.identity == self.gateway.identity {
+                slots.push(None);
+                continue;
+            }
+            p.payer.carried(relay.identity, 1);
+            let ticket = p
+                .payer
+                .ticket_for(&PayeeInfo::of(relay, commitment), unix_now, rng)
+                .and_then(|t| SlotTicket::from_ticket(&t).ok());
+            self.stats.hop_tickets += u64::from(ticket.is_some());
+            slots.push(ticket);
+        }
+        slots
+    }
+
     /// Takes a delivery from the gateway.
-    pub fn handle_delivery(&mut self, surb_id: SurbId, payload: &[u8], now: Instant) {
+    ///
+    /// Takes `rng` because a delivery may make a payment to the gateway due.
+    pub fn handle_delivery<R: CryptoRng + ?Sized>(
+        &mut self,
+        surb_id: SurbId,
+        payload: &[u8],
+        now: Instant,
+        rng: &mut R,
+    ) {
+        // Whatever it is, the gateway delivered a frame.
+        self.gateway_frame(now, rng);
         if let Some(p) = self.pending.remove(&surb_id) {
             match p.key.open(payload).and_then(|b| Content::decode(&b)) {
                 Ok(Content::Ack) => {
@@ -458,6 +625,7 @@ impl ClientSession {
                     for r in &p.relays {
                         self.suspects.remove(r);
                     }
+                    self.carried(&p.ack_relays);
                 }
                 _ => {
                     self.stats.bad_replies += 1;
@@ -467,8 +635,9 @@ impl ClientSession {
             }
             return;
         }
-        if let Some((key, exit, seq)) = self.reply_keys.remove(&surb_id) {
+        if let Some((key, exit, seq, relays)) = self.reply_keys.remove(&surb_id) {
             self.stats.replies += 1;
+            self.carried(&relays);
             if let Some(e) = self.exits.get_mut(exit) {
                 if e.newest_returned.is_none_or(|n| seq > n) {
                     e.newest_returned = Some(seq);
@@ -656,21 +825,35 @@ impl ClientSession {
         Ok((hops, path.iter().map(|r| r.identity).collect()))
     }
 
-    /// Builds a packet over `route` and wraps it for the gateway.
+    /// Builds a packet over `route` (whose hops are `payees`), paying its hops, and wraps it
+    /// for the gateway.
+    #[allow(clippy::too_many_arguments)]
     fn seal<R: CryptoRng + ?Sized>(
-        &self,
+        &mut self,
         rng: &mut R,
+        now: Instant,
         route: &[RouteHop],
+        payees: &[IdentityKey],
         delays: &[Duration],
         destination: Address,
         surb_id: SurbId,
         content: &Content,
     ) -> Result<Frame> {
-        let packet = build_packet(rng, route, delays, destination, surb_id, &content.encode()?)?;
+        let slots = self.pay_hops(payees, now, rng);
+        let (packet, envelope) = build_packet_with_envelope(
+            rng,
+            route,
+            delays,
+            destination,
+            surb_id,
+            &content.encode()?,
+            &slots,
+        )?;
         Ok(Frame::Forward {
             next_hop: route[0].address,
             key_epoch: self.consensus.epoch,
             packet,
+            envelope,
         })
     }
 
@@ -710,15 +893,19 @@ impl ClientSession {
             .relay(&exit)
             .cloned()
             .ok_or_else(|| Error::Path("the exit left the consensus".into()))?;
-        let (ack, key, ack_delay, mut relays) = self.reply_block(rng, Some(&exit_relay))?;
-        let (mut route, forward_relays) = self.mix_route(rng, Some(&exit_relay))?;
-        relays.extend(forward_relays);
+        let (ack, key, ack_delay, ack_relays) = self.reply_block(rng, Some(&exit_relay))?;
+        let (mut route, mut payees) = self.mix_route(rng, Some(&exit_relay))?;
+        let mut relays = ack_relays.clone();
+        relays.extend(payees.iter().copied());
         route.push(exit_relay.route_hop(self.consensus.epoch)?);
+        payees.push(exit_relay.identity);
         let delays = self.delay.sample_n(rng, route.len());
         let forward_delay: Duration = delays[..delays.len() - 1].iter().sum();
         let frame = self.seal(
             rng,
+            now,
             &route,
+            &payees,
             &delays,
             exit_relay.address(),
             [0; 16],
@@ -736,6 +923,7 @@ impl ClientSession {
             Pending {
                 exit,
                 relays,
+                ack_relays,
                 fragment,
                 streams,
                 attempts: attempts + 1,
@@ -871,9 +1059,10 @@ impl ClientSession {
                 if used + 2 + (blocks.len() + 1) * REPLY_BLOCK_LEN > budget {
                     break;
                 }
-                let (block, key, _, _) = self.reply_block(rng, exit_relay.as_ref())?;
+                let (block, key, _, relays) = self.reply_block(rng, exit_relay.as_ref())?;
                 let seq = self.exits[exit].surbs_issued + blocks.len() as u64;
-                self.reply_keys.insert(key.surb_id(), (key, exit, seq));
+                self.reply_keys
+                    .insert(key.surb_id(), (key, exit, seq, relays));
                 blocks.push(block);
             }
             if !blocks.is_empty() {
@@ -953,19 +1142,22 @@ impl ClientSession {
     }
 
     /// Drop cover: a full-route packet to a random exit, which discards it.
-    fn drop_cover<R: CryptoRng + ?Sized>(&self, rng: &mut R) -> Result<Frame> {
+    fn drop_cover<R: CryptoRng + ?Sized>(&mut self, now: Instant, rng: &mut R) -> Result<Frame> {
         let selector = self.selector();
         let target = selector.choose_exit(rng, ExitTarget::HostPort(443), &[&self.gateway]);
         let last = match target {
             Ok(r) => r.clone(),
             Err(_) => self.gateway.clone(),
         };
-        let (mut route, _) = self.mix_route(rng, Some(&last))?;
+        let (mut route, mut payees) = self.mix_route(rng, Some(&last))?;
         route.push(last.route_hop(self.consensus.epoch)?);
+        payees.push(last.identity);
         let delays = self.delay.sample_n(rng, route.len());
         self.seal(
             rng,
+            now,
             &route,
+            &payees,
             &delays,
             last.address(),
             [0; 16],
@@ -975,14 +1167,17 @@ impl ClientSession {
 
     /// Loop cover: a packet through the mixes back to this client via its gateway.
     fn loop_cover<R: CryptoRng + ?Sized>(&mut self, now: Instant, rng: &mut R) -> Result<Frame> {
-        let (mut route, _) = self.mix_route(rng, None)?;
+        let (mut route, mut payees) = self.mix_route(rng, None)?;
         route.push(self.gateway.route_hop(self.consensus.epoch)?);
+        payees.push(self.gateway.identity);
         let delays = self.delay.sample_n(rng, route.len());
         let mut id: SurbId = rng.random();
         id[0] |= 1;
         let frame = self.seal(
             rng,
+            now,
             &route,
+            &payees,
             &delays,
             self.config.address,
             id,

@@ -11,7 +11,9 @@ use murmur_protocol::directory::{
     Descriptor, DocumentKind, EpochKey, ExitPolicy, IdentityKey, NetworkParams, RelayAddresses,
     Roles, SignedConsensus, SignedDescriptor, encode, sign_document,
 };
-use murmur_protocol::envelope::{EnvelopeKey, SlotTicket, build_envelope, encode_slot_content};
+use murmur_protocol::envelope::{
+    Envelope, EnvelopeKey, SlotTicket, build_envelope, encode_slot_content,
+};
 use murmur_protocol::fragment::split_message;
 use murmur_protocol::frame::Frame;
 use murmur_protocol::fuzz_entry::{self, TARGETS};
@@ -48,6 +50,7 @@ fn seeds(target: &str) -> Vec<Vec<u8>> {
             Frame::Packet {
                 key_epoch: 3,
                 packet: packet.clone(),
+                envelope: Envelope::random(&mut rng),
             }
             .encode()
             .unwrap()

@@ -205,15 +205,17 @@ proptest! {
         surb_id: [u8; 16],
         body in proptest::collection::vec(any::<u8>(), PAYLOAD_SIZE..=PACKET_SIZE),
         control in proptest::collection::vec(any::<u8>(), 0..=MAX_CONTROL_LEN),
+        envelope in proptest::collection::vec(any::<u8>(), ENVELOPE_LEN),
     ) {
+        let envelope = Envelope::from_slice(&envelope).unwrap();
         let packet = Packet::from_slice(&{
             let mut p = body.clone();
             p.resize(PACKET_SIZE, 3);
             p
         }).unwrap();
         let frame = match kind {
-            0 => Frame::Packet { key_epoch: epoch, packet },
-            1 => Frame::Forward { next_hop: Address(address), key_epoch: epoch, packet },
+            0 => Frame::Packet { key_epoch: epoch, packet, envelope },
+            1 => Frame::Forward { next_hop: Address(address), key_epoch: epoch, packet, envelope },
             2 => Frame::Deliver { surb_id, payload: Box::new(body[..PAYLOAD_SIZE].try_into().unwrap()) },
             _ => Frame::Control(control),
         };

@@ -219,7 +219,7 @@ fn drive(
             net.carry(next_hop, packet);
         }
         for (id, payload) in std::mem::take(&mut net.inbox) {
-            session.handle_delivery(id, &payload, now);
+            session.handle_delivery(id, &payload, now, rng);
         }
         while let Some(e) = session.poll_event() {
             if let Event::Data(s, b) = &e {

@@ -31,9 +31,11 @@ use murmur_protocol::directory::{
     Consensus, ConsensusRelay, DIRECTORY_SCHEMA, EpochKey, ExitPolicy, IdentityKey, NetworkParams,
     RelayAddresses, Roles,
 };
+use murmur_protocol::envelope::Envelope;
 use murmur_protocol::frame::{FRAME_LEN, Frame};
 use murmur_protocol::packet::{
-    Address, HopOutput, OpenedPacket, Packet, PublicKey, RouteHop, StaticSecret, build_packet,
+    Address, HopOutput, OpenedPacket, Packet, PublicKey, RouteHop, StaticSecret,
+    build_packet_with_envelope,
 };
 use murmur_relay::{Config, Node};
 use rand::SeedableRng;
@@ -109,15 +111,20 @@ fn main() {
         },
         route[1].clone(),
     ];
-    let raw_packets = Arc::new(build_many(&raw_route, RAW_PACKETS, cores, 1));
+    let raw_packets: Vec<Packet> = build_many(&raw_route, RAW_PACKETS, cores, 1)
+        .into_iter()
+        .map(|(p, _)| p)
+        .collect();
+    let raw_packets = Arc::new(raw_packets);
     let rounds: Vec<Vec<u8>> = (0..ROUNDS)
         .map(|r| {
             let packets = build_many(&route, RELAY_PACKETS, cores, 100 + r as u64);
             let mut frames = Vec::with_capacity(RELAY_PACKETS * FRAME_LEN);
-            for packet in packets {
+            for (packet, envelope) in packets {
                 let frame = Frame::Packet {
                     key_epoch: EPOCH,
                     packet,
+                    envelope,
                 };
                 frames.extend_from_slice(&frame.encode().unwrap()[..]);
             }
@@ -235,7 +242,7 @@ fn consensus(
 }
 
 /// `n` zero-delay packets over `route`, built on `threads` threads.
-fn build_many(route: &[RouteHop], n: usize, threads: usize, seed: u64) -> Vec<Packet> {
+fn build_many(route: &[RouteHop], n: usize, threads: usize, seed: u64) -> Vec<(Packet, Envelope)> {
     let destination = route[route.len() - 1].address;
     let per = n.div_ceil(threads);
     std::thread::scope(|s| {
@@ -248,13 +255,14 @@ fn build_many(route: &[RouteHop], n: usize, threads: usize, seed: u64) -> Vec<Pa
                         let count = per.min(n.saturating_sub(t * per));
                         (0..count)
                             .map(|_| {
-                                build_packet(
+                                build_packet_with_envelope(
                                     &mut rng,
                                     route,
                                     &[Duration::ZERO, Duration::ZERO],
                                     destination,
                                     [0; 16],
                                     b"forwarding benchmark",
+                                    &[None, None],
                                 )
                                 .unwrap()
                             })

@@ -216,8 +216,11 @@ pub enum UnpaidPolicy {
     /// Forward it anyway (counted).
     #[default]
     Forward,
-    /// Drop it (counted). A mix then also drops other relays' loop cover and reply-block
-    /// traffic that carries no ticket for it.
+    /// Drop a packet whose ticket is refused (forged, expired, spent, for another relay or
+    /// epoch, from an unknown or empty pot), counted. A packet with no ticket is forwarded
+    /// either way: a client pays each relay one ticket per `packets_per_ticket` packets,
+    /// worth all of them, and a mix cannot tell whose the others are; the per-client limit
+    /// is the gateway's tab, which cuts off a client that falls behind.
     Drop,
 }
 

@@ -18,6 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant as StdInstant};
 
 use murmur_protocol::directory::{Epoch, ExitPolicy};
+use murmur_protocol::envelope::Envelope;
 use murmur_protocol::fragment::{Assembled, Fragment, Reassembler, ReassemblyLimits};
 use murmur_protocol::frame::Frame;
 use murmur_protocol::payload::{Content, REPLY_FRAGMENT_DATA_LEN};
@@ -706,6 +707,9 @@ impl Exit {
                     &Frame::Packet {
                         key_epoch: reply.key_epoch,
                         packet: reply.packet,
+                        // The exit cannot build an envelope for the reply's hops (it does
+                        // not know them); the block tells them not to check it.
+                        envelope: Envelope::random(&mut rand::rng()),
                     },
                     None,
                 );

@@ -5,6 +5,12 @@
 //! Packets whose final hop is this gateway and whose destination is a client's address are
 //! delivered down that client's WebSocket as `Deliver` frames; while the client is away they
 //! wait in a bounded inbox for a while, so a brief disconnection loses nothing.
+//!
+//! A gateway that takes payments ([`Billing`]) keeps a [`Tab`] per session: each `Forward`
+//! frame from the client and each `Deliver` frame to it costs the gateway's price, each
+//! ticket the client sends in a `Payment` control frame is checked like a hop's ticket and
+//! credits its expected value, and a client whose arrears pass the tab's limit is told
+//! `Cutoff` and disconnected. A refused ticket is answered with `PaymentRefused`.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -13,9 +19,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
-use murmur_protocol::control::Control;
+use murmur_protocol::control::{Control, refusal};
 use murmur_protocol::frame::{FRAME_LEN, Frame};
 use murmur_protocol::packet::{Address, FinalDelivery};
+use murmur_protocol::tab::{Tab, TabConfig, Verdict};
+use murmur_protocol::ticket::Ticket;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, mpsc};
 use tokio_tungstenite::tungstenite::Message;
@@ -24,8 +32,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::GatewaySection;
+use crate::keys::KeyRing;
 use crate::links::Links;
 use crate::metrics::{self as m, drop_packet};
+use crate::payments::{PaymentRefusal, Payments};
 
 /// How long a client has to say hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -40,20 +50,87 @@ struct Inbox {
     expires: Instant,
 }
 
+/// What a gateway that takes payments charges with.
+pub struct Billing {
+    pub payments: Arc<Payments>,
+    /// To tell which key epoch a ticket's commitment belongs to.
+    pub keys: Arc<KeyRing>,
+    /// Each session's tab.
+    pub tab: TabConfig,
+}
+
+impl Billing {
+    /// Checks a ticket a client paid with; its expected value, or the refusal code to send.
+    fn accept(&self, ticket: &Ticket) -> Result<u64, u8> {
+        let epoch = self
+            .keys
+            .epochs()
+            .into_iter()
+            .find(|e| {
+                self.keys
+                    .get(*e)
+                    .is_some_and(|k| k.payment_commitment() == ticket.commitment)
+            })
+            .ok_or(refusal::UNKNOWN_COMMITMENT)?;
+        self.payments
+            .accept(ticket, epoch, murmur_ledger::unix_now())
+            .map(|a| a.expected_value)
+            .map_err(|r| refusal_code(&r))
+    }
+}
+
+/// The control-message code for a relay's refusal of a ticket.
+fn refusal_code(r: &PaymentRefusal) -> u8 {
+    match r {
+        PaymentRefusal::WrongRecipient => refusal::WRONG_RECIPIENT,
+        PaymentRefusal::Expired { .. } | PaymentRefusal::ExpiresTooSoon { .. } => refusal::EXPIRED,
+        PaymentRefusal::NotYetValid { .. } => refusal::NOT_YET_VALID,
+        PaymentRefusal::TooSmall { .. } => refusal::TOO_SMALL,
+        PaymentRefusal::UnknownEpoch(_) | PaymentRefusal::WrongCommitment(_) => {
+            refusal::UNKNOWN_COMMITMENT
+        }
+        PaymentRefusal::NonceReused => refusal::REPLAYED,
+        PaymentRefusal::PotUnknown(_) | PaymentRefusal::PotInsufficient { .. } => {
+            refusal::POT_CANNOT_COVER
+        }
+        PaymentRefusal::Forged => refusal::FORGED,
+        PaymentRefusal::Malformed(_) => refusal::MALFORMED,
+        _ => refusal::OTHER,
+    }
+}
+
+/// What the session loop should do after a client's frame.
+enum ClientFrame {
+    /// Nothing to answer.
+    Done,
+    /// A packet was forwarded: charge the tab one frame.
+    Forwarded,
+    /// A ticket was accepted, worth this much.
+    Paid(u64),
+    /// A ticket was refused: answer with this code.
+    Refused(u8),
+}
+
 /// Client sessions and inboxes.
 pub struct Gateway {
     config: GatewaySection,
     links: Arc<Links>,
+    billing: Option<Billing>,
     sessions: Mutex<HashMap<Address, Session>>,
     inboxes: Mutex<HashMap<Address, Inbox>>,
     next_generation: AtomicU64,
 }
 
 impl Gateway {
-    pub fn new(config: GatewaySection, links: Arc<Links>) -> Arc<Gateway> {
+    pub fn new(
+        config: GatewaySection,
+        links: Arc<Links>,
+        billing: Option<Billing>,
+    ) -> Arc<Gateway> {
         Arc::new(Gateway {
             config,
             links,
+            billing,
             sessions: Mutex::new(HashMap::new()),
             inboxes: Mutex::new(HashMap::new()),
             next_generation: AtomicU64::new(0),
@@ -218,8 +295,17 @@ impl Gateway {
             .encode(),
         );
         send_frame(&mut ws, &welcome).await?;
+        // A client's tab lasts as long as its session: a client that reconnects starts with
+        // the initial credit again (bounded by `max_clients` sessions at once).
+        let mut tab = match &self.billing {
+            Some(b) => Some(Tab::new(b.tab).map_err(|_| "invalid tab configuration")?),
+            None => None,
+        };
         for frame in waiting {
             send_frame(&mut ws, &frame).await?;
+            if charge(&mut tab, 1) == Verdict::Cutoff {
+                return cut_off(&mut ws).await;
+            }
         }
         if let Ok(mut sessions) = self.sessions.lock() {
             sessions.insert(address, Session { generation, tx });
@@ -233,11 +319,32 @@ impl Gateway {
                         if let Err(e) = send_frame(&mut ws, &frame).await {
                             break Err(e);
                         }
+                        if charge(&mut tab, 1) == Verdict::Cutoff {
+                            break cut_off(&mut ws).await;
+                        }
                     }
                     None => break Ok(()),
                 },
                 msg = ws.next() => match msg {
-                    Some(Ok(Message::Binary(bytes))) => self.on_client_frame(&bytes),
+                    Some(Ok(Message::Binary(bytes))) => match self.on_client_frame(&bytes) {
+                        ClientFrame::Done => {}
+                        ClientFrame::Forwarded => {
+                            if charge(&mut tab, 1) == Verdict::Cutoff {
+                                break cut_off(&mut ws).await;
+                            }
+                        }
+                        ClientFrame::Paid(value) => {
+                            if let Some(tab) = &mut tab {
+                                tab.credit(value);
+                            }
+                        }
+                        ClientFrame::Refused(reason) => {
+                            let answer = Frame::Control(Control::PaymentRefused { reason }.encode());
+                            if let Err(e) = send_frame(&mut ws, &answer).await {
+                                break Err(e);
+                            }
+                        }
+                    },
                     Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
                     Some(Ok(Message::Close(_))) | None => break Ok(()),
                     Some(Ok(_)) => {
@@ -266,12 +373,13 @@ impl Gateway {
         result
     }
 
-    fn on_client_frame(&self, bytes: &[u8]) {
+    fn on_client_frame(&self, bytes: &[u8]) -> ClientFrame {
         match Frame::decode(bytes) {
             Ok(Frame::Forward {
                 next_hop,
                 key_epoch,
                 packet,
+                envelope,
             }) => {
                 metrics::counter!(m::PACKETS_IN, "from" => "client").increment(1);
                 let allowed = self
@@ -282,19 +390,64 @@ impl Gateway {
                     .unwrap_or(false);
                 if !allowed {
                     drop_packet("first_hop_not_layer1");
-                    return;
+                    // It still cost the gateway a frame.
+                    return ClientFrame::Forwarded;
                 }
                 self.links.send(
                     next_hop,
-                    &Frame::Packet { key_epoch, packet },
+                    &Frame::Packet {
+                        key_epoch,
+                        packet,
+                        envelope,
+                    },
                     Some(Instant::now()),
                 );
+                ClientFrame::Forwarded
             }
-            Ok(Frame::Control(_)) => {} // payments and keep-alives land here later
-            Ok(_) => drop_packet("unexpected_frame"),
-            Err(e) => drop_packet(e.label()),
+            Ok(Frame::Control(bytes)) => match (Control::decode(&bytes), &self.billing) {
+                (Ok(Control::Payment { ticket }), Some(billing)) => match billing.accept(&ticket) {
+                    Ok(value) => ClientFrame::Paid(value),
+                    Err(code) => ClientFrame::Refused(code),
+                },
+                // A gateway that charges nothing has nothing to take.
+                (Ok(Control::Payment { .. }), None) => ClientFrame::Done,
+                (Ok(_), _) => {
+                    drop_packet("unexpected_control");
+                    ClientFrame::Done
+                }
+                (Err(e), _) => {
+                    drop_packet(e.label());
+                    ClientFrame::Done
+                }
+            },
+            Ok(_) => {
+                drop_packet("unexpected_frame");
+                ClientFrame::Done
+            }
+            Err(e) => {
+                drop_packet(e.label());
+                ClientFrame::Done
+            }
         }
     }
+}
+
+/// Charges `frames` to the session's tab, if the gateway keeps one.
+fn charge(tab: &mut Option<Tab>, frames: u64) -> Verdict {
+    match tab {
+        Some(tab) => tab.charge(frames),
+        None => Verdict::Serve,
+    }
+}
+
+/// Tells a client in arrears it is cut off, and ends its session.
+async fn cut_off<S>(ws: &mut S) -> Result<(), &'static str>
+where
+    S: futures_util::Sink<Message> + Unpin,
+{
+    metrics::counter!(m::CLIENTS_CUT_OFF).increment(1);
+    let _ = send_frame(ws, &Frame::Control(Control::Cutoff.encode())).await;
+    Err("client in arrears: cut off")
 }
 
 async fn send_frame<S>(ws: &mut S, frame: &Frame) -> Result<(), &'static str>

@@ -258,9 +258,14 @@ async fn read_frames(stream: TcpStream, submit: Submitter, shutdown: Cancellatio
             return;
         }
         match Frame::decode(&buf) {
-            Ok(Frame::Packet { key_epoch, packet }) => submit.submit(Inbound {
+            Ok(Frame::Packet {
                 key_epoch,
                 packet,
+                envelope,
+            }) => submit.submit(Inbound {
+                key_epoch,
+                packet,
+                envelope,
                 received: Instant::now(),
             }),
             Ok(_) => drop_packet("unexpected_frame"),

@@ -11,7 +11,7 @@ use murmur_protocol::delay::ExpDelay;
 use murmur_protocol::directory::Consensus;
 use murmur_protocol::directory::path::{PathRules, PathSelector};
 use murmur_protocol::frame::Frame;
-use murmur_protocol::packet::{Address, RouteHop, SurbId, build_packet};
+use murmur_protocol::packet::{Address, RouteHop, SurbId, build_packet_with_envelope};
 use murmur_protocol::payload::Content;
 use murmur_protocol::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -156,7 +156,12 @@ fn send_loop(
     let Ok(content) = Content::Cover.encode() else {
         return;
     };
-    let Ok(packet) = build_packet(rng, &route, &delays, me, id, &content) else {
+    // Loop cover pays no one: an envelope with every slot empty, which each hop verifies
+    // like a client's (so cover and real packets look alike to the mixes too).
+    let slots = vec![None; route.len()];
+    let Ok((packet, envelope)) =
+        build_packet_with_envelope(rng, &route, &delays, me, id, &content, &slots)
+    else {
         return;
     };
     if let Ok(mut s) = outstanding.sent.lock() {
@@ -168,6 +173,7 @@ fn send_loop(
         &Frame::Packet {
             key_epoch: epoch,
             packet,
+            envelope,
         },
         None,
     );

@@ -29,6 +29,11 @@ pub const TICKETS_REFUSED: &str = "murmur_relay_tickets_refused_total";
 pub const TICKETS_WON: &str = "murmur_relay_tickets_won_total";
 /// The sum of accepted tickets' expected values (base units): what the relay earns on average.
 pub const TICKET_VALUE_EARNED: &str = "murmur_relay_ticket_expected_value_total";
+/// Packets that paid this hop nothing, by `reason`: `no_ticket` (the usual case: a client
+/// pays one packet in `packets_per_ticket`) or `ticket_refused`.
+pub const PACKETS_UNPAID: &str = "murmur_relay_packets_unpaid_total";
+/// Client sessions a gateway ended because the client fell too far behind in paying.
+pub const CLIENTS_CUT_OFF: &str = "murmur_relay_clients_cut_off_total";
 /// Winning tickets stored and not yet settled.
 pub const WINNERS_PENDING: &str = "murmur_relay_winners_pending";
 /// Winning tickets the ledger paid.

@@ -13,6 +13,7 @@ use murmur_protocol::directory::{
 use murmur_protocol::frame::Frame;
 use murmur_protocol::packet::{Address, recover_plaintext};
 use murmur_protocol::payload::Content;
+use murmur_protocol::tab::TabConfig;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -22,7 +23,7 @@ use tokio_util::time::DelayQueue;
 use crate::config::{Config, Role};
 use crate::error::{Error, Result};
 use crate::exit::Exit;
-use crate::gateway::Gateway;
+use crate::gateway::{Billing, Gateway};
 use crate::keys::{KeyRing, ReplaySizing};
 use crate::links::{Links, Routes, serve_inbound};
 use crate::loops::{self, Outstanding};
@@ -137,7 +138,12 @@ impl Node {
                 addr: config.listen.client,
                 source,
             })?;
-            let gw = Gateway::new(config.gateway.clone(), links.clone());
+            let billing = payments.clone().map(|payments| Billing {
+                payments,
+                keys: keys.clone(),
+                tab: TabConfig::for_price(config.relay.price_per_packet),
+            });
+            let gw = Gateway::new(config.gateway.clone(), links.clone(), billing);
             tracker.spawn(
                 gw.clone()
                     .serve(listener, shutdown.clone(), tracker.clone()),
@@ -293,8 +299,8 @@ impl Node {
                 _ = self.shutdown.cancelled() => return,
                 p = released.recv() => match p {
                     None => return,
-                    Some(Processed::Forward { next_hop, key_epoch, packet, received, release_at }) => {
-                        let frame = Frame::Packet { key_epoch, packet };
+                    Some(Processed::Forward { next_hop, key_epoch, packet, envelope, received, release_at }) => {
+                        let frame = Frame::Packet { key_epoch, packet, envelope };
                         if release_at <= Instant::now() {
                             self.links.send(next_hop, &frame, Some(received));
                         } else if held.len() >= max_held {

@@ -3,6 +3,7 @@
 //! ```text
 //! links ──try_send──▶ [input: bounded] ──▶ workers (one thread per core)
 //!     open (DH + MAC) → replay check-and-insert → process (blind + Lioness)
+//!     → peel the payment envelope (keyed by the replay tag) → accept this hop's ticket
 //!   ──▶ [processed: bounded] ──▶ flusher thread: replay tags to disk (one fsync per batch),
 //!       then winning tickets to the payments store (one transaction per batch)
 //!   ──▶ [released: bounded] ──▶ router (async): hold for the delay, forward or deliver
@@ -15,9 +16,11 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
 use murmur_protocol::directory::Epoch;
+use murmur_protocol::envelope::{Envelope, EnvelopeKey, SlotTicket};
 use murmur_protocol::packet::{Address, FinalDelivery, HopOutput, OpenedPacket, Packet};
 
-use crate::keys::KeyRing;
+use crate::config::UnpaidPolicy;
+use crate::keys::{EpochKey, KeyRing};
 use crate::metrics::{self as m, drop_packet};
 use crate::payments::Payments;
 
@@ -25,6 +28,7 @@ use crate::payments::Payments;
 pub struct Inbound {
     pub key_epoch: Epoch,
     pub packet: Packet,
+    pub envelope: Envelope,
     pub received: Instant,
 }
 
@@ -35,6 +39,8 @@ pub enum Processed {
         next_hop: Address,
         key_epoch: Epoch,
         packet: Packet,
+        /// The payment envelope with this hop's layer peeled.
+        envelope: Envelope,
         received: Instant,
         release_at: Instant,
     },
@@ -136,14 +142,12 @@ impl Submitter {
     }
 }
 
-/// `payments` (when the relay takes payments) is where the hop's ticket will be checked
-/// (`Payments::accept(ticket, key_epoch, now)`) once frames carry the payment envelope; until
-/// then no packet carries a ticket and every packet is forwarded.
+/// One worker: Sphinx, then the payment envelope, then this hop's ticket.
 fn worker(
     rx: Receiver<Inbound>,
     tx: Sender<Processed>,
     keys: Arc<KeyRing>,
-    _payments: Option<Arc<Payments>>,
+    payments: Option<Arc<Payments>>,
     max_delay: Duration,
 ) {
     for inbound in rx.iter() {
@@ -158,42 +162,93 @@ fn worker(
                 continue;
             }
         };
-        if key.check_and_insert(&opened.replay_tag()) {
+        let tag = opened.replay_tag();
+        if key.check_and_insert(&tag) {
             drop_packet("replay");
             continue;
         }
-        let out = match opened.process(max_delay) {
+        let mut envelope = inbound.envelope;
+        let envelope_key = EnvelopeKey::from_replay_tag(&tag);
+        let (out, ticket) = match opened.process(max_delay) {
             Ok(HopOutput::Forward {
                 next_hop,
                 delay,
                 delay_clamped,
                 packet,
-                ..
+                envelope_authenticated,
             }) => {
                 if delay_clamped {
                     metrics::counter!(m::DELAY_CLAMPED).increment(1);
                 }
-                Processed::Forward {
+                // A forward packet whose sender built its envelope must carry one that
+                // verifies: a hop before this one altered it (or it is another packet's).
+                let ticket = match envelope.peel_in_place(&envelope_key, envelope_authenticated) {
+                    Ok(t) => t,
+                    Err(e) => {
+                        drop_packet(e.label());
+                        continue;
+                    }
+                };
+                let out = Processed::Forward {
                     next_hop,
                     key_epoch: inbound.key_epoch,
                     packet,
+                    envelope,
                     received: inbound.received,
                     release_at: inbound.received + delay,
-                }
+                };
+                (out, ticket)
             }
-            Ok(HopOutput::Final(delivery)) => Processed::Final {
-                key_epoch: inbound.key_epoch,
-                delivery,
-                received: inbound.received,
-            },
+            Ok(HopOutput::Final(delivery)) => {
+                // The last hop cannot tell a client's envelope from an exit's random one on
+                // a reply (see `murmur_protocol::envelope`): one that fails is just unpaid.
+                let ticket = envelope.peel_in_place(&envelope_key, true).ok().flatten();
+                let out = Processed::Final {
+                    key_epoch: inbound.key_epoch,
+                    delivery,
+                    received: inbound.received,
+                };
+                (out, ticket)
+            }
             Err(e) => {
                 drop_packet(e.label());
                 continue;
             }
         };
+        if let Some(payments) = &payments
+            && !pays(payments, &key, inbound.key_epoch, ticket)
+        {
+            continue;
+        }
         // Blocking here is bounded by the flusher's pace; it never waits on the network.
         if tx.send(out).is_err() {
             return;
+        }
+    }
+}
+
+/// Checks this hop's ticket, if the packet carries one; whether the packet may go on.
+///
+/// A packet without a ticket always may: a client pays each relay with one ticket per
+/// `packets_per_ticket` packets, worth all of them, and a mix cannot tell whose packets the
+/// others are (the per-client limit is the gateway's tab). Under [`UnpaidPolicy::Drop`] a
+/// packet whose ticket is refused (forged, expired, spent, from an empty pot...) is dropped.
+fn pays(payments: &Payments, key: &EpochKey, epoch: Epoch, ticket: Option<SlotTicket>) -> bool {
+    let Some(slot) = ticket else {
+        metrics::counter!(m::PACKETS_UNPAID, "reason" => "no_ticket").increment(1);
+        return true;
+    };
+    let ticket = slot.into_ticket(payments.params().me, key.payment_commitment());
+    match payments.accept(&ticket, epoch, murmur_ledger::unix_now()) {
+        Ok(_) => true,
+        Err(_) => {
+            metrics::counter!(m::PACKETS_UNPAID, "reason" => "ticket_refused").increment(1);
+            if payments.unpaid_policy() == UnpaidPolicy::Drop {
+                drop_packet("ticket_refused");
+                false
+            } else {
+                true
+            }
         }
     }
 }
@@ -273,7 +328,7 @@ fn flusher(
 mod tests {
     use super::*;
     use crate::keys::ReplaySizing;
-    use murmur_protocol::packet::{PublicKey, RouteHop, StaticSecret, build_packet};
+    use murmur_protocol::packet::{PublicKey, RouteHop, StaticSecret, build_packet_with_envelope};
     use rand::SeedableRng;
     use rand_chacha::ChaCha20Rng;
 
@@ -302,10 +357,12 @@ mod tests {
                 sphinx_key: PublicKey::from(&next),
             },
         ];
-        let packets: Vec<Packet> = (0..N)
+        let packets: Vec<(Packet, Envelope)> = (0..N)
             .map(|_| {
                 let zero = [Duration::ZERO; 2];
-                build_packet(&mut rng, &route, &zero, Address([2; 32]), [0; 16], b"x").unwrap()
+                let (to, slots) = (Address([2; 32]), [None, None]);
+                build_packet_with_envelope(&mut rng, &route, &zero, to, [0; 16], b"x", &slots)
+                    .unwrap()
             })
             .collect();
         let (release, mut released) = tokio::sync::mpsc::channel(N);
@@ -317,10 +374,11 @@ mod tests {
         let pipeline = Pipeline::start(config, keys.clone(), None, release).unwrap();
         let submit = pipeline.submitter();
         // All at once (the input queue holds them all), so the flusher sees a backlog.
-        for packet in packets.iter().chain(&packets[..10]) {
+        for (packet, envelope) in packets.iter().chain(&packets[..10]) {
             submit.submit(Inbound {
                 key_epoch: 1,
                 packet: packet.clone(),
+                envelope: envelope.clone(),
                 received: Instant::now(),
             });
         }
@@ -344,7 +402,7 @@ mod tests {
         );
         let reopened = KeyRing::open(dir.path(), sizing).unwrap();
         let key = reopened.get(1).unwrap();
-        for p in &packets {
+        for (p, _) in &packets {
             let tag = OpenedPacket::open(p.as_bytes(), key.secret())
                 .unwrap()
                 .replay_tag();

@@ -32,9 +32,11 @@ use murmur_protocol::directory::{
     AuthoritySet, ConsensusStore, DIRECTORY_SCHEMA, Descriptor, Epoch, EpochKey, ExitPolicy,
     IdentityKey, RelayAddresses, Roles, SignedDescriptor,
 };
+use murmur_protocol::envelope::{ENVELOPE_LEN, Envelope};
 use murmur_protocol::frame::{FRAME_LEN, Frame};
 use murmur_protocol::packet::{
-    Address, HopOutput, OpenedPacket, Packet, PublicKey, RouteHop, StaticSecret, build_packet,
+    Address, HopOutput, OpenedPacket, Packet, PublicKey, RouteHop, StaticSecret,
+    build_packet_with_envelope,
 };
 use murmur_tests::{AuthorityInfo, RelayProc, start_authorities, start_relay, wait_until};
 use rand::{Rng, SeedableRng};
@@ -203,18 +205,20 @@ impl Packets {
         self.next_id += 1;
         let mut surb_id = [0u8; 16];
         surb_id[..8].copy_from_slice(&id.to_be_bytes());
-        let packet = build_packet(
+        let (packet, envelope) = build_packet_with_envelope(
             &mut self.rng,
             &route.hops,
             &[delay, Duration::ZERO],
             route.destination,
             surb_id,
             b"murmur relay test",
+            &[None, None],
         )
         .unwrap();
         let frame = Frame::Packet {
             key_epoch: route.epoch,
             packet,
+            envelope,
         };
         (id, frame)
     }
@@ -508,17 +512,23 @@ fn replays_and_flipped_bits_are_dropped(net: &mut Net) {
     let mut flipped_ids = Vec::new();
     for (byte, bit) in flips {
         let (id, frame) = net.packets.build(&route, Duration::ZERO);
-        let Frame::Packet { key_epoch, packet } = frame else {
-            unreachable!()
-        };
-        let mut bytes = packet.as_bytes().to_vec();
-        bytes[byte] ^= 1 << bit;
-        link.send(&Frame::Packet {
-            key_epoch,
-            packet: Packet::from_slice(&bytes).unwrap(),
-        });
+        link.send(&flip_bit(frame, Part::Packet, byte * 8 + usize::from(bit)));
         flipped_ids.push(id);
     }
+    // One bit of the payment envelope flipped, as a dishonest hop before R would: R's layer
+    // no longer verifies and R drops the packet.
+    let envelope_before = net.dropped("envelope_mac");
+    let mut tampered_ids = Vec::new();
+    for bit in [0usize, 8 * 200 + 3, 8 * ENVELOPE_LEN - 1] {
+        let (id, frame) = net.packets.build(&route, Duration::ZERO);
+        link.send(&flip_bit(frame, Part::Envelope, bit));
+        tampered_ids.push(id);
+    }
+    let envelope_drops = net.wait_dropped(
+        "envelope_mac",
+        envelope_before + 3.0,
+        Duration::from_secs(10),
+    );
     let macs = net.wait_dropped(
         "header_mac",
         mac_before + flips.len() as f64,
@@ -543,6 +553,14 @@ fn replays_and_flipped_bits_are_dropped(net: &mut Net) {
     assert!(
         flipped_ids.iter().all(|&i| net.hop.count(i) == 0),
         "a packet with a flipped header bit was forwarded"
+    );
+    assert!(
+        tampered_ids.iter().all(|&i| net.hop.count(i) == 0),
+        "a packet with a tampered payment envelope was forwarded"
+    );
+    assert!(
+        envelope_drops - envelope_before >= 3.0,
+        "tampered envelopes counted as envelope_mac drops"
     );
     assert!(
         macs - mac_before >= flips.len() as f64,
@@ -599,6 +617,40 @@ fn replays_stay_rejected_after_kill_9(net: &mut Net) {
     assert!(replays >= CRASH_PACKETS as f64, "replays counted");
 }
 
+enum Part {
+    Packet,
+    Envelope,
+}
+
+/// `frame` (a relay-link packet) with bit `bit` of its Sphinx packet or its envelope flipped.
+fn flip_bit(frame: Frame, part: Part, bit: usize) -> Frame {
+    let Frame::Packet {
+        key_epoch,
+        mut packet,
+        mut envelope,
+    } = frame
+    else {
+        unreachable!()
+    };
+    match part {
+        Part::Packet => {
+            let mut bytes = packet.as_bytes().to_vec();
+            bytes[bit / 8] ^= 1 << (bit % 8);
+            packet = Packet::from_slice(&bytes).unwrap();
+        }
+        Part::Envelope => {
+            let mut bytes = *envelope.as_bytes();
+            bytes[bit / 8] ^= 1 << (bit % 8);
+            envelope = Envelope::from_bytes(bytes);
+        }
+    }
+    Frame::Packet {
+        key_epoch,
+        packet,
+        envelope,
+    }
+}
+
 fn flood_is_bounded_and_survived(net: &mut Net) {
     let route = net.current_route(Duration::from_secs(15));
     let (flood_id, valid) = net.packets.build(&route, Duration::ZERO);
@@ -617,6 +669,7 @@ fn flood_is_bounded_and_survived(net: &mut Net) {
             let garbage = Frame::Packet {
                 key_epoch: route.epoch,
                 packet: Packet::from_slice(&bytes).unwrap(),
+                envelope: Envelope::random(&mut rng),
             };
             buf.extend_from_slice(&garbage.encode().unwrap()[..]);
         }

@@ -587,7 +587,10 @@ async fn the_redeemer_retries_until_the_ledger_answers() {
 #[test]
 fn the_pipeline_stores_winners_before_releasing_the_batch() {
     use crate::pipeline::{Inbound, Pipeline, PipelineConfig};
-    use murmur_protocol::packet::{Address, PublicKey, RouteHop, StaticSecret, build_packet};
+    use murmur_protocol::envelope::SlotTicket;
+    use murmur_protocol::packet::{
+        Address, PublicKey, RouteHop, StaticSecret, build_packet_with_envelope,
+    };
     use std::time::Instant;
 
     let dir = TempDir::new().unwrap();
@@ -618,22 +621,22 @@ fn the_pipeline_stores_winners_before_releasing_the_batch() {
     .unwrap();
     let submit = pipeline.submitter();
     for nonce in 0..3 {
-        // What a worker will do with the packet's ticket.
-        r.payments
-            .accept(&r.winner(&payer(0), nonce), r.epoch, unix_now())
-            .unwrap();
-        let packet = build_packet(
+        // The packet carries a winning ticket for this hop; the worker accepts it.
+        let slot = SlotTicket::from_ticket(&r.winner(&payer(0), nonce)).unwrap();
+        let (packet, envelope) = build_packet_with_envelope(
             &mut rng,
             &route,
             &[Duration::ZERO; 2],
             Address([9; 32]),
             [0; 16],
             b"x",
+            &[Some(slot), None],
         )
         .unwrap();
         submit.submit(Inbound {
             key_epoch: r.epoch,
             packet,
+            envelope,
             received: Instant::now(),
         });
         released.blocking_recv().unwrap();
