@@ -262,6 +262,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             options.mixes_per_layer,
             devnet.dir().display()
         );
+        eprintln!(
+            "devnet: ledger {url}; a relay's earnings: curl -s {url}/v1/account/<identity>",
+            url = devnet.ledger_url
+        );
+        for (name, identity) in &devnet.relays {
+            eprintln!("devnet: relay {name:<9} {}", identity.to_hex());
+        }
         let proxy_options = ProxyOptions {
             socks: cli.socks.unwrap_or_else(default_socks),
             authorities: devnet.authorities.clone(),

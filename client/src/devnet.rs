@@ -58,8 +58,8 @@ pub struct Devnet {
     /// The client's payer key: its account holds [`FAUCET`] from genesis.
     pub payer_key: SigningKey,
     pub path_rules: PathRules,
-    /// The relays' names (their state lives under `dir()/<name>`).
-    pub relays: Vec<String>,
+    /// The relays' names (their state lives under `dir()/<name>`) and identities.
+    pub relays: Vec<(String, IdentityKey)>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
     _dir: tempfile::TempDir,
@@ -155,11 +155,11 @@ impl Devnet {
         for (name, role) in roles {
             let rdir = dir.path().join(&name);
             std::fs::create_dir_all(&rdir)?;
-            murmur_directory::keys::keygen(&rdir.join("identity.key"))?;
+            let identity = murmur_directory::keys::keygen(&rdir.join("identity.key"))?;
             let text = relay_config(&name, role, &authorities_toml, epoch, &ledger_url);
             let config = murmur_relay::Config::parse(&text, rdir.clone())
                 .map_err(|e| anyhow::anyhow!("devnet relay config: {e}"))?;
-            relays.push(name.clone());
+            relays.push((name.clone(), identity));
             let stop = shutdown.clone();
             tracker.spawn(async move {
                 if let Err(e) =

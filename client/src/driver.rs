@@ -52,8 +52,12 @@ pub enum Cmd {
         payload: Box<[u8; PAYLOAD_SIZE]>,
     },
     Consensus(Arc<Consensus>),
-    /// What the ledger says the pot can pay now.
-    PotUsable(u64),
+    /// What the ledger says of the pot: the balance tickets may draw on and the largest
+    /// face value it covers.
+    Pot {
+        balance: u64,
+        face_cap: u64,
+    },
 }
 
 /// Counters the driver keeps besides the session's own.
@@ -218,8 +222,8 @@ fn run(
                         tracing::warn!(error = %e, "new consensus not applied");
                     }
                 }
-                Cmd::PotUsable(usable) => {
-                    session.set_pot_usable(usable, now(), murmur_directory::unix_now())
+                Cmd::Pot { balance, face_cap } => {
+                    session.set_pot(balance, face_cap, now(), murmur_directory::unix_now())
                 }
             }
             next = rx.try_recv().ok();

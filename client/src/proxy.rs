@@ -65,6 +65,30 @@ impl std::fmt::Debug for PaymentOptions {
     }
 }
 
+/// The pot as last reported by the ledger, for the next session's payer.
+#[derive(Default)]
+struct PotState {
+    /// The balance tickets may draw on (less what is warned for withdrawal).
+    balance: AtomicU64,
+    /// The largest face value the pot covers.
+    face_cap: AtomicU64,
+}
+
+impl PotState {
+    fn store(&self, pot: &murmur_ledger::Pot) {
+        let balance = pot.balance.saturating_sub(pot.warned);
+        self.balance.store(balance, Ordering::Relaxed);
+        self.face_cap.store(pot.usable(), Ordering::Relaxed);
+    }
+
+    fn load(&self) -> (u64, u64) {
+        (
+            self.balance.load(Ordering::Relaxed),
+            self.face_cap.load(Ordering::Relaxed),
+        )
+    }
+}
+
 /// A live session: its handle and the gateway it uses.
 struct Live {
     handle: SessionHandle,
@@ -113,24 +137,25 @@ pub async fn run(
 
     // Keep the pot funded, and tell the session what it can pay. The first check happens
     // before any session exists, so a session starts with what the pot holds.
-    let pot_usable = Arc::new(AtomicU64::new(0));
+    let pot_state = Arc::new(PotState::default());
     if let Some(payment) = &options.payment {
         let ledger = LedgerClient::new(&payment.ledger, Duration::from_secs(10))
             .map_err(|e| anyhow::anyhow!("ledger {}: {e}", payment.ledger))?;
         match wallet::ensure_funded(&ledger, &payment.key, &payment.funding).await {
-            Ok(pot) => pot_usable.store(pot.usable(), Ordering::Relaxed),
+            Ok(pot) => pot_state.store(&pot),
             Err(e) => tracing::warn!(error = %e, "cannot fund the pot yet; retrying"),
         }
-        let (current, usable) = (current.clone(), pot_usable.clone());
+        let (current, state) = (current.clone(), pot_state.clone());
         tracker.spawn(wallet::keep_funded(
             ledger,
             payment.key.clone(),
             payment.funding,
             payment.check_every,
             move |pot| {
-                usable.store(pot.usable(), Ordering::Relaxed);
+                state.store(&pot);
                 if let Some(h) = current.read().ok().and_then(|h| h.clone()) {
-                    h.send(Cmd::PotUsable(pot.usable()));
+                    let (balance, face_cap) = state.load();
+                    h.send(Cmd::Pot { balance, face_cap });
                 }
             },
             shutdown.clone(),
@@ -246,11 +271,9 @@ pub async fn run(
         if let Some(payment) = &options.payment {
             // A new payer per session: what the last one owed relays below a ticket's worth
             // (at most `packets_per_ticket` packets each) is not carried over.
-            let payer = Payer::new(
-                payment.key.clone(),
-                payment.payer,
-                pot_usable.load(Ordering::Relaxed),
-            )?;
+            let (balance, face_cap) = pot_state.load();
+            let mut payer = Payer::new(payment.key.clone(), payment.payer, face_cap)?;
+            payer.set_pot(balance, face_cap);
             session.set_payer(payer, Instant::ZERO, murmur_directory::unix_now());
         }
         let (frames_tx, frames_rx) = mpsc::channel(1024);

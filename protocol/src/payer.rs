@@ -26,11 +26,13 @@
 //!
 //! A ticket pays the configured `face_value` when it wins (Orchid sets it near half of what
 //! the pot can cover, so few tickets win and each win is worth its redemption), clamped to
-//! what the pot can cover: the ledger's `usable` amount, which the driver reports with
-//! [`Payer::set_pot_usable`] and from which the payer subtracts the expected value of each
-//! ticket it issues (what the pot pays on average) until the next report. A pot that can
-//! cover nothing gets no tickets signed; a debt larger than the clamped face value is paid by
-//! a sure-win ticket of that face value, and the rest by later tickets.
+//! what the pot can cover. The driver reports the pot with [`Payer::set_pot`]: the balance
+//! tickets may draw on, from which the payer subtracts the expected value of each ticket it
+//! issues (what the pot pays on average) until the next report, and the largest face value
+//! the pot covers (the ledger's `usable`: half the escrow at most), which issuing tickets does
+//! not use up. A pot that can cover nothing gets no tickets signed; a debt larger than the
+//! clamped face value is paid by a sure-win ticket of that face value, and the rest by later
+//! tickets.
 //!
 //! # Bounds
 //!
@@ -173,7 +175,11 @@ pub struct Payer {
     key: SigningKey,
     pot: IdentityKey,
     config: PayerConfig,
+    /// What the pot's balance can still pay, by the payer's estimate.
     pot_usable: u64,
+    /// The largest face value the pot covers (half its escrow: the ledger's `usable` bound),
+    /// which issuing tickets does not use up.
+    face_cap: u64,
     accounts: HashMap<IdentityKey, PayeeAccount>,
     stats: PayerStats,
 }
@@ -200,6 +206,7 @@ impl Payer {
             key,
             config,
             pot_usable,
+            face_cap: pot_usable,
             accounts: HashMap::new(),
             stats: PayerStats::default(),
         })
@@ -220,9 +227,19 @@ impl Payer {
         self.pot_usable
     }
 
-    /// What the ledger says the pot can cover now (its usable amount).
+    /// What the ledger says the pot can cover now (its usable amount), as both the balance
+    /// left and the face-value cap.
     pub fn set_pot_usable(&mut self, usable: u64) {
-        self.pot_usable = usable;
+        self.set_pot(usable, usable);
+    }
+
+    /// What the ledger says of the pot now: the balance tickets may draw on (`balance` less
+    /// what is warned for withdrawal) and the largest face value it covers (`usable`, which
+    /// half the escrow bounds). The payer subtracts each ticket's expected value from the
+    /// first only: issuing tickets drains the balance, not the escrow.
+    pub fn set_pot(&mut self, balance: u64, face_cap: u64) {
+        self.pot_usable = balance;
+        self.face_cap = face_cap;
     }
 
     /// `relay` carried `packets` packets (or frames) for the client.
@@ -286,7 +303,11 @@ impl Payer {
         if owed == 0 || owed < packets_per_ticket.saturating_mul(price) {
             return None;
         }
-        let face = self.config.face_value.min(self.pot_usable);
+        let face = self
+            .config
+            .face_value
+            .min(self.pot_usable)
+            .min(self.face_cap);
         if face == 0 {
             self.stats.unpayable = self.stats.unpayable.saturating_add(1);
             return None;
@@ -439,6 +460,23 @@ mod tests {
         assert_eq!(p.gateway_payment(&free, 0, &mut rng), None);
         assert_eq!(p.account(&free.identity).unwrap().owed(), 0);
         assert_eq!(p.account(&free.identity).unwrap().packets, u64::MAX);
+    }
+
+    /// The escrow bounds each ticket's face value, not how many tickets the pot pays: a
+    /// small escrow over a large balance keeps paying at the capped face value.
+    #[test]
+    fn the_escrow_caps_the_face_value_and_the_balance_pays() {
+        let mut rng = ChaCha20Rng::seed_from_u64(6);
+        let mut p = payer(config(), 0);
+        p.set_pot(1_000_000, 128);
+        let relay = payee(5, 1);
+        for _ in 0..100 {
+            p.carried(relay.identity, 64);
+            let t = p.ticket_for(&relay, 0, &mut rng).unwrap();
+            assert_eq!(t.face_value, 128);
+        }
+        assert!(p.pot_usable() < 1_000_000 - 100 * 60);
+        assert_eq!(p.stats().unpayable, 0);
     }
 
     #[test]

@@ -322,11 +322,11 @@ impl ClientSession {
         });
     }
 
-    /// What the ledger says the pot can pay now (see [`Payer::set_pot_usable`]), and the wall
-    /// clock at `now`.
-    pub fn set_pot_usable(&mut self, usable: u64, now: Instant, unix_now: UnixTime) {
+    /// What the ledger says of the pot now (see [`Payer::set_pot`]), and the wall clock at
+    /// `now`.
+    pub fn set_pot(&mut self, balance: u64, face_cap: u64, now: Instant, unix_now: UnixTime) {
         if let Some(p) = &mut self.payment {
-            p.payer.set_pot_usable(usable);
+            p.payer.set_pot(balance, face_cap);
             p.anchor = now;
             p.unix_at_anchor = unix_now;
         }

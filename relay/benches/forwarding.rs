@@ -10,6 +10,12 @@
 //! - Raw: one thread per core, each opening and processing (`OpenedPacket::open` +
 //!   `process`) pre-built packets in a loop, nothing else.
 //!
+//! - Payments: the relay takes payments at an in-process ledger where the bench's pot is
+//!   funded. Each round sends one batch of packets whose envelopes carry no ticket and one
+//!   whose envelopes each carry a ticket for the relay (the worst case: a client pays each
+//!   relay one ticket per 64 packets by default), so the cost of verifying tickets is the
+//!   difference between the two rates.
+//!
 //! Rounds alternate (raw, relay, raw, relay, ...) so that load from elsewhere on a shared
 //! machine touches both; the medians and their ratio are printed. So is the CPU time each
 //! packet cost, by thread, with the client and sink (which stand for other relays) counted
@@ -27,18 +33,22 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use ed25519_dalek::SigningKey;
+use murmur_ledger::Settlement;
+use murmur_ledger::client::LedgerClient;
+use murmur_ledger::request::{Fund, Signed};
 use murmur_protocol::directory::{
     Consensus, ConsensusRelay, DIRECTORY_SCHEMA, EpochKey, ExitPolicy, IdentityKey, NetworkParams,
     RelayAddresses, Roles,
 };
-use murmur_protocol::envelope::Envelope;
+use murmur_protocol::envelope::{Envelope, SlotTicket};
 use murmur_protocol::frame::{FRAME_LEN, Frame};
 use murmur_protocol::packet::{
     Address, HopOutput, OpenedPacket, Packet, PublicKey, RouteHop, StaticSecret,
     build_packet_with_envelope,
 };
+use murmur_protocol::ticket::{Terms, Ticket, TicketFields};
 use murmur_relay::{Config, Node};
-use rand::SeedableRng;
+use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha20Rng;
 use tokio_util::sync::CancellationToken;
 
@@ -67,13 +77,16 @@ fn main() {
         .unwrap();
 
     let mut rng = ChaCha20Rng::seed_from_u64(7);
+    let pot = SigningKey::generate(&mut rng);
+    let ledger_url = rt.block_on(start_ledger(dir.path(), &pot));
     let identity = SigningKey::generate(&mut rng);
     let sink_identity = SigningKey::generate(&mut rng);
     let sink_secret = StaticSecret::random_from_rng(&mut rng);
     let config = Config::parse(
         &format!(
             "version = 1\n[relay]\nfamily = \"bench\"\nroles = [\"mix\"]\nstate_dir = \"{}\"\n\
-             [listen]\nmix = \"127.0.0.1:0\"\n[mixing]\nreplay_capacity = 1000000\n",
+             [listen]\nmix = \"127.0.0.1:0\"\n[mixing]\nreplay_capacity = 1000000\n\
+             [payments]\nledger = \"{ledger_url}\"\nmax_tickets_per_epoch = 1000000\n",
             dir.path().join("state").display()
         ),
         dir.path().to_path_buf(),
@@ -111,34 +124,56 @@ fn main() {
         },
         route[1].clone(),
     ];
-    let raw_packets: Vec<Packet> = build_many(&raw_route, RAW_PACKETS, cores, 1)
+    let raw_packets: Vec<Packet> = build_many(&raw_route, RAW_PACKETS, cores, 1, None)
         .into_iter()
         .map(|(p, _)| p)
         .collect();
     let raw_packets = Arc::new(raw_packets);
+    let commitment = node.keys().get(EPOCH).unwrap().payment_commitment();
+    let paid = Some((&pot, IdentityKey::of(&identity), commitment));
+    let frames_of = |packets: Vec<(Packet, Envelope)>| {
+        let mut frames = Vec::with_capacity(RELAY_PACKETS * FRAME_LEN);
+        for (packet, envelope) in packets {
+            let frame = Frame::Packet {
+                key_epoch: EPOCH,
+                packet,
+                envelope,
+            };
+            frames.extend_from_slice(&frame.encode().unwrap()[..]);
+        }
+        frames
+    };
+    let ticket_rounds: Vec<Vec<u8>> = (0..ROUNDS)
+        .map(|r| {
+            frames_of(build_many(
+                &route,
+                RELAY_PACKETS,
+                cores,
+                500 + r as u64,
+                paid,
+            ))
+        })
+        .collect();
     let rounds: Vec<Vec<u8>> = (0..ROUNDS)
         .map(|r| {
-            let packets = build_many(&route, RELAY_PACKETS, cores, 100 + r as u64);
-            let mut frames = Vec::with_capacity(RELAY_PACKETS * FRAME_LEN);
-            for (packet, envelope) in packets {
-                let frame = Frame::Packet {
-                    key_epoch: EPOCH,
-                    packet,
-                    envelope,
-                };
-                frames.extend_from_slice(&frame.encode().unwrap()[..]);
-            }
-            frames
+            frames_of(build_many(
+                &route,
+                RELAY_PACKETS,
+                cores,
+                100 + r as u64,
+                None,
+            ))
         })
         .collect();
     println!(
         "built {} packets in {:.1} s; {cores} cores",
-        RAW_PACKETS + ROUNDS * RELAY_PACKETS,
+        RAW_PACKETS + 2 * ROUNDS * RELAY_PACKETS,
         t.elapsed().as_secs_f64()
     );
 
     let mut raw_rates = Vec::new();
     let mut relay_rates = Vec::new();
+    let mut ticket_rates = Vec::new();
     let mut raw_cpu = (0.0, 0u64);
     let mut relay_cpu: BTreeMap<String, f64> = BTreeMap::new();
     for (r, frames) in rounds.iter().enumerate() {
@@ -153,20 +188,29 @@ fn main() {
             *relay_cpu.entry(thread_kind(name)).or_default() +=
                 t - between.get(name).copied().unwrap_or(0.0);
         }
+        let (paid, paid_lost) = relay_rate(node.mix_addr(), &ticket_rounds[r], &sink);
         println!(
             "round {}: raw Sphinx {raw:.0} packets/s on {cores} threads; relay {relay:.0} \
-             packets/s ({lost} lost); ratio {:.3}",
+             packets/s ({lost} lost); ratio {:.3}; relay with a ticket in every packet \
+             {paid:.0} packets/s ({paid_lost} lost)",
             r + 1,
             relay / raw
         );
         raw_rates.push(raw);
         relay_rates.push(relay);
+        ticket_rates.push(paid);
     }
+    let paid_rate = median(&mut ticket_rates);
     let (raw, relay) = (median(&mut raw_rates), median(&mut relay_rates));
     println!(
         "median: relay forwards {relay:.0} packets/s with zero delay; raw single-hop Sphinx \
          {raw:.0} packets/s on {cores} cores; ratio {:.3}",
         relay / raw
+    );
+    println!(
+        "payments: relay forwards {paid_rate:.0} packets/s when every packet carries a \
+         ticket, {relay:.0} without tickets ({:.1}% fewer)",
+        (1.0 - paid_rate / relay) * 100.0
     );
     let per_packet = |secs: f64, n: f64| format!("{:.1} µs", secs / n * 1e6);
     let relayed = (ROUNDS * RELAY_PACKETS) as f64;
@@ -187,13 +231,56 @@ fn main() {
     let drops: Vec<String> = prometheus
         .render()
         .lines()
-        .filter(|l| l.starts_with("murmur_relay_packets_dropped_total"))
+        .filter(|l| {
+            l.starts_with("murmur_relay_packets_dropped_total")
+                || l.starts_with("murmur_relay_tickets_")
+        })
         .map(str::to_string)
         .collect();
     println!("relay drops: {drops:?}");
     shutdown.cancel();
     rt.block_on(node.join());
 }
+
+/// A ledger on loopback whose genesis credits `pot`'s account, with `pot` funded from it;
+/// its URL.
+async fn start_ledger(dir: &std::path::Path, pot: &SigningKey) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let mut config = murmur_ledger::Config::with_defaults();
+    config.listen = listener.local_addr().unwrap();
+    config.state_dir = dir.join("ledger");
+    config.genesis = vec![murmur_ledger::config::GenesisEntry {
+        account: IdentityKey::of(pot).to_hex(),
+        amount: 1 << 50,
+    }];
+    tokio::spawn(murmur_ledger::serve(
+        config,
+        listener,
+        std::future::pending(),
+    ));
+    let client = LedgerClient::new(&url, Duration::from_secs(10)).unwrap();
+    let fund = Fund {
+        pot: IdentityKey::of(pot),
+        balance: 1 << 48,
+        escrow: 2 * FACE_VALUE,
+    };
+    let mut funded = false;
+    for _ in 0..50 {
+        let signed = Signed::new(fund, pot, murmur_ledger::unix_now());
+        if client.fund(signed).await.is_ok() {
+            funded = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(funded, "the bench's ledger did not fund the pot");
+    url
+}
+
+/// What the bench's tickets pay when they win; each is worth 64 base units on average, as a
+/// client's ticket for 64 packets at price 1 is.
+const FACE_VALUE: u64 = 1_000_000;
 
 /// A consensus for `EPOCH` listing the relay and the sink, without relay loop cover.
 fn consensus(
@@ -242,9 +329,33 @@ fn consensus(
 }
 
 /// `n` zero-delay packets over `route`, built on `threads` threads.
-fn build_many(route: &[RouteHop], n: usize, threads: usize, seed: u64) -> Vec<(Packet, Envelope)> {
+/// `n` packets over `route` on `threads` threads. With `paid` (the pot's key, and the
+/// relay's identity and commitment), each carries in the first hop's slot a ticket worth 64
+/// base units, as a client's ticket for 64 packets at price 1 is.
+fn build_many(
+    route: &[RouteHop],
+    n: usize,
+    threads: usize,
+    seed: u64,
+    paid: Option<(&SigningKey, IdentityKey, [u8; 32])>,
+) -> Vec<(Packet, Envelope)> {
     let destination = route[route.len() - 1].address;
     let per = n.div_ceil(threads);
+    let terms = Terms::for_expected_value(64, FACE_VALUE).unwrap();
+    let now = murmur_ledger::unix_now();
+    let ticket = move |rng: &mut ChaCha20Rng| {
+        let (pot, recipient, commitment) = paid?;
+        let fields = TicketFields {
+            recipient,
+            face_value: terms.face_value,
+            win_ratio: terms.win_ratio,
+            nonce: rng.random(),
+            issued: now,
+            expiry: now + 3600,
+            commitment,
+        };
+        SlotTicket::from_ticket(&Ticket::sign(fields, pot)).ok()
+    };
     std::thread::scope(|s| {
         let handles: Vec<_> = (0..threads)
             .map(|t| {
@@ -255,6 +366,7 @@ fn build_many(route: &[RouteHop], n: usize, threads: usize, seed: u64) -> Vec<(P
                         let count = per.min(n.saturating_sub(t * per));
                         (0..count)
                             .map(|_| {
+                                let slots = [ticket(&mut rng), None];
                                 build_packet_with_envelope(
                                     &mut rng,
                                     route,
@@ -262,7 +374,7 @@ fn build_many(route: &[RouteHop], n: usize, threads: usize, seed: u64) -> Vec<(P
                                     destination,
                                     [0; 16],
                                     b"forwarding benchmark",
-                                    &[None, None],
+                                    &slots,
                                 )
                                 .unwrap()
                             })
