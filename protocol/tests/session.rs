@@ -1,23 +1,29 @@
 //! The client session against an in-process network: real Sphinx processing at every hop,
-//! a tiny exit that answers from the reply blocks it is given, packet loss, virtual time.
+//! payment envelopes peeled and tickets checked at every hop, a tiny exit that answers from
+//! the reply blocks it is given, packet loss, virtual time.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use ed25519_dalek::SigningKey;
+use murmur_protocol::control::Control;
 use murmur_protocol::directory::path::PathRules;
 use murmur_protocol::directory::synthetic::{SyntheticNetwork, generate};
 use murmur_protocol::directory::{Consensus, IdentityKey, NetworkParams};
+use murmur_protocol::envelope::{Envelope, EnvelopeKey};
 use murmur_protocol::fragment::Fragment;
 use murmur_protocol::frame::Frame;
 use murmur_protocol::packet::{
     Address, HopOutput, OpenedPacket, Packet, StaticSecret, recover_plaintext,
 };
+use murmur_protocol::payer::{Payer, PayerConfig};
 use murmur_protocol::payload::Content;
 use murmur_protocol::session::{ClientSession, Event, SessionConfig};
 use murmur_protocol::stream::{ClientItem, ClientMessage, ExitItem, ExitMessage, Refusal, Target};
 use murmur_protocol::surb::ReplyBlock;
+use murmur_protocol::ticket::Ticket;
 use murmur_protocol::time::Instant;
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha20Rng;
@@ -38,6 +44,10 @@ struct Net {
     /// Deliveries for the client: (surb id, payload).
     inbox: Vec<([u8; 16], Vec<u8>)>,
     received_by_exit: Vec<u8>,
+    /// Packets each relay processed (by Sphinx address), and the expected value of the
+    /// tickets it was paid with; for the gateway, frames it forwarded or delivered.
+    carried: HashMap<Address, u64>,
+    paid: HashMap<Address, u64>,
 }
 
 impl Net {
@@ -93,21 +103,64 @@ impl Net {
             rng,
             inbox: Vec::new(),
             received_by_exit: Vec::new(),
+            carried: HashMap::new(),
+            paid: HashMap::new(),
         }
     }
 
-    /// Carries a packet from `first` hop to its final hop, dropping it with the loss rate.
-    fn carry(&mut self, mut at: Address, mut packet: Packet) {
+    /// Relay `at` was paid with `ticket`: it must be a valid ticket made out to it for the
+    /// commitment it published.
+    fn take_ticket(&mut self, at: Address, ticket: Ticket) {
+        let relay = self.consensus.relay(&IdentityKey(at.0)).unwrap();
+        assert_eq!(ticket.recipient, relay.identity);
+        assert_eq!(
+            Some(ticket.commitment),
+            relay.payment_commitment(self.consensus.epoch)
+        );
+        ticket.verify_signature().unwrap();
+        *self.paid.entry(at).or_default() += ticket.expected_value();
+    }
+
+    /// The gateway handled one of the client's frames.
+    fn gateway_frame(&mut self) {
+        let gateway = self.consensus.relay(&self.gateway).unwrap().address();
+        *self.carried.entry(gateway).or_default() += 1;
+    }
+
+    /// Carries a packet and its envelope from `first` hop to its final hop, dropping it with
+    /// the loss rate. Every hop peels its envelope layer and takes its ticket; a forward hop
+    /// whose layer does not verify would drop the packet, which an honest run never sees.
+    fn carry(&mut self, mut at: Address, mut packet: Packet, mut envelope: Envelope) {
         if self.rng.random::<f64>() < self.loss {
             return;
         }
+        let gateway = self.consensus.relay(&self.gateway).unwrap().address();
         loop {
-            let secret = &self.secrets[&at];
-            match OpenedPacket::open(packet.as_bytes(), secret)
-                .unwrap()
-                .process(Duration::MAX)
-                .unwrap()
-            {
+            // The gateway's work as a reply's last hop is the Deliver frame it sends the
+            // client, counted (and paid) as such.
+            if at != gateway {
+                *self.carried.entry(at).or_default() += 1;
+            }
+            let opened = OpenedPacket::open(packet.as_bytes(), &self.secrets[&at]).unwrap();
+            let key = EnvelopeKey::from_replay_tag(&opened.replay_tag());
+            let output = opened.process(Duration::MAX).unwrap();
+            let slot = match &output {
+                HopOutput::Forward {
+                    envelope_authenticated,
+                    ..
+                } => envelope
+                    .peel_in_place(&key, *envelope_authenticated)
+                    .expect("an honest hop's envelope layer verifies"),
+                // A reply's envelope is random: the last hop reads no ticket from it.
+                HopOutput::Final(_) => envelope.peel_in_place(&key, true).ok().flatten(),
+            };
+            if let Some(slot) = slot {
+                let relay = self.consensus.relay(&IdentityKey(at.0)).unwrap();
+                let commitment = relay.payment_commitment(self.consensus.epoch).unwrap();
+                let ticket = slot.into_ticket(relay.identity, commitment);
+                self.take_ticket(at, ticket);
+            }
+            match output {
                 HopOutput::Forward {
                     next_hop,
                     packet: p,
@@ -140,7 +193,8 @@ impl Net {
             },
         };
         let reply = block.use_block(&content.encode().unwrap()).unwrap();
-        self.carry(reply.first_hop, reply.packet);
+        let envelope = Envelope::random(&mut self.rng);
+        self.carry(reply.first_hop, reply.packet, envelope);
     }
 
     fn exit_receives(&mut self, payload: &[u8]) {
@@ -149,7 +203,8 @@ impl Net {
             return; // cover
         };
         let reply = ack.use_block(&Content::Ack.encode().unwrap()).unwrap();
-        self.carry(reply.first_hop, reply.packet);
+        let envelope = Envelope::random(&mut self.rng);
+        self.carry(reply.first_hop, reply.packet, envelope);
         let msg = ClientMessage::decode(&fragment.data).unwrap();
         let mut answers = Vec::new();
         for item in msg.items {
@@ -210,15 +265,28 @@ fn drive(
     for _ in 0..steps {
         now = now + Duration::from_millis(5);
         while let Some(frame) = session.poll_transmit(now, rng) {
-            let Frame::Forward {
-                next_hop, packet, ..
-            } = frame
-            else {
-                panic!("the client only sends Forward frames");
-            };
-            net.carry(next_hop, packet);
+            match frame {
+                Frame::Forward {
+                    next_hop,
+                    packet,
+                    envelope,
+                    ..
+                } => {
+                    net.gateway_frame();
+                    net.carry(next_hop, packet, envelope);
+                }
+                Frame::Control(bytes) => match Control::decode(&bytes).unwrap() {
+                    Control::Payment { ticket } => {
+                        let gateway = net.consensus.relay(&net.gateway).unwrap().address();
+                        net.take_ticket(gateway, ticket);
+                    }
+                    other => panic!("the client sent {other:?}"),
+                },
+                other => panic!("the client sent {other:?}"),
+            }
         }
         for (id, payload) in std::mem::take(&mut net.inbox) {
+            net.gateway_frame();
             session.handle_delivery(id, &payload, now, rng);
         }
         while let Some(e) = session.poll_event() {
@@ -312,5 +380,73 @@ fn lost_packets_are_resent_until_acknowledged() {
         "{} of {}",
         net.received_by_exit.len(),
         upload.len()
+    );
+}
+
+/// A paying session pays every relay its advertised price for each packet it carried for
+/// the client: forward packets, acknowledgement and reply routes, cover and loops alike, and
+/// the gateway for each frame it forwarded or delivered. What a relay is still owed at the
+/// end is less than one ticket's worth.
+#[test]
+fn every_relay_is_paid_its_price_for_what_it_carried() {
+    let mut net = Net::new(7, 0.0);
+    // Different prices, so a ticket priced for the wrong relay would show.
+    let mut consensus = (*net.consensus).clone();
+    for (i, r) in consensus.relays.iter_mut().enumerate() {
+        r.price_per_packet = 1 + (i as u64 % 5);
+    }
+    net.consensus = Arc::new(consensus);
+    let mut rng = ChaCha20Rng::seed_from_u64(8);
+    let mut session = session_for(&net, &mut rng);
+    let config = PayerConfig {
+        packets_per_ticket: 8,
+        gateway_frames_per_ticket: 4,
+        face_value: 10_000,
+        ..PayerConfig::default()
+    };
+    let payer = Payer::new(SigningKey::from_bytes(&[3; 32]), config, u64::MAX).unwrap();
+    session.set_payer(payer, Instant::ZERO, 1_800_000_000);
+    let id = session
+        .open_stream(Target::Host("example.com".into(), 80), None, &mut rng)
+        .unwrap();
+    session.write(id, &vec![7u8; 20_000]);
+    session.close_stream(id);
+    let (_, now) = drive(&mut net, &mut session, &mut rng, Instant::ZERO, 2_000);
+    // The last replies' relays are paid once the session takes them.
+    drive(&mut net, &mut session, &mut rng, now, 1);
+    let stats = session.stats();
+    assert!(
+        stats.hop_tickets > 100 && stats.gateway_tickets > 100,
+        "{stats:?}"
+    );
+    assert!(stats.replies > 0 && stats.acks > 0, "{stats:?}");
+    let mut relays = 0;
+    for relay in &net.consensus.relays {
+        let at = relay.address();
+        let carried = net.carried.get(&at).copied().unwrap_or(0);
+        let paid = net.paid.get(&at).copied().unwrap_or(0);
+        let owed = relay.price_per_packet * carried;
+        let per_ticket = if relay.identity == net.gateway {
+            config.gateway_frames_per_ticket
+        } else {
+            config.packets_per_ticket
+        };
+        eprintln!(
+            "{:?} {:?}: carried {carried}, price {}, owed {owed}, paid {paid}",
+            relay.identity, relay.roles, relay.price_per_packet
+        );
+        // A ticket's win ratio rounds its expected value up, by less than one base unit,
+        // and the payer counts what it paid; what is still owed is less than a ticket.
+        assert!(paid <= owed + 1, "{relay:?} overpaid: {paid} > {owed}");
+        assert!(
+            paid + relay.price_per_packet * per_ticket > owed,
+            "{relay:?} underpaid: {paid} for {owed}"
+        );
+        relays += usize::from(carried > 0);
+    }
+    assert_eq!(
+        relays,
+        net.consensus.relays.len(),
+        "every relay carried traffic"
     );
 }
