@@ -343,3 +343,47 @@ fn devnet_payment(
 fn announce_ready(addr: SocketAddr) {
     println!("murmur-client ready: SOCKS5 proxy on {addr}");
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+    use super::*;
+
+    const AUTHORITY: &str = "authorities = [ { identity = \"0101010101010101010101010101010101010101010101010101010101010101\", url = \"http://127.0.0.1:7070\" } ]\n";
+
+    #[test]
+    fn payments_are_optional_and_read_their_key() {
+        let plain = ClientConfig::parse(&format!("version = 1\n{AUTHORITY}")).unwrap();
+        assert_eq!(plain.payments, None);
+
+        let dir = tempfile::tempdir().unwrap();
+        let identity = murmur_directory::keys::keygen(&dir.path().join("pot.key")).unwrap();
+        let text = format!(
+            "version = 1\n{AUTHORITY}[payments]\nledger = \"http://127.0.0.1:7080\"\n\
+             key_file = \"pot.key\"\nface_value = 500\npackets_per_ticket = 8\n"
+        );
+        let config = ClientConfig::parse(&text).unwrap();
+        let options = config.payments.unwrap().options(dir.path()).unwrap();
+        assert_eq!(IdentityKey::of(&options.key), identity);
+        assert_eq!(options.payer.face_value, 500);
+        assert_eq!(options.payer.packets_per_ticket, 8);
+        assert_eq!(
+            options.payer.gateway_frames_per_ticket,
+            PayerConfig::default().gateway_frames_per_ticket
+        );
+        // The escrow lets the pot cover the face value (the ledger's usable is escrow / 2).
+        assert_eq!(options.funding.escrow, 1_000);
+
+        let missing = ClientConfig::parse(&text.replace("pot.key", "nope.key"))
+            .unwrap()
+            .payments
+            .unwrap()
+            .options(dir.path());
+        assert!(missing.unwrap_err().to_string().contains("nope.key"));
+        let typo = text.replace("face_value", "face_valu");
+        assert!(
+            ClientConfig::parse(&typo).is_err(),
+            "unknown keys are refused"
+        );
+    }
+}
