@@ -96,16 +96,17 @@ impl Default for PayerConfig {
     /// room for tickets in flight. `face_value` 1,000,000 base units: at a price of 1 a
     /// winning ticket pays for a million packets, so a network carrying a million packet-hops
     /// a second asks the ledger for about one redemption a second (it manages about 1,200).
-    /// `ticket_lifetime_s` 3,600: a relay commits per 20-minute key epoch and redeems after
-    /// the epoch's commitment is retired, so a ticket must outlive its epoch with time to
-    /// spare for redemption, and the ledger remembers redeemed nonces until they expire, so
-    /// not much longer. `max_payees` twice [`MAX_RELAYS`]: two consensuses' worth.
+    /// `ticket_lifetime_s` 7,200: a relay commits per 20-minute key epoch, holds the key one
+    /// epoch longer (`key_grace`), redeems only after the key retires, and wants 30 minutes
+    /// left to redeem in (`min_redeem_window`): a ticket issued as its epoch begins must live
+    /// 20 + 20 + 30 = 70 minutes. Two hours leaves room for clock skew; the ledger remembers
+    /// redeemed nonces until they expire, so not much longer. `max_payees` twice [`MAX_RELAYS`]: two consensuses' worth.
     fn default() -> Self {
         PayerConfig {
             packets_per_ticket: 64,
             gateway_frames_per_ticket: 16,
             face_value: 1_000_000,
-            ticket_lifetime_s: 3_600,
+            ticket_lifetime_s: 7_200,
             max_payees: 2 * MAX_RELAYS,
         }
     }

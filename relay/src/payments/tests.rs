@@ -693,3 +693,22 @@ async fn a_relay_configured_with_a_ledger_takes_payments_and_publishes_commitmen
     stop.cancel();
     node.join().await;
 }
+
+/// A client's tickets under the defaults (`PayerConfig::default`) are redeemable under a
+/// relay's defaults wherever in the key epoch they are issued: they outlive the key's
+/// retirement by `min_redeem_window`.
+#[test]
+fn the_payers_default_lifetime_fits_the_relays_default_redeem_window() {
+    let text = "version = 1\n[relay]\nfamily = \"op\"\nroles = [\"mix\"]\n";
+    let config = crate::Config::parse(text, std::path::PathBuf::new()).unwrap();
+    let p = PaymentsParams::from_config(&config, id(&relay_key()));
+    let lifetime = murmur_protocol::payer::PayerConfig::default().ticket_lifetime_s;
+    let epoch: Epoch = 1_000_000;
+    let start = u64::from(epoch) * p.epoch_length_s;
+    for issued in [start, start + p.epoch_length_s - 1] {
+        assert!(
+            issued + lifetime >= p.retires_at(epoch) + p.min_redeem_window_s,
+            "a ticket issued at {issued} expires before it may be redeemed"
+        );
+    }
+}
