@@ -712,3 +712,124 @@ fn the_payers_default_lifetime_fits_the_relays_default_redeem_window() {
         );
     }
 }
+
+/// Sends `frames` Forward frames to a gateway session (paying a ticket worth 16 frames every
+/// 16 frames when `pay`), then waits a moment; returns the control messages the gateway sent
+/// and whether it closed the session.
+async fn gateway_client(
+    addr: std::net::SocketAddr,
+    frames: usize,
+    pay: Option<(&SigningKey, IdentityKey, [u8; 32])>,
+) -> (Vec<murmur_protocol::control::Control>, bool) {
+    use futures_util::{SinkExt, StreamExt};
+    use murmur_protocol::control::Control;
+    use murmur_protocol::envelope::Envelope;
+    use murmur_protocol::frame::Frame;
+    use murmur_protocol::packet::{Address, Packet};
+    use tokio_tungstenite::tungstenite::Message;
+
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/"))
+        .await
+        .unwrap();
+    let send = |f: Frame| Message::Binary(f.encode().unwrap().to_vec().into());
+    let hello = Control::Hello {
+        address: Address([7; 32]),
+    };
+    ws.send(send(Frame::Control(hello.encode()))).await.unwrap();
+    let mut rng = ChaCha20Rng::seed_from_u64(11);
+    for i in 0..frames {
+        let forward = Frame::Forward {
+            next_hop: Address([1; 32]),
+            key_epoch: 0,
+            packet: Packet::from_slice(&[0; murmur_protocol::PACKET_SIZE]).unwrap(),
+            envelope: Envelope::random(&mut rng),
+        };
+        if ws.send(send(forward)).await.is_err() {
+            break;
+        }
+        if let Some((pot, gateway, commitment)) = pay
+            && i % 16 == 15
+        {
+            let now = unix_now();
+            let terms = murmur_protocol::ticket::Terms::for_expected_value(16, 1_000_000).unwrap();
+            let ticket = Ticket::sign(
+                TicketFields {
+                    recipient: gateway,
+                    face_value: terms.face_value,
+                    win_ratio: terms.win_ratio,
+                    nonce: rand::RngExt::random(&mut rng),
+                    issued: now,
+                    expiry: now + 7_200,
+                    commitment,
+                },
+                pot,
+            );
+            let payment = Frame::Control(Control::Payment { ticket }.encode());
+            if ws.send(send(payment)).await.is_err() {
+                break;
+            }
+        }
+    }
+    let mut controls = Vec::new();
+    let mut closed = false;
+    loop {
+        match tokio::time::timeout(Duration::from_millis(500), ws.next()).await {
+            Ok(Some(Ok(Message::Binary(b)))) => {
+                if let Ok(Frame::Control(c)) = Frame::decode(&b) {
+                    match Control::decode(&c).unwrap() {
+                        Control::Welcome { .. } => {}
+                        other => controls.push(other),
+                    }
+                }
+            }
+            Ok(Some(Ok(_))) => {}
+            Ok(Some(Err(_)) | None) => {
+                closed = true;
+                break;
+            }
+            Err(_) => break,
+        }
+    }
+    (controls, closed)
+}
+
+/// A gateway that takes payments serves a client that pays as it goes, and cuts off one
+/// that does not once its arrears pass the tab's limit (64 frames of credit, 64 of arrears).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_cuts_off_a_client_that_does_not_pay() {
+    use murmur_protocol::control::Control;
+    let dir = TempDir::new().unwrap();
+    let text = format!(
+        "version = 1\n[relay]\nfamily = \"op\"\nroles = [\"gateway\"]\nstate_dir = \"{}\"\n\
+         [listen]\nmix = \"127.0.0.1:0\"\nclient = \"127.0.0.1:0\"\n\
+         [payments]\nledger = \"http://127.0.0.1:9\"\n",
+        dir.path().join("state").display()
+    );
+    let config = crate::Config::parse(&text, dir.path().to_path_buf()).unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let node = crate::Node::start(config, relay_key(), stop.clone())
+        .await
+        .unwrap();
+    // The key epoch by the relay's own epoch length (the default, 20 minutes).
+    let epoch_length = node.payments().unwrap().params().epoch_length_s;
+    let epoch = Epoch::try_from(unix_now() / epoch_length).unwrap();
+    node.rotate_keys(epoch).unwrap();
+    let addr = node.client_addr().unwrap();
+    let commitment = node.keys().get(epoch).unwrap().payment_commitment();
+
+    // Paying 16 frames' worth every 16 frames: served throughout.
+    let pot = payer(1);
+    let paying = Some((&pot, id(&relay_key()), commitment));
+    let (controls, closed) = gateway_client(addr, 400, paying).await;
+    assert!(controls.is_empty(), "a paying client was told {controls:?}");
+    assert!(!closed, "a paying client was disconnected");
+
+    // Paying nothing: 64 frames on credit, 64 in arrears, and the 129th cuts it off, with a
+    // Cutoff first. (Exactly 129 frames: frames the gateway never reads would make its close
+    // a reset, which can discard the Cutoff before the client reads it.)
+    let (controls, closed) = gateway_client(addr, 129, None).await;
+    assert_eq!(controls, vec![Control::Cutoff]);
+    assert!(closed, "a client in arrears stays connected");
+    stop.cancel();
+    node.join().await;
+}
