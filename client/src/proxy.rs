@@ -118,19 +118,24 @@ pub async fn run(
         let ledger = LedgerClient::new(&payment.ledger, Duration::from_secs(10))
             .map_err(|e| anyhow::anyhow!("ledger {}: {e}", payment.ledger))?;
         match wallet::ensure_funded(&ledger, &payment.key, &payment.funding).await {
-            Ok(pot) => pot_usable.store(pot.usable(), Ordering::Relaxed),
+            Ok(pot) => pot_usable.store(
+                wallet::payer_budget(&pot, payment.payer.face_value),
+                Ordering::Relaxed,
+            ),
             Err(e) => tracing::warn!(error = %e, "cannot fund the pot yet; retrying"),
         }
         let (current, usable) = (current.clone(), pot_usable.clone());
+        let face_value = payment.payer.face_value;
         tracker.spawn(wallet::keep_funded(
             ledger,
             payment.key.clone(),
             payment.funding,
             payment.check_every,
             move |pot| {
-                usable.store(pot.usable(), Ordering::Relaxed);
+                let budget = wallet::payer_budget(&pot, face_value);
+                usable.store(budget, Ordering::Relaxed);
                 if let Some(h) = current.read().ok().and_then(|h| h.clone()) {
-                    h.send(Cmd::PotUsable(pot.usable()));
+                    h.send(Cmd::PotUsable(budget));
                 }
             },
             shutdown.clone(),

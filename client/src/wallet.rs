@@ -46,6 +46,28 @@ impl FundingPolicy {
     }
 }
 
+/// What the payer may spend from `pot` until the next look at it ([`Payer::set_pot_usable`]),
+/// for tickets of at most `face_value`.
+///
+/// The ledger's `usable` (`min(balance', escrow'/2)`) is the largest face value relays accept,
+/// not a budget: issued tickets drain the balance (by their expected value, on average), never
+/// the escrow. With the escrow at twice the face value, `usable` is just the face value, and
+/// the payer, which subtracts each ticket's expected value from what it is told, ran dry after
+/// one or two tickets per check (every 10 s) and stopped paying. So while the escrow covers
+/// `face_value`, the budget is the balance left after a warned withdrawal; the payer's face
+/// value (`min(face_value, budget)`) then stays within what relays accept. Otherwise the
+/// smaller `usable` is the budget and clamps the face value.
+///
+/// [`Payer::set_pot_usable`]: murmur_protocol::payer::Payer::set_pot_usable
+pub fn payer_budget(pot: &Pot, face_value: u64) -> u64 {
+    let usable = pot.usable();
+    if usable >= face_value {
+        pot.balance.saturating_sub(pot.warned)
+    } else {
+        usable
+    }
+}
+
 /// The pot as the ledger has it now, topped up first if it runs low.
 pub async fn ensure_funded<S: Settlement>(
     ledger: &S,
@@ -143,6 +165,23 @@ mod tests {
         };
         let err = ensure_funded(&ledger, &key, &policy).await.unwrap_err();
         assert!(err.refusal().is_some(), "{err}");
+    }
+
+    #[test]
+    fn the_budget_is_the_balance_while_the_escrow_covers_the_face_value() {
+        let pot = |balance, escrow, warned| Pot {
+            key: IdentityKey([1; 32]),
+            balance,
+            escrow,
+            warned,
+            unlock_at: None,
+        };
+        // usable is 32 (escrow / 2), but tickets of face 32 may drain the whole balance.
+        assert_eq!(payer_budget(&pot(1_000, 64, 0), 32), 1_000);
+        assert_eq!(payer_budget(&pot(1_000, 64, 400), 32), 600);
+        // An escrow too small for the face value: usable clamps it.
+        assert_eq!(payer_budget(&pot(1_000, 40, 0), 32), 20);
+        assert_eq!(payer_budget(&pot(10, 64, 0), 32), 10);
     }
 
     #[test]
