@@ -3,6 +3,8 @@
 //! and a Prometheus scraper. Everything stays on 127.0.0.1.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+pub mod hop;
+
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -247,6 +249,77 @@ pub fn authorities_toml(authorities: &[AuthorityInfo]) -> String {
         .map(|a| format!("{{ identity = \"{}\", url = \"{}\" }}", a.identity, a.url))
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+/// A `murmur-ledger` process.
+pub struct LedgerProc {
+    pub proc: Proc,
+    pub addr: SocketAddr,
+    /// `http://127.0.0.1:PORT`, for relays' and clients' `[payments] ledger`.
+    pub url: String,
+}
+
+/// Writes a config under `dir/ledger` crediting `genesis` (account hex, amount) and starts the
+/// ledger; returns once it answers.
+pub fn start_ledger(dir: &Path, genesis: &[(&str, u64)]) -> LedgerProc {
+    let ldir = dir.join("ledger");
+    std::fs::create_dir_all(&ldir).unwrap();
+    let addr = SocketAddr::from(([127, 0, 0, 1], free_ports(1)[0]));
+    let mut text = format!("version = 1\nlisten = \"{addr}\"\nstate_dir = \"state\"\n");
+    for (account, amount) in genesis {
+        text += &format!("[[genesis]]\naccount = \"{account}\"\namount = {amount}\n");
+    }
+    let config = ldir.join("ledger.toml");
+    std::fs::write(&config, text).unwrap();
+    let mut proc = Proc::spawn(
+        "ledger",
+        &binary("murmur-ledger"),
+        &["run", "--config", config.to_str().unwrap()],
+        ldir.join("ledger.log"),
+    );
+    let up = wait_until(Duration::from_secs(30), Duration::from_millis(100), || {
+        assert!(proc.is_running(), "ledger exited:\n{}", proc.log_text());
+        http_get(addr, "/metrics").ok()
+    });
+    assert!(up.is_some(), "ledger never answered:\n{}", proc.log_text());
+    LedgerProc {
+        proc,
+        addr,
+        url: format!("http://{addr}"),
+    }
+}
+
+/// Writes `dir/client.toml` (authorities, a free SOCKS port, `extra` appended: more keys or
+/// sections such as `[payments]`), starts `murmur-client --config` and waits until it is
+/// ready; returns the process and its SOCKS5 address.
+pub fn start_client(dir: &Path, authorities: &[AuthorityInfo], extra: &str) -> (Proc, SocketAddr) {
+    let socks = SocketAddr::from(([127, 0, 0, 1], free_ports(1)[0]));
+    let config = dir.join("client.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "version = 1\nsocks = \"{socks}\"\nclock_skew = \"1s\"\nopen_timeout = \"20s\"\n\
+             distinct_subnets = false\nauthorities = [{}]\n{extra}",
+            authorities_toml(authorities)
+        ),
+    )
+    .unwrap();
+    let mut client = Proc::spawn(
+        "client",
+        &binary("murmur-client"),
+        &["--config", config.to_str().unwrap()],
+        dir.join("client.log"),
+    );
+    let ready = wait_until(Duration::from_secs(90), Duration::from_millis(200), || {
+        assert!(client.is_running(), "client exited:\n{}", client.log_text());
+        client.stdout_text().contains("ready").then_some(())
+    });
+    assert!(
+        ready.is_some(),
+        "client never became ready:\n{}",
+        client.log_text()
+    );
+    (client, socks)
 }
 
 /// A relay process of a test network.

@@ -15,8 +15,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use murmur_tests::{
-    AuthorityInfo, HttpServer, Proc, RelayProc, authorities_toml, binary, curl, free_ports,
-    start_authorities_with, start_relay, test_bytes, wait_until,
+    HttpServer, Proc, RelayProc, curl, start_authorities_with, start_client, start_relay,
+    test_bytes, wait_until,
 };
 use sha2::{Digest, Sha256};
 
@@ -59,7 +59,7 @@ fn start(dir: &Path) -> Network {
          policy = \"reject 127.0.0.0/8:7, reject [::1]/128:7, accept *:*\"\n"
     );
     let exit = start_relay(dir, "exit", "[\"exit\"]", &infos, EPOCH_S, &exit_extra);
-    let (client, socks) = start_client(dir, &infos);
+    let (client, socks) = start_client(dir, &infos, "");
     Network {
         _authorities: authorities,
         gateway,
@@ -69,36 +69,6 @@ fn start(dir: &Path) -> Network {
         client,
         socks,
     }
-}
-
-fn start_client(dir: &Path, infos: &[AuthorityInfo]) -> (Proc, SocketAddr) {
-    let socks = SocketAddr::from(([127, 0, 0, 1], free_ports(1)[0]));
-    let config = dir.join("client.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "version = 1\nsocks = \"{socks}\"\nclock_skew = \"1s\"\nopen_timeout = \"20s\"\n\
-             distinct_subnets = false\nauthorities = [{}]\n",
-            authorities_toml(infos)
-        ),
-    )
-    .unwrap();
-    let mut client = Proc::spawn(
-        "client",
-        &binary("murmur-client"),
-        &["--config", config.to_str().unwrap()],
-        dir.join("client.log"),
-    );
-    let ready = wait_until(Duration::from_secs(90), Duration::from_millis(200), || {
-        assert!(client.is_running(), "client exited:\n{}", client.log_text());
-        client.stdout_text().contains("ready").then_some(())
-    });
-    assert!(
-        ready.is_some(),
-        "client never became ready:\n{}",
-        client.log_text()
-    );
-    (client, socks)
 }
 
 #[test]

@@ -16,28 +16,18 @@
 //!   of the flood's end.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::collections::HashMap;
-use std::io::{BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::io::Write;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use ed25519_dalek::SigningKey;
-use murmur_directory::client::DirectoryClient;
-use murmur_directory::unix_now;
 use murmur_protocol::PACKET_SIZE;
 use murmur_protocol::delay::ExpDelay;
-use murmur_protocol::directory::{
-    AuthoritySet, ConsensusStore, DIRECTORY_SCHEMA, Descriptor, Epoch, EpochKey, ExitPolicy,
-    IdentityKey, RelayAddresses, Roles, SignedDescriptor,
-};
+use murmur_protocol::directory::Epoch;
 use murmur_protocol::envelope::{ENVELOPE_LEN, Envelope};
 use murmur_protocol::frame::{FRAME_LEN, Frame};
-use murmur_protocol::packet::{
-    Address, HopOutput, OpenedPacket, Packet, PublicKey, RouteHop, StaticSecret,
-    build_packet_with_envelope,
-};
+use murmur_protocol::packet::Packet;
+use murmur_tests::hop::{self, FakeHop, Link, Packets, Route};
 use murmur_tests::{AuthorityInfo, RelayProc, start_authorities, start_relay, wait_until};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha20Rng;
@@ -65,187 +55,7 @@ const FLOOD_CONNECTIONS: usize = 4;
 const RSS_BOUND_KIB: u64 = 128 * 1024;
 
 fn epoch_now() -> Epoch {
-    Epoch::try_from(unix_now() / EPOCH_S).unwrap()
-}
-
-/// The fake next hop: an identity, one Sphinx secret published for every epoch, and a listener
-/// that unwraps what arrives (T is the packets' last hop) and notes when each packet came.
-struct FakeHop {
-    identity: SigningKey,
-    sphinx: StaticSecret,
-    addr: SocketAddr,
-    /// Packet id (from the final hop's SURB id field) → arrival times.
-    arrivals: Arc<Mutex<HashMap<u64, Vec<Instant>>>>,
-}
-
-impl FakeHop {
-    fn start(rng: &mut ChaCha20Rng) -> FakeHop {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let hop = FakeHop {
-            identity: SigningKey::generate(rng),
-            sphinx: StaticSecret::random_from_rng(rng),
-            addr: listener.local_addr().unwrap(),
-            arrivals: Arc::default(),
-        };
-        let (secret, arrivals) = (hop.sphinx.clone(), hop.arrivals.clone());
-        std::thread::spawn(move || {
-            for stream in listener.incoming() {
-                let Ok(stream) = stream else { continue };
-                let (secret, arrivals) = (secret.clone(), arrivals.clone());
-                std::thread::spawn(move || read_link(stream, &secret, &arrivals));
-            }
-        });
-        hop
-    }
-
-    fn address(&self) -> Address {
-        Address(self.identity.verifying_key().to_bytes())
-    }
-
-    /// T's descriptor as a relay uploads it: Sphinx keys for this and the next three epochs.
-    fn descriptor(&self) -> SignedDescriptor {
-        let key = PublicKey::from(&self.sphinx).to_bytes();
-        let e = epoch_now();
-        let descriptor = Descriptor {
-            schema: DIRECTORY_SCHEMA,
-            identity: IdentityKey::of(&self.identity),
-            family: "test-fake-next-hop".into(),
-            addresses: RelayAddresses {
-                mix: self.addr,
-                client: None,
-            },
-            roles: Roles {
-                mix: true,
-                ..Roles::default()
-            },
-            sphinx_keys: (e..e + 4)
-                .map(|epoch| EpochKey {
-                    epoch,
-                    key,
-                    payment_commitment: [0; 32],
-                })
-                .collect(),
-            exit_policy: ExitPolicy::reject_all(),
-            price_per_packet: 1,
-            bandwidth: 1000,
-            published: unix_now(),
-        };
-        SignedDescriptor::sign(&descriptor, &self.identity).unwrap()
-    }
-
-    fn count(&self, id: u64) -> usize {
-        self.arrivals.lock().unwrap().get(&id).map_or(0, Vec::len)
-    }
-
-    fn first_arrival(&self, id: u64) -> Option<Instant> {
-        self.arrivals
-            .lock()
-            .unwrap()
-            .get(&id)
-            .and_then(|v| v.first().copied())
-    }
-
-    /// Waits until every id in `ids` arrived; returns how many did.
-    fn wait_all(&self, ids: std::ops::Range<u64>, timeout: Duration) -> usize {
-        let n = ids.end - ids.start;
-        let arrived = || ids.clone().filter(|&id| self.count(id) > 0).count();
-        wait_until(timeout, Duration::from_millis(20), || {
-            (arrived() as u64 == n).then_some(())
-        });
-        arrived()
-    }
-}
-
-/// Reads frames off one link into T, noting each test packet's arrival (anything else, such
-/// as relay loop cover, is ignored).
-fn read_link(
-    stream: TcpStream,
-    secret: &StaticSecret,
-    arrivals: &Mutex<HashMap<u64, Vec<Instant>>>,
-) {
-    let mut reader = BufReader::with_capacity(64 * FRAME_LEN, stream);
-    let mut buf = vec![0u8; FRAME_LEN];
-    while reader.read_exact(&mut buf).is_ok() {
-        let at = Instant::now();
-        let id = match Frame::decode(&buf) {
-            Ok(Frame::Packet { packet, .. }) => OpenedPacket::open(packet.as_bytes(), secret)
-                .and_then(|o| o.process(Duration::MAX))
-                .ok()
-                .and_then(|out| match out {
-                    HopOutput::Final(d) => {
-                        Some(u64::from_be_bytes(d.surb_id[..8].try_into().ok()?))
-                    }
-                    HopOutput::Forward { .. } => None,
-                }),
-            _ => None,
-        };
-        if let Some(id) = id {
-            arrivals.lock().unwrap().entry(id).or_default().push(at);
-        }
-    }
-}
-
-/// The route [R, T] for the epoch of the consensus in force.
-#[derive(Clone)]
-struct Route {
-    epoch: Epoch,
-    hops: [RouteHop; 2],
-    destination: Address,
-}
-
-/// Builds packets with increasing ids (the final hop reads the id in the SURB-id field).
-struct Packets {
-    rng: ChaCha20Rng,
-    next_id: u64,
-}
-
-impl Packets {
-    fn build(&mut self, route: &Route, delay: Duration) -> (u64, Frame) {
-        let id = self.next_id;
-        self.next_id += 1;
-        let mut surb_id = [0u8; 16];
-        surb_id[..8].copy_from_slice(&id.to_be_bytes());
-        let (packet, envelope) = build_packet_with_envelope(
-            &mut self.rng,
-            &route.hops,
-            &[delay, Duration::ZERO],
-            route.destination,
-            surb_id,
-            b"murmur relay test",
-            &[None, None],
-        )
-        .unwrap();
-        let frame = Frame::Packet {
-            key_epoch: route.epoch,
-            packet,
-            envelope,
-        };
-        (id, frame)
-    }
-}
-
-/// A relay link to R.
-struct Link(TcpStream);
-
-impl Link {
-    fn try_connect(to: SocketAddr) -> Option<Link> {
-        let s = TcpStream::connect_timeout(&to, Duration::from_secs(1)).ok()?;
-        s.set_nodelay(true).ok()?;
-        s.set_write_timeout(Some(Duration::from_secs(5))).ok()?;
-        Some(Link(s))
-    }
-
-    fn connect(to: SocketAddr) -> Link {
-        Link::try_connect(to).expect("R accepts relay links")
-    }
-
-    /// Sends one frame; returns when it was handed to the socket.
-    fn send(&mut self, frame: &Frame) -> Instant {
-        let bytes = frame.encode().unwrap();
-        let at = Instant::now();
-        self.0.write_all(&bytes[..]).unwrap();
-        at
-    }
+    hop::epoch_now(EPOCH_S)
 }
 
 /// The test network: three authorities, R, and T (whose uploads run on `rt`).
@@ -278,18 +88,7 @@ impl Net {
             .enable_all()
             .build()
             .unwrap();
-        // T uploads its descriptor every quarter epoch, as a relay does.
-        let urls: Vec<String> = authorities.iter().map(|a| a.url.clone()).collect();
-        let uploader = hop.clone();
-        rt.spawn(async move {
-            let client = DirectoryClient::new(Duration::from_secs(2)).unwrap();
-            loop {
-                let _ = client
-                    .upload_descriptor(&urls, &uploader.descriptor())
-                    .await;
-                tokio::time::sleep(Duration::from_secs(EPOCH_S / 4)).await;
-            }
-        });
+        hop.keep_uploading(&rt, &authorities, EPOCH_S);
         Net {
             _dir: dir,
             rt,
@@ -314,34 +113,14 @@ impl Net {
     /// Waits for a consensus for the current epoch that lists R and T with Sphinx keys for
     /// it; returns the route [R, T] under that epoch's keys (R holds them until two epochs on).
     fn current_route(&self, within: Duration) -> Route {
-        let set = AuthoritySet::new(
-            self.authorities
-                .iter()
-                .map(|a| IdentityKey::from_hex(&a.identity).unwrap())
-                .collect(),
-        )
-        .unwrap();
-        let urls: Vec<String> = self.authorities.iter().map(|a| a.url.clone()).collect();
-        let r_id = IdentityKey::from_hex(&self.relay.identity).unwrap();
-        let t_id = IdentityKey::of(&self.hop.identity);
         let route = wait_until(within, Duration::from_millis(250), || {
-            self.rt.block_on(async {
-                let client = DirectoryClient::new(Duration::from_secs(2)).ok()?;
-                let mut store = ConsensusStore::new(set.clone(), 1);
-                let now = unix_now();
-                client.refresh(&urls, &mut store, now).await.ok()?;
-                let c = &store.current(now).ok()?.consensus;
-                if c.epoch != epoch_now() {
-                    return None;
-                }
-                let r = c.relay(&r_id)?.route_hop(c.epoch).ok()?;
-                let t = c.relay(&t_id)?.route_hop(c.epoch).ok()?;
-                Some(Route {
-                    epoch: c.epoch,
-                    hops: [r, t],
-                    destination: self.hop.address(),
-                })
-            })
+            hop::current_route(
+                &self.rt,
+                &self.authorities,
+                &self.relay.identity,
+                &self.hop,
+                EPOCH_S,
+            )
         });
         route.unwrap_or_else(|| {
             panic!(
