@@ -306,7 +306,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             distinct_subnets: config.distinct_subnets,
         },
         socks_limits: socks_limits(Some(&config)),
-        refresh_every: Duration::from_secs(30),
+        // How often the held consensus is checked; the directory is asked only once it is no
+        // longer fresh, so this bounds how late the client moves to a new epoch's keys.
+        refresh_every: Duration::from_secs(2),
         payment: match &config.payments {
             Some(p) => Some(p.options(path.parent().unwrap_or(Path::new(".")))?),
             None => None,

@@ -309,7 +309,12 @@ pub async fn run(
         }
         let reporter = tokio::spawn(report_stats(handle.clone(), shutdown.clone()));
         let end = link.await.unwrap_or(LinkEnd::Shutdown);
-        reporter.abort();
+        if matches!(end, LinkEnd::Shutdown) {
+            // Its last report: the session's totals.
+            let _ = reporter.await;
+        } else {
+            reporter.abort();
+        }
         live.handle.stop();
         // The old session's thread ends within its next loop; the next gateway need not wait.
         tracker.spawn_blocking(move || thread.join());
@@ -331,12 +336,13 @@ pub async fn run(
 async fn report_stats(handle: SessionHandle, shutdown: CancellationToken) {
     let mut missing = 0;
     loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(Duration::from_secs(30)) => {}
-        }
+        let last = tokio::select! {
+            _ = shutdown.cancelled() => true,
+            _ = tokio::time::sleep(Duration::from_secs(30)) => false,
+        };
         let s = handle.session_stats();
         tracing::info!(
+            last,
             real = s.real_sent,
             cover = s.cover_sent,
             loops_sent = s.loops_sent,
@@ -346,8 +352,14 @@ async fn report_stats(handle: SessionHandle, shutdown: CancellationToken) {
             replies = s.replies,
             hop_tickets = s.hop_tickets,
             gateway_tickets = s.gateway_tickets,
+            gateway_frames = s.gateway_frames,
+            frames_dropped = handle.stats.frames_dropped.load(Ordering::Relaxed),
+            deliveries_dropped = handle.stats.deliveries_dropped.load(Ordering::Relaxed),
             "session"
         );
+        if last {
+            return;
+        }
         if s.loops_missing > missing {
             tracing::warn!(
                 newly_missing = s.loops_missing - missing,

@@ -125,6 +125,8 @@ pub struct SessionStats {
     /// Tickets put in packets' envelopes, and sent to the gateway in control frames.
     pub hop_tickets: u64,
     pub gateway_tickets: u64,
+    /// Frames the gateway forwarded for or delivered to this session (what it charges for).
+    pub gateway_frames: u64,
 }
 
 /// An exit session: one per (exit, isolation token).
@@ -540,6 +542,7 @@ impl ClientSession {
     /// Records one frame the gateway handles for this session and queues its payment if one
     /// is due.
     fn gateway_frame<R: CryptoRng + ?Sized>(&mut self, now: Instant, rng: &mut R) {
+        self.stats.gateway_frames += 1;
         let Some(p) = &mut self.payment else {
             return;
         };

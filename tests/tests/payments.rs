@@ -392,6 +392,9 @@ fn each_relays_redeemed_value_matches_price_times_packets_carried() {
         "{downloads} downloads of 100 kB in {:?}; client stopped",
         t.elapsed()
     );
+    for line in client.log_text().lines().filter(|l| l.contains("session")) {
+        eprintln!("client: {line}");
+    }
 
     // Every ticket's key epoch retires (one epoch of grace) and every winner is redeemed.
     let rt = runtime();
@@ -442,7 +445,17 @@ fn each_relays_redeemed_value_matches_price_times_packets_carried() {
             diff.abs(),
             4.0 * sigma,
         );
-        if diff.abs() > bound || i.redeemed as f64 != i.redeemed_metric || i.tickets == 0.0 {
+        // Before chance: what the relay's accepted tickets are worth on average must match
+        // its price × carried within the same slack (no σ), so mispricing cannot hide in
+        // the binomial bound.
+        let slack = (PRICE * PACKETS_PER_TICKET) as f64 + 0.02 * expected;
+        let priced = (i.expected_value - expected).abs() <= slack;
+        if diff.abs() > bound
+            || !priced
+            || i.refused > 0.0
+            || i.redeemed as f64 != i.redeemed_metric
+            || i.tickets == 0.0
+        {
             failures.push(i.name);
         }
     }
