@@ -583,71 +583,136 @@ async fn the_redeemer_retries_until_the_ledger_answers() {
     server.await.unwrap().unwrap();
 }
 
-/// The flusher stores a worker's winner before it releases the packets that follow it.
-#[test]
-fn the_pipeline_stores_winners_before_releasing_the_batch() {
-    use crate::pipeline::{Inbound, Pipeline, PipelineConfig};
-    use murmur_protocol::envelope::SlotTicket;
-    use murmur_protocol::packet::{
-        Address, PublicKey, RouteHop, StaticSecret, build_packet_with_envelope,
-    };
-    use std::time::Instant;
+/// A relay's Sphinx pipeline with payments, fed two-hop packets [relay, elsewhere].
+struct PipelineRig {
+    pipeline: Option<crate::pipeline::Pipeline>,
+    submit: Option<crate::pipeline::Submitter>,
+    released: tokio::sync::mpsc::Receiver<crate::pipeline::Processed>,
+    route: [murmur_protocol::packet::RouteHop; 2],
+    epoch: Epoch,
+    rng: ChaCha20Rng,
+}
 
-    let dir = TempDir::new().unwrap();
-    let r = Relay::open(dir.path(), params());
-    let mut rng = ChaCha20Rng::seed_from_u64(5);
-    let next = StaticSecret::random_from_rng(&mut rng);
-    let route = [
-        RouteHop {
-            address: Address(id(&relay_key()).0),
-            sphinx_key: r.keys.get(r.epoch).unwrap().public,
-        },
-        RouteHop {
-            address: Address([9; 32]),
-            sphinx_key: PublicKey::from(&next),
-        },
-    ];
-    let (release, mut released) = tokio::sync::mpsc::channel(16);
-    let pipeline = Pipeline::start(
-        PipelineConfig {
+impl PipelineRig {
+    fn start(r: &Relay) -> PipelineRig {
+        use crate::pipeline::{Pipeline, PipelineConfig};
+        use murmur_protocol::packet::{Address, PublicKey, RouteHop, StaticSecret};
+        let mut rng = ChaCha20Rng::seed_from_u64(5);
+        let next = StaticSecret::random_from_rng(&mut rng);
+        let route = [
+            RouteHop {
+                address: Address(id(&relay_key()).0),
+                sphinx_key: r.keys.get(r.epoch).unwrap().public,
+            },
+            RouteHop {
+                address: Address([9; 32]),
+                sphinx_key: PublicKey::from(&next),
+            },
+        ];
+        let (release, released) = tokio::sync::mpsc::channel(16);
+        let config = PipelineConfig {
             workers: 1,
             input_queue: 16,
             max_hop_delay: Duration::from_secs(1),
-        },
-        r.keys.clone(),
-        Some(r.payments.clone()),
-        release,
-    )
-    .unwrap();
-    let submit = pipeline.submitter();
-    for nonce in 0..3 {
-        // The packet carries a winning ticket for this hop; the worker accepts it.
-        let slot = SlotTicket::from_ticket(&r.winner(&payer(0), nonce)).unwrap();
+        };
+        let pipeline =
+            Pipeline::start(config, r.keys.clone(), Some(r.payments.clone()), release).unwrap();
+        PipelineRig {
+            submit: Some(pipeline.submitter()),
+            pipeline: Some(pipeline),
+            released,
+            route,
+            epoch: r.epoch,
+            rng,
+        }
+    }
+
+    /// Submits a packet whose envelope carries `ticket` for the relay.
+    fn send(&mut self, ticket: Option<murmur_protocol::envelope::SlotTicket>) {
+        use murmur_protocol::packet::{Address, build_packet_with_envelope};
         let (packet, envelope) = build_packet_with_envelope(
-            &mut rng,
-            &route,
+            &mut self.rng,
+            &self.route,
             &[Duration::ZERO; 2],
             Address([9; 32]),
             [0; 16],
             b"x",
-            &[Some(slot), None],
+            &[ticket, None],
         )
         .unwrap();
-        submit.submit(Inbound {
-            key_epoch: r.epoch,
-            packet,
-            envelope,
-            received: Instant::now(),
-        });
-        released.blocking_recv().unwrap();
+        if let Some(submit) = &self.submit {
+            submit.submit(crate::pipeline::Inbound {
+                key_epoch: self.epoch,
+                packet,
+                envelope,
+                received: std::time::Instant::now(),
+            });
+        }
+    }
+
+    /// Stops the workers; then returns how many packets were released in all.
+    fn finish(mut self) -> usize {
+        self.submit = None;
+        if let Some(p) = self.pipeline.take() {
+            p.shutdown();
+        }
+        let mut n = 0;
+        while self.released.try_recv().is_ok() {
+            n += 1;
+        }
+        n
+    }
+}
+
+/// The flusher stores a worker's winner before it releases the packets that follow it.
+#[test]
+fn the_pipeline_stores_winners_before_releasing_the_batch() {
+    use murmur_protocol::envelope::SlotTicket;
+    let dir = TempDir::new().unwrap();
+    let r = Relay::open(dir.path(), params());
+    let mut rig = PipelineRig::start(&r);
+    for nonce in 0..3 {
+        // The packet carries a winning ticket for this hop; the worker accepts it.
+        rig.send(Some(
+            SlotTicket::from_ticket(&r.winner(&payer(0), nonce)).unwrap(),
+        ));
+        rig.released.blocking_recv().unwrap();
         assert_eq!(
             r.payments.pending_winners().unwrap().len(),
             usize::from(nonce) + 1,
             "released before its winner was stored"
         );
     }
-    drop(submit);
-    pipeline.shutdown();
+    rig.finish();
+}
+
+/// Packets without a ticket always go on; a packet whose ticket is refused goes on under
+/// `unpaid = "forward"` and is dropped under `unpaid = "drop"`.
+#[test]
+fn the_unpaid_policy_decides_what_a_refused_ticket_costs_its_packet() {
+    use murmur_protocol::envelope::SlotTicket;
+    for (policy, forged_released) in [(UnpaidPolicy::Forward, 1), (UnpaidPolicy::Drop, 0)] {
+        let dir = TempDir::new().unwrap();
+        let r = Relay::open(
+            dir.path(),
+            PaymentsParams {
+                unpaid: policy,
+                ..params()
+            },
+        );
+        let mut rig = PipelineRig::start(&r);
+        rig.send(None);
+        // Signed by another key than the pot's: forged.
+        let mut forged = SlotTicket::from_ticket(&r.winner(&payer(0), 1)).unwrap();
+        forged.pot = id(&payer(1));
+        rig.send(Some(forged));
+        rig.send(Some(
+            SlotTicket::from_ticket(&r.winner(&payer(0), 2)).unwrap(),
+        ));
+        let released = rig.finish();
+        assert_eq!(released, 2 + forged_released, "{policy:?}");
+        assert_eq!(r.payments.pending_winners().unwrap().len(), 1, "{policy:?}");
+    }
 }
 
 #[tokio::test]
