@@ -142,16 +142,6 @@ fn seeds(target: &str) -> Vec<Vec<u8>> {
             ]
         }
         "control" => {
-            let payer = ed25519_dalek::SigningKey::from_bytes(&[5; 32]);
-            let fields = TicketFields {
-                recipient: IdentityKey([6; 32]),
-                face_value: 1_000,
-                win_ratio: u64::MAX / 2,
-                nonce: [7; 16],
-                issued: 1_000,
-                expiry: 2_000,
-                commitment: commitment_of(&[0; 32]),
-            };
             vec![
                 Control::Hello {
                     address: Address([8; 32]),
@@ -159,7 +149,7 @@ fn seeds(target: &str) -> Vec<Vec<u8>> {
                 .encode(),
                 Control::Welcome { queued: 3 }.encode(),
                 Control::Payment {
-                    ticket: Ticket::sign(fields, &payer),
+                    ticket: seed_ticket(),
                 }
                 .encode(),
                 Control::PaymentRefused { reason: 7 }.encode(),
