@@ -104,11 +104,12 @@ impl SessionHandle {
     }
 }
 
-/// Starts the session thread. Frames to send go to `frames`.
+/// Starts the session thread. Frames to send go to `frames`. The thread returns the session
+/// when it ends, so what it owes relays can pass to the next one.
 pub fn spawn(
     session: ClientSession,
     frames: mpsc::Sender<Frame>,
-) -> std::io::Result<(SessionHandle, std::thread::JoinHandle<()>)> {
+) -> std::io::Result<(SessionHandle, std::thread::JoinHandle<ClientSession>)> {
     let (tx, rx) = crossbeam_channel::bounded(COMMAND_QUEUE);
     let stats = Arc::new(DriverStats::default());
     let session_stats = Arc::new(std::sync::Mutex::new(SessionStats::default()));
@@ -132,7 +133,7 @@ fn run(
     stop: Arc<AtomicBool>,
     stats: Arc<DriverStats>,
     session_stats: Arc<std::sync::Mutex<SessionStats>>,
-) {
+) -> ClientSession {
     // The session's clock starts at zero when the proxy creates it (`Instant::ZERO`).
     let origin = StdInstant::now();
     let now = || Instant::from_elapsed(origin.elapsed());
@@ -181,7 +182,7 @@ fn run(
         let cmd = match rx.recv_timeout(wait) {
             Ok(c) => c,
             Err(RecvTimeoutError::Timeout) => continue,
-            Err(RecvTimeoutError::Disconnected) => return,
+            Err(RecvTimeoutError::Disconnected) => return session,
         };
         // Take everything queued before polling again.
         let mut next = Some(cmd);
@@ -229,4 +230,5 @@ fn run(
             next = rx.try_recv().ok();
         }
     }
+    session
 }

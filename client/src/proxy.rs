@@ -131,6 +131,7 @@ pub async fn run(
     };
     let consensus_now = Arc::new(RwLock::new(consensus));
     let mut dead_gateways: Vec<IdentityKey> = Vec::new();
+    let mut previous_payer: Option<Payer> = None;
     let stats = Arc::new(SocksStats::default());
     let mut ready = Some(ready);
     let current: Arc<RwLock<Option<SessionHandle>>> = Arc::new(RwLock::new(None));
@@ -269,10 +270,13 @@ pub async fn run(
             &mut rng,
         )?;
         if let Some(payment) = &options.payment {
-            // A new payer per session: what the last one owed relays below a ticket's worth
-            // (at most `packets_per_ticket` packets each) is not carried over.
+            // The last session's payer, if there was one: what it still owes relays (below a
+            // ticket's worth each) is paid by this session.
             let (balance, face_cap) = pot_state.load();
-            let mut payer = Payer::new(payment.key.clone(), payment.payer, face_cap)?;
+            let mut payer = match previous_payer.take() {
+                Some(p) => p,
+                None => Payer::new(payment.key.clone(), payment.payer, face_cap)?,
+            };
             payer.set_pot(balance, face_cap);
             session.set_payer(payer, Instant::ZERO, murmur_directory::unix_now());
         }
@@ -316,11 +320,18 @@ pub async fn run(
             reporter.abort();
         }
         live.handle.stop();
-        // The old session's thread ends within its next loop; the next gateway need not wait.
-        tracker.spawn_blocking(move || thread.join());
         match end {
-            LinkEnd::Shutdown => break,
+            LinkEnd::Shutdown => {
+                tracker.spawn_blocking(move || thread.join());
+                break;
+            }
             LinkEnd::GatewayDead => {
+                // The old session's thread ends within its next loop (100 ms at most); its
+                // payer moves to the next session.
+                let old = tokio::task::spawn_blocking(move || thread.join()).await;
+                if let Ok(Ok(mut old)) = old {
+                    previous_payer = old.take_payer();
+                }
                 tracing::warn!(gateway = %live.gateway, "gateway unreachable; moving to another");
                 dead_gateways.push(live.gateway);
             }

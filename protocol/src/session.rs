@@ -339,6 +339,13 @@ impl ClientSession {
         self.payment.as_ref().map(|p| &p.payer)
     }
 
+    /// Ends paying and hands back the payer, with what it still owes each relay, for the
+    /// client's next session. Payments for this session's gateway not yet sent are dropped
+    /// with it (its gateway is being left).
+    pub fn take_payer(&mut self) -> Option<Payer> {
+        self.payment.take().map(|p| p.payer)
+    }
+
     /// Counters so far.
     pub fn stats(&self) -> SessionStats {
         self.stats

@@ -450,3 +450,32 @@ fn every_relay_is_paid_its_price_for_what_it_carried() {
         "every relay carried traffic"
     );
 }
+
+/// A session hands its payer back with what it still owes, for the client's next session.
+#[test]
+fn a_sessions_payer_and_its_debts_pass_to_the_next_session() {
+    let mut net = Net::new(9, 0.0);
+    let mut rng = ChaCha20Rng::seed_from_u64(10);
+    let mut session = session_for(&net, &mut rng);
+    let config = PayerConfig {
+        packets_per_ticket: 1_000_000,
+        ..PayerConfig::default()
+    };
+    let payer = Payer::new(SigningKey::from_bytes(&[4; 32]), config, u64::MAX).unwrap();
+    session.set_payer(payer, Instant::ZERO, 1_800_000_000);
+    let (_, now) = drive(&mut net, &mut session, &mut rng, Instant::ZERO, 200);
+    let payer = session.take_payer().expect("the session paid");
+    assert!(session.payer().is_none());
+    let owed: u64 = payer.accounts().map(|(_, a)| a.owed()).sum();
+    assert!(owed > 0, "nothing owed after 200 ticks with no ticket due");
+
+    let mut next = session_for(&net, &mut rng);
+    next.set_payer(payer, now, 1_800_000_001);
+    let carried_over: u64 = next
+        .payer()
+        .unwrap()
+        .accounts()
+        .map(|(_, a)| a.owed())
+        .sum();
+    assert_eq!(carried_over, owed);
+}
