@@ -8,6 +8,7 @@ use std::path::Path;
 
 use ed25519_dalek::SigningKey;
 use murmur_protocol::directory::IdentityKey;
+use murmur_protocol::link::{LinkPublic, LinkSecret};
 use zeroize::Zeroizing;
 
 use crate::{Error, Result};
@@ -19,12 +20,8 @@ fn key_error(path: &Path, message: impl Into<String>) -> Error {
     }
 }
 
-/// Generates a key and writes it to `path` (mode 0600), refusing to overwrite anything.
-/// Returns the public identity.
-pub fn keygen(path: &Path) -> Result<IdentityKey> {
-    // The thread RNG is a CSPRNG seeded from the operating system.
-    let key = SigningKey::generate(&mut rand::rng());
-    let seed = Zeroizing::new(key.to_bytes());
+/// Writes 32 secret bytes to `path` as hex (mode 0600, synced), refusing to overwrite.
+fn write_secret(path: &Path, secret: &[u8; 32]) -> Result<()> {
     let mut file = OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -34,15 +31,14 @@ pub fn keygen(path: &Path) -> Result<IdentityKey> {
             std::io::ErrorKind::AlreadyExists => Error::KeyExists(path.to_owned()),
             _ => key_error(path, format!("cannot create: {e}")),
         })?;
-    let hex = Zeroizing::new(crate::hex(seed.as_ref()));
+    let hex = Zeroizing::new(crate::hex(secret));
     file.write_all(format!("{}\n", hex.as_str()).as_bytes())
         .and_then(|()| file.sync_all())
-        .map_err(|e| key_error(path, format!("cannot write: {e}")))?;
-    Ok(IdentityKey::of(&key))
+        .map_err(|e| key_error(path, format!("cannot write: {e}")))
 }
 
-/// Reads the key at `path`. Refuses a file that others can read.
-pub fn load(path: &Path) -> Result<SigningKey> {
+/// Reads 32 secret bytes written by [`write_secret`]. Refuses a file that others can read.
+fn read_secret(path: &Path, what: &str) -> Result<Zeroizing<[u8; 32]>> {
     let meta = std::fs::metadata(path).map_err(|e| {
         key_error(
             path,
@@ -58,10 +54,51 @@ pub fn load(path: &Path) -> Result<SigningKey> {
     let text = Zeroizing::new(
         std::fs::read_to_string(path).map_err(|e| key_error(path, format!("cannot read: {e}")))?,
     );
-    // The seed has the shape of an identity's hex; reuse its parser.
-    let seed = IdentityKey::from_hex(text.trim())
-        .map_err(|_| key_error(path, "must hold 64 hex digits (an Ed25519 secret seed)"))?;
-    Ok(SigningKey::from_bytes(&seed.0))
+    // A secret has the shape of an identity's hex; reuse its parser.
+    let bytes = IdentityKey::from_hex(text.trim())
+        .map_err(|_| key_error(path, format!("must hold 64 hex digits ({what})")))?;
+    Ok(Zeroizing::new(bytes.0))
+}
+
+/// Generates a key and writes it to `path` (mode 0600), refusing to overwrite anything.
+/// Returns the public identity.
+pub fn keygen(path: &Path) -> Result<IdentityKey> {
+    // The thread RNG is a CSPRNG seeded from the operating system.
+    let key = SigningKey::generate(&mut rand::rng());
+    write_secret(path, &Zeroizing::new(key.to_bytes()))?;
+    Ok(IdentityKey::of(&key))
+}
+
+/// Reads the key at `path`. Refuses a file that others can read.
+pub fn load(path: &Path) -> Result<SigningKey> {
+    let seed = read_secret(path, "an Ed25519 secret seed")?;
+    Ok(SigningKey::from_bytes(&seed))
+}
+
+/// Generates a static X25519 link key (Noise) and writes it to `path` (mode 0600), refusing
+/// to overwrite anything. Returns the public key to publish.
+pub fn link_keygen(path: &Path) -> Result<LinkPublic> {
+    let key = LinkSecret::generate(&mut rand::rng());
+    write_secret(path, &key.to_bytes())?;
+    Ok(key.public())
+}
+
+/// Reads the link key at `path`. Refuses a file that others can read.
+pub fn load_link(path: &Path) -> Result<LinkSecret> {
+    Ok(LinkSecret::from_bytes(*read_secret(
+        path,
+        "an X25519 link secret",
+    )?))
+}
+
+/// Reads the link key at `path`, or creates it there on first use (a relay upgraded from a
+/// version without link keys gets one on its next start).
+pub fn load_or_create_link(path: &Path) -> Result<LinkSecret> {
+    if !path.exists() {
+        link_keygen(path)?;
+        tracing::info!(path = %path.display(), "created a link key");
+    }
+    load_link(path)
 }
 
 #[cfg(test)]
@@ -80,5 +117,20 @@ mod tests {
         assert!(matches!(keygen(&path), Err(Error::KeyExists(_))));
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
         assert!(load(&path).unwrap_err().to_string().contains("chmod"));
+    }
+
+    #[test]
+    fn link_keys_are_written_private_once_and_created_on_first_use() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("link.key");
+        let created = load_or_create_link(&path).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert_eq!(load_link(&path).unwrap().public(), created.public());
+        assert_eq!(
+            load_or_create_link(&path).unwrap().public(),
+            created.public()
+        );
+        assert!(matches!(link_keygen(&path), Err(Error::KeyExists(_))));
     }
 }

@@ -232,6 +232,21 @@ pub enum Error {
     /// The MAC verified but the slot's padding is not zero.
     #[error("payment envelope slot has non-zero padding")]
     EnvelopePadding,
+
+    // ---- links ----
+    /// A Noise handshake failed (the step that failed; never secret material).
+    #[error("link handshake failed: {0}")]
+    LinkHandshake(&'static str),
+    /// A link message has the wrong length for its place in the protocol.
+    #[error("link {what} has {got} bytes; expected {expected}")]
+    LinkLength {
+        what: &'static str,
+        got: usize,
+        expected: usize,
+    },
+    /// A transport message does not decrypt: altered, replayed, reordered or not this link's.
+    #[error("link message does not decrypt (altered, replayed or reordered)")]
+    LinkDecrypt,
 }
 
 /// Result with the protocol error.
@@ -282,6 +297,9 @@ impl Error {
             Error::EnvelopeLength { .. } => "length",
             Error::EnvelopeMac => "envelope_mac",
             Error::EnvelopeFlag(_) | Error::EnvelopePadding => "envelope_malformed",
+            Error::LinkHandshake(_) => "link_handshake",
+            Error::LinkLength { .. } => "link_length",
+            Error::LinkDecrypt => "link_decrypt",
         }
     }
 }

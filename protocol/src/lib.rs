@@ -1,5 +1,6 @@
 #![doc = include_str!("../README.md")]
 
+pub mod admission;
 pub mod control;
 pub mod cover;
 pub mod delay;
@@ -10,6 +11,7 @@ pub mod fragment;
 pub mod frame;
 #[doc(hidden)]
 pub mod fuzz_entry;
+pub mod link;
 pub mod packet;
 pub mod payer;
 pub mod payload;

@@ -10,10 +10,11 @@ use murmur_protocol::directory::path::{ExitTarget, PathRules, PathSelector, subn
 use murmur_protocol::directory::sign::Freshness;
 use murmur_protocol::directory::synthetic::{SyntheticNetwork, generate};
 use murmur_protocol::directory::{
-    AuthoritySet, Consensus, ConsensusRelay, Descriptor, DocumentKind, EpochKey, ExitPolicy,
-    IdentityKey, NetworkParams, RelayAddresses, Roles, SignedConsensus, SignedDescriptor, decode,
-    encode, sign_document,
+    AuthoritySet, Consensus, ConsensusRelay, DIRECTORY_SCHEMA, Descriptor, DocumentKind, EpochKey,
+    ExitPolicy, IdentityKey, NetworkParams, RelayAddresses, Roles, SignedConsensus,
+    SignedDescriptor, decode, encode, sign_document,
 };
+use murmur_protocol::link::LinkPublic;
 use proptest::prelude::*;
 use rand::SeedableRng;
 use rand_chacha::ChaCha20Rng;
@@ -183,10 +184,10 @@ fn non_canonical_and_trailing_bytes_are_refused() {
         decode::<Consensus>(&bytes),
         Err(Error::Document(_))
     ));
-    // postcard varints: the schema (1) re-encoded with a redundant continuation byte.
+    // postcard varints: the schema (2) re-encoded with a redundant continuation byte.
     let canonical = encode(&f.consensus).unwrap();
-    assert_eq!(canonical[0], 1);
-    let mut overlong = vec![0x81, 0x00];
+    assert_eq!(u16::from(canonical[0]), DIRECTORY_SCHEMA);
+    let mut overlong = vec![0x80 | canonical[0], 0x00];
     overlong.extend_from_slice(&canonical[1..]);
     assert!(decode::<Consensus>(&overlong).is_err());
 }
@@ -196,7 +197,7 @@ fn descriptors_are_signed_by_their_relay() {
     let mut rng = ChaCha20Rng::seed_from_u64(4);
     let key = SigningKey::generate(&mut rng);
     let descriptor = Descriptor {
-        schema: 1,
+        schema: DIRECTORY_SCHEMA,
         identity: IdentityKey::of(&key),
         family: "op-a".into(),
         addresses: RelayAddresses {
@@ -208,6 +209,7 @@ fn descriptors_are_signed_by_their_relay() {
             mix: false,
             exit: false,
         },
+        link_key: LinkPublic([3; 32]),
         sphinx_keys: vec![EpochKey {
             epoch: 5,
             key: [9; 32],
@@ -252,6 +254,7 @@ fn relay(
         },
         roles,
         layer,
+        link_key: LinkPublic([n; 32]),
         sphinx_keys: vec![EpochKey {
             epoch: 7,
             key: [1; 32],
@@ -291,7 +294,7 @@ fn arb_directory() -> impl Strategy<Value = Consensus> {
         ));
         relays.sort_by_key(|r| r.identity);
         Consensus {
-            schema: 1,
+            schema: DIRECTORY_SCHEMA,
             epoch: 7,
             valid_after: 0,
             fresh_until: 10,
@@ -435,7 +438,7 @@ fn exits_are_chosen_by_policy_and_bandwidth_weights_choices() {
     ];
     relays.sort_by_key(|r| r.identity);
     let dir = Consensus {
-        schema: 1,
+        schema: DIRECTORY_SCHEMA,
         epoch: 7,
         valid_after: 0,
         fresh_until: 10,

@@ -298,6 +298,7 @@ fn as_consensus(layers: &BTreeMap<IdentityKey, u8>) -> Consensus {
             addresses: d.addresses,
             roles: d.roles,
             layer: Some(*l),
+            link_key: d.link_key,
             sphinx_keys: d.sphinx_keys.clone(),
             exit_policy: d.exit_policy.clone(),
             price_per_packet: 1,

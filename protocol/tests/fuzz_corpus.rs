@@ -100,7 +100,7 @@ fn seeds(target: &str) -> Vec<Vec<u8>> {
         "descriptor" => {
             let key = &fuzz_entry::authority_keys()[0];
             let descriptor = Descriptor {
-                schema: 1,
+                schema: murmur_protocol::directory::DIRECTORY_SCHEMA,
                 identity: IdentityKey::of(key),
                 family: "seed".into(),
                 addresses: RelayAddresses {
@@ -111,6 +111,7 @@ fn seeds(target: &str) -> Vec<Vec<u8>> {
                     mix: true,
                     ..Roles::default()
                 },
+                link_key: murmur_protocol::link::LinkPublic([4; 32]),
                 sphinx_keys: vec![EpochKey {
                     epoch: 1,
                     key: [5; 32],

@@ -301,6 +301,8 @@ fn consensus(
                 ..Roles::default()
             },
             layer: Some(layer),
+            // Replaced by the Noise links' keys where the bench dials them.
+            link_key: murmur_protocol::link::LinkPublic([layer; 32]),
             sphinx_keys: vec![EpochKey {
                 epoch: EPOCH,
                 key: key.to_bytes(),

@@ -79,7 +79,11 @@ fn run_command(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Keygen { out } => {
             let identity = murmur_directory::keys::keygen(&out)?;
+            // The link key goes beside the identity key, as the default config expects.
+            let link_path = out.with_file_name("link.key");
+            let link = murmur_directory::keys::link_keygen(&link_path)?;
             println!("{identity}");
+            eprintln!("link key {link} written to {}", link_path.display());
             Ok(())
         }
         Command::CheckConfig { config, overrides } => {

@@ -47,6 +47,10 @@ pub struct RelaySection {
     /// Ed25519 identity key file (`murmur-relay keygen` writes it).
     #[serde(default = "default_identity_key")]
     pub identity_key: PathBuf,
+    /// Static X25519 key of the relay's Noise links, published in its descriptor
+    /// (`murmur-relay keygen` writes it beside the identity key; created on first run if absent).
+    #[serde(default = "default_link_key")]
+    pub link_key: PathBuf,
     /// Sphinx keys, replay state and queues live here.
     #[serde(default = "default_state_dir")]
     pub state_dir: PathBuf,
@@ -226,6 +230,9 @@ pub enum UnpaidPolicy {
 
 fn default_identity_key() -> PathBuf {
     PathBuf::from("identity.key")
+}
+fn default_link_key() -> PathBuf {
+    PathBuf::from("link.key")
 }
 fn default_state_dir() -> PathBuf {
     PathBuf::from("state")

@@ -11,6 +11,7 @@ use murmur_protocol::directory::{
     RelayAddresses, Roles, UnixTime,
 };
 use murmur_protocol::frame::Frame;
+use murmur_protocol::link::{LinkPublic, LinkSecret};
 use murmur_protocol::packet::{Address, recover_plaintext};
 use murmur_protocol::payload::Content;
 use murmur_protocol::tab::TabConfig;
@@ -35,6 +36,7 @@ use crate::pipeline::{Pipeline, PipelineConfig, Processed};
 pub struct Node {
     config: Config,
     identity: SigningKey,
+    link_key: Arc<LinkSecret>,
     keys: Arc<KeyRing>,
     payments: Option<Arc<Payments>>,
     links: Arc<Links>,
@@ -69,6 +71,13 @@ impl Node {
                 fp_rate: config.mixing.replay_fp_rate,
             },
         )?);
+        let link_path = config.resolve(&config.relay.link_key);
+        let link_key = Arc::new(
+            murmur_directory::keys::load_or_create_link(&link_path).map_err(|e| Error::Key {
+                path: link_path.clone(),
+                reason: e.to_string(),
+            })?,
+        );
         let tracker = TaskTracker::new();
         let payments = match &config.payments.ledger {
             Some(url) => {
@@ -166,6 +175,7 @@ impl Node {
         let node = Arc::new(Node {
             config,
             identity,
+            link_key,
             keys,
             payments,
             links,
@@ -205,6 +215,11 @@ impl Node {
     /// This relay's identity.
     pub fn identity(&self) -> IdentityKey {
         IdentityKey::of(&self.identity)
+    }
+
+    /// The public half of the relay's link key, as its descriptor publishes it.
+    pub fn link_public(&self) -> LinkPublic {
+        self.link_key.public()
     }
 
     /// The relay-link address actually bound.
@@ -265,6 +280,7 @@ impl Node {
                 mix: self.config.has(Role::Mix),
                 exit: self.config.has(Role::Exit),
             },
+            link_key: self.link_key.public(),
             sphinx_keys,
             exit_policy: self.config.exit_policy()?,
             price_per_packet: self.config.relay.price_per_packet,

@@ -18,6 +18,7 @@ use murmur_protocol::directory::{
 };
 use murmur_protocol::envelope::SlotTicket;
 use murmur_protocol::frame::{FRAME_LEN, Frame};
+use murmur_protocol::link::LinkSecret;
 use murmur_protocol::packet::{
     Address, HopOutput, OpenedPacket, PublicKey, RouteHop, StaticSecret, build_packet_with_envelope,
 };
@@ -35,6 +36,8 @@ pub fn epoch_now(epoch_s: u64) -> Epoch {
 pub struct FakeHop {
     pub identity: SigningKey,
     pub sphinx: StaticSecret,
+    /// T's link key, published in its descriptor.
+    pub link: LinkSecret,
     pub addr: SocketAddr,
     /// Packet id (from the final hop's SURB id field) → arrival times.
     arrivals: Arc<Mutex<HashMap<u64, Vec<Instant>>>>,
@@ -46,6 +49,7 @@ impl FakeHop {
         let hop = FakeHop {
             identity: SigningKey::generate(rng),
             sphinx: StaticSecret::random_from_rng(rng),
+            link: LinkSecret::generate(rng),
             addr: listener.local_addr().unwrap(),
             arrivals: Arc::default(),
         };
@@ -80,6 +84,7 @@ impl FakeHop {
                 mix: true,
                 ..Roles::default()
             },
+            link_key: self.link.public(),
             sphinx_keys: (e..e + 4)
                 .map(|epoch| EpochKey {
                     epoch,

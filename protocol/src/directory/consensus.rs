@@ -148,6 +148,7 @@ pub fn compute_consensus(
             addresses: d.addresses,
             roles: d.roles,
             layer: layers.get(&d.identity).copied(),
+            link_key: d.link_key,
             sphinx_keys: d.sphinx_keys.clone(),
             exit_policy: d.exit_policy.clone(),
             price_per_packet: d.price_per_packet,

@@ -28,6 +28,7 @@ pub use sign::{
 pub use store::{ConsensusStore, Offer};
 pub use vote::{SignedVote, VerifiedVote, Vote};
 
+use crate::link::LinkPublic;
 use crate::{Error, Result};
 
 /// Seconds since the Unix epoch, as the caller's clock tells it.
@@ -37,7 +38,8 @@ pub type UnixTime = u64;
 pub type Epoch = u32;
 
 /// The schema version of every directory document this build writes and reads.
-pub const DIRECTORY_SCHEMA: u16 = 1;
+/// Version 2 added each relay's link key.
+pub const DIRECTORY_SCHEMA: u16 = 2;
 
 /// The most relays a consensus may list (bounds memory when decoding untrusted bytes).
 pub const MAX_RELAYS: usize = 10_000;
@@ -90,6 +92,9 @@ pub struct Descriptor {
     pub family: String,
     pub addresses: RelayAddresses,
     pub roles: Roles,
+    /// The static X25519 key of the relay's Noise links (relay links and, for gateways, the
+    /// client link): dialers refuse a listener that cannot prove it.
+    pub link_key: LinkPublic,
     /// Sphinx keys for the current and next epochs.
     pub sphinx_keys: Vec<EpochKey>,
     pub exit_policy: ExitPolicy,
@@ -184,6 +189,8 @@ pub struct ConsensusRelay {
     pub roles: Roles,
     /// The mix layer (1–3) the authorities assigned, if the relay mixes.
     pub layer: Option<Layer>,
+    /// The relay's link key, from its descriptor.
+    pub link_key: LinkPublic,
     pub sphinx_keys: Vec<EpochKey>,
     pub exit_policy: ExitPolicy,
     pub price_per_packet: u64,

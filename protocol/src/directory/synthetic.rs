@@ -7,6 +7,9 @@ use ed25519_dalek::SigningKey;
 use rand::CryptoRng;
 use x25519_dalek::{PublicKey, StaticSecret};
 
+use sha2::{Digest, Sha256};
+
+use crate::link::LinkSecret;
 use crate::ticket::{commitment_of, reveal_from_secret};
 
 use super::{
@@ -28,6 +31,16 @@ pub struct SyntheticNetwork {
 pub struct SyntheticKeys {
     pub identity: SigningKey,
     pub sphinx: StaticSecret,
+    pub link: LinkSecret,
+}
+
+/// A generated relay's link key, derived from its identity so that adding it left the RNG's
+/// sequence (and so every seeded simulation) as it was.
+fn link_secret_of(identity: &SigningKey) -> LinkSecret {
+    let mut h = Sha256::new();
+    h.update(b"murmur synthetic link key");
+    h.update(identity.to_bytes());
+    LinkSecret::from_bytes(h.finalize().into())
 }
 
 impl SyntheticKeys {
@@ -59,8 +72,10 @@ pub fn generate<R: CryptoRng + ?Sized>(
             0,
             1,
         ));
+        let link = link_secret_of(&identity);
         let relay = ConsensusRelay {
             identity: IdentityKey::of(&identity),
+            link_key: link.public(),
             family: format!("family-{n}"),
             addresses: RelayAddresses {
                 mix: SocketAddr::new(ip, 1789),
@@ -81,7 +96,14 @@ pub fn generate<R: CryptoRng + ?Sized>(
             price_per_packet: 1,
             bandwidth: 1000,
         };
-        relays.push((relay, SyntheticKeys { identity, sphinx }));
+        relays.push((
+            relay,
+            SyntheticKeys {
+                identity,
+                sphinx,
+                link,
+            },
+        ));
     };
     for layer in 1..=3u8 {
         for _ in 0..net.mixes_per_layer {
@@ -153,6 +175,7 @@ pub fn signed_descriptors(
                 family: r.family.clone(),
                 addresses: r.addresses,
                 roles: r.roles,
+                link_key: r.link_key,
                 sphinx_keys: epochs
                     .iter()
                     .map(|&epoch| EpochKey {
