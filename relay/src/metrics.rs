@@ -47,6 +47,12 @@ pub const LEDGER_BALANCE: &str = "murmur_relay_ledger_balance";
 /// Pot lookups at the ledger, by `result`: `known`, `unknown`, `failed`.
 pub const POT_LOOKUPS: &str = "murmur_relay_pot_lookups_total";
 
+/// Connections a listener refused or closed before serving them, by `listener` (`mix`,
+/// `client`) and `reason` (a cap, a handshake timeout, a failed handshake, an unknown key).
+pub const CONNECTIONS_REFUSED: &str = "murmur_relay_connections_refused_total";
+/// Connections that finished their handshake and hold a slot, by `listener`.
+pub const CONNECTIONS_OPEN: &str = "murmur_relay_connections_open";
+
 /// Counts one dropped packet.
 pub fn drop_packet(reason: &'static str) {
     metrics::counter!(PACKETS_DROPPED, "reason" => reason).increment(1);
