@@ -39,6 +39,7 @@ pub const TARGETS: &[&str] = &[
     "ticket",
     "control",
     "envelope_peel",
+    "link",
 ];
 
 /// Runs the target called `name` on `data`.
@@ -56,6 +57,7 @@ pub fn run(name: &str, data: &[u8]) {
         "ticket" => ticket(data),
         "control" => control(data),
         "envelope_peel" => envelope_peel(data),
+        "link" => link(data),
         other => panic!("unknown fuzz target {other}"),
     }
 }
@@ -246,4 +248,111 @@ pub fn envelope_peel(data: &[u8]) {
         assert_eq!(&bytes, loose.next.as_bytes());
         assert_eq!(in_place, strict.map(|p| p.ticket));
     }
+}
+
+/// `[seed][which][position: u16][xor][bytes…]`: a Noise link between two in-memory parties
+/// (handshake, then three frames each way) with the message numbered `which` (0–2 the
+/// handshake, 3–8 the frames) altered at `position` by `xor`. An unaltered run completes and
+/// every frame arrives as sent; an altered message is refused where it arrives, and nothing
+/// after it is accepted. `bytes` are fed raw to both handshake sides and as a sealed frame,
+/// which must fail cleanly.
+pub fn link(data: &[u8]) {
+    use crate::frame::FRAME_LEN;
+    use crate::link::{Dialer, LinkKind, LinkSecret, Listener};
+
+    let [seed, which, hi, lo, xor, raw @ ..] = data else {
+        return;
+    };
+    let (which, position, xor) = (
+        *which % 9,
+        usize::from(u16::from_be_bytes([*hi, *lo])),
+        *xor,
+    );
+    let bend = |index: u8, message: &mut [u8]| {
+        if index == which && xor != 0 && !message.is_empty() {
+            let at = position % message.len();
+            message[at] ^= xor;
+            true
+        } else {
+            false
+        }
+    };
+    let mut rng = rand::rngs::StdRng::from_seed([*seed; 32]);
+    let (dialer_key, listener_key) = (
+        LinkSecret::from_bytes([1; 32]),
+        LinkSecret::from_bytes([2; 32]),
+    );
+
+    // Raw bytes where each kind of message is expected.
+    let _ = Listener::accept(LinkKind::Relay, &listener_key, raw, &mut rng);
+    if let Ok((d, _)) = Dialer::start(
+        LinkKind::Relay,
+        &dialer_key,
+        &listener_key.public(),
+        &mut rng,
+    ) {
+        let _ = d.finish(raw);
+    }
+
+    let (d, mut hello) = Dialer::start(
+        LinkKind::Relay,
+        &dialer_key,
+        &listener_key.public(),
+        &mut rng,
+    )
+    .expect("starts");
+    let bent = bend(0, &mut hello);
+    let Ok((l, mut answer)) = Listener::accept(LinkKind::Relay, &listener_key, &hello, &mut rng)
+    else {
+        assert!(bent, "an unaltered first message is accepted");
+        return;
+    };
+    let bent = bend(1, &mut answer) || bent;
+    let Ok((mut dt, mut last)) = d.finish(&answer) else {
+        assert!(bent, "an unaltered answer is accepted");
+        return;
+    };
+    let bent = bend(2, &mut last) || bent;
+    let Ok(mut lt) = l.finish(&last) else {
+        assert!(bent, "an unaltered last message is accepted");
+        return;
+    };
+    assert!(!bent, "an altered handshake completed");
+    assert_eq!(lt.remote(), dialer_key.public());
+    assert_eq!(dt.remote(), listener_key.public());
+    // Frames alternate: dialer to listener (3, 5, 7), listener to dialer (4, 6, 8). Once a
+    // direction refused a message, nothing later in that direction is accepted.
+    let mut broken = [false; 2];
+    for index in 3..9u8 {
+        let direction = usize::from(index % 2 == 0);
+        let (sender, receiver) = if direction == 0 {
+            (&mut dt, &mut lt)
+        } else {
+            (&mut lt, &mut dt)
+        };
+        let frame = [index; FRAME_LEN];
+        let mut sealed = sender.seal_frame(&frame).expect("seals");
+        let bent = bend(index, &mut sealed[..]);
+        match receiver.open_frame(&sealed[..]) {
+            Ok(opened) => {
+                assert!(
+                    !bent && !broken[direction],
+                    "an altered or later frame was accepted"
+                );
+                assert_eq!(*opened, frame);
+            }
+            Err(_) => {
+                assert!(bent || broken[direction], "an unaltered frame was refused");
+                broken[direction] = true;
+            }
+        }
+    }
+    // Raw bytes as a sealed frame on a fresh link.
+    let (_, mut fresh) =
+        crate::link::handshake_in_memory(LinkKind::Relay, &dialer_key, &listener_key, &mut rng)
+            .expect("handshake");
+    assert!(
+        fresh.open_frame(raw).is_err(),
+        "raw bytes opened as a frame"
+    );
 }

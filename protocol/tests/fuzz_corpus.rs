@@ -157,6 +157,17 @@ fn seeds(target: &str) -> Vec<Vec<u8>> {
                 Control::Cutoff.encode(),
             ]
         }
+        // No alteration; then the first message, the answer, a frame each way.
+        "link" => [
+            [1, 0, 0, 0, 0],
+            [2, 0, 0, 7, 1],
+            [3, 1, 0, 40, 0x80],
+            [4, 3, 1, 0, 2],
+            [5, 4, 0, 9, 4],
+        ]
+        .iter()
+        .map(|h| h.to_vec())
+        .collect(),
         other => panic!("no seeds for {other}"),
     }
 }
