@@ -85,6 +85,9 @@ pub struct ListenSection {
     pub advertise_mix: Option<SocketAddr>,
     /// Client WebSocket (gateways only).
     pub client: SocketAddr,
+    /// The address clients are told to connect to (defaults to `client`): behind a NAT or a
+    /// port forward.
+    pub advertise_client: Option<SocketAddr>,
     /// Prometheus `/metrics` (off unless set); loopback only unless you mean it.
     pub metrics: Option<SocketAddr>,
 }
@@ -249,6 +252,7 @@ impl Default for ListenSection {
         ListenSection {
             mix: SocketAddr::from(([127, 0, 0, 1], 1789)),
             advertise_mix: None,
+            advertise_client: None,
             client: SocketAddr::from(([127, 0, 0, 1], 9000)),
             metrics: None,
         }
@@ -609,7 +613,7 @@ mod example {
             })
             // Options that are off by default show an example value instead.
             .filter(|l| {
-                !l.starts_with("advertise_mix")
+                !l.starts_with("advertise_")
                     && !l.starts_with("metrics")
                     && !l.starts_with("ledger")
             })

@@ -273,7 +273,9 @@ impl Node {
             family: self.config.relay.family.clone(),
             addresses: RelayAddresses {
                 mix: self.config.listen.advertise_mix.unwrap_or(self.mix_addr),
-                client: self.client_addr,
+                client: self
+                    .client_addr
+                    .map(|a| self.config.listen.advertise_client.unwrap_or(a)),
             },
             roles: Roles {
                 gateway: self.config.has(Role::Gateway),
