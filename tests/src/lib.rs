@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 pub mod hop;
+pub mod record;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -343,6 +344,20 @@ pub fn start_relay(
     epoch_s: u64,
     extra: &str,
 ) -> RelayProc {
+    start_relay_listening(dir, name, roles, authorities, epoch_s, "", extra)
+}
+
+/// [`start_relay`] with `listen_extra` added to its `[listen]` section (e.g.
+/// `advertise_mix = "…"`).
+pub fn start_relay_listening(
+    dir: &Path,
+    name: &str,
+    roles: &str,
+    authorities: &[AuthorityInfo],
+    epoch_s: u64,
+    listen_extra: &str,
+    extra: &str,
+) -> RelayProc {
     let bin = binary("murmur-relay");
     let rdir = dir.join(name);
     let identity = keygen(&bin, &rdir.join("identity.key"));
@@ -354,7 +369,7 @@ pub fn start_relay(
     );
     let text = format!(
         "version = 1\n[relay]\nfamily = \"test-{name}\"\nroles = {roles}\n\
-         [listen]\nmix = \"{mix}\"\nclient = \"{client}\"\nmetrics = \"{metrics}\"\n\
+         [listen]\nmix = \"{mix}\"\nclient = \"{client}\"\nmetrics = \"{metrics}\"\n{listen_extra}\n\
          [directory]\nauthorities = [{}]\nepoch_length = \"{epoch_s}s\"\nkey_grace = \"{epoch_s}s\"\nclock_skew = \"1s\"\n\
          {extra}\n",
         authorities_toml(authorities)
