@@ -152,7 +152,12 @@ impl Node {
                 keys: keys.clone(),
                 tab: TabConfig::for_price(config.relay.price_per_packet),
             });
-            let gw = Gateway::new(config.gateway.clone(), links.clone(), billing);
+            let gw = Gateway::new(
+                config.gateway.clone(),
+                link_key.clone(),
+                links.clone(),
+                billing,
+            );
             tracker.spawn(
                 gw.clone()
                     .serve(listener, shutdown.clone(), tracker.clone()),
@@ -232,6 +237,11 @@ impl Node {
         self.client_addr
     }
 
+    /// The gateway role, for gateways.
+    pub fn gateway(&self) -> Option<&Arc<Gateway>> {
+        self.gateway.as_ref()
+    }
+
     /// The Sphinx keys held.
     pub fn keys(&self) -> &Arc<KeyRing> {
         &self.keys
@@ -273,7 +283,7 @@ impl Node {
             family: self.config.relay.family.clone(),
             addresses: RelayAddresses {
                 mix: self.config.listen.advertise_mix.unwrap_or(self.mix_addr),
-                client: self.client_addr,
+                client: self.config.listen.advertise_client.or(self.client_addr),
             },
             roles: Roles {
                 gateway: self.config.has(Role::Gateway),
