@@ -3,6 +3,7 @@
 //! and a Prometheus scraper. Everything stays on 127.0.0.1.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+pub mod client_link;
 pub mod hop;
 
 use std::io::{Read, Write};
@@ -251,6 +252,27 @@ pub fn authorities_toml(authorities: &[AuthorityInfo]) -> String {
         .join(", ")
 }
 
+/// The consensus in force at the authorities now, verified against their keys; `None` if
+/// there is none yet (or they cannot be reached).
+pub async fn fetch_consensus(
+    authorities: &[AuthorityInfo],
+) -> Option<murmur_protocol::directory::Consensus> {
+    use murmur_protocol::directory::{AuthoritySet, ConsensusStore, IdentityKey};
+    let set = AuthoritySet::new(
+        authorities
+            .iter()
+            .map(|a| IdentityKey::from_hex(&a.identity).unwrap())
+            .collect(),
+    )
+    .unwrap();
+    let urls: Vec<String> = authorities.iter().map(|a| a.url.clone()).collect();
+    let client = murmur_directory::client::DirectoryClient::new(Duration::from_secs(2)).ok()?;
+    let mut store = ConsensusStore::new(set, 1);
+    let now = murmur_directory::unix_now();
+    client.refresh(&urls, &mut store, now).await.ok()?;
+    Some(store.current(now).ok()?.consensus.clone())
+}
+
 /// A `murmur-ledger` process.
 pub struct LedgerProc {
     pub proc: Proc,
@@ -343,6 +365,19 @@ pub fn start_relay(
     epoch_s: u64,
     extra: &str,
 ) -> RelayProc {
+    start_relay_listening(dir, name, roles, authorities, epoch_s, "", extra)
+}
+
+/// As [`start_relay`], with `listen` added to the `[listen]` section (`advertise_client`).
+pub fn start_relay_listening(
+    dir: &Path,
+    name: &str,
+    roles: &str,
+    authorities: &[AuthorityInfo],
+    epoch_s: u64,
+    listen: &str,
+    extra: &str,
+) -> RelayProc {
     let bin = binary("murmur-relay");
     let rdir = dir.join(name);
     let identity = keygen(&bin, &rdir.join("identity.key"));
@@ -354,7 +389,7 @@ pub fn start_relay(
     );
     let text = format!(
         "version = 1\n[relay]\nfamily = \"test-{name}\"\nroles = {roles}\n\
-         [listen]\nmix = \"{mix}\"\nclient = \"{client}\"\nmetrics = \"{metrics}\"\n\
+         [listen]\nmix = \"{mix}\"\nclient = \"{client}\"\nmetrics = \"{metrics}\"\n{listen}\
          [directory]\nauthorities = [{}]\nepoch_length = \"{epoch_s}s\"\nkey_grace = \"{epoch_s}s\"\nclock_skew = \"1s\"\n\
          {extra}\n",
         authorities_toml(authorities)
