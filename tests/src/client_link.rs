@@ -123,7 +123,11 @@ pub struct Tap {
 impl Tap {
     /// Binds `listener` (already bound, so its port could be written into the gateway's config)
     /// and serves on `rt`.
-    pub fn start(rt: &tokio::runtime::Runtime, listener: std::net::TcpListener, mode: TapMode) -> Tap {
+    pub fn start(
+        rt: &tokio::runtime::Runtime,
+        listener: std::net::TcpListener,
+        mode: TapMode,
+    ) -> Tap {
         listener.set_nonblocking(true).unwrap();
         let addr = listener.local_addr().unwrap();
         let tap = Tap {

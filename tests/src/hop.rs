@@ -13,8 +13,8 @@ use ed25519_dalek::SigningKey;
 use murmur_directory::client::DirectoryClient;
 use murmur_directory::unix_now;
 use murmur_protocol::directory::{
-    DIRECTORY_SCHEMA, Descriptor, Epoch, EpochKey, ExitPolicy,
-    IdentityKey, RelayAddresses, Roles, SignedDescriptor,
+    DIRECTORY_SCHEMA, Descriptor, Epoch, EpochKey, ExitPolicy, IdentityKey, RelayAddresses, Roles,
+    SignedDescriptor,
 };
 use murmur_protocol::envelope::SlotTicket;
 use murmur_protocol::frame::{FRAME_LEN, Frame};

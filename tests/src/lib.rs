@@ -161,7 +161,13 @@ impl Proc {
 
     /// Resident memory in KiB (Linux `/proc`).
     pub fn rss_kib(&self) -> Option<u64> {
-        let pid = self.pid()?;
+        rss_kib_of(self.pid()?)
+    }
+}
+
+/// Resident memory of process `pid` in KiB (Linux `/proc`), for sampling from another thread.
+pub fn rss_kib_of(pid: u32) -> Option<u64> {
+    {
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
         status
             .lines()

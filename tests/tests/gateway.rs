@@ -33,8 +33,8 @@ use murmur_tests::client_link::{
     ws_messages,
 };
 use murmur_tests::{
-    AuthorityInfo, HttpServer, Proc, RelayProc, curl, fetch_consensus, start_authorities,
-    start_client, start_relay, start_relay_listening, test_bytes, wait_until,
+    AuthorityInfo, HttpServer, Proc, RelayProc, curl, fetch_consensus, rss_kib_of,
+    start_authorities, start_client, start_relay, start_relay_listening, test_bytes, wait_until,
 };
 use rand::SeedableRng;
 use rand_chacha::ChaCha20Rng;
@@ -60,7 +60,8 @@ impl Network {
     /// consensus that carries traffic.
     fn start(dir: &Path, rt: &tokio::runtime::Runtime, listen: &str, gateway: &str) -> Network {
         let (authorities, procs) = start_authorities(dir, 3, EPOCH_S);
-        let loopback = "[mixing]\nworkers = 1\nreplay_capacity = 200000\ndistinct_subnets = false\n";
+        let loopback =
+            "[mixing]\nworkers = 1\nreplay_capacity = 200000\ndistinct_subnets = false\n";
         let gateway = start_relay_listening(
             dir,
             "gateway",
@@ -77,7 +78,14 @@ impl Network {
             })
             .collect();
         let exit = format!("{loopback}[exit]\nallow_private = true\npolicy = \"accept *:*\"\n");
-        relays.push(start_relay(dir, "exit", "[\"exit\"]", &authorities, EPOCH_S, &exit));
+        relays.push(start_relay(
+            dir,
+            "exit",
+            "[\"exit\"]",
+            &authorities,
+            EPOCH_S,
+            &exit,
+        ));
         let gateway_id = IdentityKey::from_hex(&gateway.identity).unwrap();
         let consensus = wait_until(Duration::from_secs(60), Duration::from_millis(250), || {
             let c = rt.block_on(fetch_consensus(&authorities))?;
@@ -204,9 +212,16 @@ fn the_access_link_shows_nothing_and_no_other_key_can_claim_a_session() {
     let gateway_key = net.consensus.relay(&net.gateway_id()).unwrap().link_key;
     let tap = Tap::start(&rt, tap_listener, TapMode::Forward(gateway));
     let file = test_bytes(1_000_000, 5);
-    let server = HttpServer::start(vec![("/file".into(), file.clone()), ("/".into(), b"ok".to_vec())]);
+    let server = HttpServer::start(vec![
+        ("/file".into(), file.clone()),
+        ("/".into(), b"ok".to_vec()),
+    ]);
     let (mut client, socks) = start_client(dir.path(), &net.authorities, "");
-    assert_eq!(tap.recorded().len(), 1, "the client's link runs through the tap");
+    assert_eq!(
+        tap.recorded().len(),
+        1,
+        "the client's link runs through the tap"
+    );
 
     // The victim downloads while the attacks below run.
     let url = server.url("/file");
@@ -224,7 +239,10 @@ fn the_access_link_shows_nothing_and_no_other_key_can_claim_a_session() {
         let mut recorded = tap.recorded().remove(0).from_client;
         recorded.truncate(16 * 1024);
         let back = rt.block_on(replay(gateway, &recorded));
-        eprintln!("replayed {} recorded bytes: {back} bytes came back", recorded.len());
+        eprintln!(
+            "replayed {} recorded bytes: {back} bytes came back",
+            recorded.len()
+        );
         assert!(back < FRAME_LEN, "a replayed session got {back} bytes");
     }
 
@@ -235,7 +253,9 @@ fn the_access_link_shows_nothing_and_no_other_key_can_claim_a_session() {
     let attacker_key = LinkSecret::generate(&mut rand::rng());
     let stop = Arc::new(AtomicBool::new(false));
     let seen = Arc::new(Mutex::new(Loops::default()));
-    let victim = rt.block_on(open_session(gateway, &gateway_key, &victim_key)).unwrap();
+    let victim = rt
+        .block_on(open_session(gateway, &gateway_key, &victim_key))
+        .unwrap();
     let looping = rt.spawn(keep_looping(
         victim,
         net.consensus.clone(),
@@ -283,7 +303,10 @@ fn the_access_link_shows_nothing_and_no_other_key_can_claim_a_session() {
     ] {
         eprintln!("gateway refused {reason}: {}", net.refused(reason));
     }
-    assert!(before > 0 && after > 0, "the victim's loops stopped coming back");
+    assert!(
+        before > 0 && after > 0,
+        "the victim's loops stopped coming back"
+    );
     assert_eq!(seen.ended, None, "the victim's session was ended");
     assert!(net.refused("hello_address_mismatch") >= 5.0);
     assert!(net.refused("noise_handshake_failed") >= 3.0);
@@ -291,7 +314,11 @@ fn the_access_link_shows_nothing_and_no_other_key_can_claim_a_session() {
 
     let ((code, body, err), took) = download.join().unwrap();
     assert_eq!(code, 0, "{err}\n{}", client.log_text());
-    assert_eq!(Sha256::digest(&body), Sha256::digest(&file), "file corrupted");
+    assert_eq!(
+        Sha256::digest(&body),
+        Sha256::digest(&file),
+        "file corrupted"
+    );
     eprintln!("1 MB through the tapped link, under attack: {took:?}");
 
     // What the observer of the access link saw: the handshake's fixed lengths, then sealed
@@ -303,8 +330,18 @@ fn the_access_link_shows_nothing_and_no_other_key_can_claim_a_session() {
     assert_eq!(up[0].len(), DIALER_HELLO_LEN);
     assert_eq!(up[1].len(), DIALER_FINISH_LEN);
     assert_eq!(down[0].len(), LISTENER_HELLO_LEN);
-    assert!(up.len() > 100 && down.len() > 100, "{} up, {} down", up.len(), down.len());
-    assert!(up[2..].iter().chain(&down[1..]).all(|m| m.len() == SEALED_FRAME_LEN));
+    assert!(
+        up.len() > 100 && down.len() > 100,
+        "{} up, {} down",
+        up.len(),
+        down.len()
+    );
+    assert!(
+        up[2..]
+            .iter()
+            .chain(&down[1..])
+            .all(|m| m.len() == SEALED_FRAME_LEN)
+    );
     let layer1: Vec<Address> = net
         .consensus
         .relays
@@ -338,7 +375,11 @@ fn the_access_link_shows_nothing_and_no_other_key_can_claim_a_session() {
     });
     let (completed, failed) = *tap.impersonated.lock().unwrap();
     eprintln!("man in the middle: {failed} handshakes refused, {completed} completed");
-    assert!(refusals.is_some(), "the client did not refuse:\n{}", client.log_text());
+    assert!(
+        refusals.is_some(),
+        "the client did not refuse:\n{}",
+        client.log_text()
+    );
     assert_eq!(completed, 0);
     assert!(failed >= 2);
     tap.set_mode(TapMode::Forward(gateway));
@@ -347,7 +388,11 @@ fn the_access_link_shows_nothing_and_no_other_key_can_claim_a_session() {
         let (code, body, _) = curl(socks, &server.url("/"), 10);
         (code == 0 && body == b"ok").then_some(())
     });
-    assert!(served.is_some(), "no service after the impostor left:\n{}", client.log_text());
+    assert!(
+        served.is_some(),
+        "no service after the impostor left:\n{}",
+        client.log_text()
+    );
     eprintln!("served again {:?} after the impostor left", t.elapsed());
     assert!(client.terminate(Duration::from_secs(15)));
 }
@@ -369,3 +414,207 @@ async fn send_plaintext_hello(gateway: SocketAddr, address: Address) {
         "the plaintext hello was answered"
     );
 }
+
+/// Connections the flood holds at once, from 127.0.0.2–9.
+const FLOOD: usize = 2000;
+const FLOOD_SOURCES: usize = 8;
+/// The gateway's handshake deadline in this test.
+const DEADLINE: Duration = Duration::from_secs(2);
+
+/// What one flood connection sends before falling silent: nothing, half an HTTP request, or a
+/// whole WebSocket upgrade (then no handshake).
+fn opening(kind: usize) -> &'static [u8] {
+    match kind % 3 {
+        0 => b"",
+        1 => b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n",
+        _ => {
+            b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+              Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+        }
+    }
+}
+
+/// One flood connection, reopened each time the gateway closes it, until `stop`; returns how
+/// long the socket it held when the flood stopped lived before the gateway closed it (`None`
+/// if it held none: a reconnect still waiting in the listener's backlog then).
+async fn hold(
+    from: IpAddr,
+    to: SocketAddr,
+    kind: usize,
+    opened: Arc<AtomicUsize>,
+    stop: Arc<AtomicBool>,
+) -> Option<Duration> {
+    let mut first = true;
+    loop {
+        // A burst of reconnects can overflow the listen backlog (SYNs retried after 1 s, 3 s).
+        let connect = tokio::time::timeout(Duration::from_millis(500), connect_from(from, to));
+        let Ok(Ok(mut s)) = connect.await else {
+            if stop.load(Ordering::Relaxed) {
+                return None;
+            }
+            continue;
+        };
+        let t = Instant::now();
+        let _ = s.write_all(opening(kind)).await;
+        if first {
+            opened.fetch_add(1, Ordering::Relaxed);
+            first = false;
+        }
+        let held_at_stop = stop.load(Ordering::Relaxed);
+        let mut buf = [0u8; 1024];
+        // Anything the gateway says (the upgrade's answer) is read; EOF or a reset is the close.
+        while let Ok(n) = s.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+        }
+        if stop.load(Ordering::Relaxed) {
+            return (!held_at_stop).then(|| t.elapsed());
+        }
+    }
+}
+
+/// Waits for every flood task until `within` passes; the held times of those that ended.
+async fn join_all(
+    flood: Vec<tokio::task::JoinHandle<Option<Duration>>>,
+    within: Duration,
+) -> Vec<Option<Duration>> {
+    let deadline = tokio::time::Instant::now() + within;
+    let mut out = Vec::new();
+    for h in flood {
+        let abort = h.abort_handle();
+        match tokio::time::timeout_at(deadline, h).await {
+            Ok(r) => out.push(r.ok().flatten()),
+            Err(_) => {
+                abort.abort();
+                out.push(None);
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn two_thousand_idle_sockets_keep_no_fresh_client_out() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let rt = runtime();
+    // The handshake pool takes the whole flood, so this measures what 2,000 held sockets cost
+    // and that the deadline frees them (the caps' refusals are tested in the relay's unit tests).
+    let mut net = Network::start(
+        dir.path(),
+        &rt,
+        "",
+        &format!(
+            "[gateway]\nhandshake_timeout = \"{}s\"\nmax_handshakes = 4096\n\
+             max_handshakes_per_address = 256\n",
+            DEADLINE.as_secs()
+        ),
+    );
+    let gateway = net.gateway.client.unwrap();
+    let server = HttpServer::start(vec![("/".into(), b"fresh".to_vec())]);
+    let at_rest = net.gateway.proc.rss_kib().unwrap();
+
+    let opened = Arc::new(AtomicUsize::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let flood: Vec<_> = (0..FLOOD)
+        .map(|i| {
+            let from = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2 + (i % FLOOD_SOURCES) as u8));
+            rt.spawn(hold(
+                from,
+                gateway,
+                i / FLOOD_SOURCES,
+                opened.clone(),
+                stop.clone(),
+            ))
+        })
+        .collect();
+    let t = Instant::now();
+    let all = wait_until(Duration::from_secs(10), Duration::from_millis(50), || {
+        (opened.load(Ordering::Relaxed) == FLOOD).then_some(())
+    });
+    assert!(
+        all.is_some(),
+        "only {} flood sockets opened",
+        opened.load(Ordering::Relaxed)
+    );
+    eprintln!("{FLOOD} idle sockets open after {:?}", t.elapsed());
+
+    // The gateway's memory, sampled while the flood lasts.
+    let peak = Arc::new(AtomicUsize::new(0));
+    let sampler = {
+        let (peak, stop, pid) = (peak.clone(), stop.clone(), net.gateway.proc.pid().unwrap());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                if let Some(kib) = rss_kib_of(pid) {
+                    peak.fetch_max(kib as usize, Ordering::Relaxed);
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        })
+    };
+
+    // A fresh client, started while the flood is held, gets through.
+    let t = Instant::now();
+    let (mut client, socks) = start_client(dir.path(), &net.authorities, "");
+    let ready = t.elapsed();
+    let (code, body, err) = curl(socks, &server.url("/"), 20);
+    let traffic = t.elapsed();
+    assert_eq!(code, 0, "{err}\n{}", client.log_text());
+    assert_eq!(body, b"fresh");
+    eprintln!("fresh client under the flood: ready after {ready:?}, its page after {traffic:?}");
+    assert!(
+        traffic < Duration::from_secs(5),
+        "a fresh client took {traffic:?} to get a page through"
+    );
+
+    // Let each socket live its last deadline, then stop reopening: every one sees the gateway
+    // close it at the deadline.
+    std::thread::sleep(DEADLINE);
+    stop.store(true, Ordering::Relaxed);
+    sampler.join().unwrap();
+    let ended = rt.block_on(join_all(flood, DEADLINE * 3));
+    let held: Vec<Duration> = ended.iter().flatten().copied().collect();
+    eprintln!(
+        "{} of {FLOOD} flood sockets closed by the gateway",
+        held.len()
+    );
+    assert!(held.len() >= FLOOD * 95 / 100, "only {} closed", held.len());
+    let (shortest, longest) = (
+        held.iter().min().copied().unwrap(),
+        held.iter().max().copied().unwrap(),
+    );
+    eprintln!("last flood sockets held {shortest:?}..{longest:?} before the gateway closed them");
+    assert!(
+        shortest >= DEADLINE - Duration::from_millis(100),
+        "closed early: {shortest:?}"
+    );
+    assert!(longest < DEADLINE * 2, "closed late: {longest:?}");
+    let timeouts = net.refused("handshake_timeout");
+    let peak = peak.load(Ordering::Relaxed) as u64;
+    eprintln!(
+        "gateway RSS: {} MiB at rest, {} MiB at the flood's peak; {timeouts} handshakes timed out",
+        at_rest / 1024,
+        peak / 1024
+    );
+    assert!(
+        timeouts >= FLOOD as f64,
+        "{timeouts} handshake timeouts counted"
+    );
+    // A held handshake costs the gateway a task, tungstenite's 8 KiB of upgrade buffers and,
+    // once upgraded, a WebSocket whose buffers hold a few frames (`client_link::ws_config`):
+    // measured about 18 KiB each (13 MiB at rest, 48 MiB under this flood), so 32 KiB each
+    // bounds it with room, and a gateway at its default 512 handshakes stays within 16 MiB more.
+    assert!(
+        peak < at_rest + FLOOD as u64 * RSS_PER_HANDSHAKE_KIB,
+        "gateway RSS {peak} KiB under the flood (at rest {at_rest} KiB)"
+    );
+    assert!(client.terminate(Duration::from_secs(15)));
+    assert!(
+        net.gateway.proc.is_running(),
+        "the gateway died under the flood"
+    );
+}
+
+/// The most resident memory the test allows per held handshake, in KiB (see its use).
+const RSS_PER_HANDSHAKE_KIB: u64 = 32;
