@@ -199,27 +199,10 @@ async fn relay(
     let Ok(gateway) = TcpStream::connect(to).await else {
         return;
     };
-    let (mut cr, mut cw) = client.into_split();
-    let (mut gr, mut gw) = gateway.into_split();
-    let (r1, r2) = (record.clone(), record);
-    let up = async move {
-        let mut buf = vec![0u8; 16 * 1024];
-        while let Ok(n) = cr.read(&mut buf).await {
-            if n == 0 || gw.write_all(&buf[..n]).await.is_err() {
-                break;
-            }
-            r1.lock().unwrap().from_client.extend_from_slice(&buf[..n]);
-        }
-    };
-    let down = async move {
-        let mut buf = vec![0u8; 16 * 1024];
-        while let Ok(n) = gr.read(&mut buf).await {
-            if n == 0 || cw.write_all(&buf[..n]).await.is_err() {
-                break;
-            }
-            r2.lock().unwrap().from_gateway.extend_from_slice(&buf[..n]);
-        }
-    };
+    let (cr, cw) = client.into_split();
+    let (gr, gw) = gateway.into_split();
+    let up = copy(cr, gw, record.clone(), |r| &mut r.from_client);
+    let down = copy(gr, cw, record, |r| &mut r.from_gateway);
     let cut_off = async move {
         while cut.load(Ordering::Relaxed) == generation {
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -229,6 +212,22 @@ async fn relay(
         _ = up => {}
         _ = down => {}
         _ = cut_off => {}
+    }
+}
+
+/// Copies `from` to `to` until either side closes, recording what passed in `side` of `record`.
+async fn copy(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    record: Arc<Mutex<Recorded>>,
+    side: fn(&mut Recorded) -> &mut Vec<u8>,
+) {
+    let mut buf = vec![0u8; 16 * 1024];
+    while let Ok(n) = from.read(&mut buf).await {
+        if n == 0 || to.write_all(&buf[..n]).await.is_err() {
+            break;
+        }
+        side(&mut record.lock().unwrap()).extend_from_slice(&buf[..n]);
     }
 }
 

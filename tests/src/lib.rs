@@ -31,6 +31,15 @@ pub fn binary(name: &str) -> PathBuf {
     bin
 }
 
+/// A tokio runtime with `workers` threads, for the async parts of a test.
+pub fn runtime(workers: usize) -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
 /// Distinct free ports on 127.0.0.1 (held together so they differ, then released).
 pub fn free_ports(n: usize) -> Vec<u16> {
     let listeners: Vec<TcpListener> = (0..n)

@@ -33,7 +33,7 @@ use murmur_tests::client_link::{
     ws_messages,
 };
 use murmur_tests::{
-    AuthorityInfo, HttpServer, Proc, RelayProc, curl, fetch_consensus, rss_kib_of,
+    AuthorityInfo, HttpServer, Proc, RelayProc, curl, fetch_consensus, rss_kib_of, runtime,
     start_authorities, start_client, start_relay, start_relay_listening, test_bytes, wait_until,
 };
 use rand::SeedableRng;
@@ -115,14 +115,6 @@ impl Network {
     }
 }
 
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle)
 }
@@ -199,7 +191,7 @@ async fn keep_looping(
 fn the_access_link_shows_nothing_and_no_other_key_can_claim_a_session() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().unwrap();
-    let rt = runtime();
+    let rt = runtime(2);
     let tap_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let tap_addr = tap_listener.local_addr().unwrap();
     let net = Network::start(
@@ -498,7 +490,7 @@ async fn join_all(
 fn two_thousand_idle_sockets_keep_no_fresh_client_out() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().unwrap();
-    let rt = runtime();
+    let rt = runtime(2);
     // The handshake pool takes the whole flood, so this measures what 2,000 held sockets cost
     // and that the deadline frees them (the caps' refusals are tested in the relay's unit tests).
     let mut net = Network::start(
