@@ -64,6 +64,10 @@ pub enum Cmd {
 #[derive(Default)]
 pub struct DriverStats {
     pub frames_dropped: AtomicU64,
+    /// Attempts to reach the gateway that failed (any reason, the next two included).
+    pub gateway_connect_failures: AtomicU64,
+    /// Of those: the gateway did not prove the link key the consensus lists for it.
+    pub gateway_key_refused: AtomicU64,
     pub deliveries_dropped: AtomicU64,
 }
 

@@ -1,17 +1,18 @@
-//! The client's WebSocket to its gateway: sends the session's frames, hands deliveries back,
+//! The client's link to its gateway (a WebSocket carrying Noise, see
+//! [`murmur_relay::client_link`]): sends the session's frames, hands deliveries back,
 //! reconnects with backoff. After repeated failures it gives up so the client can move to
 //! another gateway.
 
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use futures_util::{SinkExt, StreamExt};
 use murmur_protocol::control::Control;
-use murmur_protocol::frame::{FRAME_LEN, Frame};
-use murmur_protocol::packet::Address;
+use murmur_protocol::frame::Frame;
+use murmur_protocol::link::{LinkPublic, LinkSecret};
+use murmur_relay::client_link::{ClientLink, LinkFailure};
+use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
-use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_util::sync::CancellationToken;
 
 use crate::driver::{Cmd, SessionHandle};
@@ -19,7 +20,7 @@ use crate::driver::{Cmd, SessionHandle};
 /// Consecutive failed connection attempts before the gateway is declared dead.
 pub const MAX_FAILURES: u32 = 6;
 
-/// The longest any one step with the gateway (connect, hello, welcome, a frame's send) may
+/// The longest any one step with the gateway (connect, handshake, hello, welcome, a frame's send) may
 /// take. A gateway that stops reading (hung, not dead) would otherwise stall the link forever:
 /// a send into a full TCP buffer never returns.
 const STEP_TIMEOUT: Duration = Duration::from_secs(5);
@@ -31,10 +32,16 @@ pub enum LinkEnd {
     GatewayDead,
 }
 
-/// Keeps the WebSocket to `gateway` up until shutdown; `connected` says whether it is up.
+/// Keeps the link to `gateway` up until shutdown; `connected` says whether it is up.
+///
+/// `gateway_key` is the gateway's link key from the consensus: a gateway that cannot prove it
+/// is refused (a man in the middle, or a stale consensus) and counted as a failed connect.
+/// `key` is this session's own link key: its hash is the session's address, and every
+/// reconnect proves it again, so only this client can resume the session.
 pub async fn run(
     gateway: SocketAddr,
-    address: Address,
+    gateway_key: LinkPublic,
+    key: LinkSecret,
     mut frames: mpsc::Receiver<Frame>,
     session: SessionHandle,
     connected: watch::Sender<bool>,
@@ -42,20 +49,15 @@ pub async fn run(
 ) -> LinkEnd {
     let mut failures = 0u32;
     let mut backoff = Duration::from_millis(100);
+    let target = Gateway {
+        addr: gateway,
+        key: gateway_key,
+    };
     loop {
         if shutdown.is_cancelled() {
             return LinkEnd::Shutdown;
         }
-        match session_once(
-            gateway,
-            address,
-            &mut frames,
-            &session,
-            &connected,
-            &shutdown,
-        )
-        .await
-        {
+        match session_once(&target, &key, &mut frames, &session, &connected, &shutdown).await {
             Ok(()) => return LinkEnd::Shutdown,
             Err(Progress::Connected(reason)) => {
                 tracing::info!(reason, "gateway link dropped; reconnecting");
@@ -64,7 +66,23 @@ pub async fn run(
             }
             Err(Progress::NotConnected(reason)) => {
                 failures += 1;
-                tracing::info!(reason, failures, "cannot reach the gateway");
+                session
+                    .stats
+                    .gateway_connect_failures
+                    .fetch_add(1, Ordering::Relaxed);
+                if reason == KEY_NOT_PROVEN {
+                    session
+                        .stats
+                        .gateway_key_refused
+                        .fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(
+                        failures,
+                        "the gateway did not prove the link key the consensus lists for it \
+                         (a man in the middle, or a stale consensus): refused"
+                    );
+                } else {
+                    tracing::info!(reason, failures, "cannot reach the gateway");
+                }
                 if failures >= MAX_FAILURES {
                     return LinkEnd::GatewayDead;
                 }
@@ -79,83 +97,76 @@ pub async fn run(
     }
 }
 
+/// The failure reason of a gateway that did not prove its key.
+const KEY_NOT_PROVEN: &str = "gateway key not proven";
+
+/// Where the gateway is and the key it must prove.
+struct Gateway {
+    addr: SocketAddr,
+    key: LinkPublic,
+}
+
 enum Progress {
     /// The session had been up (the failure count starts again).
     Connected(&'static str),
     NotConnected(&'static str),
 }
 
+/// Connects, runs the handshake, says hello and waits for the welcome: an open session.
+async fn open(gateway: &Gateway, key: &LinkSecret) -> Result<ClientLink, &'static str> {
+    let stream = tokio::time::timeout(STEP_TIMEOUT, TcpStream::connect(gateway.addr))
+        .await
+        .map_err(|_| "connect timed out")?
+        .map_err(|_| "connect failed")?;
+    tokio::time::timeout(STEP_TIMEOUT, ClientLink::open(stream, &gateway.key, key))
+        .await
+        .map_err(|_| "handshake timed out")?
+        .map_err(|e| match e {
+            LinkFailure::GatewayKey => KEY_NOT_PROVEN,
+            _ => "handshake or hello failed",
+        })
+}
+
 async fn session_once(
-    gateway: SocketAddr,
-    address: Address,
+    gateway: &Gateway,
+    key: &LinkSecret,
     frames: &mut mpsc::Receiver<Frame>,
     session: &SessionHandle,
     connected: &watch::Sender<bool>,
     shutdown: &CancellationToken,
 ) -> Result<(), Progress> {
-    let config = WebSocketConfig::default()
-        .max_message_size(Some(FRAME_LEN))
-        .max_frame_size(Some(FRAME_LEN));
-    let url = format!("ws://{gateway}/");
-    let connect = tokio_tungstenite::connect_async_with_config(url, Some(config), true);
-    let (mut ws, _) = tokio::time::timeout(STEP_TIMEOUT, connect)
-        .await
-        .map_err(|_| Progress::NotConnected("connect timed out"))?
-        .map_err(|_| Progress::NotConnected("connect failed"))?;
-    let hello = Frame::Control(Control::Hello { address }.encode())
-        .encode()
-        .map_err(|_| Progress::NotConnected("hello encode"))?;
-    tokio::time::timeout(
-        STEP_TIMEOUT,
-        ws.send(Message::Binary(hello.to_vec().into())),
-    )
-    .await
-    .map_err(|_| Progress::NotConnected("hello send timed out"))?
-    .map_err(|_| Progress::NotConnected("hello send failed"))?;
-    // The gateway answers hello with Welcome before anything else.
-    match tokio::time::timeout(STEP_TIMEOUT, ws.next()).await {
-        Ok(Some(Ok(Message::Binary(b)))) => match Frame::decode(&b) {
-            Ok(Frame::Control(c)) if matches!(Control::decode(&c), Ok(Control::Welcome { .. })) => {
-            }
-            _ => return Err(Progress::NotConnected("no welcome")),
-        },
-        _ => return Err(Progress::NotConnected("no welcome")),
-    }
+    let mut link = open(gateway, key).await.map_err(Progress::NotConnected)?;
     let _ = connected.send(true);
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => {
-                let _ = tokio::time::timeout(STEP_TIMEOUT, ws.close(None)).await;
+                let _ = tokio::time::timeout(STEP_TIMEOUT, link.close()).await;
                 return Ok(());
             }
             frame = frames.recv() => {
                 let Some(frame) = frame else { return Ok(()) };
-                let bytes = frame.encode().map_err(|_| Progress::Connected("frame encode"))?;
-                tokio::time::timeout(STEP_TIMEOUT, ws.send(Message::Binary(bytes.to_vec().into())))
+                tokio::time::timeout(STEP_TIMEOUT, link.send(&frame))
                     .await
                     .map_err(|_| Progress::Connected("send timed out"))?
                     .map_err(|_| Progress::Connected("send failed"))?;
             }
-            msg = ws.next() => match msg {
-                Some(Ok(Message::Binary(b))) => match Frame::decode(&b) {
-                    Ok(Frame::Deliver { surb_id, payload }) => {
-                        session.send(Cmd::Delivery { surb_id, payload });
-                    }
-                    Ok(Frame::Control(c)) => match Control::decode(&c) {
-                        Ok(Control::PaymentRefused { reason }) => tracing::warn!(
-                            reason = murmur_protocol::control::refusal::label(reason),
-                            "the gateway refused a payment"
-                        ),
-                        Ok(Control::Cutoff) => tracing::warn!(
-                            "the gateway cut this client off for falling behind in payment"
-                        ),
-                        _ => tracing::debug!("unexpected control message from the gateway"),
-                    },
-                    _ => tracing::debug!("unexpected frame from the gateway"),
+            msg = link.recv() => match msg {
+                Ok(Frame::Deliver { surb_id, payload }) => {
+                    session.send(Cmd::Delivery { surb_id, payload });
+                }
+                Ok(Frame::Control(c)) => match Control::decode(&c) {
+                    Ok(Control::PaymentRefused { reason }) => tracing::warn!(
+                        reason = murmur_protocol::control::refusal::label(reason),
+                        "the gateway refused a payment"
+                    ),
+                    Ok(Control::Cutoff) => tracing::warn!(
+                        "the gateway cut this client off for falling behind in payment"
+                    ),
+                    _ => tracing::debug!("unexpected control message from the gateway"),
                 },
-                Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
-                Some(Ok(_)) | None => return Err(Progress::Connected("gateway closed")),
-                Some(Err(_)) => return Err(Progress::Connected("websocket error")),
+                Ok(_) => tracing::debug!("unexpected frame from the gateway"),
+                Err(LinkFailure::Closed) => return Err(Progress::Connected("gateway closed")),
+                Err(e) => return Err(Progress::Connected(e.label())),
             },
         }
     }

@@ -11,11 +11,10 @@ use murmur_directory::client::DirectoryClient;
 use murmur_ledger::client::LedgerClient;
 use murmur_protocol::directory::path::{PathRules, PathSelector};
 use murmur_protocol::directory::{AuthoritySet, Consensus, ConsensusStore, IdentityKey, Offer};
-use murmur_protocol::packet::Address;
+use murmur_protocol::link::{LinkSecret, session_address};
 use murmur_protocol::payer::{Payer, PayerConfig};
 use murmur_protocol::session::{ClientSession, SessionConfig};
 use murmur_protocol::time::Instant;
-use rand::RngExt;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
@@ -259,7 +258,10 @@ pub async fn run(
             continue;
         };
         tracing::info!(gateway = %gateway.identity, "using gateway");
-        let address = Address(rng.random());
+        // A fresh link key per session: no long-term client identity, so a session at another
+        // gateway cannot be linked to this one. The session's address is bound to the key.
+        let link_key = LinkSecret::generate(&mut rng);
+        let address = session_address(&link_key.public());
         let mut config = SessionConfig::new(address);
         config.path_rules = options.path_rules;
         let mut session = ClientSession::new(
@@ -292,7 +294,8 @@ pub async fn run(
         let (connected_tx, mut connected_rx) = watch::channel(false);
         let link = tokio::spawn(gateway::run(
             gateway_addr,
-            address,
+            gateway.link_key,
+            link_key,
             frames_rx,
             handle.clone(),
             connected_tx,
@@ -365,6 +368,11 @@ async fn report_stats(handle: SessionHandle, shutdown: CancellationToken) {
             gateway_tickets = s.gateway_tickets,
             gateway_frames = s.gateway_frames,
             frames_dropped = handle.stats.frames_dropped.load(Ordering::Relaxed),
+            gateway_connect_failures = handle
+                .stats
+                .gateway_connect_failures
+                .load(Ordering::Relaxed),
+            gateway_key_refused = handle.stats.gateway_key_refused.load(Ordering::Relaxed),
             deliveries_dropped = handle.stats.deliveries_dropped.load(Ordering::Relaxed),
             "session"
         );

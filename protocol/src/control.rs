@@ -1,9 +1,10 @@
 //! Control messages between a client and its gateway, carried in [`crate::frame::Frame::Control`].
 //!
-//! `Hello` opens a session: the client names the 32-byte address its SURBs deliver to. The
-//! address is random per client and known only to the client and its gateway (it travels
-//! inside Sphinx headers, readable only by the gateway at the final hop), so it works as a
-//! bearer token for the session.
+//! `Hello` opens a session: the client names the 32-byte address its SURBs deliver to. Control
+//! messages travel inside the client's Noise link to its gateway, and the address is
+//! [`crate::link::session_address`] of the client's link key: the gateway refuses a hello whose
+//! address the key it just saw proven does not own, so an address is no bearer token and
+//! knowing one gives nothing.
 //!
 //! The gateway is paid in-band: the client sends `Payment` tickets (the gateway knows who the
 //! client is anyway, so the ticket travels whole, not compacted); the gateway keeps a

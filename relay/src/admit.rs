@@ -114,6 +114,13 @@ impl Gate {
         }
     }
 
+    /// Gives back the established slot of a connection that ended, and updates the gauge.
+    pub fn closed(&self, established: Slot) {
+        drop(established);
+        metrics::gauge!(m::CONNECTIONS_OPEN, "listener" => self.listener)
+            .set(self.established.in_use() as f64);
+    }
+
     /// Established connections now.
     pub fn established(&self) -> usize {
         self.established.in_use()

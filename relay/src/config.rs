@@ -85,8 +85,9 @@ pub struct ListenSection {
     pub advertise_mix: Option<SocketAddr>,
     /// Client WebSocket (gateways only).
     pub client: SocketAddr,
-    /// The address clients are told to connect to (defaults to `client`): behind a NAT or a
-    /// port forward.
+    /// The address clients are told to connect to (defaults to `client`), e.g. behind NAT or
+    /// a TCP proxy: the link is end to end between client and gateway, so nothing on the way
+    /// can read or alter it.
     pub advertise_client: Option<SocketAddr>,
     /// Prometheus `/metrics` (off unless set); loopback only unless you mean it.
     pub metrics: Option<SocketAddr>,
@@ -148,8 +149,22 @@ pub struct MixingSection {
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct GatewaySection {
-    /// Client sessions at once.
+    /// Client sessions at once (connections that finished their handshake).
     pub max_clients: usize,
+    /// Client sessions at once from one IP address.
+    pub max_clients_per_address: usize,
+    /// Connections still in their handshake (WebSocket upgrade, Noise, hello) at once; a
+    /// connection takes a client slot only once its handshake is done.
+    pub max_handshakes: usize,
+    /// Connections in their handshake at once from one IP address.
+    pub max_handshakes_per_address: usize,
+    /// How long a connection has, from accept, to finish its handshake.
+    #[serde(with = "humantime_serde")]
+    pub handshake_timeout: Duration,
+    /// A session that sends nothing for this long is closed (clients send at λ_P, so a live
+    /// client is never this quiet).
+    #[serde(with = "humantime_serde")]
+    pub client_idle_timeout: Duration,
     /// Deliveries kept for a briefly disconnected client.
     pub inbox_packets: usize,
     /// How long a disconnected client's inbox is kept.
@@ -290,6 +305,11 @@ impl Default for GatewaySection {
     fn default() -> Self {
         GatewaySection {
             max_clients: 1024,
+            max_clients_per_address: 64,
+            max_handshakes: 512,
+            max_handshakes_per_address: 16,
+            handshake_timeout: Duration::from_secs(5),
+            client_idle_timeout: Duration::from_secs(60),
             inbox_packets: 2000,
             inbox_ttl: Duration::from_secs(60),
             client_queue: 4096,
@@ -404,6 +424,21 @@ impl Config {
         }
         if m.replay_capacity == 0 || !(m.replay_fp_rate > 0.0 && m.replay_fp_rate < 0.5) {
             return Err("mixing.replay_capacity must be > 0 and replay_fp_rate in (0, 0.5)".into());
+        }
+        let g = &self.gateway;
+        if g.max_clients == 0
+            || g.max_clients_per_address == 0
+            || g.max_handshakes == 0
+            || g.max_handshakes_per_address == 0
+            || g.inbox_packets == 0
+            || g.client_queue == 0
+        {
+            return Err("gateway bounds must be positive".into());
+        }
+        if g.handshake_timeout.is_zero() || g.client_idle_timeout.is_zero() {
+            return Err(
+                "gateway.handshake_timeout and client_idle_timeout must be positive".into(),
+            );
         }
         if self.has(Role::Exit) {
             self.exit_policy()
@@ -552,6 +587,18 @@ mod tests {
             (
                 &format!("{MINIMAL}[payments]\nredeem_interval_s = 5\n"),
                 "unknown field",
+            ),
+            (
+                &format!("{MINIMAL}[gateway]\nmax_handshakes_per_address = 0\n"),
+                "gateway bounds",
+            ),
+            (
+                &format!("{MINIMAL}[gateway]\nhandshake_timeout = \"0s\"\n"),
+                "handshake_timeout",
+            ),
+            (
+                &format!("{MINIMAL}[gateway]\nclient_idle_timeout = \"0s\"\n"),
+                "client_idle_timeout",
             ),
         ] {
             let err = Config::parse(text, PathBuf::new()).unwrap_err();

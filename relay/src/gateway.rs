@@ -1,10 +1,16 @@
-//! The gateway role: client sessions over WebSocket.
+//! The gateway role: client sessions over authenticated, encrypted links.
 //!
-//! A client opens a WebSocket, sends `Hello { address }` in a control frame, then sends
-//! `Forward` frames that the gateway passes to layer-1 mixes unchanged (it cannot read them).
-//! Packets whose final hop is this gateway and whose destination is a client's address are
-//! delivered down that client's WebSocket as `Deliver` frames; while the client is away they
-//! wait in a bounded inbox for a while, so a brief disconnection loses nothing.
+//! A client opens a WebSocket and runs a Noise XK handshake inside it
+//! ([`crate::client_link`]): it proves a static key of its own (fresh per session) and the
+//! gateway proves the link key the consensus lists for it. The session's address is
+//! [`session_address`] of the client's key, so only that key's owner can open the session,
+//! receive its inbox or replace it; a second link with the same key (a reconnect) replaces
+//! the live session, a link with another key never touches it. The client's first sealed
+//! frame is `Hello { address }`, which must name that address. Then it sends `Forward` frames
+//! that the gateway passes to layer-1 mixes unchanged (it cannot read the packets). Packets
+//! whose final hop is this gateway and whose destination is a client's address are delivered
+//! down that client's link as `Deliver` frames; while the client is away they wait in a
+//! bounded inbox for a while, so a brief disconnection loses nothing.
 //!
 //! A gateway that takes payments ([`Billing`]) keeps a [`Tab`] per session: each `Forward`
 //! frame from the client and each `Deliver` frame to it costs the gateway's price, each
@@ -18,27 +24,25 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures_util::{SinkExt, StreamExt};
+use murmur_protocol::admission::Limits;
 use murmur_protocol::control::{Control, refusal};
-use murmur_protocol::frame::{FRAME_LEN, Frame};
+use murmur_protocol::frame::Frame;
+use murmur_protocol::link::{LinkSecret, session_address};
 use murmur_protocol::packet::{Address, FinalDelivery};
 use murmur_protocol::tab::{Tab, TabConfig, Verdict};
 use murmur_protocol::ticket::Ticket;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, mpsc};
-use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::admit::{Gate, GateLimits};
+use crate::client_link::{ClientLink, LinkFailure};
 use crate::config::GatewaySection;
 use crate::keys::KeyRing;
 use crate::links::Links;
 use crate::metrics::{self as m, drop_packet};
 use crate::payments::{PaymentRefusal, Payments};
-
-/// How long a client has to say hello.
-const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
 struct Session {
     generation: u64,
@@ -114,6 +118,9 @@ enum ClientFrame {
 /// Client sessions and inboxes.
 pub struct Gateway {
     config: GatewaySection,
+    /// The relay's link key: clients find its public half in the consensus.
+    link_key: Arc<LinkSecret>,
+    gate: Gate,
     links: Arc<Links>,
     billing: Option<Billing>,
     sessions: Mutex<HashMap<Address, Session>>,
@@ -124,11 +131,15 @@ pub struct Gateway {
 impl Gateway {
     pub fn new(
         config: GatewaySection,
+        link_key: Arc<LinkSecret>,
         links: Arc<Links>,
         billing: Option<Billing>,
     ) -> Arc<Gateway> {
+        let gate = Gate::new("client", gate_limits(&config));
         Arc::new(Gateway {
             config,
+            link_key,
+            gate,
             links,
             billing,
             sessions: Mutex::new(HashMap::new()),
@@ -204,14 +215,19 @@ impl Gateway {
         }
     }
 
-    /// Accepts client WebSockets until shutdown.
+    /// Accepts client links until shutdown.
+    ///
+    /// A connection takes a handshake slot at accept (refused and closed if its address or the
+    /// listener has too many handshakes going), then has `handshake_timeout` to finish the
+    /// WebSocket upgrade, the Noise handshake and its hello; only then does it take a client
+    /// slot. Idle and half-open sockets therefore never hold more than the handshake pool, for
+    /// longer than the deadline, and never the slots of clients that proved their keys.
     pub async fn serve(
         self: Arc<Self>,
         listener: TcpListener,
         shutdown: CancellationToken,
         tracker: TaskTracker,
     ) {
-        let slots = Arc::new(Semaphore::new(self.config.max_clients));
         let sweeper = {
             let gw = self.clone();
             let shutdown = shutdown.clone();
@@ -227,7 +243,7 @@ impl Gateway {
         };
         tracker.spawn(sweeper);
         loop {
-            let (stream, _peer): (TcpStream, SocketAddr) = tokio::select! {
+            let (stream, peer): (TcpStream, SocketAddr) = tokio::select! {
                 _ = shutdown.cancelled() => return,
                 r = listener.accept() => match r {
                     Ok(s) => s,
@@ -238,46 +254,58 @@ impl Gateway {
                     }
                 },
             };
-            let Ok(permit) = slots.clone().try_acquire_owned() else {
-                drop_packet("client_limit");
+            // Refused: dropping the stream closes it.
+            let Some(pending) = self.gate.admit(peer) else {
                 continue;
             };
             let gw = self.clone();
             let shutdown = shutdown.clone();
             tracker.spawn(async move {
-                let _permit = permit;
-                if let Err(reason) = gw.session(stream, shutdown).await {
+                let handshake = gw.gate.handshake(peer, pending, gw.handshake(stream));
+                let (link, address, established) = tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    r = handshake => match r {
+                        Some(((link, address), slot)) => (link, address, slot),
+                        None => return,
+                    },
+                };
+                if let Err(reason) = gw.clone().session(link, address, shutdown).await {
                     tracing::debug!(reason, "client session ended");
                 }
+                gw.gate.closed(established);
             });
         }
     }
 
+    /// WebSocket upgrade, Noise handshake and hello: the link and the session address, which is
+    /// derived from the client's proven key. A hello naming any other address is refused, so an
+    /// inbox is only ever handed to the key that owns it. The error is the refusal's reason.
+    async fn handshake(&self, stream: TcpStream) -> Result<(ClientLink, Address), &'static str> {
+        let mut link = ClientLink::accept(stream, &self.link_key)
+            .await
+            .map_err(LinkFailure::label)?;
+        let address = session_address(&link.remote());
+        match link.recv().await {
+            Ok(Frame::Control(c)) => match Control::decode(&c) {
+                Ok(Control::Hello { address: claimed }) if claimed == address => {
+                    Ok((link, address))
+                }
+                Ok(Control::Hello { .. }) => Err("hello_address_mismatch"),
+                _ => Err("hello_missing"),
+            },
+            Ok(_) => Err("hello_missing"),
+            Err(e) => Err(e.label()),
+        }
+    }
+
+    /// Serves one client whose key owns `address` until it leaves, falls silent for
+    /// `client_idle_timeout`, is cut off, or another link with the same key replaces it.
     async fn session(
         self: Arc<Self>,
-        stream: TcpStream,
+        mut link: ClientLink,
+        address: Address,
         shutdown: CancellationToken,
     ) -> Result<(), &'static str> {
-        let _ = stream.set_nodelay(true);
-        let config = WebSocketConfig::default()
-            .max_message_size(Some(FRAME_LEN))
-            .max_frame_size(Some(FRAME_LEN));
-        let mut ws = tokio_tungstenite::accept_async_with_config(stream, Some(config))
-            .await
-            .map_err(|_| "websocket handshake failed")?;
-        let hello = tokio::time::timeout(HELLO_TIMEOUT, ws.next())
-            .await
-            .map_err(|_| "no hello")?;
-        let address = match hello {
-            Some(Ok(Message::Binary(bytes))) => match Frame::decode(&bytes) {
-                Ok(Frame::Control(c)) => match Control::decode(&c) {
-                    Ok(Control::Hello { address }) => address,
-                    _ => return Err("first control message was not hello"),
-                },
-                _ => return Err("first frame was not a control frame"),
-            },
-            _ => return Err("no hello"),
-        };
         let (tx, mut rx) = mpsc::channel::<Frame>(self.config.client_queue);
         let generation = self.next_generation.fetch_add(1, Ordering::Relaxed);
         // Queue what waited in the inbox, then make the session visible to deliveries.
@@ -294,7 +322,7 @@ impl Gateway {
             }
             .encode(),
         );
-        send_frame(&mut ws, &welcome).await?;
+        send_frame(&mut link, &welcome).await?;
         // A client's tab lasts as long as its session: a client that reconnects starts with
         // the initial credit again (bounded by `max_clients` sessions at once).
         let mut tab = match &self.billing {
@@ -302,57 +330,67 @@ impl Gateway {
             None => None,
         };
         for frame in waiting {
-            send_frame(&mut ws, &frame).await?;
+            send_frame(&mut link, &frame).await?;
             if charge(&mut tab, 1) == Verdict::Cutoff {
-                return cut_off(&mut ws).await;
+                return cut_off(&mut link).await;
             }
         }
+        // A reconnect with the same key replaces the old session: dropping its sender ends it.
         if let Ok(mut sessions) = self.sessions.lock() {
             sessions.insert(address, Session { generation, tx });
             metrics::gauge!(m::CLIENT_SESSIONS).set(sessions.len() as f64);
         }
+        let idle = self.config.client_idle_timeout;
+        let quiet = tokio::time::sleep(idle);
+        tokio::pin!(quiet);
         let result = loop {
             tokio::select! {
                 _ = shutdown.cancelled() => break Ok(()),
+                () = &mut quiet => {
+                    crate::admit::refuse("client", "idle_timeout");
+                    break Err("client idle");
+                }
                 out = rx.recv() => match out {
                     Some(frame) => {
-                        if let Err(e) = send_frame(&mut ws, &frame).await {
+                        if let Err(e) = send_frame(&mut link, &frame).await {
                             break Err(e);
                         }
                         if charge(&mut tab, 1) == Verdict::Cutoff {
-                            break cut_off(&mut ws).await;
+                            break cut_off(&mut link).await;
                         }
                     }
                     None => break Ok(()),
                 },
-                msg = ws.next() => match msg {
-                    Some(Ok(Message::Binary(bytes))) => match self.on_client_frame(&bytes) {
-                        ClientFrame::Done => {}
-                        ClientFrame::Forwarded => {
-                            if charge(&mut tab, 1) == Verdict::Cutoff {
-                                break cut_off(&mut ws).await;
+                msg = link.recv() => {
+                    quiet.as_mut().reset(tokio::time::Instant::now() + idle);
+                    match msg {
+                        Ok(frame) => match self.on_client_frame(frame) {
+                            ClientFrame::Done => {}
+                            ClientFrame::Forwarded => {
+                                if charge(&mut tab, 1) == Verdict::Cutoff {
+                                    break cut_off(&mut link).await;
+                                }
                             }
-                        }
-                        ClientFrame::Paid(value) => {
-                            if let Some(tab) = &mut tab {
-                                tab.credit(value);
+                            ClientFrame::Paid(value) => {
+                                if let Some(tab) = &mut tab {
+                                    tab.credit(value);
+                                }
                             }
-                        }
-                        ClientFrame::Refused(reason) => {
-                            let answer = Frame::Control(Control::PaymentRefused { reason }.encode());
-                            if let Err(e) = send_frame(&mut ws, &answer).await {
-                                break Err(e);
+                            ClientFrame::Refused(reason) => {
+                                let answer =
+                                    Frame::Control(Control::PaymentRefused { reason }.encode());
+                                if let Err(e) = send_frame(&mut link, &answer).await {
+                                    break Err(e);
+                                }
                             }
+                        },
+                        Err(LinkFailure::Closed) => break Ok(()),
+                        Err(e) => {
+                            drop_packet(e.label());
+                            break Err("client link failed");
                         }
-                    },
-                    Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
-                    Some(Ok(Message::Close(_))) | None => break Ok(()),
-                    Some(Ok(_)) => {
-                        drop_packet("client_text_message");
-                        break Err("client sent a non-binary message");
                     }
-                    Some(Err(_)) => break Err("websocket error"),
-                },
+                }
             }
         };
         // Frames still queued for the client go back to its inbox.
@@ -369,18 +407,18 @@ impl Gateway {
             }
             metrics::gauge!(m::CLIENT_SESSIONS).set(sessions.len() as f64);
         }
-        let _ = ws.close(None).await;
+        link.close().await;
         result
     }
 
-    fn on_client_frame(&self, bytes: &[u8]) -> ClientFrame {
-        match Frame::decode(bytes) {
-            Ok(Frame::Forward {
+    fn on_client_frame(&self, frame: Frame) -> ClientFrame {
+        match frame {
+            Frame::Forward {
                 next_hop,
                 key_epoch,
                 packet,
                 envelope,
-            }) => {
+            } => {
                 metrics::counter!(m::PACKETS_IN, "from" => "client").increment(1);
                 let allowed = self
                     .links
@@ -404,7 +442,7 @@ impl Gateway {
                 );
                 ClientFrame::Forwarded
             }
-            Ok(Frame::Control(bytes)) => match (Control::decode(&bytes), &self.billing) {
+            Frame::Control(bytes) => match (Control::decode(&bytes), &self.billing) {
                 (Ok(Control::Payment { ticket }), Some(billing)) => match billing.accept(&ticket) {
                     Ok(value) => ClientFrame::Paid(value),
                     Err(code) => ClientFrame::Refused(code),
@@ -420,15 +458,26 @@ impl Gateway {
                     ClientFrame::Done
                 }
             },
-            Ok(_) => {
+            _ => {
                 drop_packet("unexpected_frame");
                 ClientFrame::Done
             }
-            Err(e) => {
-                drop_packet(e.label());
-                ClientFrame::Done
-            }
         }
+    }
+}
+
+/// The client listener's limits, from the configuration.
+fn gate_limits(config: &GatewaySection) -> GateLimits {
+    GateLimits {
+        handshake: Limits {
+            total: config.max_handshakes,
+            per_address: config.max_handshakes_per_address,
+        },
+        established: Limits {
+            total: config.max_clients,
+            per_address: config.max_clients_per_address,
+        },
+        handshake_timeout: config.handshake_timeout,
     }
 }
 
@@ -441,21 +490,180 @@ fn charge(tab: &mut Option<Tab>, frames: u64) -> Verdict {
 }
 
 /// Tells a client in arrears it is cut off, and ends its session.
-async fn cut_off<S>(ws: &mut S) -> Result<(), &'static str>
-where
-    S: futures_util::Sink<Message> + Unpin,
-{
+async fn cut_off(link: &mut ClientLink) -> Result<(), &'static str> {
     metrics::counter!(m::CLIENTS_CUT_OFF).increment(1);
-    let _ = send_frame(ws, &Frame::Control(Control::Cutoff.encode())).await;
+    let _ = send_frame(link, &Frame::Control(Control::Cutoff.encode())).await;
     Err("client in arrears: cut off")
 }
 
-async fn send_frame<S>(ws: &mut S, frame: &Frame) -> Result<(), &'static str>
-where
-    S: futures_util::Sink<Message> + Unpin,
-{
-    let bytes = frame.encode().map_err(|_| "frame encode")?;
-    ws.send(Message::Binary(bytes.to_vec().into()))
-        .await
-        .map_err(|_| "websocket send failed")
+async fn send_frame(link: &mut ClientLink, frame: &Frame) -> Result<(), &'static str> {
+    link.send(frame).await.map_err(LinkFailure::label)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+
+    use murmur_protocol::PAYLOAD_SIZE;
+    use murmur_protocol::link::{LinkPublic, LinkSecret};
+    use tokio::io::AsyncReadExt;
+
+    use super::*;
+    use crate::client_link::{ClientLink, LinkFailure};
+
+    /// A gateway relay on loopback (no directory, no payments) with `gateway` config lines.
+    async fn gateway(extra: &str) -> (Arc<crate::Node>, CancellationToken, tempfile::TempDir) {
+        let dir = tempfile::TempDir::new().unwrap();
+        let text = format!(
+            "version = 1\n[relay]\nfamily = \"op\"\nroles = [\"gateway\"]\nstate_dir = \"{}\"\n\
+             [listen]\nmix = \"127.0.0.1:0\"\nclient = \"127.0.0.1:0\"\n[gateway]\n{extra}\n",
+            dir.path().join("state").display()
+        );
+        let config = crate::Config::parse(&text, dir.path().to_path_buf()).unwrap();
+        let stop = CancellationToken::new();
+        let identity = ed25519_dalek::SigningKey::from_bytes(&[3; 32]);
+        let node = crate::Node::start(config, identity, stop.clone())
+            .await
+            .unwrap();
+        (node, stop, dir)
+    }
+
+    async fn open(node: &crate::Node, key: &LinkSecret) -> Result<ClientLink, LinkFailure> {
+        let stream = TcpStream::connect(node.client_addr().unwrap())
+            .await
+            .unwrap();
+        ClientLink::open(stream, &node.link_public(), key).await
+    }
+
+    /// Dials with `key` and says hello for `claimed`; what the gateway answers.
+    async fn claim(
+        addr: SocketAddr,
+        gateway: &LinkPublic,
+        key: &LinkSecret,
+        claimed: Address,
+    ) -> Result<Frame, LinkFailure> {
+        let stream = TcpStream::connect(addr).await.unwrap();
+        let mut link = ClientLink::dial(stream, gateway, key).await?;
+        link.send(&Frame::Control(
+            Control::Hello { address: claimed }.encode(),
+        ))
+        .await?;
+        link.recv().await
+    }
+
+    fn delivery(to: Address, id: u8) -> FinalDelivery {
+        FinalDelivery {
+            destination: to,
+            surb_id: [id; 16],
+            payload: Box::new([id; PAYLOAD_SIZE]),
+        }
+    }
+
+    /// The next Deliver frame's SURB id (other frames skipped), within a second.
+    async fn next_delivery(link: &mut ClientLink) -> Result<u8, LinkFailure> {
+        let wait = async {
+            loop {
+                if let Frame::Deliver { surb_id, .. } = link.recv().await? {
+                    return Ok(surb_id[0]);
+                }
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(1), wait)
+            .await
+            .unwrap_or(Err(LinkFailure::Closed))
+    }
+
+    /// A session's address is its key's: another key claiming it is refused and gets nothing,
+    /// the victim keeps its deliveries, its inbox and its session; the same key reconnecting
+    /// replaces the session.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_session_belongs_to_the_key_that_owns_its_address() {
+        let (node, stop, _dir) = gateway("").await;
+        let gw = node.gateway().unwrap().clone();
+        let (addr, gateway_key) = (node.client_addr().unwrap(), node.link_public());
+        let victim = LinkSecret::generate(&mut rand::rng());
+        let victim_address = session_address(&victim.public());
+
+        // Waiting in the inbox before the victim comes.
+        gw.deliver(delivery(victim_address, 1));
+        let mut link = open(&node, &victim).await.unwrap();
+        assert_eq!(next_delivery(&mut link).await, Ok(1));
+
+        // Another key naming the victim's address: closed without a welcome or a delivery.
+        let attacker = LinkSecret::generate(&mut rand::rng());
+        gw.deliver(delivery(victim_address, 2));
+        for _ in 0..3 {
+            let r = claim(addr, &gateway_key, &attacker, victim_address).await;
+            assert_eq!(r, Err(LinkFailure::Closed), "the claim was answered");
+        }
+        gw.deliver(delivery(victim_address, 3));
+        assert_eq!(next_delivery(&mut link).await, Ok(2));
+        assert_eq!(next_delivery(&mut link).await, Ok(3));
+
+        // With its own key the attacker gets its own session, never the victim's deliveries.
+        let mut own = open(&node, &attacker).await.unwrap();
+        gw.deliver(delivery(victim_address, 4));
+        assert_eq!(next_delivery(&mut link).await, Ok(4));
+        assert!(
+            next_delivery(&mut own).await.is_err(),
+            "the attacker got a delivery"
+        );
+
+        // The victim reconnecting with its key takes its session over; the old link ends.
+        let mut again = open(&node, &victim).await.unwrap();
+        gw.deliver(delivery(victim_address, 5));
+        assert_eq!(next_delivery(&mut again).await, Ok(5));
+        assert_eq!(next_delivery(&mut link).await, Err(LinkFailure::Closed));
+        stop.cancel();
+        node.join().await;
+    }
+
+    /// Idle sockets are closed at the handshake deadline, silent sessions at the idle timeout,
+    /// and one address holds at most `max_clients_per_address` sessions.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn handshakes_and_sessions_are_bounded() {
+        let (node, stop, _dir) = gateway(
+            "handshake_timeout = \"300ms\"\nclient_idle_timeout = \"600ms\"\n\
+             max_clients_per_address = 2\n",
+        )
+        .await;
+        let addr = node.client_addr().unwrap();
+        // A socket that never speaks: closed at the deadline.
+        let t = tokio::time::Instant::now();
+        let mut idle = TcpStream::connect(addr).await.unwrap();
+        let mut buf = [0u8; 16];
+        let n = tokio::time::timeout(Duration::from_secs(2), idle.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap_or(0);
+        assert_eq!(n, 0);
+        assert!(
+            t.elapsed() >= Duration::from_millis(250),
+            "{:?}",
+            t.elapsed()
+        );
+
+        // Two sessions from 127.0.0.1, and a third refused after its handshake.
+        let keys: Vec<LinkSecret> = (0..3)
+            .map(|_| LinkSecret::generate(&mut rand::rng()))
+            .collect();
+        let mut a = open(&node, &keys[0]).await.unwrap();
+        let _b = open(&node, &keys[1]).await.unwrap();
+        assert!(
+            open(&node, &keys[2]).await.is_err(),
+            "a third session from one address"
+        );
+
+        // A session that sends nothing is closed at the idle timeout.
+        let t = tokio::time::Instant::now();
+        let end = tokio::time::timeout(Duration::from_secs(3), a.recv()).await;
+        assert_eq!(end.unwrap(), Err(LinkFailure::Closed));
+        assert!(
+            t.elapsed() >= Duration::from_millis(400),
+            "{:?}",
+            t.elapsed()
+        );
+        stop.cancel();
+        node.join().await;
+    }
 }

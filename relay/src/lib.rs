@@ -2,6 +2,7 @@
 
 pub mod admit;
 pub mod cli;
+pub mod client_link;
 pub mod config;
 pub mod error;
 pub mod exit;

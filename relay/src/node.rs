@@ -152,7 +152,12 @@ impl Node {
                 keys: keys.clone(),
                 tab: TabConfig::for_price(config.relay.price_per_packet),
             });
-            let gw = Gateway::new(config.gateway.clone(), links.clone(), billing);
+            let gw = Gateway::new(
+                config.gateway.clone(),
+                link_key.clone(),
+                links.clone(),
+                billing,
+            );
             tracker.spawn(
                 gw.clone()
                     .serve(listener, shutdown.clone(), tracker.clone()),
@@ -230,6 +235,11 @@ impl Node {
     /// The client WebSocket address actually bound, for gateways.
     pub fn client_addr(&self) -> Option<SocketAddr> {
         self.client_addr
+    }
+
+    /// The gateway role, for gateways.
+    pub fn gateway(&self) -> Option<&Arc<Gateway>> {
+        self.gateway.as_ref()
     }
 
     /// The Sphinx keys held.

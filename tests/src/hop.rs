@@ -13,8 +13,8 @@ use ed25519_dalek::SigningKey;
 use murmur_directory::client::DirectoryClient;
 use murmur_directory::unix_now;
 use murmur_protocol::directory::{
-    AuthoritySet, ConsensusStore, DIRECTORY_SCHEMA, Descriptor, Epoch, EpochKey, ExitPolicy,
-    IdentityKey, RelayAddresses, Roles, SignedDescriptor,
+    DIRECTORY_SCHEMA, Descriptor, Epoch, EpochKey, ExitPolicy, IdentityKey, RelayAddresses, Roles,
+    SignedDescriptor,
 };
 use murmur_protocol::envelope::SlotTicket;
 use murmur_protocol::frame::{FRAME_LEN, Frame};
@@ -192,22 +192,10 @@ pub fn current_route(
     hop: &FakeHop,
     epoch_s: u64,
 ) -> Option<Route> {
-    let set = AuthoritySet::new(
-        authorities
-            .iter()
-            .map(|a| IdentityKey::from_hex(&a.identity).unwrap())
-            .collect(),
-    )
-    .unwrap();
-    let urls: Vec<String> = authorities.iter().map(|a| a.url.clone()).collect();
     let r_id = IdentityKey::from_hex(relay).unwrap();
     let t_id = IdentityKey::of(&hop.identity);
     rt.block_on(async {
-        let client = DirectoryClient::new(Duration::from_secs(2)).ok()?;
-        let mut store = ConsensusStore::new(set, 1);
-        let now = unix_now();
-        client.refresh(&urls, &mut store, now).await.ok()?;
-        let c = &store.current(now).ok()?.consensus;
+        let c = crate::fetch_consensus(authorities).await?;
         if c.epoch != epoch_now(epoch_s) {
             return None;
         }

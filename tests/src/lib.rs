@@ -3,6 +3,7 @@
 //! and a Prometheus scraper. Everything stays on 127.0.0.1.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+pub mod client_link;
 pub mod hop;
 pub mod record;
 
@@ -29,6 +30,15 @@ pub fn binary(name: &str) -> PathBuf {
         bin.display()
     );
     bin
+}
+
+/// A tokio runtime with `workers` threads, for the async parts of a test.
+pub fn runtime(workers: usize) -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .enable_all()
+        .build()
+        .unwrap()
 }
 
 /// Distinct free ports on 127.0.0.1 (held together so they differ, then released).
@@ -161,7 +171,13 @@ impl Proc {
 
     /// Resident memory in KiB (Linux `/proc`).
     pub fn rss_kib(&self) -> Option<u64> {
-        let pid = self.pid()?;
+        rss_kib_of(self.pid()?)
+    }
+}
+
+/// Resident memory of process `pid` in KiB (Linux `/proc`), for sampling from another thread.
+pub fn rss_kib_of(pid: u32) -> Option<u64> {
+    {
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
         status
             .lines()
@@ -250,6 +266,27 @@ pub fn authorities_toml(authorities: &[AuthorityInfo]) -> String {
         .map(|a| format!("{{ identity = \"{}\", url = \"{}\" }}", a.identity, a.url))
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+/// The consensus in force at the authorities now, verified against their keys; `None` if
+/// there is none yet (or they cannot be reached).
+pub async fn fetch_consensus(
+    authorities: &[AuthorityInfo],
+) -> Option<murmur_protocol::directory::Consensus> {
+    use murmur_protocol::directory::{AuthoritySet, ConsensusStore, IdentityKey};
+    let set = AuthoritySet::new(
+        authorities
+            .iter()
+            .map(|a| IdentityKey::from_hex(&a.identity).unwrap())
+            .collect(),
+    )
+    .unwrap();
+    let urls: Vec<String> = authorities.iter().map(|a| a.url.clone()).collect();
+    let client = murmur_directory::client::DirectoryClient::new(Duration::from_secs(2)).ok()?;
+    let mut store = ConsensusStore::new(set, 1);
+    let now = murmur_directory::unix_now();
+    client.refresh(&urls, &mut store, now).await.ok()?;
+    Some(store.current(now).ok()?.consensus.clone())
 }
 
 /// A `murmur-ledger` process.
@@ -347,15 +384,14 @@ pub fn start_relay(
     start_relay_listening(dir, name, roles, authorities, epoch_s, "", extra)
 }
 
-/// [`start_relay`] with `listen_extra` added to its `[listen]` section (e.g.
-/// `advertise_mix = "…"`).
+/// As [`start_relay`], with `listen` added to the `[listen]` section (`advertise_client`).
 pub fn start_relay_listening(
     dir: &Path,
     name: &str,
     roles: &str,
     authorities: &[AuthorityInfo],
     epoch_s: u64,
-    listen_extra: &str,
+    listen: &str,
     extra: &str,
 ) -> RelayProc {
     let bin = binary("murmur-relay");
@@ -369,7 +405,7 @@ pub fn start_relay_listening(
     );
     let text = format!(
         "version = 1\n[relay]\nfamily = \"test-{name}\"\nroles = {roles}\n\
-         [listen]\nmix = \"{mix}\"\nclient = \"{client}\"\nmetrics = \"{metrics}\"\n{listen_extra}\n\
+         [listen]\nmix = \"{mix}\"\nclient = \"{client}\"\nmetrics = \"{metrics}\"\n{listen}\
          [directory]\nauthorities = [{}]\nepoch_length = \"{epoch_s}s\"\nkey_grace = \"{epoch_s}s\"\nclock_skew = \"1s\"\n\
          {extra}\n",
         authorities_toml(authorities)

@@ -19,7 +19,7 @@ use murmur_protocol::envelope::SlotTicket;
 use murmur_protocol::ticket::{Ticket, TicketFields};
 use murmur_tests::hop::{self, FakeHop, Link, Packets, Route};
 use murmur_tests::{
-    LedgerProc, RelayProc, start_authorities, start_ledger, start_relay, wait_until,
+    LedgerProc, RelayProc, runtime, start_authorities, start_ledger, start_relay, wait_until,
 };
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha20Rng;
@@ -27,14 +27,6 @@ use rand_chacha::ChaCha20Rng;
 const WON: &str = "murmur_relay_tickets_won_total";
 const REDEEMED: &str = "murmur_relay_tickets_redeemed_total";
 const PENDING: &str = "murmur_relay_winners_pending";
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap()
-}
 
 fn ledger_client(ledger: &LedgerProc) -> LedgerClient {
     LedgerClient::new(&ledger.url, Duration::from_secs(5)).unwrap()
@@ -106,7 +98,7 @@ fn winning_tickets_survive_kill_9_and_are_redeemed_once() {
         KILL_EPOCH_S,
         &payments,
     );
-    let rt = runtime();
+    let rt = runtime(1);
     let hop = Arc::new(FakeHop::start(&mut rng));
     hop.keep_uploading(&rt, &authorities, KILL_EPOCH_S);
     let mut packets = Packets {
@@ -397,7 +389,7 @@ fn each_relays_redeemed_value_matches_price_times_packets_carried() {
     }
 
     // Every ticket's key epoch retires (one epoch of grace) and every winner is redeemed.
-    let rt = runtime();
+    let rt = runtime(1);
     let retired = (stopped_epoch + 2) * NET_EPOCH_S;
     let settled = wait_until(Duration::from_secs(90), Duration::from_millis(500), || {
         (unix_now() > retired + 2 && relays.iter().all(|r| r.metric(PENDING, "") == Some(0.0)))

@@ -783,24 +783,20 @@ fn the_payers_default_lifetime_fits_the_relays_default_redeem_window() {
 /// and whether it closed the session.
 async fn gateway_client(
     addr: std::net::SocketAddr,
+    gateway_key: murmur_protocol::link::LinkPublic,
     frames: usize,
     pay: Option<(&SigningKey, IdentityKey, [u8; 32])>,
 ) -> (Vec<murmur_protocol::control::Control>, bool) {
-    use futures_util::{SinkExt, StreamExt};
+    use crate::client_link::{ClientLink, LinkFailure};
     use murmur_protocol::control::Control;
     use murmur_protocol::envelope::Envelope;
     use murmur_protocol::frame::Frame;
+    use murmur_protocol::link::LinkSecret;
     use murmur_protocol::packet::{Address, Packet};
-    use tokio_tungstenite::tungstenite::Message;
 
-    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/"))
-        .await
-        .unwrap();
-    let send = |f: Frame| Message::Binary(f.encode().unwrap().to_vec().into());
-    let hello = Control::Hello {
-        address: Address([7; 32]),
-    };
-    ws.send(send(Frame::Control(hello.encode()))).await.unwrap();
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let key = LinkSecret::generate(&mut rand::rng());
+    let mut ws = ClientLink::open(stream, &gateway_key, &key).await.unwrap();
     let mut rng = ChaCha20Rng::seed_from_u64(11);
     for i in 0..frames {
         let forward = Frame::Forward {
@@ -809,7 +805,7 @@ async fn gateway_client(
             packet: Packet::from_slice(&[0; murmur_protocol::PACKET_SIZE]).unwrap(),
             envelope: Envelope::random(&mut rng),
         };
-        if ws.send(send(forward)).await.is_err() {
+        if ws.send(&forward).await.is_err() {
             break;
         }
         if let Some((pot, gateway, commitment)) = pay
@@ -830,7 +826,7 @@ async fn gateway_client(
                 pot,
             );
             let payment = Frame::Control(Control::Payment { ticket }.encode());
-            if ws.send(send(payment)).await.is_err() {
+            if ws.send(&payment).await.is_err() {
                 break;
             }
         }
@@ -838,20 +834,14 @@ async fn gateway_client(
     let mut controls = Vec::new();
     let mut closed = false;
     loop {
-        match tokio::time::timeout(Duration::from_millis(500), ws.next()).await {
-            Ok(Some(Ok(Message::Binary(b)))) => {
-                if let Ok(Frame::Control(c)) = Frame::decode(&b) {
-                    match Control::decode(&c).unwrap() {
-                        Control::Welcome { .. } => {}
-                        other => controls.push(other),
-                    }
-                }
-            }
-            Ok(Some(Ok(_))) => {}
-            Ok(Some(Err(_)) | None) => {
+        match tokio::time::timeout(Duration::from_millis(500), ws.recv()).await {
+            Ok(Ok(Frame::Control(c))) => controls.push(Control::decode(&c).unwrap()),
+            Ok(Ok(_)) => {}
+            Ok(Err(LinkFailure::Closed)) => {
                 closed = true;
                 break;
             }
+            Ok(Err(e)) => panic!("link failed: {e:?}"),
             Err(_) => break,
         }
     }
@@ -885,14 +875,15 @@ async fn the_gateway_cuts_off_a_client_that_does_not_pay() {
     // Paying 16 frames' worth every 16 frames: served throughout.
     let pot = payer(1);
     let paying = Some((&pot, id(&relay_key()), commitment));
-    let (controls, closed) = gateway_client(addr, 400, paying).await;
+    let gateway_key = node.link_public();
+    let (controls, closed) = gateway_client(addr, gateway_key, 400, paying).await;
     assert!(controls.is_empty(), "a paying client was told {controls:?}");
     assert!(!closed, "a paying client was disconnected");
 
     // Paying nothing: 64 frames on credit, 64 in arrears, and the 129th cuts it off, with a
     // Cutoff first. (Exactly 129 frames: frames the gateway never reads would make its close
     // a reset, which can discard the Cutoff before the client reads it.)
-    let (controls, closed) = gateway_client(addr, 129, None).await;
+    let (controls, closed) = gateway_client(addr, gateway_key, 129, None).await;
     assert_eq!(controls, vec![Control::Cutoff]);
     assert!(closed, "a client in arrears stays connected");
     stop.cancel();
