@@ -5,7 +5,6 @@
 
 pub mod client_link;
 pub mod hop;
-pub mod record;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
