@@ -221,7 +221,8 @@ pub fn start_authorities_with(
              state_dir = \"state\"\nclock_skew = \"1s\"\n\
              [schedule]\nepoch_length = \"{epoch_s}s\"\nvote_lead = \"{vote}s\"\ncompute_lead = \"{compute}s\"\n\
              [network]\n{network}\
-             [policy]\nallow_private_addresses = true\n[limits]\npeer_timeout = \"1s\"\n",
+             [policy]\nallow_private_addresses = true\n\
+             [limits]\npeer_timeout = \"1s\"\nmax_connections_per_address = 256\n",
             ports[i]
         );
         for other in &infos {
@@ -257,15 +258,39 @@ pub struct LedgerProc {
     pub addr: SocketAddr,
     /// `http://127.0.0.1:PORT`, for relays' and clients' `[payments] ledger`.
     pub url: String,
+    /// Its identity key in hex (`murmur-ledger keygen`), for their `[payments] ledger_key`.
+    pub identity: String,
 }
 
-/// Writes a config under `dir/ledger` crediting `genesis` (account hex, amount) and starts the
-/// ledger; returns once it answers.
+impl LedgerProc {
+    /// The `ledger` and `ledger_key` lines of a relay's or client's `[payments]` section.
+    pub fn payments_toml(&self) -> String {
+        format!(
+            "ledger = \"{}\"\nledger_key = \"{}\"\n",
+            self.url, self.identity
+        )
+    }
+
+    /// A client of it that believes only its signed answers.
+    pub fn client(&self) -> murmur_ledger::client::LedgerClient {
+        let key = murmur_protocol::directory::IdentityKey::from_hex(&self.identity).unwrap();
+        murmur_ledger::client::LedgerClient::new(&self.url, key, Duration::from_secs(5)).unwrap()
+    }
+}
+
+/// Writes a key (`murmur-ledger keygen`) and a config under `dir/ledger` crediting `genesis`
+/// (account hex, amount) and starts the ledger; returns once it answers.
 pub fn start_ledger(dir: &Path, genesis: &[(&str, u64)]) -> LedgerProc {
     let ldir = dir.join("ledger");
     std::fs::create_dir_all(&ldir).unwrap();
+    let bin = binary("murmur-ledger");
+    let identity = keygen(&bin, &ldir.join("ledger.key"));
     let addr = SocketAddr::from(([127, 0, 0, 1], free_ports(1)[0]));
-    let mut text = format!("version = 1\nlisten = \"{addr}\"\nstate_dir = \"state\"\n");
+    // Every relay and client of a test network connects from 127.0.0.1.
+    let mut text = format!(
+        "version = 1\nlisten = \"{addr}\"\nkey_file = \"ledger.key\"\nstate_dir = \"state\"\n\
+         [limits]\nmax_connections_per_address = 256\n"
+    );
     for (account, amount) in genesis {
         text += &format!("[[genesis]]\naccount = \"{account}\"\namount = {amount}\n");
     }
@@ -273,7 +298,7 @@ pub fn start_ledger(dir: &Path, genesis: &[(&str, u64)]) -> LedgerProc {
     std::fs::write(&config, text).unwrap();
     let mut proc = Proc::spawn(
         "ledger",
-        &binary("murmur-ledger"),
+        &bin,
         &["run", "--config", config.to_str().unwrap()],
         ldir.join("ledger.log"),
     );
@@ -286,6 +311,7 @@ pub fn start_ledger(dir: &Path, genesis: &[(&str, u64)]) -> LedgerProc {
         proc,
         addr,
         url: format!("http://{addr}"),
+        identity,
     }
 }
 
