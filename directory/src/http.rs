@@ -284,9 +284,22 @@ impl CappedStream {
         Some(io::Error::new(io::ErrorKind::TimedOut, "connection idle"))
     }
 
-    fn moved(&mut self) {
+    /// Passes on what a read or write returned: progress pushes the deadline back; no
+    /// progress past the deadline is an error.
+    fn watch<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        polled: Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
+        if polled.is_pending() {
+            return match self.stalled(cx) {
+                Some(e) => Poll::Ready(Err(e)),
+                None => Poll::Pending,
+            };
+        }
         let next = tokio::time::Instant::now() + self.idle;
         self.deadline.as_mut().reset(next);
+        polled
     }
 }
 
@@ -297,16 +310,8 @@ impl AsyncRead for CappedStream {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        match Pin::new(&mut this.io).poll_read(cx, buf) {
-            Poll::Pending => match this.stalled(cx) {
-                Some(e) => Poll::Ready(Err(e)),
-                None => Poll::Pending,
-            },
-            ready => {
-                this.moved();
-                ready
-            }
-        }
+        let polled = Pin::new(&mut this.io).poll_read(cx, buf);
+        this.watch(cx, polled)
     }
 }
 
@@ -317,16 +322,8 @@ impl AsyncWrite for CappedStream {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        match Pin::new(&mut this.io).poll_write(cx, buf) {
-            Poll::Pending => match this.stalled(cx) {
-                Some(e) => Poll::Ready(Err(e)),
-                None => Poll::Pending,
-            },
-            ready => {
-                this.moved();
-                ready
-            }
-        }
+        let polled = Pin::new(&mut this.io).poll_write(cx, buf);
+        this.watch(cx, polled)
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -343,16 +340,8 @@ impl AsyncWrite for CappedStream {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        match Pin::new(&mut this.io).poll_write_vectored(cx, bufs) {
-            Poll::Pending => match this.stalled(cx) {
-                Some(e) => Poll::Ready(Err(e)),
-                None => Poll::Pending,
-            },
-            ready => {
-                this.moved();
-                ready
-            }
-        }
+        let polled = Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
+        this.watch(cx, polled)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -381,7 +370,14 @@ mod tests {
         task: tokio::task::JoinHandle<io::Result<()>>,
     }
 
-    async fn server(limits: HttpLimits) -> Server {
+    /// A server of `/ok` and `/echo` within 64 connections, `per_address` from one address.
+    async fn server(per_address: usize, header: Duration, idle: Duration) -> Server {
+        let limits = HttpLimits {
+            max_connections: 64,
+            max_connections_per_address: per_address,
+            header_timeout: header,
+            idle_timeout: idle,
+        };
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let counts: Counts = Arc::default();
@@ -464,24 +460,10 @@ mod tests {
         answer
     }
 
-    fn limits(per_address: usize, header: Duration, idle: Duration) -> HttpLimits {
-        HttpLimits {
-            max_connections: 64,
-            max_connections_per_address: per_address,
-            header_timeout: header,
-            idle_timeout: idle,
-        }
-    }
-
     #[tokio::test]
     async fn a_head_sent_a_byte_at_a_time_is_cut_off_by_the_header_timeout() {
         // The idle deadline (10 s) is reset by every byte; only the header timer stops it.
-        let s = server(limits(
-            8,
-            Duration::from_millis(400),
-            Duration::from_secs(10),
-        ))
-        .await;
+        let s = server(8, Duration::from_millis(400), Duration::from_secs(10)).await;
         let mut c = connect_from([127, 0, 0, 1], s.addr).await;
         let t = Instant::now();
         let mut closed = false;
@@ -511,12 +493,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_address_over_its_share_is_closed_and_another_is_served() {
-        let s = server(limits(
-            4,
-            Duration::from_millis(2500),
-            Duration::from_secs(30),
-        ))
-        .await;
+        let s = server(4, Duration::from_millis(2500), Duration::from_secs(30)).await;
         let mut held = Vec::new();
         for _ in 0..20 {
             held.push(connect_from([127, 0, 0, 1], s.addr).await);
@@ -545,12 +522,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_kept_alive_connection_is_closed_when_idle_and_not_counted() {
-        let s = server(limits(
-            4,
-            Duration::from_millis(300),
-            Duration::from_secs(30),
-        ))
-        .await;
+        let s = server(4, Duration::from_millis(300), Duration::from_secs(30)).await;
         let mut c = connect_from([127, 0, 0, 1], s.addr).await;
         c.write_all(b"GET /ok HTTP/1.1\r\nHost: x\r\n\r\n")
             .await
@@ -566,12 +538,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_stalled_body_is_closed_by_the_idle_timeout() {
-        let s = server(limits(
-            4,
-            Duration::from_secs(10),
-            Duration::from_millis(300),
-        ))
-        .await;
+        let s = server(4, Duration::from_secs(10), Duration::from_millis(300)).await;
         let mut c = connect_from([127, 0, 0, 1], s.addr).await;
         c.write_all(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nabc")
             .await

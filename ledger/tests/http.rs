@@ -423,12 +423,25 @@ impl Mitm {
             first: Arc::default(),
         };
         let (this, ledger) = (m.clone(), ledger.to_owned());
-        tokio::spawn(async move {
-            loop {
-                let (s, _) = listener.accept().await.unwrap();
-                tokio::spawn(this.clone().answer(s, ledger.clone()));
+        let app = axum::Router::new().fallback(move |req: axum::extract::Request| {
+            let (this, ledger) = (this.clone(), ledger.clone());
+            async move {
+                let method = req.method().as_str().to_owned();
+                let target = req.uri().path_and_query().unwrap().as_str().to_owned();
+                let body = axum::body::to_bytes(req.into_body(), 1 << 16)
+                    .await
+                    .unwrap();
+                let a = this.answer(&ledger, &method, &target, body.to_vec()).await;
+                let mut headers = axum::http::HeaderMap::new();
+                headers.insert("content-type", "application/json".parse().unwrap());
+                if let Some(sig) = &a.signature {
+                    headers.insert(SIGNATURE_HEADER, sig.parse().unwrap());
+                }
+                let status = axum::http::StatusCode::from_u16(a.status).unwrap();
+                (status, headers, a.body)
             }
         });
+        tokio::spawn(async move { axum::serve(listener, app).await });
         m
     }
 
@@ -441,10 +454,10 @@ impl Mitm {
         *self.first.lock().unwrap() = None;
     }
 
-    async fn answer(self, mut s: tokio::net::TcpStream, ledger: String) {
-        let (method, target, body) = read_request(&mut s).await;
+    /// What the middle answers to one request.
+    async fn answer(&self, ledger: &str, method: &str, target: &str, body: Vec<u8>) -> Captured {
         let mode = *self.mode.lock().unwrap();
-        let answer = match mode {
+        match mode {
             Meddle::Replay => self.first.lock().unwrap().clone().unwrap(),
             Meddle::Impostor => {
                 let refusal = serde_json::to_vec(&murmur_ledger::ErrorBody {
@@ -453,8 +466,8 @@ impl Mitm {
                 })
                 .unwrap();
                 let signature = Exchange {
-                    method: &method,
-                    target: &target,
+                    method,
+                    target,
                     request_digest: answer::digest(&body),
                     status: 409,
                     answer_digest: answer::digest(&refusal),
@@ -467,7 +480,7 @@ impl Mitm {
                 }
             }
             _ => {
-                let mut a = forward(&ledger, &method, &target, body).await;
+                let mut a = forward(ledger, method, target, body).await;
                 self.first.lock().unwrap().get_or_insert_with(|| a.clone());
                 match mode {
                     Meddle::Tamper => {
@@ -485,55 +498,8 @@ impl Mitm {
                 }
                 a
             }
-        };
-        let mut head = format!(
-            "HTTP/1.1 {} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\
-             connection: close\r\n",
-            answer.status,
-            answer.body.len()
-        );
-        if let Some(sig) = &answer.signature {
-            head += &format!("{SIGNATURE_HEADER}: {sig}\r\n");
         }
-        head += "\r\n";
-        let _ = s.write_all(head.as_bytes()).await;
-        let _ = s.write_all(&answer.body).await;
-        let _ = s.shutdown().await;
     }
-}
-
-/// Reads one HTTP/1.1 request: method, target and body (by its content-length).
-async fn read_request(s: &mut tokio::net::TcpStream) -> (String, String, Vec<u8>) {
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 4096];
-    let end = loop {
-        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            break i + 4;
-        }
-        let n = s.read(&mut chunk).await.unwrap();
-        assert!(n > 0, "request cut off");
-        buf.extend_from_slice(&chunk[..n]);
-    };
-    let head = String::from_utf8_lossy(&buf[..end]).into_owned();
-    let mut words = head.split_whitespace();
-    let (method, target) = (
-        words.next().unwrap().to_owned(),
-        words.next().unwrap().to_owned(),
-    );
-    let len: usize = head
-        .lines()
-        .find_map(|l| {
-            let (name, value) = l.split_once(':')?;
-            name.eq_ignore_ascii_case("content-length")
-                .then(|| value.trim().parse().unwrap())
-        })
-        .unwrap_or(0);
-    while buf.len() < end + len {
-        let n = s.read(&mut chunk).await.unwrap();
-        assert!(n > 0, "body cut off");
-        buf.extend_from_slice(&chunk[..n]);
-    }
-    (method, target, buf[end..end + len].to_vec())
 }
 
 async fn forward(ledger: &str, method: &str, target: &str, body: Vec<u8>) -> Captured {

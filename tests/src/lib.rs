@@ -495,19 +495,58 @@ impl Drop for HttpServer {
     }
 }
 
+/// One HTTP/1.x request: its method, target and body.
+pub struct Request {
+    pub method: String,
+    pub target: String,
+    pub body: Vec<u8>,
+}
+
+/// Reads one request from `s` (the body by its content-length, at most 64 KiB); `None` if
+/// the connection ends or fails first, or the head passes 16 KiB.
+pub fn read_request(s: &mut TcpStream) -> Option<Request> {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        if buf.len() > 16 * 1024 {
+            return None;
+        }
+        let n = s.read(&mut chunk).ok().filter(|&n| n > 0)?;
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+    let mut words = head.split_whitespace();
+    let (method, target) = (words.next()?.to_owned(), words.next()?.to_owned());
+    let len: usize = head
+        .lines()
+        .find_map(|l| {
+            let (name, value) = l.split_once(':')?;
+            name.eq_ignore_ascii_case("content-length")
+                .then(|| value.trim().parse().ok())?
+        })
+        .unwrap_or(0)
+        .min(64 * 1024);
+    while buf.len() < end + len {
+        let n = s.read(&mut chunk).ok().filter(|&n| n > 0)?;
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    Some(Request {
+        method,
+        target,
+        body: buf[end..end + len].to_vec(),
+    })
+}
+
 fn serve_one(mut stream: TcpStream, files: &[(String, Vec<u8>)]) {
     let _ = stream.set_nonblocking(false);
     let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
-    let mut req = Vec::new();
-    let mut buf = [0u8; 1024];
-    while !req.windows(4).any(|w| w == b"\r\n\r\n") && req.len() < 16 * 1024 {
-        match stream.read(&mut buf) {
-            Ok(0) | Err(_) => return,
-            Ok(n) => req.extend_from_slice(&buf[..n]),
-        }
-    }
-    let text = String::from_utf8_lossy(&req);
-    let path = text.split_whitespace().nth(1).unwrap_or("/");
+    let Some(req) = read_request(&mut stream) else {
+        return;
+    };
+    let path = req.target.as_str();
     match files.iter().find(|(p, _)| p == path) {
         Some((_, body)) => {
             let _ = write!(

@@ -11,7 +11,7 @@
 //!   redeemed value matches its price × the packets it carried, within a statistical bound.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -27,8 +27,8 @@ use murmur_protocol::envelope::SlotTicket;
 use murmur_protocol::ticket::{Ticket, TicketFields};
 use murmur_tests::hop::{self, FakeHop, Link, Packets, Route};
 use murmur_tests::{
-    AuthorityInfo, LedgerProc, Proc, RelayProc, start_authorities, start_ledger, start_relay,
-    wait_until,
+    AuthorityInfo, LedgerProc, Proc, RelayProc, Request, read_request, start_authorities,
+    start_ledger, start_relay, wait_until,
 };
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha20Rng;
@@ -388,47 +388,21 @@ impl Impostor {
 /// the connection is closed after it, so the relay's next request comes on a new one).
 fn forge(mut s: TcpStream, to: SocketAddr, forge_pots: bool, forged: &AtomicUsize) {
     let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 4096];
-    let end = loop {
-        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            break i + 4;
-        }
-        match s.read(&mut chunk) {
-            Ok(0) | Err(_) => return,
-            Ok(k) => buf.extend_from_slice(&chunk[..k]),
-        }
+    let Some(Request {
+        method,
+        target,
+        body: request,
+    }) = read_request(&mut s)
+    else {
+        return;
     };
-    let head = String::from_utf8_lossy(&buf[..end]).into_owned();
-    let mut words = head.split_whitespace();
-    let (method, target) = (
-        words.next().unwrap().to_owned(),
-        words.next().unwrap().to_owned(),
-    );
-    let len: usize = head
-        .lines()
-        .find_map(|l| {
-            let (name, value) = l.split_once(':')?;
-            name.eq_ignore_ascii_case("content-length")
-                .then(|| value.trim().parse().unwrap())
-        })
-        .unwrap_or(0);
-    while buf.len() < end + len {
-        match s.read(&mut chunk) {
-            Ok(0) | Err(_) => return,
-            Ok(k) => buf.extend_from_slice(&chunk[..k]),
-        }
-    }
     if method == "GET" && !forge_pots {
         // One request with `connection: close`, so the ledger ends the exchange.
         let Ok(mut ledger) = TcpStream::connect(to) else {
             return;
         };
-        let line_end = buf.windows(2).position(|w| w == b"\r\n").unwrap_or(0) + 2;
-        let mut request = buf[..line_end].to_vec();
-        request.extend_from_slice(b"connection: close\r\n");
-        request.extend_from_slice(&buf[line_end..end + len]);
-        if ledger.write_all(&request).is_ok() {
+        let head = format!("GET {target} HTTP/1.1\r\nhost: ledger\r\nconnection: close\r\n\r\n");
+        if ledger.write_all(head.as_bytes()).is_ok() {
             let _ = std::io::copy(&mut ledger, &mut s);
         }
         return;
@@ -450,7 +424,7 @@ fn forge(mut s: TcpStream, to: SocketAddr, forge_pots: bool, forged: &AtomicUsiz
         let signature = Exchange {
             method: &method,
             target: &target,
-            request_digest: answer::digest(&buf[end..end + len]),
+            request_digest: answer::digest(&request),
             status,
             answer_digest: answer::digest(&body),
         }

@@ -603,82 +603,45 @@ fn ledger_config(dir: &Path, key_file: std::path::PathBuf) -> murmur_ledger::Con
 /// "already redeemed" and every pot unknown, the ledger's own error bodies, either unsigned or
 /// signed by another key (alternately). Counts the requests it answered.
 async fn impostor_ledger() -> (String, Arc<std::sync::atomic::AtomicUsize>) {
-    use tokio::io::AsyncWriteExt;
+    use axum::http::StatusCode;
+    use murmur_ledger::answer::{Exchange, SIGNATURE_HEADER, digest};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let answered = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let count = answered.clone();
-    tokio::spawn(async move {
-        loop {
-            let (mut s, _) = listener.accept().await.unwrap();
-            let n = count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            tokio::spawn(async move {
-                let Some((method, target, request)) = read_request(&mut s).await else {
-                    return;
-                };
-                let (status, reason) = if method == "GET" {
-                    (404, "unknown_pot")
-                } else {
-                    (409, "already_redeemed")
-                };
-                // The ledger's error body (`murmur_ledger::ErrorBody`).
-                let body =
-                    format!(r#"{{"reason":"{reason}","message":"not the ledger"}}"#).into_bytes();
-                let mut extra = String::new();
-                if n % 2 == 1 {
-                    // A well-formed signature over the right message, by the wrong key.
-                    let sig = murmur_ledger::answer::Exchange {
-                        method: &method,
-                        target: &target,
-                        request_digest: murmur_ledger::answer::digest(&request),
-                        status,
-                        answer_digest: murmur_ledger::answer::digest(&body),
-                    }
-                    .sign(&SigningKey::from_bytes(&[99; 32]));
-                    extra = format!("{}: {sig}\r\n", murmur_ledger::answer::SIGNATURE_HEADER);
+    let app = axum::Router::new().fallback(move |req: axum::extract::Request| {
+        let n = count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        async move {
+            let method = req.method().as_str().to_owned();
+            let target = req.uri().path_and_query().unwrap().as_str().to_owned();
+            let request = axum::body::to_bytes(req.into_body(), 1 << 16)
+                .await
+                .unwrap();
+            let (status, reason) = if method == "GET" {
+                (StatusCode::NOT_FOUND, "unknown_pot")
+            } else {
+                (StatusCode::CONFLICT, "already_redeemed")
+            };
+            // The ledger's error body (`murmur_ledger::ErrorBody`).
+            let body = format!(r#"{{"reason":"{reason}","message":"not the ledger"}}"#);
+            let mut headers = axum::http::HeaderMap::new();
+            if n % 2 == 1 {
+                // A well-formed signature over the right message, by the wrong key.
+                let sig = Exchange {
+                    method: &method,
+                    target: &target,
+                    request_digest: digest(&request),
+                    status: status.as_u16(),
+                    answer_digest: digest(body.as_bytes()),
                 }
-                let head = format!(
-                    "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\n\
-                     content-length: {}\r\nconnection: close\r\n{extra}\r\n",
-                    body.len()
-                );
-                let _ = s.write_all(head.as_bytes()).await;
-                let _ = s.write_all(&body).await;
-                let _ = s.shutdown().await;
-            });
+                .sign(&SigningKey::from_bytes(&[99; 32]));
+                headers.insert(SIGNATURE_HEADER, sig.parse().unwrap());
+            }
+            (status, headers, body)
         }
     });
+    tokio::spawn(async move { axum::serve(listener, app).await });
     (url, answered)
-}
-
-/// One HTTP/1.1 request: method, target and body (by its content-length).
-async fn read_request(s: &mut tokio::net::TcpStream) -> Option<(String, String, Vec<u8>)> {
-    use tokio::io::AsyncReadExt;
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 4096];
-    let end = loop {
-        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            break i + 4;
-        }
-        let n = s.read(&mut chunk).await.ok().filter(|&n| n > 0)?;
-        buf.extend_from_slice(&chunk[..n]);
-    };
-    let head = String::from_utf8_lossy(&buf[..end]).into_owned();
-    let mut words = head.split_whitespace();
-    let (method, target) = (words.next()?.to_owned(), words.next()?.to_owned());
-    let len: usize = head
-        .lines()
-        .find_map(|l| {
-            let (name, value) = l.split_once(':')?;
-            name.eq_ignore_ascii_case("content-length")
-                .then(|| value.trim().parse().ok())?
-        })
-        .unwrap_or(0);
-    while buf.len() < end + len {
-        let n = s.read(&mut chunk).await.ok().filter(|&n| n > 0)?;
-        buf.extend_from_slice(&chunk[..n]);
-    }
-    Some((method, target, buf[end..end + len].to_vec()))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
