@@ -25,6 +25,7 @@
 use std::time::Duration;
 
 use ed25519_dalek::VerifyingKey;
+use murmur_directory::client::IDLE_CONNECTION;
 use murmur_protocol::directory::IdentityKey;
 use serde::de::DeserializeOwned;
 
@@ -59,6 +60,9 @@ impl LedgerClient {
         let http = reqwest::Client::builder()
             .timeout(timeout)
             .connect_timeout(timeout)
+            // Below the servers' default header timeout (5 s), which also closes a kept-alive
+            // connection idle that long: reusing one as it closes would fail a request.
+            .pool_idle_timeout(IDLE_CONNECTION)
             .no_proxy()
             .build()
             .map_err(|e| Error::Http {
