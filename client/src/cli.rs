@@ -86,6 +86,9 @@ pub struct ClientConfig {
 pub struct PaymentsConfig {
     /// The ledger's base URL.
     pub ledger: String,
+    /// The ledger's identity key, 64 hex digits (what `murmur-ledger keygen` printed): only
+    /// answers signed by it are believed.
+    pub ledger_key: String,
     /// The pot's Ed25519 key (32 raw bytes or 64 hex characters, as `murmur-relay keygen`
     /// writes them); its ledger account funds the pot.
     pub key_file: PathBuf,
@@ -126,6 +129,7 @@ impl PaymentsConfig {
             .map_err(|e| anyhow::anyhow!("pot key {}: {e}", path.display()))?;
         Ok(payment_options(
             self.ledger.clone(),
+            self.ledger_identity()?,
             key,
             PayerConfig {
                 face_value: self.face_value,
@@ -139,10 +143,20 @@ impl PaymentsConfig {
     }
 }
 
+impl PaymentsConfig {
+    /// The ledger's identity key, checked to be an Ed25519 public key.
+    pub fn ledger_identity(&self) -> anyhow::Result<IdentityKey> {
+        IdentityKey::from_hex(&self.ledger_key)
+            .and_then(|k| k.verifying_key().map(|_| k))
+            .map_err(|e| anyhow::anyhow!("payments.ledger_key {}: {e}", self.ledger_key))
+    }
+}
+
 /// Payment options whose pot keeps an escrow of twice the face value (what relays require
 /// for a ticket of that face value to be covered).
 fn payment_options(
     ledger: String,
+    ledger_key: IdentityKey,
     key: SigningKey,
     payer: PayerConfig,
     target_balance: u64,
@@ -150,6 +164,7 @@ fn payment_options(
 ) -> PaymentOptions {
     PaymentOptions {
         ledger,
+        ledger_key,
         key,
         funding: FundingPolicy {
             low_water,
@@ -198,6 +213,9 @@ impl ClientConfig {
         }
         for a in &c.authorities {
             IdentityKey::from_hex(&a.identity)?;
+        }
+        if let Some(p) = &c.payments {
+            p.ledger_identity()?;
         }
         Ok(c)
     }
@@ -263,8 +281,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             devnet.dir().display()
         );
         eprintln!(
-            "devnet: ledger {url}; a relay's earnings: curl -s {url}/v1/account/<identity>",
-            url = devnet.ledger_url
+            "devnet: ledger {url} (identity {key}); a relay's earnings: \
+             curl -s {url}/v1/account/<identity>",
+            url = devnet.ledger_url,
+            key = devnet.ledger_key
         );
         for (name, identity) in &devnet.relays {
             eprintln!("devnet: relay {name:<9} {}", identity.to_hex());
@@ -333,6 +353,7 @@ fn devnet_payment(
     };
     let mut options = payment_options(
         devnet.ledger_url.clone(),
+        devnet.ledger_key,
         devnet.payer_key.clone(),
         payer,
         FAUCET / 10,
@@ -360,13 +381,16 @@ mod tests {
 
         let dir = tempfile::tempdir().unwrap();
         let identity = murmur_directory::keys::keygen(&dir.path().join("pot.key")).unwrap();
+        let ledger = IdentityKey::of(&SigningKey::from_bytes(&[3; 32]));
         let text = format!(
             "version = 1\n{AUTHORITY}[payments]\nledger = \"http://127.0.0.1:7080\"\n\
-             key_file = \"pot.key\"\nface_value = 500\npackets_per_ticket = 8\n"
+             ledger_key = \"{ledger}\"\nkey_file = \"pot.key\"\nface_value = 500\n\
+             packets_per_ticket = 8\n"
         );
         let config = ClientConfig::parse(&text).unwrap();
         let options = config.payments.unwrap().options(dir.path()).unwrap();
         assert_eq!(IdentityKey::of(&options.key), identity);
+        assert_eq!(options.ledger_key, ledger);
         assert_eq!(options.payer.face_value, 500);
         assert_eq!(options.payer.packets_per_ticket, 8);
         assert_eq!(
@@ -387,5 +411,12 @@ mod tests {
             ClientConfig::parse(&typo).is_err(),
             "unknown keys are refused"
         );
+        // The ledger's key is required, and must be a key.
+        let unkeyed = text.replace(&format!("ledger_key = \"{ledger}\"\n"), "");
+        let err = ClientConfig::parse(&unkeyed).unwrap_err().to_string();
+        assert!(err.contains("ledger_key"), "{err}");
+        let bad = text.replace(&ledger.to_hex(), "00");
+        let err = ClientConfig::parse(&bad).unwrap_err().to_string();
+        assert!(err.contains("payments.ledger_key"), "{err}");
     }
 }

@@ -4,7 +4,8 @@
 //! mixes per layer and one exit whose policy allows loopback destinations (and, like Tor's
 //! default, refuses port 25), each with its own keys and state in a temporary directory, each
 //! the same code the daemons run (`murmur_directory::serve`, `murmur_ledger::serve`,
-//! `murmur_relay::cli::run`). Every relay takes payments at the ledger. Epochs are short so
+//! `murmur_relay::cli::run`). Every relay takes payments at the ledger, and it and the client
+//! are given the ledger's identity key, so they believe only the ledger's signed answers. Epochs are short so
 //! key rotation, and the redemption of winning tickets once their epoch retires, happen while
 //! you watch.
 
@@ -55,6 +56,8 @@ pub struct Devnet {
     pub authorities: Vec<(IdentityKey, String)>,
     /// The ledger's base URL.
     pub ledger_url: String,
+    /// The ledger's identity key: every relay and the client believe only answers it signs.
+    pub ledger_key: IdentityKey,
     /// The client's payer key: its account holds [`FAUCET`] from genesis.
     pub payer_key: SigningKey,
     pub path_rules: PathRules,
@@ -106,6 +109,8 @@ impl Devnet {
             config.network.lambda_m = options.lambda_m;
             config.network.mu = 1.0 / options.mean_hop_delay.as_secs_f64().max(1e-6);
             config.policy.allow_private_addresses = true;
+            // Every relay, the client and the other authorities connect from 127.0.0.1.
+            config.limits.max_connections_per_address = config.limits.max_connections;
             let stop = shutdown.clone();
             tracker.spawn(async move {
                 if let Err(e) =
@@ -121,10 +126,15 @@ impl Devnet {
         let payer_key = SigningKey::generate(&mut rand::rng());
         let ledger_listener = TcpListener::bind("127.0.0.1:0").await?;
         let ledger_url = format!("http://{}", ledger_listener.local_addr()?);
+        let ledger_key_file = dir.path().join("ledger.key");
+        let ledger_key = murmur_directory::keys::keygen(&ledger_key_file)?;
         {
             let mut config = murmur_ledger::Config::with_defaults();
             config.listen = ledger_listener.local_addr()?;
+            config.key_file = ledger_key_file;
             config.state_dir = dir.path().join("ledger");
+            // Every relay and the client connect from 127.0.0.1.
+            config.limits.max_connections_per_address = config.limits.max_connections;
             config.genesis = vec![murmur_ledger::config::GenesisEntry {
                 account: IdentityKey::of(&payer_key).to_hex(),
                 amount: FAUCET,
@@ -156,7 +166,14 @@ impl Devnet {
             let rdir = dir.path().join(&name);
             std::fs::create_dir_all(&rdir)?;
             let identity = murmur_directory::keys::keygen(&rdir.join("identity.key"))?;
-            let text = relay_config(&name, role, &authorities_toml, epoch, &ledger_url);
+            let text = relay_config(
+                &name,
+                role,
+                &authorities_toml,
+                epoch,
+                &ledger_url,
+                &ledger_key,
+            );
             let config = murmur_relay::Config::parse(&text, rdir.clone())
                 .map_err(|e| anyhow::anyhow!("devnet relay config: {e}"))?;
             relays.push((name.clone(), identity));
@@ -172,6 +189,7 @@ impl Devnet {
         Ok(Devnet {
             authorities: keys,
             ledger_url,
+            ledger_key,
             payer_key,
             path_rules: PathRules {
                 distinct_subnets: false,
@@ -196,7 +214,14 @@ impl Devnet {
     }
 }
 
-fn relay_config(name: &str, roles: &str, authorities: &str, epoch: u64, ledger: &str) -> String {
+fn relay_config(
+    name: &str,
+    roles: &str,
+    authorities: &str,
+    epoch: u64,
+    ledger: &str,
+    ledger_key: &IdentityKey,
+) -> String {
     let state: PathBuf = PathBuf::from("state");
     format!(
         r#"version = 1
@@ -223,6 +248,7 @@ allow_private = true
 connect_timeout = "3s"
 [payments]
 ledger = "{ledger}"
+ledger_key = "{ledger_key}"
 # Redeem soon after an epoch's key retires, so earnings show within a minute or two.
 redeem_interval = "5s"
 pot_refresh = "5s"

@@ -45,6 +45,8 @@ pub struct ProxyOptions {
 pub struct PaymentOptions {
     /// The ledger's base URL.
     pub ledger: String,
+    /// The ledger's identity key, which must sign every answer the client acts on.
+    pub ledger_key: IdentityKey,
     /// The pot's key (and the account that funds it).
     pub key: SigningKey,
     pub payer: PayerConfig,
@@ -57,6 +59,7 @@ impl std::fmt::Debug for PaymentOptions {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PaymentOptions")
             .field("ledger", &self.ledger)
+            .field("ledger_key", &self.ledger_key)
             .field("pot", &IdentityKey::of(&self.key))
             .field("payer", &self.payer)
             .field("funding", &self.funding)
@@ -139,8 +142,9 @@ pub async fn run(
     // before any session exists, so a session starts with what the pot holds.
     let pot_state = Arc::new(PotState::default());
     if let Some(payment) = &options.payment {
-        let ledger = LedgerClient::new(&payment.ledger, Duration::from_secs(10))
-            .map_err(|e| anyhow::anyhow!("ledger {}: {e}", payment.ledger))?;
+        let ledger =
+            LedgerClient::new(&payment.ledger, payment.ledger_key, Duration::from_secs(10))
+                .map_err(|e| anyhow::anyhow!("ledger {}: {e}", payment.ledger))?;
         match wallet::ensure_funded(&ledger, &payment.key, &payment.funding).await {
             Ok(pot) => pot_state.store(&pot),
             Err(e) => tracing::warn!(error = %e, "cannot fund the pot yet; retrying"),

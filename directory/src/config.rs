@@ -10,6 +10,7 @@ use std::time::Duration;
 use murmur_protocol::directory::{AuthoritySet, IdentityKey, NetworkParams};
 use serde::{Deserialize, Serialize};
 
+use crate::http::HttpLimits;
 use crate::{Error, Result};
 
 /// The config schema this build reads.
@@ -146,10 +147,15 @@ impl Default for Policy {
 pub struct Limits {
     /// Simultaneous HTTP connections; more wait in the kernel's backlog.
     pub max_connections: usize,
+    /// Simultaneous HTTP connections from one IPv4 address or IPv6 /64; more are closed.
+    pub max_connections_per_address: usize,
+    /// A request head must arrive whole within this time.
+    #[serde(with = "humantime_serde")]
+    pub header_timeout: Duration,
     /// A request body must arrive within this time.
     #[serde(with = "humantime_serde")]
     pub body_timeout: Duration,
-    /// A connection on which nothing arrives for this long is closed.
+    /// A connection on which nothing moves for this long is closed.
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
     /// Timeout of each request to a peer authority.
@@ -161,9 +167,23 @@ impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_connections: 256,
+            max_connections_per_address: 32,
+            header_timeout: Duration::from_secs(5),
             body_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(30),
             peer_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+impl Limits {
+    /// The HTTP listener's bounds.
+    pub fn http(&self) -> HttpLimits {
+        HttpLimits {
+            max_connections: self.max_connections,
+            max_connections_per_address: self.max_connections_per_address,
+            header_timeout: self.header_timeout,
+            idle_timeout: self.idle_timeout,
         }
     }
 }
@@ -249,11 +269,7 @@ impl Config {
         self.params()
             .validate()
             .map_err(|e| Error::Config(format!("network: {e}")))?;
-        if self.limits.max_connections == 0 {
-            return Err(Error::Config(
-                "limits.max_connections must be positive".into(),
-            ));
-        }
+        self.limits.http().check("limits").map_err(Error::Config)?;
         if self.authorities.is_empty() {
             return Err(Error::Config(
                 "list every authority of the network, this one included, as [[authority]] \

@@ -29,8 +29,11 @@ use tokio_util::task::TaskTracker;
 use crate::authority::{Accepted, Authority, AuthorityPolicy, Refusal};
 use crate::client::{DirectoryClient, MAX_DOCUMENT_BYTES};
 use crate::config::Config;
-use crate::metrics::{CONSENSUS_FAILED, CONSENSUS_PRODUCED, Metrics, PEER_REQUESTS_FAILED};
-use crate::server::{count_vote, router, serve_until};
+use crate::http::{RefusalCounter, serve_until};
+use crate::metrics::{
+    CONSENSUS_FAILED, CONSENSUS_PRODUCED, Metrics, PEER_REQUESTS_FAILED, REQUESTS_REFUSED,
+};
+use crate::server::{count_vote, router};
 use crate::storage::Storage;
 use crate::{Error, Result, SignatureUpload, keys, unix_now, unix_now_ms};
 
@@ -163,11 +166,14 @@ pub async fn serve(
     let token = CancellationToken::new();
     let tracker = TaskTracker::new();
     tracker.spawn(schedule(ctx.clone(), token.clone(), tracker.clone()));
+    let counter = ctx.clone();
+    let refused: RefusalCounter =
+        Arc::new(move |reason| counter.metrics.inc(REQUESTS_REFUSED, reason));
     serve_until(
         listener,
-        ctx.config.limits.max_connections,
-        ctx.config.limits.idle_timeout,
+        ctx.config.limits.http(),
         router(ctx.clone()),
+        refused,
         shutdown,
         token,
         tracker,

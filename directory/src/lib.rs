@@ -6,6 +6,7 @@ pub mod client;
 pub mod config;
 mod daemon;
 pub mod error;
+pub mod http;
 pub mod keys;
 pub mod metrics;
 mod server;
@@ -19,7 +20,8 @@ use serde::{Deserialize, Serialize};
 pub use config::Config;
 pub use daemon::{run, serve};
 pub use error::{Error, Result};
-pub use server::{MAX_DESCRIPTOR_BYTES, MAX_SIGNATURE_BYTES, MAX_VOTE_BYTES, serve_until};
+pub use http::{HttpLimits, RefusalCounter, serve_until};
+pub use server::{MAX_DESCRIPTOR_BYTES, MAX_SIGNATURE_BYTES, MAX_VOTE_BYTES};
 
 /// What `POST /v1/signature` carries: an authority's signature on its consensus for `epoch`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

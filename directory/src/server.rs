@@ -13,13 +13,8 @@
 //! | `GET /v1/consensus/latest.json` | the newest consensus, readable |
 //! | `GET /metrics` | Prometheus text |
 
-use std::future::Future;
-use std::io;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
-use std::time::Duration;
 
 use axum::Router;
 use axum::body::{Body, Bytes};
@@ -31,12 +26,6 @@ use murmur_protocol::directory::{
     Consensus, Roles, SignedConsensus, SignedDescriptor, decode, encode,
 };
 use serde::Serialize;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tokio::time::Sleep;
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 use crate::authority::{Accepted, Refusal};
 use crate::daemon::Ctx;
@@ -344,144 +333,4 @@ pub(crate) fn count_vote(ctx: &Ctx, result: &Result<Accepted, Refusal>) {
         Err(r) => r.reason,
     };
     ctx.metrics.inc(VOTES_RECEIVED, label);
-}
-
-/// Serves `router` on `listener` (at most `max_connections` at once, idle ones closed after
-/// `idle`) until `shutdown` completes; then cancels `token` (background tasks watch it),
-/// lets open requests finish, waits for the tasks in `tracker`, and returns. The directory
-/// authority and the ledger both run this way.
-pub async fn serve_until(
-    listener: TcpListener,
-    max_connections: usize,
-    idle: Duration,
-    router: Router,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-    token: CancellationToken,
-    tracker: TaskTracker,
-) -> io::Result<()> {
-    let stop = token.clone();
-    tokio::spawn(async move {
-        shutdown.await;
-        tracing::info!("shutting down");
-        stop.cancel();
-    });
-    let served = axum::serve(CappedListener::new(listener, max_connections, idle), router)
-        .with_graceful_shutdown(token.clone().cancelled_owned())
-        .await;
-    token.cancel();
-    tracker.close();
-    tracker.wait().await;
-    tracing::info!("stopped");
-    served
-}
-
-/// A TCP listener that holds at most `max` connections open at once (further connections
-/// wait in the kernel's backlog until one closes) and closes a connection on which nothing
-/// arrives for `idle` (so idle or slow clients cannot keep the permits).
-pub(crate) struct CappedListener {
-    inner: TcpListener,
-    permits: Arc<Semaphore>,
-    idle: Duration,
-}
-
-impl CappedListener {
-    pub(crate) fn new(inner: TcpListener, max: usize, idle: Duration) -> Self {
-        CappedListener {
-            inner,
-            permits: Arc::new(Semaphore::new(max.min(Semaphore::MAX_PERMITS))),
-            idle,
-        }
-    }
-}
-
-impl axum::serve::Listener for CappedListener {
-    type Io = CappedStream;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        let permit = loop {
-            // The semaphore is never closed; should it be, wait and try again.
-            match self.permits.clone().acquire_owned().await {
-                Ok(p) => break p,
-                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-            }
-        };
-        let (io, addr) = axum::serve::Listener::accept(&mut self.inner).await;
-        let stream = CappedStream {
-            io,
-            idle: self.idle,
-            deadline: Box::pin(tokio::time::sleep(self.idle)),
-            _permit: permit,
-        };
-        (stream, addr)
-    }
-
-    fn local_addr(&self) -> io::Result<Self::Addr> {
-        self.inner.local_addr()
-    }
-}
-
-/// A connection holding one of the listener's permits until it is dropped, and failing its
-/// reads once nothing has arrived for the idle time.
-pub(crate) struct CappedStream {
-    io: TcpStream,
-    idle: Duration,
-    deadline: Pin<Box<Sleep>>,
-    _permit: OwnedSemaphorePermit,
-}
-
-impl AsyncRead for CappedStream {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        match Pin::new(&mut this.io).poll_read(cx, buf) {
-            Poll::Pending => {
-                if this.deadline.as_mut().poll(cx).is_ready() {
-                    return Poll::Ready(Err(io::Error::new(
-                        io::ErrorKind::TimedOut,
-                        "connection idle",
-                    )));
-                }
-                Poll::Pending
-            }
-            ready => {
-                let next = tokio::time::Instant::now() + this.idle;
-                this.deadline.as_mut().reset(next);
-                ready
-            }
-        }
-    }
-}
-
-impl AsyncWrite for CappedStream {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
 }

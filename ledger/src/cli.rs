@@ -1,12 +1,13 @@
-//! The command line: `run`, `check-config`. The ledger holds no secret key of its own, so
-//! there is no `keygen`: accounts and pots are identified by their owners' Ed25519 keys
-//! (relays' identity keys, clients' payment keys), and every request that moves money is
+//! The command line: `keygen`, `run`, `check-config`. The ledger's own key only signs its
+//! answers ([`crate::answer`]); accounts and pots are identified by their owners' Ed25519
+//! keys (relays' identity keys, clients' payment keys), and every request that moves money is
 //! signed by its owner.
 
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 use murmur_directory::cli::{init_logging, shutdown_signal};
+use murmur_protocol::directory::IdentityKey;
 
 use crate::{Config, Error, Result};
 
@@ -20,13 +21,20 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Generate the ledger's Ed25519 identity key (mode 0600; never overwrites) and print its
+    /// public identity, which relays and clients are configured with (`ledger_key`).
+    Keygen {
+        /// Where to write the key.
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Run the ledger until SIGINT or SIGTERM.
     Run {
         /// The TOML config file (see ledger.example.toml).
         #[arg(long)]
         config: PathBuf,
     },
-    /// Check a config file and print a summary.
+    /// Check a config file (and its key file) and print a summary.
     CheckConfig {
         #[arg(long)]
         config: PathBuf,
@@ -36,6 +44,19 @@ pub enum Command {
 /// Runs one command. Logs go to stderr, filtered by `RUST_LOG` (default `info`).
 pub fn main(cli: Cli) -> Result<()> {
     match cli.command {
+        Command::Keygen { out } => {
+            let id = murmur_directory::keys::keygen(&out).map_err(|e| Error::Key {
+                path: out.clone(),
+                message: e.to_string(),
+            })?;
+            println!("{id}");
+            eprintln!(
+                "wrote {}; set key_file to it, and give the identity above to every relay and \
+                 client as [payments] ledger_key",
+                out.display()
+            );
+            Ok(())
+        }
         Command::CheckConfig { config } => {
             let c = Config::load(&config)?;
             let genesis = c.genesis()?;
@@ -48,6 +69,16 @@ pub fn main(cli: Cli) -> Result<()> {
                 c.listen,
                 c.database_path().display()
             );
+            if c.key_file.exists() {
+                let id = IdentityKey::of(&c.signing_key()?);
+                println!("key OK: this ledger is {id}");
+            } else {
+                println!(
+                    "note: key file {} does not exist yet (murmur-ledger keygen --out FILE); \
+                     the ledger does not start without it",
+                    c.key_file.display()
+                );
+            }
             Ok(())
         }
         Command::Run { config } => {

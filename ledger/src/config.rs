@@ -7,6 +7,8 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use ed25519_dalek::SigningKey;
+use murmur_directory::HttpLimits;
 use murmur_protocol::directory::IdentityKey;
 use serde::{Deserialize, Serialize};
 
@@ -28,6 +30,11 @@ pub struct Config {
     /// Where the HTTP API (and `/metrics`) listens.
     #[serde(default = "default_listen")]
     pub listen: SocketAddr,
+    /// The ledger's Ed25519 identity key, which signs every answer
+    /// (`murmur-ledger keygen --out FILE`); relays and clients are given its public half.
+    /// Relative paths are relative to the config file's directory.
+    #[serde(default = "default_key_file")]
+    pub key_file: PathBuf,
     /// Where the database (`ledger.redb`) lives. Relative paths are relative to the config
     /// file's directory.
     #[serde(default = "default_state_dir")]
@@ -65,10 +72,15 @@ pub struct GenesisEntry {
 pub struct Limits {
     /// Simultaneous HTTP connections; more wait in the kernel's backlog.
     pub max_connections: usize,
+    /// Simultaneous HTTP connections from one IPv4 address or IPv6 /64; more are closed.
+    pub max_connections_per_address: usize,
+    /// A request head must arrive whole within this time.
+    #[serde(with = "humantime_serde")]
+    pub header_timeout: Duration,
     /// A request body must arrive within this time.
     #[serde(with = "humantime_serde")]
     pub body_timeout: Duration,
-    /// A connection on which nothing arrives for this long is closed.
+    /// A connection on which nothing moves for this long is closed.
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
 }
@@ -77,14 +89,33 @@ impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_connections: 256,
+            // A relay holds up to 24 at once (8 redemptions, 16 pot lookups).
+            max_connections_per_address: 32,
+            header_timeout: Duration::from_secs(5),
             body_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(30),
         }
     }
 }
 
+impl Limits {
+    /// The HTTP listener's bounds.
+    pub fn http(&self) -> HttpLimits {
+        HttpLimits {
+            max_connections: self.max_connections,
+            max_connections_per_address: self.max_connections_per_address,
+            header_timeout: self.header_timeout,
+            idle_timeout: self.idle_timeout,
+        }
+    }
+}
+
 fn default_listen() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 7080))
+}
+
+fn default_key_file() -> PathBuf {
+    PathBuf::from("ledger.key")
 }
 
 fn default_state_dir() -> PathBuf {
@@ -109,6 +140,7 @@ impl Config {
         Config {
             version: CONFIG_VERSION,
             listen: default_listen(),
+            key_file: default_key_file(),
             state_dir: default_state_dir(),
             notice_period: default_notice_period(),
             request_window: default_request_window(),
@@ -126,8 +158,8 @@ impl Config {
         })
     }
 
-    /// Reads, parses and validates a config file; a relative `state_dir` is resolved against
-    /// the file's directory.
+    /// Reads, parses and validates a config file; a relative `key_file` or `state_dir` is
+    /// resolved against the file's directory.
     pub fn load(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|source| Error::ConfigRead {
             path: path.to_owned(),
@@ -135,6 +167,7 @@ impl Config {
         })?;
         let mut config = Config::parse(&text, path)?;
         let base = path.parent().unwrap_or(Path::new("."));
+        config.key_file = base.join(&config.key_file);
         config.state_dir = base.join(&config.state_dir);
         config.validate()?;
         Ok(config)
@@ -161,11 +194,7 @@ impl Config {
         if self.prune_interval < Duration::from_secs(1) {
             return Err(Error::Config("prune_interval must be at least 1s".into()));
         }
-        if self.limits.max_connections == 0 {
-            return Err(Error::Config(
-                "limits.max_connections must be positive".into(),
-            ));
-        }
+        self.limits.http().check("limits").map_err(Error::Config)?;
         let genesis = self.genesis()?;
         let mut keys: Vec<_> = genesis.iter().map(|(k, _)| *k).collect();
         keys.sort();
@@ -205,6 +234,25 @@ impl Config {
     pub fn database_path(&self) -> PathBuf {
         self.state_dir.join(DATABASE_FILE)
     }
+
+    /// The ledger's signing key, read from `key_file`.
+    pub fn signing_key(&self) -> Result<SigningKey> {
+        let path = &self.key_file;
+        if !path.exists() {
+            return Err(Error::Key {
+                path: path.clone(),
+                message: format!(
+                    "does not exist; create it with `murmur-ledger keygen --out {}` and give \
+                     the identity it prints to every relay and client as `ledger_key`",
+                    path.display()
+                ),
+            });
+        }
+        murmur_directory::keys::load(path).map_err(|e| Error::Key {
+            path: path.clone(),
+            message: e.to_string(),
+        })
+    }
 }
 
 #[cfg(test)]
@@ -238,6 +286,22 @@ mod tests {
         let err = Config::parse("version = 1\ncolour = 1\n", path).unwrap_err();
         assert!(err.to_string().contains("colour"), "{err}");
         assert!(Config::parse("version = 1\n[limits]\nmax_conns = 1\n", path).is_err());
+        let mut c = Config::parse(EXAMPLE, path).unwrap();
+        c.limits.max_connections_per_address = 0;
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("per_address")
+        );
+        let mut c = Config::parse(EXAMPLE, path).unwrap();
+        c.limits.header_timeout = Duration::ZERO;
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("header_timeout")
+        );
         let mut c = Config::parse(EXAMPLE, path).unwrap();
         c.version = 2;
         assert!(c.validate().unwrap_err().to_string().contains("version"));

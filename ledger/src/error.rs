@@ -172,6 +172,14 @@ pub enum Error {
         status: u16,
         message: String,
     },
+    /// The answer is not signed by the ledger's key (missing, malformed or wrong signature):
+    /// whoever answered may not be the ledger, so nothing in the answer is believed. Never a
+    /// refusal; callers treat it like a network failure and ask again.
+    #[error("{url}: unauthenticated answer ({message})")]
+    Unauthenticated { url: String, message: String },
+    /// The ledger's key file cannot be used.
+    #[error("ledger key {path}: {message}")]
+    Key { path: PathBuf, message: String },
     /// The async runtime could not start.
     #[error("cannot start the async runtime: {0}")]
     Runtime(std::io::Error),
@@ -192,6 +200,7 @@ impl Error {
             Error::Refused { refusal, .. } => refusal.label(),
             Error::Storage(_) => "storage",
             Error::Http { .. } | Error::Status { .. } => "http",
+            Error::Unauthenticated { .. } => "unauthenticated",
             _ => "internal",
         }
     }

@@ -12,6 +12,8 @@ use crate::ledger::Audit;
 #[derive(Debug, Default)]
 pub struct Metrics {
     requests: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
+    /// Connections refused or closed before they were served, by reason.
+    refused: Mutex<BTreeMap<&'static str, u64>>,
 }
 
 impl Metrics {
@@ -27,6 +29,13 @@ impl Metrics {
         c.get(&(op, result)).copied().unwrap_or(0)
     }
 
+    /// Counts a connection refused or closed before it was served (`per_address_limit`,
+    /// `header_timeout`, `idle_timeout`).
+    pub fn refused(&self, reason: &'static str) {
+        let mut c = self.refused.lock().unwrap_or_else(|p| p.into_inner());
+        *c.entry(reason).or_insert(0) += 1;
+    }
+
     /// The text exposition; the money gauges are left out if the audit failed.
     pub fn render(&self, audit: Option<&Audit>) -> String {
         let mut out = String::new();
@@ -40,6 +49,18 @@ impl Metrics {
             let c = self.requests.lock().unwrap_or_else(|p| p.into_inner());
             for ((op, result), n) in c.iter() {
                 let _ = writeln!(out, "{name}{{op=\"{op}\",result=\"{result}\"}} {n}");
+            }
+        }
+        let name = "murmur_ledger_connections_refused_total";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Connections refused or closed before they were served, by reason.\n\
+             # TYPE {name} counter"
+        );
+        {
+            let c = self.refused.lock().unwrap_or_else(|p| p.into_inner());
+            for (reason, n) in c.iter() {
+                let _ = writeln!(out, "{name}{{reason=\"{reason}\"}} {n}");
             }
         }
         let Some(a) = audit else {

@@ -1,7 +1,8 @@
 //! The HTTP API and the daemon around it. Bodies are JSON, read with a size bound and a
-//! deadline; connections are capped and closed when idle; every refusal is a 4xx with a JSON
-//! body `{"reason": …, "message": …}` counted under its reason; nothing logs a client's
-//! address (the server never asks for it).
+//! deadline; connections are capped in total and per address, and closed when a request head
+//! is slow or the connection idle; every refusal is a 4xx with a JSON body
+//! `{"reason": …, "message": …}` counted under its reason; every answer under `/v1/` is
+//! signed by the ledger's key ([`crate::answer`]); nothing logs a client's address.
 //!
 //! | route | body → answer |
 //! |---|---|
@@ -14,21 +15,27 @@
 //! | `GET /metrics` | Prometheus text |
 
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use axum::Router;
 use axum::body::{Body, Bytes};
-use axum::extract::{Path, State};
-use axum::http::{StatusCode, header};
+use axum::extract::{Path, Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use murmur_directory::serve_until;
+use ed25519_dalek::SigningKey;
+use futures_util::StreamExt;
+use murmur_directory::{RefusalCounter, serve_until};
 use murmur_protocol::directory::IdentityKey;
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::answer::{self, Exchange, SIGNATURE_HEADER};
+use crate::client::MAX_RESPONSE_BYTES;
 use crate::config::Config;
 use crate::ledger::{Apply, Ledger};
 use crate::metrics::Metrics;
@@ -50,6 +57,8 @@ struct Ctx {
     ledger: Ledger,
     metrics: Metrics,
     config: Config,
+    /// Signs every answer.
+    key: SigningKey,
 }
 
 fn router(ctx: Arc<Ctx>) -> Router {
@@ -61,7 +70,67 @@ fn router(ctx: Arc<Ctx>) -> Router {
         .route("/v1/pot/{key}", get(get_pot))
         .route("/v1/account/{key}", get(get_account))
         .route("/metrics", get(get_metrics))
+        // Around every route and the fallback (404, 405), so every answer is signed.
+        .layer(middleware::from_fn_with_state(ctx.clone(), sign_answers))
         .with_state(ctx)
+}
+
+/// Signs the answer to every request but `/metrics` ([`crate::answer`]): hashes the request
+/// body as the handler reads it, then the answer, and adds the signature header.
+async fn sign_answers(State(ctx): State<Arc<Ctx>>, req: Request, next: Next) -> Response {
+    if req.uri().path() == "/metrics" {
+        return next.run(req).await;
+    }
+    let method = req.method().as_str().to_owned();
+    let target = req
+        .uri()
+        .path_and_query()
+        .map_or_else(|| req.uri().path().to_owned(), |p| p.as_str().to_owned());
+    let hasher = Arc::new(Mutex::new(Sha256::new()));
+    let (parts, body) = req.into_parts();
+    let seen = hasher.clone();
+    // The handler reads the body with its own bound and deadline; this only watches it go by.
+    let body = Body::from_stream(body.into_data_stream().map(move |chunk| {
+        if let Ok(bytes) = &chunk {
+            seen.lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .update(bytes);
+        }
+        chunk
+    }));
+    let answer = next.run(Request::from_parts(parts, body)).await;
+    let request_digest: [u8; 32] = hasher
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .clone()
+        .finalize()
+        .into();
+    let (mut parts, body) = answer.into_parts();
+    let bytes = match axum::body::to_bytes(body, MAX_RESPONSE_BYTES).await {
+        Ok(bytes) => bytes,
+        Err(e) => {
+            tracing::error!("cannot sign an answer: {e}");
+            parts.status = StatusCode::INTERNAL_SERVER_ERROR;
+            parts.headers.remove(header::CONTENT_LENGTH);
+            Bytes::from(error_json(
+                "internal",
+                &"the answer could not be read to be signed",
+            ))
+        }
+    };
+    let signature = Exchange {
+        method: &method,
+        target: &target,
+        request_digest,
+        status: parts.status.as_u16(),
+        answer_digest: answer::digest(&bytes),
+    }
+    .sign(&ctx.key);
+    // Hex is always a valid header value.
+    if let Ok(value) = HeaderValue::from_str(&signature) {
+        parts.headers.insert(SIGNATURE_HEADER, value);
+    }
+    Response::from_parts(parts, Body::from(bytes))
 }
 
 /// Counts the result under `op` and answers: 200 with the JSON value, or the refusal's
@@ -188,6 +257,7 @@ pub async fn serve(
         source,
     })?;
     let genesis = config.genesis()?;
+    let key = config.signing_key()?;
     let ledger = Ledger::open(&config.database_path(), config.params(), &genesis)?;
     let addr = listener.local_addr().map_err(|source| Error::Listen {
         addr: config.listen,
@@ -195,6 +265,7 @@ pub async fn serve(
     })?;
     tracing::info!(
         %addr,
+        identity = %IdentityKey::of(&key),
         database = %config.database_path().display(),
         notice_period_s = config.params().notice_period_s,
         genesis_accounts = genesis.len(),
@@ -204,16 +275,19 @@ pub async fn serve(
         ledger,
         metrics: Metrics::default(),
         config,
+        key,
     });
 
     let token = CancellationToken::new();
     let tracker = TaskTracker::new();
     tracker.spawn(prune_periodically(ctx.clone(), token.clone()));
+    let counter = ctx.clone();
+    let refused: RefusalCounter = Arc::new(move |reason| counter.metrics.refused(reason));
     serve_until(
         listener,
-        ctx.config.limits.max_connections,
-        ctx.config.limits.idle_timeout,
+        ctx.config.limits.http(),
         router(ctx.clone()),
+        refused,
         shutdown,
         token,
         tracker,

@@ -1,5 +1,5 @@
-//! The built binary: `check-config`, and `run` until SIGTERM. (Naming the binary here also
-//! makes `cargo test --workspace` build it for the end-to-end tests.)
+//! The built binary: `keygen`, `check-config`, and `run` until SIGTERM. (Naming the binary
+//! here also makes `cargo test --workspace` build it for the end-to-end tests.)
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::io::{BufRead, BufReader};
@@ -47,10 +47,47 @@ fn check_config_accepts_the_example_and_refuses_unknown_keys() {
 }
 
 #[test]
+fn keygen_writes_a_private_key_once_and_run_needs_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("ledger.toml");
+    std::fs::write(&config, format!("listen = \"127.0.0.1:0\"\n{}", example())).unwrap();
+    let out = run(&["run", "--config", config.to_str().unwrap()]);
+    assert!(!out.status.success(), "started without a key");
+    assert!(
+        text(&out.stderr).contains("murmur-ledger keygen --out"),
+        "{}",
+        text(&out.stderr)
+    );
+    let key = dir.path().join("ledger.key");
+    let out = run(&["keygen", "--out", key.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let identity = text(&out.stdout).trim().to_owned();
+    assert_eq!(identity.len(), 64, "{identity}");
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&key).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o600);
+    assert!(
+        !run(&["keygen", "--out", key.to_str().unwrap()])
+            .status
+            .success()
+    );
+    let out = run(&["check-config", "--config", config.to_str().unwrap()]);
+    assert!(
+        text(&out.stdout).contains(&format!("key OK: this ledger is {identity}")),
+        "{}",
+        text(&out.stdout)
+    );
+}
+
+#[test]
 fn run_serves_until_sigterm() {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("ledger.toml");
     std::fs::write(&config, format!("listen = \"127.0.0.1:0\"\n{}", example())).unwrap();
+    let key = dir.path().join("ledger.key");
+    let out = run(&["keygen", "--out", key.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let identity = text(&out.stdout).trim().to_owned();
     let mut child = Command::new(BIN)
         .args(["run", "--config", config.to_str().unwrap()])
         .env("RUST_LOG", "info")
@@ -65,6 +102,10 @@ fn run_serves_until_sigterm() {
             .expect("the ledger logs before exiting")
             .unwrap();
         if let Some(rest) = line.split("addr=").nth(1) {
+            assert!(
+                line.contains(&format!("identity={identity}")),
+                "the ledger logs its identity: {line}"
+            );
             break rest.split_whitespace().next().unwrap().to_owned();
         }
     };

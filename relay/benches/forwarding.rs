@@ -78,7 +78,7 @@ fn main() {
 
     let mut rng = ChaCha20Rng::seed_from_u64(7);
     let pot = SigningKey::generate(&mut rng);
-    let ledger_url = rt.block_on(start_ledger(dir.path(), &pot));
+    let (ledger_url, ledger_key) = rt.block_on(start_ledger(dir.path(), &pot));
     let identity = SigningKey::generate(&mut rng);
     let sink_identity = SigningKey::generate(&mut rng);
     let sink_secret = StaticSecret::random_from_rng(&mut rng);
@@ -86,7 +86,8 @@ fn main() {
         &format!(
             "version = 1\n[relay]\nfamily = \"bench\"\nroles = [\"mix\"]\nstate_dir = \"{}\"\n\
              [listen]\nmix = \"127.0.0.1:0\"\n[mixing]\nreplay_capacity = 1000000\n\
-             [payments]\nledger = \"{ledger_url}\"\nmax_tickets_per_epoch = 1000000\n",
+             [payments]\nledger = \"{ledger_url}\"\nledger_key = \"{ledger_key}\"\n\
+             max_tickets_per_epoch = 1000000\n",
             dir.path().join("state").display()
         ),
         dir.path().to_path_buf(),
@@ -243,11 +244,13 @@ fn main() {
 }
 
 /// A ledger on loopback whose genesis credits `pot`'s account, with `pot` funded from it;
-/// its URL.
-async fn start_ledger(dir: &std::path::Path, pot: &SigningKey) -> String {
+/// its URL and identity.
+async fn start_ledger(dir: &std::path::Path, pot: &SigningKey) -> (String, IdentityKey) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let mut config = murmur_ledger::Config::with_defaults();
+    config.key_file = dir.join("ledger.key");
+    let ledger_key = murmur_directory::keys::keygen(&config.key_file).unwrap();
     config.listen = listener.local_addr().unwrap();
     config.state_dir = dir.join("ledger");
     config.genesis = vec![murmur_ledger::config::GenesisEntry {
@@ -259,7 +262,7 @@ async fn start_ledger(dir: &std::path::Path, pot: &SigningKey) -> String {
         listener,
         std::future::pending(),
     ));
-    let client = LedgerClient::new(&url, Duration::from_secs(10)).unwrap();
+    let client = LedgerClient::new(&url, ledger_key, Duration::from_secs(10)).unwrap();
     let fund = Fund {
         pot: IdentityKey::of(pot),
         balance: 1 << 48,
@@ -275,7 +278,7 @@ async fn start_ledger(dir: &std::path::Path, pot: &SigningKey) -> String {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(funded, "the bench's ledger did not fund the pot");
-    url
+    (url, ledger_key)
 }
 
 /// What the bench's tickets pay when they win; each is worth 64 base units on average, as a

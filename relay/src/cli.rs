@@ -116,11 +116,23 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let identity = murmur_directory::keys::load(&config.resolve(&config.relay.identity_key))?;
-    if let Some(addr) = config.listen.metrics {
-        crate::metrics::install(addr)?;
-    }
     let token = CancellationToken::new();
-    let node = Node::start(config.clone(), identity.clone(), token.clone()).await?;
+    let metrics = match config.listen.metrics {
+        Some(addr) => {
+            let (bound, task) = crate::metrics::install(addr, token.clone()).await?;
+            tracing::info!(%bound, "metrics on http://{bound}/metrics");
+            Some(task)
+        }
+        None => None,
+    };
+    let node = match Node::start(config.clone(), identity.clone(), token.clone()).await {
+        Ok(node) => node,
+        Err(e) => {
+            // Stops the metrics endpoint too (the devnet runs relays in one process).
+            token.cancel();
+            return Err(e.into());
+        }
+    };
     tracing::info!(
         identity = %node.identity(),
         mix = %node.mix_addr(),
@@ -138,6 +150,9 @@ pub async fn run(
     token.cancel();
     let _ = directory.await;
     node.join().await;
+    if let Some(metrics) = metrics {
+        let _ = metrics.await;
+    }
     Ok(())
 }
 

@@ -199,6 +199,9 @@ pub struct PaymentsSection {
     /// The ledger's base URL (`http://host:port`). Unset: payments are off, tickets are
     /// ignored and every packet is forwarded as if unpaid traffic were allowed.
     pub ledger: Option<String>,
+    /// The ledger's identity key, 64 hex digits (what `murmur-ledger keygen` printed);
+    /// required with `ledger`. Only answers signed by it are believed.
+    pub ledger_key: Option<String>,
     /// What to do with a packet that carries no acceptable ticket for this hop.
     pub unpaid: UnpaidPolicy,
     /// The least expected value (in the ledger's base unit) a ticket must carry.
@@ -229,6 +232,26 @@ pub struct PaymentsSection {
     pub max_pot_lookups: usize,
     /// Winning tickets stored but not yet redeemed; beyond it, winners are refused.
     pub max_pending_winners: usize,
+}
+
+impl PaymentsSection {
+    /// The ledger's identity key: `None` when payments are off; an error when `ledger` is
+    /// set without a valid `ledger_key`, or `ledger_key` without `ledger`.
+    pub fn ledger_identity(&self) -> std::result::Result<Option<IdentityKey>, String> {
+        match (&self.ledger, &self.ledger_key) {
+            (None, None) => Ok(None),
+            (None, Some(_)) => Err("payments.ledger_key is set but payments.ledger is not".into()),
+            (Some(_), None) => Err(
+                "payments.ledger_key is required with payments.ledger: the ledger's identity, \
+                 64 hex digits, as `murmur-ledger keygen` printed it"
+                    .into(),
+            ),
+            (Some(_), Some(hex)) => IdentityKey::from_hex(hex)
+                .and_then(|k| k.verifying_key().map(|_| k))
+                .map(Some)
+                .map_err(|e| format!("payments.ledger_key {hex}: {e}")),
+        }
+    }
 }
 
 /// What a relay does with a packet that carries no acceptable ticket for it.
@@ -333,6 +356,7 @@ impl Default for PaymentsSection {
     fn default() -> Self {
         PaymentsSection {
             ledger: None,
+            ledger_key: None,
             unpaid: UnpaidPolicy::Forward,
             min_expected_value: 1,
             min_redeem_window: Duration::from_secs(30 * 60),
@@ -451,6 +475,7 @@ impl Config {
         {
             return Err(format!("payments.ledger {url} must start with http://"));
         }
+        p.ledger_identity()?;
         if p.min_expected_value == 0 {
             return Err("payments.min_expected_value must be at least 1".into());
         }
@@ -533,6 +558,10 @@ mod tests {
     use super::*;
 
     const MINIMAL: &str = "version = 1\n[relay]\nfamily = \"op\"\nroles = [\"mix\"]\n";
+    /// A valid Ed25519 public key, in hex.
+    fn ledger_key() -> String {
+        IdentityKey::of(&ed25519_dalek::SigningKey::from_bytes(&[1; 32])).to_hex()
+    }
 
     #[test]
     fn minimal_config_takes_defaults() {
@@ -571,6 +600,20 @@ mod tests {
             (
                 &format!("{MINIMAL}[payments]\nunpaid = \"maybe\"\n"),
                 "unknown variant",
+            ),
+            (
+                &format!("{MINIMAL}[payments]\nledger = \"http://127.0.0.1:7080\"\n"),
+                "ledger_key is required",
+            ),
+            (
+                &format!(
+                    "{MINIMAL}[payments]\nledger = \"http://127.0.0.1:7080\"\nledger_key = \"00\"\n"
+                ),
+                "payments.ledger_key 00",
+            ),
+            (
+                &format!("{MINIMAL}[payments]\nledger_key = \"{}\"\n", ledger_key()),
+                "payments.ledger is not",
             ),
             (
                 &format!("{MINIMAL}[payments]\nmin_expected_value = 0\n"),
@@ -625,11 +668,16 @@ mod tests {
             PathBuf::new(),
             &[
                 "payments.ledger=\"http://127.0.0.1:7080\"".into(),
+                format!("payments.ledger_key=\"{}\"", ledger_key()),
                 "payments.unpaid=\"drop\"".into(),
             ],
         )
         .unwrap();
         assert_eq!(c.payments.ledger.as_deref(), Some("http://127.0.0.1:7080"));
+        assert_eq!(
+            c.payments.ledger_identity().unwrap().map(|k| k.to_hex()),
+            Some(ledger_key())
+        );
         assert_eq!(c.payments.unpaid, UnpaidPolicy::Drop);
     }
 }
@@ -660,9 +708,11 @@ mod example {
             })
             // Options that are off by default show an example value instead.
             .filter(|l| {
-                !l.starts_with("advertise_")
-                    && !l.starts_with("metrics")
-                    && !l.starts_with("ledger")
+                !l.starts_with("advertise_mix =")
+                    && !l.starts_with("advertise_client =")
+                    && !l.starts_with("metrics =")
+                    && !l.starts_with("ledger =")
+                    && !l.starts_with("ledger_key =")
             })
             .collect::<Vec<_>>()
             .join("\n");

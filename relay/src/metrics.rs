@@ -4,8 +4,17 @@
 //! full queue. Nothing here names a destination or a client address.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
 
+use axum::Router;
+use axum::http::header;
+use axum::routing::get;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
+use murmur_directory::{HttpLimits, RefusalCounter, serve_until};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::error::{Error, Result};
 
@@ -40,11 +49,14 @@ pub const WINNERS_PENDING: &str = "murmur_relay_winners_pending";
 pub const TICKETS_REDEEMED: &str = "murmur_relay_tickets_redeemed_total";
 /// What the ledger paid for them (base units).
 pub const REDEEMED_VALUE: &str = "murmur_relay_redeemed_value_total";
-/// Redemption attempts that were not paid, by `reason` (the ledger's refusal label, `http`, ...).
+/// Redemption attempts that were not paid, by `reason` (the ledger's refusal label, `http`,
+/// `unauthenticated`: an answer not signed by the ledger's key, retried like a network
+/// failure).
 pub const REDEMPTION_FAILURES: &str = "murmur_relay_redemption_failures_total";
 /// The relay's account balance at the ledger, as of the last redemption.
 pub const LEDGER_BALANCE: &str = "murmur_relay_ledger_balance";
-/// Pot lookups at the ledger, by `result`: `known`, `unknown`, `failed`.
+/// Pot lookups at the ledger, by `result`: `known`, `unknown`, `failed`, `unauthenticated`
+/// (an answer not signed by the ledger's key, treated as failed).
 pub const POT_LOOKUPS: &str = "murmur_relay_pot_lookups_total";
 
 /// Connections a listener refused or closed before serving them, by `listener` (`mix`,
@@ -68,10 +80,137 @@ pub fn builder() -> Result<PrometheusBuilder> {
         .map_err(|e| Error::Metrics(e.to_string()))
 }
 
-/// Starts `/metrics` on `addr` (Prometheus text format).
-pub fn install(addr: SocketAddr) -> Result<()> {
-    builder()?
-        .with_http_listener(addr)
-        .install()
-        .map_err(|e| Error::Metrics(e.to_string()))
+/// Bounds of the `/metrics` listener: a scraper or two, on loopback.
+pub const METRICS_HTTP: HttpLimits = HttpLimits {
+    max_connections: 16,
+    max_connections_per_address: 8,
+    header_timeout: Duration::from_secs(5),
+    idle_timeout: Duration::from_secs(30),
+};
+
+/// How often the recorder's histograms are rolled over (what the exporter's own listener did).
+const UPKEEP_EVERY: Duration = Duration::from_secs(5);
+
+/// Installs the recorder and serves `/metrics` (Prometheus text format) on `addr` until
+/// `shutdown`, through the same capped serving loop as the directory and the ledger (a
+/// per-address and a total cap, header and idle timeouts; refusals counted under
+/// `murmur_relay_connections_refused_total{listener="metrics"}`). Returns once the listener
+/// is bound, with its address; the task ends after `shutdown`.
+pub async fn install(
+    addr: SocketAddr,
+    shutdown: CancellationToken,
+) -> Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|source| Error::Listen { addr, source })?;
+    let bound = listener
+        .local_addr()
+        .map_err(|source| Error::Listen { addr, source })?;
+    let handle = builder()?
+        .install_recorder()
+        .map_err(|e| Error::Metrics(e.to_string()))?;
+    let tracker = TaskTracker::new();
+    {
+        let (handle, stop) = (handle.clone(), shutdown.clone());
+        tracker.spawn(async move {
+            loop {
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    () = tokio::time::sleep(UPKEEP_EVERY) => handle.run_upkeep(),
+                }
+            }
+        });
+    }
+    let router = Router::new().route(
+        "/metrics",
+        get(move || {
+            let text = handle.render();
+            async move { ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text) }
+        }),
+    );
+    let refused: RefusalCounter = Arc::new(|reason| crate::admit::refuse("metrics", reason));
+    let token = shutdown.child_token();
+    let task = tokio::spawn(async move {
+        if let Err(e) = serve_until(
+            listener,
+            METRICS_HTTP,
+            router,
+            refused,
+            shutdown.cancelled_owned(),
+            token,
+            tracker,
+        )
+        .await
+        {
+            tracing::error!(error = %e, "the metrics endpoint stopped");
+        }
+    });
+    Ok((bound, task))
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpSocket, TcpStream};
+
+    use super::*;
+
+    async fn connect_from(source: [u8; 4], to: SocketAddr) -> TcpStream {
+        let socket = TcpSocket::new_v4().unwrap();
+        socket.bind(SocketAddr::from((source, 0))).unwrap();
+        socket.connect(to).await.unwrap()
+    }
+
+    async fn scrape(s: &mut TcpStream) -> String {
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut text = String::new();
+        let _ = s.read_to_string(&mut text).await;
+        text
+    }
+
+    /// The only test that installs the global recorder (it can be installed once).
+    #[tokio::test]
+    async fn metrics_are_served_within_the_per_address_cap() {
+        let stop = CancellationToken::new();
+        let (addr, task) = install(SocketAddr::from(([127, 0, 0, 1], 0)), stop.clone())
+            .await
+            .unwrap();
+        metrics::counter!(LOOPS, "result" => "test").increment(3);
+        let mut c = connect_from([127, 0, 0, 1], addr).await;
+        let text = scrape(&mut c).await;
+        assert!(
+            text.contains("murmur_relay_loops_total{result=\"test\"} 3"),
+            "{text}"
+        );
+
+        // One address holds at most its share; the next is closed unread, another address
+        // is still served, and the refusal is counted.
+        drop(c);
+        // The first connection's slot is given back once its task ends.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let share = METRICS_HTTP.max_connections_per_address;
+        let mut idle = Vec::new();
+        for _ in 0..share {
+            idle.push(connect_from([127, 0, 0, 1], addr).await);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let mut over = connect_from([127, 0, 0, 1], addr).await;
+        assert_eq!(scrape(&mut over).await, "", "served over the cap");
+        let mut other = connect_from([127, 0, 0, 2], addr).await;
+        let text = scrape(&mut other).await;
+        assert!(
+            text.contains(
+                "murmur_relay_connections_refused_total{listener=\"metrics\",reason=\"per_address_limit\"} 1"
+            ),
+            "{text}"
+        );
+        drop(idle);
+        stop.cancel();
+        tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .unwrap()
+            .unwrap();
+    }
 }

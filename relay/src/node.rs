@@ -83,7 +83,12 @@ impl Node {
             Some(url) => {
                 let params = PaymentsParams::from_config(&config, IdentityKey::of(&identity));
                 let payments = Arc::new(Payments::open(&state_dir, params, keys.clone())?);
-                let ledger = LedgerClient::new(url, config.payments.ledger_timeout)
+                let ledger_key = config
+                    .payments
+                    .ledger_identity()
+                    .map_err(Error::Ledger)?
+                    .ok_or_else(|| Error::Ledger("payments.ledger_key is not set".into()))?;
+                let ledger = LedgerClient::new(url, ledger_key, config.payments.ledger_timeout)
                     .map_err(|e| Error::Ledger(e.to_string()))?;
                 tracker.spawn(run_redeemer(
                     payments.clone(),
@@ -97,7 +102,7 @@ impl Node {
                     ledger,
                     shutdown.clone(),
                 ));
-                tracing::info!(ledger = %url, "taking payments");
+                tracing::info!(ledger = %url, %ledger_key, "taking payments");
                 Some(payments)
             }
             None => None,

@@ -237,7 +237,8 @@ pub fn start_authorities_with(
              state_dir = \"state\"\nclock_skew = \"1s\"\n\
              [schedule]\nepoch_length = \"{epoch_s}s\"\nvote_lead = \"{vote}s\"\ncompute_lead = \"{compute}s\"\n\
              [network]\n{network}\
-             [policy]\nallow_private_addresses = true\n[limits]\npeer_timeout = \"1s\"\n",
+             [policy]\nallow_private_addresses = true\n\
+             [limits]\npeer_timeout = \"1s\"\nmax_connections_per_address = 256\n",
             ports[i]
         );
         for other in &infos {
@@ -294,15 +295,39 @@ pub struct LedgerProc {
     pub addr: SocketAddr,
     /// `http://127.0.0.1:PORT`, for relays' and clients' `[payments] ledger`.
     pub url: String,
+    /// Its identity key in hex (`murmur-ledger keygen`), for their `[payments] ledger_key`.
+    pub identity: String,
 }
 
-/// Writes a config under `dir/ledger` crediting `genesis` (account hex, amount) and starts the
-/// ledger; returns once it answers.
+impl LedgerProc {
+    /// The `ledger` and `ledger_key` lines of a relay's or client's `[payments]` section.
+    pub fn payments_toml(&self) -> String {
+        format!(
+            "ledger = \"{}\"\nledger_key = \"{}\"\n",
+            self.url, self.identity
+        )
+    }
+
+    /// A client of it that believes only its signed answers.
+    pub fn client(&self) -> murmur_ledger::client::LedgerClient {
+        let key = murmur_protocol::directory::IdentityKey::from_hex(&self.identity).unwrap();
+        murmur_ledger::client::LedgerClient::new(&self.url, key, Duration::from_secs(5)).unwrap()
+    }
+}
+
+/// Writes a key (`murmur-ledger keygen`) and a config under `dir/ledger` crediting `genesis`
+/// (account hex, amount) and starts the ledger; returns once it answers.
 pub fn start_ledger(dir: &Path, genesis: &[(&str, u64)]) -> LedgerProc {
     let ldir = dir.join("ledger");
     std::fs::create_dir_all(&ldir).unwrap();
+    let bin = binary("murmur-ledger");
+    let identity = keygen(&bin, &ldir.join("ledger.key"));
     let addr = SocketAddr::from(([127, 0, 0, 1], free_ports(1)[0]));
-    let mut text = format!("version = 1\nlisten = \"{addr}\"\nstate_dir = \"state\"\n");
+    // Every relay and client of a test network connects from 127.0.0.1.
+    let mut text = format!(
+        "version = 1\nlisten = \"{addr}\"\nkey_file = \"ledger.key\"\nstate_dir = \"state\"\n\
+         [limits]\nmax_connections_per_address = 256\n"
+    );
     for (account, amount) in genesis {
         text += &format!("[[genesis]]\naccount = \"{account}\"\namount = {amount}\n");
     }
@@ -310,7 +335,7 @@ pub fn start_ledger(dir: &Path, genesis: &[(&str, u64)]) -> LedgerProc {
     std::fs::write(&config, text).unwrap();
     let mut proc = Proc::spawn(
         "ledger",
-        &binary("murmur-ledger"),
+        &bin,
         &["run", "--config", config.to_str().unwrap()],
         ldir.join("ledger.log"),
     );
@@ -323,6 +348,7 @@ pub fn start_ledger(dir: &Path, genesis: &[(&str, u64)]) -> LedgerProc {
         proc,
         addr,
         url: format!("http://{addr}"),
+        identity,
     }
 }
 
@@ -519,19 +545,58 @@ impl Drop for HttpServer {
     }
 }
 
+/// One HTTP/1.x request: its method, target and body.
+pub struct Request {
+    pub method: String,
+    pub target: String,
+    pub body: Vec<u8>,
+}
+
+/// Reads one request from `s` (the body by its content-length, at most 64 KiB); `None` if
+/// the connection ends or fails first, or the head passes 16 KiB.
+pub fn read_request(s: &mut TcpStream) -> Option<Request> {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        if buf.len() > 16 * 1024 {
+            return None;
+        }
+        let n = s.read(&mut chunk).ok().filter(|&n| n > 0)?;
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+    let mut words = head.split_whitespace();
+    let (method, target) = (words.next()?.to_owned(), words.next()?.to_owned());
+    let len: usize = head
+        .lines()
+        .find_map(|l| {
+            let (name, value) = l.split_once(':')?;
+            name.eq_ignore_ascii_case("content-length")
+                .then(|| value.trim().parse().ok())?
+        })
+        .unwrap_or(0)
+        .min(64 * 1024);
+    while buf.len() < end + len {
+        let n = s.read(&mut chunk).ok().filter(|&n| n > 0)?;
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    Some(Request {
+        method,
+        target,
+        body: buf[end..end + len].to_vec(),
+    })
+}
+
 fn serve_one(mut stream: TcpStream, files: &[(String, Vec<u8>)]) {
     let _ = stream.set_nonblocking(false);
     let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
-    let mut req = Vec::new();
-    let mut buf = [0u8; 1024];
-    while !req.windows(4).any(|w| w == b"\r\n\r\n") && req.len() < 16 * 1024 {
-        match stream.read(&mut buf) {
-            Ok(0) | Err(_) => return,
-            Ok(n) => req.extend_from_slice(&buf[..n]),
-        }
-    }
-    let text = String::from_utf8_lossy(&req);
-    let path = text.split_whitespace().nth(1).unwrap_or("/");
+    let Some(req) = read_request(&mut stream) else {
+        return;
+    };
+    let path = req.target.as_str();
     match files.iter().find(|(p, _)| p == path) {
         Some((_, body)) => {
             let _ = write!(

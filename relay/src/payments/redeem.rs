@@ -46,8 +46,9 @@ pub struct RedeemRound {
 }
 
 /// Refusals that will not change on a retry: the winner is settled with the refusal's label.
-/// Anything else (transport errors, a stale or replayed request, the ledger's storage, a
-/// refusal this build does not know) is retried.
+/// Anything else (transport errors, an answer not signed by the ledger's key, a stale or
+/// replayed request, the ledger's storage, a refusal this build does not know) is retried:
+/// only the ledger itself can settle a winner unpaid.
 fn definitive(r: Refusal) -> bool {
     matches!(
         r,
@@ -321,10 +322,21 @@ impl Payments {
             for (key, result) in chunk.iter().zip(results) {
                 let state = match result {
                     Ok(pot) => PotState::Known(pot),
+                    // Only the ledger's signed refusal makes a pot unknown; an answer not
+                    // signed by it is a failed lookup (`Error::Unauthenticated`, below).
                     Err(e) if e.refusal() == Some(Refusal::UnknownPot) => PotState::Unknown,
                     Err(e) => {
-                        metrics::counter!(m::POT_LOOKUPS, "result" => "failed").increment(1);
-                        tracing::debug!(error = %e, "pot lookup failed");
+                        let label = match e {
+                            murmur_ledger::Error::Unauthenticated { .. } => {
+                                tracing::warn!(error = %e, "pot lookup answered without the ledger's signature");
+                                "unauthenticated"
+                            }
+                            _ => {
+                                tracing::debug!(error = %e, "pot lookup failed");
+                                "failed"
+                            }
+                        };
+                        metrics::counter!(m::POT_LOOKUPS, "result" => label).increment(1);
                         continue;
                     }
                 };

@@ -518,7 +518,9 @@ async fn the_redeemer_retries_until_the_ledger_answers() {
         .local_addr()
         .unwrap();
     let url = format!("http://{addr}");
-    let client = murmur_ledger::client::LedgerClient::new(&url, Duration::from_secs(2)).unwrap();
+    let (key_file, ledger_id) = ledger_key(dir.path());
+    let client =
+        murmur_ledger::client::LedgerClient::new(&url, ledger_id, Duration::from_secs(2)).unwrap();
     let r = Relay::open(dir.path(), params());
     let p = r.payments.clone();
     let relay = relay_key();
@@ -546,12 +548,7 @@ async fn the_redeemer_retries_until_the_ledger_answers() {
     assert_eq!(p.pending_winners().unwrap().len(), 1);
 
     // ...and is paid once it is up.
-    let mut config = murmur_ledger::Config::with_defaults();
-    config.state_dir = dir.path().join("ledger");
-    config.genesis = vec![murmur_ledger::config::GenesisEntry {
-        account: id(&payer(0)).to_hex(),
-        amount: 1 << 50,
-    }];
+    let config = ledger_config(dir.path(), key_file);
     let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
     let server_stop = tokio_util::sync::CancellationToken::new();
     let server = tokio::spawn(murmur_ledger::serve(
@@ -580,6 +577,141 @@ async fn the_redeemer_retries_until_the_ledger_answers() {
     stop.cancel();
     task.await.unwrap();
     server_stop.cancel();
+    server.await.unwrap().unwrap();
+}
+
+/// A ledger key under `dir` and its identity.
+fn ledger_key(dir: &Path) -> (std::path::PathBuf, IdentityKey) {
+    let path = dir.join("ledger.key");
+    let identity = murmur_directory::keys::keygen(&path).unwrap();
+    (path, identity)
+}
+
+/// A ledger daemon's config under `dir` whose genesis funds payer 0.
+fn ledger_config(dir: &Path, key_file: std::path::PathBuf) -> murmur_ledger::Config {
+    let mut config = murmur_ledger::Config::with_defaults();
+    config.key_file = key_file;
+    config.state_dir = dir.join("ledger");
+    config.genesis = vec![murmur_ledger::config::GenesisEntry {
+        account: id(&payer(0)).to_hex(),
+        amount: 1 << 50,
+    }];
+    config
+}
+
+/// Something answering on a ledger's address that is not the ledger: every redemption is
+/// "already redeemed" and every pot unknown, the ledger's own error bodies, either unsigned or
+/// signed by another key (alternately). Counts the requests it answered.
+async fn impostor_ledger() -> (String, Arc<std::sync::atomic::AtomicUsize>) {
+    use axum::http::StatusCode;
+    use murmur_ledger::answer::{Exchange, SIGNATURE_HEADER, digest};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let answered = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = answered.clone();
+    let app = axum::Router::new().fallback(move |req: axum::extract::Request| {
+        let n = count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        async move {
+            let method = req.method().as_str().to_owned();
+            let target = req.uri().path_and_query().unwrap().as_str().to_owned();
+            let request = axum::body::to_bytes(req.into_body(), 1 << 16)
+                .await
+                .unwrap();
+            let (status, reason) = if method == "GET" {
+                (StatusCode::NOT_FOUND, "unknown_pot")
+            } else {
+                (StatusCode::CONFLICT, "already_redeemed")
+            };
+            // The ledger's error body (`murmur_ledger::ErrorBody`).
+            let body = format!(r#"{{"reason":"{reason}","message":"not the ledger"}}"#);
+            let mut headers = axum::http::HeaderMap::new();
+            if n % 2 == 1 {
+                // A well-formed signature over the right message, by the wrong key.
+                let sig = Exchange {
+                    method: &method,
+                    target: &target,
+                    request_digest: digest(&request),
+                    status: status.as_u16(),
+                    answer_digest: digest(body.as_bytes()),
+                }
+                .sign(&SigningKey::from_bytes(&[99; 32]));
+                headers.insert(SIGNATURE_HEADER, sig.parse().unwrap());
+            }
+            (status, headers, body)
+        }
+    });
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (url, answered)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_impostor_ledger_neither_settles_a_winner_nor_makes_a_pot_unknown() {
+    let dir = TempDir::new().unwrap();
+    let (key_file, ledger_id) = ledger_key(dir.path());
+    let (fake_url, answered) = impostor_ledger().await;
+    let fake =
+        murmur_ledger::client::LedgerClient::new(&fake_url, ledger_id, Duration::from_secs(2))
+            .unwrap();
+    // Retries a second after each failure.
+    let quick = PaymentsParams {
+        redeem_backoff_max_s: 1,
+        ..params()
+    };
+    let r = Relay::open(dir.path(), quick);
+    let p = r.payments.clone();
+    let relay = relay_key();
+    let now = unix_now();
+    p.accept(&r.winner(&payer(0), 1), r.epoch, now).unwrap();
+    p.flush().unwrap();
+
+    // "Unknown pot", unsigned or wrongly signed: the pot stays being looked up, and its
+    // tickets are still taken.
+    for _ in 0..2 {
+        assert_eq!(p.refresh_pots(&fake, now).await, 1);
+    }
+    p.accept(&r.winner(&payer(0), 2), r.epoch, now).unwrap();
+    p.flush().unwrap();
+    r.retire();
+
+    // "Already redeemed", twice (unsigned, then signed by another key): both winners stay
+    // pending, to be retried.
+    for _ in 0..2 {
+        let round = p.redeem_due(&fake, &relay, unix_now()).await.unwrap();
+        assert_eq!((round.paid, round.settled_unpaid), (0, 0), "{round:?}");
+        assert_eq!(round.retrying, 2, "{round:?}");
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+    }
+    assert_eq!(p.pending_winners().unwrap().len(), 2);
+    assert!(p.settled().unwrap().is_empty());
+    assert!(answered.load(std::sync::atomic::Ordering::Relaxed) >= 6);
+
+    // The real ledger pays each once.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let stop = tokio_util::sync::CancellationToken::new();
+    let server = tokio::spawn(murmur_ledger::serve(
+        ledger_config(dir.path(), key_file),
+        listener,
+        stop.clone().cancelled_owned(),
+    ));
+    let real =
+        murmur_ledger::client::LedgerClient::new(&url, ledger_id, Duration::from_secs(5)).unwrap();
+    let fund = Fund {
+        pot: id(&payer(0)),
+        balance: 1 << 44,
+        escrow: 1 << 46,
+    };
+    real.fund(Signed::new(fund, &payer(0), unix_now()))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let round = p.redeem_due(&real, &relay, unix_now()).await.unwrap();
+    assert_eq!((round.paid, round.settled_unpaid), (2, 0), "{round:?}");
+    assert!(p.pending_winners().unwrap().is_empty());
+    assert_eq!(real.account(id(&relay)).await.unwrap().balance, 2 * FACE);
+    let again = p.redeem_due(&real, &relay, unix_now()).await.unwrap();
+    assert_eq!(again, RedeemRound::default());
+    stop.cancel();
     server.await.unwrap().unwrap();
 }
 
@@ -720,8 +852,10 @@ async fn a_relay_configured_with_a_ledger_takes_payments_and_publishes_commitmen
     let dir = TempDir::new().unwrap();
     let text = format!(
         "version = 1\n[relay]\nfamily = \"op\"\nroles = [\"mix\"]\nstate_dir = \"{}\"\n\
-         [listen]\nmix = \"127.0.0.1:0\"\n[payments]\nledger = \"http://127.0.0.1:9\"\n",
-        dir.path().join("state").display()
+         [listen]\nmix = \"127.0.0.1:0\"\n[payments]\nledger = \"http://127.0.0.1:9\"\n\
+         ledger_key = \"{}\"\n",
+        dir.path().join("state").display(),
+        id(&SigningKey::from_bytes(&[4; 32]))
     );
     let config = crate::Config::parse(&text, dir.path().to_path_buf()).unwrap();
     let stop = tokio_util::sync::CancellationToken::new();
@@ -749,6 +883,7 @@ async fn a_relay_configured_with_a_ledger_takes_payments_and_publishes_commitmen
     // Without a ledger, no payments.
     let mut off = config;
     off.payments.ledger = None;
+    off.payments.ledger_key = None;
     off.relay.state_dir = dir.path().join("state2");
     let stop = tokio_util::sync::CancellationToken::new();
     let node = crate::Node::start(off, relay_key(), stop.clone())
@@ -857,8 +992,9 @@ async fn the_gateway_cuts_off_a_client_that_does_not_pay() {
     let text = format!(
         "version = 1\n[relay]\nfamily = \"op\"\nroles = [\"gateway\"]\nstate_dir = \"{}\"\n\
          [listen]\nmix = \"127.0.0.1:0\"\nclient = \"127.0.0.1:0\"\n\
-         [payments]\nledger = \"http://127.0.0.1:9\"\n",
-        dir.path().join("state").display()
+         [payments]\nledger = \"http://127.0.0.1:9\"\nledger_key = \"{}\"\n",
+        dir.path().join("state").display(),
+        id(&SigningKey::from_bytes(&[4; 32]))
     );
     let config = crate::Config::parse(&text, dir.path().to_path_buf()).unwrap();
     let stop = tokio_util::sync::CancellationToken::new();
