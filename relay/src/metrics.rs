@@ -52,6 +52,15 @@ pub const POT_LOOKUPS: &str = "murmur_relay_pot_lookups_total";
 pub const CONNECTIONS_REFUSED: &str = "murmur_relay_connections_refused_total";
 /// Connections that finished their handshake and hold a slot, by `listener`.
 pub const CONNECTIONS_OPEN: &str = "murmur_relay_connections_open";
+/// Outbound relay links that did not come up, by `reason`: `connect`, `handshake_timeout`,
+/// `handshake_closed` (the listener closed or reset the connection mid-handshake) or
+/// `wrong_key` (the listener could not prove the link key the consensus lists for it).
+pub const LINK_DIAL_FAILURES: &str = "murmur_relay_link_dial_failures_total";
+/// Relay links that were up and closed, by `direction` (`inbound`, `outbound`) and `reason`:
+/// inbound `eof`, `idle_timeout`, `link_decrypt`, `bad_frame`, `replaced` (the dialer's key
+/// opened more links than allowed; its oldest is closed), `key_retired` (no longer in the
+/// consensus); outbound `idle`, `closed_by_peer`, `write_failed`, `write_timeout`.
+pub const LINKS_CLOSED: &str = "murmur_relay_links_closed_total";
 
 /// Counts one dropped packet.
 pub fn drop_packet(reason: &'static str) {
@@ -74,4 +83,26 @@ pub fn install(addr: SocketAddr) -> Result<()> {
         .with_http_listener(addr)
         .install()
         .map_err(|e| Error::Metrics(e.to_string()))
+}
+
+/// The process's recorder for unit tests (installed once; counters are shared by every test
+/// of the process, so tests compare before and after).
+#[cfg(test)]
+pub(crate) fn test_recorder() -> &'static metrics_exporter_prometheus::PrometheusHandle {
+    static HANDLE: std::sync::OnceLock<metrics_exporter_prometheus::PrometheusHandle> =
+        std::sync::OnceLock::new();
+    HANDLE.get_or_init(|| builder().unwrap().install_recorder().unwrap())
+}
+
+/// The sum of the samples of `name` whose labels contain `labels`, in the test recorder.
+#[cfg(test)]
+pub(crate) fn test_counter(name: &str, labels: &str) -> f64 {
+    test_recorder()
+        .render()
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.rsplit_once(' '))
+        .filter(|(series, _)| series.split('{').next() == Some(name) && series.contains(labels))
+        .map(|(_, v)| v.parse::<f64>().unwrap_or(0.0))
+        .sum()
 }

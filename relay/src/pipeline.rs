@@ -129,6 +129,15 @@ pub struct Submitter {
     input: Sender<Inbound>,
 }
 
+#[cfg(test)]
+impl Submitter {
+    /// A submitter whose packets go to the returned receiver (link tests).
+    pub(crate) fn for_test(capacity: usize) -> (Submitter, Receiver<Inbound>) {
+        let (input, rx) = crossbeam_channel::bounded(capacity);
+        (Submitter { input }, rx)
+    }
+}
+
 impl Submitter {
     /// Queues a packet; a full queue drops it (counted).
     pub fn submit(&self, inbound: Inbound) {
