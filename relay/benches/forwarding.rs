@@ -4,9 +4,15 @@
 //!
 //! - Relay: an in-process [`Node`] (role mix, replay state on disk as in production, a
 //!   Prometheus recorder installed) with a consensus that lists itself and a sink, a TCP
-//!   listener of this benchmark. A client thread sends pre-built two-hop packets [relay, sink]
-//!   as relay-link frames, keeping at most `WINDOW` packets in flight so the relay is saturated
-//!   without its input queue overflowing; the rate is packets arriving at the sink per second.
+//!   listener of this benchmark; both have real link keys, and every link is Noise XK as
+//!   between relays. A client thread (proving the sink's link key, a key of the consensus) sends
+//!   pre-built two-hop packets [relay, sink] as sealed relay-link frames, keeping at most
+//!   `WINDOW` packets in flight so the relay is saturated without its input queue overflowing;
+//!   the rate is packets arriving at the sink per second. The relay opens every frame it reads
+//!   and seals every frame it writes while it is timed. The client and the sink stand for other
+//!   relays, whose work is not this relay's: the client seals its frames before the round (as
+//!   the packets are built before it), and the sink counts the sealed messages as they arrive
+//!   and opens every one of them after the round, checking each is a frame.
 //! - Raw: one thread per core, each opening and processing (`OpenedPacket::open` +
 //!   `process`) pre-built packets in a loop, nothing else.
 //!
@@ -26,10 +32,10 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::collections::BTreeMap;
-use std::io::{BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::Arc;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ed25519_dalek::SigningKey;
@@ -42,12 +48,14 @@ use murmur_protocol::directory::{
 };
 use murmur_protocol::envelope::{Envelope, SlotTicket};
 use murmur_protocol::frame::{FRAME_LEN, Frame};
+use murmur_protocol::link::{LinkPublic, LinkSecret, SEALED_FRAME_LEN, Transport};
 use murmur_protocol::packet::{
     Address, HopOutput, OpenedPacket, Packet, PublicKey, RouteHop, StaticSecret,
     build_packet_with_envelope,
 };
 use murmur_protocol::ticket::{Terms, Ticket, TicketFields};
 use murmur_relay::{Config, Node};
+use murmur_tests::link::{Link, accept_on};
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha20Rng;
 use tokio_util::sync::CancellationToken;
@@ -100,11 +108,20 @@ fn main() {
     node.rotate_keys(EPOCH).unwrap();
     let relay_key = node.keys().get(EPOCH).unwrap().public;
 
-    let sink = Sink::start();
+    let sink_link = Arc::new(LinkSecret::generate(&mut rng));
+    let sink = Sink::start(sink_link.clone());
+    let relay_link = node.link_public();
     node.apply_consensus(Arc::new(consensus(
-        (&identity, node.mix_addr(), relay_key),
-        (&sink_identity, sink.addr, PublicKey::from(&sink_secret)),
+        (&identity, node.mix_addr(), relay_key, relay_link),
+        (
+            &sink_identity,
+            sink.addr,
+            PublicKey::from(&sink_secret),
+            sink_link.public(),
+        ),
     )));
+    // The client stands for other relays: it proves the sink's key, one of the consensus.
+    let client = (&*sink_link, &relay_link);
     let route = [
         RouteHop {
             address: node.address(),
@@ -183,17 +200,20 @@ fn main() {
         raw_cpu.0 += process_cpu() - before;
         raw_cpu.1 += n;
         let between = thread_cpu();
-        let (relay, lost) = relay_rate(node.mix_addr(), frames, &sink);
+        let (relay, lost) = relay_rate(node.mix_addr(), client, frames, &sink);
+        let opened = sink.open_all();
         let after = thread_cpu();
         for (name, t) in &after {
             *relay_cpu.entry(thread_kind(name)).or_default() +=
                 t - between.get(name).copied().unwrap_or(0.0);
         }
-        let (paid, paid_lost) = relay_rate(node.mix_addr(), &ticket_rounds[r], &sink);
+        let (paid, paid_lost) = relay_rate(node.mix_addr(), client, &ticket_rounds[r], &sink);
+        let paid_opened = sink.open_all();
         println!(
             "round {}: raw Sphinx {raw:.0} packets/s on {cores} threads; relay {relay:.0} \
              packets/s ({lost} lost); ratio {:.3}; relay with a ticket in every packet \
-             {paid:.0} packets/s ({paid_lost} lost)",
+             {paid:.0} packets/s ({paid_lost} lost); the sink opened {opened} + {paid_opened} \
+             sealed frames",
             r + 1,
             relay / raw
         );
@@ -285,14 +305,15 @@ async fn start_ledger(dir: &std::path::Path, pot: &SigningKey) -> (String, Ident
 /// client's ticket for 64 packets at price 1 is.
 const FACE_VALUE: u64 = 1_000_000;
 
-/// A consensus for `EPOCH` listing the relay and the sink, without relay loop cover.
+/// A consensus for `EPOCH` listing the relay and the sink (identity, link address, Sphinx key,
+/// link key), without relay loop cover.
 fn consensus(
-    relay: (&SigningKey, SocketAddr, PublicKey),
-    sink: (&SigningKey, SocketAddr, PublicKey),
+    relay: (&SigningKey, SocketAddr, PublicKey, LinkPublic),
+    sink: (&SigningKey, SocketAddr, PublicKey, LinkPublic),
 ) -> Consensus {
     let mut relays: Vec<ConsensusRelay> = [(relay, 1u8), (sink, 2u8)]
         .into_iter()
-        .map(|((identity, addr, key), layer)| ConsensusRelay {
+        .map(|((identity, addr, key, link_key), layer)| ConsensusRelay {
             identity: IdentityKey::of(identity),
             family: format!("bench-{layer}"),
             addresses: RelayAddresses {
@@ -304,8 +325,7 @@ fn consensus(
                 ..Roles::default()
             },
             layer: Some(layer),
-            // Replaced by the Noise links' keys where the bench dials them.
-            link_key: murmur_protocol::link::LinkPublic([layer; 32]),
+            link_key,
             sphinx_keys: vec![EpochKey {
                 epoch: EPOCH,
                 key: key.to_bytes(),
@@ -435,14 +455,21 @@ fn raw_rate(packets: &Arc<Vec<Packet>>, secret: &StaticSecret, threads: usize) -
     (n as f64 / start.elapsed().as_secs_f64(), n)
 }
 
-/// Sends `frames` to the relay, at most `WINDOW` ahead of what reached the sink; returns the
-/// sink's packets per second and how many never arrived.
-fn relay_rate(relay: SocketAddr, frames: &[u8], sink: &Sink) -> (f64, u64) {
+/// Sends `frames` to the relay over a link proving `client.0` to the relay's `client.1`, at
+/// most `WINDOW` ahead of what reached the sink; returns the sink's packets per second and how
+/// many never arrived.
+fn relay_rate(
+    relay: SocketAddr,
+    client: (&LinkSecret, &LinkPublic),
+    frames: &[u8],
+    sink: &Sink,
+) -> (f64, u64) {
     let n = (frames.len() / FRAME_LEN) as u64;
     let base = sink.received.load(Ordering::Relaxed);
     let arrived = || sink.received.load(Ordering::Relaxed) - base;
-    let mut link = TcpStream::connect(relay).unwrap();
-    link.set_nodelay(true).unwrap();
+    let mut link = Link::connect(relay, client.0, client.1);
+    let mut sealed = Vec::new();
+    link.seal_into(frames, &mut sealed).unwrap();
     let start = Instant::now();
     let mut sent = 0u64;
     let mut last_progress = (0, Instant::now());
@@ -454,8 +481,9 @@ fn relay_rate(relay: SocketAddr, frames: &[u8], sink: &Sink) -> (f64, u64) {
             .min(n - sent)
             .min(CHUNK);
         if room == CHUNK || (room > 0 && sent + room == n) {
-            let from = sent as usize * FRAME_LEN;
-            link.write_all(&frames[from..from + room as usize * FRAME_LEN])
+            let from = sent as usize * SEALED_FRAME_LEN;
+            link.stream
+                .write_all(&sealed[from..from + room as usize * SEALED_FRAME_LEN])
                 .unwrap();
             sent += room;
         } else {
@@ -473,37 +501,87 @@ fn relay_rate(relay: SocketAddr, frames: &[u8], sink: &Sink) -> (f64, u64) {
     (a as f64 / start.elapsed().as_secs_f64(), n - a)
 }
 
-/// Counts the frames the relay forwards to it.
+/// Counts the sealed frames the relay forwards to it, over links where it proves `key`, and
+/// opens them when asked.
 struct Sink {
     addr: SocketAddr,
     received: Arc<AtomicU64>,
+    links: Arc<Mutex<Vec<Arc<Mutex<SinkLink>>>>>,
+}
+
+/// One link into the sink: its transport and what it brought that is not opened yet.
+struct SinkLink {
+    transport: Transport,
+    unopened: Vec<u8>,
 }
 
 impl Sink {
-    fn start() -> Sink {
+    fn start(key: Arc<LinkSecret>) -> Sink {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let sink = Sink {
             addr: listener.local_addr().unwrap(),
             received: Arc::default(),
+            links: Arc::default(),
         };
-        let received = sink.received.clone();
+        let (received, links) = (sink.received.clone(), sink.links.clone());
         std::thread::spawn(move || {
             for stream in listener.incoming() {
-                let Ok(stream) = stream else { continue };
-                let received = received.clone();
+                let Ok(mut stream) = stream else { continue };
+                let (received, links, key) = (received.clone(), links.clone(), key.clone());
                 std::thread::Builder::new()
                     .name("sink".into())
                     .spawn(move || {
-                        let mut reader = BufReader::with_capacity(64 * FRAME_LEN, stream);
-                        let mut buf = vec![0u8; FRAME_LEN];
-                        while reader.read_exact(&mut buf).is_ok() {
-                            received.fetch_add(1, Ordering::Relaxed);
+                        let Ok(transport) = accept_on(&mut stream, &key) else {
+                            return;
+                        };
+                        let link = Arc::new(Mutex::new(SinkLink {
+                            transport,
+                            unopened: Vec::new(),
+                        }));
+                        links.lock().unwrap().push(link.clone());
+                        let mut buf = vec![0u8; 64 * SEALED_FRAME_LEN];
+                        let mut total = 0;
+                        loop {
+                            let n = match stream.read(&mut buf) {
+                                Ok(0) | Err(_) => break,
+                                Ok(n) => n,
+                            };
+                            link.lock().unwrap().unopened.extend_from_slice(&buf[..n]);
+                            // Every message on a link is one sealed frame.
+                            let whole = total / SEALED_FRAME_LEN;
+                            total += n;
+                            received.fetch_add(
+                                (total / SEALED_FRAME_LEN - whole) as u64,
+                                Ordering::Relaxed,
+                            );
                         }
                     })
                     .unwrap();
             }
         });
         sink
+    }
+
+    /// Opens every whole sealed frame received so far (panicking at one that does not open to
+    /// a frame); how many.
+    fn open_all(&self) -> u64 {
+        let mut frame = vec![0u8; FRAME_LEN];
+        let mut opened = 0;
+        for link in self.links.lock().unwrap().iter() {
+            let mut link = link.lock().unwrap();
+            let SinkLink {
+                transport,
+                unopened,
+            } = &mut *link;
+            let whole = unopened.len() / SEALED_FRAME_LEN * SEALED_FRAME_LEN;
+            for sealed in unopened[..whole].chunks_exact(SEALED_FRAME_LEN) {
+                transport.open(sealed, &mut frame).unwrap();
+                Frame::decode(&frame).unwrap();
+                opened += 1;
+            }
+            unopened.drain(..whole);
+        }
+        opened
     }
 }
 

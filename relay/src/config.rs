@@ -134,8 +134,21 @@ pub struct MixingSection {
     pub max_held_packets: usize,
     /// Frames queued per outgoing link; beyond it, dropped and counted.
     pub peer_queue: usize,
-    /// Inbound relay connections at once.
+    /// Inbound relay links at once that finished their handshake.
     pub max_inbound_connections: usize,
+    /// Inbound connections still in their Noise handshake, in all.
+    pub max_handshakes: usize,
+    /// Inbound connections still in their handshake from one address (an IPv4 address or an
+    /// IPv6 /64).
+    pub max_handshakes_per_address: usize,
+    /// Time a relay link's Noise handshake may take (from accept, or from connect).
+    #[serde(with = "humantime_serde")]
+    pub handshake_timeout: Duration,
+    /// An inbound relay link that brings no frame for this long is closed. Keep it longer than
+    /// the 5 minutes after which relays close their own idle outbound links, so that links end
+    /// on the side that knows when it next has something to send.
+    #[serde(with = "humantime_serde")]
+    pub link_idle_timeout: Duration,
     /// Replay tags each Sphinx key's filter is sized for.
     pub replay_capacity: u64,
     /// The replay filter's false-positive rate at capacity.
@@ -317,6 +330,10 @@ impl Default for MixingSection {
             max_held_packets: 100_000,
             peer_queue: 2000,
             max_inbound_connections: 512,
+            max_handshakes: 256,
+            max_handshakes_per_address: 32,
+            handshake_timeout: Duration::from_secs(5),
+            link_idle_timeout: Duration::from_secs(600),
             replay_capacity: 10_000_000,
             replay_fp_rate: 1e-6,
             distinct_subnets: true,
@@ -445,6 +462,19 @@ impl Config {
             || m.max_inbound_connections == 0
         {
             return Err("mixing queue bounds must be positive".into());
+        }
+        if m.max_handshakes == 0 || m.max_handshakes_per_address == 0 {
+            return Err(
+                "mixing.max_handshakes and max_handshakes_per_address must be positive".into(),
+            );
+        }
+        for (name, d) in [
+            ("handshake_timeout", m.handshake_timeout),
+            ("link_idle_timeout", m.link_idle_timeout),
+        ] {
+            if d.is_zero() {
+                return Err(format!("mixing.{name} must be positive"));
+            }
         }
         if m.replay_capacity == 0 || !(m.replay_fp_rate > 0.0 && m.replay_fp_rate < 0.5) {
             return Err("mixing.replay_capacity must be > 0 and replay_fp_rate in (0, 0.5)".into());
@@ -643,10 +673,33 @@ mod tests {
                 &format!("{MINIMAL}[gateway]\nclient_idle_timeout = \"0s\"\n"),
                 "client_idle_timeout",
             ),
+            (
+                &format!("{MINIMAL}[mixing]\nmax_handshakes = 0\n"),
+                "max_handshakes",
+            ),
+            (
+                &format!("{MINIMAL}[mixing]\nmax_handshakes_per_address = 0\n"),
+                "max_handshakes",
+            ),
+            (
+                &format!("{MINIMAL}[mixing]\nhandshake_timeout = \"0s\"\n"),
+                "handshake_timeout",
+            ),
+            (
+                &format!("{MINIMAL}[mixing]\nlink_idle_timeout = \"0s\"\n"),
+                "link_idle_timeout",
+            ),
         ] {
             let err = Config::parse(text, PathBuf::new()).unwrap_err();
             assert!(err.contains(needle), "{err} should mention {needle}");
         }
+    }
+
+    #[test]
+    fn inbound_links_outlive_the_other_sides_idle_close() {
+        // A link is closed by the dialer, which knows when it next has a frame to send; a
+        // listener closing first would lose the frame written into the closed socket.
+        assert!(MixingSection::default().link_idle_timeout > crate::links::IDLE_CLOSE);
     }
 
     #[test]

@@ -64,6 +64,15 @@ pub const POT_LOOKUPS: &str = "murmur_relay_pot_lookups_total";
 pub const CONNECTIONS_REFUSED: &str = "murmur_relay_connections_refused_total";
 /// Connections that finished their handshake and hold a slot, by `listener`.
 pub const CONNECTIONS_OPEN: &str = "murmur_relay_connections_open";
+/// Outbound relay links that did not come up, by `reason`: `connect`, `handshake_timeout`,
+/// `handshake_closed` (the listener closed or reset the connection mid-handshake) or
+/// `wrong_key` (the listener could not prove the link key the consensus lists for it).
+pub const LINK_DIAL_FAILURES: &str = "murmur_relay_link_dial_failures_total";
+/// Relay links that were up and closed, by `direction` (`inbound`, `outbound`) and `reason`:
+/// inbound `eof`, `idle_timeout`, `link_decrypt`, `bad_frame`, `replaced` (the dialer's key
+/// opened more links than allowed; its oldest is closed), `key_retired` (no longer in the
+/// consensus); outbound `idle`, `closed_by_peer`, `write_failed`, `write_timeout`.
+pub const LINKS_CLOSED: &str = "murmur_relay_links_closed_total";
 
 /// Counts one dropped packet.
 pub fn drop_packet(reason: &'static str) {
@@ -100,15 +109,24 @@ pub async fn install(
     addr: SocketAddr,
     shutdown: CancellationToken,
 ) -> Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    let handle = builder()?
+        .install_recorder()
+        .map_err(|e| Error::Metrics(e.to_string()))?;
+    serve(addr, handle, shutdown).await
+}
+
+/// Serves `handle`'s metrics on `addr` until `shutdown` (see [`install`]).
+async fn serve(
+    addr: SocketAddr,
+    handle: metrics_exporter_prometheus::PrometheusHandle,
+    shutdown: CancellationToken,
+) -> Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let listener = TcpListener::bind(addr)
         .await
         .map_err(|source| Error::Listen { addr, source })?;
     let bound = listener
         .local_addr()
         .map_err(|source| Error::Listen { addr, source })?;
-    let handle = builder()?
-        .install_recorder()
-        .map_err(|e| Error::Metrics(e.to_string()))?;
     let tracker = TaskTracker::new();
     {
         let (handle, stop) = (handle.clone(), shutdown.clone());
@@ -148,6 +166,28 @@ pub async fn install(
     Ok((bound, task))
 }
 
+/// The process's recorder for unit tests (installed once; counters are shared by every test
+/// of the process, so tests compare before and after).
+#[cfg(test)]
+pub(crate) fn test_recorder() -> &'static metrics_exporter_prometheus::PrometheusHandle {
+    static HANDLE: std::sync::OnceLock<metrics_exporter_prometheus::PrometheusHandle> =
+        std::sync::OnceLock::new();
+    HANDLE.get_or_init(|| builder().unwrap().install_recorder().unwrap())
+}
+
+/// The sum of the samples of `name` whose labels contain `labels`, in the test recorder.
+#[cfg(test)]
+pub(crate) fn test_counter(name: &str, labels: &str) -> f64 {
+    test_recorder()
+        .render()
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.rsplit_once(' '))
+        .filter(|(series, _)| series.split('{').next() == Some(name) && series.contains(labels))
+        .map(|(_, v)| v.parse::<f64>().unwrap_or(0.0))
+        .sum()
+}
+
 #[cfg(test)]
 mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -170,13 +210,17 @@ mod tests {
         text
     }
 
-    /// The only test that installs the global recorder (it can be installed once).
+    /// Served from the process's test recorder (a recorder can be installed once).
     #[tokio::test]
     async fn metrics_are_served_within_the_per_address_cap() {
         let stop = CancellationToken::new();
-        let (addr, task) = install(SocketAddr::from(([127, 0, 0, 1], 0)), stop.clone())
-            .await
-            .unwrap();
+        let (addr, task) = serve(
+            SocketAddr::from(([127, 0, 0, 1], 0)),
+            test_recorder().clone(),
+            stop.clone(),
+        )
+        .await
+        .unwrap();
         metrics::counter!(LOOPS, "result" => "test").increment(3);
         let mut c = connect_from([127, 0, 0, 1], addr).await;
         let text = scrape(&mut c).await;

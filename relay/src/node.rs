@@ -6,6 +6,7 @@ use std::time::Instant;
 
 use ed25519_dalek::SigningKey;
 use murmur_ledger::client::LedgerClient;
+use murmur_protocol::admission::Limits;
 use murmur_protocol::directory::{
     Consensus, DIRECTORY_SCHEMA, Descriptor, Epoch, EpochKey as PublishedKey, IdentityKey,
     RelayAddresses, Roles, UnixTime,
@@ -21,12 +22,13 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tokio_util::time::DelayQueue;
 
+use crate::admit::{Gate, GateLimits};
 use crate::config::{Config, Role};
 use crate::error::{Error, Result};
 use crate::exit::Exit;
 use crate::gateway::{Billing, Gateway};
 use crate::keys::{KeyRing, ReplaySizing};
-use crate::links::{Links, Routes, serve_inbound};
+use crate::links::{LinkListener, Links, Routes, serve_inbound};
 use crate::loops::{self, Outstanding};
 use crate::metrics::{self as m, drop_packet};
 use crate::payments::{Payments, PaymentsParams, run_pot_refresher, run_redeemer};
@@ -109,8 +111,10 @@ impl Node {
         };
         let routes = Arc::new(RwLock::new(Routes::default()));
         let links = Links::new(
-            routes,
+            routes.clone(),
+            link_key.clone(),
             config.mixing.peer_queue,
+            config.mixing.handshake_timeout,
             shutdown.clone(),
             tracker.clone(),
         );
@@ -139,9 +143,26 @@ impl Node {
             path: state_dir.clone(),
             source,
         })?;
+        let m = &config.mixing;
+        let gate = Gate::new(
+            "mix",
+            GateLimits {
+                handshake: Limits {
+                    total: m.max_handshakes,
+                    per_address: m.max_handshakes_per_address,
+                },
+                // No per-address cap once a relay proved its key: relays may share an
+                // address (a test network on one host); the per-key cap bounds each.
+                established: Limits {
+                    total: m.max_inbound_connections,
+                    per_address: m.max_inbound_connections,
+                },
+                handshake_timeout: m.handshake_timeout,
+            },
+        );
         tracker.spawn(serve_inbound(
             mix_listener,
-            config.mixing.max_inbound_connections,
+            LinkListener::new(gate, routes, link_key.clone(), m.link_idle_timeout),
             pipeline.submitter(),
             shutdown.clone(),
             tracker.clone(),
@@ -306,17 +327,11 @@ impl Node {
         })
     }
 
-    /// Puts a verified consensus in force: where relays are, which are layer 1.
+    /// Puts a verified consensus in force: where relays are, which are layer 1, which link
+    /// keys they prove (this and the previous consensus's relays may link to us).
     pub fn apply_consensus(&self, consensus: Arc<Consensus>) {
-        let mut routes = Routes::default();
-        for r in &consensus.relays {
-            routes.mix_addrs.insert(r.address(), r.addresses.mix);
-            if r.layer == Some(1) {
-                routes.layer1.insert(r.address());
-            }
-        }
         if let Ok(mut current) = self.links.routes().write() {
-            *current = routes;
+            *current = Routes::follow(&current, &consensus);
         }
         if let Ok(mut c) = self.consensus.write() {
             *c = Some(consensus);

@@ -129,7 +129,27 @@ pub struct Submitter {
     input: Sender<Inbound>,
 }
 
+#[cfg(test)]
 impl Submitter {
+    /// A submitter whose packets go to the returned receiver (link tests).
+    pub(crate) fn for_test(capacity: usize) -> (Submitter, Receiver<Inbound>) {
+        let (input, rx) = crossbeam_channel::bounded(capacity);
+        (Submitter { input }, rx)
+    }
+}
+
+impl Submitter {
+    /// If the queue is full, counts a packet that arrived and was dropped for it, and says so:
+    /// a link reader then skips decoding a frame that would only be dropped.
+    pub fn drop_if_full(&self) -> bool {
+        if !self.input.is_full() {
+            return false;
+        }
+        metrics::counter!(m::PACKETS_IN).increment(1);
+        drop_packet("input_queue_full");
+        true
+    }
+
     /// Queues a packet; a full queue drops it (counted).
     pub fn submit(&self, inbound: Inbound) {
         metrics::counter!(m::PACKETS_IN).increment(1);

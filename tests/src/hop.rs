@@ -1,11 +1,14 @@
 //! A fake next hop T played by a test, and what a test needs to send packets to a real relay R
-//! over a relay link: T publishes a signed descriptor (its own listener, its own Sphinx keys)
-//! like any relay; once a consensus lists R and T, the test builds packets over [R, T], sends
-//! them to R as relay-link frames and reads what R forwards on T's listener.
+//! over a relay link: T publishes a signed descriptor (its own listener, its own Sphinx and
+//! link keys) like any relay; once a consensus lists R and T, the test builds packets over
+//! [R, T], sends them to R over a Noise link proving T's link key (R serves only relays of the
+//! consensus) and reads what R forwards on T's listener, which runs the listener's side of the
+//! handshake with T's key as a relay does.
 
 use std::collections::HashMap;
-use std::io::{BufReader, Read, Write};
+use std::io::Read;
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -17,13 +20,15 @@ use murmur_protocol::directory::{
     SignedDescriptor,
 };
 use murmur_protocol::envelope::SlotTicket;
-use murmur_protocol::frame::{FRAME_LEN, Frame};
-use murmur_protocol::link::LinkSecret;
+use murmur_protocol::frame::Frame;
+use murmur_protocol::link::{DIALER_HELLO_LEN, LinkPublic, LinkSecret};
 use murmur_protocol::packet::{
     Address, HopOutput, OpenedPacket, PublicKey, RouteHop, StaticSecret, build_packet_with_envelope,
 };
 use rand_chacha::ChaCha20Rng;
 
+pub use crate::link::Link;
+use crate::link::{FrameReader, accept_on, forged_answer};
 use crate::{AuthorityInfo, wait_until};
 
 /// The directory epoch `now` falls in.
@@ -36,15 +41,31 @@ pub fn epoch_now(epoch_s: u64) -> Epoch {
 pub struct FakeHop {
     pub identity: SigningKey,
     pub sphinx: StaticSecret,
-    /// T's link key, published in its descriptor.
+    /// T's link key, published in its descriptor (and proven by its listener, unless T is an
+    /// impostor).
     pub link: LinkSecret,
     pub addr: SocketAddr,
     /// Packet id (from the final hop's SURB id field) → arrival times.
     arrivals: Arc<Mutex<HashMap<u64, Vec<Instant>>>>,
+    /// An impostor's record: handshakes dialers began, and bytes they sent after their first
+    /// handshake message.
+    impostor: Arc<(AtomicUsize, AtomicUsize)>,
 }
 
 impl FakeHop {
     pub fn start(rng: &mut ChaCha20Rng) -> FakeHop {
+        FakeHop::listen(rng, false)
+    }
+
+    /// A man in the middle: it publishes one link key but its listener holds another, so it
+    /// can never finish a dialer's handshake. It answers each dialer with a well-formed but
+    /// forged answer and records what the dialer sends after its first message (a dialer that
+    /// checks the key sends nothing).
+    pub fn impostor(rng: &mut ChaCha20Rng) -> FakeHop {
+        FakeHop::listen(rng, true)
+    }
+
+    fn listen(rng: &mut ChaCha20Rng, impostor: bool) -> FakeHop {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let hop = FakeHop {
             identity: SigningKey::generate(rng),
@@ -52,16 +73,54 @@ impl FakeHop {
             link: LinkSecret::generate(rng),
             addr: listener.local_addr().unwrap(),
             arrivals: Arc::default(),
+            impostor: Arc::default(),
         };
-        let (secret, arrivals) = (hop.sphinx.clone(), hop.arrivals.clone());
+        let key = if impostor {
+            LinkSecret::generate(rng)
+        } else {
+            hop.link.clone()
+        };
+        let (secret, arrivals, record) = (
+            hop.sphinx.clone(),
+            hop.arrivals.clone(),
+            hop.impostor.clone(),
+        );
         std::thread::spawn(move || {
             for stream in listener.incoming() {
                 let Ok(stream) = stream else { continue };
-                let (secret, arrivals) = (secret.clone(), arrivals.clone());
-                std::thread::spawn(move || read_link(stream, &secret, &arrivals));
+                let (secret, arrivals, record, key) = (
+                    secret.clone(),
+                    arrivals.clone(),
+                    record.clone(),
+                    key.clone(),
+                );
+                std::thread::spawn(move || {
+                    if impostor {
+                        play_impostor(stream, &key, &record);
+                    } else {
+                        read_link(stream, &key, &secret, &arrivals);
+                    }
+                });
             }
         });
         hop
+    }
+
+    /// For an impostor: handshakes begun, and bytes received after the dialers' first messages.
+    pub fn impostor_record(&self) -> (usize, usize) {
+        (
+            self.impostor.0.load(Ordering::Relaxed),
+            self.impostor.1.load(Ordering::Relaxed),
+        )
+    }
+
+    /// A link to R (route's first hop) proving T's link key, a key in the consensus.
+    pub fn try_dial(&self, route: &Route) -> Option<Link> {
+        Link::try_connect(route.relay_mix, &self.link, &route.relay_link).ok()
+    }
+
+    pub fn dial(&self, route: &Route) -> Link {
+        self.try_dial(route).expect("R accepts T's link")
     }
 
     pub fn address(&self) -> Address {
@@ -143,18 +202,21 @@ impl FakeHop {
     }
 }
 
-/// Reads frames off one link into T, noting each test packet's arrival (anything else, such
-/// as relay loop cover, is ignored).
+/// Runs the listener's side of the handshake with T's key, then reads frames off the link into
+/// T, noting each test packet's arrival (anything else, such as relay loop cover, is ignored).
 fn read_link(
-    stream: TcpStream,
+    mut stream: TcpStream,
+    key: &LinkSecret,
     secret: &StaticSecret,
     arrivals: &Mutex<HashMap<u64, Vec<Instant>>>,
 ) {
-    let mut reader = BufReader::with_capacity(64 * FRAME_LEN, stream);
-    let mut buf = vec![0u8; FRAME_LEN];
-    while reader.read_exact(&mut buf).is_ok() {
+    let Ok(transport) = accept_on(&mut stream, key) else {
+        return;
+    };
+    let mut reader = FrameReader::new(stream, transport);
+    while let Some(frame) = reader.next_frame() {
         let at = Instant::now();
-        let id = match Frame::decode(&buf) {
+        let id = match Frame::decode(&frame[..]) {
             Ok(Frame::Packet { packet, .. }) => OpenedPacket::open(packet.as_bytes(), secret)
                 .and_then(|o| o.process(Duration::MAX))
                 .ok()
@@ -172,6 +234,27 @@ fn read_link(
     }
 }
 
+/// The impostor's side of one connection: read the dialer's first message, answer with a
+/// forged one, count whatever the dialer sends after that until it closes.
+fn play_impostor(mut stream: TcpStream, key: &LinkSecret, record: &(AtomicUsize, AtomicUsize)) {
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
+    let mut hello = [0u8; DIALER_HELLO_LEN];
+    if stream.read_exact(&mut hello).is_err() {
+        return;
+    }
+    record.0.fetch_add(1, Ordering::Relaxed);
+    if std::io::Write::write_all(&mut stream, &forged_answer(key)).is_err() {
+        return;
+    }
+    let mut buf = [0u8; 4096];
+    while let Ok(n) = stream.read(&mut buf) {
+        if n == 0 {
+            break;
+        }
+        record.1.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
 /// The route [R, T] for the epoch of the consensus in force.
 #[derive(Clone)]
 pub struct Route {
@@ -181,6 +264,9 @@ pub struct Route {
     /// R's identity and the payment commitment it published for `epoch`.
     pub relay: IdentityKey,
     pub commitment: [u8; 32],
+    /// Where R listens for relay links and the link key it proves, from the consensus.
+    pub relay_mix: SocketAddr,
+    pub relay_link: LinkPublic,
 }
 
 /// One look at the directory: the route [R, T] if the consensus in force is for the current
@@ -207,7 +293,34 @@ pub fn current_route(
             destination: hop.address(),
             relay: r_id,
             commitment: r.payment_commitment(c.epoch)?,
+            relay_mix: r.addresses.mix,
+            relay_link: r.link_key,
         })
+    })
+}
+
+/// Sends a fresh zero-delay packet over `route` every `gap`, on a link to R proving T's key
+/// (dialed again whenever it is down, e.g. while R restarts), until one of them reaches T;
+/// when the first did, or `None` after `within`.
+pub fn probe(
+    hop: &FakeHop,
+    route: &Route,
+    packets: &mut Packets,
+    gap: Duration,
+    within: Duration,
+) -> Option<Instant> {
+    let mut link: Option<Link> = None;
+    let mut sent = Vec::new();
+    wait_until(within, gap, || {
+        if link.is_none() {
+            link = hop.try_dial(route);
+        }
+        let (id, frame) = packets.build(route, Duration::ZERO);
+        match link.as_mut().map(|l| l.try_send(&frame)) {
+            Some(Ok(())) => sent.push(id),
+            _ => link = None,
+        }
+        sent.iter().filter_map(|&id| hop.first_arrival(id)).min()
     })
 }
 
@@ -250,29 +363,5 @@ impl Packets {
             envelope,
         };
         (id, frame)
-    }
-}
-
-/// A relay link to R.
-pub struct Link(pub TcpStream);
-
-impl Link {
-    pub fn try_connect(to: SocketAddr) -> Option<Link> {
-        let s = TcpStream::connect_timeout(&to, Duration::from_secs(1)).ok()?;
-        s.set_nodelay(true).ok()?;
-        s.set_write_timeout(Some(Duration::from_secs(5))).ok()?;
-        Some(Link(s))
-    }
-
-    pub fn connect(to: SocketAddr) -> Link {
-        Link::try_connect(to).expect("R accepts relay links")
-    }
-
-    /// Sends one frame; returns when it was handed to the socket.
-    pub fn send(&mut self, frame: &Frame) -> Instant {
-        let bytes = frame.encode().unwrap();
-        let at = Instant::now();
-        self.0.write_all(&bytes[..]).unwrap();
-        at
     }
 }

@@ -5,6 +5,7 @@
 
 pub mod client_link;
 pub mod hop;
+pub mod link;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};

@@ -25,7 +25,7 @@ use murmur_ledger::{Settlement, unix_now};
 use murmur_protocol::directory::IdentityKey;
 use murmur_protocol::envelope::SlotTicket;
 use murmur_protocol::ticket::{Ticket, TicketFields};
-use murmur_tests::hop::{self, FakeHop, Link, Packets, Route};
+use murmur_tests::hop::{self, FakeHop, Packets, Route};
 use murmur_tests::{
     AuthorityInfo, LedgerProc, Proc, RelayProc, Request, read_request, runtime, start_authorities,
     start_ledger, start_relay, wait_until,
@@ -63,26 +63,16 @@ const KILL_EPOCH_S: u64 = 6;
 const KILL_TICKETS: u64 = 40;
 const KILL_FACE: u64 = 1_000;
 
-/// Sends a fresh unpaid packet every 200 ms until one reaches T (R holds a consensus listing
-/// T and forwards); `false` if none did within `within`.
-fn wait_forwarding(relay: &RelayProc, route: &Route, hop: &FakeHop, p: &mut Packets) -> bool {
-    let mut link: Option<Link> = None;
-    let mut sent = Vec::new();
-    wait_until(Duration::from_secs(30), Duration::from_millis(200), || {
-        if link.is_none() {
-            link = Link::try_connect(relay.mix);
-        }
-        let (id, frame) = p.build(route, Duration::ZERO);
-        let bytes = frame.encode().unwrap();
-        match link
-            .as_mut()
-            .map(|l| std::io::Write::write_all(&mut l.0, &bytes[..]))
-        {
-            Some(Ok(())) => sent.push(id),
-            _ => link = None,
-        }
-        sent.iter().any(|&id| hop.count(id) > 0).then_some(())
-    })
+/// Sends a fresh unpaid packet every 200 ms over a link proving T's key until one reaches T
+/// (R holds a consensus listing T and forwards); `false` if none did within 30 s.
+fn wait_forwarding(route: &Route, hop: &FakeHop, p: &mut Packets) -> bool {
+    hop::probe(
+        hop,
+        route,
+        p,
+        Duration::from_millis(200),
+        Duration::from_secs(30),
+    )
     .is_some()
 }
 
@@ -194,7 +184,7 @@ impl WinnerRig {
             .find_route(Duration::from_secs(60))
             .unwrap_or_else(|| panic!("no consensus listing R and T\n{}", self.logs()));
         assert!(
-            wait_forwarding(&self.relay, &first, &self.hop, &mut self.packets),
+            wait_forwarding(&first, &self.hop, &mut self.packets),
             "R forwards nothing\n{}",
             self.logs()
         );
@@ -230,7 +220,7 @@ impl WinnerRig {
             })
             .collect();
         let ids = frames[0].0..frames[frames.len() - 1].0 + 1;
-        let mut link = Link::connect(self.relay.mix);
+        let mut link = self.hop.dial(route);
         for (_, frame) in &frames {
             link.send(frame);
         }
