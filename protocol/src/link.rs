@@ -331,9 +331,12 @@ impl Transport {
     /// Seals `plaintext` into `out`, which needs `plaintext.len() + TAG_LEN` bytes; returns the
     /// sealed length.
     pub fn seal(&mut self, plaintext: &[u8], out: &mut [u8]) -> Result<usize> {
-        self.state
+        let n = self
+            .state
             .write_message(plaintext, out)
-            .map_err(|_| Error::LinkHandshake("cannot seal (message too long for its buffer)"))
+            .map_err(|_| Error::LinkHandshake("cannot seal (message too long for its buffer)"))?;
+        expect_len("sealed message", n, plaintext.len() + TAG_LEN)?;
+        Ok(n)
     }
 
     /// Opens a sealed message into `out`; returns the plaintext length. Fails on any

@@ -24,7 +24,8 @@
 //!
 //! Rounds alternate (raw, relay, raw, relay, ...) so that load from elsewhere on a shared
 //! machine touches both; the medians and their ratio are printed. So is the CPU time each
-//! packet cost, by thread, with the client and sink (which stand for other relays) counted
+//! packet cost, by thread, with what the client and sink (which stand for other relays) do
+//! during the round (writing and reading sealed frames; not sealing and opening them) counted
 //! against the relay. When other work competes for the cores the scheduler gives the relay's
 //! six threads a larger share than the raw test's two, and the throughput ratio reads high;
 //! the CPU ratio (raw CPU per packet ÷ relay CPU per packet) does not depend on that, and is
@@ -199,15 +200,17 @@ fn main() {
         let (raw, n) = raw_rate(&raw_packets, &raw_secret, cores);
         raw_cpu.0 += process_cpu() - before;
         raw_cpu.1 += n;
+        let round = seal_round(node.mix_addr(), client, frames);
         let between = thread_cpu();
-        let (relay, lost) = relay_rate(node.mix_addr(), client, frames, &sink);
-        let opened = sink.open_all();
+        let (relay, lost) = relay_rate(round, &sink);
         let after = thread_cpu();
         for (name, t) in &after {
             *relay_cpu.entry(thread_kind(name)).or_default() +=
                 t - between.get(name).copied().unwrap_or(0.0);
         }
-        let (paid, paid_lost) = relay_rate(node.mix_addr(), client, &ticket_rounds[r], &sink);
+        let opened = sink.open_all();
+        let round = seal_round(node.mix_addr(), client, &ticket_rounds[r]);
+        let (paid, paid_lost) = relay_rate(round, &sink);
         let paid_opened = sink.open_all();
         println!(
             "round {}: raw Sphinx {raw:.0} packets/s on {cores} threads; relay {relay:.0} \
@@ -455,21 +458,28 @@ fn raw_rate(packets: &Arc<Vec<Packet>>, secret: &StaticSecret, threads: usize) -
     (n as f64 / start.elapsed().as_secs_f64(), n)
 }
 
-/// Sends `frames` to the relay over a link proving `client.0` to the relay's `client.1`, at
-/// most `WINDOW` ahead of what reached the sink; returns the sink's packets per second and how
-/// many never arrived.
-fn relay_rate(
-    relay: SocketAddr,
-    client: (&LinkSecret, &LinkPublic),
-    frames: &[u8],
-    sink: &Sink,
-) -> (f64, u64) {
-    let n = (frames.len() / FRAME_LEN) as u64;
-    let base = sink.received.load(Ordering::Relaxed);
-    let arrived = || sink.received.load(Ordering::Relaxed) - base;
+/// A link to the relay and a round's frames sealed for it, in order, before the round.
+struct Round {
+    link: Link,
+    sealed: Vec<u8>,
+}
+
+/// Opens a link to the relay proving `client.0` (and expecting `client.1`) and seals `frames`
+/// for it: the client's work, done before the round as the packets were built before it.
+fn seal_round(relay: SocketAddr, client: (&LinkSecret, &LinkPublic), frames: &[u8]) -> Round {
     let mut link = Link::connect(relay, client.0, client.1);
     let mut sealed = Vec::new();
     link.seal_into(frames, &mut sealed).unwrap();
+    Round { link, sealed }
+}
+
+/// Sends a round's frames to the relay, at most `WINDOW` ahead of what reached the sink;
+/// returns the sink's packets per second and how many never arrived.
+fn relay_rate(round: Round, sink: &Sink) -> (f64, u64) {
+    let Round { mut link, sealed } = round;
+    let n = (sealed.len() / SEALED_FRAME_LEN) as u64;
+    let base = sink.received.load(Ordering::Relaxed);
+    let arrived = || sink.received.load(Ordering::Relaxed) - base;
     let start = Instant::now();
     let mut sent = 0u64;
     let mut last_progress = (0, Instant::now());

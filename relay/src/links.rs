@@ -373,21 +373,29 @@ async fn dial_handshake(
 ) -> Result<Transport, &'static str> {
     let (dialer, hello) = Dialer::start(LinkKind::Relay, local, remote, &mut rand::rng())
         .map_err(|_| "handshake_error")?;
-    stream
-        .write_all(&hello)
-        .await
-        .map_err(|_| "handshake_closed")?;
-    let mut answer = [0u8; LISTENER_HELLO_LEN];
-    stream
-        .read_exact(&mut answer)
-        .await
-        .map_err(|_| "handshake_closed")?;
+    put(stream, &hello).await?;
+    let answer = take::<LISTENER_HELLO_LEN>(stream).await?;
     let (transport, last) = dialer.finish(&answer).map_err(|_| "wrong_key")?;
+    put(stream, &last).await?;
+    Ok(transport)
+}
+
+/// Writes one handshake message; failing, the peer went away.
+async fn put(stream: &mut TcpStream, message: &[u8]) -> Result<(), &'static str> {
     stream
-        .write_all(&last)
+        .write_all(message)
+        .await
+        .map_err(|_| "handshake_closed")
+}
+
+/// Reads one handshake message of `N` bytes; failing, the peer went away.
+async fn take<const N: usize>(stream: &mut TcpStream) -> Result<[u8; N], &'static str> {
+    let mut message = [0u8; N];
+    stream
+        .read_exact(&mut message)
         .await
         .map_err(|_| "handshake_closed")?;
-    Ok(transport)
+    Ok(message)
 }
 
 /// The listener's side of the XK handshake on `stream`: the transport, whose `remote()` is the
@@ -396,22 +404,11 @@ async fn accept_handshake(
     stream: &mut TcpStream,
     local: &LinkSecret,
 ) -> Result<Transport, &'static str> {
-    let mut hello = [0u8; DIALER_HELLO_LEN];
-    stream
-        .read_exact(&mut hello)
-        .await
-        .map_err(|_| "handshake_closed")?;
+    let hello = take::<DIALER_HELLO_LEN>(stream).await?;
     let (listener, answer) = Listener::accept(LinkKind::Relay, local, &hello, &mut rand::rng())
         .map_err(|_| "link_handshake")?;
-    stream
-        .write_all(&answer)
-        .await
-        .map_err(|_| "handshake_closed")?;
-    let mut last = [0u8; DIALER_FINISH_LEN];
-    stream
-        .read_exact(&mut last)
-        .await
-        .map_err(|_| "handshake_closed")?;
+    put(stream, &answer).await?;
+    let last = take::<DIALER_FINISH_LEN>(stream).await?;
     listener.finish(&last).map_err(|_| "link_handshake")
 }
 
