@@ -478,9 +478,7 @@ impl LinkListener {
                 .increment(1);
         }
         drop(held);
-        drop(established);
-        metrics::gauge!(m::CONNECTIONS_OPEN, "listener" => "mix")
-            .set(self.gate.established() as f64);
+        self.gate.closed(established);
     }
 
     /// Reads sealed frames into the pipeline until the link ends; why it ended (`None` at

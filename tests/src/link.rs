@@ -203,12 +203,9 @@ pub fn connect_from(
     from: IpAddr,
     to: SocketAddr,
 ) -> io::Result<TcpStream> {
-    rt.block_on(async {
-        let socket = tokio::net::TcpSocket::new_v4()?;
-        socket.bind(SocketAddr::new(from, 0))?;
-        let stream = socket.connect(to).await?;
-        let stream = stream.into_std()?;
-        stream.set_nonblocking(false)?;
-        Ok(stream)
-    })
+    let stream = rt
+        .block_on(crate::client_link::connect_from(from, to))?
+        .into_std()?;
+    stream.set_nonblocking(false)?;
+    Ok(stream)
 }

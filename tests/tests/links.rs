@@ -66,11 +66,7 @@ impl Net {
         let mut rng = ChaCha20Rng::seed_from_u64(21);
         let hop = Arc::new(FakeHop::start(&mut rng));
         let impostor = Arc::new(FakeHop::impostor(&mut rng));
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap();
+        let rt = murmur_tests::runtime(1);
         hop.keep_uploading(&rt, &authorities, EPOCH_S);
         impostor.keep_uploading(&rt, &authorities, EPOCH_S);
         Net {
