@@ -365,3 +365,98 @@ impl Packets {
         (id, frame)
     }
 }
+
+/// What the relay-link tests start from: three real authorities, one real mix R (its
+/// `[mixing]` section given by the test), and a fake next hop T whose descriptor T uploads on
+/// `rt` every quarter epoch, with packets to send over [R, T].
+pub struct MixRig {
+    pub rt: tokio::runtime::Runtime,
+    pub authorities: Vec<AuthorityInfo>,
+    pub authority_procs: Vec<crate::Proc>,
+    pub relay: crate::RelayProc,
+    pub hop: Arc<FakeHop>,
+    pub packets: Packets,
+    pub epoch_s: u64,
+}
+
+impl MixRig {
+    /// Starts everything under `dir`; `mixing` holds the lines of R's `[mixing]` section. T is
+    /// made from `rng`, which then draws the packets.
+    pub fn start(
+        dir: &std::path::Path,
+        epoch_s: u64,
+        mixing: &str,
+        mut rng: ChaCha20Rng,
+    ) -> MixRig {
+        let (authorities, authority_procs) = crate::start_authorities(dir, 3, epoch_s);
+        let relay = crate::start_relay(
+            dir,
+            "relay",
+            "[\"mix\"]",
+            &authorities,
+            epoch_s,
+            &format!("[mixing]\n{mixing}"),
+        );
+        let hop = Arc::new(FakeHop::start(&mut rng));
+        let rt = crate::runtime(1);
+        hop.keep_uploading(&rt, &authorities, epoch_s);
+        MixRig {
+            rt,
+            authorities,
+            authority_procs,
+            relay,
+            hop,
+            packets: Packets { rng, next_id: 1 },
+            epoch_s,
+        }
+    }
+
+    /// R's logs (the restarted process's too) and the first authority's, for failure messages.
+    pub fn logs(&self) -> String {
+        format!(
+            "---- relay ----\n{}\n---- restarted ----\n{}\n---- authority-0 ----\n{}",
+            self.relay.proc.log_text(),
+            std::fs::read_to_string(self.relay.dir.join("relay-restarted.log")).unwrap_or_default(),
+            std::fs::read_to_string(self.authorities[0].dir.join("authority.log"))
+                .unwrap_or_default()
+        )
+    }
+
+    /// Waits for a consensus for the current epoch that lists R and `to` with Sphinx keys for
+    /// it; the route [R, to] under that epoch's keys.
+    pub fn route_to(&self, to: &FakeHop, within: Duration) -> Route {
+        wait_until(within, Duration::from_millis(250), || {
+            current_route(
+                &self.rt,
+                &self.authorities,
+                &self.relay.identity,
+                to,
+                self.epoch_s,
+            )
+        })
+        .unwrap_or_else(|| panic!("no consensus listing R within {within:?}\n{}", self.logs()))
+    }
+
+    /// Sends a fresh zero-delay packet every `gap` until one reaches T; when the first did, or
+    /// `None` after `within`.
+    pub fn probe(&mut self, route: &Route, gap: Duration, within: Duration) -> Option<Instant> {
+        probe(&self.hop, route, &mut self.packets, gap, within)
+    }
+
+    /// Waits until R forwards over `route` (it holds a consensus listing T); how long it took.
+    pub fn wait_forwarding(&mut self, route: &Route, within: Duration) -> Duration {
+        let started = Instant::now();
+        let ok = self.probe(route, Duration::from_millis(100), within);
+        assert!(
+            ok.is_some(),
+            "R forwarded nothing within {within:?}\n{}",
+            self.logs()
+        );
+        started.elapsed()
+    }
+
+    /// A sample of R's metrics (0 if absent).
+    pub fn metric(&self, name: &str, labels: &str) -> f64 {
+        self.relay.metric(name, labels).unwrap_or(0.0)
+    }
+}

@@ -16,14 +16,15 @@
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, TcpStream};
+use std::ops::{Deref, DerefMut};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use murmur_protocol::frame::Frame;
 use murmur_protocol::link::{DIALER_HELLO_LEN, LinkSecret};
-use murmur_tests::hop::{self, FakeHop, Packets, Route};
+use murmur_tests::hop::{FakeHop, MixRig};
 use murmur_tests::link::{Link, closed_within, connect_from};
-use murmur_tests::{AuthorityInfo, RelayProc, start_authorities, start_relay, wait_until};
+use murmur_tests::wait_until;
 use rand::SeedableRng;
 use rand_chacha::ChaCha20Rng;
 
@@ -36,71 +37,47 @@ const IDLE_SOCKETS: usize = 2000;
 const ATTACKERS: u8 = 8;
 const REFUSED: &str = "murmur_relay_connections_refused_total";
 
+/// The test network ([`MixRig`]: three authorities, R and T), the impostor M, and the directory
+/// it lives in.
 struct Net {
     _dir: tempfile::TempDir,
-    rt: tokio::runtime::Runtime,
-    authorities: Vec<AuthorityInfo>,
-    _authority_procs: Vec<murmur_tests::Proc>,
-    relay: RelayProc,
-    hop: Arc<FakeHop>,
+    rig: MixRig,
     impostor: Arc<FakeHop>,
-    packets: Packets,
+}
+
+impl Deref for Net {
+    type Target = MixRig;
+    fn deref(&self) -> &MixRig {
+        &self.rig
+    }
+}
+
+impl DerefMut for Net {
+    fn deref_mut(&mut self) -> &mut MixRig {
+        &mut self.rig
+    }
 }
 
 impl Net {
     fn start() -> Net {
         let dir = tempfile::tempdir().unwrap();
-        let (authorities, authority_procs) = start_authorities(dir.path(), 3, EPOCH_S);
-        let relay = start_relay(
+        let mut rig = MixRig::start(
             dir.path(),
-            "relay",
-            "[\"mix\"]",
-            &authorities,
             EPOCH_S,
             &format!(
-                "[mixing]\nreplay_capacity = 200000\nhandshake_timeout = \"{}s\"\n\
+                "replay_capacity = 200000\nhandshake_timeout = \"{}s\"\n\
                  max_handshakes_per_address = {PER_ADDRESS}\n",
                 HANDSHAKE_TIMEOUT.as_secs()
             ),
+            ChaCha20Rng::seed_from_u64(21),
         );
-        let mut rng = ChaCha20Rng::seed_from_u64(21);
-        let hop = Arc::new(FakeHop::start(&mut rng));
-        let impostor = Arc::new(FakeHop::impostor(&mut rng));
-        let rt = murmur_tests::runtime(1);
-        hop.keep_uploading(&rt, &authorities, EPOCH_S);
-        impostor.keep_uploading(&rt, &authorities, EPOCH_S);
+        let impostor = Arc::new(FakeHop::impostor(&mut rig.packets.rng));
+        impostor.keep_uploading(&rig.rt, &rig.authorities, EPOCH_S);
         Net {
             _dir: dir,
-            rt,
-            authorities,
-            _authority_procs: authority_procs,
-            relay,
-            hop,
+            rig,
             impostor,
-            packets: Packets { rng, next_id: 1 },
         }
-    }
-
-    fn logs(&self) -> String {
-        format!("---- relay ----\n{}", self.relay.proc.log_text())
-    }
-
-    /// The route [R, to] of the consensus in force for the current epoch.
-    fn route_to(&self, to: &FakeHop, within: Duration) -> Route {
-        wait_until(within, Duration::from_millis(250), || {
-            hop::current_route(
-                &self.rt,
-                &self.authorities,
-                &self.relay.identity,
-                to,
-                EPOCH_S,
-            )
-        })
-        .unwrap_or_else(|| panic!("no consensus listing R within {within:?}\n{}", self.logs()))
-    }
-
-    fn metric(&self, name: &str, labels: &str) -> f64 {
-        self.relay.metric(name, labels).unwrap_or(0.0)
     }
 
     fn refused(&self, reason: &str) -> f64 {
@@ -114,22 +91,6 @@ impl Net {
             (v >= n).then_some(v)
         })
         .unwrap_or_else(|| f(self))
-    }
-
-    /// Until a packet sent over [R, T] reaches T.
-    fn wait_forwarding(&mut self, route: &Route, within: Duration) {
-        let ok = hop::probe(
-            &self.hop,
-            route,
-            &mut self.packets,
-            Duration::from_millis(100),
-            within,
-        );
-        assert!(
-            ok.is_some(),
-            "R forwarded nothing within {within:?}\n{}",
-            self.logs()
-        );
     }
 }
 

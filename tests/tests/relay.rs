@@ -16,6 +16,7 @@
 //!   of the flood's end.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+use std::ops::{Deref, DerefMut};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -26,8 +27,8 @@ use murmur_protocol::directory::Epoch;
 use murmur_protocol::envelope::{ENVELOPE_LEN, Envelope};
 use murmur_protocol::frame::{FRAME_LEN, Frame};
 use murmur_protocol::packet::Packet;
-use murmur_tests::hop::{self, FakeHop, Packets, Route};
-use murmur_tests::{AuthorityInfo, RelayProc, start_authorities, start_relay, wait_until};
+use murmur_tests::hop::{self, MixRig, Route};
+use murmur_tests::wait_until;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha20Rng;
 use statrs::distribution::Exp;
@@ -57,98 +58,45 @@ fn epoch_now() -> Epoch {
     hop::epoch_now(EPOCH_S)
 }
 
-/// The test network: three authorities, R, and T (whose uploads run on `rt`).
+/// The test network ([`MixRig`]: three authorities, R, and T) and the directory it lives in.
 struct Net {
     _dir: tempfile::TempDir,
-    rt: tokio::runtime::Runtime,
-    authorities: Vec<AuthorityInfo>,
-    _authority_procs: Vec<murmur_tests::Proc>,
-    relay: RelayProc,
-    hop: Arc<FakeHop>,
-    packets: Packets,
+    rig: MixRig,
+}
+
+impl Deref for Net {
+    type Target = MixRig;
+    fn deref(&self) -> &MixRig {
+        &self.rig
+    }
+}
+
+impl DerefMut for Net {
+    fn deref_mut(&mut self) -> &mut MixRig {
+        &mut self.rig
+    }
 }
 
 impl Net {
     fn start() -> Net {
         let dir = tempfile::tempdir().unwrap();
-        let (authorities, authority_procs) = start_authorities(dir.path(), 3, EPOCH_S);
         // One Sphinx worker: the test seals every flood frame and R opens it (Noise), both on
         // the same two cores as R's workers, so a flood of ten times what two workers get
         // through would need more CPU than the machine has; ten times what one gets through
         // overwhelms R just the same.
-        let relay = start_relay(
+        let rig = MixRig::start(
             dir.path(),
-            "relay",
-            "[\"mix\"]",
-            &authorities,
             EPOCH_S,
-            "[mixing]\nreplay_capacity = 200000\nworkers = 1\n",
+            "replay_capacity = 200000\nworkers = 1\n",
+            ChaCha20Rng::seed_from_u64(4),
         );
-        let mut rng = ChaCha20Rng::seed_from_u64(4);
-        let hop = Arc::new(FakeHop::start(&mut rng));
-        let rt = murmur_tests::runtime(1);
-        hop.keep_uploading(&rt, &authorities, EPOCH_S);
-        Net {
-            _dir: dir,
-            rt,
-            authorities,
-            _authority_procs: authority_procs,
-            relay,
-            hop,
-            packets: Packets { rng, next_id: 1 },
-        }
+        Net { _dir: dir, rig }
     }
 
-    fn logs(&self) -> String {
-        format!(
-            "---- relay ----\n{}\n---- restarted ----\n{}\n---- authority-0 ----\n{}",
-            self.relay.proc.log_text(),
-            std::fs::read_to_string(self.relay.dir.join("relay-restarted.log")).unwrap_or_default(),
-            std::fs::read_to_string(self.authorities[0].dir.join("authority.log"))
-                .unwrap_or_default()
-        )
-    }
-
-    /// Waits for a consensus for the current epoch that lists R and T with Sphinx keys for
-    /// it; returns the route [R, T] under that epoch's keys (R holds them until two epochs on).
+    /// The route [R, T] of the consensus in force for the current epoch (R holds its keys
+    /// until two epochs on).
     fn current_route(&self, within: Duration) -> Route {
-        let route = wait_until(within, Duration::from_millis(250), || {
-            hop::current_route(
-                &self.rt,
-                &self.authorities,
-                &self.relay.identity,
-                &self.hop,
-                EPOCH_S,
-            )
-        });
-        route.unwrap_or_else(|| {
-            panic!(
-                "no consensus listing R and T within {within:?}\n{}",
-                self.logs()
-            )
-        })
-    }
-
-    /// Sends a fresh zero-delay packet every `gap` (reconnecting if R is not there) until one
-    /// of them reaches T; returns when the first did, or `None` after `within`.
-    fn probe(&mut self, route: &Route, gap: Duration, within: Duration) -> Option<Instant> {
-        hop::probe(&self.hop, route, &mut self.packets, gap, within)
-    }
-
-    /// Waits until R forwards (it holds a consensus that lists T); returns how long that took.
-    fn wait_forwarding(&mut self, route: &Route, within: Duration) -> Duration {
-        let started = Instant::now();
-        let ok = self.probe(route, Duration::from_millis(100), within);
-        assert!(
-            ok.is_some(),
-            "R forwarded nothing within {within:?}\n{}",
-            self.logs()
-        );
-        started.elapsed()
-    }
-
-    fn metric(&self, name: &str, labels: &str) -> f64 {
-        self.relay.metric(name, labels).unwrap_or(0.0)
+        self.route_to(&self.hop, within)
     }
 
     fn dropped(&self, reason: &str) -> f64 {
