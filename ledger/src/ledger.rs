@@ -29,15 +29,22 @@ use crate::{Error, Refusal, Result};
 const ACCOUNTS: TableDefinition<&[u8; 32], u64> = TableDefinition::new("accounts");
 /// Pot key → (balance, escrow, warned, unlock_at).
 const POTS: TableDefinition<&[u8; 32], (u64, u64, u64, u64)> = TableDefinition::new("pots");
-/// Pot key ‖ ticket nonce → ticket expiry.
-const REDEEMED: TableDefinition<&[u8; 48], u64> = TableDefinition::new("redeemed");
+/// Pot key ‖ ticket digest ([`Ticket::digest`]: every signed field, the recipient included)
+/// → ticket expiry. Keyed by the whole ticket, not `(pot, nonce)`: a payer who gives one nonce
+/// to several relays has signed several tickets, and each recipient is paid (or the escrow
+/// burns), instead of the first redeemer taking it and the others getting nothing.
+///
+/// [`Ticket::digest`]: murmur_protocol::ticket::Ticket::digest
+const REDEEMED: TableDefinition<&[u8; 64], u64> = TableDefinition::new("redeemed_tickets");
 /// Signer ‖ request nonce → request timestamp.
 const REQUESTS: TableDefinition<&[u8; 48], u64> = TableDefinition::new("requests");
 /// Schema version, genesis digest and total, burned total.
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 
-/// The database layout this build reads and writes.
-pub const SCHEMA: u64 = 1;
+/// The database layout this build reads and writes. Schema 2 keys redeemed tickets by their
+/// digest (schema 1 by `(pot, nonce)`); a schema-1 database is refused, not converted: its
+/// records cannot be turned into digests.
+pub const SCHEMA: u64 = 2;
 
 /// The rules a ledger applies (from the config).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -82,10 +89,18 @@ impl Pot {
     /// `min(balance', escrow'/2)` is paid in full, and a payer who overdraws the pot with
     /// more tickets than that loses at least twice what the overdraft gains.
     pub fn usable(&self) -> u64 {
+        self.usable_after(0)
+    }
+
+    /// The largest face value a recipient should accept from this pot when the pot already
+    /// owes it `owed` in winning tickets not yet redeemed: the balance (after a warned
+    /// withdrawal) must pay those and the new ticket, while the escrow only has to make one
+    /// ticket's overdraft cost the payer twice what it gains, so it is not reduced by `owed`.
+    pub fn usable_after(&self, owed: u64) -> u64 {
         let balance = self.balance.saturating_sub(self.warned);
         let from_escrow = self.warned.saturating_sub(self.balance);
         let escrow = self.escrow.saturating_sub(from_escrow);
-        balance.min(escrow / 2)
+        balance.saturating_sub(owed).min(escrow / 2)
     }
 
     fn state(&self) -> PotState {
@@ -207,6 +222,14 @@ fn genesis_digest(genesis: &[(IdentityKey, u64)]) -> [u8; 32] {
     h.finalize().into()
 }
 
+/// A redeemed ticket's key: pot ‖ [`Ticket::digest`](murmur_protocol::ticket::Ticket::digest).
+fn redemption_id(t: &murmur_protocol::ticket::Ticket) -> [u8; 64] {
+    let mut out = [0u8; 64];
+    out[..32].copy_from_slice(&t.pot.0);
+    out[32..].copy_from_slice(&t.digest());
+    out
+}
+
 fn concat(a: &[u8; 32], b: &[u8; 16]) -> [u8; 48] {
     let mut out = [0u8; 48];
     out[..32].copy_from_slice(a);
@@ -226,7 +249,7 @@ fn get_u64(meta: &impl ReadableTable<&'static str, &'static [u8]>, name: &str) -
 pub(crate) struct Tables<'t> {
     accounts: Table<'t, &'static [u8; 32], u64>,
     pots: Table<'t, &'static [u8; 32], PotState>,
-    redeemed: Table<'t, &'static [u8; 48], u64>,
+    redeemed: Table<'t, &'static [u8; 64], u64>,
     requests: Table<'t, &'static [u8; 48], u64>,
     meta: Table<'t, &'static str, &'static [u8]>,
 }
@@ -291,8 +314,8 @@ pub(crate) struct Effects {
     pot: Option<Pot>,
     /// Added to the burned total.
     burn: u64,
-    /// A redeemed ticket's record: (pot ‖ nonce, expiry).
-    redeemed: Option<([u8; 48], UnixTime)>,
+    /// A redeemed ticket's record: (pot ‖ digest, expiry).
+    redeemed: Option<([u8; 64], UnixTime)>,
 }
 
 /// How the ledger carries out an operation: checks that need no state (before the write
@@ -480,10 +503,11 @@ impl Apply for Redeem {
     ) -> Result<(Effects, Redemption)> {
         let t = &self.ticket;
         let mut pot = state.existing_pot(&t.pot)?;
-        let id = concat(&t.pot.0, &t.nonce);
+        let id = redemption_id(t);
         if state.redeemed.get(&id).db()?.is_some() {
             return Err(Refusal::AlreadyRedeemed.because(format!(
-                "ticket {} of pot {} was already redeemed",
+                "ticket {} (nonce {}) of pot {} was already redeemed by its recipient",
+                hex::encode(&t.digest()),
                 hex::encode(&t.nonce),
                 t.pot
             )));
@@ -799,6 +823,43 @@ mod tests {
             &key(2),
             now,
         )
+    }
+
+    /// One nonce given to five relays is five tickets: each recipient is paid once, the
+    /// ones the balance cannot cover get what is left and burn the escrow, and a second
+    /// redemption by the same recipient is refused.
+    #[test]
+    fn one_nonce_for_five_recipients_pays_each_once_and_an_overdraft_burns_the_escrow() {
+        let dir = tempfile::tempdir().unwrap();
+        let l = Ledger::open(&dir.path().join("l.redb"), PARAMS, &[(id(1), 1_000)]).unwrap();
+        l.fund_at(&fund(250, 300), NOW).unwrap();
+        let mut paid = Vec::new();
+        for relay in 10..15u8 {
+            let t = Ticket::sign(
+                TicketFields {
+                    recipient: id(relay),
+                    ..ticket(100, 9).fields()
+                },
+                &key(1),
+            );
+            let req = Signed::new(
+                Redeem {
+                    ticket: t,
+                    reveal: [7; 32],
+                },
+                &key(relay),
+                NOW,
+            );
+            let r = l.redeem_at(&req, NOW).unwrap();
+            paid.push((r.paid, r.burned));
+            let again = Signed::new(req.op, &key(relay), NOW);
+            assert_eq!(refusal(l.redeem_at(&again, NOW)), Refusal::AlreadyRedeemed);
+        }
+        println!("one nonce, five recipients: (paid, burned) = {paid:?}");
+        assert_eq!(paid, [(100, 0), (100, 0), (50, 300), (0, 0), (0, 0)]);
+        let a = l.audit().unwrap();
+        assert!(a.conserved(), "{a:?}");
+        assert_eq!((a.burned, a.redeemed_tickets), (300, 5));
     }
 
     #[test]

@@ -137,6 +137,9 @@ fn run(l: &Ledger, ops: &[Op]) -> Result<(), TestCaseError> {
     let mut now = START;
     let mut last: Option<Last> = None;
     let mut stamp = 0u64;
+    // The model of the redeemed set: a ticket (its digest) is paid once, whatever other
+    // tickets share its pot and nonce.
+    let mut redeemed = std::collections::HashSet::new();
     for op in ops {
         let before = holdings(l);
         // Each request gets a distinct nonce; Replay re-sends the previous one as it was.
@@ -199,6 +202,19 @@ fn run(l: &Ledger, ops: &[Op]) -> Result<(), TestCaseError> {
                 );
                 let pot_before = l.read_pot(&id(pot)).ok();
                 let r = l.redeem_at(&req, now);
+                if pot_before.is_some() && wins && !expired {
+                    let fresh = !redeemed.contains(&t.digest());
+                    match &r {
+                        Ok(_) => prop_assert!(fresh, "a ticket was redeemed twice"),
+                        Err(e) => prop_assert_eq!(
+                            e.refusal(),
+                            (!fresh).then_some(Refusal::AlreadyRedeemed),
+                            "a fresh ticket of a known pot was refused: {}",
+                            e
+                        ),
+                    }
+                    redeemed.insert(t.digest());
+                }
                 if let (Ok(redemption), Some(p)) = (&r, pot_before) {
                     // Pays min(face, balance); an overdraft burns the whole escrow.
                     prop_assert_eq!(redemption.paid, face.min(p.balance));

@@ -68,6 +68,7 @@ const SIGNATURE_DOMAIN: &[u8] = b"murmur/ticket/v1\0";
 const COMMIT_DOMAIN: &[u8] = b"murmur/ticket-commit/v1\0";
 const WIN_DOMAIN: &[u8] = b"murmur/ticket-win/v1\0";
 const REVEAL_DOMAIN: &[u8] = b"murmur/ticket-reveal/v1\0";
+const DIGEST_DOMAIN: &[u8] = b"murmur/ticket-id/v1\0";
 
 /// A signed ticket.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -80,7 +81,8 @@ pub struct Ticket {
     pub face_value: u64,
     /// The ticket wins with probability `(win_ratio + 1) / 2^64`.
     pub win_ratio: u64,
-    /// Unique per pot: the ledger redeems each `(pot, nonce)` at most once.
+    /// Chosen by the payer, fresh per ticket; relays refuse a `(pot, nonce)` they saw. The
+    /// ledger redeems each ticket ([`Ticket::digest`]) at most once.
     pub nonce: [u8; 16],
     /// When the payer issued it (Unix seconds).
     pub issued: UnixTime,
@@ -254,6 +256,19 @@ impl Ticket {
         message.extend_from_slice(SIGNATURE_DOMAIN);
         message.extend_from_slice(&encoded[..SIGNED_LEN]);
         message
+    }
+
+    /// The ticket's identity at the ledger: `SHA-256("murmur/ticket-id/v1\0" ‖ bytes[0..145])`,
+    /// every signed field (recipient included) and not the signature, so one signed ticket
+    /// has one identity however its signature is encoded. Tickets that share a nonce but
+    /// name different recipients are different tickets, each redeemable once by its own
+    /// recipient (Orchid keys its redemptions by the ticket's hash the same way).
+    pub fn digest(&self) -> [u8; 32] {
+        let encoded = self.encode();
+        let mut h = Sha256::new();
+        h.update(DIGEST_DOMAIN);
+        h.update(&encoded[..SIGNED_LEN]);
+        h.finalize().into()
     }
 
     /// Checks the pot's signature (strict Ed25519: no malleable or small-order encodings).
