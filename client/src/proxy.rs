@@ -9,6 +9,7 @@ use std::time::Duration;
 use ed25519_dalek::SigningKey;
 use murmur_directory::client::DirectoryClient;
 use murmur_ledger::client::LedgerClient;
+use murmur_protocol::delivery::DeliveryTags;
 use murmur_protocol::directory::path::{PathRules, PathSelector};
 use murmur_protocol::directory::{AuthoritySet, Consensus, ConsensusStore, IdentityKey, Offer};
 use murmur_protocol::link::{LinkSecret, session_address};
@@ -268,6 +269,9 @@ pub async fn run(
         let address = session_address(&link_key.public());
         let mut config = SessionConfig::new(address);
         config.path_rules = options.path_rules;
+        // Tagged SURB identifiers: the gateway drops junk addressed to this session, and the
+        // session pays only for its own deliveries.
+        config.delivery_tags = Some(DeliveryTags::new(&link_key.public(), &mut rng));
         let mut session = ClientSession::new(
             config,
             consensus.clone(),

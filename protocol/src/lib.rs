@@ -4,6 +4,7 @@ pub mod admission;
 pub mod control;
 pub mod cover;
 pub mod delay;
+pub mod delivery;
 pub mod directory;
 pub mod envelope;
 pub mod error;

@@ -29,7 +29,7 @@
 //! Sphinx hop (the last hop of loops and replies) is covered by those frames, so its slot
 //! stays empty.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -38,6 +38,7 @@ use rand::{CryptoRng, Rng, RngExt};
 use crate::control::Control;
 use crate::cover::{ClientCover, ClientEmission, ClientRates};
 use crate::delay::ExpDelay;
+use crate::delivery::DeliveryTags;
 use crate::directory::path::{ExitTarget, PathRules, PathSelector};
 use crate::directory::{Consensus, ConsensusRelay, IdentityKey, UnixTime};
 use crate::envelope::SlotTicket;
@@ -50,7 +51,7 @@ use crate::stream::{
     CLIENT_MESSAGE_OVERHEAD, ClientItem, ClientMessage, DATA_ITEM_OVERHEAD, ExitItem, ExitMessage,
     RecvBuffer, Refusal, StreamId, Target,
 };
-use crate::surb::{REPLY_BLOCK_LEN, ReplyBlock, ReplyKey, build_reply_block};
+use crate::surb::{REPLY_BLOCK_LEN, ReplyBlock, ReplyKey, build_reply_block_with_id};
 use crate::time::Instant;
 use crate::{Error, Result};
 
@@ -74,6 +75,10 @@ pub struct SessionConfig {
     /// An open not answered within this is sent again (the exit's answer rides on an
     /// unacknowledged reply packet, which may be lost).
     pub reply_timeout: Duration,
+    /// Keys for this session's SURB identifiers ([`crate::delivery`]): with them the gateway
+    /// drops junk addressed to the client, and the client pays only for its own deliveries.
+    /// `None`: random identifiers, and only deliveries of outstanding ones are paid.
+    pub delivery_tags: Option<DeliveryTags>,
 }
 
 impl SessionConfig {
@@ -88,6 +93,7 @@ impl SessionConfig {
             path_rules: PathRules::default(),
             loop_timeout: Duration::from_secs(30),
             reply_timeout: Duration::from_secs(4),
+            delivery_tags: None,
         }
     }
 }
@@ -122,6 +128,11 @@ pub struct SessionStats {
     pub replies: u64,
     pub unknown_deliveries: u64,
     pub bad_replies: u64,
+    /// Deliveries without this client's tag (junk the gateway let through, or forged by it):
+    /// not paid for, not looked at.
+    pub foreign_deliveries: u64,
+    /// Deliveries of an identifier delivered before: not paid again.
+    pub duplicate_deliveries: u64,
     /// Tickets put in packets' envelopes, and sent to the gateway in control frames.
     pub hop_tickets: u64,
     pub gateway_tickets: u64,
@@ -251,7 +262,14 @@ pub struct ClientSession {
     suspects: HashMap<IdentityKey, u32>,
     /// Paying relays, if the session pays.
     payment: Option<Payment>,
+    /// The identifiers of the latest deliveries (at most [`RECENT_DELIVERIES`]), so a
+    /// delivery repeated by the gateway is not paid twice.
+    recent_deliveries: VecDeque<SurbId>,
+    recent_set: HashSet<SurbId>,
 }
+
+/// Delivered identifiers remembered against repeats.
+const RECENT_DELIVERIES: usize = 4096;
 
 /// The payer and what it needs from outside: the wall clock, and the control frames for the
 /// gateway it produced.
@@ -309,6 +327,8 @@ impl ClientSession {
             aborted: VecDeque::new(),
             suspects: HashMap::new(),
             payment: None,
+            recent_deliveries: VecDeque::new(),
+            recent_set: HashSet::new(),
         })
     }
 
@@ -626,7 +646,30 @@ impl ClientSession {
         now: Instant,
         rng: &mut R,
     ) {
-        // Whatever it is, the gateway delivered a frame.
+        // Paid for only if it is this client's own (its tag verifies, or without tags it is
+        // outstanding) and not a repeat: junk addressed to the client costs it nothing.
+        let own = match &self.config.delivery_tags {
+            Some(tags) => tags.is_mine(&surb_id),
+            None => {
+                self.pending.contains_key(&surb_id)
+                    || self.reply_keys.contains_key(&surb_id)
+                    || self.loops.contains_key(&surb_id)
+            }
+        };
+        if !own {
+            self.stats.foreign_deliveries += 1;
+            return;
+        }
+        if !self.recent_set.insert(surb_id) {
+            self.stats.duplicate_deliveries += 1;
+            return;
+        }
+        self.recent_deliveries.push_back(surb_id);
+        if self.recent_deliveries.len() > RECENT_DELIVERIES
+            && let Some(old) = self.recent_deliveries.pop_front()
+        {
+            self.recent_set.remove(&old);
+        }
         self.gateway_frame(now, rng);
         if let Some(p) = self.pending.remove(&surb_id) {
             match p.key.open(payload).and_then(|b| Content::decode(&b)) {
@@ -878,12 +921,14 @@ impl ClientSession {
         route.push(self.gateway.route_hop(self.consensus.epoch)?);
         let delays = self.delay.sample_n(rng, route.len());
         let total = delays[..delays.len() - 1].iter().sum();
-        let (block, key) = build_reply_block(
+        let id = self.mint_surb_id(rng);
+        let (block, key) = build_reply_block_with_id(
             rng,
             &route,
             &delays,
             self.config.address,
             self.consensus.epoch,
+            id,
         )?;
         Ok((block, key, total, relays))
     }
@@ -1175,14 +1220,26 @@ impl ClientSession {
         )
     }
 
+    /// A fresh SURB identifier: tagged ([`crate::delivery`]) if the session has tag keys.
+    fn mint_surb_id<R: CryptoRng + ?Sized>(&self, rng: &mut R) -> SurbId {
+        match &self.config.delivery_tags {
+            Some(tags) => tags.mint(rng),
+            None => loop {
+                let id: SurbId = rng.random();
+                if id != [0; crate::SURB_ID_LEN] {
+                    return id;
+                }
+            },
+        }
+    }
+
     /// Loop cover: a packet through the mixes back to this client via its gateway.
     fn loop_cover<R: CryptoRng + ?Sized>(&mut self, now: Instant, rng: &mut R) -> Result<Frame> {
         let (mut route, mut payees) = self.mix_route(rng, None)?;
         route.push(self.gateway.route_hop(self.consensus.epoch)?);
         payees.push(self.gateway.identity);
         let delays = self.delay.sample_n(rng, route.len());
-        let mut id: SurbId = rng.random();
-        id[0] |= 1;
+        let id = self.mint_surb_id(rng);
         let frame = self.seal(
             rng,
             now,

@@ -150,14 +150,27 @@ pub fn build_reply_block<R: CryptoRng + ?Sized>(
     client: Address,
     key_epoch: u32,
 ) -> Result<(ReplyBlock, ReplyKey)> {
-    // The exit that uses the block cannot build a payment envelope for hops it does not
-    // know: tell every hop not to enforce one.
-    let (nodes, delays) = sphinx_route(route, delays, false)?;
     let mut surb_id: SurbId = [0; crate::SURB_ID_LEN];
     // A zero identifier is reserved ("no SURB"); redraw until non-zero (2^-128 per draw).
     while surb_id == [0; crate::SURB_ID_LEN] {
         rng.fill_bytes(&mut surb_id);
     }
+    build_reply_block_with_id(rng, route, delays, client, key_epoch, surb_id)
+}
+
+/// [`build_reply_block`] with the identifier the reply arrives under chosen by the caller
+/// (a client's tagged identifier, [`crate::delivery`]).
+pub fn build_reply_block_with_id<R: CryptoRng + ?Sized>(
+    rng: &mut R,
+    route: &[RouteHop],
+    delays: &[Duration],
+    client: Address,
+    key_epoch: u32,
+    surb_id: SurbId,
+) -> Result<(ReplyBlock, ReplyKey)> {
+    // The exit that uses the block cannot build a payment envelope for hops it does not
+    // know: tell every hop not to enforce one.
+    let (nodes, delays) = sphinx_route(route, delays, false)?;
     let destination = Destination::new(DestinationAddressBytes::from_bytes(client.0), surb_id);
     let material = SURBMaterial::new(nodes, delays, destination, SINGLE_SEED_SURB_VERSION);
     let (surb, recovery) = SURB::new_recoverable(StaticSecret::random_from_rng(rng), material)

@@ -551,13 +551,16 @@ proptest! {
         prop_assert!(total <= usable);
     }
 
-    /// The tab against a model in exact arithmetic: the arrears are the model's debt, and the
-    /// verdict is a cut-off exactly when they exceed `max_arrears`.
+    /// The tab against a model in exact arithmetic: each credit is capped at the arrears
+    /// limit's worth, the arrears are the model's debt, and the verdict is a cut-off exactly
+    /// when they exceed `max_arrears`. A prepaid tab never runs into debt: a frame beyond its
+    /// credit is refused, and the refused frames' worth past `max_arrears` cuts it off.
     #[test]
     fn the_tab_cuts_off_exactly_past_max_arrears(
         price in 0u64..1_000,
         max_arrears in 0u64..100_000,
         initial_credit in 0u64..100_000,
+        prepaid: bool,
         steps in proptest::collection::vec(
             prop_oneof![
                 (0u64..200).prop_map(TabStep::Charge),
@@ -567,28 +570,51 @@ proptest! {
         ),
     ) {
         let config = TabConfig { price, max_arrears, initial_credit };
-        let Ok(mut tab) = Tab::new(config) else {
+        let tab = if prepaid { Tab::prepaid(config) } else { Tab::new(config) };
+        let Ok(mut tab) = tab else {
             prop_assert!(price > 0 && initial_credit + max_arrears < price);
             return Ok(());
         };
-        let mut balance = i128::from(initial_credit);
+        let cap = i128::from(max_arrears.max(price));
+        let max = i128::from(max_arrears);
+        let mut balance = if prepaid { 0 } else { i128::from(initial_credit) };
+        // Frames' worth refused since the tab was last within its limit.
+        let mut streak = 0i128;
         for step in steps {
             let verdict = match step {
                 TabStep::Charge(frames) => {
-                    balance -= i128::from(frames) * i128::from(price);
-                    tab.charge(frames)
+                    let amount = i128::from(frames) * i128::from(price);
+                    let over = -balance > max;
+                    let v = tab.charge(frames);
+                    if over || (prepaid && amount > balance.max(0)) {
+                        streak += amount;
+                        prop_assert_eq!(
+                            v,
+                            if streak > max { Verdict::Cutoff } else { Verdict::Unpaid }
+                        );
+                    } else {
+                        balance -= amount;
+                        let cutoff = -balance > max || streak > max;
+                        prop_assert_eq!(v, if cutoff { Verdict::Cutoff } else { Verdict::Serve });
+                    }
+                    v
                 }
                 TabStep::Credit(value) => {
-                    balance += i128::from(value);
+                    balance += i128::from(value).min(cap);
                     tab.credit(value);
+                    if -balance <= max {
+                        streak = 0;
+                    }
                     tab.verdict()
                 }
             };
             let arrears = (-balance).max(0);
             prop_assert_eq!(i128::from(tab.arrears()), arrears);
             prop_assert_eq!(i128::from(tab.credit_left()), balance.max(0));
-            let cutoff = arrears > i128::from(max_arrears);
-            prop_assert_eq!(verdict, if cutoff { Verdict::Cutoff } else { Verdict::Serve });
+            let cutoff = arrears > max || streak > max;
+            if let TabStep::Credit(_) = step {
+                prop_assert_eq!(verdict, if cutoff { Verdict::Cutoff } else { Verdict::Serve });
+            }
         }
     }
 
@@ -616,7 +642,10 @@ proptest! {
                 }
             };
             prop_assert!(tab.arrears() == 0 || tab.credit_left() == 0);
-            prop_assert_eq!(verdict == Verdict::Cutoff, tab.arrears() > max_arrears);
+            // Served only within the limit; past it, refused or cut off.
+            if verdict == Verdict::Serve {
+                prop_assert!(tab.arrears() <= max_arrears);
+            }
         }
     }
 }

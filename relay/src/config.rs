@@ -185,6 +185,13 @@ pub struct GatewaySection {
     pub inbox_ttl: Duration,
     /// Frames queued towards one connected client.
     pub client_queue: usize,
+    /// How long a client's tab outlives its last session (a reconnect within it resumes the
+    /// tab, debts and all); also the window of `grace_per_address`.
+    #[serde(with = "humantime_serde")]
+    pub tab_window: Duration,
+    /// New tabs with grace (initial credit and arrears) per source address (an IPv4 address
+    /// or an IPv6 /64) per `tab_window`; later new tabs must pay before they are served.
+    pub grace_per_address: usize,
 }
 
 /// The exit role.
@@ -245,6 +252,22 @@ pub struct PaymentsSection {
     pub max_pot_lookups: usize,
     /// Winning tickets stored but not yet redeemed; beyond it, winners are refused.
     pub max_pending_winners: usize,
+    /// The largest face value a ticket may carry (base units); larger ones are refused. It
+    /// bounds what one ticket from a pot not yet looked up can claim.
+    pub max_face_value: u64,
+    /// Tickets accepted from one pot while the ledger is asked about it; more are refused
+    /// until it answers. Junk from fresh keys gets at most this many per key.
+    pub unverified_tickets_per_pot: u32,
+    /// Winning tickets from pots not yet looked up, pending at once (a pool apart from
+    /// `max_pending_winners`' others, so junk winners cannot take genuine winners' room).
+    pub max_unverified_winners: usize,
+    /// Nonces per key epoch from pots not yet looked up (a share of
+    /// `max_tickets_per_epoch`, for the same reason).
+    pub max_unverified_tickets_per_epoch: usize,
+    /// Winning tickets of one pot pending at once.
+    pub max_pending_winners_per_pot: usize,
+    /// Nonces of one pot remembered per key epoch.
+    pub max_tickets_per_pot_per_epoch: usize,
 }
 
 impl PaymentsSection {
@@ -353,6 +376,8 @@ impl Default for GatewaySection {
             inbox_packets: 2000,
             inbox_ttl: Duration::from_secs(60),
             client_queue: 4096,
+            tab_window: Duration::from_secs(600),
+            grace_per_address: 2,
         }
     }
 }
@@ -385,6 +410,12 @@ impl Default for PaymentsSection {
             max_pots: 10_000,
             max_pot_lookups: 256,
             max_pending_winners: 100_000,
+            max_face_value: 1_000_000_000,
+            unverified_tickets_per_pot: 8,
+            max_unverified_winners: 1_024,
+            max_unverified_tickets_per_epoch: 100_000,
+            max_pending_winners_per_pot: 10_000,
+            max_tickets_per_pot_per_epoch: 200_000,
         }
     }
 }
@@ -523,8 +554,23 @@ impl Config {
             || p.max_pots == 0
             || p.max_pot_lookups == 0
             || p.max_pending_winners == 0
+            || p.max_face_value == 0
+            || p.max_pending_winners_per_pot == 0
+            || p.max_tickets_per_pot_per_epoch == 0
         {
             return Err("payments bounds must be positive".into());
+        }
+        // Room kept for pots the ledger vouched for: the pools of pots not yet looked up
+        // must be smaller than the totals they are part of.
+        if p.max_unverified_winners >= p.max_pending_winners
+            || p.max_unverified_tickets_per_epoch >= p.max_tickets_per_epoch
+        {
+            return Err(
+                "payments.max_unverified_winners and max_unverified_tickets_per_epoch must be \
+                 below max_pending_winners and max_tickets_per_epoch, so junk from unknown pots \
+                 cannot take all the room"
+                    .into(),
+            );
         }
         Ok(())
     }

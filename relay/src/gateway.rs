@@ -12,11 +12,19 @@
 //! down that client's link as `Deliver` frames; while the client is away they wait in a
 //! bounded inbox for a while, so a brief disconnection loses nothing.
 //!
-//! A gateway that takes payments ([`Billing`]) keeps a [`Tab`] per session: each `Forward`
-//! frame from the client and each `Deliver` frame to it costs the gateway's price, each
-//! ticket the client sends in a `Payment` control frame is checked like a hop's ticket and
-//! credits its expected value, and a client whose arrears pass the tab's limit is told
-//! `Cutoff` and disconnected. A refused ticket is answered with `PaymentRefused`.
+//! A gateway that takes payments ([`Billing`]) keeps a [`Tab`] per client key in a
+//! [`TabBook`]: the tab outlives the session for a window (a reconnect resumes it), and a new
+//! tab gets grace only if its source address has grace left (others are prepaid). Each
+//! `Forward` frame from the client and each `Deliver` frame to it costs the gateway's price;
+//! each ticket the client sends in a `Payment` control frame is checked like a hop's ticket,
+//! and credits its expected value (at most the arrears limit's worth) only once the ledger
+//! has vouched that its pot covers it: a ticket from a pot still being looked up has its
+//! credit held until then, and one whose pot turns out unknown or empty is refused. A winning
+//! ticket is durable before it credits anything; a ticket issued before this gateway started
+//! credits nothing (its nonce may have been forgotten in a restart, so it could be a replay).
+//! A client whose arrears pass the tab's limit, or whose tickets are refused
+//! [`MAX_REFUSED_TICKETS`](murmur_protocol::tab::MAX_REFUSED_TICKETS) times, is told `Cutoff`
+//! and disconnected. A refused ticket is answered with `PaymentRefused`.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -26,11 +34,14 @@ use std::time::{Duration, Instant};
 
 use murmur_protocol::admission::Limits;
 use murmur_protocol::control::{Control, refusal};
+use murmur_protocol::delivery::GatewayTagKey;
+use murmur_protocol::envelope::Envelope;
 use murmur_protocol::frame::Frame;
 use murmur_protocol::link::{LinkSecret, session_address};
-use murmur_protocol::packet::{Address, FinalDelivery};
-use murmur_protocol::tab::{Tab, TabConfig, Verdict};
+use murmur_protocol::packet::{Address, FinalDelivery, Packet};
+use murmur_protocol::tab::{Opened, Tab, TabBook, TabBookConfig, Verdict};
 use murmur_protocol::ticket::Ticket;
+use murmur_protocol::time::Instant as ProtoInstant;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -42,11 +53,13 @@ use crate::config::GatewaySection;
 use crate::keys::KeyRing;
 use crate::links::Links;
 use crate::metrics::{self as m, drop_packet};
-use crate::payments::{PaymentRefusal, Payments};
+use crate::payments::{Accepted, PaymentRefusal, Payments, PotStanding};
 
 struct Session {
     generation: u64,
     tx: mpsc::Sender<Frame>,
+    /// Checks the client's delivery tags ([`murmur_protocol::delivery`]).
+    tags: Arc<GatewayTagKey>,
 }
 
 struct Inbox {
@@ -59,13 +72,13 @@ pub struct Billing {
     pub payments: Arc<Payments>,
     /// To tell which key epoch a ticket's commitment belongs to.
     pub keys: Arc<KeyRing>,
-    /// Each session's tab.
-    pub tab: TabConfig,
+    /// The clients' tabs' terms.
+    pub tabs: TabBookConfig,
 }
 
 impl Billing {
-    /// Checks a ticket a client paid with; its expected value, or the refusal code to send.
-    fn accept(&self, ticket: &Ticket) -> Result<u64, u8> {
+    /// Checks a ticket a client paid with.
+    fn accept(&self, ticket: &Ticket) -> Result<Accepted, PaymentRefusal> {
         let epoch = self
             .keys
             .epochs()
@@ -75,11 +88,9 @@ impl Billing {
                     .get(*e)
                     .is_some_and(|k| k.payment_commitment() == ticket.commitment)
             })
-            .ok_or(refusal::UNKNOWN_COMMITMENT)?;
+            .ok_or(PaymentRefusal::WrongCommitment(0))?;
         self.payments
             .accept(ticket, epoch, murmur_ledger::unix_now())
-            .map(|a| a.expected_value)
-            .map_err(|r| refusal_code(&r))
     }
 }
 
@@ -107,12 +118,28 @@ fn refusal_code(r: &PaymentRefusal) -> u8 {
 enum ClientFrame {
     /// Nothing to answer.
     Done,
-    /// A packet was forwarded: charge the tab one frame.
-    Forwarded,
-    /// A ticket was accepted, worth this much.
-    Paid(u64),
-    /// A ticket was refused: answer with this code.
-    Refused(u8),
+    /// A ticket to check.
+    Payment(Ticket),
+    /// A packet to charge and forward.
+    Forward {
+        next_hop: Address,
+        key_epoch: u32,
+        packet: Box<Packet>,
+        envelope: Envelope,
+    },
+}
+
+/// Tickets whose credit a session holds until the ledger vouches for their pot.
+const MAX_HELD_TICKETS: usize = 16;
+/// How long a client about to be cut off waits for the lookups its held tickets need.
+const HELD_WAIT: Duration = Duration::from_secs(2);
+
+/// A ticket accepted from a pot still being looked up: its credit waits.
+struct Held {
+    ticket: Ticket,
+    /// `None`: refused as `pot_not_yet_known` (the pot used its allowance); checked again
+    /// once the pot is known.
+    accepted: Option<Accepted>,
 }
 
 /// Client sessions and inboxes.
@@ -123,6 +150,12 @@ pub struct Gateway {
     gate: Gate,
     links: Arc<Links>,
     billing: Option<Billing>,
+    /// Every client's tab, by key (with `billing`).
+    tabs: Option<Mutex<TabBook>>,
+    /// The origin of the tabs' clock, and this gateway's start (Unix seconds): tickets
+    /// issued before it credit nothing.
+    origin: Instant,
+    started_unix: u64,
     sessions: Mutex<HashMap<Address, Session>>,
     inboxes: Mutex<HashMap<Address, Inbox>>,
     next_generation: AtomicU64,
@@ -136,12 +169,21 @@ impl Gateway {
         billing: Option<Billing>,
     ) -> Arc<Gateway> {
         let gate = Gate::new("client", gate_limits(&config));
+        // The book's terms were validated with the configuration; a tab that could not serve
+        // one frame is a configuration error caught there (`TabConfig::validate`).
+        let tabs = billing
+            .as_ref()
+            .and_then(|b| TabBook::new(b.tabs).ok())
+            .map(Mutex::new);
         Arc::new(Gateway {
             config,
             link_key,
             gate,
             links,
             billing,
+            tabs,
+            origin: Instant::now(),
+            started_unix: murmur_ledger::unix_now(),
             sessions: Mutex::new(HashMap::new()),
             inboxes: Mutex::new(HashMap::new()),
             next_generation: AtomicU64::new(0),
@@ -155,12 +197,19 @@ impl Gateway {
             payload: delivery.payload,
         };
         let to = delivery.destination;
-        let tx = self
+        let session = self
             .sessions
             .lock()
             .ok()
-            .and_then(|s| s.get(&to).map(|s| s.tx.clone()));
-        if let Some(tx) = tx {
+            .and_then(|s| s.get(&to).map(|s| (s.tx.clone(), s.tags.clone())));
+        if let Some((tx, tags)) = session {
+            // Junk addressed to the client (no tag of its) is neither delivered nor charged.
+            if let Frame::Deliver { surb_id, .. } = &frame
+                && !tags.admits(surb_id)
+            {
+                drop_packet("delivery_tag_invalid");
+                return;
+            }
             match tx.try_send(frame) {
                 Ok(()) => {
                     metrics::counter!(m::FINAL_DELIVERED, "to" => "client").increment(1);
@@ -269,7 +318,7 @@ impl Gateway {
                         None => return,
                     },
                 };
-                if let Err(reason) = gw.clone().session(link, address, shutdown).await {
+                if let Err(reason) = gw.clone().session(link, address, peer, shutdown).await {
                     tracing::debug!(reason, "client session ended");
                 }
                 gw.gate.closed(established);
@@ -304,6 +353,211 @@ impl Gateway {
         self: Arc<Self>,
         mut link: ClientLink,
         address: Address,
+        peer: SocketAddr,
+        shutdown: CancellationToken,
+    ) -> Result<(), &'static str> {
+        if let Some(book) = &self.tabs {
+            let opened =
+                book.lock()
+                    .map_err(|_| "tab book poisoned")?
+                    .open(address, peer.ip(), self.now());
+            match opened {
+                Ok(how) => {
+                    let label = match how {
+                        Opened::Resumed => "resumed",
+                        Opened::Graced => "graced",
+                        Opened::Prepaid => "prepaid",
+                    };
+                    metrics::counter!(m::TABS_OPENED, "how" => label).increment(1);
+                }
+                Err(_) => {
+                    crate::admit::refuse("client", "tabs_full");
+                    return Err("every tab is in use");
+                }
+            }
+        }
+        let result = self
+            .clone()
+            .serve_session(&mut link, address, shutdown)
+            .await;
+        if let Some(book) = &self.tabs
+            && let Ok(mut book) = book.lock()
+        {
+            book.close(&address, self.now());
+        }
+        link.close().await;
+        result
+    }
+
+    /// Charges one frame; if that would cut the client off while tickets of its wait for
+    /// their pot's lookup, waits for the ledger's answer (at most [`HELD_WAIT`]) and decides
+    /// on the balance then.
+    async fn charge_or_wait(&self, address: &Address, held: &mut VecDeque<Held>) -> Verdict {
+        let verdict = self.charge(address, 1);
+        if verdict != Verdict::Cutoff || held.is_empty() {
+            return verdict;
+        }
+        let deadline = tokio::time::Instant::now() + HELD_WAIT;
+        while !held.is_empty() && tokio::time::Instant::now() < deadline {
+            if self.settle_held(address, held).await == Verdict::Cutoff && held.is_empty() {
+                break;
+            }
+            if self.with_tab(address, |t| t.verdict()) != Verdict::Cutoff {
+                return Verdict::Serve;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        self.with_tab(address, |t| t.verdict())
+    }
+
+    /// The tabs' clock.
+    fn now(&self) -> ProtoInstant {
+        ProtoInstant::from_elapsed(self.origin.elapsed())
+    }
+
+    /// Charges `frames` to `address`'s tab, if the gateway keeps tabs.
+    fn charge(&self, address: &Address, frames: u64) -> Verdict {
+        match &self.tabs {
+            Some(book) => book
+                .lock()
+                .map_or(Verdict::Cutoff, |mut b| b.charge(address, frames)),
+            None => Verdict::Serve,
+        }
+    }
+
+    /// Applies `f` to `address`'s tab: its verdict after (`Serve` without tabs).
+    fn with_tab(&self, address: &Address, f: impl FnOnce(&mut Tab) -> Verdict) -> Verdict {
+        match &self.tabs {
+            Some(book) => book
+                .lock()
+                .ok()
+                .and_then(|mut b| b.tab_mut(address).map(f))
+                .unwrap_or(Verdict::Cutoff),
+            None => Verdict::Serve,
+        }
+    }
+
+    /// A `Payment` from the client: checked like a hop's ticket, then credited if its pot is
+    /// vouched for, held if its pot is being looked up (accepted within the pot's allowance,
+    /// or to be checked again once the ledger answers), refused otherwise. The verdict and,
+    /// for a refusal, the code to answer with.
+    async fn payment(
+        &self,
+        address: &Address,
+        ticket: Ticket,
+        held: &mut VecDeque<Held>,
+    ) -> (Verdict, Option<u8>) {
+        let Some(billing) = &self.billing else {
+            return (Verdict::Serve, None);
+        };
+        match billing.accept(&ticket) {
+            Ok(accepted) if accepted.pot_verified => {
+                (self.credit(address, &ticket, accepted).await, None)
+            }
+            Ok(accepted) => (self.hold(address, ticket, Some(accepted), held), None),
+            // Its pot is being looked up and used its allowance: check it again after.
+            Err(PaymentRefusal::PotNotYetKnown) => (self.hold(address, ticket, None, held), None),
+            Err(r) => (
+                self.with_tab(address, Tab::refused_ticket),
+                Some(refusal_code(&r)),
+            ),
+        }
+    }
+
+    /// Credits an accepted ticket whose pot the ledger vouched for, once a winner is durable.
+    async fn credit(&self, address: &Address, ticket: &Ticket, accepted: Accepted) -> Verdict {
+        let Some(billing) = &self.billing else {
+            return Verdict::Serve;
+        };
+        if accepted.winner {
+            // A winner is stored before it credits anything (a gateway killed right after
+            // still redeems it).
+            let payments = billing.payments.clone();
+            let stored = tokio::task::spawn_blocking(move || payments.flush()).await;
+            if !matches!(stored, Ok(Ok(_))) {
+                tracing::error!("cannot store a client's winning ticket; no credit given");
+                return Verdict::Serve;
+            }
+        }
+        if ticket.issued < self.started_unix {
+            // Its nonce may be one this gateway forgot in a restart: no credit for it.
+            metrics::counter!(m::CREDIT_HELD, "result" => "issued_before_start").increment(1);
+            return Verdict::Serve;
+        }
+        // A client paying its way back from a cut-off is not cut off again for the arrears
+        // it is paying down: its frames are refused until it is within the limit.
+        self.with_tab(address, |t| {
+            t.credit(accepted.expected_value);
+            Verdict::Serve
+        })
+    }
+
+    /// Holds a ticket until its pot is known ([`MAX_HELD_TICKETS`] at most: beyond, it counts
+    /// as refused).
+    fn hold(
+        &self,
+        address: &Address,
+        ticket: Ticket,
+        accepted: Option<Accepted>,
+        held: &mut VecDeque<Held>,
+    ) -> Verdict {
+        if held.len() >= MAX_HELD_TICKETS {
+            metrics::counter!(m::CREDIT_HELD, "result" => "held_full").increment(1);
+            return self.with_tab(address, Tab::refused_ticket);
+        }
+        held.push_back(Held { ticket, accepted });
+        Verdict::Serve
+    }
+
+    /// Credits the held tickets whose pots the ledger now vouches for (checking again those
+    /// not accepted yet) and ends the session if one's pot is unknown or cannot cover it. The
+    /// verdict.
+    async fn settle_held(&self, address: &Address, held: &mut VecDeque<Held>) -> Verdict {
+        let Some(billing) = &self.billing else {
+            return Verdict::Serve;
+        };
+        let mut verdict = Verdict::Serve;
+        for _ in 0..held.len() {
+            let Some(h) = held.pop_front() else { break };
+            let t = &h.ticket;
+            match billing.payments.pot_standing(&t.pot, t.face_value) {
+                PotStanding::Pending => held.push_back(h),
+                PotStanding::Covers => {
+                    let accepted = match h.accepted {
+                        Some(a) => Ok(a),
+                        None => billing.accept(t),
+                    };
+                    match accepted {
+                        Ok(a) => {
+                            metrics::counter!(m::CREDIT_HELD, "result" => "credited").increment(1);
+                            verdict = self.credit(address, t, a).await;
+                        }
+                        Err(r) => {
+                            metrics::counter!(m::CREDIT_HELD, "result" => "refused").increment(1);
+                            tracing::info!(reason = r.label(), "a held ticket was refused");
+                            verdict = self.with_tab(address, Tab::refused_ticket);
+                        }
+                    }
+                }
+                PotStanding::Refused => {
+                    metrics::counter!(m::CREDIT_HELD, "result" => "refused").increment(1);
+                    tracing::info!(pot = %t.pot, "a client paid from a pot that does not cover its ticket");
+                    // Paying from an unknown or empty pot ends the session.
+                    verdict = Verdict::Cutoff;
+                }
+            }
+            if verdict == Verdict::Cutoff {
+                break;
+            }
+        }
+        verdict
+    }
+
+    /// The session after its tab is open.
+    async fn serve_session(
+        self: Arc<Self>,
+        link: &mut ClientLink,
+        address: Address,
         shutdown: CancellationToken,
     ) -> Result<(), &'static str> {
         let (tx, mut rx) = mpsc::channel::<Frame>(self.config.client_queue);
@@ -322,22 +576,32 @@ impl Gateway {
             }
             .encode(),
         );
-        send_frame(&mut link, &welcome).await?;
-        // A client's tab lasts as long as its session: a client that reconnects starts with
-        // the initial credit again (bounded by `max_clients` sessions at once).
-        let mut tab = match &self.billing {
-            Some(b) => Some(Tab::new(b.tab).map_err(|_| "invalid tab configuration")?),
-            None => None,
-        };
+        send_frame(link, &welcome).await?;
+        let mut held: VecDeque<Held> = VecDeque::new();
+        let tags = Arc::new(GatewayTagKey::for_client(&link.remote()));
         for frame in waiting {
-            send_frame(&mut link, &frame).await?;
-            if charge(&mut tab, 1) == Verdict::Cutoff {
-                return cut_off(&mut link).await;
+            // What waited in the inbox was not checked against the client's tags yet.
+            if let Frame::Deliver { surb_id, .. } = &frame
+                && !tags.admits(surb_id)
+            {
+                drop_packet("delivery_tag_invalid");
+                continue;
+            }
+            send_frame(link, &frame).await?;
+            if self.charge(&address, 1) == Verdict::Cutoff {
+                return cut_off(link).await;
             }
         }
         // A reconnect with the same key replaces the old session: dropping its sender ends it.
         if let Ok(mut sessions) = self.sessions.lock() {
-            sessions.insert(address, Session { generation, tx });
+            sessions.insert(
+                address,
+                Session {
+                    generation,
+                    tx,
+                    tags,
+                },
+            );
             metrics::gauge!(m::CLIENT_SESSIONS).set(sessions.len() as f64);
         }
         let idle = self.config.client_idle_timeout;
@@ -352,35 +616,46 @@ impl Gateway {
                 }
                 out = rx.recv() => match out {
                     Some(frame) => {
-                        if let Err(e) = send_frame(&mut link, &frame).await {
+                        if let Err(e) = send_frame(link, &frame).await {
                             break Err(e);
                         }
-                        if charge(&mut tab, 1) == Verdict::Cutoff {
-                            break cut_off(&mut link).await;
+                        if self.charge_or_wait(&address, &mut held).await == Verdict::Cutoff {
+                            break cut_off(link).await;
                         }
                     }
                     None => break Ok(()),
                 },
                 msg = link.recv() => {
                     quiet.as_mut().reset(tokio::time::Instant::now() + idle);
+                    if !held.is_empty() && self.settle_held(&address, &mut held).await == Verdict::Cutoff {
+                        break cut_off(link).await;
+                    }
                     match msg {
                         Ok(frame) => match self.on_client_frame(frame) {
                             ClientFrame::Done => {}
-                            ClientFrame::Forwarded => {
-                                if charge(&mut tab, 1) == Verdict::Cutoff {
-                                    break cut_off(&mut link).await;
+                            ClientFrame::Forward { next_hop, key_epoch, packet, envelope } => {
+                                // Charged before it is served: a prepaid tab without credit
+                                // refuses it.
+                                match self.charge_or_wait(&address, &mut held).await {
+                                    Verdict::Serve => {
+                                        self.forward(next_hop, key_epoch, *packet, envelope)
+                                    }
+                                    Verdict::Unpaid => drop_packet("client_unpaid"),
+                                    Verdict::Cutoff => break cut_off(link).await,
                                 }
                             }
-                            ClientFrame::Paid(value) => {
-                                if let Some(tab) = &mut tab {
-                                    tab.credit(value);
+                            ClientFrame::Payment(ticket) => {
+                                let (verdict, refused) =
+                                    self.payment(&address, ticket, &mut held).await;
+                                if let Some(reason) = refused {
+                                    let answer =
+                                        Frame::Control(Control::PaymentRefused { reason }.encode());
+                                    if let Err(e) = send_frame(link, &answer).await {
+                                        break Err(e);
+                                    }
                                 }
-                            }
-                            ClientFrame::Refused(reason) => {
-                                let answer =
-                                    Frame::Control(Control::PaymentRefused { reason }.encode());
-                                if let Err(e) = send_frame(&mut link, &answer).await {
-                                    break Err(e);
+                                if verdict == Verdict::Cutoff {
+                                    break cut_off(link).await;
                                 }
                             }
                         },
@@ -407,7 +682,6 @@ impl Gateway {
             }
             metrics::gauge!(m::CLIENT_SESSIONS).set(sessions.len() as f64);
         }
-        link.close().await;
         result
     }
 
@@ -420,33 +694,15 @@ impl Gateway {
                 envelope,
             } => {
                 metrics::counter!(m::PACKETS_IN, "from" => "client").increment(1);
-                let allowed = self
-                    .links
-                    .routes()
-                    .read()
-                    .map(|r| r.layer1.contains(&next_hop))
-                    .unwrap_or(false);
-                if !allowed {
-                    drop_packet("first_hop_not_layer1");
-                    // It still cost the gateway a frame.
-                    return ClientFrame::Forwarded;
-                }
-                self.links.send(
+                ClientFrame::Forward {
                     next_hop,
-                    &Frame::Packet {
-                        key_epoch,
-                        packet,
-                        envelope,
-                    },
-                    Some(Instant::now()),
-                );
-                ClientFrame::Forwarded
+                    key_epoch,
+                    packet: Box::new(packet),
+                    envelope,
+                }
             }
             Frame::Control(bytes) => match (Control::decode(&bytes), &self.billing) {
-                (Ok(Control::Payment { ticket }), Some(billing)) => match billing.accept(&ticket) {
-                    Ok(value) => ClientFrame::Paid(value),
-                    Err(code) => ClientFrame::Refused(code),
-                },
+                (Ok(Control::Payment { ticket }), Some(_)) => ClientFrame::Payment(ticket),
                 // A gateway that charges nothing has nothing to take.
                 (Ok(Control::Payment { .. }), None) => ClientFrame::Done,
                 (Ok(_), _) => {
@@ -464,6 +720,32 @@ impl Gateway {
             }
         }
     }
+
+    /// Passes a client's packet to the layer-1 mix it names (after it was charged).
+    fn forward(&self, next_hop: Address, key_epoch: u32, packet: Packet, envelope: Envelope) {
+        {
+            let allowed = self
+                .links
+                .routes()
+                .read()
+                .map(|r| r.layer1.contains(&next_hop))
+                .unwrap_or(false);
+            if !allowed {
+                // Charged all the same: it cost the gateway a frame.
+                drop_packet("first_hop_not_layer1");
+                return;
+            }
+            self.links.send(
+                next_hop,
+                &Frame::Packet {
+                    key_epoch,
+                    packet,
+                    envelope,
+                },
+                Some(Instant::now()),
+            );
+        }
+    }
 }
 
 /// The client listener's limits, from the configuration.
@@ -478,14 +760,6 @@ fn gate_limits(config: &GatewaySection) -> GateLimits {
             per_address: config.max_clients_per_address,
         },
         handshake_timeout: config.handshake_timeout,
-    }
-}
-
-/// Charges `frames` to the session's tab, if the gateway keeps one.
-fn charge(tab: &mut Option<Tab>, frames: u64) -> Verdict {
-    match tab {
-        Some(tab) => tab.charge(frames),
-        None => Verdict::Serve,
     }
 }
 
@@ -551,16 +825,24 @@ mod tests {
         link.recv().await
     }
 
-    fn delivery(to: Address, id: u8) -> FinalDelivery {
+    /// A delivery to the client whose link key is `to`, tagged for it (SURB id `id`...).
+    fn delivery(to: &LinkSecret, id: u8) -> FinalDelivery {
         FinalDelivery {
-            destination: to,
-            surb_id: [id; 16],
+            destination: session_address(&to.public()),
+            surb_id: GatewayTagKey::for_client(&to.public()).tagged([id; 6]),
             payload: Box::new([id; PAYLOAD_SIZE]),
         }
     }
 
-    /// The next Deliver frame's SURB id (other frames skipped), within a second.
+    /// The next Deliver frame's SURB id (other frames skipped), within 5 s.
     async fn next_delivery(link: &mut ClientLink) -> Result<u8, LinkFailure> {
+        next_delivery_within(link, Duration::from_secs(5)).await
+    }
+
+    async fn next_delivery_within(
+        link: &mut ClientLink,
+        within: Duration,
+    ) -> Result<u8, LinkFailure> {
         let wait = async {
             loop {
                 if let Frame::Deliver { surb_id, .. } = link.recv().await? {
@@ -568,7 +850,7 @@ mod tests {
                 }
             }
         };
-        tokio::time::timeout(Duration::from_secs(1), wait)
+        tokio::time::timeout(within, wait)
             .await
             .unwrap_or(Err(LinkFailure::Closed))
     }
@@ -585,33 +867,45 @@ mod tests {
         let victim_address = session_address(&victim.public());
 
         // Waiting in the inbox before the victim comes.
-        gw.deliver(delivery(victim_address, 1));
+        gw.deliver(delivery(&victim, 1));
         let mut link = open(&node, &victim).await.unwrap();
         assert_eq!(next_delivery(&mut link).await, Ok(1));
 
+        // Junk addressed to the victim without its tag is dropped, not delivered.
+        for i in 0..1000u32 {
+            let mut junk = delivery(&victim, 9);
+            junk.surb_id[..4].copy_from_slice(&i.to_be_bytes());
+            junk.surb_id[15] ^= 0x5a;
+            gw.deliver(junk);
+        }
+        gw.deliver(delivery(&victim, 6));
+        assert_eq!(next_delivery(&mut link).await, Ok(6), "junk was delivered");
+
         // Another key naming the victim's address: closed without a welcome or a delivery.
         let attacker = LinkSecret::generate(&mut rand::rng());
-        gw.deliver(delivery(victim_address, 2));
+        gw.deliver(delivery(&victim, 2));
         for _ in 0..3 {
             let r = claim(addr, &gateway_key, &attacker, victim_address).await;
             assert_eq!(r, Err(LinkFailure::Closed), "the claim was answered");
         }
-        gw.deliver(delivery(victim_address, 3));
+        gw.deliver(delivery(&victim, 3));
         assert_eq!(next_delivery(&mut link).await, Ok(2));
         assert_eq!(next_delivery(&mut link).await, Ok(3));
 
         // With its own key the attacker gets its own session, never the victim's deliveries.
         let mut own = open(&node, &attacker).await.unwrap();
-        gw.deliver(delivery(victim_address, 4));
+        gw.deliver(delivery(&victim, 4));
         assert_eq!(next_delivery(&mut link).await, Ok(4));
         assert!(
-            next_delivery(&mut own).await.is_err(),
+            next_delivery_within(&mut own, Duration::from_millis(500))
+                .await
+                .is_err(),
             "the attacker got a delivery"
         );
 
         // The victim reconnecting with its key takes its session over; the old link ends.
         let mut again = open(&node, &victim).await.unwrap();
-        gw.deliver(delivery(victim_address, 5));
+        gw.deliver(delivery(&victim, 5));
         assert_eq!(next_delivery(&mut again).await, Ok(5));
         assert_eq!(next_delivery(&mut link).await, Err(LinkFailure::Closed));
         stop.cancel();

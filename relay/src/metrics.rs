@@ -53,6 +53,17 @@ pub const REDEEMED_VALUE: &str = "murmur_relay_redeemed_value_total";
 /// `unauthenticated`: an answer not signed by the ledger's key, retried like a network
 /// failure).
 pub const REDEMPTION_FAILURES: &str = "murmur_relay_redemption_failures_total";
+/// Winning tickets that left the pending set, by `outcome`: `paid`, or why they were settled
+/// unpaid (the ledger's refusal label such as `already_redeemed` or `unknown_pot`,
+/// `pot_unknown` when the ledger said the pot does not exist before redemption,
+/// `expired_unredeemed`, `corrupt_record`). Each unpaid one is also logged.
+pub const WINNERS_SETTLED: &str = "murmur_relay_winners_settled_total";
+/// Tickets a gateway accepted whose credit it holds until the ledger vouches for their pot,
+/// by `result` once decided: `credited` or `refused`.
+pub const CREDIT_HELD: &str = "murmur_relay_gateway_held_credit_total";
+/// Client sessions' tabs at a gateway, by `how`: `resumed` (the key's tab from an earlier
+/// session), `graced` (new, with grace), `prepaid` (new, its address used its grace).
+pub const TABS_OPENED: &str = "murmur_relay_gateway_tabs_opened_total";
 /// The relay's account balance at the ledger, as of the last redemption.
 pub const LEDGER_BALANCE: &str = "murmur_relay_ledger_balance";
 /// Pot lookups at the ledger, by `result`: `known`, `unknown`, `failed`, `unauthenticated`

@@ -15,7 +15,7 @@ use murmur_protocol::frame::Frame;
 use murmur_protocol::link::{LinkPublic, LinkSecret};
 use murmur_protocol::packet::{Address, recover_plaintext};
 use murmur_protocol::payload::Content;
-use murmur_protocol::tab::TabConfig;
+use murmur_protocol::tab::{TabBookConfig, TabConfig};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -176,7 +176,11 @@ impl Node {
             let billing = payments.clone().map(|payments| Billing {
                 payments,
                 keys: keys.clone(),
-                tab: TabConfig::for_price(config.relay.price_per_packet),
+                tabs: TabBookConfig {
+                    window: config.gateway.tab_window,
+                    grace_per_address: config.gateway.grace_per_address,
+                    ..TabBookConfig::for_tab(TabConfig::for_price(config.relay.price_per_packet))
+                },
             });
             let gw = Gateway::new(
                 config.gateway.clone(),

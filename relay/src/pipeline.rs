@@ -305,7 +305,14 @@ fn flusher(
     loop {
         match rx.recv_timeout(Duration::from_millis(200)) {
             Ok(p) => batch.push(p),
-            Err(RecvTimeoutError::Timeout) => continue,
+            Err(RecvTimeoutError::Timeout) => {
+                // Winners accepted outside the pipeline (a gateway's clients' tickets) are
+                // made durable here too, not only when the next packet comes.
+                if let Some(Err(e)) = payments.as_ref().map(|p| p.flush()) {
+                    tracing::error!(error = %e, "cannot store winning tickets; will retry");
+                }
+                continue;
+            }
             Err(RecvTimeoutError::Disconnected) => return,
         }
         drain(&mut batch);

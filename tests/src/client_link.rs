@@ -9,10 +9,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use murmur_protocol::delivery::GatewayTagKey;
 use murmur_protocol::directory::{Consensus, IdentityKey};
 use murmur_protocol::frame::Frame;
-use murmur_protocol::link::{LinkPublic, LinkSecret};
-use murmur_protocol::packet::{Address, build_packet_with_envelope};
+use murmur_protocol::link::{LinkPublic, LinkSecret, session_address};
+use murmur_protocol::packet::build_packet_with_envelope;
 pub use murmur_relay::client_link::{ClientLink, LinkFailure};
 use rand_chacha::ChaCha20Rng;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -40,11 +41,13 @@ pub async fn open_session(
 }
 
 /// A `Forward` frame carrying a packet over one mix of each layer and back to `gateway`, for
-/// the session at `to`; the gateway delivers it with SURB id `id` (first 8 bytes, big-endian).
+/// the session of the client whose link key is `to`; the gateway delivers it with a SURB id
+/// tagged for that client ([`murmur_protocol::delivery`]) whose first 6 bytes are `id`'s low
+/// 48 bits, big-endian.
 pub fn loop_frame(
     consensus: &Consensus,
     gateway: &IdentityKey,
-    to: Address,
+    to: &LinkPublic,
     id: u64,
     rng: &mut ChaCha20Rng,
 ) -> Frame {
@@ -65,13 +68,14 @@ pub fn loop_frame(
             .and_then(|g| g.route_hop(epoch).ok())
             .expect("the gateway is in the consensus"),
     );
-    let mut surb_id = [0u8; 16];
-    surb_id[..8].copy_from_slice(&id.to_be_bytes());
+    let mut nonce = [0u8; 6];
+    nonce.copy_from_slice(&id.to_be_bytes()[2..]);
+    let surb_id = GatewayTagKey::for_client(to).tagged(nonce);
     let (packet, envelope) = build_packet_with_envelope(
         rng,
         &hops,
         &[Duration::ZERO; 4],
-        to,
+        session_address(to),
         surb_id,
         b"murmur loop",
         &[None, None, None, None],
@@ -88,7 +92,11 @@ pub fn loop_frame(
 /// The id [`loop_frame`] put in a delivery, if `frame` is one.
 pub fn delivered_id(frame: &Frame) -> Option<u64> {
     match frame {
-        Frame::Deliver { surb_id, .. } => Some(u64::from_be_bytes(surb_id[..8].try_into().ok()?)),
+        Frame::Deliver { surb_id, .. } => {
+            let mut id = [0u8; 8];
+            id[2..].copy_from_slice(surb_id.get(..6)?);
+            Some(u64::from_be_bytes(id))
+        }
         _ => None,
     }
 }

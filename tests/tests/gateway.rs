@@ -24,8 +24,8 @@ use murmur_protocol::control::Control;
 use murmur_protocol::directory::{Consensus, IdentityKey};
 use murmur_protocol::frame::{FRAME_LEN, Frame};
 use murmur_protocol::link::{
-    DIALER_FINISH_LEN, DIALER_HELLO_LEN, LISTENER_HELLO_LEN, LinkSecret, SEALED_FRAME_LEN,
-    session_address,
+    DIALER_FINISH_LEN, DIALER_HELLO_LEN, LISTENER_HELLO_LEN, LinkPublic, LinkSecret,
+    SEALED_FRAME_LEN, session_address,
 };
 use murmur_protocol::packet::Address;
 use murmur_tests::client_link::{
@@ -157,7 +157,7 @@ async fn keep_looping(
     mut link: ClientLink,
     consensus: Consensus,
     gateway: IdentityKey,
-    address: Address,
+    client: LinkPublic,
     stop: Arc<AtomicBool>,
     seen: Arc<Mutex<Loops>>,
 ) {
@@ -168,7 +168,7 @@ async fn keep_looping(
         tokio::select! {
             _ = tick.tick() => {
                 id += 1;
-                let frame = loop_frame(&consensus, &gateway, address, id, &mut rng);
+                let frame = loop_frame(&consensus, &gateway, &client, id, &mut rng);
                 if let Err(e) = link.send(&frame).await {
                     seen.lock().unwrap().ended = Some(e);
                     return;
@@ -252,7 +252,7 @@ fn the_access_link_shows_nothing_and_no_other_key_can_claim_a_session() {
         victim,
         net.consensus.clone(),
         net.gateway_id(),
-        victim_address,
+        victim_key.public(),
         stop.clone(),
         seen.clone(),
     ));

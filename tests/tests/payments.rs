@@ -107,7 +107,8 @@ impl WinnerRig {
         let (authorities, authority_procs) = start_authorities(dir.path(), 3, KILL_EPOCH_S);
         let payments = format!(
             "[payments]\n{}redeem_interval = \"1s\"\npot_refresh = \"1s\"\n\
-             redeem_backoff_max = \"2s\"\nmin_redeem_window = \"1m\"\n",
+             redeem_backoff_max = \"2s\"\nmin_redeem_window = \"1m\"\n\
+             unverified_tickets_per_pot = 100\n",
             ledger_lines(&ledger)
         );
         let relay = start_relay(
@@ -125,13 +126,16 @@ impl WinnerRig {
             rng: ChaCha20Rng::seed_from_u64(seed + 1),
             next_id: 1,
         };
-        // The pot: usable = min(balance, escrow / 2) covers every ticket's face value.
+        // The pot: usable = min(balance, escrow / 2) covers every ticket's face value at once
+        // (R refuses tickets beyond what the pot can pay on top of its pending winners). The
+        // burst of winners comes before R has looked the pot up: R's allowance for a pot not
+        // yet known is raised above the burst (`unverified_tickets_per_pot`).
         let funded = rt
             .block_on(ledger_client(&ledger).fund(Signed::new(
                 Fund {
                     pot,
                     balance: 100 * KILL_FACE,
-                    escrow: 4 * KILL_FACE,
+                    escrow: 200 * KILL_FACE,
                 },
                 &pot_key,
                 unix_now(),

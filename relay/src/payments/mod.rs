@@ -62,6 +62,12 @@ pub struct PaymentsParams {
     pub max_pots: usize,
     pub max_pot_lookups: usize,
     pub max_pending_winners: usize,
+    pub max_face_value: u64,
+    pub unverified_tickets_per_pot: u32,
+    pub max_unverified_winners: usize,
+    pub max_unverified_tickets_per_epoch: usize,
+    pub max_pending_winners_per_pot: usize,
+    pub max_tickets_per_pot_per_epoch: usize,
     /// Seconds a pot's state is trusted.
     pub pot_refresh_s: u64,
     /// First retry of a redemption after 1 s, doubling up to this.
@@ -83,6 +89,12 @@ impl PaymentsParams {
             max_pots: p.max_pots,
             max_pot_lookups: p.max_pot_lookups,
             max_pending_winners: p.max_pending_winners,
+            max_face_value: p.max_face_value,
+            unverified_tickets_per_pot: p.unverified_tickets_per_pot,
+            max_unverified_winners: p.max_unverified_winners,
+            max_unverified_tickets_per_epoch: p.max_unverified_tickets_per_epoch,
+            max_pending_winners_per_pot: p.max_pending_winners_per_pot,
+            max_tickets_per_pot_per_epoch: p.max_tickets_per_pot_per_epoch,
             pot_refresh_s: p.pot_refresh.as_secs().max(1),
             redeem_backoff_max_s: p.redeem_backoff_max.as_secs().max(1),
             unpaid: p.unpaid,
@@ -133,6 +145,18 @@ pub enum PaymentRefusal {
     Forged,
     #[error("too many winning tickets wait for redemption")]
     WinnersFull,
+    #[error("the ticket's face value {face_value} is above the largest accepted, {max}")]
+    FaceValueTooLarge { face_value: u64, max: u64 },
+    #[error("the pot is being looked up at the ledger and has used its allowance until then")]
+    PotNotYetKnown,
+    #[error("too many winning tickets from pots not yet looked up wait for redemption")]
+    UnverifiedWinnersFull,
+    #[error("too many tickets from pots not yet looked up this epoch")]
+    UnverifiedTicketsFull,
+    #[error("the pot has as many winning tickets waiting as one pot may")]
+    PotWinnersFull,
+    #[error("the pot has used as many nonces this epoch as one pot may")]
+    PotTicketsFull,
     #[error("unusable ticket: {0}")]
     Malformed(String),
 }
@@ -156,6 +180,12 @@ impl PaymentRefusal {
             PaymentRefusal::PotCacheFull => "pot_cache_full",
             PaymentRefusal::Forged => "forged",
             PaymentRefusal::WinnersFull => "winners_full",
+            PaymentRefusal::FaceValueTooLarge { .. } => "face_value_too_large",
+            PaymentRefusal::PotNotYetKnown => "pot_not_yet_known",
+            PaymentRefusal::UnverifiedWinnersFull => "unverified_winners_full",
+            PaymentRefusal::UnverifiedTicketsFull => "unverified_tickets_full",
+            PaymentRefusal::PotWinnersFull => "pot_winners_full",
+            PaymentRefusal::PotTicketsFull => "pot_tickets_full",
             PaymentRefusal::Malformed(_) => "malformed",
         }
     }
@@ -186,6 +216,22 @@ pub struct Accepted {
     pub expected_value: u64,
     /// It won: it is queued for the store and will be redeemed.
     pub winner: bool,
+    /// The ledger vouched for its pot (known, and able to cover it after this relay's
+    /// pending winners). `false`: accepted within the allowance of a pot still being looked
+    /// up; a gateway holds the credit until [`Payments::pot_standing`] says more.
+    pub pot_verified: bool,
+}
+
+/// What the relay knows, now, of whether a pot pays.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PotStanding {
+    /// The ledger knows it and it covers this relay's pending winners plus `face_value`.
+    Covers,
+    /// Being looked up.
+    Pending,
+    /// Unknown to the ledger, or too poor for `face_value` after this relay's pending
+    /// winners.
+    Refused,
 }
 
 /// The nonces accepted under one key epoch, per pot.
@@ -193,6 +239,8 @@ pub struct Accepted {
 struct SeenNonces {
     by_pot: HashMap<IdentityKey, HashSet<[u8; 16]>>,
     len: usize,
+    /// Of `len`, nonces from pots that were not yet looked up.
+    unverified: usize,
 }
 
 impl SeenNonces {
@@ -200,9 +248,14 @@ impl SeenNonces {
         self.by_pot.get(pot).is_some_and(|s| s.contains(nonce))
     }
 
-    fn insert(&mut self, pot: IdentityKey, nonce: [u8; 16]) -> bool {
+    fn of_pot(&self, pot: &IdentityKey) -> usize {
+        self.by_pot.get(pot).map_or(0, HashSet::len)
+    }
+
+    fn insert(&mut self, pot: IdentityKey, nonce: [u8; 16], unverified: bool) -> bool {
         let fresh = self.by_pot.entry(pot).or_default().insert(nonce);
         self.len += usize::from(fresh);
+        self.unverified += usize::from(fresh && unverified);
         fresh
     }
 }
@@ -210,7 +263,7 @@ impl SeenNonces {
 /// What the relay knows of a pot.
 #[derive(Clone, Copy, Debug)]
 enum PotState {
-    /// Asked for; tickets are accepted meanwhile.
+    /// Asked for; at most `unverified_tickets_per_pot` tickets are accepted meanwhile.
     LookingUp,
     Known(Pot),
     /// The ledger has no such pot.
@@ -223,12 +276,52 @@ struct PotEntry {
     fetched_at: UnixTime,
     /// A ticket named it since the last refresh (unused entries are dropped, not refreshed).
     used: bool,
+    /// Tickets accepted while it was being looked up.
+    unverified_accepted: u32,
+    /// This relay's winners from the pot not yet settled, and their face values: what the
+    /// pot already owes this relay, so a ticket is accepted only if the pot covers it on top.
+    pending_winners: usize,
+    pending_face: u64,
+    /// Of `pending_winners`, those accepted while it was being looked up (they hold slots of
+    /// the unverified pool until the ledger answers).
+    unverified_winners: usize,
+}
+
+impl PotEntry {
+    fn looking_up() -> PotEntry {
+        PotEntry {
+            state: PotState::LookingUp,
+            fetched_at: 0,
+            used: true,
+            unverified_accepted: 0,
+            pending_winners: 0,
+            pending_face: 0,
+            unverified_winners: 0,
+        }
+    }
+
+    /// Whether the pot, as known, can pay `face_value` after the pending winners.
+    fn covers(&self, face_value: u64) -> std::result::Result<(), PaymentRefusal> {
+        match self.state {
+            PotState::Known(pot) => {
+                let usable = pot.usable_after(self.pending_face);
+                if usable >= face_value {
+                    Ok(())
+                } else {
+                    Err(PaymentRefusal::PotInsufficient { usable, face_value })
+                }
+            }
+            PotState::LookingUp | PotState::Unknown => Err(PaymentRefusal::PotNotYetKnown),
+        }
+    }
 }
 
 #[derive(Default)]
 struct PotCache {
     entries: HashMap<IdentityKey, PotEntry>,
     looking_up: usize,
+    /// Winners pending from pots still being looked up (bounded by `max_unverified_winners`).
+    unverified_winners: usize,
 }
 
 /// Redemption attempts of one pending winner.
@@ -243,6 +336,8 @@ struct Attempts {
 
 /// Ticket acceptance, the winners' store and their redemption state. Shared by the Sphinx
 /// workers (`accept`), the flusher (`flush`) and the redeemer and pot refresher tasks.
+///
+/// Locks are taken in the order `pots`, then `seen`.
 pub struct Payments {
     params: PaymentsParams,
     keys: Arc<KeyRing>,
@@ -261,17 +356,25 @@ pub struct Payments {
 }
 
 impl Payments {
-    /// Opens `<state_dir>/payments.redb` and reloads the pending winners' nonces.
+    /// Opens `<state_dir>/payments.redb` and reloads the pending winners: their nonces, and
+    /// what their pots owe (the pots are looked up again).
     pub fn open(state_dir: &Path, params: PaymentsParams, keys: Arc<KeyRing>) -> Result<Payments> {
         let store = store::Store::open(&state_dir.join("payments.redb"))?;
         let rows = store.pending()?;
         let mut seen: BTreeMap<Epoch, SeenNonces> = BTreeMap::new();
+        let mut pots = PotCache::default();
         for w in &rows.winners {
             if keys.get(w.epoch).is_some() {
                 seen.entry(w.epoch)
                     .or_default()
-                    .insert(w.ticket.pot, w.ticket.nonce);
+                    .insert(w.ticket.pot, w.ticket.nonce, false);
             }
+            let entry = pots.entries.entry(w.ticket.pot).or_insert_with(|| {
+                pots.looking_up += 1;
+                PotEntry::looking_up()
+            });
+            entry.pending_winners += 1;
+            entry.pending_face = entry.pending_face.saturating_add(w.ticket.face_value);
         }
         let pending = rows.winners.len() + rows.corrupt.len();
         metrics::gauge!(m::WINNERS_PENDING).set(pending as f64);
@@ -280,7 +383,7 @@ impl Payments {
             keys,
             store,
             seen: Mutex::new(seen),
-            pots: Mutex::new(PotCache::default()),
+            pots: Mutex::new(pots),
             lookups_wanted: tokio::sync::Notify::new(),
             queued: Mutex::new(Vec::new()),
             pending: AtomicUsize::new(pending),
@@ -300,10 +403,11 @@ impl Payments {
     }
 
     /// Decides whether `ticket` pays for a packet that arrived under Sphinx key `key_epoch`.
-    /// Checks, cheapest first: recipient, expiry, issue time, expected value; the key epoch is
-    /// held and the ticket names its commitment, and expires late enough to be redeemed after
-    /// the key retires; the nonce is fresh; the pot can pay (as far as is known: a pot not
-    /// yet known is looked up in the background and accepted meanwhile); and last the
+    /// Checks, cheapest first: recipient, expiry, issue time, expected value, face value;
+    /// the key epoch is held and the ticket names its commitment, and expires late enough to
+    /// be redeemed after the key retires; the nonce is fresh; the pot can pay after what it
+    /// already owes this relay (a pot not yet known is looked up in the background, and up
+    /// to `unverified_tickets_per_pot` of its tickets are accepted meanwhile); and last the
     /// signature. Then the win test: a winner is queued for the next [`Payments::flush`].
     /// Every outcome is counted.
     pub fn accept(
@@ -335,6 +439,12 @@ impl Payments {
         let p = &self.params;
         t.check_terms_for_recipient(&p.me, now, p.min_expected_value)
             .map_err(PaymentRefusal::from_ticket_error)?;
+        if t.face_value > p.max_face_value {
+            return Err(PaymentRefusal::FaceValueTooLarge {
+                face_value: t.face_value,
+                max: p.max_face_value,
+            });
+        }
         let key = self
             .keys
             .get(key_epoch)
@@ -349,28 +459,15 @@ impl Payments {
                 redeemable_from,
             });
         }
+        // Cheap refusals before the signature; `record` decides again under the locks.
         self.check_nonce(t, key_epoch)?;
-        let known = self.check_pot(t)?;
+        self.check_pot(t)?;
         t.verify_signature()
             .map_err(PaymentRefusal::from_ticket_error)?;
 
         // The ticket is genuine: record it.
         let winner = t.is_winner(key.payment_reveal());
-        if winner && !self.reserve_winner_slot() {
-            return Err(PaymentRefusal::WinnersFull);
-        }
-        let recorded = (|| {
-            if !known {
-                self.want_lookup(&t.pot)?;
-            }
-            self.insert_nonce(t, key_epoch)
-        })();
-        if let Err(r) = recorded {
-            if winner {
-                self.pending.fetch_sub(1, Ordering::Relaxed);
-            }
-            return Err(r);
-        }
+        let verified = self.record(t, key_epoch, winner)?;
         if winner {
             let w = Winner {
                 ticket: *t,
@@ -385,64 +482,131 @@ impl Payments {
         Ok(Accepted {
             expected_value: t.expected_value(),
             winner,
+            pot_verified: verified,
         })
     }
 
     fn check_nonce(&self, t: &Ticket, epoch: Epoch) -> std::result::Result<(), PaymentRefusal> {
         let seen = self.seen.lock().map_err(|_| PaymentRefusal::NonceReused)?;
-        match seen.get(&epoch) {
-            Some(s) if s.contains(&t.pot, &t.nonce) => Err(PaymentRefusal::NonceReused),
-            Some(s) if s.len >= self.params.max_tickets_per_epoch => {
-                Err(PaymentRefusal::TooManyTickets(epoch))
-            }
-            _ => Ok(()),
-        }
-    }
-
-    /// Inserts the nonce if it is still fresh and there is room (another worker may have
-    /// accepted the same ticket since [`Payments::check_nonce`]).
-    fn insert_nonce(&self, t: &Ticket, epoch: Epoch) -> std::result::Result<(), PaymentRefusal> {
-        let mut seen = self.seen.lock().map_err(|_| PaymentRefusal::NonceReused)?;
-        let set = seen.entry(epoch).or_default();
-        if set.contains(&t.pot, &t.nonce) {
+        let Some(s) = seen.get(&epoch) else {
+            return Ok(());
+        };
+        if s.contains(&t.pot, &t.nonce) {
             return Err(PaymentRefusal::NonceReused);
         }
-        if set.len >= self.params.max_tickets_per_epoch {
+        if s.len >= self.params.max_tickets_per_epoch {
             return Err(PaymentRefusal::TooManyTickets(epoch));
         }
-        set.insert(t.pot, t.nonce);
+        if s.of_pot(&t.pot) >= self.params.max_tickets_per_pot_per_epoch {
+            return Err(PaymentRefusal::PotTicketsFull);
+        }
         Ok(())
     }
 
-    /// Refuses a pot known to be unable to pay; `Ok(false)` if the pot is not known yet.
-    fn check_pot(&self, t: &Ticket) -> std::result::Result<bool, PaymentRefusal> {
-        let mut cache = self.pots.lock().map_err(|_| PaymentRefusal::PotCacheFull)?;
-        let Some(entry) = cache.entries.get_mut(&t.pot) else {
-            return Ok(false);
-        };
-        entry.used = true;
+    /// Refuses a ticket its pot is known not to cover, or one more from a pot being looked up
+    /// that used its allowance.
+    fn check_pot(&self, t: &Ticket) -> std::result::Result<(), PaymentRefusal> {
+        let cache = self.pots.lock().map_err(|_| PaymentRefusal::PotCacheFull)?;
+        match cache.entries.get(&t.pot) {
+            None => Ok(()),
+            Some(e) => self.pot_admits(e, t).map(drop),
+        }
+    }
+
+    /// Whether `entry` admits `t`: `Ok(true)` vouched for by the ledger, `Ok(false)` within
+    /// the allowance of a pot being looked up.
+    fn pot_admits(
+        &self,
+        entry: &PotEntry,
+        t: &Ticket,
+    ) -> std::result::Result<bool, PaymentRefusal> {
         match entry.state {
-            PotState::LookingUp => Ok(true),
+            PotState::Known(_) => entry.covers(t.face_value).map(|()| true),
             PotState::Unknown => Err(PaymentRefusal::PotUnknown(t.pot)),
-            PotState::Known(pot) => {
-                let usable = pot.usable();
-                if usable >= t.face_value {
-                    Ok(true)
+            PotState::LookingUp => {
+                if entry.unverified_accepted >= self.params.unverified_tickets_per_pot {
+                    Err(PaymentRefusal::PotNotYetKnown)
                 } else {
-                    Err(PaymentRefusal::PotInsufficient {
-                        usable,
-                        face_value: t.face_value,
-                    })
+                    Ok(false)
                 }
             }
         }
     }
 
-    /// Adds `pot` to the cache as being looked up and wakes the refresher.
-    fn want_lookup(&self, pot: &IdentityKey) -> std::result::Result<(), PaymentRefusal> {
+    /// Records a genuine ticket under the locks: the pot's entry (a new pot is added and
+    /// looked up), its standing checked again, a winner's slots reserved (in the pot, in all,
+    /// and in the unverified pool for a pot being looked up), its nonce inserted. Nothing
+    /// changes if it is refused. Whether the ledger vouched for the pot.
+    fn record(
+        &self,
+        t: &Ticket,
+        epoch: Epoch,
+        winner: bool,
+    ) -> std::result::Result<bool, PaymentRefusal> {
+        let p = &self.params;
         let mut cache = self.pots.lock().map_err(|_| PaymentRefusal::PotCacheFull)?;
-        if cache.entries.contains_key(pot) {
-            return Ok(());
+        let new_pot = !cache.entries.contains_key(&t.pot);
+        if new_pot {
+            self.make_room(&mut cache)?;
+        }
+        let verified = match cache.entries.get(&t.pot) {
+            Some(e) => self.pot_admits(e, t)?,
+            None => false,
+        };
+        if winner {
+            let (pot_winners, pool) = (
+                cache.entries.get(&t.pot).map_or(0, |e| e.pending_winners),
+                cache.unverified_winners,
+            );
+            if pot_winners >= p.max_pending_winners_per_pot {
+                return Err(PaymentRefusal::PotWinnersFull);
+            }
+            if !verified && pool >= p.max_unverified_winners {
+                return Err(PaymentRefusal::UnverifiedWinnersFull);
+            }
+            if !self.reserve_winner_slot() {
+                return Err(PaymentRefusal::WinnersFull);
+            }
+        }
+        let inserted = self.insert_nonce(t, epoch, verified);
+        if let Err(r) = inserted {
+            if winner {
+                self.pending.fetch_sub(1, Ordering::Relaxed);
+            }
+            return Err(r);
+        }
+        if new_pot {
+            cache.entries.insert(t.pot, PotEntry::looking_up());
+            cache.looking_up += 1;
+            self.lookups_wanted.notify_one();
+        }
+        let mut pool = cache.unverified_winners;
+        if let Some(e) = cache.entries.get_mut(&t.pot) {
+            e.used = true;
+            if !verified {
+                e.unverified_accepted = e.unverified_accepted.saturating_add(1);
+            }
+            if winner {
+                e.pending_winners += 1;
+                e.pending_face = e.pending_face.saturating_add(t.face_value);
+                if !verified {
+                    e.unverified_winners += 1;
+                    pool += 1;
+                }
+            }
+        }
+        cache.unverified_winners = pool;
+        Ok(verified)
+    }
+
+    /// Room for one more pot: the cache and the lookups have their bounds. Pots the ledger
+    /// does not know are dropped first (unless winners of theirs are pending), so junk from
+    /// fresh keys cannot fill the cache for good.
+    fn make_room(&self, cache: &mut PotCache) -> std::result::Result<(), PaymentRefusal> {
+        if cache.entries.len() >= self.params.max_pots {
+            cache
+                .entries
+                .retain(|_, e| !matches!(e.state, PotState::Unknown) || e.pending_winners > 0);
         }
         if cache.entries.len() >= self.params.max_pots {
             return Err(PaymentRefusal::PotCacheFull);
@@ -450,18 +614,58 @@ impl Payments {
         if cache.looking_up >= self.params.max_pot_lookups {
             return Err(PaymentRefusal::PotLookupsFull);
         }
-        cache.entries.insert(
-            *pot,
-            PotEntry {
-                state: PotState::LookingUp,
-                fetched_at: 0,
-                used: true,
-            },
-        );
-        cache.looking_up += 1;
-        drop(cache);
-        self.lookups_wanted.notify_one();
         Ok(())
+    }
+
+    /// Inserts the nonce if it is still fresh and there is room (another worker may have
+    /// accepted the same ticket since [`Payments::check_nonce`]).
+    fn insert_nonce(
+        &self,
+        t: &Ticket,
+        epoch: Epoch,
+        verified: bool,
+    ) -> std::result::Result<(), PaymentRefusal> {
+        let p = &self.params;
+        let mut seen = self.seen.lock().map_err(|_| PaymentRefusal::NonceReused)?;
+        let set = seen.entry(epoch).or_default();
+        if set.contains(&t.pot, &t.nonce) {
+            return Err(PaymentRefusal::NonceReused);
+        }
+        if set.len >= p.max_tickets_per_epoch {
+            return Err(PaymentRefusal::TooManyTickets(epoch));
+        }
+        if set.of_pot(&t.pot) >= p.max_tickets_per_pot_per_epoch {
+            return Err(PaymentRefusal::PotTicketsFull);
+        }
+        if !verified && set.unverified >= p.max_unverified_tickets_per_epoch {
+            return Err(PaymentRefusal::UnverifiedTicketsFull);
+        }
+        set.insert(t.pot, t.nonce, !verified);
+        Ok(())
+    }
+
+    /// Whether `pot`, as this relay knows it now, pays a ticket of `face_value` on top of
+    /// the winners it already owes this relay (a gateway's test before it credits a ticket
+    /// it accepted from a pot still being looked up).
+    pub fn pot_standing(&self, pot: &IdentityKey, face_value: u64) -> PotStanding {
+        let Ok(cache) = self.pots.lock() else {
+            return PotStanding::Pending;
+        };
+        match cache.entries.get(pot) {
+            None => PotStanding::Pending,
+            Some(e) => match e.state {
+                PotState::LookingUp => PotStanding::Pending,
+                PotState::Unknown => PotStanding::Refused,
+                // Conservative for a winner, whose face value is among the pending already.
+                PotState::Known(p) => {
+                    if p.usable_after(e.pending_face) >= face_value {
+                        PotStanding::Covers
+                    } else {
+                        PotStanding::Refused
+                    }
+                }
+            },
+        }
     }
 
     fn reserve_winner_slot(&self) -> bool {
@@ -471,6 +675,26 @@ impl Payments {
                 (n < max).then_some(n + 1)
             })
             .is_ok()
+    }
+
+    /// A winner of `pot` worth `face_value` left the pending set: the pot owes this relay
+    /// that much less.
+    fn release_winner(&self, pot: &IdentityKey, face_value: u64) {
+        let Ok(mut cache) = self.pots.lock() else {
+            return;
+        };
+        let mut freed_unverified = false;
+        if let Some(e) = cache.entries.get_mut(pot) {
+            e.pending_winners = e.pending_winners.saturating_sub(1);
+            e.pending_face = e.pending_face.saturating_sub(face_value);
+            if e.unverified_winners > 0 {
+                e.unverified_winners -= 1;
+                freed_unverified = true;
+            }
+        }
+        if freed_unverified {
+            cache.unverified_winners = cache.unverified_winners.saturating_sub(1);
+        }
     }
 
     /// Makes every winner accepted since the last call durable, in one transaction. Call it
@@ -488,9 +712,9 @@ impl Payments {
             Ok(new) => {
                 // A ticket stored (or settled) before and accepted again after a restart
                 // holds one slot, not two.
-                let dup = batch.len() - new;
-                if dup > 0 {
-                    self.pending.fetch_sub(dup, Ordering::Relaxed);
+                for (w, _) in batch.iter().zip(new).filter(|(_, new)| !new) {
+                    self.pending.fetch_sub(1, Ordering::Relaxed);
+                    self.release_winner(&w.ticket.pot, w.ticket.face_value);
                 }
                 metrics::gauge!(m::WINNERS_PENDING)
                     .set(self.pending.load(Ordering::Relaxed) as f64);

@@ -110,7 +110,7 @@ impl Payments {
         let mut round = RedeemRound::default();
         for id in corrupt {
             tracing::error!("a stored winning ticket does not decode; giving it up");
-            self.settle(id, 0, "corrupt_record", now).await;
+            self.settle(id, None, 0, "corrupt_record", now).await;
             round.settled_unpaid += 1;
         }
         let held = self.keys.epochs();
@@ -168,6 +168,7 @@ impl Payments {
         round: &mut RedeemRound,
     ) {
         let id = w.id();
+        let of = Some((w.ticket.pot, w.ticket.face_value));
         let e = match result {
             Ok(r) => {
                 metrics::counter!(m::TICKETS_REDEEMED).increment(1);
@@ -181,7 +182,7 @@ impl Payments {
                 );
                 round.paid += 1;
                 round.paid_value = round.paid_value.saturating_add(r.paid);
-                self.settle(id, r.paid, "paid", now).await;
+                self.settle(id, of, r.paid, "paid", now).await;
                 return;
             }
             Err(e) => e,
@@ -189,14 +190,18 @@ impl Payments {
         metrics::counter!(m::REDEMPTION_FAILURES, "reason" => e.label()).increment(1);
         match e.refusal() {
             Some(r) if definitive(r) => {
-                if r == Refusal::AlreadyRedeemed {
-                    // Expected after a crash between the ledger's payment and our record.
-                    tracing::info!(pot = %w.ticket.pot, "winning ticket was already redeemed");
-                } else {
-                    tracing::warn!(pot = %w.ticket.pot, error = %e, "ledger refused a winning ticket");
-                }
+                // The ledger keys redemptions by the whole ticket (recipient included), so
+                // `already_redeemed` means this relay's own earlier redemption (a crash
+                // between the ledger's payment and our record), never another relay's.
+                tracing::warn!(
+                    pot = %w.ticket.pot,
+                    face_value = w.ticket.face_value,
+                    reason = r.label(),
+                    error = %e,
+                    "ledger refused a winning ticket; settled unpaid"
+                );
                 round.settled_unpaid += 1;
-                self.settle(id, 0, r.label(), now).await;
+                self.settle(id, of, 0, r.label(), now).await;
             }
             _ if now > w.ticket.expiry.saturating_add(GIVE_UP_AFTER_EXPIRY_S) => {
                 tracing::warn!(
@@ -205,7 +210,7 @@ impl Payments {
                     "winning ticket expired before the ledger could redeem it; giving up"
                 );
                 round.settled_unpaid += 1;
-                self.settle(id, 0, "expired_unredeemed", now).await;
+                self.settle(id, of, 0, "expired_unredeemed", now).await;
             }
             _ => {
                 round.retrying += 1;
@@ -230,9 +235,17 @@ impl Payments {
         wait
     }
 
-    /// Moves a winner to `settled`; if the store fails, the winner stays pending and is
-    /// retried (the ledger then answers `already_redeemed` if it had paid).
-    async fn settle(self: &Arc<Self>, id: TicketId, paid: u64, outcome: &'static str, now: u64) {
+    /// Moves a winner (of pot `of.0`, face value `of.1`, if it decoded) to `settled`,
+    /// counted by outcome; if the store fails, the winner stays pending and is retried (the
+    /// ledger then answers `already_redeemed` if it had paid).
+    async fn settle(
+        self: &Arc<Self>,
+        id: TicketId,
+        of: Option<(IdentityKey, u64)>,
+        paid: u64,
+        outcome: &'static str,
+        now: u64,
+    ) {
         match self
             .blocking(move |p| p.store.settle(&id, paid, outcome, now))
             .await
@@ -240,6 +253,10 @@ impl Payments {
             Ok(was_pending) => {
                 if was_pending {
                     self.pending.fetch_sub(1, Ordering::Relaxed);
+                    metrics::counter!(m::WINNERS_SETTLED, "outcome" => outcome).increment(1);
+                    if let Some((pot, face_value)) = of {
+                        self.release_winner(&pot, face_value);
+                    }
                 }
                 if let Ok(mut attempts) = self.attempts.lock() {
                     attempts.remove(&id);
@@ -282,8 +299,10 @@ impl Payments {
 
     /// One refresh of the pot cache at `now`: pots being looked up first, then pots whose
     /// state is older than `pot_refresh` and that a ticket named since (unused ones are
-    /// dropped); at most `max_pot_lookups` lookups. Returns how many were made.
-    pub async fn refresh_pots<S: Settlement>(&self, ledger: &S, now: UnixTime) -> usize {
+    /// dropped, unless winners of theirs are pending); at most `max_pot_lookups` lookups.
+    /// Then the pending winners of pots the ledger does not know are settled unpaid
+    /// ([`Payments::settle_unknown_pots`]). Returns how many lookups were made.
+    pub async fn refresh_pots<S: Settlement>(self: &Arc<Self>, ledger: &S, now: UnixTime) -> usize {
         let budget = self.params.max_pot_lookups;
         let ttl = self.params.pot_refresh_s;
         let wanted: Vec<IdentityKey> = {
@@ -304,7 +323,9 @@ impl Payments {
                     continue;
                 }
                 if !e.used {
-                    unused.push(*k);
+                    if e.pending_winners == 0 {
+                        unused.push(*k);
+                    }
                 } else if wanted.len() < budget {
                     wanted.push(*k);
                 }
@@ -345,22 +366,81 @@ impl Payments {
                     _ => "unknown",
                 };
                 metrics::counter!(m::POT_LOOKUPS, "result" => label).increment(1);
-                let was_looking_up = match cache.entries.get_mut(key) {
+                let (was_looking_up, freed) = match cache.entries.get_mut(key) {
                     Some(entry) => {
                         let was = matches!(entry.state, PotState::LookingUp);
                         entry.state = state;
                         entry.fetched_at = now;
                         entry.used = false;
-                        was
+                        // The ledger answered: the pot's winners leave the unverified pool
+                        // (a known pot's count as vouched for; an unknown pot's are settled).
+                        let freed = std::mem::take(&mut entry.unverified_winners);
+                        entry.unverified_accepted = 0;
+                        (was, freed)
                     }
-                    None => false,
+                    None => (false, 0),
                 };
                 if was_looking_up {
                     cache.looking_up = cache.looking_up.saturating_sub(1);
                 }
+                cache.unverified_winners = cache.unverified_winners.saturating_sub(freed);
             }
         }
+        self.settle_unknown_pots(now).await;
         wanted.len()
+    }
+
+    /// Settles unpaid, as `pot_unknown`, the stored winners of pots the ledger says do not
+    /// exist: they cannot be paid, and they would otherwise hold pending slots until their
+    /// epoch retires (junk from fresh keys could fill them). Each is logged and counted.
+    pub(crate) async fn settle_unknown_pots(self: &Arc<Self>, now: UnixTime) {
+        let gone: Vec<IdentityKey> = match self.pots.lock() {
+            Ok(cache) => cache
+                .entries
+                .iter()
+                .filter(|(_, e)| matches!(e.state, PotState::Unknown) && e.pending_winners > 0)
+                .map(|(k, _)| *k)
+                .collect(),
+            Err(_) => return,
+        };
+        for pot in gone {
+            let settled = self
+                .blocking(move |p| {
+                    let winners = p.store.pending_of(&pot)?;
+                    let ids: Vec<TicketId> = winners.iter().map(Winner::id).collect();
+                    let was = p.store.settle_many(&ids, 0, "pot_unknown", now)?;
+                    Ok(winners
+                        .into_iter()
+                        .zip(was)
+                        .filter_map(|(w, was)| was.then_some(w))
+                        .collect::<Vec<_>>())
+                })
+                .await;
+            match settled {
+                Ok(winners) => {
+                    for w in &winners {
+                        self.pending.fetch_sub(1, Ordering::Relaxed);
+                        self.release_winner(&w.ticket.pot, w.ticket.face_value);
+                        if let Ok(mut attempts) = self.attempts.lock() {
+                            attempts.remove(&w.id());
+                        }
+                    }
+                    if !winners.is_empty() {
+                        metrics::counter!(m::WINNERS_SETTLED, "outcome" => "pot_unknown")
+                            .increment(winners.len() as u64);
+                        tracing::warn!(
+                            pot = %pot,
+                            winners = winners.len(),
+                            "the ledger knows no such pot: its winning tickets are settled unpaid"
+                        );
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot settle the winners of an unknown pot")
+                }
+            }
+        }
+        metrics::gauge!(m::WINNERS_PENDING).set(self.pending.load(Ordering::Relaxed) as f64);
     }
 }
 

@@ -154,23 +154,25 @@ impl Store {
         &self.path
     }
 
-    /// Stores `winners` in one durable transaction. Returns how many were not stored before.
-    pub fn put_pending(&self, winners: &[Winner]) -> Result<usize> {
+    /// Stores `winners` in one durable transaction. Returns, for each, whether it was not
+    /// stored (nor settled) before.
+    pub fn put_pending(&self, winners: &[Winner]) -> Result<Vec<bool>> {
         let err = self.err();
         let txn = self.db.begin_write().map_err(|e| err(e.into()))?;
-        let mut new = 0;
+        let mut new = Vec::with_capacity(winners.len());
         {
             let mut pending = txn.open_table(PENDING).map_err(|e| err(e.into()))?;
             let settled = txn.open_table(SETTLED).map_err(|e| err(e.into()))?;
             for w in winners {
                 let id = w.id();
                 if settled.get(&id).map_err(|e| err(e.into()))?.is_some() {
+                    new.push(false);
                     continue;
                 }
                 let old = pending
                     .insert(&id, w.encode().as_slice())
                     .map_err(|e| err(e.into()))?;
-                new += usize::from(old.is_none());
+                new.push(old.is_none());
             }
         }
         txn.commit().map_err(|e| err(e.into()))?;
@@ -196,6 +198,28 @@ impl Store {
         Ok(rows)
     }
 
+    /// The pending winners of `pot` (a range of the table: keys start with the pot).
+    pub fn pending_of(&self, pot: &IdentityKey) -> Result<Vec<Winner>> {
+        let err = self.err();
+        let txn = self.db.begin_read().map_err(|e| err(e.into()))?;
+        let table = txn.open_table(PENDING).map_err(|e| err(e.into()))?;
+        let mut low = [0u8; 48];
+        low[..32].copy_from_slice(&pot.0);
+        let mut high = [0xffu8; 48];
+        high[..32].copy_from_slice(&pot.0);
+        let mut out = Vec::new();
+        for entry in table
+            .range::<&[u8; 48]>(&low..=&high)
+            .map_err(|e| err(e.into()))?
+        {
+            let (_, value) = entry.map_err(|e| err(e.into()))?;
+            if let Some(w) = Winner::decode(value.value()) {
+                out.push(w);
+            }
+        }
+        Ok(out)
+    }
+
     /// Which of `ids` are still pending.
     pub fn still_pending(&self, ids: &[TicketId]) -> Result<Vec<bool>> {
         let err = self.err();
@@ -209,20 +233,41 @@ impl Store {
     /// Moves a winner from `pending` to `settled` in one durable transaction. Returns false
     /// (and writes nothing) if it was not pending.
     pub fn settle(&self, id: &TicketId, paid: u64, outcome: &str, at: UnixTime) -> Result<bool> {
+        Ok(self
+            .settle_many(&[*id], paid, outcome, at)?
+            .first()
+            .copied()
+            .unwrap_or(false))
+    }
+
+    /// Moves winners from `pending` to `settled`, each with `paid` and `outcome`, in one
+    /// durable transaction. Returns, for each, whether it was pending (the others are left
+    /// alone); nothing is written if none was.
+    pub fn settle_many(
+        &self,
+        ids: &[TicketId],
+        paid: u64,
+        outcome: &str,
+        at: UnixTime,
+    ) -> Result<Vec<bool>> {
         let err = self.err();
         let txn = self.db.begin_write().map_err(|e| err(e.into()))?;
         let was_pending = {
             let mut pending = txn.open_table(PENDING).map_err(|e| err(e.into()))?;
-            let removed = pending.remove(id).map_err(|e| err(e.into()))?.is_some();
-            if removed {
-                let mut settled = txn.open_table(SETTLED).map_err(|e| err(e.into()))?;
-                settled
-                    .insert(id, (paid, outcome, at))
-                    .map_err(|e| err(e.into()))?;
+            let mut settled = txn.open_table(SETTLED).map_err(|e| err(e.into()))?;
+            let mut was = Vec::with_capacity(ids.len());
+            for id in ids {
+                let removed = pending.remove(id).map_err(|e| err(e.into()))?.is_some();
+                if removed {
+                    settled
+                        .insert(id, (paid, outcome, at))
+                        .map_err(|e| err(e.into()))?;
+                }
+                was.push(removed);
             }
-            removed
+            was
         };
-        if was_pending {
+        if was_pending.contains(&true) {
             txn.commit().map_err(|e| err(e.into()))?;
         } else {
             let _ = txn.abort();

@@ -47,6 +47,13 @@ fn params() -> PaymentsParams {
         max_pots: 100,
         max_pot_lookups: 10,
         max_pending_winners: 1000,
+        max_face_value: 1 << 50,
+        // Tests accept tickets from pots no lookup answered for; `junk_*` tests set it low.
+        unverified_tickets_per_pot: 64,
+        max_unverified_winners: 100,
+        max_unverified_tickets_per_epoch: 500,
+        max_pending_winners_per_pot: 1000,
+        max_tickets_per_pot_per_epoch: 1000,
         pot_refresh_s: 60,
         redeem_backoff_max_s: 60,
         unpaid: UnpaidPolicy::Forward,
@@ -188,7 +195,8 @@ async fn each_refusal_has_its_own_error_and_counter() {
                 a,
                 Accepted {
                     expected_value: FACE,
-                    winner: true
+                    winner: true,
+                    pot_verified: false,
                 }
             );
         }
@@ -273,8 +281,10 @@ async fn each_refusal_has_its_own_error_and_counter() {
         (
             r.winner(&poor, 2),
             r.epoch,
+            // Usable 50, less the 100 its first winner (accepted while it was looked up)
+            // already owes this relay.
             PaymentRefusal::PotInsufficient {
-                usable: 50,
+                usable: 0,
                 face_value: FACE,
             },
         ),
@@ -303,7 +313,8 @@ async fn each_refusal_has_its_own_error_and_counter() {
             p.accept(&loser, r.epoch, now).unwrap(),
             Accepted {
                 expected_value: 1,
-                winner: false
+                winner: false,
+                pot_verified: true,
             }
         );
     });
@@ -983,20 +994,66 @@ async fn gateway_client(
     (controls, closed)
 }
 
-/// A gateway that takes payments serves a client that pays as it goes, and cuts off one
-/// that does not once its arrears pass the tab's limit (64 frames of credit, 64 of arrears).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_gateway_cuts_off_a_client_that_does_not_pay() {
-    use murmur_protocol::control::Control;
-    let dir = TempDir::new().unwrap();
+/// A ledger daemon on loopback whose genesis funds payer 0, with payer 0's pot funded; its
+/// URL, identity and a client, and what stops it.
+async fn http_ledger(
+    dir: &Path,
+) -> (
+    String,
+    IdentityKey,
+    murmur_ledger::client::LedgerClient,
+    tokio_util::sync::CancellationToken,
+) {
+    let (key_file, ledger_id) = ledger_key(dir);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let stop = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(murmur_ledger::serve(
+        ledger_config(dir, key_file),
+        listener,
+        stop.clone().cancelled_owned(),
+    ));
+    let client =
+        murmur_ledger::client::LedgerClient::new(&url, ledger_id, Duration::from_secs(5)).unwrap();
+    let fund = Fund {
+        pot: id(&payer(0)),
+        balance: 1 << 44,
+        escrow: 1 << 46,
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while client
+        .fund(Signed::new(fund, &payer(0), unix_now()))
+        .await
+        .is_err()
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the ledger did not start"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    (url, ledger_id, client, stop)
+}
+
+/// A gateway relay taking payments at `ledger`, with keys for the current epoch; the node,
+/// its epoch's commitment, and what stops it.
+async fn paid_gateway(
+    dir: &Path,
+    ledger: &str,
+    ledger_id: IdentityKey,
+    extra: &str,
+) -> (
+    Arc<crate::Node>,
+    [u8; 32],
+    tokio_util::sync::CancellationToken,
+) {
     let text = format!(
         "version = 1\n[relay]\nfamily = \"op\"\nroles = [\"gateway\"]\nstate_dir = \"{}\"\n\
          [listen]\nmix = \"127.0.0.1:0\"\nclient = \"127.0.0.1:0\"\n\
-         [payments]\nledger = \"http://127.0.0.1:9\"\nledger_key = \"{}\"\n",
-        dir.path().join("state").display(),
-        id(&SigningKey::from_bytes(&[4; 32]))
+         [payments]\nledger = \"{ledger}\"\nledger_key = \"{ledger_id}\"\npot_refresh = \"1s\"\n{extra}",
+        dir.join("state").display(),
     );
-    let config = crate::Config::parse(&text, dir.path().to_path_buf()).unwrap();
+    let config = crate::Config::parse(&text, dir.to_path_buf()).unwrap();
     let stop = tokio_util::sync::CancellationToken::new();
     let node = crate::Node::start(config, relay_key(), stop.clone())
         .await
@@ -1005,11 +1062,22 @@ async fn the_gateway_cuts_off_a_client_that_does_not_pay() {
     let epoch_length = node.payments().unwrap().params().epoch_length_s;
     let epoch = Epoch::try_from(unix_now() / epoch_length).unwrap();
     node.rotate_keys(epoch).unwrap();
-    let addr = node.client_addr().unwrap();
     let commitment = node.keys().get(epoch).unwrap().payment_commitment();
+    (node, commitment, stop)
+}
+
+/// A gateway that takes payments serves a client that pays as it goes, and cuts off one
+/// that does not once its arrears pass the tab's limit (64 frames of credit, 64 of arrears).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_cuts_off_a_client_that_does_not_pay() {
+    use murmur_protocol::control::Control;
+    let dir = TempDir::new().unwrap();
+    let (url, ledger_id, _client, ledger_stop) = http_ledger(dir.path()).await;
+    let (node, commitment, stop) = paid_gateway(dir.path(), &url, ledger_id, "").await;
+    let addr = node.client_addr().unwrap();
 
     // Paying 16 frames' worth every 16 frames: served throughout.
-    let pot = payer(1);
+    let pot = payer(0);
     let paying = Some((&pot, id(&relay_key()), commitment));
     let gateway_key = node.link_public();
     let (controls, closed) = gateway_client(addr, gateway_key, 400, paying).await;
@@ -1024,4 +1092,5 @@ async fn the_gateway_cuts_off_a_client_that_does_not_pay() {
     assert!(closed, "a client in arrears stays connected");
     stop.cancel();
     node.join().await;
+    ledger_stop.cancel();
 }
