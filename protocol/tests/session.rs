@@ -479,3 +479,49 @@ fn a_sessions_payer_and_its_debts_pass_to_the_next_session() {
         .sum();
     assert_eq!(carried_over, owed);
 }
+
+/// Issue 13: anyone can address deliveries to a client. With delivery tags, 1,000 junk
+/// deliveries (random SURB ids) cost the client nothing: no frame is counted for the gateway,
+/// no ticket is due; a delivery of its own is paid once, and its repeat not again.
+#[test]
+fn junk_deliveries_cost_the_client_nothing() {
+    use murmur_protocol::delivery::DeliveryTags;
+    use murmur_protocol::link::LinkPublic;
+    let net = Net::new(9, 0.0);
+    let mut rng = ChaCha20Rng::seed_from_u64(10);
+    let mut config = SessionConfig::new(net.client);
+    let tags = DeliveryTags::new(&LinkPublic([4; 32]), &mut rng);
+    config.delivery_tags = Some(tags.clone());
+    let mut session = ClientSession::new(
+        config,
+        net.consensus.clone(),
+        net.gateway,
+        Instant::ZERO,
+        &mut rng,
+    )
+    .unwrap();
+    let payer_config = PayerConfig {
+        gateway_frames_per_ticket: 4,
+        ..PayerConfig::default()
+    };
+    let payer = Payer::new(SigningKey::from_bytes(&[3; 32]), payer_config, u64::MAX).unwrap();
+    session.set_payer(payer, Instant::ZERO, 1_800_000_000);
+    let payload = vec![0u8; murmur_protocol::PAYLOAD_SIZE];
+    for _ in 0..1000 {
+        let id: [u8; 16] = rng.random();
+        session.handle_delivery(id, &payload, Instant::ZERO, &mut rng);
+    }
+    let stats = session.stats();
+    println!(
+        "1,000 junk deliveries: {} counted for the gateway, {} gateway tickets, {} foreign",
+        stats.gateway_frames, stats.gateway_tickets, stats.foreign_deliveries
+    );
+    assert_eq!((stats.gateway_frames, stats.gateway_tickets), (0, 0));
+    assert_eq!(stats.foreign_deliveries, 1000);
+    // Its own identifier (a late loop, say) is paid for once; a repeat is not.
+    let own = tags.mint(&mut rng);
+    session.handle_delivery(own, &payload, Instant::ZERO, &mut rng);
+    session.handle_delivery(own, &payload, Instant::ZERO, &mut rng);
+    let stats = session.stats();
+    assert_eq!((stats.gateway_frames, stats.duplicate_deliveries), (1, 1));
+}

@@ -410,6 +410,13 @@ impl Gateway {
         self.with_tab(address, |t| t.verdict())
     }
 
+    /// The running totals of the tab of the client whose session address is `address`
+    /// (`None` without payments or without such a tab): frames served and refused, payments.
+    pub fn tab_stats(&self, address: &Address) -> Option<murmur_protocol::tab::TabStats> {
+        let book = self.tabs.as_ref()?.lock().ok()?;
+        book.tab(address).map(Tab::stats)
+    }
+
     /// The tabs' clock.
     fn now(&self) -> ProtoInstant {
         ProtoInstant::from_elapsed(self.origin.elapsed())

@@ -2,6 +2,7 @@
 //! cache fresh. Both work against any [`Settlement`]: the HTTP `LedgerClient` in production,
 //! the embedded `Ledger` in tests.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -403,42 +404,49 @@ impl Payments {
                 .collect(),
             Err(_) => return,
         };
-        for pot in gone {
-            let settled = self
-                .blocking(move |p| {
-                    let winners = p.store.pending_of(&pot)?;
-                    let ids: Vec<TicketId> = winners.iter().map(Winner::id).collect();
-                    let was = p.store.settle_many(&ids, 0, "pot_unknown", now)?;
-                    Ok(winners
-                        .into_iter()
-                        .zip(was)
-                        .filter_map(|(w, was)| was.then_some(w))
-                        .collect::<Vec<_>>())
-                })
-                .await;
-            match settled {
-                Ok(winners) => {
+        if gone.is_empty() {
+            return;
+        }
+        // One transaction for them all: a flood of junk pots costs one fsync per refresh.
+        let settled = self
+            .blocking(move |p| {
+                let mut winners = Vec::new();
+                for pot in &gone {
+                    winners.extend(p.store.pending_of(pot)?);
+                }
+                let ids: Vec<TicketId> = winners.iter().map(Winner::id).collect();
+                let was = p.store.settle_many(&ids, 0, "pot_unknown", now)?;
+                Ok(winners
+                    .into_iter()
+                    .zip(was)
+                    .filter_map(|(w, was)| was.then_some(w))
+                    .collect::<Vec<_>>())
+            })
+            .await;
+        match settled {
+            Ok(winners) => {
+                let mut by_pot: HashMap<IdentityKey, usize> = HashMap::new();
+                for w in &winners {
+                    self.pending.fetch_sub(1, Ordering::Relaxed);
+                    self.release_winner(&w.ticket.pot, w.ticket.face_value);
+                    *by_pot.entry(w.ticket.pot).or_default() += 1;
+                }
+                if let Ok(mut attempts) = self.attempts.lock() {
                     for w in &winners {
-                        self.pending.fetch_sub(1, Ordering::Relaxed);
-                        self.release_winner(&w.ticket.pot, w.ticket.face_value);
-                        if let Ok(mut attempts) = self.attempts.lock() {
-                            attempts.remove(&w.id());
-                        }
-                    }
-                    if !winners.is_empty() {
-                        metrics::counter!(m::WINNERS_SETTLED, "outcome" => "pot_unknown")
-                            .increment(winners.len() as u64);
-                        tracing::warn!(
-                            pot = %pot,
-                            winners = winners.len(),
-                            "the ledger knows no such pot: its winning tickets are settled unpaid"
-                        );
+                        attempts.remove(&w.id());
                     }
                 }
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot settle the winners of an unknown pot")
+                if !winners.is_empty() {
+                    metrics::counter!(m::WINNERS_SETTLED, "outcome" => "pot_unknown")
+                        .increment(winners.len() as u64);
+                    tracing::warn!(
+                        pots = by_pot.len(),
+                        winners = winners.len(),
+                        "the ledger knows no such pots: their winning tickets are settled unpaid"
+                    );
                 }
             }
+            Err(e) => tracing::error!(error = %e, "cannot settle the winners of unknown pots"),
         }
         metrics::gauge!(m::WINNERS_PENDING).set(self.pending.load(Ordering::Relaxed) as f64);
     }

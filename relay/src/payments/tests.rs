@@ -17,6 +17,8 @@ use tempfile::TempDir;
 
 use super::*;
 use crate::keys::ReplaySizing;
+use murmur_protocol::tab::TabConfig;
+use std::collections::HashMap;
 
 const SIZING: ReplaySizing = ReplaySizing {
     capacity: 10_000,
@@ -933,16 +935,49 @@ async fn gateway_client(
     frames: usize,
     pay: Option<(&SigningKey, IdentityKey, [u8; 32])>,
 ) -> (Vec<murmur_protocol::control::Control>, bool) {
+    let key = murmur_protocol::link::LinkSecret::generate(&mut rand::rng());
+    let mut rng = ChaCha20Rng::seed_from_u64(11);
+    client_session(addr, gateway_key, &key, frames, |i| {
+        let (pot, gateway, commitment) = pay?;
+        if i % 16 != 15 {
+            return None;
+        }
+        let now = unix_now();
+        let terms = murmur_protocol::ticket::Terms::for_expected_value(16, 1_000_000).unwrap();
+        Some(Ticket::sign(
+            TicketFields {
+                recipient: gateway,
+                face_value: terms.face_value,
+                win_ratio: terms.win_ratio,
+                nonce: rand::RngExt::random(&mut rng),
+                issued: now,
+                expiry: now + 7_200,
+                commitment,
+            },
+            pot,
+        ))
+    })
+    .await
+}
+
+/// A client with link key `key`: sends `frames` Forward frames to the gateway at `addr`, each
+/// followed by the payment `pay(i)` gives, if any, then waits a moment; the control messages
+/// the gateway sent and whether it closed the session.
+async fn client_session(
+    addr: std::net::SocketAddr,
+    gateway_key: murmur_protocol::link::LinkPublic,
+    key: &murmur_protocol::link::LinkSecret,
+    frames: usize,
+    mut pay: impl FnMut(usize) -> Option<Ticket>,
+) -> (Vec<murmur_protocol::control::Control>, bool) {
     use crate::client_link::{ClientLink, LinkFailure};
     use murmur_protocol::control::Control;
     use murmur_protocol::envelope::Envelope;
     use murmur_protocol::frame::Frame;
-    use murmur_protocol::link::LinkSecret;
     use murmur_protocol::packet::{Address, Packet};
 
     let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let key = LinkSecret::generate(&mut rand::rng());
-    let mut ws = ClientLink::open(stream, &gateway_key, &key).await.unwrap();
+    let mut ws = ClientLink::open(stream, &gateway_key, key).await.unwrap();
     let mut rng = ChaCha20Rng::seed_from_u64(11);
     for i in 0..frames {
         let forward = Frame::Forward {
@@ -954,23 +989,7 @@ async fn gateway_client(
         if ws.send(&forward).await.is_err() {
             break;
         }
-        if let Some((pot, gateway, commitment)) = pay
-            && i % 16 == 15
-        {
-            let now = unix_now();
-            let terms = murmur_protocol::ticket::Terms::for_expected_value(16, 1_000_000).unwrap();
-            let ticket = Ticket::sign(
-                TicketFields {
-                    recipient: gateway,
-                    face_value: terms.face_value,
-                    win_ratio: terms.win_ratio,
-                    nonce: rand::RngExt::random(&mut rng),
-                    issued: now,
-                    expiry: now + 7_200,
-                    commitment,
-                },
-                pot,
-            );
+        if let Some(ticket) = pay(i) {
             let payment = Frame::Control(Control::Payment { ticket }.encode());
             if ws.send(&payment).await.is_err() {
                 break;
@@ -1093,4 +1112,250 @@ async fn the_gateway_cuts_off_a_client_that_does_not_pay() {
     stop.cancel();
     node.join().await;
     ledger_stop.cancel();
+}
+
+/// A ticket for the gateway `to` (commitment `commitment`) from `pot` with `face_value`
+/// that always wins, unless `win_ratio` says otherwise.
+fn gateway_ticket(
+    pot: &SigningKey,
+    to: IdentityKey,
+    commitment: [u8; 32],
+    face_value: u64,
+    win_ratio: u64,
+    nonce: u64,
+) -> Ticket {
+    let now = unix_now();
+    let mut n = [0u8; 16];
+    n[..8].copy_from_slice(&nonce.to_be_bytes());
+    Ticket::sign(
+        TicketFields {
+            recipient: to,
+            face_value,
+            win_ratio,
+            nonce: n,
+            issued: now,
+            expiry: now + 7_200,
+            commitment,
+        },
+        pot,
+    )
+}
+
+/// Issue 13's first attack: a client paying from an unfunded pot with sure-win tickets of
+/// face value `u64::MAX` (refused: above the cap), or of the largest face value accepted
+/// (accepted while the pot is looked up, its credit held, then refused: the ledger knows no
+/// such pot), gets no more frames than a new tab's grace and is cut off; the gateway holds
+/// one lookup per junk pot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unfunded_pot_gets_only_the_grace_and_is_cut_off() {
+    use murmur_protocol::control::Control;
+    use murmur_protocol::link::{LinkSecret, session_address};
+    let dir = TempDir::new().unwrap();
+    let (url, ledger_id, _client, ledger_stop) = http_ledger(dir.path()).await;
+    let (node, commitment, stop) = paid_gateway(dir.path(), &url, ledger_id, "").await;
+    let (addr, gateway_key) = (node.client_addr().unwrap(), node.link_public());
+    let gw = node.gateway().unwrap().clone();
+    let me = id(&relay_key());
+    let max_face = node.payments().unwrap().params().max_face_value;
+    let grace = TabConfig::for_price(1);
+    let grace_frames = (grace.initial_credit + grace.max_arrears) / grace.price;
+
+    for (face, what) in [(u64::MAX, "face u64::MAX"), (max_face, "face at the cap")] {
+        let pot = SigningKey::generate(&mut ChaCha20Rng::seed_from_u64(face % 1000));
+        let key = LinkSecret::generate(&mut rand::rng());
+        let (controls, closed) = client_session(addr, gateway_key, &key, 1_000, |i| {
+            (i % 4 == 0).then(|| gateway_ticket(&pot, me, commitment, face, u64::MAX, i as u64))
+        })
+        .await;
+        let stats = gw.tab_stats(&session_address(&key.public())).unwrap();
+        println!(
+            "unfunded pot, {what}: {} frames served (grace {grace_frames}), {} refused, {} \
+             tickets credited, {} refused; cut off: {}",
+            stats.frames,
+            stats.unpaid_frames,
+            stats.payments,
+            stats.refused_tickets,
+            controls.contains(&Control::Cutoff)
+        );
+        assert!(controls.contains(&Control::Cutoff), "{what}: {controls:?}");
+        assert!(closed, "{what}: not disconnected");
+        assert!(stats.frames <= grace_frames + 1, "{what}: {stats:?}");
+        assert_eq!(stats.payments, 0, "{what}: a junk ticket was credited");
+    }
+    // The sure winners accepted from the unknown pot were settled unpaid, and counted.
+    let p = node.payments().unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !p.pending_winners().unwrap().is_empty() || p.settled().unwrap().is_empty() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "junk winners still pending"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let settled = p.settled().unwrap();
+    assert!(
+        settled
+            .iter()
+            .all(|s| s.outcome == "pot_unknown" && s.paid == 0)
+    );
+    // At most the allowance of the one pot that got past the face-value cap.
+    assert!(settled.len() <= 8, "{}", settled.len());
+    println!(
+        "junk winners settled unpaid as pot_unknown: {}",
+        settled.len()
+    );
+    stop.cancel();
+    node.join().await;
+    ledger_stop.cancel();
+}
+
+/// A client that reconnects 100 times with its key (as Murmur's client does) gets one grace
+/// in all; one that uses 100 fresh keys from the same address gets `grace_per_address` (2).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconnecting_clients_get_no_more_free_frames_than_their_address_grace() {
+    use murmur_protocol::link::{LinkSecret, session_address};
+    let dir = TempDir::new().unwrap();
+    let (url, ledger_id, _client, ledger_stop) = http_ledger(dir.path()).await;
+    let (node, _commitment, stop) = paid_gateway(dir.path(), &url, ledger_id, "").await;
+    let (addr, gateway_key) = (node.client_addr().unwrap(), node.link_public());
+    let gw = node.gateway().unwrap().clone();
+    let grace = TabConfig::for_price(1);
+    let grace_frames = (grace.initial_credit + grace.max_arrears) / grace.price;
+
+    let key = LinkSecret::generate(&mut rand::rng());
+    for _ in 0..100 {
+        client_session(addr, gateway_key, &key, 40, |_| None).await;
+    }
+    let one_key = gw
+        .tab_stats(&session_address(&key.public()))
+        .unwrap()
+        .frames;
+    let mut fresh = 0;
+    for _ in 0..100 {
+        let key = LinkSecret::generate(&mut rand::rng());
+        client_session(addr, gateway_key, &key, 40, |_| None).await;
+        fresh += gw
+            .tab_stats(&session_address(&key.public()))
+            .unwrap()
+            .frames;
+    }
+    println!(
+        "100 reconnects with one key: {one_key} free frames; 100 fresh keys from one address: \
+         {fresh} (one grace: {grace_frames} frames, 2 per address per window)"
+    );
+    assert!(one_key <= grace_frames + 1, "{one_key}");
+    // The first key used one of the address's two graces.
+    assert!(fresh <= grace_frames + 1, "{fresh}");
+    stop.cancel();
+    node.join().await;
+    ledger_stop.cancel();
+}
+
+/// Issue 13's crowding attack: 100,000 junk tickets (all sure winners) from 10,000 fresh,
+/// unfunded keys at one relay while an honest payer pays: every honest winner is accepted,
+/// stored and redeemed; the junk takes no more than its pools, and its winners are settled
+/// unpaid (counted) as soon as the ledger says their pots do not exist.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn junk_from_fresh_keys_does_not_crowd_out_an_honest_payers_winners() {
+    let dir = TempDir::new().unwrap();
+    let ledger = ledger(dir.path()).await;
+    let params = PaymentsParams {
+        unverified_tickets_per_pot: 8,
+        max_tickets_per_epoch: 200_000,
+        max_unverified_tickets_per_epoch: 50_000,
+        max_pots: 2_000,
+        max_pot_lookups: 256,
+        max_pending_winners: 5_000,
+        max_unverified_winners: 1_000,
+        max_pending_winners_per_pot: 5_000,
+        max_tickets_per_pot_per_epoch: 200_000,
+        ..params()
+    };
+    let r = Relay::open(dir.path(), params);
+    let p = &r.payments;
+    let honest = payer(0);
+    let t = std::time::Instant::now();
+    let junk_keys: Vec<SigningKey> = (0..10_000u32)
+        .map(|i| {
+            let mut seed = [0u8; 32];
+            seed[..4].copy_from_slice(&i.to_be_bytes());
+            seed[31] = 0xee;
+            SigningKey::from_bytes(&seed)
+        })
+        .collect();
+    let (mut honest_sent, mut honest_won, mut junk_accepted, mut junk_refused) = (0, 0, 0, 0);
+    let mut refusals: HashMap<&'static str, u64> = HashMap::new();
+    let mut nonce = 0u16;
+    for round in 0..10u16 {
+        for (k, key) in junk_keys.iter().enumerate() {
+            let ticket = r.ticket(key, round, |_| {});
+            match p.accept(&ticket, r.epoch, unix_now()) {
+                Ok(_) => junk_accepted += 1,
+                Err(e) => {
+                    junk_refused += 1;
+                    *refusals.entry(e.label()).or_default() += 1;
+                }
+            }
+            // The honest payer pays a winner every 100 junk tickets.
+            if k % 100 == 0 {
+                nonce += 1;
+                honest_sent += 1;
+                let a = p.accept(&r.winner(&honest, nonce), r.epoch, unix_now());
+                assert!(
+                    matches!(a, Ok(a) if a.winner),
+                    "an honest winner was refused: {a:?}"
+                );
+                honest_won += 1;
+            }
+            // The refresher answers lookups as they come.
+            if k % 500 == 0 {
+                p.flush().unwrap();
+                p.refresh_pots(&ledger, unix_now()).await;
+            }
+        }
+    }
+    p.flush().unwrap();
+    p.refresh_pots(&ledger, unix_now()).await;
+    let pending = p.pending_winners().unwrap();
+    let honest_pending = pending
+        .iter()
+        .filter(|w| w.ticket.pot == id(&honest))
+        .count();
+    println!(
+        "100,000 junk tickets from 10,000 keys in {:?}: {junk_accepted} accepted (within the \
+         pots' allowance), {junk_refused} refused {refusals:?}; honest winners {honest_won}/\
+         {honest_sent}, pending {honest_pending}, junk pending {}",
+        t.elapsed(),
+        pending.len() - honest_pending
+    );
+    assert_eq!(honest_pending, honest_sent);
+    assert_eq!(pending.len(), honest_pending, "junk winners still pending");
+    let junk_settled = p
+        .settled()
+        .unwrap()
+        .iter()
+        .filter(|s| s.outcome == "pot_unknown")
+        .count();
+    assert_eq!(
+        junk_settled, junk_accepted,
+        "every accepted junk ticket won and was settled"
+    );
+    // Each junk key got at most its allowance while its pot was looked up.
+    assert!(junk_accepted <= 8 * 10_000);
+
+    // The honest winners are all redeemed once the epoch retires.
+    r.retire();
+    let relay = relay_key();
+    let mut paid = 0;
+    for _ in 0..10 {
+        let round = p.redeem_due(&ledger, &relay, unix_now()).await.unwrap();
+        paid += round.paid;
+        if p.pending_winners().unwrap().is_empty() {
+            break;
+        }
+    }
+    println!("honest winners redeemed: {paid}");
+    assert_eq!(paid, honest_sent);
+    let a = ledger.audit().unwrap();
+    assert!(a.conserved(), "{a:?}");
 }
