@@ -596,7 +596,11 @@ async fn the_redeemer_retries_until_the_ledger_answers() {
 /// A ledger key under `dir` and its identity.
 fn ledger_key(dir: &Path) -> (std::path::PathBuf, IdentityKey) {
     let path = dir.join("ledger.key");
-    let identity = murmur_directory::keys::keygen(&path).unwrap();
+    let identity = if path.exists() {
+        IdentityKey::of(&murmur_directory::keys::load(&path).unwrap())
+    } else {
+        murmur_directory::keys::keygen(&path).unwrap()
+    };
     (path, identity)
 }
 
@@ -1358,4 +1362,109 @@ async fn junk_from_fresh_keys_does_not_crowd_out_an_honest_payers_winners() {
     assert_eq!(paid, honest_sent);
     let a = ledger.audit().unwrap();
     assert!(a.conserved(), "{a:?}");
+}
+
+const GATEWAY_CRASH_CHILD: &str = "MURMUR_TEST_GATEWAY_CRASH_DIR";
+
+/// In a child process: a paying gateway credits a client's sure-winning ticket, and the
+/// process aborts at once (no destructor runs, as under `kill -9`).
+async fn gateway_crash_child(dir: &Path) -> ! {
+    use murmur_protocol::link::{LinkSecret, session_address};
+    let (url, ledger_id, _client, _ledger_stop) = http_ledger(dir).await;
+    let (node, commitment, _stop) = paid_gateway(dir, &url, ledger_id, "").await;
+    let (addr, gateway_key) = (node.client_addr().unwrap(), node.link_public());
+    let gw = node.gateway().unwrap().clone();
+    let key = LinkSecret::generate(&mut rand::rng());
+    let address = session_address(&key.public());
+    let me = id(&relay_key());
+    // A sure winner of face FACE: its credit is held until the pot is looked up, and given
+    // once the winner is on disk.
+    let pot = payer(0);
+    let link = tokio::spawn(async move {
+        client_session(addr, gateway_key, &key, 64, |i| {
+            (i == 0).then(|| gateway_ticket(&pot, me, commitment, FACE, u64::MAX, 2))
+        })
+        .await
+    });
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let paid = gw.tab_stats(&address).map_or(0, |s| s.payments);
+        if paid >= 1 {
+            std::process::abort();
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never credited: {paid}"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    #[allow(unreachable_code)]
+    {
+        drop(link);
+        unreachable!()
+    }
+}
+
+/// Issue 21: a gateway killed right after it credited a client's winning ticket redeems the
+/// ticket after a restart (the winner was on disk before the credit).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_killed_after_crediting_a_winner_redeems_it_after_restart() {
+    if let Some(dir) = std::env::var_os(GATEWAY_CRASH_CHILD) {
+        gateway_crash_child(Path::new(&dir)).await;
+    }
+    let dir = TempDir::new().unwrap();
+    let status = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "payments::tests::a_gateway_killed_after_crediting_a_winner_redeems_it_after_restart",
+            "--test-threads=1",
+        ])
+        .env(GATEWAY_CRASH_CHILD, dir.path())
+        .status()
+        .unwrap();
+    assert!(!status.success(), "the child crashes on purpose");
+
+    // The gateway's state after the crash: the credited winner is pending.
+    let state = dir.path().join("state");
+    let keys = Arc::new(KeyRing::open(&state, SIZING).unwrap());
+    let epoch_length = crate::Config::parse(
+        "version = 1\n[relay]\nfamily = \"op\"\nroles = [\"gateway\"]\n",
+        dir.path().to_path_buf(),
+    )
+    .unwrap()
+    .directory
+    .epoch_length
+    .as_secs();
+    let p = Arc::new(
+        Payments::open(
+            &state,
+            PaymentsParams {
+                epoch_length_s: epoch_length,
+                ..params()
+            },
+            keys.clone(),
+        )
+        .unwrap(),
+    );
+    let pending = p.pending_winners().unwrap();
+    println!("after kill: {} winner(s) pending", pending.len());
+    assert_eq!(pending.len(), 1);
+    assert_eq!(pending[0].ticket.face_value, FACE);
+
+    // The ledger comes back (same database), the key epoch retires, the winner is paid.
+    let (_url, _ledger_id, client, ledger_stop) = http_ledger(dir.path()).await;
+    let later = pending[0].epoch + 5;
+    keys.rotate(&mut ChaCha20Rng::seed_from_u64(9), later, later)
+        .unwrap();
+    let round = p
+        .redeem_due(&client, &relay_key(), unix_now())
+        .await
+        .unwrap();
+    println!("after restart: {round:?}");
+    assert_eq!(round.paid, 1, "{round:?}");
+    assert_eq!(
+        client.account(id(&relay_key())).await.unwrap().balance,
+        FACE
+    );
+    ledger_stop.cancel();
 }
