@@ -952,6 +952,11 @@ mod tests {
         assert_eq!(t.pot.unlock_at, None);
         assert_eq!(t.account.balance, 1_000 - 700 - 200 + 150);
         assert!(l.audit().unwrap().conserved());
+        // The totals kept in memory are what a full count finds, refusals and all.
+        assert_eq!(l.totals(), l.audit().unwrap());
+        assert!(l.check_totals().unwrap());
+        l.prune(NOW + 10_000).unwrap();
+        assert_eq!(l.totals(), l.audit().unwrap());
     }
 
     #[test]

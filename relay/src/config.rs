@@ -699,6 +699,7 @@ mod tests {
     use super::*;
 
     const MINIMAL: &str = "version = 1\n[relay]\nfamily = \"op\"\nroles = [\"mix\"]\n";
+    const EXIT: &str = "version = 1\n[relay]\nfamily = \"op\"\nroles = [\"exit\"]\n[exit]\n";
     /// A valid Ed25519 public key, in hex.
     fn ledger_key() -> String {
         IdentityKey::of(&ed25519_dalek::SigningKey::from_bytes(&[1; 32])).to_hex()
@@ -783,6 +784,22 @@ mod tests {
             (
                 &format!("{MINIMAL}[gateway]\nclient_idle_timeout = \"0s\"\n"),
                 "client_idle_timeout",
+            ),
+            (
+                &format!("{EXIT}max_streams = 64\nmax_streams_per_session = 5\n"),
+                "max_streams_per_session",
+            ),
+            (
+                &format!("{EXIT}max_session_buffered_bytes = 268435456\n"),
+                "max_session_buffered_bytes",
+            ),
+            (
+                &format!("{EXIT}stream_lifetime = \"0s\"\n"),
+                "stream_lifetime",
+            ),
+            (
+                &format!("{MINIMAL}[gateway]\ninbox_total_bytes = 1\n"),
+                "gateway bounds",
             ),
             (
                 &format!("{MINIMAL}[mixing]\nmax_handshakes = 0\n"),

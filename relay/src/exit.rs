@@ -1061,3 +1061,52 @@ fn build_message(st: &mut SessionState, now: Instant) -> Option<ExitMessage> {
     }
     (!items.is_empty()).then_some(ExitMessage { items })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A stream must move `min_progress` bytes in every `idle`: a trickle below it ends at the
+    /// idle timeout, one above it at the lifetime.
+    #[test]
+    fn a_trickle_is_not_progress_and_the_lifetime_ends_every_stream() {
+        let t0 = StdInstant::now();
+        let s = Duration::from_secs(1);
+        let mut w = Watch::new(t0, 100 * s, 10 * s, 100);
+        let mut progress = 0;
+        let mut ended = None;
+        for i in 1..=30u32 {
+            progress += 5; // 5 bytes a second
+            if let Some(why) = w.check(t0 + s * i, progress) {
+                ended = Some((i, why));
+                break;
+            }
+        }
+        assert_eq!(ended, Some((10, "no_progress")));
+
+        let mut w = Watch::new(t0, 20 * s, 10 * s, 100);
+        let mut ended = None;
+        for i in 1..=30u32 {
+            if let Some(why) = w.check(t0 + s * i, u64::from(i) * 50) {
+                ended = Some((i, why));
+                break;
+            }
+        }
+        assert_eq!(ended, Some((20, "lifetime")));
+        assert!(w.check_every() <= WATCH_EVERY);
+    }
+
+    #[test]
+    fn a_session_holds_a_sixteenth_of_the_reassembler() {
+        let l = reassembly_limits();
+        assert_eq!(
+            l.max_partial_messages_per_owner * FULL_SESSIONS,
+            l.max_partial_messages
+        );
+        assert_eq!(
+            l.max_buffered_bytes_per_owner * FULL_SESSIONS,
+            l.max_buffered_bytes
+        );
+        assert_eq!(MAX_SURBS * FULL_SESSIONS, MAX_SURBS_TOTAL);
+    }
+}
