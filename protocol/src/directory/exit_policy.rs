@@ -4,8 +4,8 @@
 //! Address patterns: `*` (any), `*4`, `*6`, `private` (every address that is not globally
 //! reachable: see [`special_purpose`], which lists the IANA special-purpose blocks with their
 //! RFCs, and the IPv4-mapped, NAT64 and 6to4 forms of such IPv4 addresses), an address, or a
-//! prefix (`10.0.0.0/8`, `[2001:db8::]/32`). Ports: `*`, `N` or `N-M`. Rules are separated by commas
-//! or newlines; `#` starts a comment.
+//! prefix (`10.0.0.0/8`, `[2001:db8::]/32`). Ports: `*`, `N` or `N-M`. Rules are separated by
+//! commas or newlines; `#` starts a comment.
 //!
 //! [`ExitPolicy::parse`] puts `reject private:*` first unless the operator opts in to private
 //! destinations (the local test network does), so the policy in a descriptor says everything
@@ -273,270 +273,81 @@ const fn v6(segments: [u16; 8], len: u8, name: &'static str, rfc: &'static str) 
 /// IPv4 blocks that are not globally reachable (IANA IPv4 Special-Purpose Address Registry,
 /// plus multicast from the IPv4 Multicast Address Space Registry: a TCP exit never connects
 /// to a group).
+#[rustfmt::skip]
 const IPV4_NOT_GLOBAL: &[Block<u32>] = &[
     v4(0, 0, 0, 0, 8, "\"this network\"", "RFC 791 §3.2"),
     v4(10, 0, 0, 0, 8, "private-use", "RFC 1918"),
-    v4(
-        100,
-        64,
-        0,
-        0,
-        10,
-        "shared address space (CGNAT)",
-        "RFC 6598",
-    ),
+    v4(100, 64, 0, 0, 10, "shared address space (CGNAT)", "RFC 6598"),
     v4(127, 0, 0, 0, 8, "loopback", "RFC 1122 §3.2.1.3"),
     v4(169, 254, 0, 0, 16, "link local", "RFC 3927"),
     v4(172, 16, 0, 0, 12, "private-use", "RFC 1918"),
-    v4(
-        192,
-        0,
-        0,
-        0,
-        24,
-        "IETF protocol assignments",
-        "RFC 6890 §2.1",
-    ),
-    v4(
-        192,
-        0,
-        0,
-        0,
-        29,
-        "IPv4 service continuity prefix",
-        "RFC 7335",
-    ),
+    v4(192, 0, 0, 0, 24, "IETF protocol assignments", "RFC 6890 §2.1"),
+    v4(192, 0, 0, 0, 29, "IPv4 service continuity prefix", "RFC 7335"),
     v4(192, 0, 0, 8, 32, "IPv4 dummy address", "RFC 7600"),
-    v4(
-        192,
-        0,
-        0,
-        170,
-        32,
-        "NAT64/DNS64 discovery",
-        "RFC 8880, RFC 7050 §2.2",
-    ),
-    v4(
-        192,
-        0,
-        0,
-        171,
-        32,
-        "NAT64/DNS64 discovery",
-        "RFC 8880, RFC 7050 §2.2",
-    ),
+    v4(192, 0, 0, 170, 32, "NAT64/DNS64 discovery", "RFC 8880, RFC 7050 §2.2"),
+    v4(192, 0, 0, 171, 32, "NAT64/DNS64 discovery", "RFC 8880, RFC 7050 §2.2"),
     v4(192, 0, 2, 0, 24, "documentation (TEST-NET-1)", "RFC 5737"),
-    v4(
-        192,
-        88,
-        99,
-        0,
-        24,
-        "6to4 relay anycast (deprecated)",
-        "RFC 7526",
-    ),
+    v4(192, 88, 99, 0, 24, "6to4 relay anycast (deprecated)", "RFC 7526"),
     v4(192, 168, 0, 0, 16, "private-use", "RFC 1918"),
     v4(198, 18, 0, 0, 15, "benchmarking", "RFC 2544"),
-    v4(
-        198,
-        51,
-        100,
-        0,
-        24,
-        "documentation (TEST-NET-2)",
-        "RFC 5737",
-    ),
+    v4(198, 51, 100, 0, 24, "documentation (TEST-NET-2)", "RFC 5737"),
     v4(203, 0, 113, 0, 24, "documentation (TEST-NET-3)", "RFC 5737"),
     v4(224, 0, 0, 0, 4, "multicast", "RFC 5771"),
     v4(240, 0, 0, 0, 4, "reserved", "RFC 1112 §4"),
-    v4(
-        255,
-        255,
-        255,
-        255,
-        32,
-        "limited broadcast",
-        "RFC 8190, RFC 919 §7",
-    ),
+    v4(255, 255, 255, 255, 32, "limited broadcast", "RFC 8190, RFC 919 §7"),
 ];
 
 /// Globally reachable assignments inside the blocks above.
+#[rustfmt::skip]
 const IPV4_GLOBAL_EXCEPTIONS: &[Block<u32>] = &[
-    v4(
-        192,
-        0,
-        0,
-        9,
-        32,
-        "Port Control Protocol anycast",
-        "RFC 7723",
-    ),
-    v4(
-        192,
-        0,
-        0,
-        10,
-        32,
-        "Traversal Using Relays around NAT anycast",
-        "RFC 8155",
-    ),
+    v4(192, 0, 0, 9, 32, "Port Control Protocol anycast", "RFC 7723"),
+    v4(192, 0, 0, 10, 32, "Traversal Using Relays around NAT anycast", "RFC 8155"),
 ];
 
 /// IPv6 blocks that are not globally reachable (IANA IPv6 Special-Purpose Address Registry,
 /// plus deprecated and non-unicast space from the IPv6 Address Space Registry). The blocks
 /// that carry an IPv4 address (::ffff:0:0/96, 64:ff9b::/96, 2002::/16) are judged by that
 /// address in [`embedded_ipv4`] instead.
+#[rustfmt::skip]
 const IPV6_NOT_GLOBAL: &[Block<u128>] = &[
     v6([0, 0, 0, 0, 0, 0, 0, 0], 128, "unspecified", "RFC 4291"),
     v6([0, 0, 0, 0, 0, 0, 0, 1], 128, "loopback", "RFC 4291"),
-    v6(
-        [0, 0, 0, 0, 0, 0, 0, 0],
-        96,
-        "IPv4-compatible (deprecated)",
-        "RFC 4291 §2.5.5.1",
-    ),
-    v6(
-        [0x64, 0xff9b, 1, 0, 0, 0, 0, 0],
-        48,
-        "local-use IPv4/IPv6 translation",
-        "RFC 8215",
-    ),
+    v6([0, 0, 0, 0, 0, 0, 0, 0], 96, "IPv4-compatible (deprecated)", "RFC 4291 §2.5.5.1"),
+    v6([0x64, 0xff9b, 1, 0, 0, 0, 0, 0], 48, "local-use IPv4/IPv6 translation", "RFC 8215"),
     v6([0x100, 0, 0, 0, 0, 0, 0, 0], 64, "discard-only", "RFC 6666"),
-    v6(
-        [0x100, 0, 0, 1, 0, 0, 0, 0],
-        64,
-        "dummy IPv6 prefix",
-        "RFC 9780",
-    ),
-    v6(
-        [0x2001, 0, 0, 0, 0, 0, 0, 0],
-        23,
-        "IETF protocol assignments",
-        "RFC 2928",
-    ),
-    v6(
-        [0x2001, 0, 0, 0, 0, 0, 0, 0],
-        32,
-        "Teredo",
-        "RFC 4380, RFC 8190",
-    ),
-    v6(
-        [0x2001, 2, 0, 0, 0, 0, 0, 0],
-        48,
-        "benchmarking",
-        "RFC 5180, RFC Errata 1752",
-    ),
-    v6(
-        [0x2001, 0x10, 0, 0, 0, 0, 0, 0],
-        28,
-        "ORCHID (deprecated)",
-        "RFC 4843",
-    ),
-    v6(
-        [0x2001, 0xdb8, 0, 0, 0, 0, 0, 0],
-        32,
-        "documentation",
-        "RFC 3849",
-    ),
-    v6(
-        [0x3fff, 0, 0, 0, 0, 0, 0, 0],
-        20,
-        "documentation",
-        "RFC 9637",
-    ),
-    v6(
-        [0x5f00, 0, 0, 0, 0, 0, 0, 0],
-        16,
-        "segment routing (SRv6) SIDs",
-        "RFC 9602",
-    ),
-    v6(
-        [0xfc00, 0, 0, 0, 0, 0, 0, 0],
-        7,
-        "unique-local",
-        "RFC 4193, RFC 8190",
-    ),
-    v6(
-        [0xfe80, 0, 0, 0, 0, 0, 0, 0],
-        10,
-        "link-local unicast",
-        "RFC 4291",
-    ),
-    v6(
-        [0xfec0, 0, 0, 0, 0, 0, 0, 0],
-        10,
-        "site-local (deprecated)",
-        "RFC 3879",
-    ),
-    v6(
-        [0xff00, 0, 0, 0, 0, 0, 0, 0],
-        8,
-        "multicast",
-        "RFC 4291 §2.7",
-    ),
+    v6([0x100, 0, 0, 1, 0, 0, 0, 0], 64, "dummy IPv6 prefix", "RFC 9780"),
+    v6([0x2001, 0, 0, 0, 0, 0, 0, 0], 23, "IETF protocol assignments", "RFC 2928"),
+    v6([0x2001, 0, 0, 0, 0, 0, 0, 0], 32, "Teredo", "RFC 4380, RFC 8190"),
+    v6([0x2001, 2, 0, 0, 0, 0, 0, 0], 48, "benchmarking", "RFC 5180, RFC Errata 1752"),
+    v6([0x2001, 0x10, 0, 0, 0, 0, 0, 0], 28, "ORCHID (deprecated)", "RFC 4843"),
+    v6([0x2001, 0xdb8, 0, 0, 0, 0, 0, 0], 32, "documentation", "RFC 3849"),
+    v6([0x3fff, 0, 0, 0, 0, 0, 0, 0], 20, "documentation", "RFC 9637"),
+    v6([0x5f00, 0, 0, 0, 0, 0, 0, 0], 16, "segment routing (SRv6) SIDs", "RFC 9602"),
+    v6([0xfc00, 0, 0, 0, 0, 0, 0, 0], 7, "unique-local", "RFC 4193, RFC 8190"),
+    v6([0xfe80, 0, 0, 0, 0, 0, 0, 0], 10, "link-local unicast", "RFC 4291"),
+    v6([0xfec0, 0, 0, 0, 0, 0, 0, 0], 10, "site-local (deprecated)", "RFC 3879"),
+    v6([0xff00, 0, 0, 0, 0, 0, 0, 0], 8, "multicast", "RFC 4291 §2.7"),
 ];
 
 /// Globally reachable assignments inside the blocks above.
+#[rustfmt::skip]
 const IPV6_GLOBAL_EXCEPTIONS: &[Block<u128>] = &[
-    v6(
-        [0x2001, 1, 0, 0, 0, 0, 0, 1],
-        128,
-        "Port Control Protocol anycast",
-        "RFC 7723",
-    ),
-    v6(
-        [0x2001, 1, 0, 0, 0, 0, 0, 2],
-        128,
-        "TURN anycast",
-        "RFC 8155",
-    ),
-    v6(
-        [0x2001, 1, 0, 0, 0, 0, 0, 3],
-        128,
-        "DNS-SD service registration protocol anycast",
-        "RFC 9665",
-    ),
+    v6([0x2001, 1, 0, 0, 0, 0, 0, 1], 128, "Port Control Protocol anycast", "RFC 7723"),
+    v6([0x2001, 1, 0, 0, 0, 0, 0, 2], 128, "TURN anycast", "RFC 8155"),
+    v6([0x2001, 1, 0, 0, 0, 0, 0, 3], 128, "DNS-SD SRP anycast", "RFC 9665"),
     v6([0x2001, 3, 0, 0, 0, 0, 0, 0], 32, "AMT", "RFC 7450"),
-    v6(
-        [0x2001, 4, 0x112, 0, 0, 0, 0, 0],
-        48,
-        "AS112-v6",
-        "RFC 7535",
-    ),
+    v6([0x2001, 4, 0x112, 0, 0, 0, 0, 0], 48, "AS112-v6", "RFC 7535"),
     v6([0x2001, 0x20, 0, 0, 0, 0, 0, 0], 28, "ORCHIDv2", "RFC 7343"),
-    v6(
-        [0x2001, 0x30, 0, 0, 0, 0, 0, 0],
-        28,
-        "drone remote ID entity tags",
-        "RFC 9374",
-    ),
+    v6([0x2001, 0x30, 0, 0, 0, 0, 0, 0], 28, "drone remote ID entity tags", "RFC 9374"),
 ];
 
 /// The blocks whose addresses carry an IPv4 address, and where it sits (the bit offset of
 /// its first bit from the top).
+#[rustfmt::skip]
 const IPV6_EMBEDDING_IPV4: &[(Block<u128>, u32)] = &[
-    (
-        v6(
-            [0, 0, 0, 0, 0, 0xffff, 0, 0],
-            96,
-            "IPv4-mapped",
-            "RFC 4291 §2.5.5.2",
-        ),
-        96,
-    ),
-    (
-        v6(
-            [0x64, 0xff9b, 0, 0, 0, 0, 0, 0],
-            96,
-            "IPv4/IPv6 translation (NAT64)",
-            "RFC 6052 §2.1",
-        ),
-        96,
-    ),
-    (
-        v6([0x2002, 0, 0, 0, 0, 0, 0, 0], 16, "6to4", "RFC 3056 §2"),
-        16,
-    ),
+    (v6([0, 0, 0, 0, 0, 0xffff, 0, 0], 96, "IPv4-mapped", "RFC 4291 §2.5.5.2"), 96),
+    (v6([0x64, 0xff9b, 0, 0, 0, 0, 0, 0], 96, "NAT64 well-known prefix", "RFC 6052 §2.1"), 96),
+    (v6([0x2002, 0, 0, 0, 0, 0, 0, 0], 16, "6to4", "RFC 3056 §2"), 16),
 ];
 
 fn ipv4_not_global(ip: Ipv4Addr) -> Option<SpecialPurpose> {
