@@ -242,9 +242,11 @@ replay_capacity = 1000000
 # Every devnet relay is on 127.0.0.1.
 distinct_subnets = false
 [exit]
-# Like Tor's default, refuse SMTP, so a policy refusal can be seen; loopback is allowed.
+# Like Tor's default, refuse SMTP, so a policy refusal can be seen; loopback is allowed,
+# and so is 127.0.0.1, the exit's own address.
 policy = "reject *:25, accept *:*"
 allow_private = true
+allow_own_addresses = true
 connect_timeout = "3s"
 [payments]
 ledger = "{ledger}"

@@ -12,6 +12,7 @@ use murmur_directory::HttpLimits;
 use murmur_protocol::directory::IdentityKey;
 use serde::{Deserialize, Serialize};
 
+use crate::guard::RateLimits;
 use crate::ledger::Params;
 use crate::{Error, Result};
 
@@ -39,9 +40,18 @@ pub struct Config {
     /// file's directory.
     #[serde(default = "default_state_dir")]
     pub state_dir: PathBuf,
-    /// Time between warning and withdrawing (whole seconds; Orchid uses a day).
+    /// Time between warning and withdrawing (whole seconds; Orchid uses a day); at least
+    /// `redeem_window`.
     #[serde(default = "default_notice_period", with = "humantime_serde")]
     pub notice_period: Duration,
+    /// The longest a relay may hold a winning ticket before redeeming it: relays redeem a
+    /// ticket only once the Sphinx key of its epoch retires (one epoch plus their
+    /// `key_grace`), at their next `redeem_interval`, and retry until its expiry, which they
+    /// require to be `min_redeem_window` past that. A payer who warns must not be able to
+    /// withdraw before then, so `notice_period` may not be shorter. The default is the relays'
+    /// defaults: 20 min + 20 min + 1 min + 30 min.
+    #[serde(default = "default_redeem_window", with = "humantime_serde")]
+    pub redeem_window: Duration,
     /// How far a request's timestamp may be from the ledger's clock (whole seconds, ≥ 1s);
     /// request nonces are remembered this long.
     #[serde(default = "default_request_window", with = "humantime_serde")]
@@ -83,6 +93,15 @@ pub struct Limits {
     /// A connection on which nothing moves for this long is closed.
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
+    /// Signed requests per second one key may send, on average (checked once its signature
+    /// is), and at once.
+    pub requests_per_key_per_second: u32,
+    pub request_burst_per_key: u32,
+    /// Write transactions per second in all, on average, and at once.
+    pub writes_per_second: u32,
+    pub write_burst: u32,
+    /// Keys whose request rates are tracked at once.
+    pub tracked_keys: usize,
 }
 
 impl Default for Limits {
@@ -94,11 +113,27 @@ impl Default for Limits {
             header_timeout: Duration::from_secs(5),
             body_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(30),
+            requests_per_key_per_second: 20,
+            request_burst_per_key: 40,
+            writes_per_second: 500,
+            write_burst: 1000,
+            tracked_keys: 65_536,
         }
     }
 }
 
 impl Limits {
+    /// The request rate limits.
+    pub fn rate(&self) -> RateLimits {
+        RateLimits {
+            per_key_per_second: self.requests_per_key_per_second,
+            per_key_burst: self.request_burst_per_key,
+            writes_per_second: self.writes_per_second,
+            write_burst: self.write_burst,
+            max_tracked_keys: self.tracked_keys,
+        }
+    }
+
     /// The HTTP listener's bounds.
     pub fn http(&self) -> HttpLimits {
         HttpLimits {
@@ -126,6 +161,14 @@ fn default_notice_period() -> Duration {
     Duration::from_secs(24 * 60 * 60)
 }
 
+/// [`Config::redeem_window`]'s default: the relays' defaults (epoch 20 min, key grace
+/// 20 min, redeem interval 1 min, redeem window 30 min).
+pub const DEFAULT_REDEEM_WINDOW: Duration = Duration::from_secs(71 * 60);
+
+fn default_redeem_window() -> Duration {
+    DEFAULT_REDEEM_WINDOW
+}
+
 fn default_request_window() -> Duration {
     Duration::from_secs(5 * 60)
 }
@@ -143,6 +186,7 @@ impl Config {
             key_file: default_key_file(),
             state_dir: default_state_dir(),
             notice_period: default_notice_period(),
+            redeem_window: default_redeem_window(),
             request_window: default_request_window(),
             prune_interval: default_prune_interval(),
             limits: Limits::default(),
@@ -191,6 +235,14 @@ impl Config {
                 )));
             }
         }
+        if self.notice_period < self.redeem_window {
+            return Err(Error::Config(format!(
+                "notice_period ({:?}) is shorter than redeem_window ({:?}): a payer could warn \
+                 and withdraw a pot before relays redeem the tickets it paid them with",
+                self.notice_period, self.redeem_window
+            )));
+        }
+        self.limits.rate().check().map_err(Error::Config)?;
         if self.prune_interval < Duration::from_secs(1) {
             return Err(Error::Config("prune_interval must be at least 1s".into()));
         }
@@ -301,6 +353,25 @@ mod tests {
                 .unwrap_err()
                 .to_string()
                 .contains("header_timeout")
+        );
+        let mut c = Config::parse(EXAMPLE, path).unwrap();
+        c.notice_period = Duration::ZERO;
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("redeem_window"),
+            "a notice period shorter than the relays' redeem window"
+        );
+        c.redeem_window = Duration::ZERO;
+        c.validate().unwrap();
+        let mut c = Config::parse(EXAMPLE, path).unwrap();
+        c.limits.writes_per_second = 0;
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("writes_per_second")
         );
         let mut c = Config::parse(EXAMPLE, path).unwrap();
         c.version = 2;

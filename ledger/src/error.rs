@@ -44,11 +44,14 @@ pub enum Refusal {
     RevealMismatch,
     /// The ticket did not win.
     NotAWinner,
+    /// The signer, or everyone together, sent requests faster than the ledger takes them;
+    /// nothing was decided: send it again later.
+    RateLimited,
 }
 
 impl Refusal {
     /// Every kind, for tables and tests.
-    pub const ALL: [Refusal; 17] = [
+    pub const ALL: [Refusal; 18] = [
         Refusal::Malformed,
         Refusal::TooLarge,
         Refusal::BodyTimeout,
@@ -66,6 +69,7 @@ impl Refusal {
         Refusal::ForgedTicket,
         Refusal::RevealMismatch,
         Refusal::NotAWinner,
+        Refusal::RateLimited,
     ];
 
     /// A short stable label: the `reason` of an HTTP refusal and of the metrics.
@@ -88,6 +92,7 @@ impl Refusal {
             Refusal::ForgedTicket => "forged_ticket",
             Refusal::RevealMismatch => "reveal_mismatch",
             Refusal::NotAWinner => "not_a_winner",
+            Refusal::RateLimited => "rate_limited",
         }
     }
 
@@ -113,6 +118,7 @@ impl Refusal {
             Refusal::TooLarge => 413,
             Refusal::ForgedTicket | Refusal::RevealMismatch | Refusal::NotAWinner => 422,
             Refusal::NoticeNotOver => 425,
+            Refusal::RateLimited => 429,
         }
     }
 

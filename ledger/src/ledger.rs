@@ -1,9 +1,16 @@
 //! The ledger over redb: accounts, pots, the redeemed-ticket set, and one ACID write
 //! transaction per operation.
 //!
-//! Every operation is decided in two steps inside one write transaction: a *plan* that only
-//! reads (and so cannot leave money half-moved when it refuses), then the plan's effects and
-//! the request's `(signer, nonce)` are written and committed together. redb admits one writer
+//! Before any write transaction a request passes the cheap checks: its timestamp, its
+//! signature, its signer's rate limit ([`crate::guard`]), checks that need no state, and
+//! checks on a read snapshot ([`early`]); most refusals end there and write nothing. Then
+//! every operation is decided in two steps inside one write transaction (if the total write
+//! rate allows one): a *plan* that only reads (and so cannot leave money half-moved when it
+//! refuses; a refusal aborts the transaction, so a refused request writes nothing), then the
+//! plan's effects and the request's `(signer, nonce)` are written and committed together.
+//! A refused request leaves no trace, so the same signed request may be tried again within
+//! its window: it then succeeds only where it would as a fresh one (its signer asked for it).
+//! The money totals `/metrics` shows are kept in memory ([`totals`]). redb admits one writer
 //! at a time, so the check "this ticket was not redeemed" and the insertion of its record
 //! cannot interleave with another redemption of the same ticket. Commits are durable (fsync)
 //! when they return.
@@ -11,8 +18,12 @@
 //! The methods here block on disk: from async code use the [`Settlement`](crate::Settlement)
 //! implementation, which runs them on tokio's blocking pool.
 
+mod early;
+mod totals;
+
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use murmur_protocol::directory::{IdentityKey, UnixTime};
 use redb::{
@@ -22,8 +33,11 @@ use redb::{
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::guard::{Guard, RateLimits};
 use crate::request::{Fund, Operation, Redeem, Signed, Warn, Withdraw, hex};
 use crate::{Error, Refusal, Result};
+pub(crate) use early::Snapshot;
+use totals::TotalsDelta;
 
 /// Account key → balance.
 const ACCOUNTS: TableDefinition<&[u8; 32], u64> = TableDefinition::new("accounts");
@@ -152,7 +166,7 @@ pub struct Redemption {
 }
 
 /// Totals over the whole ledger, read in one snapshot.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Audit {
     /// Money created by the genesis entries; nothing else creates money.
     pub genesis: u64,
@@ -185,6 +199,9 @@ pub struct Pruned {
 pub struct Ledger {
     db: Arc<Database>,
     params: Params,
+    guard: Arc<Guard>,
+    /// The money totals, kept as operations commit.
+    totals: Arc<Mutex<Audit>>,
 }
 
 impl std::fmt::Debug for Ledger {
@@ -325,6 +342,12 @@ pub(crate) trait Apply: Operation {
         Ok(())
     }
 
+    /// Checks on a read snapshot that refuse before any write transaction (the plan checks
+    /// again inside it).
+    fn refuse_early(&self, _signer: &IdentityKey, _state: &Snapshot) -> Result<()> {
+        Ok(())
+    }
+
     fn plan(
         &self,
         signer: &IdentityKey,
@@ -346,6 +369,17 @@ impl Apply for Fund {
             }
             Some(_) => Ok(()),
         }
+    }
+
+    fn refuse_early(&self, signer: &IdentityKey, state: &Snapshot) -> Result<()> {
+        let total = self.balance.saturating_add(self.escrow);
+        let balance = state.balance(signer)?;
+        if balance < total {
+            return Err(Refusal::InsufficientFunds.because(format!(
+                "account {signer} holds {balance}; funding needs {total}"
+            )));
+        }
+        Ok(())
     }
 
     fn plan(
@@ -382,6 +416,13 @@ impl Apply for Fund {
 }
 
 impl Apply for Warn {
+    fn refuse_early(&self, signer: &IdentityKey, state: &Snapshot) -> Result<()> {
+        if !state.has_pot(signer)? {
+            return Err(early::no_pot(signer));
+        }
+        Ok(())
+    }
+
     fn plan(
         &self,
         signer: &IdentityKey,
@@ -408,6 +449,13 @@ impl Apply for Warn {
 }
 
 impl Apply for Withdraw {
+    fn refuse_early(&self, signer: &IdentityKey, state: &Snapshot) -> Result<()> {
+        if !state.has_pot(signer)? {
+            return Err(early::no_pot(signer));
+        }
+        Ok(())
+    }
+
     fn precheck(&self, _signer: &IdentityKey, _now: UnixTime) -> Result<()> {
         if self.amount == 0 {
             return Err(Refusal::Malformed.because("nothing to withdraw"));
@@ -556,10 +604,39 @@ impl Ledger {
                 return Err(e);
             }
         }
-        Ok(Ledger {
+        let mut ledger = Ledger {
             db: Arc::new(db),
             params,
-        })
+            guard: Arc::new(Guard::new(RateLimits::default())),
+            totals: Arc::default(),
+        };
+        let counted = ledger.audit()?;
+        ledger.totals = Arc::new(Mutex::new(counted));
+        Ok(ledger)
+    }
+
+    /// The same ledger with these request rate limits (the defaults until then).
+    pub fn with_rate_limits(mut self, limits: RateLimits) -> Ledger {
+        self.guard = Arc::new(Guard::new(limits));
+        self
+    }
+
+    /// The money totals as of the last committed operation, from memory.
+    pub fn totals(&self) -> Audit {
+        *self.totals.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Counts the totals again from the tables; if the kept ones differ (they never should),
+    /// says so and takes the counted ones. Returns whether they agreed.
+    pub fn check_totals(&self) -> Result<bool> {
+        let counted = self.audit()?;
+        let mut kept = self.totals.lock().unwrap_or_else(|p| p.into_inner());
+        let agreed = *kept == counted;
+        if !agreed {
+            tracing::error!(?counted, kept = ?*kept, "the ledger's kept totals differ from its tables");
+            *kept = counted;
+        }
+        Ok(agreed)
     }
 
     fn init(
@@ -638,12 +715,27 @@ impl Ledger {
             )));
         }
         req.verify()?;
+        if !self.guard.allow_key(&req.signer, Instant::now()) {
+            return Err(Refusal::RateLimited.because(format!(
+                "{} sends requests faster than this ledger takes from one key",
+                req.signer
+            )));
+        }
         req.op.precheck(&req.signer, now)?;
+        self.refuse_early(req)?;
+        if !self.guard.allow_write(Instant::now()) {
+            return Err(Refusal::RateLimited
+                .because("the ledger is taking as many writes as it can; try again shortly"));
+        }
         let txn = self.db.begin_write().db()?;
         match self.decide(&txn, req, now) {
-            Ok(outcome) => {
+            Ok((output, delta)) => {
                 txn.commit().db()?;
-                outcome
+                self.totals
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .add(&delta);
+                Ok(output)
             }
             Err(e) => {
                 let _ = txn.abort();
@@ -652,34 +744,32 @@ impl Ledger {
         }
     }
 
-    /// Inside the write transaction: an `Err` aborts it; `Ok(outcome)` is committed, whether
-    /// the outcome is a success (effects written) or a refusal (only the request's nonce is
-    /// recorded, so the same signed request is never decided twice).
+    /// The checks on a read snapshot, before any write transaction.
+    fn refuse_early<T: Apply>(&self, req: &Signed<T>) -> Result<()> {
+        let snapshot = Snapshot::of(&self.db)?;
+        snapshot.check_fresh(req)?;
+        req.op.refuse_early(&req.signer, &snapshot)
+    }
+
+    /// Inside the write transaction: an `Err` (a refusal too) aborts it, so nothing is
+    /// written; `Ok` is committed: the effects and the request's nonce, so the same signed
+    /// request is never carried out twice.
     fn decide<T: Apply>(
         &self,
         txn: &WriteTransaction,
         req: &Signed<T>,
         now: UnixTime,
-    ) -> Result<Result<T::Output>> {
+    ) -> Result<(T::Output, TotalsDelta)> {
         let mut t = Tables::open(txn)?;
         let id = concat(&req.signer.0, &req.nonce);
         if t.requests.get(&id).db()?.is_some() {
-            return Err(Refusal::ReplayedRequest.because(format!(
-                "this {} request by {} was already decided",
-                T::NAME,
-                req.signer
-            )));
+            return Err(early::replayed::<T>(&req.signer));
         }
-        let outcome = match req.op.plan(&req.signer, &t, now, &self.params) {
-            Ok((effects, output)) => {
-                t.write(&effects)?;
-                Ok(output)
-            }
-            Err(e @ Error::Refused { .. }) => Err(e),
-            Err(e) => return Err(e),
-        };
+        let (effects, output) = req.op.plan(&req.signer, &t, now, &self.params)?;
+        let delta = TotalsDelta::of(&t, &effects)?;
+        t.write(&effects)?;
         t.requests.insert(&id, req.timestamp).db()?;
-        Ok(outcome)
+        Ok((output, delta))
     }
 
     /// A pot ([`Refusal::UnknownPot`] if none has this key).
@@ -746,6 +836,10 @@ impl Ledger {
         match pruned {
             Ok(p) => {
                 txn.commit().db()?;
+                self.totals
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .pruned(&p);
                 Ok(p)
             }
             Err(e) => {
@@ -919,6 +1013,11 @@ mod tests {
         assert_eq!(t.pot.unlock_at, None);
         assert_eq!(t.account.balance, 1_000 - 700 - 200 + 150);
         assert!(l.audit().unwrap().conserved());
+        // The totals kept in memory are what a full count finds, refusals and all.
+        assert_eq!(l.totals(), l.audit().unwrap());
+        assert!(l.check_totals().unwrap());
+        l.prune(NOW + 10_000).unwrap();
+        assert_eq!(l.totals(), l.audit().unwrap());
     }
 
     #[test]

@@ -5,6 +5,7 @@ pub mod cli;
 pub mod client;
 pub mod config;
 pub mod error;
+pub mod guard;
 pub mod ledger;
 pub mod metrics;
 pub mod request;

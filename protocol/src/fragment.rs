@@ -136,6 +136,10 @@ pub struct ReassemblyLimits {
     pub max_partial_messages: usize,
     /// Data bytes buffered across all messages in progress.
     pub max_buffered_bytes: usize,
+    /// Messages in progress for one owner (see [`Reassembler::insert_owned`]).
+    pub max_partial_messages_per_owner: usize,
+    /// Data bytes buffered for one owner's messages in progress.
+    pub max_buffered_bytes_per_owner: usize,
     /// A message with no new fragment for this long is given up.
     pub timeout: Duration,
     /// How many completed message ids are remembered to drop late duplicates.
@@ -147,11 +151,18 @@ impl Default for ReassemblyLimits {
         ReassemblyLimits {
             max_partial_messages: 4096,
             max_buffered_bytes: 64 << 20,
+            max_partial_messages_per_owner: 4096,
+            max_buffered_bytes_per_owner: 64 << 20,
             timeout: Duration::from_secs(60),
             remember_completed: 16_384,
         }
     }
 }
+
+/// What [`Error::ReassemblyFull`] says when one owner's messages in progress are at their bound.
+pub const OWNER_MESSAGES: &str = "owner's messages in progress";
+/// What [`Error::ReassemblyFull`] says when one owner's buffered bytes are at their bound.
+pub const OWNER_BYTES: &str = "owner's buffered bytes";
 
 /// What a fragment did.
 #[derive(Debug, PartialEq, Eq)]
@@ -165,6 +176,7 @@ pub enum Assembled {
 }
 
 struct Partial {
+    owner: u64,
     count: u16,
     received: u16,
     pieces: Vec<Option<Vec<u8>>>,
@@ -177,6 +189,8 @@ pub struct Reassembler {
     limits: ReassemblyLimits,
     partial: HashMap<u64, Partial>,
     buffered_bytes: usize,
+    /// Per owner with a message in progress: (messages, bytes).
+    owners: HashMap<u64, (usize, usize)>,
     /// One entry per message in progress; an entry whose message has since made progress is
     /// pushed back with its new deadline when it surfaces.
     deadlines: BinaryHeap<Reverse<(Instant, u64)>>,
@@ -190,6 +204,7 @@ impl Reassembler {
             limits,
             partial: HashMap::new(),
             buffered_bytes: 0,
+            owners: HashMap::new(),
             deadlines: BinaryHeap::new(),
             completed: HashMap::new(),
             completed_order: VecDeque::new(),
@@ -206,8 +221,26 @@ impl Reassembler {
         self.buffered_bytes
     }
 
-    /// Takes one fragment.
+    /// Messages in progress for `owner`, and their bytes.
+    pub fn owner_usage(&self, owner: u64) -> (usize, usize) {
+        self.owners.get(&owner).copied().unwrap_or((0, 0))
+    }
+
+    /// Takes one fragment (all messages have one owner).
     pub fn insert(&mut self, fragment: Fragment, now: Instant) -> Result<Assembled> {
+        self.insert_owned(0, fragment, now)
+    }
+
+    /// Takes one fragment of a message charged to `owner` (an exit session): besides the
+    /// global bounds, one owner's messages in progress and their bytes are bounded, so one
+    /// owner cannot take the whole reassembler. Fragments of one message must name the same
+    /// owner.
+    pub fn insert_owned(
+        &mut self,
+        owner: u64,
+        fragment: Fragment,
+        now: Instant,
+    ) -> Result<Assembled> {
         fragment.validate()?;
         let id = fragment.message_id;
         if self.completed.contains_key(&id) {
@@ -221,14 +254,26 @@ impl Reassembler {
                     reason: "fragment count differs",
                 });
             }
+            if partial.owner != owner {
+                return Err(Error::FragmentConflict {
+                    message_id: id,
+                    reason: "fragment names another owner",
+                });
+            }
             let slot = &mut partial.pieces[usize::from(fragment.index)];
             if slot.is_some() {
                 return Ok(Assembled::Duplicate);
             }
-            if self.buffered_bytes + fragment.data.len() > self.limits.max_buffered_bytes {
+            let len = fragment.data.len();
+            if self.buffered_bytes + len > self.limits.max_buffered_bytes {
                 return Err(Error::ReassemblyFull("buffered bytes"));
             }
-            self.buffered_bytes += fragment.data.len();
+            let usage = self.owners.entry(owner).or_insert((0, 0));
+            if usage.1 + len > self.limits.max_buffered_bytes_per_owner {
+                return Err(Error::ReassemblyFull(OWNER_BYTES));
+            }
+            usage.1 += len;
+            self.buffered_bytes += len;
             partial.bytes += fragment.data.len();
             partial.received += 1;
             partial.deadline = deadline;
@@ -251,13 +296,22 @@ impl Reassembler {
         if self.buffered_bytes + fragment.data.len() > self.limits.max_buffered_bytes {
             return Err(Error::ReassemblyFull("buffered bytes"));
         }
-        let mut pieces = vec![None; usize::from(fragment.count)];
         let len = fragment.data.len();
+        let (messages, bytes) = self.owner_usage(owner);
+        if messages >= self.limits.max_partial_messages_per_owner {
+            return Err(Error::ReassemblyFull(OWNER_MESSAGES));
+        }
+        if bytes + len > self.limits.max_buffered_bytes_per_owner {
+            return Err(Error::ReassemblyFull(OWNER_BYTES));
+        }
+        self.owners.insert(owner, (messages + 1, bytes + len));
+        let mut pieces = vec![None; usize::from(fragment.count)];
         pieces[usize::from(fragment.index)] = Some(fragment.data);
         self.buffered_bytes += len;
         self.partial.insert(
             id,
             Partial {
+                owner,
                 count: fragment.count,
                 received: 1,
                 pieces,
@@ -274,6 +328,7 @@ impl Reassembler {
             return Assembled::Duplicate;
         };
         self.buffered_bytes -= partial.bytes;
+        self.release_owner(partial.owner, partial.bytes);
         let mut message = Vec::with_capacity(partial.bytes);
         for piece in partial.pieces.into_iter().flatten() {
             message.extend_from_slice(&piece);
@@ -282,6 +337,17 @@ impl Reassembler {
         Assembled::Complete {
             message_id: id,
             message,
+        }
+    }
+
+    /// One of `owner`'s messages, holding `bytes`, is no longer in progress.
+    fn release_owner(&mut self, owner: u64, bytes: usize) {
+        if let Some(usage) = self.owners.get_mut(&owner) {
+            usage.0 = usage.0.saturating_sub(1);
+            usage.1 = usage.1.saturating_sub(bytes);
+            if usage.0 == 0 {
+                self.owners.remove(&owner);
+            }
         }
     }
 
@@ -316,6 +382,7 @@ impl Reassembler {
             }
             if let Some(partial) = self.partial.remove(&id) {
                 self.buffered_bytes -= partial.bytes;
+                self.release_owner(partial.owner, partial.bytes);
                 expired.push(id);
             }
         }
@@ -380,6 +447,7 @@ mod tests {
             max_buffered_bytes: 25,
             timeout: Duration::from_secs(1),
             remember_completed: 4,
+            ..Default::default()
         };
         let mut r = Reassembler::new(limits);
         let t0 = Instant::ZERO;
@@ -430,6 +498,63 @@ mod tests {
             r.insert(frag(2, 1, 1), t1),
             Err(Error::FragmentConflict { .. })
         ));
+    }
+
+    #[test]
+    fn one_owner_cannot_take_the_whole_reassembler() {
+        let mut r = Reassembler::new(ReassemblyLimits {
+            max_partial_messages: 4,
+            max_buffered_bytes: 100,
+            max_partial_messages_per_owner: 2,
+            max_buffered_bytes_per_owner: 30,
+            timeout: Duration::from_secs(1),
+            remember_completed: 16,
+        });
+        let t0 = Instant::ZERO;
+        let frag = |id, index, len| Fragment {
+            message_id: id,
+            index,
+            count: 3,
+            data: vec![7; len],
+        };
+        assert_eq!(
+            r.insert_owned(1, frag(1, 0, 10), t0),
+            Ok(Assembled::Pending)
+        );
+        assert_eq!(
+            r.insert_owned(1, frag(2, 0, 10), t0),
+            Ok(Assembled::Pending)
+        );
+        assert_eq!(
+            r.insert_owned(1, frag(3, 0, 1), t0),
+            Err(Error::ReassemblyFull(OWNER_MESSAGES))
+        );
+        assert_eq!(
+            r.insert_owned(1, frag(1, 1, 11), t0),
+            Err(Error::ReassemblyFull(OWNER_BYTES))
+        );
+        // Another owner still has room, and may not add to owner 1's message.
+        assert_eq!(
+            r.insert_owned(2, frag(4, 0, 20), t0),
+            Ok(Assembled::Pending)
+        );
+        assert!(matches!(
+            r.insert_owned(2, frag(1, 1, 1), t0),
+            Err(Error::FragmentConflict { .. })
+        ));
+        assert_eq!(r.owner_usage(1), (2, 20));
+        assert_eq!(r.owner_usage(2), (1, 20));
+        // Completing and expiring give the owner's share back.
+        r.insert_owned(1, frag(1, 1, 5), t0).unwrap();
+        assert!(matches!(
+            r.insert_owned(1, frag(1, 2, 5), t0),
+            Ok(Assembled::Complete { message_id: 1, .. })
+        ));
+        assert_eq!(r.owner_usage(1), (1, 10));
+        r.expire(t0 + Duration::from_secs(1));
+        assert_eq!(r.owner_usage(1), (0, 0));
+        assert_eq!(r.owner_usage(2), (0, 0));
+        assert_eq!(r.buffered_bytes(), 0);
     }
 
     #[test]

@@ -115,6 +115,8 @@ pub fn reassembly(data: &[u8]) {
     let limits = ReassemblyLimits {
         max_partial_messages: 8,
         max_buffered_bytes: 512,
+        max_partial_messages_per_owner: 8,
+        max_buffered_bytes_per_owner: 512,
         timeout: Duration::from_millis(100),
         remember_completed: 8,
     };

@@ -6,7 +6,10 @@
 //! carries items: open a stream, stream data at an offset, end of data, cumulative
 //! acknowledgements of the exit's data, resets, and reply blocks for the exit to answer with.
 //! Client messages are fragmented into forward packets, each acknowledged by a SURB-ACK and
-//! re-sent on a fresh route until it is.
+//! re-sent on a fresh route until it is. Every fragment of a client message starts with the
+//! session id ([`split_client_message`]; a one-fragment message is just its encoding, which
+//! starts with it), so an exit charges a message in progress to its session
+//! ([`session_of_fragment`]) before it is whole.
 //!
 //! An exit message ([`ExitMessage`]) fits one reply packet. Replies have no packet-level
 //! acknowledgement, so the exit keeps what it sent in a [`SendBuffer`] until the client's
@@ -17,6 +20,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
 
+use crate::fragment::{Fragment, split_message};
 use crate::surb::{REPLY_BLOCK_LEN, ReplyBlock};
 use crate::time::Instant;
 use crate::{Error, Result};
@@ -229,6 +233,66 @@ fn put_target(out: &mut Vec<u8>, t: &Target) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Bytes of the session id that starts every fragment of a client message.
+pub const SESSION_ID_LEN: usize = 8;
+
+/// Cuts an encoded [`ClientMessage`] into fragments of at most `fragment_data_len` data bytes
+/// that each start with its session id (the encoding's first 8 bytes); a message that fits
+/// one fragment is that fragment, unchanged.
+pub fn split_client_message(
+    message_id: u64,
+    encoded: &[u8],
+    fragment_data_len: usize,
+) -> Result<Vec<Fragment>> {
+    if encoded.len() <= fragment_data_len {
+        return Ok(vec![Fragment {
+            message_id,
+            index: 0,
+            count: 1,
+            data: encoded.to_vec(),
+        }]);
+    }
+    let session = encoded.get(..SESSION_ID_LEN).ok_or(Error::Truncated {
+        what: "client message",
+        needed: SESSION_ID_LEN,
+        got: encoded.len(),
+    })?;
+    let body_len = fragment_data_len.saturating_sub(SESSION_ID_LEN);
+    let mut fragments = split_message(message_id, &encoded[SESSION_ID_LEN..], body_len)?;
+    for f in &mut fragments {
+        let mut data = Vec::with_capacity(SESSION_ID_LEN + f.data.len());
+        data.extend_from_slice(session);
+        data.append(&mut f.data);
+        f.data = data;
+    }
+    Ok(fragments)
+}
+
+/// The session a fragment of a client message names, and the fragment without it (what
+/// [`join_client_message`] puts back together).
+pub fn session_of_fragment(mut fragment: Fragment) -> Result<(u64, Fragment)> {
+    let Some(id) = fragment.data.get(..SESSION_ID_LEN) else {
+        return Err(Error::Truncated {
+            what: "client message fragment",
+            needed: SESSION_ID_LEN,
+            got: fragment.data.len(),
+        });
+    };
+    let mut session = [0u8; SESSION_ID_LEN];
+    session.copy_from_slice(id);
+    fragment.data.drain(..SESSION_ID_LEN);
+    Ok((u64::from_be_bytes(session), fragment))
+}
+
+/// The encoded client message of `session` whose fragments, without their session ids,
+/// reassembled to `body`.
+pub fn join_client_message(session: u64, body: &[u8]) -> Vec<u8> {
+    let mut encoded = Vec::with_capacity(SESSION_ID_LEN + body.len());
+    encoded.extend_from_slice(&session.to_be_bytes());
+    encoded.extend_from_slice(body);
+    encoded
 }
 
 impl ClientMessage {
@@ -926,6 +990,34 @@ mod tests {
     }
 
     proptest! {
+        #[test]
+        fn client_messages_split_by_session_reassemble(
+            session: u64,
+            body in proptest::collection::vec(any::<u8>(), 0..3000),
+            fragment_len in 16usize..600,
+            reverse: bool,
+        ) {
+            use crate::fragment::{Assembled, Reassembler, ReassemblyLimits};
+            let encoded = join_client_message(session, &body);
+            let mut fragments = split_client_message(5, &encoded, fragment_len).unwrap();
+            if reverse {
+                fragments.reverse();
+            }
+            let mut r = Reassembler::new(ReassemblyLimits::default());
+            let mut whole = None;
+            for f in fragments {
+                prop_assert!(f.data.len() <= fragment_len);
+                let (owner, piece) = session_of_fragment(f).unwrap();
+                prop_assert_eq!(owner, session);
+                if let Assembled::Complete { message, .. } =
+                    r.insert_owned(owner, piece, Instant::ZERO).unwrap()
+                {
+                    whole = Some(join_client_message(owner, &message));
+                }
+            }
+            prop_assert_eq!(whole, Some(encoded));
+        }
+
         #[test]
         fn any_delivery_order_reassembles_the_stream(
             data in proptest::collection::vec(any::<u8>(), 1..3000),

@@ -4,7 +4,7 @@
 //! authorities). `relay.example.toml` beside this crate lists every option with its default;
 //! a test checks the two agree.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -178,8 +178,13 @@ pub struct GatewaySection {
     /// client is never this quiet).
     #[serde(with = "humantime_serde")]
     pub client_idle_timeout: Duration,
-    /// Deliveries kept for a briefly disconnected client.
+    /// Deliveries kept for a briefly disconnected client (only an address whose session is
+    /// up or ended within `inbox_ttl` has an inbox).
     pub inbox_packets: usize,
+    /// Bytes of deliveries kept for one client.
+    pub inbox_bytes: usize,
+    /// Bytes of deliveries kept for all clients together.
+    pub inbox_total_bytes: usize,
     /// How long a disconnected client's inbox is kept.
     #[serde(with = "humantime_serde")]
     pub inbox_ttl: Duration,
@@ -202,11 +207,28 @@ pub struct ExitSection {
     pub policy: String,
     /// Allow loopback and private destinations (for local test networks only).
     pub allow_private: bool,
+    /// Allow the relay's own addresses as destinations (refused by default, like Tor's
+    /// `ExitPolicyRejectMyAddresses`; the local test network, all on 127.0.0.1, allows them).
+    pub allow_own_addresses: bool,
     /// Open TCP streams at once.
     pub max_streams: usize,
-    /// A stream with no traffic for this long is closed.
+    /// Open TCP streams of one client session; at most `max_streams / 16`, so sixteen
+    /// sessions at their limit still fit.
+    pub max_streams_per_session: usize,
+    /// Stream bytes held (unacknowledged replies, client data not yet written) across all
+    /// sessions.
+    pub max_buffered_bytes: usize,
+    /// Stream bytes held for one session; at most `max_buffered_bytes / 16`.
+    pub max_session_buffered_bytes: usize,
+    /// A stream that moved fewer than `idle_progress_bytes` (written to the destination or
+    /// acknowledged by the client) in this long is closed: a trickle is not progress.
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
+    /// See `idle_timeout`.
+    pub idle_progress_bytes: usize,
+    /// Every stream is closed this long after it opened, however busy.
+    #[serde(with = "humantime_serde")]
+    pub stream_lifetime: Duration,
     /// Time allowed to connect to a destination.
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
@@ -374,6 +396,8 @@ impl Default for GatewaySection {
             handshake_timeout: Duration::from_secs(5),
             client_idle_timeout: Duration::from_secs(60),
             inbox_packets: 2000,
+            inbox_bytes: 4 << 20,
+            inbox_total_bytes: 128 << 20,
             inbox_ttl: Duration::from_secs(60),
             client_queue: 4096,
             tab_window: Duration::from_secs(600),
@@ -387,8 +411,14 @@ impl Default for ExitSection {
         ExitSection {
             policy: "accept *:80, accept *:443".into(),
             allow_private: false,
+            allow_own_addresses: false,
             max_streams: 1024,
+            max_streams_per_session: 64,
+            max_buffered_bytes: 256 << 20,
+            max_session_buffered_bytes: 16 << 20,
             idle_timeout: Duration::from_secs(300),
+            idle_progress_bytes: 2048,
+            stream_lifetime: Duration::from_secs(3600),
             connect_timeout: Duration::from_secs(10),
         }
     }
@@ -516,6 +546,8 @@ impl Config {
             || g.max_handshakes == 0
             || g.max_handshakes_per_address == 0
             || g.inbox_packets == 0
+            || g.inbox_bytes == 0
+            || g.inbox_total_bytes < g.inbox_bytes
             || g.client_queue == 0
         {
             return Err("gateway bounds must be positive".into());
@@ -528,6 +560,7 @@ impl Config {
         if self.has(Role::Exit) {
             self.exit_policy()
                 .map_err(|e| format!("exit.policy: {e}"))?;
+            self.exit.check()?;
         }
         let p = &self.payments;
         if let Some(url) = &p.ledger
@@ -591,13 +624,40 @@ impl Config {
         self.relay.roles.contains(&role)
     }
 
-    /// The parsed exit policy (with `reject private:*` first unless private is allowed).
+    /// The parsed exit policy: `reject private:*` first unless private is allowed, and before
+    /// it the relay's own addresses unless they are allowed.
     pub fn exit_policy(&self) -> std::result::Result<ExitPolicy, murmur_protocol::Error> {
-        if self.has(Role::Exit) {
-            ExitPolicy::parse(&self.exit.policy, self.exit.allow_private)
-        } else {
-            Ok(ExitPolicy::reject_all())
+        if !self.has(Role::Exit) {
+            return Ok(ExitPolicy::reject_all());
         }
+        let policy = ExitPolicy::parse(&self.exit.policy, self.exit.allow_private)?;
+        if self.exit.allow_own_addresses {
+            return Ok(policy);
+        }
+        policy.reject_first(self.own_addresses())
+    }
+
+    /// The addresses this relay can be reached at: its listen and advertised addresses; a
+    /// wildcard listen address stands for the host's outbound addresses.
+    pub fn own_addresses(&self) -> Vec<IpAddr> {
+        let l = &self.listen;
+        let mut listening = vec![l.mix];
+        if self.has(Role::Gateway) {
+            listening.push(l.client);
+        }
+        let mut own: Vec<IpAddr> = listening
+            .iter()
+            .chain(l.advertise_mix.iter())
+            .chain(l.advertise_client.iter())
+            .map(|a| a.ip())
+            .filter(|ip| !ip.is_unspecified())
+            .collect();
+        if listening.iter().any(|a| a.ip().is_unspecified()) {
+            own.extend(outbound_addresses());
+        }
+        own.sort_unstable();
+        own.dedup();
+        own
     }
 
     /// A path from the config, resolved against the config file's directory.
@@ -607,6 +667,57 @@ impl Config {
         } else {
             self.base_dir.join(p)
         }
+    }
+}
+
+/// The addresses the host sends from towards the Internet (IPv4 and IPv6), found as Tor
+/// does: a UDP socket "connected" to a public address sends nothing but learns its source.
+fn outbound_addresses() -> Vec<IpAddr> {
+    let probes: [(&str, &str); 2] = [("0.0.0.0:0", "192.0.2.1:9"), ("[::]:0", "[2001:db8::1]:9")];
+    probes
+        .iter()
+        .filter_map(|(bind, to)| {
+            let socket = std::net::UdpSocket::bind(bind).ok()?;
+            socket.connect(to).ok()?;
+            let ip = socket.local_addr().ok()?.ip();
+            (!ip.is_unspecified()).then_some(ip)
+        })
+        .collect()
+}
+
+impl ExitSection {
+    /// The per-session bounds leave room for [`crate::exit::FULL_SESSIONS`] sessions at
+    /// their limits within the global ones.
+    fn check(&self) -> std::result::Result<(), String> {
+        let n = crate::exit::FULL_SESSIONS;
+        if self.max_streams_per_session == 0 || self.max_session_buffered_bytes == 0 {
+            return Err("exit per-session bounds must be positive".into());
+        }
+        if self.max_streams_per_session.saturating_mul(n) > self.max_streams {
+            return Err(format!(
+                "exit.max_streams_per_session {} is more than max_streams / {n} ({}): {n} \
+                 sessions at their limit must fit",
+                self.max_streams_per_session,
+                self.max_streams / n
+            ));
+        }
+        if self.max_session_buffered_bytes.saturating_mul(n) > self.max_buffered_bytes {
+            return Err(format!(
+                "exit.max_session_buffered_bytes {} is more than max_buffered_bytes / {n} ({})",
+                self.max_session_buffered_bytes,
+                self.max_buffered_bytes / n
+            ));
+        }
+        if self.max_session_buffered_bytes < crate::exit::STREAM_WINDOW {
+            return Err(format!(
+                "exit.max_session_buffered_bytes must hold at least one stream window ({} bytes)",
+                crate::exit::STREAM_WINDOW
+            ));
+        }
+        if self.idle_timeout.is_zero() || self.stream_lifetime.is_zero() {
+            return Err("exit.idle_timeout and stream_lifetime must be positive".into());
+        }
+        Ok(())
     }
 }
 
@@ -634,6 +745,7 @@ mod tests {
     use super::*;
 
     const MINIMAL: &str = "version = 1\n[relay]\nfamily = \"op\"\nroles = [\"mix\"]\n";
+    const EXIT: &str = "version = 1\n[relay]\nfamily = \"op\"\nroles = [\"exit\"]\n[exit]\n";
     /// A valid Ed25519 public key, in hex.
     fn ledger_key() -> String {
         IdentityKey::of(&ed25519_dalek::SigningKey::from_bytes(&[1; 32])).to_hex()
@@ -718,6 +830,22 @@ mod tests {
             (
                 &format!("{MINIMAL}[gateway]\nclient_idle_timeout = \"0s\"\n"),
                 "client_idle_timeout",
+            ),
+            (
+                &format!("{EXIT}max_streams = 64\nmax_streams_per_session = 5\n"),
+                "max_streams_per_session",
+            ),
+            (
+                &format!("{EXIT}max_session_buffered_bytes = 268435456\n"),
+                "max_session_buffered_bytes",
+            ),
+            (
+                &format!("{EXIT}stream_lifetime = \"0s\"\n"),
+                "stream_lifetime",
+            ),
+            (
+                &format!("{MINIMAL}[gateway]\ninbox_total_bytes = 1\n"),
+                "gateway bounds",
             ),
             (
                 &format!("{MINIMAL}[mixing]\nmax_handshakes = 0\n"),

@@ -8,8 +8,15 @@
 //! and are re-sent if it does not in time. One task per session sends replies ("the pump");
 //! one task per stream direction moves bytes to and from TCP.
 //!
-//! Everything is bounded: sessions, streams (`exit.max_streams`), reply blocks per session,
-//! buffered bytes per stream (the window), reassembly state.
+//! Everything is bounded, in total and per client session, so that one client cannot take
+//! what the others need: sessions; streams (`exit.max_streams`, and per session
+//! `max_streams_per_session`); bytes held for streams (`max_buffered_bytes`, per session
+//! `max_session_buffered_bytes`, per stream the window); reply blocks; messages in
+//! reassembly (each fragment names its session). Each per-session bound is at most the
+//! global one over [`FULL_SESSIONS`], so that many sessions at their limits still fit. A
+//! stream is closed when it moved fewer than `idle_progress_bytes` in `idle_timeout` (a
+//! trickle is not progress) and at `stream_lifetime` in any case. Every refusal is counted
+//! under `murmur_relay_exit_refused_total{reason}`.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -19,12 +26,14 @@ use std::time::{Duration, Instant as StdInstant};
 
 use murmur_protocol::directory::{Epoch, ExitPolicy};
 use murmur_protocol::envelope::Envelope;
-use murmur_protocol::fragment::{Assembled, Fragment, Reassembler, ReassemblyLimits};
+use murmur_protocol::fragment::{
+    Assembled, Fragment, OWNER_BYTES, OWNER_MESSAGES, Reassembler, ReassemblyLimits,
+};
 use murmur_protocol::frame::Frame;
 use murmur_protocol::payload::{Content, REPLY_FRAGMENT_DATA_LEN};
 use murmur_protocol::stream::{
     ClientItem, ClientMessage, DATA_ITEM_OVERHEAD, EXIT_MESSAGE_OVERHEAD, ExitItem, ExitMessage,
-    RecvBuffer, Refusal, SendBuffer, StreamId, Target,
+    RecvBuffer, Refusal, SendBuffer, StreamId, Target, join_client_message, session_of_fragment,
 };
 use murmur_protocol::surb::ReplyBlock;
 use murmur_protocol::time::Instant;
@@ -40,8 +49,14 @@ use crate::metrics::{self as m, drop_packet};
 
 /// Bytes each stream may have in flight in each direction.
 pub const STREAM_WINDOW: usize = 512 * 1024;
+/// The global bounds hold this many sessions at their per-session limits at once.
+pub const FULL_SESSIONS: usize = 16;
+/// Reply blocks kept in all (400 bytes each: 26 MB).
+const MAX_SURBS_TOTAL: usize = 65_536;
 /// Reply blocks kept per session.
-const MAX_SURBS: usize = 4096;
+const MAX_SURBS: usize = MAX_SURBS_TOTAL / FULL_SESSIONS;
+/// How often a stream's lifetime and progress are checked, at most.
+const WATCH_EVERY: Duration = Duration::from_secs(1);
 /// Below this many reply blocks the exit asks for more.
 const SURBS_LOW: usize = 16;
 /// Sessions at once.
@@ -61,6 +76,10 @@ pub struct Exit {
     reassembler: Mutex<Reassembler>,
     sessions: Mutex<HashMap<u64, Arc<Session>>>,
     open_streams: Arc<AtomicUsize>,
+    /// Stream bytes held across sessions (each session's share is in its state).
+    buffered: AtomicUsize,
+    /// Reply blocks held across sessions.
+    surbs_held: AtomicUsize,
     origin: StdInstant,
     shutdown: CancellationToken,
     tracker: TaskTracker,
@@ -85,6 +104,8 @@ struct SessionState {
     /// Streams that ended recently and how: a re-sent open for one gets the same answer
     /// instead of a second connection.
     ended: VecDeque<(StreamId, ExitItem)>,
+    /// Stream bytes this session holds (the sum of [`StreamState::held`]).
+    buffered: usize,
 }
 
 /// Ended streams remembered per session.
@@ -123,7 +144,20 @@ struct StreamState {
     /// Wakes the reader when the send buffer has room again.
     room: Arc<Notify>,
     cancel: CancellationToken,
-    last_active: StdInstant,
+    /// Bytes written to the destination plus bytes the client acknowledged: the work done.
+    progress: u64,
+}
+
+impl StreamState {
+    /// Bytes this stream holds: replies until acknowledged, client data until written.
+    fn held(&self) -> usize {
+        self.send.unacked_bytes() + self.recv.pending_bytes() + self.queued_to_write
+    }
+}
+
+/// Counts one refusal or closing by a limit.
+fn refused(reason: &'static str) {
+    metrics::counter!(m::EXIT_REFUSED, "reason" => reason).increment(1);
 }
 
 enum WriterCmd {
@@ -143,9 +177,11 @@ impl Exit {
             policy,
             config,
             links,
-            reassembler: Mutex::new(Reassembler::new(ReassemblyLimits::default())),
+            reassembler: Mutex::new(Reassembler::new(reassembly_limits())),
             sessions: Mutex::new(HashMap::new()),
             open_streams: Arc::new(AtomicUsize::new(0)),
+            buffered: AtomicUsize::new(0),
+            surbs_held: AtomicUsize::new(0),
             origin: StdInstant::now(),
             shutdown,
             tracker,
@@ -168,21 +204,108 @@ impl Exit {
         // Acknowledge receipt first: the client's ARQ waits on it.
         self.send_reply(Content::Ack.encode().and_then(|p| ack.use_block(&p)));
         let now = self.now();
+        // Every fragment names its session, which the reassembler charges it to.
+        let (session, piece) = match session_of_fragment(fragment) {
+            Ok(f) => f,
+            Err(e) => return drop_packet(e.label()),
+        };
         let assembled = match self.reassembler.lock() {
             Ok(mut r) => {
                 r.expire(now);
-                r.insert(fragment, now)
+                r.insert_owned(session, piece, now)
             }
             Err(_) => return,
         };
         match assembled {
-            Ok(Assembled::Complete { message, .. }) => match ClientMessage::decode(&message) {
-                Ok(msg) => self.on_message(msg),
-                Err(e) => drop_packet(e.label()),
-            },
+            Ok(Assembled::Complete { message, .. }) => {
+                match ClientMessage::decode(&join_client_message(session, &message)) {
+                    Ok(msg) => self.on_message(msg),
+                    Err(e) => drop_packet(e.label()),
+                }
+            }
             Ok(_) => {}
+            Err(murmur_protocol::Error::ReassemblyFull(what)) => {
+                refused(if what == OWNER_MESSAGES || what == OWNER_BYTES {
+                    "session_partial_messages"
+                } else {
+                    "partial_messages"
+                });
+                drop_packet("reassembly_full");
+            }
             Err(e) => drop_packet(e.label()),
         }
+    }
+
+    /// Charges (or frees) the change of a stream's held bytes from `before` to `after` to its
+    /// session and to the total.
+    fn account(&self, st: &mut SessionState, before: usize, after: usize) {
+        if after >= before {
+            st.buffered += after - before;
+            self.buffered.fetch_add(after - before, Ordering::Relaxed);
+        } else {
+            st.buffered = st.buffered.saturating_sub(before - after);
+            self.buffered.fetch_sub(before - after, Ordering::Relaxed);
+        }
+    }
+
+    /// Bytes a session's streams may still take: the least of its own and the total room;
+    /// with the reason to count when it is what stops them.
+    fn buffer_room(&self, st: &SessionState) -> (usize, &'static str) {
+        let session = self
+            .config
+            .max_session_buffered_bytes
+            .saturating_sub(st.buffered);
+        let total = self
+            .config
+            .max_buffered_bytes
+            .saturating_sub(self.buffered.load(Ordering::Relaxed));
+        if session <= total {
+            (session, "session_buffer")
+        } else {
+            (total, "buffer")
+        }
+    }
+
+    /// Takes a stream out of its session, freeing what it held.
+    fn remove_stream(&self, st: &mut SessionState, stream: StreamId) -> Option<StreamState> {
+        let s = st.streams.remove(&stream)?;
+        self.account(st, s.held(), 0);
+        Some(s)
+    }
+
+    /// Adds reply blocks to a session within its bound and the total one (its oldest go
+    /// first when it is at its own bound).
+    fn add_surbs(&self, st: &mut SessionState, blocks: Vec<ReplyBlock>) {
+        for b in blocks {
+            if st.surbs.len() >= MAX_SURBS {
+                st.surbs.pop_front();
+            } else if self.surbs_held.load(Ordering::Relaxed) >= MAX_SURBS_TOTAL {
+                refused("surbs");
+                continue;
+            } else {
+                self.surbs_held.fetch_add(1, Ordering::Relaxed);
+            }
+            st.surbs.push_back(b);
+        }
+    }
+
+    /// Drops reply blocks from a session's count: `n` of them left it.
+    fn surbs_gone(&self, n: usize) {
+        if n > 0 {
+            self.surbs_held.fetch_sub(n, Ordering::Relaxed);
+        }
+    }
+
+    /// A session is forgotten: what it held goes back to the totals.
+    fn forget(&self, st: &mut SessionState) {
+        let ids: Vec<StreamId> = st.streams.keys().copied().collect();
+        for id in ids {
+            if let Some(s) = self.remove_stream(st, id) {
+                s.cancel.cancel();
+            }
+        }
+        self.surbs_gone(st.surbs.len());
+        st.surbs.clear();
     }
 
     fn session(self: &Arc<Self>, id: u64) -> Option<Arc<Session>> {
@@ -193,15 +316,20 @@ impl Exit {
         if sessions.len() >= MAX_SESSIONS {
             let now = StdInstant::now();
             sessions.retain(|_, s| {
-                s.state.lock().is_ok_and(|st| {
-                    !st.streams.is_empty()
+                s.state.lock().is_ok_and(|mut st| {
+                    let keep = !st.streams.is_empty()
                         || st
                             .last_active
-                            .is_some_and(|t| now.duration_since(t) < SESSION_IDLE)
+                            .is_some_and(|t| now.duration_since(t) < SESSION_IDLE);
+                    if !keep {
+                        self.forget(&mut st);
+                    }
+                    keep
                 })
             });
             if sessions.len() >= MAX_SESSIONS {
                 drop_packet("exit_session_limit");
+                refused("sessions");
                 return None;
             }
         }
@@ -228,12 +356,7 @@ impl Exit {
             for item in msg.items {
                 match item {
                     ClientItem::Surbs(blocks) => {
-                        for b in blocks {
-                            if st.surbs.len() >= MAX_SURBS {
-                                st.surbs.pop_front();
-                            }
-                            st.surbs.push_back(b);
-                        }
+                        self.add_surbs(&mut st, blocks);
                         st.asked_for_surbs = false;
                     }
                     ClientItem::Open { stream, target } => {
@@ -267,7 +390,10 @@ impl Exit {
                     }
                     ClientItem::Ack { stream, offset } => {
                         if let Some(s) = st.streams.get_mut(&stream) {
+                            let before = s.held();
                             let mut progress = s.send.ack(offset, now);
+                            let freed = before - s.held().min(before);
+                            s.progress += freed as u64;
                             if s.send.fin_offset().is_some_and(|f| offset > f) && !s.fin_acked {
                                 s.fin_acked = true;
                                 progress = true;
@@ -275,10 +401,12 @@ impl Exit {
                             if progress {
                                 s.room.notify_one();
                             }
+                            let after = s.held();
+                            self.account(&mut st, before, after);
                         }
                     }
                     ClientItem::Reset { stream } => {
-                        if let Some(s) = st.streams.remove(&stream) {
+                        if let Some(s) = self.remove_stream(&mut st, stream) {
                             s.cancel.cancel();
                         }
                     }
@@ -292,12 +420,25 @@ impl Exit {
     }
 
     fn client_data(&self, st: &mut SessionState, stream: StreamId, offset: u64, bytes: &[u8]) {
+        let (room, limit) = self.buffer_room(st);
         let Some(s) = st.streams.get_mut(&stream) else {
             drop_packet("exit_unknown_stream");
             return;
         };
-        s.last_active = StdInstant::now();
-        match s.recv.insert(offset, bytes) {
+        if bytes.len() > room {
+            // Not taken: the client sends it again once its session's streams drain.
+            drop_packet("exit_buffer_full");
+            refused(limit);
+            return;
+        }
+        let before = s.held();
+        let result = s.recv.insert(offset, bytes);
+        let after = s.held();
+        self.account(st, before, after);
+        let Some(s) = st.streams.get_mut(&stream) else {
+            return;
+        };
+        match result {
             Ok(ready) if !ready.is_empty() => {
                 if s.queued_to_write + ready.len() > STREAM_WINDOW {
                     // The client ignored the window: end the stream rather than buffer more.
@@ -306,6 +447,10 @@ impl Exit {
                     return;
                 }
                 s.queued_to_write += ready.len();
+                self.account(st, 0, ready.len());
+                let Some(s) = st.streams.get_mut(&stream) else {
+                    return;
+                };
                 if let Some(w) = &s.writer {
                     let _ = w.send(WriterCmd::Data(ready));
                 }
@@ -327,12 +472,21 @@ impl Exit {
         stream: StreamId,
         target: Target,
     ) {
-        if self.open_streams.load(Ordering::Relaxed) >= self.config.max_streams {
+        // This session's own bound first: at it, a session leaves the rest for others.
+        let limit = if st.streams.len() >= self.config.max_streams_per_session {
+            Some("session_streams")
+        } else if self.open_streams.load(Ordering::Relaxed) >= self.config.max_streams {
+            Some("streams")
+        } else {
+            None
+        };
+        if let Some(reason) = limit {
             st.control.push(ExitItem::Refused {
                 stream,
                 reason: Refusal::General,
             });
             drop_packet("exit_stream_limit");
+            refused(reason);
             return;
         }
         // Refuse at once what the policy forbids for every address it could mean.
@@ -370,7 +524,7 @@ impl Exit {
                 writer: Some(tx),
                 room: room.clone(),
                 cancel: cancel.clone(),
-                last_active: StdInstant::now(),
+                progress: 0,
             },
         );
         let exit = self.clone();
@@ -434,6 +588,7 @@ impl Exit {
         room: Arc<Notify>,
         cancel: CancellationToken,
     ) {
+        let opened = StdInstant::now();
         let connected = tokio::select! {
             _ = cancel.cancelled() => Err(Refusal::General),
             r = self.connect(&target) => r,
@@ -443,7 +598,7 @@ impl Exit {
             Err(reason) => {
                 metrics::counter!(m::EXIT_STREAMS, "result" => "refused").increment(1);
                 if let Ok(mut st) = session.state.lock() {
-                    st.streams.remove(&stream);
+                    self.remove_stream(&mut st, stream);
                     st.end(stream, ExitItem::Refused { stream, reason });
                 }
                 session.wake.notify_one();
@@ -477,10 +632,14 @@ impl Exit {
                             if let Ok(mut st) = session.state.lock()
                                 && let Some(s) = st.streams.get_mut(&stream)
                             {
+                                let before = s.held();
                                 s.queued_to_write -= bytes.len().min(s.queued_to_write);
                                 s.written += bytes.len() as u64;
+                                s.progress += bytes.len() as u64;
                                 s.ack_resends_left = ACK_REPEATS;
                                 s.ack_sent_at = None;
+                                let after = s.held();
+                                self.account(&mut st, before, after);
                             }
                             session.wake.notify_one();
                         }
@@ -500,20 +659,30 @@ impl Exit {
             async move {
                 let mut buf = vec![0u8; 16 * 1024];
                 loop {
-                    // Wait for room before reading, so a slow client slows the destination.
+                    // Wait for room before reading, so a slow client slows the destination:
+                    // in this stream's window, and in its session's and the total budget.
                     let room_now = loop {
-                        let space = session
-                            .state
-                            .lock()
-                            .ok()
-                            .and_then(|st| st.streams.get(&stream).map(|s| s.send.space()));
+                        let space = session.state.lock().ok().and_then(|st| {
+                            let (budget, limit) = self.buffer_room(&st);
+                            let s = st.streams.get(&stream)?;
+                            Some((s.send.space(), budget, limit))
+                        });
                         match space {
                             None => return Ok(()),
-                            Some(0) => tokio::select! {
+                            Some((0, _, _)) => tokio::select! {
                                 _ = cancel.cancelled() => return Ok(()),
                                 _ = room.notified() => {}
                             },
-                            Some(n) => break n,
+                            Some((_, 0, limit)) => {
+                                // Another stream's ack frees the budget; look again soon.
+                                refused(limit);
+                                tokio::select! {
+                                    _ = cancel.cancelled() => return Ok(()),
+                                    _ = room.notified() => {}
+                                    _ = tokio::time::sleep(BUDGET_RETRY) => {}
+                                }
+                            }
+                            Some((n, budget, _)) => break n.min(budget),
                         }
                     };
                     // Never read more than the buffer has room for: the rest would be lost.
@@ -528,7 +697,6 @@ impl Exit {
                     let Some(s) = st.streams.get_mut(&stream) else {
                         return Ok(());
                     };
-                    s.last_active = StdInstant::now();
                     match n {
                         Ok(0) => {
                             s.send.close();
@@ -537,8 +705,11 @@ impl Exit {
                             return Ok(());
                         }
                         Ok(n) => {
-                            // Room only grows while we read (acks free it), so all of it fits.
-                            s.send.push(&buf[..n]);
+                            // The window only grows while we read (acks free it), so all of
+                            // it fits; the budget may be overshot by other streams' reads
+                            // at the same moment, by at most one read each.
+                            let taken = s.send.push(&buf[..n]);
+                            self.account(&mut st, 0, taken);
                             drop(st);
                             session.wake.notify_one();
                         }
@@ -548,35 +719,47 @@ impl Exit {
             }
         };
         let idle = self.config.idle_timeout;
+        let watch = Watch::new(
+            opened,
+            self.config.stream_lifetime,
+            idle,
+            self.config.idle_progress_bytes as u64,
+        );
         let watchdog = {
             let session = session.clone();
             let cancel = cancel.clone();
             async move {
+                let mut watch = watch;
                 loop {
                     tokio::select! {
-                        _ = cancel.cancelled() => return,
-                        _ = tokio::time::sleep(idle / 4 + Duration::from_millis(10)) => {}
+                        _ = cancel.cancelled() => return None,
+                        _ = tokio::time::sleep(watch.check_every()) => {}
                     }
-                    let idle_for =
-                        session.state.lock().ok().and_then(|st| {
-                            st.streams.get(&stream).map(|s| s.last_active.elapsed())
-                        });
-                    match idle_for {
-                        None => return,
-                        Some(t) if t >= idle => return,
-                        Some(_) => {}
+                    let progress = session
+                        .state
+                        .lock()
+                        .ok()
+                        .and_then(|st| st.streams.get(&stream).map(|s| s.progress));
+                    let progress = progress?;
+                    if let Some(reason) = watch.check(StdInstant::now(), progress) {
+                        return Some(reason);
                     }
                 }
             }
         };
         let failure = tokio::select! {
             (w, r) = async { tokio::join!(writer, reader) } => w.err().or(r.err()),
-            _ = watchdog => Some(Refusal::TtlExpired),
+            ended = watchdog => {
+                if let Some(reason) = ended {
+                    refused(reason);
+                }
+                Some(Refusal::TtlExpired)
+            }
         };
         // Both directions ended. Keep the stream until its data is acknowledged, then drop it.
         if let Some(reason) = failure {
             if let Ok(mut st) = session.state.lock()
-                && st.streams.remove(&stream).is_some()
+                && self.remove_stream(&mut st, stream).is_some()
             {
                 st.end(stream, ExitItem::Reset { stream, reason });
             }
@@ -597,14 +780,15 @@ impl Exit {
             if done {
                 break;
             }
+            let left = self.config.stream_lifetime.saturating_sub(opened.elapsed());
             tokio::select! {
                 _ = cancel.cancelled() => break,
                 _ = room.notified() => {}
-                _ = tokio::time::sleep(idle) => break,
+                _ = tokio::time::sleep(idle.min(left)) => break,
             }
         }
         if let Ok(mut st) = session.state.lock()
-            && st.streams.remove(&stream).is_some()
+            && self.remove_stream(&mut st, stream).is_some()
         {
             // Finished cleanly; a late re-sent open is answered with a reset.
             st.ended.push_back((
@@ -643,6 +827,9 @@ impl Exit {
                 if let Ok(mut sessions) = self.sessions.lock() {
                     sessions.remove(&session.id);
                 }
+                if let Ok(mut st) = session.state.lock() {
+                    self.forget(&mut st);
+                }
                 return;
             }
         }
@@ -657,7 +844,9 @@ impl Exit {
             let Ok(mut st) = session.state.lock() else {
                 return None;
             };
+            let held = st.surbs.len();
             st.surbs.retain(|b| b.key_epoch() >= oldest);
+            self.surbs_gone(held - st.surbs.len());
             if st.surbs.is_empty() {
                 // Nothing can be said until the client sends reply blocks; it learns it is
                 // short from the `SurbsLow` sent with the last one.
@@ -679,6 +868,7 @@ impl Exit {
                 drop_packet("exit_no_surb");
                 return None;
             };
+            self.surbs_gone(1);
             drop(st);
             let reply = msg
                 .encode()
@@ -716,6 +906,59 @@ impl Exit {
             }
             Err(e) => drop_packet(e.label()),
         }
+    }
+}
+
+/// Ask the session's streams for room again this often while the byte budget is spent.
+const BUDGET_RETRY: Duration = Duration::from_millis(50);
+
+/// The reassembler's bounds: one session may hold a [`FULL_SESSIONS`]th of them.
+fn reassembly_limits() -> ReassemblyLimits {
+    let global = ReassemblyLimits::default();
+    ReassemblyLimits {
+        max_partial_messages_per_owner: global.max_partial_messages / FULL_SESSIONS,
+        max_buffered_bytes_per_owner: global.max_buffered_bytes / FULL_SESSIONS,
+        ..global
+    }
+}
+
+/// When a stream must end: at its lifetime, or when it moved fewer than `min_progress` bytes
+/// within `idle` (so a destination trickling a byte now and then does not hold it).
+struct Watch {
+    opened: StdInstant,
+    lifetime: Duration,
+    idle: Duration,
+    min_progress: u64,
+    /// Since when, and from what progress, the stream must make `min_progress`.
+    mark: (StdInstant, u64),
+}
+
+impl Watch {
+    fn new(opened: StdInstant, lifetime: Duration, idle: Duration, min_progress: u64) -> Watch {
+        Watch {
+            opened,
+            lifetime,
+            idle,
+            min_progress,
+            mark: (opened, 0),
+        }
+    }
+
+    /// How long to wait between checks.
+    fn check_every(&self) -> Duration {
+        (self.idle.min(self.lifetime) / 4).clamp(Duration::from_millis(10), WATCH_EVERY)
+    }
+
+    /// Why the stream ends at `now` with `progress` bytes moved so far, if it does.
+    fn check(&mut self, now: StdInstant, progress: u64) -> Option<&'static str> {
+        if now.duration_since(self.opened) >= self.lifetime {
+            return Some("lifetime");
+        }
+        if progress.saturating_sub(self.mark.1) >= self.min_progress.max(1) {
+            self.mark = (now, progress);
+            return None;
+        }
+        (now.duration_since(self.mark.0) >= self.idle).then_some("no_progress")
     }
 }
 
@@ -817,4 +1060,53 @@ fn build_message(st: &mut SessionState, now: Instant) -> Option<ExitMessage> {
         }
     }
     (!items.is_empty()).then_some(ExitMessage { items })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A stream must move `min_progress` bytes in every `idle`: a trickle below it ends at the
+    /// idle timeout, one above it at the lifetime.
+    #[test]
+    fn a_trickle_is_not_progress_and_the_lifetime_ends_every_stream() {
+        let t0 = StdInstant::now();
+        let s = Duration::from_secs(1);
+        let mut w = Watch::new(t0, 100 * s, 10 * s, 100);
+        let mut progress = 0;
+        let mut ended = None;
+        for i in 1..=30u32 {
+            progress += 5; // 5 bytes a second
+            if let Some(why) = w.check(t0 + s * i, progress) {
+                ended = Some((i, why));
+                break;
+            }
+        }
+        assert_eq!(ended, Some((10, "no_progress")));
+
+        let mut w = Watch::new(t0, 20 * s, 10 * s, 100);
+        let mut ended = None;
+        for i in 1..=30u32 {
+            if let Some(why) = w.check(t0 + s * i, u64::from(i) * 50) {
+                ended = Some((i, why));
+                break;
+            }
+        }
+        assert_eq!(ended, Some((20, "lifetime")));
+        assert!(w.check_every() <= WATCH_EVERY);
+    }
+
+    #[test]
+    fn a_session_holds_a_sixteenth_of_the_reassembler() {
+        let l = reassembly_limits();
+        assert_eq!(
+            l.max_partial_messages_per_owner * FULL_SESSIONS,
+            l.max_partial_messages
+        );
+        assert_eq!(
+            l.max_buffered_bytes_per_owner * FULL_SESSIONS,
+            l.max_buffered_bytes
+        );
+        assert_eq!(MAX_SURBS * FULL_SESSIONS, MAX_SURBS_TOTAL);
+    }
 }

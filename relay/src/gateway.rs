@@ -10,7 +10,8 @@
 //! that the gateway passes to layer-1 mixes unchanged (it cannot read the packets). Packets
 //! whose final hop is this gateway and whose destination is a client's address are delivered
 //! down that client's link as `Deliver` frames; while the client is away they wait in a
-//! bounded inbox for a while, so a brief disconnection loses nothing.
+//! bounded inbox for a while, so a brief disconnection loses nothing ([`crate::inbox`]: only
+//! an address with a live or recent session has one).
 //!
 //! A gateway that takes payments ([`Billing`]) keeps a [`Tab`] per client key in a
 //! [`TabBook`]: the tab outlives the session for a window (a reconnect resumes it), and a new
@@ -50,6 +51,7 @@ use tokio_util::task::TaskTracker;
 use crate::admit::{Gate, GateLimits};
 use crate::client_link::{ClientLink, LinkFailure};
 use crate::config::GatewaySection;
+use crate::inbox::{InboxLimits, Inboxes};
 use crate::keys::KeyRing;
 use crate::links::Links;
 use crate::metrics::{self as m, drop_packet};
@@ -60,11 +62,6 @@ struct Session {
     tx: mpsc::Sender<Frame>,
     /// Checks the client's delivery tags ([`murmur_protocol::delivery`]).
     tags: Arc<GatewayTagKey>,
-}
-
-struct Inbox {
-    frames: VecDeque<Frame>,
-    expires: Instant,
 }
 
 /// What a gateway that takes payments charges with.
@@ -157,7 +154,7 @@ pub struct Gateway {
     origin: Instant,
     started_unix: u64,
     sessions: Mutex<HashMap<Address, Session>>,
-    inboxes: Mutex<HashMap<Address, Inbox>>,
+    inboxes: Mutex<Inboxes>,
     next_generation: AtomicU64,
 }
 
@@ -175,6 +172,7 @@ impl Gateway {
             .as_ref()
             .and_then(|b| TabBook::new(b.tabs).ok())
             .map(Mutex::new);
+        let inboxes = Mutex::new(Inboxes::new(inbox_limits(&config)));
         Arc::new(Gateway {
             config,
             link_key,
@@ -185,7 +183,7 @@ impl Gateway {
             origin: Instant::now(),
             started_unix: murmur_ledger::unix_now(),
             sessions: Mutex::new(HashMap::new()),
-            inboxes: Mutex::new(HashMap::new()),
+            inboxes,
             next_generation: AtomicU64::new(0),
         })
     }
@@ -225,43 +223,26 @@ impl Gateway {
         }
     }
 
+    /// Keeps a frame for a client that is away, if its address had a session lately.
     fn keep(&self, to: Address, frame: Frame) {
-        let Ok(mut inboxes) = self.inboxes.lock() else {
-            return;
+        let kept = match self.inboxes.lock() {
+            Ok(mut inboxes) => inboxes.keep(to, frame, Instant::now()),
+            Err(_) => return,
         };
-        let now = Instant::now();
-        if !inboxes.contains_key(&to) {
-            if inboxes.len() >= self.config.max_clients {
-                inboxes.retain(|_, i| i.expires > now);
-            }
-            if inboxes.len() >= self.config.max_clients {
-                drop_packet("inbox_limit");
-                return;
-            }
+        match kept {
+            Ok(()) => metrics::counter!(m::FINAL_DELIVERED, "to" => "inbox").increment(1),
+            Err(why) => drop_packet(why.label()),
         }
-        let inbox = inboxes.entry(to).or_insert_with(|| Inbox {
-            frames: VecDeque::new(),
-            expires: now + self.config.inbox_ttl,
-        });
-        if inbox.frames.len() >= self.config.inbox_packets {
-            drop_packet("inbox_full");
-            return;
-        }
-        inbox.frames.push_back(frame);
-        metrics::counter!(m::FINAL_DELIVERED, "to" => "inbox").increment(1);
     }
 
-    /// Drops expired inboxes.
+    /// Drops the inboxes of sessions that ended more than `inbox_ttl` ago.
     pub fn sweep(&self) {
-        let now = Instant::now();
-        if let Ok(mut inboxes) = self.inboxes.lock() {
-            let before: usize = inboxes.values().map(|i| i.frames.len()).sum();
-            inboxes.retain(|_, i| i.expires > now);
-            let after: usize = inboxes.values().map(|i| i.frames.len()).sum();
-            for _ in after..before {
-                drop_packet("inbox_expired");
-            }
-        }
+        let dropped = self
+            .inboxes
+            .lock()
+            .map_or(0, |mut i| i.sweep(Instant::now()));
+        metrics::counter!(m::PACKETS_DROPPED, "reason" => "inbox_expired")
+            .increment(dropped as u64);
     }
 
     /// Accepts client links until shutdown.
@@ -573,10 +554,14 @@ impl Gateway {
         let waiting = self
             .inboxes
             .lock()
-            .ok()
-            .and_then(|mut i| i.remove(&address))
-            .map(|i| i.frames)
+            .map(|mut i| i.session_started(address, generation))
             .unwrap_or_default();
+        // However the session ends, its address keeps an inbox for `inbox_ttl`.
+        let _away = Away {
+            gateway: &self,
+            address,
+            generation,
+        };
         let welcome = Frame::Control(
             Control::Welcome {
                 queued: u32::try_from(waiting.len()).unwrap_or(u32::MAX),
@@ -755,6 +740,32 @@ impl Gateway {
     }
 }
 
+/// Marks a session's address as away (keeping its inbox for a while) when the session ends.
+struct Away<'a> {
+    gateway: &'a Gateway,
+    address: Address,
+    generation: u64,
+}
+
+impl Drop for Away<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut inboxes) = self.gateway.inboxes.lock() {
+            inboxes.session_ended(self.address, self.generation, Instant::now());
+        }
+    }
+}
+
+/// The inboxes' bounds, from the configuration.
+fn inbox_limits(config: &GatewaySection) -> InboxLimits {
+    InboxLimits {
+        frames_per_address: config.inbox_packets,
+        bytes_per_address: config.inbox_bytes,
+        total_bytes: config.inbox_total_bytes,
+        recent_sessions: config.max_clients,
+        ttl: config.inbox_ttl,
+    }
+}
+
 /// The client listener's limits, from the configuration.
 fn gate_limits(config: &GatewaySection) -> GateLimits {
     GateLimits {
@@ -873,7 +884,12 @@ mod tests {
         let victim = LinkSecret::generate(&mut rand::rng());
         let victim_address = session_address(&victim.public());
 
-        // Waiting in the inbox before the victim comes.
+        // Nothing is kept for an address no session had; once the victim's session ended,
+        // what comes waits in its inbox for its return.
+        gw.deliver(delivery(&victim, 9));
+        let first = open(&node, &victim).await.unwrap();
+        drop(first);
+        tokio::time::sleep(Duration::from_millis(100)).await;
         gw.deliver(delivery(&victim, 1));
         let mut link = open(&node, &victim).await.unwrap();
         assert_eq!(next_delivery(&mut link).await, Ok(1));

@@ -7,6 +7,7 @@ pub mod config;
 pub mod error;
 pub mod exit;
 pub mod gateway;
+pub mod inbox;
 pub mod keys;
 pub mod links;
 pub mod loops;

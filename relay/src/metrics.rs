@@ -29,6 +29,11 @@ pub const CLIENT_SESSIONS: &str = "murmur_relay_client_sessions";
 pub const LINK_CONNECTS: &str = "murmur_relay_link_connects_total";
 pub const REPLAY_TAGS: &str = "murmur_relay_replay_tags";
 pub const EXIT_STREAMS: &str = "murmur_relay_exit_streams_total";
+/// What an exit refused or ended because a bound was reached, by `reason`: `streams`,
+/// `session_streams`, `buffer`, `session_buffer` (data not taken, or a destination not read,
+/// until the budget frees), `partial_messages`, `session_partial_messages`, `sessions`,
+/// `surbs`, `lifetime`, `no_progress` (streams closed).
+pub const EXIT_REFUSED: &str = "murmur_relay_exit_refused_total";
 pub const LOOPS: &str = "murmur_relay_loops_total";
 /// Tickets that paid this hop.
 pub const TICKETS_ACCEPTED: &str = "murmur_relay_tickets_accepted_total";

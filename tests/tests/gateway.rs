@@ -77,7 +77,9 @@ impl Network {
                 start_relay(dir, &name, "[\"mix\"]", &authorities, EPOCH_S, loopback)
             })
             .collect();
-        let exit = format!("{loopback}[exit]\nallow_private = true\npolicy = \"accept *:*\"\n");
+        let exit = format!(
+            "{loopback}[exit]\nallow_private = true\nallow_own_addresses = true\npolicy = \"accept *:*\"\n"
+        );
         relays.push(start_relay(
             dir,
             "exit",

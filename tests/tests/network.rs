@@ -55,7 +55,7 @@ fn start(dir: &Path) -> Network {
         })
         .collect();
     let exit_extra = format!(
-        "{loopback}[exit]\nallow_private = true\nconnect_timeout = \"3s\"\n\
+        "{loopback}[exit]\nallow_private = true\nallow_own_addresses = true\nconnect_timeout = \"3s\"\n\
          policy = \"reject 127.0.0.0/8:7, reject [::1]/128:7, accept *:*\"\n"
     );
     let exit = start_relay(dir, "exit", "[\"exit\"]", &infos, EPOCH_S, &exit_extra);

@@ -89,7 +89,7 @@ fn an_observer_of_any_link_sees_no_frame_header_identity_or_pot_key() {
         ledger.payments_toml()
     );
     let exit_extra = format!(
-        "{common}[exit]\nallow_private = true\nconnect_timeout = \"3s\"\npolicy = \"accept *:*\"\n"
+        "{common}[exit]\nallow_private = true\nallow_own_addresses = true\nconnect_timeout = \"3s\"\npolicy = \"accept *:*\"\n"
     );
     let rt = runtime(2);
     let client_proxy = tap(&rt);

@@ -630,7 +630,7 @@ fn each_relays_redeemed_value_matches_price_times_packets_carried() {
         ));
     }
     let exit = format!(
-        "{common}[exit]\nallow_private = true\nconnect_timeout = \"3s\"\npolicy = \"accept *:*\"\n"
+        "{common}[exit]\nallow_private = true\nallow_own_addresses = true\nconnect_timeout = \"3s\"\npolicy = \"accept *:*\"\n"
     );
     relays.push(start_relay(
         d,
