@@ -174,9 +174,7 @@ fn a_client_at_its_stream_limit_leaves_room_and_a_trickle_ends_at_its_lifetime()
     let mut held: Vec<(TcpStream, Instant)> = (0..PER_SESSION)
         .map(|i| open(socks_a).unwrap_or_else(|c| panic!("A's stream {i} refused ({c})")))
         .collect();
-    let code = open(socks_a)
-        .err()
-        .expect("A opened one stream more than its session may hold");
+    let code = open(socks_a).expect_err("A opened one stream more than its session may hold");
     println!(
         "client A: {PER_SESSION} streams opened, the next refused with SOCKS code {code}; \
          exit refusals at the session limit: {}",
