@@ -319,8 +319,10 @@ fn a_reopened_ledger_holds_pots_accounts_and_the_redeemed_set() {
             .refusal(),
         Some(Refusal::AlreadyRedeemed)
     );
+    // A refused request left no trace (refusals write nothing), so sent again it is decided
+    // again, and refused again while the notice runs.
     assert_eq!(
         l.withdraw_at(&early, START + 1).unwrap_err().refusal(),
-        Some(Refusal::ReplayedRequest)
+        Some(Refusal::NoticeNotOver)
     );
 }
