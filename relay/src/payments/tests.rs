@@ -1262,7 +1262,17 @@ async fn reconnecting_clients_get_no_more_free_frames_than_their_address_grace()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn junk_from_fresh_keys_does_not_crowd_out_an_honest_payers_winners() {
     let dir = TempDir::new().unwrap();
-    let ledger = ledger(dir.path()).await;
+    // The relay redeems its 1,000 winners at once: above the ledger's default per-key rate
+    // (20/s, tested in the ledger's flood test), which would only spread them over 50 s.
+    let ledger = ledger(dir.path())
+        .await
+        .with_rate_limits(murmur_ledger::guard::RateLimits {
+            per_key_per_second: 100_000,
+            per_key_burst: 100_000,
+            writes_per_second: 100_000,
+            write_burst: 100_000,
+            ..Default::default()
+        });
     let params = PaymentsParams {
         unverified_tickets_per_pot: 8,
         max_tickets_per_epoch: 200_000,
