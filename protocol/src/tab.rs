@@ -209,19 +209,23 @@ impl Tab {
     }
 
     /// Records a refused ticket: [`Verdict::Cutoff`] once [`MAX_REFUSED_TICKETS`] were.
+    ///
+    /// The cut-off is the penalty: the count starts again, so a client that comes back is
+    /// judged on its next tickets, not cut off again before it can send one.
     pub fn refused_ticket(&mut self) -> Verdict {
         self.stats.refused_tickets = self.stats.refused_tickets.saturating_add(1);
         self.refusal_streak = self.refusal_streak.saturating_add(1);
+        if self.refusal_streak >= MAX_REFUSED_TICKETS {
+            self.refusal_streak = 0;
+            return Verdict::Cutoff;
+        }
         self.verdict()
     }
 
     /// The verdict for the current balance.
     pub fn verdict(&self) -> Verdict {
         let refused_frames = self.unpaid_streak.saturating_mul(self.config.price);
-        if self.arrears > self.config.max_arrears
-            || refused_frames > self.config.max_arrears
-            || self.refusal_streak >= MAX_REFUSED_TICKETS
-        {
+        if self.arrears > self.config.max_arrears || refused_frames > self.config.max_arrears {
             Verdict::Cutoff
         } else {
             Verdict::Serve

@@ -91,6 +91,22 @@ impl Billing {
     }
 }
 
+/// Whether a refusal says the ticket is worth nothing, whoever sent it (forged, from a pot
+/// that cannot pay, for someone else, above the face-value cap, too small, malformed), as
+/// opposed to a race or a limit an honest client can meet.
+fn worthless(r: &PaymentRefusal) -> bool {
+    matches!(
+        r,
+        PaymentRefusal::Forged
+            | PaymentRefusal::PotUnknown(_)
+            | PaymentRefusal::PotInsufficient { .. }
+            | PaymentRefusal::WrongRecipient
+            | PaymentRefusal::FaceValueTooLarge { .. }
+            | PaymentRefusal::TooSmall { .. }
+            | PaymentRefusal::Malformed(_)
+    )
+}
+
 /// The control-message code for a relay's refusal of a ticket.
 fn refusal_code(r: &PaymentRefusal) -> u8 {
     match r {
@@ -445,6 +461,10 @@ impl Gateway {
             Ok(accepted) => (self.hold(address, ticket, Some(accepted), held), None),
             // Its pot is being looked up and used its allowance: check it again after.
             Err(PaymentRefusal::PotNotYetKnown) => (self.hold(address, ticket, None, held), None),
+            // Refusals an honest client meets too (a key epoch changing under it, a clock off
+            // by a little, the relay's own capacity) are answered, not held against it; only
+            // tickets that cannot be worth anything count towards a cut-off.
+            Err(r) if !worthless(&r) => (Verdict::Serve, Some(refusal_code(&r))),
             Err(r) => (
                 self.with_tab(address, Tab::refused_ticket),
                 Some(refusal_code(&r)),
