@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use murmur_protocol::delivery::GatewayTagKey;
 use murmur_protocol::directory::IdentityKey;
 use murmur_protocol::frame::Frame;
 use murmur_protocol::link::{LinkSecret, session_address};
@@ -229,10 +230,26 @@ fn gateway_hop(
     ))
 }
 
-/// A packet whose only hop is the gateway, for `to`, with `id` in its SURB id.
-fn to_gateway(rng: &mut ChaCha20Rng, epoch: u32, hop: &RouteHop, to: Address, id: u64) -> Frame {
-    let mut surb_id = [0u8; 16];
-    surb_id[..8].copy_from_slice(&id.to_be_bytes());
+/// A packet whose only hop is the gateway, for `to`, with `id` in its SURB id (its low 48
+/// bits first, tagged for the client if `tag`, so its gateway delivers it).
+fn to_gateway(
+    rng: &mut ChaCha20Rng,
+    epoch: u32,
+    hop: &RouteHop,
+    to: Address,
+    tag: Option<&GatewayTagKey>,
+    id: u64,
+) -> Frame {
+    let mut nonce = [0u8; 6];
+    nonce.copy_from_slice(&id.to_be_bytes()[2..]);
+    let surb_id = match tag {
+        Some(key) => key.tagged(nonce),
+        None => {
+            let mut surb_id = [0u8; 16];
+            surb_id[..8].copy_from_slice(&id.to_be_bytes());
+            surb_id
+        }
+    };
     let (packet, envelope) = build_packet_with_envelope(
         rng,
         std::slice::from_ref(hop),
@@ -288,6 +305,7 @@ fn a_flood_to_unknown_addresses_leaves_a_gateway_bounded_and_a_client_served() {
     // A live client, and a thread that reads what the gateway delivers to it.
     let client_key = LinkSecret::generate(&mut rand::rng());
     let client_address = session_address(&client_key.public());
+    let tag = GatewayTagKey::for_client(&client_key.public());
     let delivered = Arc::new(std::sync::Mutex::new(Vec::<(u64, Instant)>::new()));
     let stop = Arc::new(AtomicBool::new(false));
     let reader = {
@@ -331,10 +349,18 @@ fn a_flood_to_unknown_addresses_leaves_a_gateway_bounded_and_a_client_served() {
     // Until a packet sent over T's link reaches the live client, the gateway may not list T
     // yet (it closes the link after the handshake): probe, redialing, for up to 60 s.
     let mut link = dial();
-    let mut probe_id = u64::MAX - 1_000;
+    // Probe ids are the top of the 48 bits a delivery carries back.
+    let mut probe_id = (1u64 << 48) - 1_000;
     let through = wait_until(Duration::from_secs(60), Duration::from_millis(500), || {
         probe_id += 1;
-        let frame = to_gateway(&mut rng, epoch, &g_hop, client_address, probe_id);
+        let frame = to_gateway(
+            &mut rng,
+            epoch,
+            &g_hop,
+            client_address,
+            Some(&tag),
+            probe_id,
+        );
         if link.try_send(&frame).is_err() {
             link = dial();
             return None;
@@ -343,7 +369,7 @@ fn a_flood_to_unknown_addresses_leaves_a_gateway_bounded_and_a_client_served() {
             .lock()
             .unwrap()
             .iter()
-            .any(|(id, _)| *id >= u64::MAX - 1_000);
+            .any(|(id, _)| *id >= (1u64 << 48) - 1_000);
         got.then_some(())
     });
     assert!(
@@ -360,13 +386,13 @@ fn a_flood_to_unknown_addresses_leaves_a_gateway_bounded_and_a_client_served() {
             // Keep to the consensus in force (its epoch's key).
             (epoch, g_hop, _, _) = route();
         }
-        let (to, id) = if i % 1_000 == 0 {
+        let (to, tagged, id) = if i % 1_000 == 0 {
             to_client.push(i);
-            (client_address, i)
+            (client_address, Some(&tag), i)
         } else {
-            (targets[rng.random_range(0..targets.len())], i)
+            (targets[rng.random_range(0..targets.len())], None, i)
         };
-        let frame = to_gateway(&mut rng, epoch, &g_hop, to, id);
+        let frame = to_gateway(&mut rng, epoch, &g_hop, to, tagged, id);
         if link.try_send(&frame).is_err() {
             let closed = gateway.metric("murmur_relay_links_closed_total", "");
             println!("packet {i}: the gateway closed T's link ({closed:?} links closed)");
