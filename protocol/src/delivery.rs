@@ -40,18 +40,26 @@ const TAG_DOMAIN: &[u8] = b"murmur/delivery-tag/v1\0";
 const NONCE_LEN: usize = 6;
 const TAG_LEN: usize = 5;
 
-fn tag(key: &[u8; 32], nonce: &[u8]) -> [u8; TAG_LEN] {
+fn mac(key: &[u8; 32], nonce: &[u8]) -> Option<Hmac<Sha256>> {
     // HMAC takes a key of any length: this cannot fail.
-    let mut mac = match <Hmac<Sha256> as KeyInit>::new_from_slice(key) {
-        Ok(m) => m,
-        Err(_) => return [0; TAG_LEN],
-    };
+    let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(key).ok()?;
     mac.update(TAG_DOMAIN);
     mac.update(nonce);
-    let full = mac.finalize().into_bytes();
+    Some(mac)
+}
+
+fn tag(key: &[u8; 32], nonce: &[u8]) -> [u8; TAG_LEN] {
     let mut out = [0u8; TAG_LEN];
-    out.copy_from_slice(&full[..TAG_LEN]);
+    if let Some(mac) = mac(key, nonce) {
+        out.copy_from_slice(&mac.finalize().into_bytes()[..TAG_LEN]);
+    }
     out
+}
+
+/// Whether `tag` is `key`'s tag of `nonce`, compared in constant time (as the envelope's
+/// MACs are, `Mac::verify_truncated_left`).
+fn verify(key: &[u8; 32], nonce: &[u8], tag: &[u8]) -> bool {
+    mac(key, nonce).is_some_and(|m| m.verify_truncated_left(tag).is_ok())
 }
 
 /// The key a gateway checks its client's delivery tags with.
@@ -76,7 +84,7 @@ impl GatewayTagKey {
     /// Whether `id` carries this key's tag: a delivery the client asked for.
     pub fn admits(&self, id: &SurbId) -> bool {
         let (nonce, rest) = id.split_at(NONCE_LEN);
-        tag(&self.0, nonce)[..] == rest[..TAG_LEN]
+        verify(&self.0, nonce, &rest[..TAG_LEN])
     }
 
     /// An identifier with `nonce` (its first 6 bytes are used) that this key admits and no
@@ -131,7 +139,7 @@ impl DeliveryTags {
     /// Whether this client minted `id` (its own tag verifies).
     pub fn is_mine(&self, id: &SurbId) -> bool {
         let (nonce, rest) = id.split_at(NONCE_LEN);
-        tag(&self.client, nonce)[..] == rest[TAG_LEN..]
+        verify(&self.client, nonce, &rest[TAG_LEN..])
     }
 }
 
