@@ -55,6 +55,32 @@ struct Cli {
     /// Devnet: packets each ticket to a mix or exit pays for.
     #[arg(long, requires = "devnet")]
     packets_per_ticket: Option<u64>,
+    /// Never route through a relay that charges more than this per packet (overrides the
+    /// config's `max_price_per_hop`; the devnet's relays charge 1, 2 or 5).
+    #[arg(long)]
+    max_price_per_hop: Option<u64>,
+    /// Never route through a relay whose measured performance (the share of the
+    /// authorities' test packets it carried, 0 to 1) is below this (overrides the config).
+    #[arg(long)]
+    min_performance: Option<f64>,
+}
+
+/// The path rules with the user's preferences: a price cap per hop and a performance floor
+/// (0 to 1, as configured; per mille in the consensus).
+fn path_rules(
+    distinct_subnets: bool,
+    max_price_per_hop: Option<u64>,
+    min_performance: f64,
+) -> anyhow::Result<PathRules> {
+    if !(0.0..=1.0).contains(&min_performance) {
+        anyhow::bail!("min_performance must lie in [0, 1], got {min_performance}");
+    }
+    Ok(PathRules {
+        distinct_subnets,
+        max_price_per_hop,
+        // In [0, 1000] by the check above.
+        min_performance: (min_performance * 1000.0).round() as u16,
+    })
 }
 
 /// The client's configuration file.
@@ -75,6 +101,12 @@ pub struct ClientConfig {
     /// network on one host.
     #[serde(default = "default_true")]
     pub distinct_subnets: bool,
+    /// Never route through a relay that charges more than this per packet.
+    pub max_price_per_hop: Option<u64>,
+    /// Never route through a relay whose performance score (0 to 1: the share of the
+    /// authorities' test packets it carried) is below this.
+    #[serde(default)]
+    pub min_performance: f64,
     /// Paying relays; without it the client pays nothing (relays that charge may drop
     /// its traffic, and gateways cut it off).
     pub payments: Option<PaymentsConfig>,
@@ -293,7 +325,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             socks: cli.socks.unwrap_or_else(default_socks),
             authorities: devnet.authorities.clone(),
             clock_skew: Duration::from_secs(5),
-            path_rules: devnet.path_rules,
+            path_rules: path_rules(
+                devnet.path_rules.distinct_subnets,
+                cli.max_price_per_hop,
+                cli.min_performance.unwrap_or(0.0),
+            )?,
             socks_limits: socks_limits(None),
             refresh_every: Duration::from_secs(1),
             payment: Some(devnet_payment(
@@ -322,9 +358,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         socks: cli.socks.unwrap_or(config.socks),
         authorities,
         clock_skew: config.clock_skew,
-        path_rules: PathRules {
-            distinct_subnets: config.distinct_subnets,
-        },
+        path_rules: path_rules(
+            config.distinct_subnets,
+            cli.max_price_per_hop.or(config.max_price_per_hop),
+            cli.min_performance.unwrap_or(config.min_performance),
+        )?,
         socks_limits: socks_limits(Some(&config)),
         // How often the held consensus is checked; the directory is asked only once it is no
         // longer fresh, so this bounds how late the client moves to a new epoch's keys.

@@ -111,6 +111,12 @@ impl Devnet {
             config.policy.allow_private_addresses = true;
             // Every relay, the client and the other authorities connect from 127.0.0.1.
             config.limits.max_connections_per_address = config.limits.max_connections;
+            config.limits.uploads_per_minute_per_address = 10_000;
+            // Test relays often, so a relay is voted in (or out) within an epoch.
+            config.probe.listen = "127.0.0.1:0".parse()?;
+            config.probe.interval = Duration::from_secs(2);
+            config.probe.timeout = Duration::from_secs(2);
+            config.probe.packets = 8;
             let stop = shutdown.clone();
             tracker.spawn(async move {
                 if let Err(e) =
@@ -162,10 +168,15 @@ impl Devnet {
         }
         roles.push(("exit".into(), "[\"exit\"]"));
         let mut relays = Vec::new();
-        for (name, role) in roles {
+        for (i, (name, role)) in roles.into_iter().enumerate() {
             let rdir = dir.path().join(&name);
             std::fs::create_dir_all(&rdir)?;
             let identity = murmur_directory::keys::keygen(&rdir.join("identity.key"))?;
+            // Each relay on its own loopback address (all of 127.0.0.0/8 is local on Linux),
+            // as separate hosts would be, so the authorities' per-address limit holds; and
+            // prices that differ, so `--max-price` has something to choose from.
+            let host = std::net::Ipv4Addr::new(127, 0, 0, 10 + u8::try_from(i).unwrap_or(0));
+            let price = DEVNET_PRICES[i % DEVNET_PRICES.len()];
             let text = relay_config(
                 &name,
                 role,
@@ -173,6 +184,8 @@ impl Devnet {
                 epoch,
                 &ledger_url,
                 &ledger_key,
+                host,
+                price,
             );
             let config = murmur_relay::Config::parse(&text, rdir.clone())
                 .map_err(|e| anyhow::anyhow!("devnet relay config: {e}"))?;
@@ -193,6 +206,7 @@ impl Devnet {
             payer_key,
             path_rules: PathRules {
                 distinct_subnets: false,
+                ..PathRules::default()
             },
             relays,
             shutdown,
@@ -214,6 +228,10 @@ impl Devnet {
     }
 }
 
+/// Relay prices per packet, in turn: most relays cost 1, some 2 and 5.
+pub const DEVNET_PRICES: [u64; 4] = [1, 2, 1, 5];
+
+#[allow(clippy::too_many_arguments)]
 fn relay_config(
     name: &str,
     roles: &str,
@@ -221,6 +239,8 @@ fn relay_config(
     epoch: u64,
     ledger: &str,
     ledger_key: &IdentityKey,
+    host: std::net::Ipv4Addr,
+    price: u64,
 ) -> String {
     let state: PathBuf = PathBuf::from("state");
     format!(
@@ -229,9 +249,10 @@ fn relay_config(
 family = "devnet-{name}"
 roles = {roles}
 state_dir = "{state}"
+price_per_packet = {price}
 [listen]
-mix = "127.0.0.1:0"
-client = "127.0.0.1:0"
+mix = "{host}:0"
+client = "{host}:0"
 [directory]
 authorities = [{authorities}]
 epoch_length = "{epoch}s"
@@ -239,7 +260,7 @@ key_grace = "{epoch}s"
 [mixing]
 workers = 1
 replay_capacity = 1000000
-# Every devnet relay is on 127.0.0.1.
+# Every devnet relay is in 127.0.0.0/16.
 distinct_subnets = false
 [exit]
 # Like Tor's default, refuse SMTP, so a policy refusal can be seen; loopback is allowed,

@@ -116,6 +116,7 @@ pub async fn run(
     let tracker = TaskTracker::new();
 
     // The first consensus with a usable gateway.
+    let mut unusable_reported = String::new();
     let consensus = loop {
         let now = murmur_directory::unix_now();
         if let Err(e) = client.refresh(&urls, &mut store, now).await {
@@ -123,8 +124,20 @@ pub async fn run(
         }
         if let Ok(v) = store.current(now) {
             let c = Arc::new(v.consensus.clone());
-            if usable(&c, &options.path_rules) {
-                break c;
+            match usable(&c, &options.path_rules) {
+                Ok(()) => break c,
+                Err(e) => {
+                    // Said once per reason: with a price cap or performance floor no relay
+                    // meets, waiting is all the client can do, and the user must know why.
+                    let reason = e.to_string();
+                    if reason != unusable_reported {
+                        tracing::warn!(
+                            epoch = c.epoch,
+                            "the consensus offers no usable path yet: {reason}"
+                        );
+                        unusable_reported = reason;
+                    }
+                }
             }
         }
         tokio::select! {
@@ -398,12 +411,15 @@ async fn report_stats(handle: SessionHandle, shutdown: CancellationToken) {
 }
 
 /// Whether a consensus can carry traffic: a gateway, an exit, and a mix in each layer.
-fn usable(c: &Consensus, rules: &PathRules) -> bool {
+/// Whether `c` offers this client a gateway, a mix path and an exit under its path rules
+/// (its price cap and performance floor included); the path error says what is missing.
+fn usable(c: &Consensus, rules: &PathRules) -> murmur_protocol::Result<()> {
     let s = PathSelector::new(c, *rules);
     let mut rng = rand::rng();
-    s.choose_gateway(&mut rng).is_ok()
-        && c.relays.iter().any(|r| r.roles.exit)
-        && (1..=3).all(|l| !s.layer(l).is_empty())
+    s.choose_gateway(&mut rng)?;
+    s.any_exit()?;
+    s.mix_path(&mut rng, &[])?;
+    Ok(())
 }
 
 /// The session a new SOCKS connection should use (the latest one).

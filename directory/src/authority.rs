@@ -5,7 +5,9 @@
 use std::collections::BTreeMap;
 
 use ed25519_dalek::SigningKey;
-use murmur_protocol::directory::consensus::{VALID_EPOCHS, compute_consensus};
+use std::net::SocketAddr;
+
+use murmur_protocol::directory::consensus::{VALID_EPOCHS, compute_consensus, keep_heaviest};
 use murmur_protocol::directory::exit_policy::is_private;
 use murmur_protocol::directory::sign::Freshness;
 use murmur_protocol::directory::{
@@ -13,8 +15,10 @@ use murmur_protocol::directory::{
     MAX_RELAYS, NetworkParams, SignedConsensus, SignedDescriptor, SignedVote, UnixTime,
     VerifiedVote, Vote, sign_document,
 };
+use murmur_protocol::link::LinkPublic;
 
 use crate::config::Config;
+use crate::probes::{ProbeHistory, ProbeRound, ProbeRules, unmeasured};
 
 /// Why a document was refused: a stable metric label, an HTTP status and a message.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -59,6 +63,14 @@ pub struct AuthorityPolicy {
     pub descriptor_lifetime_s: u64,
     pub allow_private_addresses: bool,
     pub clock_skew_s: u64,
+    /// Descriptors held at most.
+    pub max_descriptors: usize,
+    /// Vote only for relays that passed this authority's tests (else every relay, at the
+    /// unmeasured weight).
+    pub probing: bool,
+    pub probe_rules: ProbeRules,
+    /// Test packets per relay per round.
+    pub probe_packets: u32,
 }
 
 impl AuthorityPolicy {
@@ -68,8 +80,28 @@ impl AuthorityPolicy {
             descriptor_lifetime_s: c.policy.descriptor_lifetime.as_secs(),
             allow_private_addresses: c.policy.allow_private_addresses,
             clock_skew_s: c.clock_skew.as_secs(),
+            max_descriptors: c.limits.max_descriptors,
+            probing: c.probe.enabled,
+            probe_rules: ProbeRules {
+                history: c.probe.history,
+                // In [0, 1000] by config validation.
+                min_performance: (c.probe.min_performance * 1000.0).round() as u16,
+                unmeasured_weight: c.probe.unmeasured_weight,
+            },
+            probe_packets: c.probe.packets,
         }
     }
+}
+
+/// A relay to test: where it listens, the link key it must prove, and a Sphinx key to send
+/// it test packets under.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProbeTarget {
+    pub identity: IdentityKey,
+    pub mix: SocketAddr,
+    pub link_key: LinkPublic,
+    pub key_epoch: Epoch,
+    pub sphinx_key: [u8; 32],
 }
 
 struct Round {
@@ -85,6 +117,12 @@ pub struct Authority {
     params: NetworkParams,
     policy: AuthorityPolicy,
     descriptors: BTreeMap<IdentityKey, (SignedDescriptor, Descriptor)>,
+    probes: BTreeMap<IdentityKey, ProbeHistory>,
+    /// When each relay's first descriptor arrived (a counter), for eviction.
+    arrived: BTreeMap<IdentityKey, u64>,
+    next_arrival: u64,
+    /// Descriptors dropped to make room, for the caller to remove from disk.
+    evicted: Vec<IdentityKey>,
     votes: BTreeMap<Epoch, BTreeMap<IdentityKey, (SignedVote, VerifiedVote)>>,
     rounds: BTreeMap<Epoch, Round>,
     pending: BTreeMap<Epoch, BTreeMap<IdentityKey, DocumentSignature>>,
@@ -115,6 +153,10 @@ impl Authority {
             params,
             policy,
             descriptors: BTreeMap::new(),
+            probes: BTreeMap::new(),
+            arrived: BTreeMap::new(),
+            next_arrival: 0,
+            evicted: Vec::new(),
             votes: BTreeMap::new(),
             rounds: BTreeMap::new(),
             pending: BTreeMap::new(),
@@ -199,33 +241,142 @@ impl Authority {
                     ),
                 ));
             }
-            None if self.descriptors.len() >= MAX_RELAYS => {
-                return Err(Refusal::new(
-                    "full",
-                    503,
-                    format!("this authority holds the maximum of {MAX_RELAYS} relays"),
-                ));
+            None if self.descriptors.len() >= self.policy.max_descriptors => {
+                // Full: the relay that never passed a test and arrived first makes room, so a
+                // flood of descriptors nobody runs cannot keep new relays out: a newcomer has
+                // as many uploads' time to be tested as the store has untested places (and
+                // the prober tests newcomers at once). By arrival, not by `published`,
+                // which the uploader chooses.
+                let victim = self
+                    .descriptors
+                    .keys()
+                    .filter(|id| !self.probes.get(id).is_some_and(|h| h.ever_passed))
+                    .min_by_key(|id| (self.arrived.get(id).copied().unwrap_or(0), **id))
+                    .copied();
+                let Some(victim) = victim else {
+                    return Err(Refusal::new(
+                        "full",
+                        503,
+                        format!(
+                            "this authority holds the maximum of {} relays, all tested",
+                            self.policy.max_descriptors
+                        ),
+                    ));
+                };
+                self.descriptors.remove(&victim);
+                self.probes.remove(&victim);
+                self.arrived.remove(&victim);
+                self.evicted.push(victim);
             }
             _ => {}
+        }
+        if !self.arrived.contains_key(&d.identity) {
+            self.arrived.insert(d.identity, self.next_arrival);
+            self.next_arrival += 1;
         }
         self.descriptors.insert(d.identity, (signed, d));
         Ok(Accepted::Stored)
     }
 
+    /// Descriptors dropped to make room since the last call (to remove from disk).
+    pub fn take_evicted(&mut self) -> Vec<IdentityKey> {
+        std::mem::take(&mut self.evicted)
+    }
+
+    /// The relays to test at `now`: every one with a fresh descriptor (only those never
+    /// tested if `untested_only`), except those that keep failing and are backing off;
+    /// relays that passed last time first. Each under its Sphinx key for the current epoch,
+    /// else the next.
+    pub fn probe_targets(&mut self, now: UnixTime, untested_only: bool) -> Vec<ProbeTarget> {
+        let epoch = self.epoch_at(now);
+        let lifetime = self.policy.descriptor_lifetime_s;
+        let mut targets: Vec<(bool, ProbeTarget)> = Vec::new();
+        for (_, d) in self.descriptors.values() {
+            if d.published.saturating_add(lifetime) < now {
+                continue;
+            }
+            let passing = match self.probes.get_mut(&d.identity) {
+                None => false,
+                Some(_) if untested_only => continue,
+                Some(h) => {
+                    if !h.due() {
+                        continue;
+                    }
+                    h.passing()
+                }
+            };
+            let Some(key) = d
+                .sphinx_keys
+                .iter()
+                .filter(|k| k.epoch >= epoch)
+                .min_by_key(|k| k.epoch)
+            else {
+                continue;
+            };
+            targets.push((
+                passing,
+                ProbeTarget {
+                    identity: d.identity,
+                    mix: d.addresses.mix,
+                    link_key: d.link_key,
+                    key_epoch: key.epoch,
+                    sphinx_key: key.key,
+                },
+            ));
+        }
+        targets.sort_by_key(|(passing, _)| !passing);
+        targets.into_iter().map(|(_, t)| t).collect()
+    }
+
+    /// Records a round of tests of `relay` (ignored if its descriptor is gone).
+    pub fn record_probe(&mut self, relay: &IdentityKey, round: ProbeRound) {
+        if self.descriptors.contains_key(relay) {
+            let keep = self.policy.probe_rules.history;
+            self.probes.entry(*relay).or_default().record(round, keep);
+        }
+    }
+
+    /// The test history of `relay`.
+    pub fn probe_history(&self, relay: &IdentityKey) -> Option<&ProbeHistory> {
+        self.probes.get(relay)
+    }
+
     /// Makes, holds and returns this authority's vote for `epoch`: every fresh descriptor
-    /// with a Sphinx key for that epoch.
+    /// with a Sphinx key for that epoch whose relay passed this authority's tests (every one,
+    /// unmeasured, if it does not test), at most `relays_per_address` per address, with what
+    /// it measured.
     pub fn make_vote(
         &mut self,
         epoch: Epoch,
         now: UnixTime,
     ) -> murmur_protocol::Result<SignedVote> {
         let lifetime = self.policy.descriptor_lifetime_s;
-        let descriptors = self
+        let p = &self.policy;
+        let measured: Vec<(&Descriptor, murmur_protocol::directory::Measurement)> = self
             .descriptors
             .values()
             .filter(|(_, d)| d.published.saturating_add(lifetime) >= now)
             .filter(|(_, d)| d.sphinx_keys.iter().any(|k| k.epoch == epoch))
-            .map(|(s, _)| s.clone())
+            .filter_map(|(_, d)| {
+                let m = if p.probing {
+                    self.probes.get(&d.identity)?.vote(
+                        &p.probe_rules,
+                        p.probe_packets,
+                        d.bandwidth,
+                    )?
+                } else {
+                    unmeasured(&p.probe_rules, d.bandwidth)
+                };
+                Some((d, m))
+            })
+            .collect();
+        let kept = keep_heaviest(measured, self.params.relays_per_address, MAX_RELAYS);
+        let descriptors = kept
+            .into_iter()
+            .filter_map(|(d, m)| {
+                let (signed, _) = self.descriptors.get(&d.identity)?;
+                Some((signed.clone(), m))
+            })
             .collect();
         let vote = Vote::new(self.identity, epoch, now, self.params, descriptors)?;
         let signed = SignedVote::sign(&vote, &self.key)?;
@@ -440,6 +591,8 @@ impl Authority {
             .collect();
         for id in &old {
             self.descriptors.remove(id);
+            self.probes.remove(id);
+            self.arrived.remove(id);
         }
         let keep_from = self
             .epoch_at(now)

@@ -18,8 +18,10 @@
 
 use std::time::Duration;
 
+use murmur_protocol::directory::prober::{ProberCard, SignedProberCard};
 use murmur_protocol::directory::{
-    ConsensusStore, Epoch, Offer, SignedConsensus, SignedDescriptor, UnixTime, decode, encode,
+    AuthoritySet, ConsensusStore, Epoch, Offer, SignedConsensus, SignedDescriptor, UnixTime,
+    decode, encode,
 };
 
 use crate::{Error, Result};
@@ -95,6 +97,30 @@ impl DirectoryClient {
             }
         }
         out
+    }
+
+    /// Fetches every authority's prober card, each verified against `authorities`; an
+    /// authority that does not answer, does not test, or sends a card that does not verify
+    /// is left out (the error is returned alongside, per URL, for logging).
+    pub async fn fetch_prober_cards(
+        &self,
+        authority_urls: &[String],
+        authorities: &AuthoritySet,
+    ) -> (Vec<ProberCard>, Vec<Error>) {
+        let (mut cards, mut errors) = (Vec::new(), Vec::new());
+        for base in authority_urls {
+            let url = format!("{}/v1/prober", base.trim_end_matches('/'));
+            let card = self
+                .get(&url, MAX_MESSAGE_BYTES)
+                .await
+                .and_then(|bytes| Ok(decode::<SignedProberCard>(&bytes)?))
+                .and_then(|signed| Ok(signed.verify(authorities)?));
+            match card {
+                Ok(c) => cards.push(c),
+                Err(e) => errors.push(e),
+            }
+        }
+        (cards, errors)
     }
 
     /// Fetches the latest consensus from one authority (not verified: offer it to a

@@ -44,6 +44,8 @@ pub struct Config {
     pub policy: Policy,
     #[serde(default)]
     pub limits: Limits,
+    #[serde(default)]
+    pub probe: Probe,
     /// Every authority of the network, this one included.
     #[serde(default, rename = "authority")]
     pub authorities: Vec<AuthorityEntry>,
@@ -102,6 +104,8 @@ pub struct Network {
     /// The longest a relay holds a packet.
     #[serde(with = "humantime_serde")]
     pub max_hop_delay: Duration,
+    /// The most relays one IPv4 address or IPv6 /64 may have in the consensus.
+    pub relays_per_address: u32,
 }
 
 impl Default for Network {
@@ -114,6 +118,57 @@ impl Default for Network {
             lambda_m: p.lambda_m,
             mu: p.mu,
             max_hop_delay: Duration::from_millis(p.max_hop_delay_ms),
+            relays_per_address: p.relays_per_address,
+        }
+    }
+}
+
+/// How this authority tests relays before voting for them (see `crate::prober`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Probe {
+    /// Test relays, and vote only for those that pass. Off only for a network whose
+    /// authorities cannot reach its relays; every relay is then voted in unmeasured, at
+    /// `unmeasured_weight`.
+    pub enabled: bool,
+    /// Where the prober accepts the links of relays delivering its test packets.
+    pub listen: SocketAddr,
+    /// The address published for `listen`, if relays must reach it at another one.
+    pub advertise: Option<SocketAddr>,
+    /// How often each relay is tested.
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+    /// Test packets per relay per round.
+    pub packets: u32,
+    /// How long a round waits for the handshake and for its packets to come back.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Rounds of history kept per relay (the performance score is over these).
+    pub history: usize,
+    /// A relay is voted for only if at least this share of its recent test packets came
+    /// back, and at least half of the latest round's (Nym's network monitor keeps relays
+    /// above 50%).
+    pub min_performance: f64,
+    /// The weight given to relays nobody measured (probing disabled): small, so that a relay's
+    /// claim cannot lift it.
+    pub unmeasured_weight: u32,
+    /// Relays tested at once.
+    pub concurrency: usize,
+}
+
+impl Default for Probe {
+    fn default() -> Self {
+        Probe {
+            enabled: true,
+            listen: SocketAddr::from(([127, 0, 0, 1], 7170)),
+            advertise: None,
+            interval: Duration::from_secs(60),
+            packets: 16,
+            timeout: Duration::from_secs(5),
+            history: 8,
+            min_performance: 0.5,
+            unmeasured_weight: 20,
+            concurrency: 32,
         }
     }
 }
@@ -161,6 +216,11 @@ pub struct Limits {
     /// Timeout of each request to a peer authority.
     #[serde(with = "humantime_serde")]
     pub peer_timeout: Duration,
+    /// Descriptor uploads taken per minute from one IPv4 address or IPv6 /64 (a relay uploads
+    /// about once an epoch); more are refused with 429.
+    pub uploads_per_minute_per_address: u32,
+    /// Descriptors held at most; when full, one that never passed a test makes room.
+    pub max_descriptors: usize,
 }
 
 impl Default for Limits {
@@ -172,6 +232,8 @@ impl Default for Limits {
             body_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(30),
             peer_timeout: Duration::from_secs(5),
+            uploads_per_minute_per_address: 20,
+            max_descriptors: 20_000,
         }
     }
 }
@@ -217,6 +279,7 @@ impl Config {
             network: Network::default(),
             policy: Policy::default(),
             limits: Limits::default(),
+            probe: Probe::default(),
             authorities: Vec::new(),
         }
     }
@@ -270,6 +333,34 @@ impl Config {
             .validate()
             .map_err(|e| Error::Config(format!("network: {e}")))?;
         self.limits.http().check("limits").map_err(Error::Config)?;
+        if self.limits.uploads_per_minute_per_address == 0 || self.limits.max_descriptors == 0 {
+            return Err(Error::Config(
+                "limits.uploads_per_minute_per_address and limits.max_descriptors must be \
+                 positive"
+                    .into(),
+            ));
+        }
+        let p = &self.probe;
+        if p.packets == 0 || p.packets > 1024 {
+            return Err(Error::Config("probe.packets must be 1 to 1024".into()));
+        }
+        if p.history == 0 || p.history > 1024 || p.concurrency == 0 || p.concurrency > 4096 {
+            return Err(Error::Config(
+                "probe.history must be 1 to 1024 and probe.concurrency 1 to 4096".into(),
+            ));
+        }
+        if !(0.0..=1.0).contains(&p.min_performance) {
+            return Err(Error::Config(
+                "probe.min_performance must lie in [0, 1]".into(),
+            ));
+        }
+        if p.interval.is_zero() || p.timeout.is_zero() || p.timeout > p.interval * 4 {
+            return Err(Error::Config(
+                "probe.interval and probe.timeout must be positive, the timeout at most four \
+                 intervals"
+                    .into(),
+            ));
+        }
         if self.authorities.is_empty() {
             return Err(Error::Config(
                 "list every authority of the network, this one included, as [[authority]] \
@@ -315,6 +406,7 @@ impl Config {
             mu: n.mu,
             max_hop_delay_ms: u64::try_from(n.max_hop_delay.as_millis()).unwrap_or(u64::MAX),
             epoch_length_s: self.schedule.epoch_length.as_secs(),
+            relays_per_address: n.relays_per_address,
         }
     }
 }

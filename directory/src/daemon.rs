@@ -33,6 +33,7 @@ use crate::http::{RefusalCounter, serve_until};
 use crate::metrics::{
     CONSENSUS_FAILED, CONSENSUS_PRODUCED, Metrics, PEER_REQUESTS_FAILED, REQUESTS_REFUSED,
 };
+use crate::prober::ProberKeys;
 use crate::server::{count_vote, router};
 use crate::storage::Storage;
 use crate::{Error, Result, SignatureUpload, keys, unix_now, unix_now_ms};
@@ -47,6 +48,12 @@ pub(crate) struct Ctx {
     /// The other authorities' base URLs.
     pub peers: Vec<String>,
     pub client: DirectoryClient,
+    /// Woken when a relay not held before uploads a descriptor (the prober tests it at once).
+    pub new_relay: tokio::sync::Notify,
+    /// Descriptor uploads per source address (IPv4, or IPv6 /64).
+    pub uploads: Mutex<crate::rate::KeyedBuckets<(u8, u128)>>,
+    /// This authority's prober card, served at `/v1/prober` (none when probing is off).
+    pub prober_card: Option<murmur_protocol::directory::prober::SignedProberCard>,
 }
 
 impl Ctx {
@@ -116,6 +123,23 @@ pub async fn serve(
 ) -> Result<()> {
     let key = keys::load(&config.key_file)?;
     let set = config.authority_set()?;
+    let prober = if config.probe.enabled {
+        let listener = TcpListener::bind(config.probe.listen)
+            .await
+            .map_err(|source| Error::Listen {
+                addr: config.probe.listen,
+                source,
+            })?;
+        let bound = listener.local_addr().map_err(|source| Error::Listen {
+            addr: config.probe.listen,
+            source,
+        })?;
+        let keys = Arc::new(ProberKeys::generate());
+        let card = keys.card(&key, config.probe.advertise.unwrap_or(bound))?;
+        Some((keys, listener, card, bound))
+    } else {
+        None
+    };
     let mut authority = Authority::new(
         key,
         set.clone(),
@@ -148,6 +172,13 @@ pub async fn serve(
         storage,
         client: DirectoryClient::new(config.limits.peer_timeout)?,
         peers,
+        new_relay: tokio::sync::Notify::new(),
+        uploads: Mutex::new(crate::rate::KeyedBuckets::new(
+            f64::from(config.limits.uploads_per_minute_per_address) / 60.0,
+            f64::from(config.limits.uploads_per_minute_per_address),
+            65_536,
+        )),
+        prober_card: prober.as_ref().map(|(_, _, card, _)| card.clone()),
         config,
     });
     let addr = listener.local_addr().map_err(|source| Error::Listen {
@@ -165,6 +196,10 @@ pub async fn serve(
 
     let token = CancellationToken::new();
     let tracker = TaskTracker::new();
+    if let Some((keys, listener, _, bound)) = prober {
+        tracing::info!(addr = %bound, "prober listening");
+        crate::prober::start(ctx.clone(), keys, listener, token.clone(), &tracker);
+    }
     tracker.spawn(schedule(ctx.clone(), token.clone(), tracker.clone()));
     let counter = ctx.clone();
     let refused: RefusalCounter =

@@ -77,6 +77,11 @@ impl HttpLimits {
     }
 }
 
+/// The address a request came from, in its extensions, for per-address rate limits (never
+/// logged).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConnectedPeer(pub SocketAddr);
+
 /// Counts one refused or timed-out connection under its reason.
 pub type RefusalCounter = Arc<dyn Fn(&'static str) + Send + Sync>;
 
@@ -136,8 +141,10 @@ async fn serve_connection(
     let served = Arc::new(AtomicBool::new(false));
     let flag = served.clone();
     let tower = TowerToHyperService::new(router);
-    let service = hyper::service::service_fn(move |req| {
+    let peer = ConnectedPeer(stream.peer());
+    let service = hyper::service::service_fn(move |mut req: hyper::Request<_>| {
         flag.store(true, Ordering::Relaxed);
+        req.extensions_mut().insert(peer);
         hyper::service::Service::call(&tower, req)
     });
     let mut conn = std::pin::pin!(http.serve_connection(TokioIo::new(stream), service));

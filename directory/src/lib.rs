@@ -8,7 +8,11 @@ mod daemon;
 pub mod error;
 pub mod http;
 pub mod keys;
+pub mod link_io;
 pub mod metrics;
+pub mod prober;
+pub mod probes;
+pub mod rate;
 mod server;
 pub mod storage;
 

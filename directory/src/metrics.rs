@@ -54,6 +54,13 @@ pub const PEER_REQUESTS_FAILED: Family = Family {
     label: Some("kind"),
 };
 
+pub const PROBES: Family = Family {
+    name: "murmur_directory_probes_total",
+    help: "Relay test rounds by result (passed, lost, unreachable), and what the prober's \
+           listener refused (inbound_*).",
+    label: Some("result"),
+};
+
 /// Every counter of the authority.
 #[derive(Debug, Default)]
 pub struct Metrics {
@@ -86,6 +93,7 @@ impl Metrics {
             CONSENSUS_FAILED,
             REQUESTS_REFUSED,
             PEER_REQUESTS_FAILED,
+            PROBES,
         ];
         for f in families {
             let _ = writeln!(

@@ -11,6 +11,7 @@
 //! | `GET /v1/consensus/latest` | postcard `SignedConsensus`, the newest valid now |
 //! | `GET /v1/consensus/{epoch}` | postcard `SignedConsensus` for that epoch |
 //! | `GET /v1/consensus/latest.json` | the newest consensus, readable |
+//! | `GET /v1/prober` | postcard `SignedProberCard`: where this authority's prober listens |
 //! | `GET /metrics` | Prometheus text |
 
 use std::net::SocketAddr;
@@ -18,17 +19,18 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::body::{Body, Bytes};
-use axum::extract::{Path, State};
+use axum::extract::{Extension, Path, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use murmur_protocol::directory::{
-    Consensus, Roles, SignedConsensus, SignedDescriptor, decode, encode,
+    Consensus, Roles, SignedConsensus, SignedDescriptor, address_key, decode, encode,
 };
 use serde::Serialize;
 
 use crate::authority::{Accepted, Refusal};
 use crate::daemon::Ctx;
+use crate::http::ConnectedPeer;
 use crate::metrics::{
     DESCRIPTORS_ACCEPTED, DESCRIPTORS_REJECTED, REQUESTS_REFUSED, SIGNATURES_RECEIVED,
     VOTES_RECEIVED,
@@ -51,6 +53,7 @@ pub(crate) fn router(ctx: Arc<Ctx>) -> Router {
         .route("/v1/consensus/latest", get(get_latest))
         .route("/v1/consensus/latest.json", get(get_latest_json))
         .route("/v1/consensus/{epoch}", get(get_epoch))
+        .route("/v1/prober", get(get_prober))
         .route("/metrics", get(get_metrics))
         .with_state(ctx)
 }
@@ -117,14 +120,48 @@ fn parse_epoch(ctx: &Ctx, text: &str) -> Result<u32, Reply> {
     })
 }
 
-async fn post_descriptor(State(ctx): State<Arc<Ctx>>, body: Body) -> Result<Response, Reply> {
+async fn post_descriptor(
+    State(ctx): State<Arc<Ctx>>,
+    peer: Option<Extension<ConnectedPeer>>,
+    body: Body,
+) -> Result<Response, Reply> {
+    if let Some(Extension(ConnectedPeer(addr))) = peer {
+        let allowed = ctx
+            .uploads
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .allow(&address_key(addr.ip()), std::time::Instant::now());
+        if !allowed {
+            ctx.metrics.inc(DESCRIPTORS_REJECTED, "rate_limited");
+            return Err(Reply(
+                StatusCode::TOO_MANY_REQUESTS,
+                format!(
+                    "more than {} descriptor uploads a minute from this address\n",
+                    ctx.config.limits.uploads_per_minute_per_address
+                ),
+            ));
+        }
+    }
     let bytes = read_body(&ctx, body, MAX_DESCRIPTOR_BYTES).await?;
+    let mut evicted = Vec::new();
     let result = decode::<SignedDescriptor>(&bytes)
         .map_err(Refusal::from)
         .and_then(|d| {
-            let accepted = ctx.lock().accept_descriptor(d.clone(), unix_now())?;
+            let mut state = ctx.lock();
+            let untested = state.probe_history(&d.signature.signer).is_none();
+            let accepted = state.accept_descriptor(d.clone(), unix_now())?;
+            evicted = state.take_evicted();
+            if accepted == Accepted::Stored && untested {
+                ctx.new_relay.notify_one();
+            }
             Ok((accepted, d))
         });
+    for id in evicted {
+        ctx.metrics.inc(DESCRIPTORS_REJECTED, "evicted_untested");
+        if let Err(e) = ctx.storage.remove_descriptor(&id).await {
+            tracing::warn!(error = %e, "cannot remove an evicted descriptor");
+        }
+    }
     match result {
         Ok((Accepted::Stored, d)) => {
             ctx.metrics.inc(DESCRIPTORS_ACCEPTED, "");
@@ -252,6 +289,9 @@ struct RelayView {
     exit_policy: String,
     price_per_packet: u64,
     bandwidth: u32,
+    weight: u32,
+    performance: u16,
+    family_members: Vec<String>,
 }
 
 fn view(doc: &SignedConsensus) -> Result<ConsensusView, murmur_protocol::Error> {
@@ -281,6 +321,9 @@ fn view(doc: &SignedConsensus) -> Result<ConsensusView, murmur_protocol::Error> 
                 exit_policy: r.exit_policy.to_string(),
                 price_per_packet: r.price_per_packet,
                 bandwidth: r.bandwidth,
+                weight: r.weight,
+                performance: r.performance,
+                family_members: r.family_members.iter().map(|m| m.to_hex()).collect(),
             })
             .collect(),
     })
@@ -290,6 +333,16 @@ async fn get_latest_json(State(ctx): State<Arc<Ctx>>) -> Result<Response, Reply>
     let doc = latest(&ctx)?;
     let text = serde_json::to_string_pretty(&view(&doc).map_err(internal)?).map_err(internal)?;
     Ok(([(header::CONTENT_TYPE, "application/json")], text).into_response())
+}
+
+async fn get_prober(State(ctx): State<Arc<Ctx>>) -> Result<Response, Reply> {
+    match &ctx.prober_card {
+        Some(card) => postcard(card),
+        None => Err(Reply(
+            StatusCode::NOT_FOUND,
+            "this authority does not test relays\n".into(),
+        )),
+    }
 }
 
 async fn get_metrics(State(ctx): State<Arc<Ctx>>) -> Response {

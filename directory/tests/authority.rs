@@ -27,6 +27,9 @@ fn config(dir: &Path, identity: String, port: u16) -> Config {
     c.schedule.vote_lead = Duration::from_millis(1000);
     c.schedule.compute_lead = Duration::from_millis(500);
     c.limits.peer_timeout = Duration::from_secs(1);
+    // The relays here are generated descriptors with no process behind them: nothing to
+    // test, so every one is voted in unmeasured (the process tests cover the prober).
+    c.probe.enabled = false;
     c.authorities = vec![AuthorityEntry {
         identity,
         url: format!("http://127.0.0.1:{port}"),
@@ -234,5 +237,70 @@ async fn connections_are_capped_and_idle_ones_closed() {
         .unwrap()
         .unwrap();
     assert!(String::from_utf8_lossy(&answer).starts_with("HTTP/1.1 200"));
+    stop(running).await;
+}
+
+/// POSTs `body` to `path` from `source` over a fresh connection; the answer's status code.
+async fn post_from(source: [u8; 4], to: &str, path: &str, body: &[u8]) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket
+        .bind(std::net::SocketAddr::from((source, 0)))
+        .unwrap();
+    let mut s = socket.connect(to.parse().unwrap()).await.unwrap();
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    s.write_all(body).await.unwrap();
+    let mut answer = Vec::new();
+    s.read_to_end(&mut answer).await.unwrap();
+    let text = String::from_utf8_lossy(&answer);
+    text.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn descriptor_uploads_are_rate_limited_per_source_address() {
+    let dir = tempfile::tempdir().unwrap();
+    let identity = keys::keygen(&dir.path().join("authority.key")).unwrap();
+    let running = start_with(dir.path(), &identity.to_hex(), |c| {
+        c.limits.uploads_per_minute_per_address = 5;
+    })
+    .await;
+    let addr = running.url.trim_start_matches("http://").to_owned();
+    let now = unix_now();
+    let epoch = u32::try_from(now / EPOCH_S).unwrap();
+    let net = SyntheticNetwork {
+        mixes_per_layer: 2,
+        gateways: 1,
+        exits: 1,
+        params: NetworkParams::nym_like(),
+        epoch,
+    };
+    let (generated, relay_keys) = generate(&mut ChaCha20Rng::seed_from_u64(3), &net);
+    let descriptors =
+        signed_descriptors(&generated, &relay_keys, &[epoch, epoch + 1], now).unwrap();
+    let bodies: Vec<Vec<u8>> = descriptors.iter().map(|d| encode(d).unwrap()).collect();
+    // One address gets its burst of 5 a minute, then 429 (counted); another is not slowed.
+    for body in &bodies[..5] {
+        assert_eq!(
+            post_from([127, 0, 0, 1], &addr, "/v1/descriptor", body).await,
+            200
+        );
+    }
+    assert_eq!(
+        post_from([127, 0, 0, 1], &addr, "/v1/descriptor", &bodies[5]).await,
+        429
+    );
+    assert_eq!(
+        post_from([127, 0, 0, 2], &addr, "/v1/descriptor", &bodies[5]).await,
+        200
+    );
+    let m = metrics(&running.url).await;
+    assert!(
+        m.contains("murmur_directory_descriptors_rejected_total{reason=\"rate_limited\"} 1"),
+        "{m}"
+    );
     stop(running).await;
 }

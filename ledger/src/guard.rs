@@ -7,11 +7,12 @@
 //! before any write transaction (see [`crate::ledger`]) and, once they would write, the
 //! total bucket.
 
-use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Instant;
 
+use murmur_directory::rate::{Bucket, KeyedBuckets};
 use murmur_protocol::directory::IdentityKey;
+
 /// The bounds (from the config's `[limits]`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RateLimits {
@@ -60,40 +61,8 @@ impl RateLimits {
     }
 }
 
-#[derive(Clone, Copy, Debug)]
-struct Bucket {
-    tokens: f64,
-    at: Instant,
-}
-
-impl Bucket {
-    fn full(burst: f64, now: Instant) -> Bucket {
-        Bucket {
-            tokens: burst,
-            at: now,
-        }
-    }
-
-    fn refill(&mut self, rate: f64, burst: f64, now: Instant) {
-        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
-        self.tokens = (self.tokens + elapsed * rate).min(burst);
-        self.at = now;
-    }
-
-    /// Takes a token if there is one.
-    fn take(&mut self, rate: f64, burst: f64, now: Instant) -> bool {
-        self.refill(rate, burst, now);
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
-    }
-}
-
 struct State {
-    keys: HashMap<IdentityKey, Bucket>,
+    keys: KeyedBuckets<IdentityKey>,
     writes: Bucket,
 }
 
@@ -116,34 +85,22 @@ impl Guard {
         Guard {
             limits,
             state: Mutex::new(State {
-                keys: HashMap::new(),
+                keys: KeyedBuckets::new(
+                    f64::from(limits.per_key_per_second),
+                    f64::from(limits.per_key_burst),
+                    limits.max_tracked_keys,
+                ),
                 writes: Bucket::full(f64::from(limits.write_burst), Instant::now()),
             }),
         }
     }
 
-    /// Whether `key` may make another request at `now` (it spends a token if so).
+    /// Whether `key` may make another request at `now` (it spends a token if so). When
+    /// every tracked key is busy a fresh key is let through untracked: the write bucket still
+    /// bounds what it can do.
     pub(crate) fn allow_key(&self, key: &IdentityKey, now: Instant) -> bool {
-        let l = self.limits;
-        let (rate, burst) = (f64::from(l.per_key_per_second), f64::from(l.per_key_burst));
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        if !state.keys.contains_key(key) && state.keys.len() >= l.max_tracked_keys {
-            // Forget the keys whose buckets are full again: they carry no history.
-            state.keys.retain(|_, b| {
-                b.refill(rate, burst, now);
-                b.tokens < burst
-            });
-            if state.keys.len() >= l.max_tracked_keys {
-                // Every tracked key is busy: this one is not tracked, the write bucket
-                // still bounds what it can do.
-                return true;
-            }
-        }
-        state
-            .keys
-            .entry(*key)
-            .or_insert_with(|| Bucket::full(burst, now))
-            .take(rate, burst, now)
+        state.keys.allow(key, now)
     }
 
     /// Whether another write transaction may start at `now` (it spends a token if so).
@@ -164,7 +121,7 @@ impl Guard {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .keys
-            .len()
+            .tracked()
     }
 }
 

@@ -103,13 +103,17 @@ async fn stop(r: Running) {
 }
 
 fn ticket(face_value: u64, win_ratio: u64, nonce: u8, expiry: u64) -> Ticket {
+    // One issue time for the whole test process: a ticket is identified by all its signed
+    // fields, so the same nonce issued a second later would be another ticket (and a test
+    // that redeems "the same" ticket twice would fail when a second boundary passed between).
+    static ISSUED: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
     Ticket::sign(
         TicketFields {
             recipient: id(RELAY),
             face_value,
             win_ratio,
             nonce: [nonce; 16],
-            issued: unix_now(),
+            issued: *ISSUED.get_or_init(unix_now),
             expiry,
             commitment: commitment_of(&REVEAL),
         },

@@ -200,6 +200,7 @@ fn descriptors_are_signed_by_their_relay() {
         schema: DIRECTORY_SCHEMA,
         identity: IdentityKey::of(&key),
         family: "op-a".into(),
+        family_members: vec![IdentityKey([1; 32])],
         addresses: RelayAddresses {
             mix: "127.0.0.1:1789".parse().unwrap(),
             client: Some("127.0.0.1:9000".parse().unwrap()),
@@ -263,25 +264,53 @@ fn relay(
         exit_policy: ExitPolicy::parse("accept *:443", false).unwrap(),
         price_per_packet: 1,
         bandwidth,
+        family_members: Vec::new(),
+        weight: bandwidth,
+        performance: 1000,
+    }
+}
+
+/// Relays of one family name list each other (mutually), as their operators would.
+fn mutual_families(relays: &mut [ConsensusRelay]) {
+    let all: Vec<(IdentityKey, String)> = relays
+        .iter()
+        .map(|r| (r.identity, r.family.clone()))
+        .collect();
+    for r in relays.iter_mut() {
+        r.family_members = all
+            .iter()
+            .filter(|(id, f)| *f == r.family && *id != r.identity)
+            .map(|(id, _)| *id)
+            .collect();
+        r.family_members.sort();
     }
 }
 
 fn arb_directory() -> impl Strategy<Value = Consensus> {
     // (family, subnet, layer, bandwidth) for up to 12 mixes, over few families/subnets so
     // conflicts are common.
-    proptest::collection::vec((0u8..5, 0u8..4, 1u8..=3, 0u32..100), 3..12).prop_map(|specs| {
+    // Prices and performance scores vary too, for the preference properties.
+    proptest::collection::vec(
+        (0u8..5, 0u8..4, 1u8..=3, 0u32..100, 1u64..10, 0u16..=1000),
+        3..12,
+    )
+    .prop_flat_map(|specs| (Just(specs), (1u64..10, 0u16..=1000, 0u16..=1000)))
+    .prop_map(|(specs, (gw_price, gw_perf, exit_perf))| {
         let mut relays: Vec<ConsensusRelay> = specs
             .iter()
             .enumerate()
-            .map(|(i, &(family, sub, layer, bw))| {
+            .map(|(i, &(family, sub, layer, bw, price, performance))| {
                 let roles = Roles {
                     mix: true,
                     ..Roles::default()
                 };
-                relay(i as u8 + 1, family, sub, roles, Some(layer), bw)
+                let mut r = relay(i as u8 + 1, family, sub, roles, Some(layer), bw);
+                r.price_per_packet = price;
+                r.performance = performance;
+                r
             })
             .collect();
-        relays.push(relay(
+        let mut gateway = relay(
             200,
             9,
             200,
@@ -291,7 +320,25 @@ fn arb_directory() -> impl Strategy<Value = Consensus> {
             },
             None,
             10,
-        ));
+        );
+        gateway.price_per_packet = gw_price;
+        gateway.performance = gw_perf;
+        relays.push(gateway);
+        let mut exit = relay(
+            201,
+            10,
+            201,
+            Roles {
+                exit: true,
+                ..Roles::default()
+            },
+            None,
+            10,
+        );
+        exit.price_per_packet = 1;
+        exit.performance = exit_perf;
+        relays.push(exit);
+        mutual_families(&mut relays);
         relays.sort_by_key(|r| r.identity);
         Consensus {
             schema: DIRECTORY_SCHEMA,
@@ -309,7 +356,7 @@ fn breaks_rules(path: &[&ConsensusRelay]) -> bool {
     for (i, a) in path.iter().enumerate() {
         for b in &path[i + 1..] {
             if a.identity == b.identity
-                || a.family == b.family
+                || a.family_members.contains(&b.identity)
                 || subnet(a.addresses.mix.ip()) == subnet(b.addresses.mix.ip())
             {
                 return true;
@@ -349,6 +396,57 @@ proptest! {
         let again = ExitPolicy::parse(&policy.to_string(), true).unwrap();
         prop_assert_eq!(&again, &policy);
         prop_assert_eq!(again.to_string(), policy.to_string());
+    }
+
+    /// A client with a price cap and a performance floor never gets a relay outside them,
+    /// and when nothing fits it gets an error that names the preferences.
+    #[test]
+    fn paths_honour_the_price_cap_and_performance_floor(
+        dir in arb_directory(),
+        cap in 1u64..10,
+        floor in 0u16..=1000,
+        seed: u64,
+    ) {
+        let mut rng = ChaCha20Rng::seed_from_u64(seed);
+        let rules = PathRules {
+            max_price_per_hop: Some(cap),
+            min_performance: floor,
+            ..PathRules::default()
+        };
+        let fits = |r: &ConsensusRelay| r.price_per_packet <= cap && r.performance >= floor;
+        let selector = PathSelector::new(&dir, rules);
+        let gateway = match selector.choose_gateway(&mut rng) {
+            Ok(g) => g,
+            Err(e) => {
+                prop_assert!(!dir.relays.iter().any(|r| r.roles.gateway && fits(r)));
+                prop_assert!(e.to_string().contains("path preferences"), "{}", e);
+                return Ok(());
+            }
+        };
+        prop_assert!(fits(gateway));
+        match selector.choose_exit(&mut rng, ExitTarget::HostPort(443), &[gateway]) {
+            Ok(exit) => prop_assert!(fits(exit)),
+            Err(e) => {
+                prop_assert!(!dir.relays.iter().any(|r| r.roles.exit && fits(r)));
+                prop_assert!(e.to_string().contains("path preferences"), "{}", e);
+            }
+        }
+        for _ in 0..8 {
+            match selector.mix_path(&mut rng, &[gateway]) {
+                Ok(path) => prop_assert!(path.iter().all(|r| fits(r)), "{:?}", path),
+                Err(e) => {
+                    // A layer the consensus leaves empty is reported as such; otherwise an
+                    // error for a layer the preferences emptied names the preferences.
+                    let listed = |l: u8| dir.relays.iter().any(|r| r.layer == Some(l));
+                    let emptied = (1..=3u8)
+                        .any(|l| listed(l) && !dir.relays.iter().any(|r| r.layer == Some(l) && fits(r)));
+                    if emptied && (1..=3u8).all(listed) {
+                        prop_assert!(e.to_string().contains("path preferences"), "{}", e);
+                    }
+                    break;
+                }
+            }
+        }
     }
 
     #[test]

@@ -8,9 +8,9 @@ use murmur_protocol::Error;
 use murmur_protocol::directory::consensus::{ValidityTimes, assign_layers, compute_consensus};
 use murmur_protocol::directory::synthetic::{SyntheticNetwork, generate, signed_descriptors};
 use murmur_protocol::directory::{
-    AuthoritySet, Consensus, ConsensusStore, Descriptor, DocumentKind, IdentityKey, NetworkParams,
-    Offer, SignedConsensus, SignedDescriptor, SignedVote, VerifiedVote, Vote, decode, encode,
-    sign_document,
+    AuthoritySet, Consensus, ConsensusStore, Descriptor, DocumentKind, IdentityKey, Measurement,
+    NetworkParams, Offer, SignedConsensus, SignedDescriptor, SignedVote, VerifiedVote, Vote,
+    decode, encode, sign_document,
 };
 use proptest::prelude::*;
 use rand::SeedableRng;
@@ -59,8 +59,31 @@ fn authorities(seed: u64, n: usize) -> Authorities {
     Authorities { keys, set }
 }
 
+/// Each descriptor with the measurement an authority that tested it would vote.
+fn measured(descriptors: Vec<SignedDescriptor>) -> Vec<(SignedDescriptor, Measurement)> {
+    descriptors
+        .into_iter()
+        .map(|d| {
+            (
+                d,
+                Measurement {
+                    weight: 500,
+                    performance: 1000,
+                },
+            )
+        })
+        .collect()
+}
+
 fn vote(key: &SigningKey, epoch: u32, descriptors: Vec<SignedDescriptor>) -> SignedVote {
-    let v = Vote::new(IdentityKey::of(key), epoch, 900, params(), descriptors).unwrap();
+    let v = Vote::new(
+        IdentityKey::of(key),
+        epoch,
+        900,
+        params(),
+        measured(descriptors),
+    )
+    .unwrap();
     SignedVote::sign(&v, key).unwrap()
 }
 
@@ -118,7 +141,16 @@ fn votes_verify_and_each_bad_vote_has_its_own_error() {
     // Two descriptors of one relay in one vote are refused when the vote is made.
     let mut twice = signed;
     twice.push(twice[0].clone());
-    assert!(Vote::new(IdentityKey::of(&a.keys[0]), EPOCH, 0, params(), twice).is_err());
+    assert!(
+        Vote::new(
+            IdentityKey::of(&a.keys[0]),
+            EPOCH,
+            0,
+            params(),
+            measured(twice)
+        )
+        .is_err()
+    );
 }
 
 #[test]
@@ -232,7 +264,7 @@ fn relays_without_a_key_for_the_epoch_are_left_out_and_params_are_medians() {
             epoch_length_s,
             ..params()
         };
-        let v = Vote::new(IdentityKey::of(k), EPOCH + 1, 0, p, all.clone()).unwrap();
+        let v = Vote::new(IdentityKey::of(k), EPOCH + 1, 0, p, measured(all.clone())).unwrap();
         SignedVote::sign(&v, k).unwrap()
     };
     let votes: Vec<VerifiedVote> = [
@@ -303,6 +335,9 @@ fn as_consensus(layers: &BTreeMap<IdentityKey, u8>) -> Consensus {
             exit_policy: d.exit_policy.clone(),
             price_per_packet: 1,
             bandwidth: 1,
+            family_members: Vec::new(),
+            weight: 1,
+            performance: 1000,
         })
         .collect();
     c
@@ -402,7 +437,7 @@ proptest! {
     fn votes_round_trip(seed in any::<u64>(), n in 0usize..4, epoch in any::<u32>(), published in any::<u64>()) {
         let a = authorities(seed, 1);
         let all: Vec<SignedDescriptor> = relays(seed, n).into_iter().map(|(s, _)| s).collect();
-        let v = Vote::new(IdentityKey::of(&a.keys[0]), epoch, published, params(), all).unwrap();
+        let v = Vote::new(IdentityKey::of(&a.keys[0]), epoch, published, params(), measured(all)).unwrap();
         prop_assert_eq!(decode::<Vote>(&encode(&v).unwrap()).unwrap(), v.clone());
         let signed = SignedVote::sign(&v, &a.keys[0]).unwrap();
         prop_assert_eq!(decode::<SignedVote>(&encode(&signed).unwrap()).unwrap(), signed.clone());

@@ -103,6 +103,7 @@ fn seeds(target: &str) -> Vec<Vec<u8>> {
                 schema: murmur_protocol::directory::DIRECTORY_SCHEMA,
                 identity: IdentityKey::of(key),
                 family: "seed".into(),
+                family_members: Vec::new(),
                 addresses: RelayAddresses {
                     mix: "127.0.0.1:1789".parse().unwrap(),
                     client: None,

@@ -61,6 +61,7 @@ impl Net {
             mu: 1000.0,
             max_hop_delay_ms: 1000,
             epoch_length_s: 600,
+            relays_per_address: 2,
         };
         let (consensus, keys) = generate(
             &mut rng,

@@ -337,6 +337,9 @@ fn consensus(
             exit_policy: ExitPolicy::reject_all(),
             price_per_packet: 1,
             bandwidth: 1000,
+            family_members: Vec::new(),
+            weight: 1000,
+            performance: 1000,
         })
         .collect();
     relays.sort_by_key(|r| r.identity);

@@ -204,6 +204,13 @@ async fn follow_directory(
         }
         let due = last_upload.is_none_or(|(e, at)| e != epoch || at.elapsed() >= upload_every);
         if due {
+            // The authorities' probers first: they test us as soon as they hold our
+            // descriptor, and we must let them in and deliver their packets.
+            let (cards, errors) = client.fetch_prober_cards(&urls, store.authorities()).await;
+            for e in errors {
+                tracing::debug!(error = %e, "no prober card from an authority");
+            }
+            node.set_probers(cards);
             match node
                 .descriptor(epoch, now)
                 .and_then(|d| Ok(SignedDescriptor::sign(&d, &identity)?))

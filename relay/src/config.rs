@@ -54,11 +54,16 @@ pub struct RelaySection {
     /// Sphinx keys, replay state and queues live here.
     #[serde(default = "default_state_dir")]
     pub state_dir: PathBuf,
-    /// Operator or family name: no path holds two relays of one family.
+    /// The operator's name for its relays (shown only: anyone can write any name).
     pub family: String,
+    /// The identities (hex) of the operator's other relays. Two relays are one family, and
+    /// never share a path, only when each lists the other.
+    #[serde(default)]
+    pub family_members: Vec<String>,
     /// Any of "gateway", "mix", "exit".
     pub roles: Vec<Role>,
-    /// Advertised capacity in packets per second (path-selection weight).
+    /// Claimed capacity in packets per second: an upper bound on the path weight, which is
+    /// what the authorities measure.
     #[serde(default = "default_bandwidth")]
     pub bandwidth: u32,
     /// Price per packet carried, in the ledger's base unit.
@@ -506,6 +511,7 @@ impl Config {
         if self.relay.family.trim().is_empty() || self.relay.family.len() > 64 {
             return Err("relay.family must be 1 to 64 bytes".into());
         }
+        self.family_members()?;
         for a in &self.directory.authorities {
             IdentityKey::from_hex(&a.identity)
                 .map_err(|e| format!("directory.authorities identity {}: {e}", a.identity))?;
@@ -622,6 +628,28 @@ impl Config {
     /// Whether the relay has `role`.
     pub fn has(&self, role: Role) -> bool {
         self.relay.roles.contains(&role)
+    }
+
+    /// `relay.family_members`, parsed, sorted and deduplicated (the relay itself is left out
+    /// when the descriptor is built).
+    pub fn family_members(&self) -> std::result::Result<Vec<IdentityKey>, String> {
+        let mut members = self
+            .relay
+            .family_members
+            .iter()
+            .map(|h| {
+                IdentityKey::from_hex(h).map_err(|e| format!("relay.family_members {h:?}: {e}"))
+            })
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        members.sort();
+        members.dedup();
+        if members.len() > murmur_protocol::directory::MAX_FAMILY_MEMBERS {
+            return Err(format!(
+                "relay.family_members lists more than {} relays",
+                murmur_protocol::directory::MAX_FAMILY_MEMBERS
+            ));
+        }
+        Ok(members)
     }
 
     /// The parsed exit policy: `reject private:*` first unless private is allowed, and before

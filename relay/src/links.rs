@@ -20,12 +20,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
 
+use murmur_directory::link_io::{accept_handshake, dial_handshake};
+use murmur_protocol::directory::prober::ProberCard;
 use murmur_protocol::directory::{Consensus, Epoch};
 use murmur_protocol::frame::{FRAME_LEN, Frame};
-use murmur_protocol::link::{
-    DIALER_FINISH_LEN, DIALER_HELLO_LEN, Dialer, LISTENER_HELLO_LEN, LinkKind, LinkPublic,
-    LinkSecret, Listener, SEALED_FRAME_LEN, Transport,
-};
+use murmur_protocol::link::{LinkPublic, LinkSecret, SEALED_FRAME_LEN, Transport};
 use murmur_protocol::packet::Address;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -49,6 +48,9 @@ pub struct Routes {
     epoch: Option<Epoch>,
     current_keys: HashSet<LinkPublic>,
     previous_keys: HashSet<LinkPublic>,
+    /// The authorities' probers (from their signed cards): they may link to us to test us,
+    /// and we deliver their test packets to them like to any next hop.
+    probers: Vec<ProberCard>,
 }
 
 impl Routes {
@@ -75,13 +77,36 @@ impl Routes {
         } else {
             previous.current_keys.clone()
         };
+        routes.set_probers(previous.probers.clone());
         routes
+    }
+
+    /// Puts the authorities' probers in force (replacing the ones before). A prober's
+    /// address never shadows a relay of the consensus.
+    pub fn set_probers(&mut self, probers: Vec<ProberCard>) {
+        for old in std::mem::take(&mut self.probers) {
+            let address = old.sphinx_address();
+            if self.link_keys.get(&address) == Some(&old.link_key) {
+                self.mix_addrs.remove(&address);
+                self.link_keys.remove(&address);
+            }
+        }
+        for card in &probers {
+            let address = card.sphinx_address();
+            if !self.link_keys.contains_key(&address) {
+                self.mix_addrs.insert(address, card.listen);
+                self.link_keys.insert(address, card.link_key);
+            }
+        }
+        self.probers = probers;
     }
 
     /// Whether a dialer proving `key` may link to this relay: it belongs to a relay of the
     /// current or the previous consensus.
     pub fn allows(&self, key: &LinkPublic) -> bool {
-        self.current_keys.contains(key) || self.previous_keys.contains(key)
+        self.current_keys.contains(key)
+            || self.previous_keys.contains(key)
+            || self.probers.iter().any(|p| p.link_key == *key)
     }
 }
 
@@ -365,53 +390,6 @@ impl Links {
     }
 }
 
-/// The dialer's side of the XK handshake on `stream`, expecting the listener to hold `remote`.
-async fn dial_handshake(
-    stream: &mut TcpStream,
-    local: &LinkSecret,
-    remote: &LinkPublic,
-) -> Result<Transport, &'static str> {
-    let (dialer, hello) = Dialer::start(LinkKind::Relay, local, remote, &mut rand::rng())
-        .map_err(|_| "handshake_error")?;
-    put(stream, &hello).await?;
-    let answer = take::<LISTENER_HELLO_LEN>(stream).await?;
-    let (transport, last) = dialer.finish(&answer).map_err(|_| "wrong_key")?;
-    put(stream, &last).await?;
-    Ok(transport)
-}
-
-/// Writes one handshake message; failing, the peer went away.
-async fn put(stream: &mut TcpStream, message: &[u8]) -> Result<(), &'static str> {
-    stream
-        .write_all(message)
-        .await
-        .map_err(|_| "handshake_closed")
-}
-
-/// Reads one handshake message of `N` bytes; failing, the peer went away.
-async fn take<const N: usize>(stream: &mut TcpStream) -> Result<[u8; N], &'static str> {
-    let mut message = [0u8; N];
-    stream
-        .read_exact(&mut message)
-        .await
-        .map_err(|_| "handshake_closed")?;
-    Ok(message)
-}
-
-/// The listener's side of the XK handshake on `stream`: the transport, whose `remote()` is the
-/// dialer's proven key. The error is a metric label.
-async fn accept_handshake(
-    stream: &mut TcpStream,
-    local: &LinkSecret,
-) -> Result<Transport, &'static str> {
-    let hello = take::<DIALER_HELLO_LEN>(stream).await?;
-    let (listener, answer) = Listener::accept(LinkKind::Relay, local, &hello, &mut rand::rng())
-        .map_err(|_| "link_handshake")?;
-    put(stream, &answer).await?;
-    let last = take::<DIALER_FINISH_LEN>(stream).await?;
-    listener.finish(&last).map_err(|_| "link_handshake")
-}
-
 /// The relay-link listener: who may connect, and for how long a link may stay quiet.
 pub struct LinkListener {
     gate: Gate,
@@ -647,6 +625,7 @@ mod tests {
     use murmur_protocol::directory::NetworkParams;
     use murmur_protocol::directory::synthetic::{self, SyntheticKeys, SyntheticNetwork};
     use murmur_protocol::envelope::Envelope;
+    use murmur_protocol::link::{DIALER_HELLO_LEN, Dialer, LinkKind, Listener};
     use murmur_protocol::packet::Packet;
     use rand::{Rng, SeedableRng};
     use rand_chacha::ChaCha20Rng;

@@ -236,6 +236,7 @@ impl Node {
             node.loops.clone(),
             murmur_protocol::directory::path::PathRules {
                 distinct_subnets: node.config.mixing.distinct_subnets,
+                ..Default::default()
             },
             node.shutdown.clone(),
         ));
@@ -311,6 +312,16 @@ impl Node {
             schema: DIRECTORY_SCHEMA,
             identity: self.identity(),
             family: self.config.relay.family.clone(),
+            family_members: self
+                .config
+                .family_members()
+                .map_err(|reason| Error::Config {
+                    path: "relay.family_members".into(),
+                    reason,
+                })?
+                .into_iter()
+                .filter(|m| *m != self.identity())
+                .collect(),
             addresses: RelayAddresses {
                 mix: self.config.listen.advertise_mix.unwrap_or(self.mix_addr),
                 client: self
@@ -339,6 +350,13 @@ impl Node {
         }
         if let Ok(mut c) = self.consensus.write() {
             *c = Some(consensus);
+        }
+    }
+
+    /// Puts the authorities' probers in force (see [`Routes::set_probers`]).
+    pub fn set_probers(&self, cards: Vec<murmur_protocol::directory::prober::ProberCard>) {
+        if let Ok(mut routes) = self.links.routes().write() {
+            routes.set_probers(cards);
         }
     }
 

@@ -135,6 +135,7 @@ impl FakeHop {
             schema: DIRECTORY_SCHEMA,
             identity: IdentityKey::of(&self.identity),
             family: "test-fake-next-hop".into(),
+            family_members: Vec::new(),
             addresses: RelayAddresses {
                 mix: self.addr,
                 client: None,
@@ -388,7 +389,7 @@ impl MixRig {
         mixing: &str,
         mut rng: ChaCha20Rng,
     ) -> MixRig {
-        let (authorities, authority_procs) = crate::start_authorities(dir, 3, epoch_s);
+        let (authorities, authority_procs) = crate::start_authorities_untesting(dir, 3, epoch_s);
         let relay = crate::start_relay(
             dir,
             "relay",

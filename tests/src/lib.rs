@@ -1,6 +1,7 @@
 //! Shared helpers of Murmur's end-to-end tests (`tests/tests/*.rs`): the built binaries,
 //! child processes that die with the test, free ports, bounded polling, a tiny HTTP server
-//! and a Prometheus scraper. Everything stays on 127.0.0.1.
+//! and a Prometheus scraper. Everything stays on 127.0.0.0/8: each relay on a loopback
+//! address of its own.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 pub mod client_link;
@@ -43,13 +44,28 @@ pub fn runtime(workers: usize) -> tokio::runtime::Runtime {
 
 /// Distinct free ports on 127.0.0.1 (held together so they differ, then released).
 pub fn free_ports(n: usize) -> Vec<u16> {
+    free_ports_on(std::net::Ipv4Addr::LOCALHOST, n)
+}
+
+/// Distinct free ports on `ip` (held together so they differ, then released).
+pub fn free_ports_on(ip: std::net::Ipv4Addr, n: usize) -> Vec<u16> {
     let listeners: Vec<TcpListener> = (0..n)
-        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
+        .map(|_| TcpListener::bind((ip, 0)).unwrap())
         .collect();
     listeners
         .iter()
         .map(|l| l.local_addr().unwrap().port())
         .collect()
+}
+
+/// A loopback address of its own for the next relay of this test process: 127.0.0.2,
+/// 127.0.0.3, ... (all of 127.0.0.0/8 is local on Linux), so relays look like separate hosts
+/// to the authorities' per-address limit, as they would on a real network.
+pub fn next_relay_host() -> std::net::Ipv4Addr {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    // 127.0.0.2 ... 127.0.0.254, then 127.0.1.2 ...
+    std::net::Ipv4Addr::new(127, 0, (n / 253) as u8, (2 + n % 253) as u8)
 }
 
 /// Polls `f` every `every` until it returns `Some` or `timeout` passes.
@@ -218,6 +234,40 @@ pub fn start_authorities_with(
     epoch_s: u64,
     network: &str,
 ) -> (Vec<AuthorityInfo>, Vec<Proc>) {
+    start_authorities_limited(dir, n, epoch_s, network, "")
+}
+
+/// As [`start_authorities`], for a network with a test's fake hop ([`hop::FakeHop`]) in it:
+/// the authorities do not test relays (a fake hop forwards nothing, so it would never pass),
+/// and vote every relay in at the unmeasured weight.
+pub fn start_authorities_untesting(
+    dir: &Path,
+    n: usize,
+    epoch_s: u64,
+) -> (Vec<AuthorityInfo>, Vec<Proc>) {
+    start_authorities_config(dir, n, epoch_s, TEST_NETWORK, "", false)
+}
+
+/// As [`start_authorities_with`], with `limits` added to the `[limits]` section.
+pub fn start_authorities_limited(
+    dir: &Path,
+    n: usize,
+    epoch_s: u64,
+    network: &str,
+    limits: &str,
+) -> (Vec<AuthorityInfo>, Vec<Proc>) {
+    start_authorities_config(dir, n, epoch_s, network, limits, true)
+}
+
+/// Authorities with the `[network]` body, extra `[limits]` keys, and relay tests on or off.
+pub fn start_authorities_config(
+    dir: &Path,
+    n: usize,
+    epoch_s: u64,
+    network: &str,
+    limits: &str,
+    probe: bool,
+) -> (Vec<AuthorityInfo>, Vec<Proc>) {
     let bin = binary("murmur-directory");
     let ports = free_ports(n);
     let mut infos = Vec::new();
@@ -239,8 +289,12 @@ pub fn start_authorities_with(
              [schedule]\nepoch_length = \"{epoch_s}s\"\nvote_lead = \"{vote}s\"\ncompute_lead = \"{compute}s\"\n\
              [network]\n{network}\
              [policy]\nallow_private_addresses = true\n\
-             [limits]\npeer_timeout = \"1s\"\nmax_connections_per_address = 256\n",
-            ports[i]
+             [limits]\npeer_timeout = \"1s\"\nmax_connections_per_address = 256\n\
+             uploads_per_minute_per_address = 100000\n{limits}\
+             [probe]\nenabled = {probe}\nlisten = \"127.0.0.1:0\"\ninterval = \"{interval}s\"\ntimeout = \"1s\"\npackets = 8\n",
+            ports[i],
+            // Several rounds per epoch, so a relay is voted in (or out) by the next vote.
+            interval = (epoch_s / 4).max(1),
         );
         for other in &infos {
             text += &format!(
@@ -420,17 +474,34 @@ pub fn start_relay_listening(
     listen: &str,
     extra: &str,
 ) -> RelayProc {
+    start_relay_with(dir, name, roles, authorities, epoch_s, "", listen, extra)
+}
+
+/// As [`start_relay_listening`], with `relay` added to the `[relay]` section (`bandwidth`,
+/// `price_per_packet`, `family_members`).
+#[allow(clippy::too_many_arguments)]
+pub fn start_relay_with(
+    dir: &Path,
+    name: &str,
+    roles: &str,
+    authorities: &[AuthorityInfo],
+    epoch_s: u64,
+    relay: &str,
+    listen: &str,
+    extra: &str,
+) -> RelayProc {
     let bin = binary("murmur-relay");
     let rdir = dir.join(name);
     let identity = keygen(&bin, &rdir.join("identity.key"));
-    let ports = free_ports(3);
+    let host = next_relay_host();
+    let ports = free_ports_on(host, 2);
     let (mix, client, metrics) = (
-        SocketAddr::from(([127, 0, 0, 1], ports[0])),
-        SocketAddr::from(([127, 0, 0, 1], ports[1])),
-        SocketAddr::from(([127, 0, 0, 1], ports[2])),
+        SocketAddr::from((host, ports[0])),
+        SocketAddr::from((host, ports[1])),
+        SocketAddr::from(([127, 0, 0, 1], free_ports(1)[0])),
     );
     let text = format!(
-        "version = 1\n[relay]\nfamily = \"test-{name}\"\nroles = {roles}\n\
+        "version = 1\n[relay]\nfamily = \"test-{name}\"\nroles = {roles}\n{relay}\
          [listen]\nmix = \"{mix}\"\nclient = \"{client}\"\nmetrics = \"{metrics}\"\n{listen}\
          [directory]\nauthorities = [{}]\nepoch_length = \"{epoch_s}s\"\nkey_grace = \"{epoch_s}s\"\nclock_skew = \"1s\"\n\
          {extra}\n",

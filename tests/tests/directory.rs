@@ -1,7 +1,9 @@
 //! Three real `murmur-directory` processes on 127.0.0.1 with six-second epochs.
 //!
 //! - Generated relays upload descriptors (Sphinx keys for this and the next epochs) to every
-//!   authority at each epoch start, as relays do.
+//!   authority at each epoch start, as relays do. No process runs behind them, so the
+//!   authorities do not test relays here (they vote every relay in, unmeasured); the Sybil
+//!   tests (`sybils.rs`) run the prober against real relays.
 //! - The served consensus carries three valid signatures, lists every relay and verifies.
 //! - One authority stopped (SIGTERM, and it exits cleanly): the other two still produce a
 //!   valid consensus for a later epoch, with two signatures.
@@ -63,7 +65,10 @@ fn write_config(a: &Authority, port: u16, all: &[Authority]) -> PathBuf {
          vote_lead = \"3s\"\n\
          compute_lead = \"1500ms\"\n\
          [limits]\n\
-         peer_timeout = \"1s\"\n"
+         peer_timeout = \"1s\"\n\
+         uploads_per_minute_per_address = 100000\n\
+         [probe]\n\
+         enabled = false\n"
     );
     for other in all {
         text += &format!(

@@ -10,8 +10,21 @@
 //! - A relay is in when a strict majority of the configured authorities' votes carry it.
 //! - When votes carry different descriptors of one relay, the one in most votes wins, then
 //!   the latest `published`, then the smallest body digest.
-//! - Parameters are the per-field low median of the votes' parameters, so no single
-//!   authority moves them.
+//! - A relay's weight is the low median of the weights the votes carrying it measured, and
+//!   never more than its descriptor's claim; its performance is the low median of theirs.
+//!   A relay's claim alone can never raise its weight, and one authority can only lower it.
+//! - Families count only when both relays name each other.
+//! - At most `relays_per_address` relays per IPv4 address or IPv6 /64, and at most
+//!   [`MAX_RELAYS`] in all: the heaviest are kept, ties broken by identity. Never an error, so
+//!   a flood of descriptors cannot stop the consensus.
+//! - Parameters: each must be backed by a strict majority of the configured authorities on
+//!   both sides. With the votes' values sorted, every value between the `t`-th smallest and
+//!   the `t`-th largest (`t` the threshold) has `t` votes at or above it and `t` at or below
+//!   it; the previous consensus's value is kept if it lies in that range, else moved to its
+//!   nearer end. With no previous consensus the low median is taken. So with two votes of
+//!   three, one bad authority cannot move a parameter away from what the honest one and the
+//!   previous consensus agree on; and out-of-bounds values never get this far (a vote
+//!   carrying one is refused).
 //! - Mix layers are balanced by count (sizes differ by at most one) and stable: a relay
 //!   keeps its layer from the previous consensus while that layer has room, ties broken by
 //!   identity; new and displaced relays go to the layer with the most room, lowest first.
@@ -22,10 +35,10 @@
 use std::collections::BTreeMap;
 
 use super::sign::{AuthoritySet, IdentityKey};
-use super::vote::VerifiedVote;
+use super::vote::{Measurement, VerifiedVote};
 use super::{
     Consensus, ConsensusRelay, DIRECTORY_SCHEMA, Descriptor, Epoch, LAYERS, Layer, MAX_RELAYS,
-    NetworkParams, UnixTime,
+    NetworkParams, UnixTime, address_key,
 };
 use crate::{Error, Result};
 
@@ -89,33 +102,40 @@ pub fn compute_consensus(
         });
     }
 
-    let params = median_params(votes);
+    let params = majority_params(votes, needed, previous.map(|p| &p.params));
 
-    // For each relay: each distinct descriptor (by digest) and the votes carrying it.
-    let mut candidates: BTreeMap<IdentityKey, BTreeMap<[u8; 32], (usize, &Descriptor)>> =
-        BTreeMap::new();
+    // For each relay: each distinct descriptor (by digest) and the votes carrying it, and
+    // every vote's measurement of the relay.
+    #[derive(Default)]
+    struct Candidate<'v> {
+        versions: BTreeMap<[u8; 32], (usize, &'v Descriptor)>,
+        measured: Vec<Measurement>,
+    }
+    let mut candidates: BTreeMap<IdentityKey, Candidate> = BTreeMap::new();
     for v in votes {
-        for (d, digest) in v.descriptors.iter().zip(&v.descriptor_digests) {
+        for ((d, digest), m) in v
+            .descriptors
+            .iter()
+            .zip(&v.descriptor_digests)
+            .zip(&v.vote.measurements)
+        {
             if !d.sphinx_keys.iter().any(|k| k.epoch == epoch) {
                 continue;
             }
-            let entry = candidates
-                .entry(d.identity)
-                .or_default()
-                .entry(*digest)
-                .or_insert((0, d));
-            entry.0 += 1;
+            let c = candidates.entry(d.identity).or_default();
+            c.versions.entry(*digest).or_insert((0, d)).0 += 1;
+            c.measured.push(*m);
         }
     }
-    let mut chosen: Vec<&Descriptor> = Vec::new();
-    for versions in candidates.values() {
-        let carried: usize = versions.values().map(|(n, _)| n).sum();
-        if carried < needed {
+    let mut chosen: Vec<(&Descriptor, Measurement)> = Vec::new();
+    for c in candidates.values() {
+        if c.measured.len() < needed {
             continue;
         }
         // Most votes, then latest published, then smallest digest (compared reversed, so
         // the smallest is the greatest).
-        let best = versions
+        let best = c
+            .versions
             .iter()
             .max_by(|(da, (na, a)), (db, (nb, b))| {
                 na.cmp(nb)
@@ -124,25 +144,30 @@ pub fn compute_consensus(
             })
             .map(|(_, (_, d))| *d);
         if let Some(d) = best {
-            chosen.push(d);
+            let weight = low_median(c.measured.iter().map(|m| m.weight)).min(d.bandwidth);
+            let performance = low_median(c.measured.iter().map(|m| m.performance));
+            chosen.push((
+                d,
+                Measurement {
+                    weight,
+                    performance,
+                },
+            ));
         }
     }
-    if chosen.len() > MAX_RELAYS {
-        return Err(Error::Document(format!(
-            "{} relays qualify; a consensus lists at most {MAX_RELAYS}",
-            chosen.len()
-        )));
-    }
+    let chosen = keep_heaviest(chosen, params.relays_per_address, MAX_RELAYS);
 
     let mixes: Vec<IdentityKey> = chosen
         .iter()
-        .filter(|d| d.roles.mix)
-        .map(|d| d.identity)
+        .filter(|(d, _)| d.roles.mix)
+        .map(|(d, _)| d.identity)
         .collect();
     let layers = assign_layers(&mixes, previous);
+    let listed: BTreeMap<IdentityKey, &Descriptor> =
+        chosen.iter().map(|(d, _)| (d.identity, *d)).collect();
     let relays = chosen
-        .into_iter()
-        .map(|d| ConsensusRelay {
+        .iter()
+        .map(|(d, m)| ConsensusRelay {
             identity: d.identity,
             family: d.family.clone(),
             addresses: d.addresses,
@@ -153,6 +178,18 @@ pub fn compute_consensus(
             exit_policy: d.exit_policy.clone(),
             price_per_packet: d.price_per_packet,
             bandwidth: d.bandwidth,
+            family_members: d
+                .family_members
+                .iter()
+                .filter(|other| {
+                    listed
+                        .get(other)
+                        .is_some_and(|o| o.family_members.contains(&d.identity))
+                })
+                .copied()
+                .collect(),
+            weight: m.weight,
+            performance: m.performance,
         })
         .collect();
     let times = ValidityTimes::for_epoch(epoch, params.epoch_length_s);
@@ -169,21 +206,57 @@ pub fn compute_consensus(
     Ok(consensus)
 }
 
-/// The low median of each parameter over the votes (`votes` is not empty).
-fn median_params(votes: &[VerifiedVote]) -> NetworkParams {
+/// The lower of the two middle values (the middle one of an odd count); 0 when empty.
+fn low_median<T: Ord + Copy + Default>(values: impl Iterator<Item = T>) -> T {
+    let mut xs: Vec<T> = values.collect();
+    xs.sort_unstable();
+    xs.get(xs.len().saturating_sub(1) / 2)
+        .copied()
+        .unwrap_or_default()
+}
+
+/// One parameter from the votes' values (see the module notes): the previous value clamped
+/// into the range a strict majority backs on both sides, or the low median.
+fn majority_value<T: Copy + PartialOrd>(
+    mut xs: Vec<T>,
+    needed: usize,
+    previous: Option<T>,
+    cmp: impl Fn(&T, &T) -> std::cmp::Ordering,
+) -> Option<T> {
+    xs.sort_by(&cmp);
+    let k = xs.len();
+    let median = *xs.get(k.saturating_sub(1) / 2)?;
+    let (Some(&lo), Some(&hi)) = (
+        xs.get(k.saturating_sub(needed)),
+        xs.get(needed.saturating_sub(1).min(k.saturating_sub(1))),
+    ) else {
+        return Some(median);
+    };
+    // With at most as many votes as authorities, lo ≤ hi; keep the median if not.
+    if cmp(&lo, &hi) == std::cmp::Ordering::Greater {
+        return Some(median);
+    }
+    Some(match previous {
+        Some(p) if cmp(&p, &lo) == std::cmp::Ordering::Less => lo,
+        Some(p) if cmp(&p, &hi) == std::cmp::Ordering::Greater => hi,
+        Some(p) => p,
+        None => median,
+    })
+}
+
+/// Each parameter by [`majority_value`] (`votes` is not empty).
+fn majority_params(
+    votes: &[VerifiedVote],
+    needed: usize,
+    previous: Option<&NetworkParams>,
+) -> NetworkParams {
     let f = |get: fn(&NetworkParams) -> f64| {
-        let mut xs: Vec<f64> = votes.iter().map(|v| get(&v.vote.params)).collect();
-        xs.sort_by(f64::total_cmp);
-        xs.get((xs.len().saturating_sub(1)) / 2)
-            .copied()
-            .unwrap_or(0.0)
+        let xs = votes.iter().map(|v| get(&v.vote.params)).collect();
+        majority_value(xs, needed, previous.map(get), f64::total_cmp).unwrap_or(0.0)
     };
     let u = |get: fn(&NetworkParams) -> u64| {
-        let mut xs: Vec<u64> = votes.iter().map(|v| get(&v.vote.params)).collect();
-        xs.sort_unstable();
-        xs.get((xs.len().saturating_sub(1)) / 2)
-            .copied()
-            .unwrap_or(0)
+        let xs = votes.iter().map(|v| get(&v.vote.params)).collect();
+        majority_value(xs, needed, previous.map(get), u64::cmp).unwrap_or(0)
     };
     NetworkParams {
         lambda_p: f(|p| p.lambda_p),
@@ -193,7 +266,40 @@ fn median_params(votes: &[VerifiedVote]) -> NetworkParams {
         mu: f(|p| p.mu),
         max_hop_delay_ms: u(|p| p.max_hop_delay_ms),
         epoch_length_s: u(|p| p.epoch_length_s),
+        relays_per_address: u32::try_from(u(|p| u64::from(p.relays_per_address))).unwrap_or(1),
     }
+}
+
+/// Keeps at most `per_address` relays per address and `total` in all, the heaviest first
+/// (ties: smallest identity); returns them sorted by identity. Used by authorities when they
+/// vote and by the consensus, so both apply the same rule.
+pub fn keep_heaviest(
+    mut relays: Vec<(&Descriptor, Measurement)>,
+    per_address: u32,
+    total: usize,
+) -> Vec<(&Descriptor, Measurement)> {
+    relays.sort_by(|(a, ma), (b, mb)| {
+        mb.weight
+            .cmp(&ma.weight)
+            .then_with(|| a.identity.cmp(&b.identity))
+    });
+    let mut at_address: BTreeMap<(u8, u128), u32> = BTreeMap::new();
+    let mut kept = Vec::with_capacity(relays.len().min(total));
+    for (d, m) in relays {
+        if kept.len() >= total {
+            break;
+        }
+        let n = at_address
+            .entry(address_key(d.addresses.mix.ip()))
+            .or_default();
+        if *n >= per_address {
+            continue;
+        }
+        *n += 1;
+        kept.push((d, m));
+    }
+    kept.sort_by_key(|(d, _)| d.identity);
+    kept
 }
 
 /// Assigns each mix (sorted by identity) a layer: balanced by count, keeping previous layers

@@ -11,6 +11,7 @@
 pub mod consensus;
 pub mod exit_policy;
 pub mod path;
+pub mod prober;
 pub mod sign;
 pub mod store;
 pub mod synthetic;
@@ -26,7 +27,7 @@ pub use sign::{
     VerifiedConsensus, document_digest, sign_document,
 };
 pub use store::{ConsensusStore, Offer};
-pub use vote::{SignedVote, VerifiedVote, Vote};
+pub use vote::{Measurement, SignedVote, VerifiedVote, Vote};
 
 use crate::link::LinkPublic;
 use crate::{Error, Result};
@@ -38,14 +39,25 @@ pub type UnixTime = u64;
 pub type Epoch = u32;
 
 /// The schema version of every directory document this build writes and reads.
-/// Version 2 added each relay's link key.
-pub const DIRECTORY_SCHEMA: u16 = 2;
+/// Version 2 added each relay's link key; version 3 the authorities' measurements (each
+/// relay's measured weight and performance), mutual families and the per-address limit.
+pub const DIRECTORY_SCHEMA: u16 = 3;
 
 /// The most relays a consensus may list (bounds memory when decoding untrusted bytes).
 pub const MAX_RELAYS: usize = 10_000;
 
 /// Longest family name, in bytes.
 pub const MAX_FAMILY_LEN: usize = 64;
+
+/// The most other relays a descriptor may name as its family.
+pub const MAX_FAMILY_MEMBERS: usize = 32;
+
+/// The highest price per packet any document may carry (base units; authorities' own caps
+/// are usually far lower). Bounds the arithmetic of every payer.
+pub const MAX_PRICE_PER_PACKET: u64 = 1_000_000_000_000;
+
+/// A performance score's scale: per mille of test packets that came back.
+pub const PERFORMANCE_SCALE: u16 = 1000;
 
 /// A mix layer, 1 to 3.
 pub type Layer = u8;
@@ -88,8 +100,13 @@ pub struct RelayAddresses {
 pub struct Descriptor {
     pub schema: u16,
     pub identity: IdentityKey,
-    /// Operator or family: no path holds two relays of one family.
+    /// The operator's name for its relays (shown, never used by path rules: anyone can
+    /// write any name).
     pub family: String,
+    /// The other relays this relay's operator runs, by identity, sorted, without itself. Two
+    /// relays are one family only when each names the other (Tor's rule), so nobody can join
+    /// or split another operator's family.
+    pub family_members: Vec<IdentityKey>,
     pub addresses: RelayAddresses,
     pub roles: Roles,
     /// The static X25519 key of the relay's Noise links (relay links and, for gateways, the
@@ -100,7 +117,8 @@ pub struct Descriptor {
     pub exit_policy: ExitPolicy,
     /// Price per packet carried, in the ledger's base unit.
     pub price_per_packet: u64,
-    /// Advertised capacity in packets per second (path-selection weight).
+    /// Claimed capacity in packets per second. Only an upper bound: the path weight is what
+    /// the authorities measured, never more than this claim.
     pub bandwidth: u32,
     pub published: UnixTime,
 }
@@ -122,6 +140,29 @@ pub struct NetworkParams {
     pub max_hop_delay_ms: u64,
     /// Epoch length in seconds.
     pub epoch_length_s: u64,
+    /// The most relays one IPv4 address (or IPv6 /64) may have in the consensus (Tor: 2).
+    pub relays_per_address: u32,
+}
+
+/// The range every published parameter must lie in, checked when an authority votes, when
+/// the consensus is computed and when a client verifies it. Bounds keep one authority (or a
+/// bad config) from turning cover traffic off, holding packets for an hour, or publishing
+/// values no client can run with.
+pub mod bounds {
+    /// λ_P (packets per second): cover is always on, so never 0.
+    pub const LAMBDA_P: (f64, f64) = (0.01, 10_000.0);
+    /// λ_L and λ_D: client loop and drop cover, never 0.
+    pub const LAMBDA_COVER: (f64, f64) = (0.001, 1_000.0);
+    /// λ_M: relay loop cover; 0 allowed (a network may rely on client cover alone).
+    pub const LAMBDA_M: (f64, f64) = (0.0, 1_000.0);
+    /// μ: mean hop delays from 10 µs to 10 s.
+    pub const MU: (f64, f64) = (0.1, 100_000.0);
+    /// The hop-delay cap: 1 ms to 60 s.
+    pub const MAX_HOP_DELAY_MS: (u64, u64) = (1, 60_000);
+    /// Epochs from 1 s (tests) to a day.
+    pub const EPOCH_LENGTH_S: (u64, u64) = (1, 86_400);
+    /// Relays per address: 1 to 16.
+    pub const RELAYS_PER_ADDRESS: (u32, u32) = (1, 16);
 }
 
 impl NetworkParams {
@@ -135,6 +176,7 @@ impl NetworkParams {
             mu: 1000.0 / 15.0,
             max_hop_delay_ms: 10_000,
             epoch_length_s: 20 * 60,
+            relays_per_address: 2,
         }
     }
 
@@ -147,28 +189,46 @@ impl NetworkParams {
         }
     }
 
-    /// Refuses rates that are negative, not finite, or an epoch of zero length.
+    /// Refuses any parameter outside [`bounds`] (and NaN).
     pub fn validate(&self) -> Result<()> {
-        for (name, v) in [
-            ("lambda_p", self.lambda_p),
-            ("lambda_l", self.lambda_l),
-            ("lambda_d", self.lambda_d),
-            ("lambda_m", self.lambda_m),
+        for (name, v, (lo, hi)) in [
+            ("lambda_p", self.lambda_p, bounds::LAMBDA_P),
+            ("lambda_l", self.lambda_l, bounds::LAMBDA_COVER),
+            ("lambda_d", self.lambda_d, bounds::LAMBDA_COVER),
+            ("lambda_m", self.lambda_m, bounds::LAMBDA_M),
+            ("mu", self.mu, bounds::MU),
         ] {
-            if !(v.is_finite() && v >= 0.0) {
+            if !(v.is_finite() && (lo..=hi).contains(&v)) {
                 return Err(Error::Document(format!(
-                    "{name} must be a finite rate ≥ 0, got {v}"
+                    "{name} must lie in [{lo}, {hi}], got {v}"
                 )));
             }
         }
-        if !(self.mu.is_finite() && self.mu > 0.0) {
-            return Err(Error::Document(format!(
-                "mu must be a finite rate > 0, got {}",
-                self.mu
-            )));
-        }
-        if self.epoch_length_s == 0 {
-            return Err(Error::Document("epoch_length_s must be positive".into()));
+        for (name, v, (lo, hi)) in [
+            (
+                "max_hop_delay_ms",
+                self.max_hop_delay_ms,
+                bounds::MAX_HOP_DELAY_MS,
+            ),
+            (
+                "epoch_length_s",
+                self.epoch_length_s,
+                bounds::EPOCH_LENGTH_S,
+            ),
+            (
+                "relays_per_address",
+                u64::from(self.relays_per_address),
+                (
+                    u64::from(bounds::RELAYS_PER_ADDRESS.0),
+                    u64::from(bounds::RELAYS_PER_ADDRESS.1),
+                ),
+            ),
+        ] {
+            if !(lo..=hi).contains(&v) {
+                return Err(Error::Document(format!(
+                    "{name} must lie in [{lo}, {hi}], got {v}"
+                )));
+            }
         }
         Ok(())
     }
@@ -194,7 +254,15 @@ pub struct ConsensusRelay {
     pub sphinx_keys: Vec<EpochKey>,
     pub exit_policy: ExitPolicy,
     pub price_per_packet: u64,
+    /// The relay's claimed capacity (packets per second), from its descriptor.
     pub bandwidth: u32,
+    /// The relays of its family that name it back (mutual), sorted.
+    pub family_members: Vec<IdentityKey>,
+    /// The path weight: the median of the authorities' measurements, never above the claim.
+    pub weight: u32,
+    /// The median of the authorities' performance scores, per mille of test packets that
+    /// came back ([`PERFORMANCE_SCALE`]).
+    pub performance: u16,
 }
 
 impl ConsensusRelay {
@@ -295,6 +363,27 @@ impl Consensus {
             if r.family.len() > MAX_FAMILY_LEN {
                 return Err(Error::Document("family name too long".into()));
             }
+            if r.family_members.len() > MAX_FAMILY_MEMBERS {
+                return Err(Error::Document("family lists too many members".into()));
+            }
+            if r.performance > PERFORMANCE_SCALE {
+                return Err(Error::Document(format!(
+                    "relay {:?} has performance {} above {PERFORMANCE_SCALE}",
+                    r.identity, r.performance
+                )));
+            }
+            if r.weight > r.bandwidth.max(1) {
+                return Err(Error::Document(format!(
+                    "relay {:?} has weight {} above its claimed {}",
+                    r.identity, r.weight, r.bandwidth
+                )));
+            }
+            if r.price_per_packet > MAX_PRICE_PER_PACKET {
+                return Err(Error::Document(format!(
+                    "relay {:?} has a price above {MAX_PRICE_PER_PACKET}",
+                    r.identity
+                )));
+            }
         }
         Ok(())
     }
@@ -329,7 +418,37 @@ impl Descriptor {
                 "a relay must have at least one role".into(),
             ));
         }
+        if self.family_members.len() > MAX_FAMILY_MEMBERS {
+            return Err(Error::Document(format!(
+                "a descriptor names at most {MAX_FAMILY_MEMBERS} family members"
+            )));
+        }
+        if self.family_members.windows(2).any(|w| w[0] >= w[1])
+            || self.family_members.contains(&self.identity)
+        {
+            return Err(Error::Document(
+                "family members must be sorted, unique, and not the relay itself".into(),
+            ));
+        }
+        if self.price_per_packet > MAX_PRICE_PER_PACKET {
+            return Err(Error::Document(format!(
+                "price {} per packet is above {MAX_PRICE_PER_PACKET}",
+                self.price_per_packet
+            )));
+        }
         Ok(())
+    }
+}
+
+/// The address a relay counts against for the per-address limit: its IPv4 address, or its
+/// IPv6 /64 (one host is usually given a whole /64).
+pub fn address_key(ip: std::net::IpAddr) -> (u8, u128) {
+    match ip {
+        std::net::IpAddr::V4(v4) => (4, u128::from(u32::from(v4))),
+        std::net::IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => (4, u128::from(u32::from(v4))),
+            None => (6, u128::from(v6) >> 64),
+        },
     }
 }
 

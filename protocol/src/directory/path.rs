@@ -2,10 +2,13 @@
 //! stream.
 //!
 //! Rules (Tor's, applied across the whole route, gateway and exit included): no two relays of
-//! one family, no two in one IPv4 /16 or IPv6 /32 (unless the network opts out, as a network
-//! on one loopback address must), never the same relay twice. Choices are weighted by
-//! advertised bandwidth. Only relays that published a Sphinx key for the consensus epoch are
-//! eligible.
+//! one (mutually declared) family, no two in one IPv4 /16 or IPv6 /32 (unless the network
+//! opts out, as a network on one loopback address must), never the same relay twice. Choices
+//! are weighted by the weight the authorities measured (never a relay's own claim). Only
+//! relays that published a Sphinx key for the consensus epoch are eligible, and the client's
+//! preferences narrow the choice further: a price cap per packet per hop and a minimum
+//! performance score. A client that asks for more than the consensus offers gets an error
+//! that says which layer or role has nothing left and why, not a path that breaks its rules.
 //!
 //! Mixes are drawn layer by layer; if an early choice leaves a later layer without a
 //! compatible relay the draw restarts, and after a few failed draws every valid path is
@@ -24,13 +27,42 @@ use crate::{Error, Result};
 pub struct PathRules {
     /// Refuse two relays in one IPv4 /16 or IPv6 /32 (Tor's EnforceDistinctSubnets).
     pub distinct_subnets: bool,
+    /// Never use a relay whose price per packet is above this.
+    pub max_price_per_hop: Option<u64>,
+    /// Never use a relay whose consensus performance (per mille) is below this.
+    pub min_performance: u16,
 }
 
 impl Default for PathRules {
     fn default() -> Self {
         PathRules {
             distinct_subnets: true,
+            max_price_per_hop: None,
+            min_performance: 0,
         }
+    }
+}
+
+impl PathRules {
+    /// Whether the client's preferences allow `r`.
+    pub fn prefers(&self, r: &ConsensusRelay) -> bool {
+        self.max_price_per_hop
+            .is_none_or(|cap| r.price_per_packet <= cap)
+            && r.performance >= self.min_performance
+    }
+
+    /// Why nothing of `what` is left, when the preferences removed `removed` of them.
+    fn nothing_left(&self, what: &str, removed: usize) -> Error {
+        if removed == 0 {
+            return Error::Path(format!("the consensus lists no {what}"));
+        }
+        let cap = self
+            .max_price_per_hop
+            .map_or_else(|| "none".to_owned(), |c| c.to_string());
+        Error::Path(format!(
+            "no {what} meets the path preferences: {removed} are priced above the cap              ({cap} per packet) or score below the minimum performance ({}/1000)",
+            self.min_performance
+        ))
     }
 }
 
@@ -55,6 +87,8 @@ pub struct PathSelector<'a> {
     layers: [Vec<&'a ConsensusRelay>; LAYERS],
     gateways: Vec<&'a ConsensusRelay>,
     exits: Vec<&'a ConsensusRelay>,
+    /// How many relays the preferences removed: per layer, gateways, exits.
+    removed: ([usize; LAYERS], usize, usize),
 }
 
 impl<'a> PathSelector<'a> {
@@ -62,30 +96,55 @@ impl<'a> PathSelector<'a> {
         let epoch = consensus.epoch;
         let keyed = |r: &&ConsensusRelay| r.sphinx_key(epoch).is_some();
         let mut layers: [Vec<&ConsensusRelay>; LAYERS] = Default::default();
+        let mut removed = ([0; LAYERS], 0, 0);
         for r in consensus.relays.iter().filter(keyed) {
-            if let Some(slot) = r
+            let Some(index) = r
                 .layer
                 .filter(|_| r.roles.mix)
-                .and_then(|layer| layers.get_mut(usize::from(layer).wrapping_sub(1)))
-            {
-                slot.push(r);
+                .map(|layer| usize::from(layer).wrapping_sub(1))
+                .filter(|&i| i < LAYERS)
+            else {
+                continue;
+            };
+            if rules.prefers(r) {
+                layers[index].push(r);
+            } else {
+                removed.0[index] += 1;
             }
         }
-        PathSelector {
-            consensus,
-            rules,
-            layers,
-            gateways: consensus
+        let pick = |candidates: Vec<&'a ConsensusRelay>, count: &mut usize| {
+            let total = candidates.len();
+            let kept: Vec<_> = candidates
+                .into_iter()
+                .filter(|r| rules.prefers(r))
+                .collect();
+            *count = total - kept.len();
+            kept
+        };
+        let gateways = pick(
+            consensus
                 .relays
                 .iter()
                 .filter(|r| r.roles.gateway && r.addresses.client.is_some())
                 .collect(),
-            exits: consensus
+            &mut removed.1,
+        );
+        let exits = pick(
+            consensus
                 .relays
                 .iter()
                 .filter(keyed)
                 .filter(|r| r.roles.exit)
                 .collect(),
+            &mut removed.2,
+        );
+        PathSelector {
+            consensus,
+            rules,
+            layers,
+            gateways,
+            exits,
+            removed,
         }
     }
 
@@ -124,7 +183,8 @@ impl<'a> PathSelector<'a> {
     /// Whether two relays may not share a route.
     pub fn conflict(&self, a: &ConsensusRelay, b: &ConsensusRelay) -> bool {
         a.identity == b.identity
-            || a.family == b.family
+            || a.family_members.contains(&b.identity)
+            || b.family_members.contains(&a.identity)
             || (self.rules.distinct_subnets
                 && subnet(a.addresses.mix.ip()) == subnet(b.addresses.mix.ip()))
     }
@@ -136,7 +196,15 @@ impl<'a> PathSelector<'a> {
     /// A gateway for a client (its entry, kept like a Tor guard).
     pub fn choose_gateway<R: Rng + ?Sized>(&self, rng: &mut R) -> Result<&'a ConsensusRelay> {
         weighted_choice(rng, &self.gateways)
-            .ok_or_else(|| Error::Path("the consensus lists no gateway".into()))
+            .ok_or_else(|| self.rules.nothing_left("gateway", self.removed.1))
+    }
+
+    /// Whether any exit is left after the preferences (an error that says why if not).
+    pub fn any_exit(&self) -> Result<()> {
+        if self.exits.is_empty() {
+            return Err(self.rules.nothing_left("exit", self.removed.2));
+        }
+        Ok(())
     }
 
     /// An exit whose policy allows `target`, compatible with the relays in `avoid`.
@@ -156,7 +224,11 @@ impl<'a> PathSelector<'a> {
             })
             .collect();
         if allowed.is_empty() {
-            return Err(Error::NoExit);
+            return Err(if self.removed.2 > 0 {
+                self.rules.nothing_left("exit", self.removed.2)
+            } else {
+                Error::NoExit
+            });
         }
         let usable: Vec<_> = allowed
             .into_iter()
@@ -176,7 +248,8 @@ impl<'a> PathSelector<'a> {
     ) -> Result<[&'a ConsensusRelay; LAYERS]> {
         for (i, layer) in self.layers.iter().enumerate() {
             if layer.is_empty() {
-                return Err(Error::Path(format!("layer {} has no mix", i + 1)));
+                let what = format!("mix in layer {}", i + 1);
+                return Err(self.rules.nothing_left(&what, self.removed.0[i]));
             }
         }
         let mut chosen: Vec<&ConsensusRelay> = Vec::with_capacity(avoid.len() + LAYERS);
@@ -206,7 +279,7 @@ impl<'a> PathSelector<'a> {
         self.enumerate_paths(rng, avoid)
     }
 
-    /// Every valid path, drawn with probability proportional to its bandwidth product.
+    /// Every valid path, drawn with probability proportional to its weight product.
     fn enumerate_paths<R: Rng + ?Sized>(
         &self,
         rng: &mut R,
@@ -253,10 +326,10 @@ impl<'a> PathSelector<'a> {
 }
 
 fn weight(r: &ConsensusRelay) -> u64 {
-    u64::from(r.bandwidth.max(1))
+    u64::from(r.weight.max(1))
 }
 
-/// A bandwidth-weighted draw; `None` if `candidates` is empty.
+/// A weighted draw (by measured weight); `None` if `candidates` is empty.
 fn weighted_choice<'a, R: Rng + ?Sized>(
     rng: &mut R,
     candidates: &[&'a ConsensusRelay],

@@ -66,6 +66,8 @@ pub enum DocumentKind {
     Descriptor,
     Vote,
     Consensus,
+    /// An authority's prober card.
+    Prober,
 }
 
 impl DocumentKind {
@@ -74,6 +76,7 @@ impl DocumentKind {
             DocumentKind::Descriptor => b"murmur/descriptor/v1\0",
             DocumentKind::Vote => b"murmur/vote/v1\0",
             DocumentKind::Consensus => b"murmur/consensus/v1\0",
+            DocumentKind::Prober => b"murmur/prober/v1\0",
         }
     }
 }

@@ -95,6 +95,9 @@ pub fn generate<R: CryptoRng + ?Sized>(
             },
             price_per_packet: 1,
             bandwidth: 1000,
+            family_members: Vec::new(),
+            weight: 1000,
+            performance: super::PERFORMANCE_SCALE,
         };
         relays.push((
             relay,
@@ -173,6 +176,7 @@ pub fn signed_descriptors(
                 schema: DIRECTORY_SCHEMA,
                 identity: r.identity,
                 family: r.family.clone(),
+                family_members: r.family_members.clone(),
                 addresses: r.addresses,
                 roles: r.roles,
                 link_key: r.link_key,

@@ -1,5 +1,6 @@
-//! An authority's vote: the descriptors it accepted and the parameters it is configured with,
-//! for the consensus of one epoch, signed with the authority's identity key.
+//! An authority's vote: the descriptors it accepted, what it measured of each relay, and the
+//! parameters it is configured with, for the consensus of one epoch, signed with the
+//! authority's identity key.
 //!
 //! Votes carry whole signed descriptors, so every authority computes the consensus from the
 //! relays' own signed words, and a vote can be relayed by anyone: a peer that missed an
@@ -10,9 +11,19 @@ use serde::{Deserialize, Serialize};
 
 use super::sign::{AuthoritySet, DocumentKind, DocumentSignature, IdentityKey, sign_document};
 use super::{
-    DIRECTORY_SCHEMA, Descriptor, Epoch, MAX_RELAYS, NetworkParams, SignedDescriptor, UnixTime,
-    decode, encode,
+    DIRECTORY_SCHEMA, Descriptor, Epoch, MAX_RELAYS, NetworkParams, PERFORMANCE_SCALE,
+    SignedDescriptor, UnixTime, decode, encode,
 };
+
+/// What an authority measured of one relay it votes for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Measurement {
+    /// The weight the authority gives the relay: what its test traffic measured, never more
+    /// than the relay's claim (packets per second).
+    pub weight: u32,
+    /// Per mille of the authority's recent test packets through the relay that came back.
+    pub performance: u16,
+}
 use crate::{Error, Result};
 
 /// What one authority proposes for the consensus of `epoch`.
@@ -29,6 +40,8 @@ pub struct Vote {
     pub params: NetworkParams,
     /// The descriptors the authority accepted, sorted by relay identity, one per relay.
     pub descriptors: Vec<SignedDescriptor>,
+    /// What the authority measured of each relay, in the order of `descriptors`.
+    pub measurements: Vec<Measurement>,
 }
 
 /// A vote as sent between authorities: the encoded body and the author's signature.
@@ -49,16 +62,17 @@ pub struct VerifiedVote {
 }
 
 impl Vote {
-    /// A vote over `descriptors` (any order; sorted here). Refuses two descriptors of one
-    /// relay and more than [`MAX_RELAYS`].
+    /// A vote over `descriptors` with their measurements (any order; sorted here). Refuses
+    /// two descriptors of one relay and more than [`MAX_RELAYS`].
     pub fn new(
         authority: IdentityKey,
         epoch: Epoch,
         published: UnixTime,
         params: NetworkParams,
-        mut descriptors: Vec<SignedDescriptor>,
+        mut relays: Vec<(SignedDescriptor, Measurement)>,
     ) -> Result<Self> {
-        descriptors.sort_by_key(|d| d.signature.signer);
+        relays.sort_by_key(|(d, _)| d.signature.signer);
+        let (descriptors, measurements) = relays.into_iter().unzip();
         let vote = Vote {
             schema: DIRECTORY_SCHEMA,
             authority,
@@ -66,6 +80,7 @@ impl Vote {
             published,
             params,
             descriptors,
+            measurements,
         };
         vote.validate()?;
         Ok(vote)
@@ -92,6 +107,20 @@ impl Vote {
                     "vote descriptors must be sorted by relay identity, one per relay".into(),
                 ));
             }
+        }
+        if self.measurements.len() != self.descriptors.len() {
+            return Err(Error::Document(
+                "a vote carries one measurement per descriptor".into(),
+            ));
+        }
+        if self
+            .measurements
+            .iter()
+            .any(|m| m.performance > PERFORMANCE_SCALE)
+        {
+            return Err(Error::Document(format!(
+                "performance scores are at most {PERFORMANCE_SCALE}"
+            )));
         }
         Ok(())
     }
