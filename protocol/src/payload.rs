@@ -84,7 +84,11 @@ impl Content {
                 Ok(content)
             } else {
                 Err(Error::ContentTrailing {
-                    what: if kind == KIND_ACK { "acknowledgement" } else { "cover" },
+                    what: if kind == KIND_ACK {
+                        "acknowledgement"
+                    } else {
+                        "cover"
+                    },
                     len: rest.len(),
                 })
             }
