@@ -487,11 +487,10 @@ pub fn stream(data: &[u8]) {
         }
     }
     messages(data);
-    match Content::decode(data) {
-        Ok(Content::DataWithAck { fragment, .. } | Content::Data { fragment }) => {
-            messages(&fragment.data)
-        }
-        _ => {}
+    if let Ok(Content::DataWithAck { fragment, .. } | Content::Data { fragment }) =
+        Content::decode(data)
+    {
+        messages(&fragment.data);
     }
 }
 
