@@ -39,9 +39,9 @@ use crate::surb::ReplyBlock;
 use crate::time::Instant;
 
 /// Steps per input: each may build and carry a few Sphinx packets (about a millisecond each).
-const MAX_STEPS: usize = 48;
+const MAX_STEPS: usize = 32;
 /// Frames sent per step at most; what else is due stays due for the next step.
-const FRAMES_PER_STEP: usize = 4;
+const FRAMES_PER_STEP: usize = 2;
 /// The harness's own memory of packets, blocks and deliveries (oldest forgotten first).
 const KEEP: usize = 32;
 /// Reply blocks the session keeps at each exit (small, so topping up is exercised).

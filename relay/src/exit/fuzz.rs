@@ -11,7 +11,8 @@
 //! its writes complete when the target says).
 //!
 //! Invariants (the fuzzer's oracles): the reassembler stays within its bounds, in total and
-//! per session; each stream holds at most its window each way; every reply fits one reply
+//! per session; each stream holds at most its window each way, and data it sent and was not
+//! acknowledged for has a retransmission timer; every reply fits one reply
 //! packet with room for the `SurbsLow` item the exit may add, re-encodes to itself, and
 //! carries only the destination's bytes at their offsets, and the exit's stream ack is what
 //! it wrote; what a stream delivered and wrote only grows.
@@ -376,11 +377,10 @@ pub fn exit(data: &[u8]) {
             let written = seen.written.entry(*id).or_default();
             assert!(s.written >= *written, "stream {id} wrote less");
             *written = s.written;
-            if s.send.unacked_bytes() > 0 {
-                assert!(
-                    super::next_deadline(&st).is_some(),
-                    "unacknowledged data, no timer"
-                );
+            // Data never sent waits for a reply block (the pump is woken when it comes);
+            // data sent and not acknowledged must have a retransmission timer.
+            if s.send.unacked_bytes() > 0 && !s.send.has_new() {
+                assert!(super::next_deadline(&st).is_some(), "sent data, no timer");
             }
         }
     }
