@@ -528,7 +528,17 @@ pub fn fuzz_dir() -> std::path::PathBuf {
 /// what they kept) and `seeds` through `run`, each input also cut in half and with a byte
 /// flipped at its start, a third in and its end. Returns how many inputs it read. The corpus
 /// replay test of every crate with fuzz targets calls it.
+///
+/// With `FUZZ_WRITE_SEEDS` set, the seeds are also written to `fuzz/work/<target>/`, the
+/// scratch corpus `fuzz/run-all` starts each fuzzer from.
 pub fn replay(target: &str, seeds: Vec<Vec<u8>>, run: impl Fn(&[u8])) -> usize {
+    if std::env::var_os("FUZZ_WRITE_SEEDS").is_some() {
+        let dir = fuzz_dir().join("work").join(target);
+        std::fs::create_dir_all(&dir).expect("fuzz/work/<target>");
+        for (i, seed) in seeds.iter().enumerate() {
+            std::fs::write(dir.join(format!("seed-{i}")), seed).expect("a seed file");
+        }
+    }
     let mut inputs = seeds;
     if let Ok(dir) = std::fs::read_dir(fuzz_dir().join("corpus").join(target)) {
         let mut paths: Vec<_> = dir.map(|e| e.expect("corpus entry").path()).collect();
