@@ -3,6 +3,8 @@
 pub mod cli;
 pub mod devnet;
 pub mod driver;
+#[doc(hidden)]
+pub mod fuzz_entry;
 pub mod gateway;
 pub mod proxy;
 pub mod socks;

@@ -6,6 +6,8 @@ pub mod client;
 pub mod config;
 mod daemon;
 pub mod error;
+#[doc(hidden)]
+pub mod fuzz_entry;
 pub mod http;
 pub mod keys;
 pub mod link_io;

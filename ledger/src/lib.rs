@@ -5,6 +5,8 @@ pub mod cli;
 pub mod client;
 pub mod config;
 pub mod error;
+#[doc(hidden)]
+pub mod fuzz_entry;
 pub mod guard;
 pub mod ledger;
 pub mod metrics;

@@ -73,6 +73,13 @@ pub enum Error {
         got: usize,
     },
 
+    /// A packet's plaintext is longer than any packet carries.
+    #[error("packet content has {len} bytes; a packet carries at most {max}")]
+    ContentLength { len: usize, max: usize },
+    /// Bytes follow a content that carries nothing after its kind byte.
+    #[error("{what} content carries nothing after its kind byte; got {len} more bytes")]
+    ContentTrailing { what: &'static str, len: usize },
+
     // ---- fragments ----
     /// A fragment's index/count fields are inconsistent.
     #[error("fragment {index} of {count} is invalid: {reason}")]
@@ -264,7 +271,10 @@ impl Error {
             Error::ReplyBlock(_) | Error::ReplyNotAuthentic => "reply",
             Error::FrameVersion(..) => "frame_version",
             Error::FrameKind(_) | Error::FramePadding(_) => "frame_malformed",
-            Error::ContentKind(_) | Error::Truncated { .. } => "content_malformed",
+            Error::ContentKind(_)
+            | Error::Truncated { .. }
+            | Error::ContentLength { .. }
+            | Error::ContentTrailing { .. } => "content_malformed",
             Error::FragmentInvalid { .. } | Error::FragmentConflict { .. } => "fragment",
             Error::ReassemblyFull(_) => "reassembly_full",
             Error::ReplayParams(_) | Error::ReplayStore(_) => "replay_store",

@@ -11,7 +11,8 @@ use rand::SeedableRng;
 
 use crate::directory::sign::Freshness;
 use crate::directory::{
-    AuthoritySet, ExitPolicy, IdentityKey, SignedConsensus, SignedDescriptor, decode, encode,
+    AuthoritySet, ExitPolicy, IdentityKey, SignedConsensus, SignedDescriptor, SignedVote, Vote,
+    decode, encode,
 };
 use crate::envelope::{
     ENVELOPE_LEN, ENVELOPE_SLOTS, Envelope, EnvelopeKey, SLOT_CONTENT_LEN, build_envelope,
@@ -22,6 +23,8 @@ use crate::frame::Frame;
 use crate::packet::{HopOutput, OpenedPacket, ReplayTag, StaticSecret, recover_plaintext};
 use crate::payload::Content;
 use crate::replay::ReplayFilter;
+use crate::socks::{SocksHandshake, Step};
+use crate::stream::{ClientMessage, ExitMessage, session_of_fragment, split_client_message};
 use crate::surb::ReplyBlock;
 use crate::time::Instant;
 
@@ -40,6 +43,10 @@ pub const TARGETS: &[&str] = &[
     "control",
     "envelope_peel",
     "link",
+    "socks",
+    "stream",
+    "vote",
+    "session",
 ];
 
 /// Runs the target called `name` on `data`.
@@ -58,6 +65,10 @@ pub fn run(name: &str, data: &[u8]) {
         "control" => control(data),
         "envelope_peel" => envelope_peel(data),
         "link" => link(data),
+        "socks" => socks(data),
+        "stream" => stream(data),
+        "vote" => vote(data),
+        "session" => session(data),
         other => panic!("unknown fuzz target {other}"),
     }
 }
@@ -86,9 +97,10 @@ pub fn packet(data: &[u8]) {
     }
 }
 
-/// Packet plaintext decodes or errors; what decodes re-encodes to the same bytes.
+/// Packet plaintext decodes or errors; what decodes, of every kind, re-encodes to the same
+/// bytes.
 pub fn content(data: &[u8]) {
-    if let Ok(c @ (Content::Data { .. } | Content::DataWithAck { .. })) = Content::decode(data) {
+    if let Ok(c) = Content::decode(data) {
         let again = c.encode().expect("a decoded content encodes");
         assert_eq!(again, data, "content encoding is not canonical");
     }
@@ -144,12 +156,17 @@ pub fn authority_keys() -> Vec<ed25519_dalek::SigningKey> {
         .collect()
 }
 
+/// The authority set of [`authority_keys`].
+pub fn authority_set() -> AuthoritySet {
+    AuthoritySet::new(authority_keys().iter().map(IdentityKey::of).collect())
+        .expect("valid authority keys")
+}
+
 /// A served consensus decodes and verifies, or errors; what decodes re-encodes identically.
 pub fn consensus(data: &[u8]) {
     if let Ok(doc) = decode::<SignedConsensus>(data) {
         assert_eq!(encode(&doc).expect("encodes"), data);
-        let set = AuthoritySet::new(authority_keys().iter().map(IdentityKey::of).collect())
-            .expect("valid authority keys");
+        let set = authority_set();
         let at = Freshness {
             now: 1_000,
             expected_epoch: None,
@@ -357,4 +374,253 @@ pub fn link(data: &[u8]) {
         fresh.open_frame(raw).is_err(),
         "raw bytes opened as a frame"
     );
+}
+
+pub use crate::session::fuzz::session;
+
+/// What a SOCKS5 handshake did with some input: what it sent, how it ended (`None`: it wants
+/// more), and the bytes it consumed.
+#[derive(Debug, PartialEq, Eq)]
+struct SocksRun {
+    sent: Vec<u8>,
+    outcome: Option<Step>,
+    consumed: Vec<u8>,
+}
+
+/// Feeds `input` to a fresh handshake `chunk` bytes at a time, as a driver reads a socket.
+fn socks_run(input: &[u8], chunk: usize) -> SocksRun {
+    let mut hs = SocksHandshake::new();
+    let (mut buf, mut sent, mut fed) = (Vec::new(), Vec::new(), 0);
+    let mut chunks = input.chunks(chunk.max(1));
+    let outcome = loop {
+        match hs.step(&mut buf) {
+            Step::NeedMore => match chunks.next() {
+                Some(c) => {
+                    buf.extend_from_slice(c);
+                    fed += c.len();
+                }
+                None => break None,
+            },
+            Step::Send(bytes) => sent.extend(bytes),
+            done => break Some(done),
+        }
+    };
+    SocksRun {
+        sent,
+        outcome,
+        consumed: input[..fed - buf.len()].to_vec(),
+    }
+}
+
+/// `[chunk][bytes…]`: the SOCKS5 handshake fed `bytes` in chunks of `chunk % 16 + 1` bytes
+/// never panics and ends exactly as when fed them at once. A request it accepts re-encodes
+/// ([`crate::socks::SocksRequest::encode_client`]) to bytes it reads back as the same
+/// request, and to the very bytes it read after the greeting, unless those used a form the
+/// encoder does not write (a non-zero reserved byte, an address sent as a name).
+pub fn socks(data: &[u8]) {
+    let Some((&chunk, input)) = data.split_first() else {
+        return;
+    };
+    let chunked = socks_run(input, usize::from(chunk % 16) + 1);
+    assert_eq!(
+        chunked,
+        socks_run(input, input.len()),
+        "the outcome depends on how the input was cut"
+    );
+    let Some(Step::Request(request)) = &chunked.outcome else {
+        return;
+    };
+    let encoded = request
+        .encode_client()
+        .expect("an accepted request encodes");
+    let mut again = request.client_greeting().to_vec();
+    again.extend_from_slice(&encoded);
+    let back = socks_run(&again, 1);
+    assert_eq!(back.outcome.as_ref(), Some(&Step::Request(request.clone())));
+    assert_eq!(
+        back.consumed, again,
+        "the re-encoded request was not read whole"
+    );
+    // The greeting's method list is the client's choice; what follows it is not.
+    let read = &chunked.consumed[2 + usize::from(chunked.consumed[1])..];
+    let auth = request
+        .isolation
+        .as_ref()
+        .map_or(0, |(user, pass)| 3 + user.len() + pass.len());
+    let connect = &read[auth..];
+    let canonical = connect[2] == 0
+        && (connect[3] != 3 || matches!(request.target, crate::stream::Target::Host(..)));
+    if canonical {
+        assert_eq!(
+            read,
+            &encoded[..],
+            "an accepted request re-encodes differently"
+        );
+    }
+}
+
+/// The stream messages, bare and inside packet content as clients and exits send them: a
+/// client or exit message that decodes re-encodes to the same bytes (its `encoded_len`
+/// too); a client message cut into fragments names its session in each, and its
+/// fragments put back together give it again.
+pub fn stream(data: &[u8]) {
+    fn messages(bytes: &[u8]) {
+        if let Ok(m) = ClientMessage::decode(bytes) {
+            assert_eq!(m.encode().expect("a decoded client message encodes"), bytes);
+            assert_eq!(m.encoded_len(), bytes.len());
+            let fragments = split_client_message(7, bytes, 64).expect("splits");
+            let mut body = Vec::new();
+            for f in fragments {
+                let (session, rest) = session_of_fragment(f).expect("names its session");
+                assert_eq!(session, m.session);
+                body.extend(rest.data);
+            }
+            assert_eq!(
+                crate::stream::join_client_message(m.session, &body),
+                bytes,
+                "a client message's fragments do not join to it"
+            );
+        }
+        if let Ok(m) = ExitMessage::decode(bytes) {
+            assert_eq!(m.encode().expect("a decoded exit message encodes"), bytes);
+            assert_eq!(m.encoded_len(), bytes.len());
+        }
+    }
+    messages(data);
+    if let Ok(Content::DataWithAck { fragment, .. } | Content::Data { fragment }) =
+        Content::decode(data)
+    {
+        messages(&fragment.data);
+    }
+}
+
+/// An authority's vote decodes, re-encodes identically, and verifies against the authority
+/// set of [`authority_keys`] or errors; a vote that verifies names every descriptor it
+/// carries, each verified.
+pub fn vote(data: &[u8]) {
+    if let Ok(vote) = decode::<Vote>(data) {
+        let _ = vote.validate();
+    }
+    let Ok(signed) = decode::<SignedVote>(data) else {
+        return;
+    };
+    assert_eq!(encode(&signed).expect("encodes"), data);
+    let set = authority_set();
+    if let Ok(verified) = signed.verify(&set, None) {
+        assert_eq!(verified.descriptors.len(), verified.vote.descriptors.len());
+        assert_eq!(
+            verified.descriptor_digests.len(),
+            verified.descriptors.len()
+        );
+        assert_eq!(encode(&verified.vote).expect("encodes"), signed.body);
+        assert!(set.contains(&signed.signer()));
+        let other = verified.vote.epoch.wrapping_add(1);
+        assert!(signed.verify(&set, Some(other)).is_err());
+    }
+}
+
+/// The fuzz crate's directory (`fuzz/` beside this crate).
+pub fn fuzz_dir() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz")
+}
+
+/// Replays `target`'s corpus (`fuzz/corpus/<target>/`, every failure the fuzzers found and
+/// what they kept) and `seeds` through `run`, each input also cut in half and with a byte
+/// flipped at its start, a third in and its end. Returns how many inputs it read. The corpus
+/// replay test of every crate with fuzz targets calls it.
+///
+/// With `FUZZ_WRITE_SEEDS` set, the seeds are also written to `fuzz/work/<target>/`, the
+/// scratch corpus `fuzz/run-all` starts each fuzzer from.
+pub fn replay(target: &str, seeds: Vec<Vec<u8>>, run: impl Fn(&[u8])) -> usize {
+    if std::env::var_os("FUZZ_WRITE_SEEDS").is_some() {
+        let dir = fuzz_dir().join("work").join(target);
+        std::fs::create_dir_all(&dir).expect("fuzz/work/<target>");
+        for (i, seed) in seeds.iter().enumerate() {
+            std::fs::write(dir.join(format!("seed-{i}")), seed).expect("a seed file");
+        }
+    }
+    let mut inputs = seeds;
+    if let Ok(dir) = std::fs::read_dir(fuzz_dir().join("corpus").join(target)) {
+        let mut paths: Vec<_> = dir.map(|e| e.expect("corpus entry").path()).collect();
+        paths.sort();
+        for path in paths {
+            inputs.push(std::fs::read(&path).expect("corpus file"));
+        }
+    }
+    for input in &inputs {
+        run(input);
+        run(&input[..input.len() / 2]);
+        for at in [0, input.len() / 3, input.len().saturating_sub(1)] {
+            let mut flipped = input.clone();
+            if let Some(b) = flipped.get_mut(at) {
+                *b ^= 0x41;
+            }
+            run(&flipped);
+        }
+    }
+    inputs.len()
+}
+
+/// The fuzz targets (`fuzz/fuzz_targets/<name>.rs`) whose entry point is in `krate`'s
+/// `fuzz_entry` (`krate` as Rust spells it: `murmur_protocol`), sorted; each must call the
+/// entry point of its own name.
+pub fn targets_of(krate: &str) -> Vec<String> {
+    let mut names = Vec::new();
+    let dir = std::fs::read_dir(fuzz_dir().join("fuzz_targets")).expect("fuzz/fuzz_targets");
+    for entry in dir {
+        let path = entry.expect("fuzz target").path();
+        let text = std::fs::read_to_string(&path).expect("fuzz target source");
+        let name = path
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .expect("a target's file name")
+            .to_string();
+        if text.contains(&format!("{krate}::")) {
+            assert!(
+                text.contains(&format!("{krate}::fuzz_entry::{name}(")),
+                "fuzz target {name} does not call {krate}::fuzz_entry::{name}"
+            );
+            names.push(name);
+        }
+    }
+    names.sort();
+    names
+}
+
+/// The corpus replay test of a crate with fuzz targets: `targets` are exactly the fuzz
+/// targets calling into `krate`, and each replays its corpus and `seeds` through `run`.
+pub fn replay_targets(
+    krate: &str,
+    targets: &[&str],
+    seeds: impl Fn(&str) -> Vec<Vec<u8>>,
+    run: impl Fn(&str, &[u8]),
+) {
+    assert_targets_registered(krate, targets);
+    for target in targets {
+        replay(target, seeds(target), |input| run(target, input));
+    }
+}
+
+/// Asserts that `targets` are exactly the fuzz targets calling into `krate`.
+pub fn assert_targets_registered(krate: &str, targets: &[&str]) {
+    let mut ours: Vec<String> = targets.iter().map(|t| t.to_string()).collect();
+    ours.sort();
+    assert_eq!(
+        targets_of(krate),
+        ours,
+        "the fuzz targets calling {krate} and its TARGETS differ"
+    );
+}
+
+/// `n` fixed inputs of pseudo-random bytes, 64 bytes and then 96 more each: seeds for the
+/// structure-aware targets, which read any bytes as steps.
+pub fn pseudo_random_inputs(n: u64) -> Vec<Vec<u8>> {
+    use rand::Rng;
+    (0..n)
+        .map(|i| {
+            let mut bytes = vec![0u8; 64 + 96 * i as usize];
+            rand::rngs::StdRng::seed_from_u64(i).fill_bytes(&mut bytes);
+            bytes
+        })
+        .collect()
 }

@@ -61,14 +61,37 @@ impl Content {
         Ok(out)
     }
 
-    /// Decodes a packet's plaintext.
+    /// Decodes a packet's plaintext. Refuses what [`Content::encode`] would not write, so
+    /// every decoded content re-encodes to the same bytes: a plaintext longer than
+    /// [`PLAINTEXT_SIZE`] ([`Error::ContentLength`]), and bytes after an `Ack` or `Cover`
+    /// ([`Error::ContentTrailing`]).
     pub fn decode(bytes: &[u8]) -> Result<Self> {
+        if bytes.len() > PLAINTEXT_SIZE {
+            return Err(Error::ContentLength {
+                len: bytes.len(),
+                max: PLAINTEXT_SIZE,
+            });
+        }
         let Some((&kind, rest)) = bytes.split_first() else {
             return Err(Error::Truncated {
                 what: "packet content",
                 needed: 1,
                 got: 0,
             });
+        };
+        let empty = |content: Content| {
+            if rest.is_empty() {
+                Ok(content)
+            } else {
+                Err(Error::ContentTrailing {
+                    what: if kind == KIND_ACK {
+                        "acknowledgement"
+                    } else {
+                        "cover"
+                    },
+                    len: rest.len(),
+                })
+            }
         };
         match kind {
             KIND_DATA_WITH_ACK => {
@@ -88,8 +111,8 @@ impl Content {
             KIND_DATA => Ok(Content::Data {
                 fragment: Fragment::decode(rest)?,
             }),
-            KIND_ACK => Ok(Content::Ack),
-            KIND_COVER => Ok(Content::Cover),
+            KIND_ACK => empty(Content::Ack),
+            KIND_COVER => empty(Content::Cover),
             other => Err(Error::ContentKind(other)),
         }
     }
@@ -135,5 +158,43 @@ mod tests {
             Err(Error::Truncated { .. })
         ));
         assert!(matches!(Content::decode(&[KIND_COVER]), Ok(Content::Cover)));
+    }
+
+    /// The fuzz finding of 2026-12-01 (`fuzz/corpus/content/`): a plaintext longer than one
+    /// packet carries decoded, and then did not encode.
+    #[test]
+    fn what_does_not_fit_a_packet_is_refused() {
+        let mut long = vec![KIND_DATA, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 1];
+        long.resize(PLAINTEXT_SIZE + 1, 0);
+        let err = Content::decode(&long).unwrap_err();
+        assert_eq!(
+            err,
+            Error::ContentLength {
+                len: PLAINTEXT_SIZE + 1,
+                max: PLAINTEXT_SIZE
+            }
+        );
+        assert_eq!(err.label(), "content_malformed");
+        long.pop();
+        let full = Content::decode(&long).unwrap();
+        assert_eq!(full.encode().unwrap(), long);
+    }
+
+    /// An acknowledgement or cover is its kind byte alone: anything after it is refused, so
+    /// the decoded value re-encodes to the same bytes.
+    #[test]
+    fn ack_and_cover_carry_nothing_after_their_kind() {
+        for (kind, what) in [(KIND_ACK, "acknowledgement"), (KIND_COVER, "cover")] {
+            let decoded = Content::decode(&[kind]).unwrap();
+            assert_eq!(decoded.encode().unwrap(), [kind]);
+            assert_eq!(
+                Content::decode(&[kind, 0]).unwrap_err(),
+                Error::ContentTrailing { what, len: 1 }
+            );
+            assert_eq!(
+                Content::decode(&[kind, 1, 2, 3]).unwrap_err().label(),
+                "content_malformed"
+            );
+        }
     }
 }

@@ -55,6 +55,9 @@ use crate::surb::{REPLY_BLOCK_LEN, ReplyBlock, ReplyKey, build_reply_block_with_
 use crate::time::Instant;
 use crate::{Error, Result};
 
+#[doc(hidden)]
+pub mod fuzz;
+
 /// Session knobs.
 #[derive(Clone, Debug)]
 pub struct SessionConfig {
@@ -157,6 +160,10 @@ struct ExitSession {
     /// more can be lost with the last one), so it gets a few every `reply_timeout`.
     last_heard: Instant,
     last_topup: Instant,
+    /// The identifiers of the reply blocks handed to this exit, oldest first, at most
+    /// [`max_reply_keys`]: the keys of older ones are forgotten (some may have been answered
+    /// already; their keys are gone from `reply_keys` then).
+    reply_ids: VecDeque<SurbId>,
 }
 
 /// Consecutive lost packets after which a relay is left out of new paths.
@@ -270,6 +277,13 @@ pub struct ClientSession {
 
 /// Delivered identifiers remembered against repeats.
 const RECENT_DELIVERIES: usize = 4096;
+
+/// The most reply keys kept for one exit session: four times the blocks it is kept stocked
+/// with (at least 16). An exit spends blocks in the order it got them, so when more are
+/// outstanding, the oldest are the ones whose replies were lost or will not come.
+fn max_reply_keys(surbs_target: usize) -> usize {
+    surbs_target.max(4) * 4
+}
 
 /// The payer and what it needs from outside: the wall clock, and the control frames for the
 /// gateway it produced.
@@ -429,6 +443,7 @@ impl ClientSession {
                     streams: Vec::new(),
                     last_heard: Instant::ZERO,
                     last_topup: Instant::ZERO,
+                    reply_ids: VecDeque::new(),
                 });
                 self.exit_index.insert(key, self.exits.len() - 1);
                 self.exits.len() - 1
@@ -1116,9 +1131,18 @@ impl ClientSession {
                 }
                 let (block, key, _, relays) = self.reply_block(rng, exit_relay.as_ref())?;
                 let seq = self.exits[exit].surbs_issued + blocks.len() as u64;
-                self.reply_keys
-                    .insert(key.surb_id(), (key, exit, seq, relays));
+                let id = key.surb_id();
+                self.reply_keys.insert(id, (key, exit, seq, relays));
                 blocks.push(block);
+                // An exit that stays silent while its streams are open is topped up every
+                // `reply_timeout`: without a bound its keys would pile up for ever.
+                let ids = &mut self.exits[exit].reply_ids;
+                ids.push_back(id);
+                while ids.len() > max_reply_keys(self.config.surbs_target) {
+                    if let Some(old) = ids.pop_front() {
+                        self.reply_keys.remove(&old);
+                    }
+                }
             }
             if !blocks.is_empty() {
                 used += 2 + blocks.len() * REPLY_BLOCK_LEN;

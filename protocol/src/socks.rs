@@ -64,6 +64,51 @@ pub struct SocksRequest {
     pub isolation: Option<(Vec<u8>, Vec<u8>)>,
 }
 
+impl SocksRequest {
+    /// What a client sends for this request once the server chose its method: the RFC 1929
+    /// user/password negotiation if the request carries credentials, then the CONNECT
+    /// request (an address as its own type, a name as a domain name). The handshake reads
+    /// these bytes back as this request; it also accepts a few forms this never writes (a
+    /// non-zero reserved byte, an address sent as a name), which read as the same request.
+    pub fn encode_client(&self) -> Result<Vec<u8>, SocksError> {
+        let mut out = Vec::new();
+        if let Some((user, pass)) = &self.isolation {
+            let too_long = || SocksError::Malformed("user name or password over 255 bytes");
+            out.push(1);
+            out.push(u8::try_from(user.len()).map_err(|_| too_long())?);
+            out.extend_from_slice(user);
+            out.push(u8::try_from(pass.len()).map_err(|_| too_long())?);
+            out.extend_from_slice(pass);
+        }
+        out.extend_from_slice(&[5, 1, 0]);
+        match &self.target {
+            Target::Addr(SocketAddr::V4(a)) => {
+                out.push(1);
+                out.extend_from_slice(&a.ip().octets());
+            }
+            Target::Addr(SocketAddr::V6(a)) => {
+                out.push(4);
+                out.extend_from_slice(&a.ip().octets());
+            }
+            Target::Host(host, _) => {
+                let len = u8::try_from(host.len()).ok().filter(|&l| l > 0).ok_or(
+                    SocksError::Malformed("host name is empty or over 255 bytes"),
+                )?;
+                out.push(3);
+                out.push(len);
+                out.extend_from_slice(host.as_bytes());
+            }
+        }
+        out.extend_from_slice(&self.target.port().to_be_bytes());
+        Ok(out)
+    }
+
+    /// The greeting a client sends for this request: the one method it needs.
+    pub fn client_greeting(&self) -> [u8; 3] {
+        [5, 1, if self.isolation.is_some() { 2 } else { 0 }]
+    }
+}
+
 /// The SOCKS5 reply to a CONNECT: `code` from [`reply`]; the bound address is reported as
 /// 0.0.0.0:0 because the real one is the exit's and must not be revealed.
 pub fn connect_reply(code: u8) -> Vec<u8> {
@@ -364,6 +409,34 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    #[test]
+    fn a_request_encodes_to_what_the_handshake_reads_back() {
+        let requests = [
+            SocksRequest {
+                target: Target::Host("example.com".into(), 443),
+                isolation: Some((b"bob".to_vec(), Vec::new())),
+            },
+            SocksRequest {
+                target: Target::Addr("10.0.0.1:80".parse().unwrap()),
+                isolation: None,
+            },
+            SocksRequest {
+                target: Target::Addr("[2001:db8::1]:8080".parse().unwrap()),
+                isolation: None,
+            },
+        ];
+        for req in requests {
+            let mut input = req.client_greeting().to_vec();
+            input.extend(req.encode_client().unwrap());
+            assert_eq!(run(&input, 1).1, Some(Step::Request(req)));
+        }
+        let long = SocksRequest {
+            target: Target::Host("a".repeat(256), 1),
+            isolation: None,
+        };
+        assert!(long.encode_client().is_err());
     }
 
     proptest! {

@@ -2,25 +2,25 @@
 //! the parsers with the inputs the fuzzers found interesting, plus seeds built here.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use murmur_protocol::control::Control;
 use murmur_protocol::directory::synthetic::{SyntheticNetwork, generate};
 use murmur_protocol::directory::{
     Descriptor, DocumentKind, EpochKey, ExitPolicy, IdentityKey, NetworkParams, RelayAddresses,
-    Roles, SignedConsensus, SignedDescriptor, encode, sign_document,
+    Roles, SignedConsensus, SignedDescriptor, SignedVote, Vote, encode, sign_document,
 };
 use murmur_protocol::envelope::{
     Envelope, EnvelopeKey, SlotTicket, build_envelope, encode_slot_content,
 };
-use murmur_protocol::fragment::split_message;
+use murmur_protocol::fragment::{Fragment, split_message};
 use murmur_protocol::frame::Frame;
 use murmur_protocol::fuzz_entry::{self, TARGETS};
 use murmur_protocol::packet::{Address, PublicKey, ReplayTag, RouteHop, build_packet};
 use murmur_protocol::payload::Content;
 use murmur_protocol::replay::ReplayFilter;
-use murmur_protocol::surb::build_reply_block;
+use murmur_protocol::stream::{ClientItem, ClientMessage, ExitItem, ExitMessage, Refusal, Target};
+use murmur_protocol::surb::{ReplyBlock, build_reply_block};
 use murmur_protocol::ticket::{Ticket, TicketFields, commitment_of};
 use rand::SeedableRng;
 use rand_chacha::ChaCha20Rng;
@@ -97,34 +97,7 @@ fn seeds(target: &str) -> Vec<Vec<u8>> {
             }
             vec![encode(&doc).unwrap()]
         }
-        "descriptor" => {
-            let key = &fuzz_entry::authority_keys()[0];
-            let descriptor = Descriptor {
-                schema: murmur_protocol::directory::DIRECTORY_SCHEMA,
-                identity: IdentityKey::of(key),
-                family: "seed".into(),
-                family_members: Vec::new(),
-                addresses: RelayAddresses {
-                    mix: "127.0.0.1:1789".parse().unwrap(),
-                    client: None,
-                },
-                roles: Roles {
-                    mix: true,
-                    ..Roles::default()
-                },
-                link_key: murmur_protocol::link::LinkPublic([4; 32]),
-                sphinx_keys: vec![EpochKey {
-                    epoch: 1,
-                    key: [5; 32],
-                    payment_commitment: commitment_of(&[6; 32]),
-                }],
-                exit_policy: ExitPolicy::reject_all(),
-                price_per_packet: 1,
-                bandwidth: 10,
-                published: 0,
-            };
-            vec![encode(&SignedDescriptor::sign(&descriptor, key).unwrap()).unwrap()]
-        }
+        "descriptor" => vec![encode(&seed_descriptor()).unwrap()],
         "exit_policy" => {
             vec![b"accept *:443, reject 10.0.0.0/8:*\naccept6 [2001:db8::]/32:80-81 # c".to_vec()]
         }
@@ -169,8 +142,160 @@ fn seeds(target: &str) -> Vec<Vec<u8>> {
         .iter()
         .map(|h| h.to_vec())
         .collect(),
+        "socks" => {
+            let mut named = vec![3, 5, 2, 0, 2, 1, 3, b'b', b'o', b'b', 2, b'p', b'w'];
+            named.extend([5, 1, 0, 3, 11]);
+            named.extend(b"example.com");
+            named.extend(443u16.to_be_bytes());
+            let mut v6 = vec![0, 5, 1, 0, 5, 1, 0, 4];
+            v6.extend([0x20, 1, 0xd, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]);
+            v6.extend(80u16.to_be_bytes());
+            let mut literal = vec![7, 5, 1, 0, 5, 1, 0, 3, 9];
+            literal.extend(b"127.0.0.1");
+            literal.extend(80u16.to_be_bytes());
+            vec![
+                named,
+                v6,
+                literal,
+                vec![1, 5, 1, 0, 5, 1, 1, 1, 10, 0, 0, 1, 0, 80], // reserved byte set
+                vec![2, 4, 1, 0, 80, 1, 2, 3, 4, 0],              // SOCKS4
+                vec![9, 5, 1, 0, 5, 2, 0, 1, 1, 2, 3, 4, 0, 80],  // BIND
+            ]
+        }
+        "stream" => {
+            let client = ClientMessage {
+                session: 0x0102_0304_0506_0708,
+                items: vec![
+                    ClientItem::Surbs(vec![ReplyBlock::from_bytes(&block.to_bytes()).unwrap()]),
+                    ClientItem::Open {
+                        stream: 1,
+                        target: Target::Host("example.com".into(), 443),
+                    },
+                    ClientItem::Open {
+                        stream: 2,
+                        target: Target::Addr("[2001:db8::1]:80".parse().unwrap()),
+                    },
+                    ClientItem::Data {
+                        stream: 1,
+                        offset: 0,
+                        bytes: b"GET / HTTP/1.0\r\n\r\n".to_vec(),
+                    },
+                    ClientItem::Fin {
+                        stream: 1,
+                        offset: 18,
+                    },
+                    ClientItem::Ack {
+                        stream: 1,
+                        offset: 5,
+                    },
+                    ClientItem::Reset { stream: 2 },
+                ],
+            }
+            .encode()
+            .unwrap();
+            let exit = ExitMessage {
+                items: vec![
+                    ExitItem::Opened { stream: 1 },
+                    ExitItem::Refused {
+                        stream: 2,
+                        reason: Refusal::NotAllowed,
+                    },
+                    ExitItem::Data {
+                        stream: 1,
+                        offset: 0,
+                        bytes: b"HTTP/1.0 200 OK".to_vec(),
+                    },
+                    ExitItem::Fin {
+                        stream: 1,
+                        offset: 15,
+                    },
+                    ExitItem::Ack {
+                        stream: 1,
+                        offset: 18,
+                    },
+                    ExitItem::Reset {
+                        stream: 3,
+                        reason: Refusal::TtlExpired,
+                    },
+                    ExitItem::SurbsLow { have: 2 },
+                ],
+            }
+            .encode()
+            .unwrap();
+            let one = |data: &[u8]| Fragment {
+                message_id: 4,
+                index: 0,
+                count: 1,
+                data: data.to_vec(),
+            };
+            vec![
+                Content::DataWithAck {
+                    ack: block,
+                    fragment: one(&client),
+                }
+                .encode()
+                .unwrap(),
+                Content::Data {
+                    fragment: one(&exit),
+                }
+                .encode()
+                .unwrap(),
+                client,
+                exit,
+            ]
+        }
+        "vote" => {
+            let key = &fuzz_entry::authority_keys()[0];
+            let vote = Vote::new(
+                IdentityKey::of(key),
+                1,
+                0,
+                NetworkParams::nym_like(),
+                vec![(
+                    seed_descriptor(),
+                    murmur_protocol::directory::Measurement {
+                        weight: 10,
+                        performance: 1000,
+                    },
+                )],
+            )
+            .unwrap();
+            vec![encode(&SignedVote::sign(&vote, key).unwrap()).unwrap()]
+        }
+        // Structure-aware: any bytes are steps; a few fixed streams of them.
+        "session" => fuzz_entry::pseudo_random_inputs(6),
         other => panic!("no seeds for {other}"),
     }
+}
+
+/// A descriptor of a mix, signed by the first authority key.
+fn seed_descriptor() -> SignedDescriptor {
+    let key = &fuzz_entry::authority_keys()[0];
+    let descriptor = Descriptor {
+        schema: murmur_protocol::directory::DIRECTORY_SCHEMA,
+        identity: IdentityKey::of(key),
+        family: "seed".into(),
+        family_members: Vec::new(),
+        addresses: RelayAddresses {
+            mix: "127.0.0.1:1789".parse().unwrap(),
+            client: None,
+        },
+        roles: Roles {
+            mix: true,
+            ..Roles::default()
+        },
+        link_key: murmur_protocol::link::LinkPublic([4; 32]),
+        sphinx_keys: vec![EpochKey {
+            epoch: 1,
+            key: [5; 32],
+            payment_commitment: commitment_of(&[6; 32]),
+        }],
+        exit_policy: ExitPolicy::reject_all(),
+        price_per_packet: 1,
+        bandwidth: 10,
+        published: 0,
+    };
+    SignedDescriptor::sign(&descriptor, key).unwrap()
 }
 
 fn seed_ticket() -> Ticket {
@@ -189,25 +314,45 @@ fn seed_ticket() -> Ticket {
 
 #[test]
 fn every_target_replays_its_corpus_and_seeds() {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus");
-    for target in TARGETS {
-        let mut inputs = seeds(target);
-        if let Ok(dir) = std::fs::read_dir(root.join(target)) {
-            for entry in dir {
-                inputs.push(std::fs::read(entry.unwrap().path()).unwrap());
-            }
-        }
-        for input in &inputs {
-            fuzz_entry::run(target, input);
-            // Truncations and single-bit flips of each input, too.
-            fuzz_entry::run(target, &input[..input.len() / 2]);
-            for at in [0, input.len() / 3, input.len().saturating_sub(1)] {
-                let mut flipped = input.clone();
-                if let Some(b) = flipped.get_mut(at) {
-                    *b ^= 0x41;
-                }
-                fuzz_entry::run(target, &flipped);
-            }
-        }
+    fuzz_entry::replay_targets("murmur_protocol", TARGETS, seeds, fuzz_entry::run);
+}
+
+/// Every fuzz target is built (a `[[bin]]` of `fuzz/Cargo.toml`) and calls a `fuzz_entry` of a
+/// crate whose corpus replay test runs it.
+#[test]
+fn every_fuzz_target_is_built_and_replayed() {
+    let manifest = std::fs::read_to_string(fuzz_entry::fuzz_dir().join("Cargo.toml")).unwrap();
+    let crates = [
+        "murmur_protocol",
+        "murmur_directory",
+        "murmur_ledger",
+        "murmur_relay",
+        "murmur_client",
+    ];
+    let mut all: Vec<String> = crates
+        .iter()
+        .flat_map(|c| fuzz_entry::targets_of(c))
+        .collect();
+    let files = std::fs::read_dir(fuzz_entry::fuzz_dir().join("fuzz_targets"))
+        .unwrap()
+        .count();
+    assert_eq!(all.len(), files, "a fuzz target calls none of {crates:?}");
+    all.sort();
+    for name in &all {
+        assert!(
+            manifest.contains(&format!(
+                "name = \"{name}\"\npath = \"fuzz_targets/{name}.rs\""
+            )),
+            "fuzz target {name} is not a [[bin]] of fuzz/Cargo.toml"
+        );
     }
+}
+
+/// The failing input of the 2026-12-01 campaign is in the replayed corpus, and passes.
+#[test]
+fn the_content_finding_is_replayed() {
+    let finding = fuzz_entry::fuzz_dir().join("corpus/content/content-decoded-does-not-encode.bin");
+    let bytes = std::fs::read(finding).unwrap();
+    assert!(Content::decode(&bytes).is_err());
+    fuzz_entry::content(&bytes);
 }

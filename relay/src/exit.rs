@@ -149,9 +149,55 @@ struct StreamState {
 }
 
 impl StreamState {
+    /// A stream not connected yet, whose client data goes to `writer`.
+    fn new(
+        writer: Option<mpsc::UnboundedSender<WriterCmd>>,
+        room: Arc<Notify>,
+        cancel: CancellationToken,
+    ) -> Self {
+        StreamState {
+            recv: RecvBuffer::new(STREAM_WINDOW),
+            send: SendBuffer::new(STREAM_WINDOW, REPLY_RTO),
+            queued_to_write: 0,
+            written: 0,
+            ack_resends_left: 0,
+            ack_sent_at: None,
+            fin_sent_at: None,
+            fin_acked: false,
+            connected: false,
+            writer,
+            room,
+            cancel,
+            progress: 0,
+        }
+    }
+
     /// Bytes this stream holds: replies until acknowledged, client data until written.
     fn held(&self) -> usize {
         self.send.unacked_bytes() + self.recv.pending_bytes() + self.queued_to_write
+    }
+
+    /// The client has every reply byte below `offset` (one past the end acknowledges the
+    /// end of data); true if that freed room or acknowledged the end.
+    fn client_ack(&mut self, offset: u64, now: Instant) -> bool {
+        let before = self.held();
+        let mut progress = self.send.ack(offset, now);
+        let freed = before - self.held().min(before);
+        self.progress += freed as u64;
+        if self.send.fin_offset().is_some_and(|f| offset > f) && !self.fin_acked {
+            self.fin_acked = true;
+            progress = true;
+        }
+        progress
+    }
+
+    /// `n` bytes of client data were written to the destination: its stream ack is due.
+    fn wrote(&mut self, n: usize) {
+        self.queued_to_write -= n.min(self.queued_to_write);
+        self.written += n as u64;
+        self.progress += n as u64;
+        self.ack_resends_left = ACK_REPEATS;
+        self.ack_sent_at = None;
     }
 }
 
@@ -210,20 +256,12 @@ impl Exit {
             Err(e) => return drop_packet(e.label()),
         };
         let assembled = match self.reassembler.lock() {
-            Ok(mut r) => {
-                r.expire(now);
-                r.insert_owned(session, piece, now)
-            }
+            Ok(mut r) => reassemble(&mut r, session, piece, now),
             Err(_) => return,
         };
         match assembled {
-            Ok(Assembled::Complete { message, .. }) => {
-                match ClientMessage::decode(&join_client_message(session, &message)) {
-                    Ok(msg) => self.on_message(msg),
-                    Err(e) => drop_packet(e.label()),
-                }
-            }
-            Ok(_) => {}
+            Ok(Some(msg)) => self.on_message(msg),
+            Ok(None) => {}
             Err(murmur_protocol::Error::ReassemblyFull(what)) => {
                 refused(if what == OWNER_MESSAGES || what == OWNER_BYTES {
                     "session_partial_messages"
@@ -391,14 +429,7 @@ impl Exit {
                     ClientItem::Ack { stream, offset } => {
                         if let Some(s) = st.streams.get_mut(&stream) {
                             let before = s.held();
-                            let mut progress = s.send.ack(offset, now);
-                            let freed = before - s.held().min(before);
-                            s.progress += freed as u64;
-                            if s.send.fin_offset().is_some_and(|f| offset > f) && !s.fin_acked {
-                                s.fin_acked = true;
-                                progress = true;
-                            }
-                            if progress {
+                            if s.client_ack(offset, now) {
                                 s.room.notify_one();
                             }
                             let after = s.held();
@@ -511,21 +542,7 @@ impl Exit {
         let room = Arc::new(Notify::new());
         st.streams.insert(
             stream,
-            StreamState {
-                recv: RecvBuffer::new(STREAM_WINDOW),
-                send: SendBuffer::new(STREAM_WINDOW, REPLY_RTO),
-                queued_to_write: 0,
-                written: 0,
-                ack_resends_left: 0,
-                ack_sent_at: None,
-                fin_sent_at: None,
-                fin_acked: false,
-                connected: false,
-                writer: Some(tx),
-                room: room.clone(),
-                cancel: cancel.clone(),
-                progress: 0,
-            },
+            StreamState::new(Some(tx), room.clone(), cancel.clone()),
         );
         let exit = self.clone();
         let session = session.clone();
@@ -633,11 +650,7 @@ impl Exit {
                                 && let Some(s) = st.streams.get_mut(&stream)
                             {
                                 let before = s.held();
-                                s.queued_to_write -= bytes.len().min(s.queued_to_write);
-                                s.written += bytes.len() as u64;
-                                s.progress += bytes.len() as u64;
-                                s.ack_resends_left = ACK_REPEATS;
-                                s.ack_sent_at = None;
+                                s.wrote(bytes.len());
                                 let after = s.held();
                                 self.account(&mut st, before, after);
                             }
@@ -912,6 +925,23 @@ impl Exit {
 /// Ask the session's streams for room again this often while the byte budget is spent.
 const BUDGET_RETRY: Duration = Duration::from_millis(50);
 
+/// Takes a fragment of `session`'s (without its session id) into the reassembler, charged
+/// to the session; the client message, once it is whole.
+fn reassemble(
+    r: &mut Reassembler,
+    session: u64,
+    piece: Fragment,
+    now: Instant,
+) -> murmur_protocol::Result<Option<ClientMessage>> {
+    r.expire(now);
+    match r.insert_owned(session, piece, now)? {
+        Assembled::Complete { message, .. } => {
+            ClientMessage::decode(&join_client_message(session, &message)).map(Some)
+        }
+        _ => Ok(None),
+    }
+}
+
 /// The reassembler's bounds: one session may hold a [`FULL_SESSIONS`]th of them.
 fn reassembly_limits() -> ReassemblyLimits {
     let global = ReassemblyLimits::default();
@@ -1061,6 +1091,9 @@ fn build_message(st: &mut SessionState, now: Instant) -> Option<ExitMessage> {
     }
     (!items.is_empty()).then_some(ExitMessage { items })
 }
+
+#[doc(hidden)]
+pub mod fuzz;
 
 #[cfg(test)]
 mod tests {

@@ -6,6 +6,8 @@ pub mod client_link;
 pub mod config;
 pub mod error;
 pub mod exit;
+#[doc(hidden)]
+pub mod fuzz_entry;
 pub mod gateway;
 pub mod inbox;
 pub mod keys;
