@@ -60,7 +60,8 @@ impl PathRules {
             .max_price_per_hop
             .map_or_else(|| "none".to_owned(), |c| c.to_string());
         Error::Path(format!(
-            "no {what} meets the path preferences: {removed} are priced above the cap              ({cap} per packet) or score below the minimum performance ({}/1000)",
+            "no {what} meets the path preferences: {removed} are priced above the cap \
+             ({cap} per packet) or score below the minimum performance ({}/1000)",
             self.min_performance
         ))
     }
