@@ -16,7 +16,7 @@ use murmur_protocol::PAYLOAD_SIZE;
 use murmur_protocol::directory::Consensus;
 use murmur_protocol::frame::Frame;
 use murmur_protocol::packet::SurbId;
-use murmur_protocol::session::{ClientSession, Event, SessionStats};
+use murmur_protocol::session::{ClientSession, Event, SessionError, SessionStats};
 use murmur_protocol::stream::{StreamId, Target};
 use murmur_protocol::time::Instant;
 use tokio::sync::{mpsc, oneshot};
@@ -30,7 +30,7 @@ pub enum Cmd {
         target: Target,
         isolation: Option<(Vec<u8>, Vec<u8>)>,
         events: mpsc::UnboundedSender<Event>,
-        reply: oneshot::Sender<Result<StreamId, String>>,
+        reply: oneshot::Sender<Result<StreamId, SessionError>>,
     },
     Write {
         stream: StreamId,
@@ -145,6 +145,7 @@ fn run(
     let mut streams: HashMap<StreamId, mpsc::UnboundedSender<Event>> = HashMap::new();
     while !stop.load(Ordering::Relaxed) {
         let t = now();
+        session.handle_timeout(t);
         while let Some(frame) = session.poll_transmit(t, &mut rng) {
             if frames.try_send(frame).is_err() {
                 // The gateway link is down or slow: the packet is lost like any other, and
@@ -153,15 +154,11 @@ fn run(
             }
         }
         while let Some(event) = session.poll_event() {
-            let id = match &event {
-                Event::Opened(s)
-                | Event::Refused(s, _)
-                | Event::Data(s, _)
-                | Event::Eof(s)
-                | Event::Reset(s, _)
-                | Event::Writable(s) => *s,
-            };
-            let ends = matches!(event, Event::Refused(..) | Event::Reset(..));
+            let id = event.stream();
+            let ends = event.ends_stream();
+            if let Event::Failed(_, why) = &event {
+                tracing::debug!(reason = why.label(), "stream failed: {why}");
+            }
             if let Some(tx) = streams.get(&id)
                 && tx.send(event).is_err()
             {
@@ -198,9 +195,7 @@ fn run(
                     events,
                     reply,
                 } => {
-                    let result = session
-                        .open_stream(target, isolation, &mut rng)
-                        .map_err(|e| e.to_string());
+                    let result = session.open_stream(target, isolation, &mut rng);
                     if let Ok(id) = result {
                         streams.insert(id, events);
                     }

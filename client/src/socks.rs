@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use murmur_protocol::session::Event;
+use murmur_protocol::session::{Event, SessionError};
 use murmur_protocol::socks::{SocksHandshake, Step, connect_reply, reply};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -136,11 +136,17 @@ async fn connection(
     }
     let stream = match reply_rx.await {
         Ok(Ok(id)) => id,
-        Ok(Err(_)) => {
-            // No exit allows it (or no path): say so at once.
+        Ok(Err(e)) => {
+            // No exit allows it, no path, or the session is full: say so at once.
             stats.refused_by_exit.fetch_add(1, Ordering::Relaxed);
-            let _ = socket.write_all(&connect_reply(reply::NOT_ALLOWED)).await;
-            return Err("no exit allows the destination");
+            let _ = socket.write_all(&connect_reply(e.socks_code())).await;
+            return Err(match e {
+                SessionError::NoExit => "no exit allows the destination",
+                SessionError::TooManyExitSessions { .. } | SessionError::TooManyStreams { .. } => {
+                    "the session is at its cap"
+                }
+                _ => "the session cannot open the stream",
+            });
         }
         Err(_) => return Err("session stopped"),
     };
@@ -151,6 +157,11 @@ async fn connection(
             stats.refused_by_exit.fetch_add(1, Ordering::Relaxed);
             let _ = socket.write_all(&connect_reply(code)).await;
             return Err("exit refused the stream");
+        }
+        Ok(Some(Event::Failed(_, why))) => {
+            // The session gave up (no route, the exit left, nothing acknowledged).
+            let _ = socket.write_all(&connect_reply(why.socks_code())).await;
+            return Err("the session could not reach the exit");
         }
         Ok(_) => {
             let _ = socket
@@ -203,7 +214,7 @@ async fn connection(
                     let _ = wr.shutdown().await;
                 }
                 Some(Event::Writable(_)) => write_to_session(&session, stream, &mut unsent).await?,
-                Some(Event::Reset(..) | Event::Refused(..)) | None => {
+                Some(Event::Reset(..) | Event::Refused(..) | Event::Failed(..)) | None => {
                     return Err("stream reset");
                 }
                 Some(Event::Opened(_)) => {}

@@ -254,6 +254,11 @@ pub enum Error {
     /// A transport message does not decrypt: altered, replayed, reordered or not this link's.
     #[error("link message does not decrypt (altered, replayed or reordered)")]
     LinkDecrypt,
+
+    // ---- subsystems with their own errors ----
+    /// The client session's error ([`crate::session::SessionError`]).
+    #[error(transparent)]
+    Session(#[from] crate::session::SessionError),
 }
 
 /// Result with the protocol error.
@@ -310,6 +315,8 @@ impl Error {
             Error::LinkHandshake(_) => "link_handshake",
             Error::LinkLength { .. } => "link_length",
             Error::LinkDecrypt => "link_decrypt",
+            Error::Session(crate::session::SessionError::Bug(_)) => "bug",
+            Error::Session(_) => "session",
         }
     }
 }

@@ -238,6 +238,11 @@ fn put_target(out: &mut Vec<u8>, t: &Target) -> Result<()> {
 /// Bytes of the session id that starts every fragment of a client message.
 pub const SESSION_ID_LEN: usize = 8;
 
+/// An exit forgets a session with no streams after this long without a message from its
+/// client, and the reply blocks it held with it; the client forgets its side (and the keys of
+/// those blocks) no later (see `crate::session::exits`).
+pub const SESSION_IDLE: std::time::Duration = std::time::Duration::from_secs(600);
+
 /// Cuts an encoded [`ClientMessage`] into fragments of at most `fragment_data_len` data bytes
 /// that each start with its session id (the encoding's first 8 bytes); a message that fits
 /// one fragment is that fragment, unchanged.

@@ -20,7 +20,7 @@ use murmur_protocol::packet::{
 };
 use murmur_protocol::payer::{Payer, PayerConfig};
 use murmur_protocol::payload::Content;
-use murmur_protocol::session::{ClientSession, Event, SessionConfig};
+use murmur_protocol::session::{ClientSession, Event, SessionConfig, StreamFailure};
 use murmur_protocol::stream::{ClientItem, ClientMessage, ExitItem, ExitMessage, Refusal, Target};
 use murmur_protocol::surb::ReplyBlock;
 use murmur_protocol::ticket::Ticket;
@@ -265,6 +265,7 @@ fn drive(
     let mut events = Vec::new();
     for _ in 0..steps {
         now = now + Duration::from_millis(5);
+        session.handle_timeout(now);
         while let Some(frame) = session.poll_transmit(now, rng) {
             match frame {
                 Frame::Forward {
@@ -301,12 +302,22 @@ fn drive(
 }
 
 fn session_for(net: &Net, rng: &mut ChaCha20Rng) -> ClientSession {
+    session_with(net, rng, |_| {})
+}
+
+/// A session with the tests' settings, then `adjust`'s.
+fn session_with(
+    net: &Net,
+    rng: &mut ChaCha20Rng,
+    adjust: impl FnOnce(&mut SessionConfig),
+) -> ClientSession {
     let mut config = SessionConfig::new(net.client);
     // At 40% loss per crossing a packet and its ack both arrive with probability 0.36, so
     // eight attempts fail 2.8% of the time; allow enough that the test never does.
     config.max_attempts = 40;
     config.ack_slack = Duration::from_millis(100);
     config.path_rules = PathRules::default();
+    adjust(&mut config);
     ClientSession::new(
         config,
         net.consensus.clone(),
@@ -537,4 +548,112 @@ fn junk_deliveries_cost_the_client_nothing() {
     session.handle_delivery(own, &payload, Instant::ZERO, &mut rng);
     let stats = session.stats();
     assert_eq!((stats.gateway_frames, stats.duplicate_deliveries), (1, 1));
+}
+
+/// Opens a stream to example.com:80 and runs the session until the exit opened it (1 s).
+fn open_one(
+    net: &mut Net,
+    session: &mut ClientSession,
+    rng: &mut ChaCha20Rng,
+) -> (murmur_protocol::stream::StreamId, Instant) {
+    let id = session
+        .open_stream(Target::Host("example.com".into(), 80), None, rng)
+        .unwrap();
+    let (events, now) = drive(net, session, rng, Instant::ZERO, 200);
+    assert!(events.contains(&Event::Opened(id)), "{events:?}");
+    (id, now)
+}
+
+/// Every mix of one layer dies (every route crosses every layer, so the network loses every
+/// packet): the relays on the lost packets' routes become suspect until all of a layer are.
+/// Suspicion never empties a layer (the path selector then keeps all of it), so the message
+/// goes on being re-sent through the dead layer, and after `max_attempts` the stream fails
+/// with a stream error, counted: it does not hang.
+#[test]
+fn when_every_mix_of_a_layer_is_suspect_the_stream_fails_not_hangs() {
+    let mut net = Net::new(21, 0.0);
+    let mut rng = ChaCha20Rng::seed_from_u64(22);
+    let mut session = session_with(&net, &mut rng, |c| c.max_attempts = 6);
+    let (id, now) = open_one(&mut net, &mut session, &mut rng);
+    net.loss = 1.0;
+    assert_eq!(session.write(id, b"more"), 4);
+    let (events, _) = drive(&mut net, &mut session, &mut rng, now, 2000);
+    assert!(
+        events.contains(&Event::Failed(id, StreamFailure::NotAcknowledged)),
+        "{events:?} {:?}",
+        session.stats()
+    );
+    let stats = session.stats();
+    assert_eq!(stats.streams_unacknowledged, 1, "{stats:?}");
+    assert!(stats.retransmits >= 5, "{stats:?}");
+    assert_eq!(session.state_size().pending, 0);
+}
+
+/// Every mix of one layer leaves the consensus mid-stream: no route can be built at all.
+/// The stream's next message stays in the ARQ (it is not dropped), is tried again each tick,
+/// and after `no_path_timeout` the stream fails with a stream error, counted. A consensus
+/// that lists the layer again carries a new stream.
+#[test]
+fn when_a_layer_leaves_the_consensus_the_stream_fails_with_no_path() {
+    let mut net = Net::new(25, 0.0);
+    let mut rng = ChaCha20Rng::seed_from_u64(26);
+    let mut session = session_with(&net, &mut rng, |c| {
+        c.no_path_timeout = Duration::from_secs(5)
+    });
+    let (id, now) = open_one(&mut net, &mut session, &mut rng);
+
+    let full = net.consensus.clone();
+    let mut without_layer = (*full).clone();
+    without_layer.relays.retain(|r| r.layer != Some(2));
+    session
+        .set_consensus(Arc::new(without_layer), now, &mut rng)
+        .unwrap();
+    assert_eq!(session.write(id, b"more"), 4);
+    // 10 s: `no_path_timeout` and some.
+    let (events, now) = drive(&mut net, &mut session, &mut rng, now, 2000);
+    assert!(
+        events.contains(&Event::Failed(id, StreamFailure::NoPath)),
+        "{events:?} {:?}",
+        session.stats()
+    );
+    let stats = session.stats();
+    assert_eq!(stats.streams_no_path, 1, "{stats:?}");
+    assert!(stats.builds_deferred > 0, "{stats:?}");
+    assert_eq!(session.state_size().stalled, 0);
+
+    session.set_consensus(full, now, &mut rng).unwrap();
+    let again = session
+        .open_stream(Target::Host("example.com".into(), 80), None, &mut rng)
+        .unwrap();
+    let (events, _) = drive(&mut net, &mut session, &mut rng, now, 400);
+    assert!(events.contains(&Event::Opened(again)), "{events:?}");
+}
+
+/// The exit leaves the consensus while a stream through it is open (the stream has more to
+/// send): no packet can reach it any more, so the stream fails at once with a stream error,
+/// counted, and nothing of it stays in the session.
+#[test]
+fn an_exit_leaving_the_consensus_mid_stream_fails_its_streams() {
+    let mut net = Net::new(23, 0.0);
+    let mut rng = ChaCha20Rng::seed_from_u64(24);
+    let mut session = session_for(&net, &mut rng);
+    let (id, now) = open_one(&mut net, &mut session, &mut rng);
+    assert_eq!(session.write(id, b"GET / HTTP/1.0\r\n"), 16);
+
+    let mut without_exit = (*net.consensus).clone();
+    without_exit.relays.retain(|r| !r.roles.exit);
+    session
+        .set_consensus(Arc::new(without_exit), now, &mut rng)
+        .unwrap();
+    // The application writes on; the session must not swallow it.
+    session.write(id, b"\r\n");
+    let (events, _) = drive(&mut net, &mut session, &mut rng, now, 2000);
+    assert!(
+        events.contains(&Event::Failed(id, StreamFailure::ExitLeftConsensus)),
+        "{events:?} {:?}",
+        session.stats()
+    );
+    assert_eq!(session.stats().streams_exit_left, 1);
+    let size = session.state_size();
+    assert_eq!((size.streams, size.exit_sessions, size.pending), (0, 0, 0));
 }

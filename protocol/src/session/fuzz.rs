@@ -229,6 +229,7 @@ impl Harness {
     fn transmit(&mut self) {
         let net = net();
         for _ in 0..FRAMES_PER_STEP {
+            self.session.handle_timeout(self.now);
             let Some(frame) = self.session.poll_transmit(self.now, &mut self.rng) else {
                 return;
             };
@@ -463,12 +464,12 @@ impl Harness {
         assert!(s.loops.len() as u64 <= self.stats.loops_sent);
         assert!(s.streams.len() <= self.opened.len());
         assert!(s.events.is_empty());
-        assert!(s.recent_deliveries.len() <= super::RECENT_DELIVERIES);
-        for (index, exit) in s.exits.iter().enumerate() {
-            let keys = s.reply_keys.values().filter(|k| k.1 == index).count();
+        assert!(s.recent_deliveries.len() <= super::delivery::RECENT_DELIVERIES);
+        for (index, exit) in s.exits.iter() {
+            let keys = s.reply_keys.values().filter(|k| k.exit == *index).count();
             assert!(
-                keys <= super::max_reply_keys(SURBS_TARGET),
-                "exit session {index} holds {keys} reply keys ({} blocks issued)",
+                keys <= super::reply_blocks::max_reply_keys(SURBS_TARGET),
+                "exit session {index:?} holds {keys} reply keys ({} blocks issued)",
                 exit.surbs_issued
             );
         }

@@ -1,0 +1,381 @@
+//! Acknowledgements and retransmission, and the rule that no message is lost silently.
+//!
+//! A message, once composed from its streams' state, is in exactly one place until it is
+//! acknowledged or its streams are failed:
+//! - *pending*: built and sent (or queued for its send tick), waiting for its SURB-ACK until
+//!   its deadline, `1.5 × (its delays) + ack_slack`;
+//! - *to retransmit*: its deadline passed; it is rebuilt on a fresh route at the next tick;
+//! - *stalled*: building it failed (no route: the suspect set or the path preferences leave a
+//!   layer empty, or a relay has no key for the epoch; or a bug). It is tried again at each
+//!   later tick, without using up an attempt.
+//!
+//! It leaves only by: an acknowledgement; `max_attempts` sends without one (its streams fail
+//! with [`StreamFailure::NotAcknowledged`]); staying stalled for `no_path_timeout` (its
+//! streams fail with [`StreamFailure::NoPath`], or [`StreamFailure::Bug`] if the build failed
+//! for a bug); or its exit leaving the consensus (its streams fail with
+//! [`StreamFailure::ExitLeftConsensus`] at once: no packet can reach that exit). Each is
+//! counted in [`super::SessionStats`]. While any message is stalled no new one is composed,
+//! so stream data stays in the streams' buffers (bounded by their windows) rather than piling
+//! up in messages.
+//!
+//! Suspects. Relays on the routes of lost packets are counted by consecutive losses; an
+//! acknowledged packet clears the relays on its routes. Relays at [`SUSPECT_AFTER`] are left
+//! out of new paths, so retransmissions route around a dead mix. Suspicion never leaves a
+//! layer empty ([`crate::directory::path::PathSelector::excluding`] keeps a layer whose every
+//! relay is suspect): when every mix of a layer is suspect, messages go on through that layer
+//! and fail by `max_attempts`. What makes a route impossible is the consensus (a layer, or
+//! every mix of it the path preferences allow, gone; keys missing for the epoch).
+
+use std::time::Duration;
+
+use rand::{CryptoRng, RngExt};
+
+use super::exits::ExitRef;
+use super::routes::Queued;
+use super::{ClientSession, StreamFailure};
+use crate::directory::IdentityKey;
+use crate::fragment::Fragment;
+use crate::payload::Content;
+use crate::stream::StreamId;
+use crate::surb::ReplyKey;
+use crate::time::Instant;
+
+/// Consecutive lost packets after which a relay is left out of new paths.
+pub const SUSPECT_AFTER: u32 = 2;
+
+/// A message for an exit session, and what it carries.
+pub(super) struct Outgoing {
+    pub(super) exit: ExitRef,
+    pub(super) fragment: Fragment,
+    pub(super) streams: Vec<StreamId>,
+    /// Times it was sent so far.
+    pub(super) attempts: u32,
+}
+
+impl Outgoing {
+    pub(super) fn heap_bytes(&self) -> usize {
+        self.fragment.data.len() + self.streams.len() * std::mem::size_of::<StreamId>()
+    }
+}
+
+/// A packet waiting for its acknowledgement.
+pub(super) struct Pending {
+    pub(super) out: Outgoing,
+    /// The mixes of its forward route and of its SURB-ACK's route.
+    pub(super) relays: Vec<IdentityKey>,
+    /// The mixes of its SURB-ACK's route alone: paid when the acknowledgement arrives.
+    pub(super) ack_relays: Vec<IdentityKey>,
+    pub(super) deadline: Instant,
+    pub(super) key: ReplyKey,
+}
+
+impl Pending {
+    pub(super) fn heap_bytes(&self) -> usize {
+        self.out.heap_bytes()
+            + (self.relays.len() + self.ack_relays.len()) * std::mem::size_of::<IdentityKey>()
+    }
+}
+
+/// A message that could not be built, since `since`.
+pub(super) struct Stalled {
+    pub(super) out: Outgoing,
+    pub(super) since: Instant,
+    /// Whether the last failure was a bug rather than a missing route.
+    pub(super) bug: bool,
+}
+
+/// Why a message could not be built.
+pub(super) enum BuildFailure {
+    /// Its exit is not in the consensus: it never will be, with this exit session.
+    ExitGone,
+    /// No route now (suspects, preferences, keys): maybe later.
+    NoRoute,
+    /// A bug: building what the session composed failed.
+    Bug,
+}
+
+impl ClientSession {
+    /// Builds `out` into a packet to its exit with a fresh SURB-ACK on fresh routes, and
+    /// records it pending. On failure hands `out` back, untouched.
+    pub(super) fn transmit<R: CryptoRng + ?Sized>(
+        &mut self,
+        now: Instant,
+        rng: &mut R,
+        out: Outgoing,
+    ) -> std::result::Result<Queued, (Outgoing, BuildFailure)> {
+        let Some(exit) = self
+            .exits
+            .get(&out.exit)
+            .and_then(|e| self.consensus.relay(&e.exit))
+            .filter(|r| r.roles.exit)
+            .cloned()
+        else {
+            return Err((out, BuildFailure::ExitGone));
+        };
+        // Every route first: a failure here costs no Sphinx work.
+        let Ok(ack_route) = self.reply_route(rng, Some(&exit)) else {
+            return Err((out, BuildFailure::NoRoute));
+        };
+        let Ok((mut route, mut payees)) = self.mix_route(rng, Some(&exit)) else {
+            return Err((out, BuildFailure::NoRoute));
+        };
+        let Ok(exit_hop) = exit.route_hop(self.consensus.epoch) else {
+            return Err((out, BuildFailure::NoRoute));
+        };
+        let Ok((ack, key, ack_delay)) = self.build_reply_block(rng, &ack_route) else {
+            self.stats.bugs += 1;
+            return Err((out, BuildFailure::Bug));
+        };
+        let ack_relays = ack_route.relays;
+        let mut relays = ack_relays.clone();
+        relays.extend(payees.iter().copied());
+        route.push(exit_hop);
+        payees.push(exit.identity);
+        let delays = self.delay.sample_n(rng, route.len());
+        let forward_delay: Duration = delays[..delays.len() - 1].iter().sum();
+        let content = Content::DataWithAck {
+            ack,
+            fragment: out.fragment.clone(),
+        };
+        let sealed = self.seal(
+            rng,
+            now,
+            &route,
+            &payees,
+            &delays,
+            exit.address(),
+            [0; 16],
+            &content,
+        );
+        let Ok(frame) = sealed else {
+            self.stats.bugs += 1;
+            return Err((out, BuildFailure::Bug));
+        };
+        let rto = (forward_delay + ack_delay).mul_f64(1.5) + self.config.ack_slack;
+        let deadline = now + rto;
+        let id = key.surb_id();
+        self.deadlines.insert((deadline, id), ());
+        if let Some(e) = self.exits.get_mut(&out.exit) {
+            e.last_active = now;
+        }
+        self.pending.insert(
+            id,
+            Pending {
+                out: Outgoing {
+                    attempts: out.attempts + 1,
+                    ..out
+                },
+                relays,
+                ack_relays,
+                deadline,
+                key,
+            },
+        );
+        Ok(Queued { frame })
+    }
+
+    /// The next real packet: a stalled message first, then a retransmission, then a new
+    /// message for some exit.
+    pub(super) fn next_real<R: CryptoRng + ?Sized>(
+        &mut self,
+        now: Instant,
+        rng: &mut R,
+    ) -> Option<Queued> {
+        if let Some(stalled) = self.stalled.pop_front() {
+            // If it still finds no route, it waits for a later tick (the others would fail
+            // alike).
+            return self.send_or_stall(now, rng, stalled.out, stalled.since, true);
+        }
+        while let Some(id) = self.retransmit.pop_front() {
+            if let Some(p) = self.take_pending(&id) {
+                return self.send_or_stall(now, rng, p.out, now, false);
+            }
+        }
+        let order = self.round_robin_order();
+        for exit in order {
+            let Some((message, streams)) = self.compose(exit, now, rng) else {
+                continue;
+            };
+            self.round_robin = exit;
+            let data = match message.encode() {
+                Ok(data) => data,
+                Err(_) => {
+                    // Composing keeps within the packet's budget; a message that does not
+                    // encode is a bug, and its streams cannot go on.
+                    self.stats.bugs += 1;
+                    self.fail_streams(&streams, StreamFailure::Bug);
+                    return None;
+                }
+            };
+            let out = Outgoing {
+                exit,
+                fragment: Fragment {
+                    message_id: rng.random(),
+                    index: 0,
+                    count: 1,
+                    data,
+                },
+                streams,
+                attempts: 0,
+            };
+            return self.send_or_stall(now, rng, out, now, false);
+        }
+        None
+    }
+
+    /// Transmits `out`, or stalls it (waiting for a route since `since`; `oldest` if it was
+    /// the oldest stalled already).
+    fn send_or_stall<R: CryptoRng + ?Sized>(
+        &mut self,
+        now: Instant,
+        rng: &mut R,
+        out: Outgoing,
+        since: Instant,
+        oldest: bool,
+    ) -> Option<Queued> {
+        let resend = out.attempts > 0;
+        match self.transmit(now, rng, out) {
+            Ok(q) => {
+                self.stats.retransmits += u64::from(resend);
+                Some(q)
+            }
+            Err((out, why)) => {
+                self.stall(out, why, since, oldest);
+                None
+            }
+        }
+    }
+
+    /// Exit sessions in the order the next message is looked for: after the last one served.
+    fn round_robin_order(&self) -> Vec<ExitRef> {
+        let after = self.round_robin;
+        self.exits
+            .range(after..)
+            .skip_while(|(r, _)| **r == after)
+            .chain(self.exits.range(..=after))
+            .map(|(r, _)| *r)
+            .collect()
+    }
+
+    /// Keeps `out` to try again on a later tick (at the front if it was the oldest already),
+    /// or fails its streams at once if its exit is gone.
+    fn stall(&mut self, out: Outgoing, why: BuildFailure, since: Instant, oldest: bool) {
+        self.stats.builds_deferred += 1;
+        let bug = match why {
+            BuildFailure::ExitGone => {
+                self.fail_streams(&out.streams, StreamFailure::ExitLeftConsensus);
+                return;
+            }
+            BuildFailure::NoRoute => false,
+            BuildFailure::Bug => true,
+        };
+        let stalled = Stalled { out, since, bug };
+        if oldest {
+            self.stalled.push_front(stalled);
+        } else {
+            self.stalled.push_back(stalled);
+        }
+    }
+
+    /// When the oldest stalled message is given up.
+    pub(super) fn no_path_deadline(&self) -> Option<Instant> {
+        self.stalled
+            .front()
+            .map(|s| s.since + self.config.no_path_timeout)
+    }
+
+    /// Fails the streams of messages stalled for `no_path_timeout`.
+    pub(super) fn give_up_unroutable(&mut self, now: Instant) {
+        let timeout = self.config.no_path_timeout;
+        while let Some(s) = self.stalled.front() {
+            if s.since + timeout > now {
+                break;
+            }
+            let Some(s) = self.stalled.pop_front() else {
+                break;
+            };
+            let why = if s.bug {
+                StreamFailure::Bug
+            } else {
+                StreamFailure::NoPath
+            };
+            self.fail_streams(&s.out.streams, why);
+        }
+    }
+
+    /// Removes a pending packet and its deadline.
+    pub(super) fn take_pending(&mut self, id: &crate::packet::SurbId) -> Option<Pending> {
+        let p = self.pending.remove(id)?;
+        self.deadlines.remove(&(p.deadline, *id));
+        Some(p)
+    }
+
+    /// The packet `p` was acknowledged: the relays on its routes are cleared of suspicion.
+    pub(super) fn acknowledged(&mut self, p: &Pending) {
+        self.stats.acks += 1;
+        for r in &p.relays {
+            self.suspects.remove(r);
+        }
+        if let Some(e) = self.exits.get_mut(&p.out.exit) {
+            e.last_active = self.now;
+        }
+    }
+
+    /// When the earliest pending packet's acknowledgement is overdue.
+    pub(super) fn retransmit_deadline(&self) -> Option<Instant> {
+        self.deadlines.keys().next().map(|(t, _)| *t)
+    }
+
+    /// Queues packets whose acknowledgement is overdue to be re-sent, suspecting the relays
+    /// on their routes, or fails their streams after the last attempt.
+    pub(super) fn expire_unacknowledged(&mut self, now: Instant) {
+        while let Some((&(t, id), _)) = self.deadlines.iter().next() {
+            if t > now {
+                break;
+            }
+            self.deadlines.remove(&(t, id));
+            let Some(p) = self.pending.get(&id) else {
+                continue;
+            };
+            if p.attempts() >= self.config.max_attempts {
+                if let Some(p) = self.pending.remove(&id) {
+                    self.fail_streams(&p.out.streams, StreamFailure::NotAcknowledged);
+                }
+                continue;
+            }
+            for r in &p.relays {
+                *self.suspects.entry(*r).or_insert(0) += 1;
+            }
+            self.retransmit.push_back(id);
+        }
+    }
+
+    /// Drops what is in flight for `exit` (its exit is gone; its streams were failed).
+    pub(super) fn drop_in_flight(&mut self, exit: ExitRef) {
+        let ids: Vec<_> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| p.out.exit == exit)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in ids {
+            self.take_pending(&id);
+        }
+        self.stalled.retain(|s| s.out.exit != exit);
+    }
+
+    /// Relays suspected enough to be left out of new paths.
+    pub(super) fn suspected(&self) -> Vec<IdentityKey> {
+        self.suspects
+            .iter()
+            .filter(|(_, n)| **n >= SUSPECT_AFTER)
+            .map(|(k, _)| *k)
+            .collect()
+    }
+}
+
+impl Pending {
+    fn attempts(&self) -> u32 {
+        self.out.attempts
+    }
+}

@@ -1,0 +1,179 @@
+//! Composing: one message for an exit session, filling one packet, from what its streams have
+//! waiting: resets of abandoned streams, opens (and opens whose answer is overdue), acks of
+//! the exit's data, reply blocks, data within each stream's window, and ends of data.
+//!
+//! Composing cannot fail: what it takes from the streams is in the message it returns, and
+//! from there the ARQ answers for it ([`super::arq`]).
+
+use rand::CryptoRng;
+
+use super::ClientSession;
+use super::exits::ExitRef;
+use super::streams::StreamState;
+use crate::payload::FORWARD_FRAGMENT_DATA_LEN;
+use crate::stream::{
+    CLIENT_MESSAGE_OVERHEAD, ClientItem, ClientMessage, DATA_ITEM_OVERHEAD, StreamId,
+};
+use crate::time::Instant;
+
+/// Encoded sizes of the fixed-size items.
+const RESET_ITEM_LEN: usize = 5;
+const OFFSET_ITEM_LEN: usize = 13;
+
+impl ClientSession {
+    /// One message for exit session `exit`, or `None` if nothing waits; with the streams it
+    /// carries.
+    pub(super) fn compose<R: CryptoRng + ?Sized>(
+        &mut self,
+        exit: ExitRef,
+        now: Instant,
+        rng: &mut R,
+    ) -> Option<(ClientMessage, Vec<StreamId>)> {
+        let budget = FORWARD_FRAGMENT_DATA_LEN - CLIENT_MESSAGE_OVERHEAD;
+        let mut used = 0;
+        let mut items = Vec::new();
+        let mut carried = Vec::new();
+        let session = self.exits.get(&exit)?;
+        let session_id = session.id;
+        let stream_ids = session.streams.clone();
+        // Resets of aborted streams.
+        let mut keep = std::collections::VecDeque::new();
+        while let Some((e, stream)) = self.aborted.pop_front() {
+            if e == exit && used + RESET_ITEM_LEN <= budget {
+                items.push(ClientItem::Reset { stream });
+                used += RESET_ITEM_LEN;
+            } else {
+                keep.push_back((e, stream));
+            }
+        }
+        self.aborted = keep;
+        let mut wants_surbs = false;
+        let mut reopened = false;
+        let reply_timeout = self.config.reply_timeout;
+        for &id in &stream_ids {
+            let Some(s) = self.streams.get_mut(&id) else {
+                continue;
+            };
+            let unanswered = s.state == StreamState::Opening
+                && s.open_sent
+                && now.saturating_duration_since(s.open_sent_at) >= reply_timeout;
+            if !s.open_sent || unanswered {
+                let item = ClientItem::Open {
+                    stream: id,
+                    target: s.target.clone(),
+                };
+                if used + item.encoded_len() > budget {
+                    break;
+                }
+                used += item.encoded_len();
+                items.push(item);
+                s.open_sent = true;
+                s.open_sent_at = now;
+                carried.push(id);
+                wants_surbs = true;
+                // Its reply blocks may have been spent on the lost answer.
+                reopened |= unanswered;
+            }
+            let consumed = s.recv.delivered() - s.unconsumed;
+            let ack = consumed + u64::from(s.recv.is_finished() && s.unconsumed == 0);
+            if ack > s.acked_sent && used + OFFSET_ITEM_LEN <= budget {
+                items.push(ClientItem::Ack {
+                    stream: id,
+                    offset: ack,
+                });
+                used += OFFSET_ITEM_LEN;
+                s.acked_sent = ack;
+            }
+            if s.state == StreamState::Open || !s.outbox.is_empty() {
+                wants_surbs = true;
+            }
+        }
+        // Reply blocks: keep the exit stocked while it has streams, and top up an exit that
+        // went quiet with streams still open.
+        let active = stream_ids
+            .iter()
+            .any(|id| self.streams.get(id).is_some_and(|s| !s.eof_reported));
+        let session = self.exits.get_mut(&exit)?;
+        if reopened {
+            session.surbs_at_exit = 0;
+        }
+        let quiet = active
+            && now.saturating_duration_since(session.last_heard) >= reply_timeout
+            && now.saturating_duration_since(session.last_topup) >= reply_timeout;
+        let stocked = if quiet { 0 } else { session.surbs_at_exit };
+        let target = if stream_ids.is_empty() {
+            0
+        } else {
+            self.config.surbs_target
+        };
+        let mut blocks = Vec::new();
+        if (wants_surbs || quiet) && stocked < target {
+            blocks = self.issue_reply_blocks(exit, target - stocked, budget - used, now, rng);
+            if !blocks.is_empty() {
+                used += 2 + blocks.len() * crate::surb::REPLY_BLOCK_LEN;
+            }
+        }
+        // Data within each stream's window, then ends of data.
+        let window = self.stream_window();
+        for &id in &stream_ids {
+            let Some(s) = self.streams.get_mut(&id) else {
+                continue;
+            };
+            if !s.open_sent {
+                continue;
+            }
+            let room = budget.saturating_sub(used + DATA_ITEM_OVERHEAD);
+            let take = s.outbox.len().min(room).min(s.send_room(window));
+            if take > 0 {
+                let bytes: Vec<u8> = s.outbox.drain(..take).collect();
+                items.push(ClientItem::Data {
+                    stream: id,
+                    offset: s.sent,
+                    bytes,
+                });
+                used += DATA_ITEM_OVERHEAD + take;
+                s.sent += take as u64;
+                carried.push(id);
+            }
+            if s.app_closed
+                && s.outbox.is_empty()
+                && !s.fin_sent
+                && used + OFFSET_ITEM_LEN <= budget
+            {
+                items.push(ClientItem::Fin {
+                    stream: id,
+                    offset: s.sent,
+                });
+                used += OFFSET_ITEM_LEN;
+                s.fin_sent = true;
+                carried.push(id);
+            }
+        }
+        if !blocks.is_empty() {
+            items.push(ClientItem::Surbs(blocks));
+        }
+        let finished: Vec<StreamId> = stream_ids
+            .iter()
+            .copied()
+            .filter(|id| self.streams.get(id).is_some_and(|s| s.finished()))
+            .collect();
+        for id in finished {
+            self.end_stream(id);
+        }
+        if items.is_empty() {
+            return None;
+        }
+        if let Some(e) = self.exits.get_mut(&exit) {
+            e.last_active = now;
+        }
+        carried.sort_unstable();
+        carried.dedup();
+        Some((
+            ClientMessage {
+                session: session_id,
+                items,
+            },
+            carried,
+        ))
+    }
+}

@@ -1,0 +1,163 @@
+//! What the gateway delivers: acknowledgements of the session's packets, the exits' replies,
+//! and its own loops coming back. Junk and repeats are counted and cost nothing.
+
+use rand::CryptoRng;
+
+use super::exits::ExitRef;
+use super::streams::StreamState;
+use super::{ClientSession, Event};
+use crate::packet::SurbId;
+use crate::payload::Content;
+use crate::stream::{ExitItem, ExitMessage};
+use crate::time::Instant;
+
+/// Delivered identifiers remembered against repeats.
+pub const RECENT_DELIVERIES: usize = 4096;
+
+impl ClientSession {
+    /// Takes a delivery from the gateway.
+    ///
+    /// Takes `rng` because a delivery may make a payment to the gateway due (sent by the
+    /// next [`ClientSession::poll_transmit`]).
+    pub fn handle_delivery<R: CryptoRng + ?Sized>(
+        &mut self,
+        surb_id: SurbId,
+        payload: &[u8],
+        now: Instant,
+        rng: &mut R,
+    ) {
+        self.observe(now);
+        // Paid for only if it is this client's own (its tag verifies, or without tags it is
+        // outstanding) and not a repeat: junk addressed to the client costs it nothing.
+        let own = match &self.config.delivery_tags {
+            Some(tags) => tags.is_mine(&surb_id),
+            None => {
+                self.pending.contains_key(&surb_id)
+                    || self.reply_keys.contains_key(&surb_id)
+                    || self.loops.contains_key(&surb_id)
+            }
+        };
+        if !own {
+            self.stats.foreign_deliveries += 1;
+            return;
+        }
+        if !self.recent_set.insert(surb_id) {
+            self.stats.duplicate_deliveries += 1;
+            return;
+        }
+        self.recent_deliveries.push_back(surb_id);
+        if self.recent_deliveries.len() > RECENT_DELIVERIES
+            && let Some(old) = self.recent_deliveries.pop_front()
+        {
+            self.recent_set.remove(&old);
+        }
+        self.gateway_frame(now, rng);
+        if let Some(p) = self.pending.get(&surb_id) {
+            let is_ack = matches!(
+                p.key.open(payload).and_then(|b| Content::decode(&b)),
+                Ok(Content::Ack)
+            );
+            if !is_ack {
+                // Not a valid ack: keep waiting for the real one.
+                self.stats.bad_replies += 1;
+                return;
+            }
+            if let Some(p) = self.take_pending(&surb_id) {
+                self.acknowledged(&p);
+                self.carried(&p.ack_relays);
+            }
+            return;
+        }
+        if let Some(entry) = self.reply_keys.remove(&surb_id) {
+            self.stats.replies += 1;
+            self.carried(&entry.relays);
+            if let Some(e) = self.exits.get_mut(&entry.exit) {
+                if e.newest_returned.is_none_or(|n| entry.seq > n) {
+                    e.newest_returned = Some(entry.seq);
+                    e.surbs_at_exit = usize::try_from(e.surbs_issued - entry.seq - 1).unwrap_or(0);
+                }
+                e.last_heard = now;
+                e.last_active = now;
+            }
+            // Anything but one whole exit message is a bad reply.
+            let message = entry
+                .key
+                .open(payload)
+                .and_then(|b| Content::decode(&b))
+                .ok()
+                .and_then(|c| match c {
+                    Content::Data { fragment } if fragment.count == 1 => {
+                        ExitMessage::decode(&fragment.data).ok()
+                    }
+                    _ => None,
+                });
+            match message {
+                Some(m) => self.exit_message(entry.exit, m),
+                None => self.stats.bad_replies += 1,
+            }
+            return;
+        }
+        if self.loops.remove(&surb_id).is_some() {
+            self.stats.loops_returned += 1;
+            return;
+        }
+        self.stats.unknown_deliveries += 1;
+    }
+
+    fn exit_message(&mut self, exit: ExitRef, message: ExitMessage) {
+        for item in message.items {
+            match item {
+                ExitItem::Opened { stream } => {
+                    if let Some(s) = self.stream_of(exit, stream)
+                        && s.state == StreamState::Opening
+                    {
+                        s.state = StreamState::Open;
+                        self.events.push_back(Event::Opened(stream));
+                    }
+                }
+                ExitItem::Refused { stream, reason } => {
+                    if self.stream_of(exit, stream).is_some() {
+                        self.end_stream(stream);
+                        self.events
+                            .push_back(Event::Refused(stream, reason.socks_code()));
+                    }
+                }
+                ExitItem::Reset { stream, reason } => {
+                    if self.stream_of(exit, stream).is_some() {
+                        self.end_stream(stream);
+                        self.events
+                            .push_back(Event::Reset(stream, reason.socks_code()));
+                    }
+                }
+                ExitItem::Data {
+                    stream,
+                    offset,
+                    bytes,
+                } => {
+                    let Some(s) = self.stream_of(exit, stream) else {
+                        continue;
+                    };
+                    if let Ok(ready) = s.recv.insert(offset, &bytes)
+                        && !ready.is_empty()
+                    {
+                        s.unconsumed += ready.len() as u64;
+                        self.events.push_back(Event::Data(stream, ready));
+                    }
+                    self.maybe_eof(stream);
+                }
+                ExitItem::Fin { stream, offset } => {
+                    if let Some(s) = self.stream_of(exit, stream) {
+                        let _ = s.recv.finish_at(offset);
+                    }
+                    self.maybe_eof(stream);
+                }
+                ExitItem::Ack { stream, offset } => self.exit_acked(exit, stream, offset),
+                ExitItem::SurbsLow { have } => {
+                    if let Some(e) = self.exits.get_mut(&exit) {
+                        e.surbs_at_exit = usize::from(have);
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,239 @@
+//! The application's streams: opening, writing within the window, closing, and how a stream
+//! ends (its exit's word, or the session giving up on it).
+//!
+//! Stream windows live here ([`ClientSession::stream_window`]): the bytes a stream may have
+//! unacknowledged by the exit, and the out-of-order bytes it holds from the exit.
+
+use std::collections::VecDeque;
+
+use rand::Rng;
+
+use super::exits::ExitRef;
+use super::{ClientSession, Event, Isolation, Result, SessionError, StreamFailure};
+use crate::directory::path::ExitTarget;
+use crate::stream::{RecvBuffer, StreamId, Target};
+use crate::time::Instant;
+
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum StreamState {
+    Opening,
+    Open,
+}
+
+pub(super) struct Stream {
+    pub(super) exit_session: ExitRef,
+    pub(super) target: Target,
+    pub(super) state: StreamState,
+    pub(super) open_sent: bool,
+    pub(super) open_sent_at: Instant,
+    /// Application bytes not yet packed into a message.
+    pub(super) outbox: VecDeque<u8>,
+    /// Offset of the next byte packed.
+    pub(super) sent: u64,
+    /// The exit has written every byte below this.
+    pub(super) exit_acked: u64,
+    pub(super) app_closed: bool,
+    pub(super) fin_sent: bool,
+    pub(super) recv: RecvBuffer,
+    /// The last cumulative ack sent for the exit's data.
+    pub(super) acked_sent: u64,
+    /// Bytes handed to the application in events but not yet consumed by it; acks cover
+    /// only what the application took, so the exit's window bounds what waits here.
+    pub(super) unconsumed: u64,
+    pub(super) eof_reported: bool,
+    pub(super) writable_wanted: bool,
+}
+
+impl Stream {
+    /// Bytes sent but not acknowledged, plus bytes not yet sent: what counts against the
+    /// window.
+    fn in_flight(&self) -> usize {
+        usize::try_from(self.sent - self.exit_acked).unwrap_or(usize::MAX) + self.outbox.len()
+    }
+
+    /// Of `window`, what a message may still carry of this stream's data now.
+    pub(super) fn send_room(&self, window: usize) -> usize {
+        window.saturating_sub(usize::try_from(self.sent - self.exit_acked).unwrap_or(usize::MAX))
+    }
+
+    /// Bytes this stream buffers (waiting to be sent, or received out of order).
+    pub(super) fn buffered_bytes(&self) -> usize {
+        self.outbox.len() + self.recv.pending_bytes()
+    }
+
+    /// Finished both ways: our end sent and acknowledged, theirs received, taken by the
+    /// application and acknowledged.
+    pub(super) fn finished(&self) -> bool {
+        self.fin_sent
+            && self.eof_reported
+            && self.exit_acked == self.sent
+            && self.unconsumed == 0
+            && self.acked_sent > self.recv.delivered()
+    }
+}
+
+impl ClientSession {
+    /// The stream window: the bytes a stream may have unacknowledged by the exit (and the
+    /// exit's data held out of order). The exit must allow at least as much.
+    pub(super) fn stream_window(&self) -> usize {
+        self.config.stream_window
+    }
+
+    /// Opens a stream to `target`. Streams with different `isolation` tokens never share
+    /// an exit session. Fails at once if no exit's policy allows the target, if no route
+    /// can be built, or if the session is at its stream or exit-session cap.
+    pub fn open_stream<R: Rng + ?Sized>(
+        &mut self,
+        target: Target,
+        isolation: Isolation,
+        rng: &mut R,
+    ) -> Result<StreamId> {
+        if self.streams.len() >= self.config.max_streams {
+            self.stats.opens_refused_full += 1;
+            return Err(SessionError::TooManyStreams {
+                cap: self.config.max_streams,
+            });
+        }
+        let exit_target = match &target {
+            Target::Addr(a) => ExitTarget::Ip(a.ip(), a.port()),
+            Target::Host(_, port) => ExitTarget::HostPort(*port),
+        };
+        let exit = self
+            .selector()
+            .choose_exit(rng, exit_target, &[&self.gateway])
+            .map_err(SessionError::from_path)?
+            .identity;
+        let index = self.exit_session_for(exit, isolation, rng)?;
+        let id = self.next_stream;
+        self.next_stream = self.next_stream.wrapping_add(1).max(1);
+        if let Some(e) = self.exits.get_mut(&index) {
+            e.streams.push(id);
+            e.last_active = self.now;
+        }
+        let window = self.stream_window();
+        self.streams.insert(
+            id,
+            Stream {
+                exit_session: index,
+                target,
+                state: StreamState::Opening,
+                open_sent: false,
+                open_sent_at: Instant::ZERO,
+                outbox: VecDeque::new(),
+                sent: 0,
+                exit_acked: 0,
+                app_closed: false,
+                fin_sent: false,
+                recv: RecvBuffer::new(window),
+                acked_sent: 0,
+                unconsumed: 0,
+                eof_reported: false,
+                writable_wanted: false,
+            },
+        );
+        Ok(id)
+    }
+
+    /// Takes up to the stream's free window of `bytes`; returns how many were taken. When
+    /// fewer than all, an [`Event::Writable`] follows once there is room.
+    pub fn write(&mut self, stream: StreamId, bytes: &[u8]) -> usize {
+        let window = self.stream_window();
+        let Some(s) = self.streams.get_mut(&stream) else {
+            return 0;
+        };
+        if s.app_closed {
+            return 0;
+        }
+        let n = bytes.len().min(window.saturating_sub(s.in_flight()));
+        s.outbox.extend(&bytes[..n]);
+        if n < bytes.len() {
+            s.writable_wanted = true;
+        }
+        n
+    }
+
+    /// The application took `n` bytes of the stream's data; they may now be acknowledged.
+    pub fn consumed(&mut self, stream: StreamId, n: usize) {
+        if let Some(s) = self.streams.get_mut(&stream) {
+            s.unconsumed = s.unconsumed.saturating_sub(n as u64);
+        }
+    }
+
+    /// The application closed its sending side.
+    pub fn close_stream(&mut self, stream: StreamId) {
+        if let Some(s) = self.streams.get_mut(&stream) {
+            s.app_closed = true;
+        }
+    }
+
+    /// The application went away: reset the stream at the exit.
+    pub fn abort_stream(&mut self, stream: StreamId) {
+        if let Some(s) = self.streams.remove(&stream) {
+            if let Some(exit) = self.exits.get_mut(&s.exit_session) {
+                exit.streams.retain(|&x| x != stream);
+            }
+            // Tell the exit on the next message to it (a reset for an unknown stream is
+            // harmless). Bounded like the streams: past that, the oldest is dropped (the exit
+            // ends an abandoned stream on its own timeout).
+            if self.aborted.len() >= self.config.max_streams && self.aborted.pop_front().is_some() {
+                self.stats.resets_dropped += 1;
+            }
+            self.aborted.push_back((s.exit_session, stream));
+        }
+    }
+
+    /// The exit acknowledged the stream's bytes below `offset`.
+    pub(super) fn exit_acked(&mut self, exit: ExitRef, stream: StreamId, offset: u64) {
+        let window = self.stream_window();
+        if let Some(s) = self.stream_of(exit, stream) {
+            s.exit_acked = s.exit_acked.max(offset.min(s.sent));
+            if s.writable_wanted && s.in_flight() < window {
+                s.writable_wanted = false;
+                self.events.push_back(Event::Writable(stream));
+            }
+        }
+    }
+
+    pub(super) fn stream_of(&mut self, exit: ExitRef, stream: StreamId) -> Option<&mut Stream> {
+        self.streams
+            .get_mut(&stream)
+            .filter(|s| s.exit_session == exit)
+    }
+
+    pub(super) fn maybe_eof(&mut self, stream: StreamId) {
+        let Some(s) = self.streams.get_mut(&stream) else {
+            return;
+        };
+        if s.recv.is_finished() && !s.eof_reported {
+            s.eof_reported = true;
+            self.events.push_back(Event::Eof(stream));
+        }
+    }
+
+    pub(super) fn end_stream(&mut self, stream: StreamId) {
+        if let Some(s) = self.streams.remove(&stream)
+            && let Some(e) = self.exits.get_mut(&s.exit_session)
+        {
+            e.streams.retain(|&x| x != stream);
+        }
+    }
+
+    /// The session gives up on `streams` (those still open): each ends with
+    /// [`Event::Failed`], counted by reason.
+    pub(super) fn fail_streams(&mut self, streams: &[StreamId], why: StreamFailure) {
+        for &s in streams {
+            if !self.streams.contains_key(&s) {
+                continue;
+            }
+            self.end_stream(s);
+            self.events.push_back(Event::Failed(s, why));
+            let counter = match why {
+                StreamFailure::NotAcknowledged => &mut self.stats.streams_unacknowledged,
+                StreamFailure::NoPath => &mut self.stats.streams_no_path,
+                StreamFailure::ExitLeftConsensus => &mut self.stats.streams_exit_left,
+                StreamFailure::Bug => &mut self.stats.streams_bug,
+            };
+            *counter += 1;
+        }
+    }
+}
