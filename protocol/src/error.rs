@@ -1,4 +1,7 @@
-//! The one error type of the protocol crate.
+//! The protocol crate's error. Subsystems with errors of their own
+//! ([`crate::session::SessionError`], [`crate::stream::StreamError`]) convert into it, so
+//! callers that want one type keep it; a variant names one failure, never a stand-in for
+//! another.
 
 /// Everything that can go wrong in the protocol layer. Each variant names what was wrong
 /// with the input, so a driver can log it, count it under a stable label and carry on.
@@ -256,6 +259,9 @@ pub enum Error {
     LinkDecrypt,
 
     // ---- subsystems with their own errors ----
+    /// A stream message or stream data is malformed ([`crate::stream::StreamError`]).
+    #[error(transparent)]
+    Stream(#[from] crate::stream::StreamError),
     /// The client session's error ([`crate::session::SessionError`]).
     #[error(transparent)]
     Session(#[from] crate::session::SessionError),
@@ -315,6 +321,7 @@ impl Error {
             Error::LinkHandshake(_) => "link_handshake",
             Error::LinkLength { .. } => "link_length",
             Error::LinkDecrypt => "link_decrypt",
+            Error::Stream(_) => "stream_malformed",
             Error::Session(crate::session::SessionError::Bug(_)) => "bug",
             Error::Session(_) => "session",
         }

@@ -25,6 +25,43 @@ use crate::surb::{REPLY_BLOCK_LEN, ReplyBlock};
 use crate::time::Instant;
 use crate::{Error, Result};
 
+/// What is wrong with a stream message or with the stream data it carries (truncation is
+/// [`Error::Truncated`]; data beyond the receive window [`Error::ReassemblyFull`]).
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum StreamError {
+    /// An item's kind byte is unknown.
+    #[error("{message} has an item of unknown kind {kind}")]
+    UnknownItem { message: &'static str, kind: u8 },
+    /// A refusal or reset names a reason code that is not a SOCKS5 failure code.
+    #[error("refusal code {0} is not a SOCKS5 failure code (1 to 6)")]
+    UnknownRefusal(u8),
+    /// A target's address kind is not IPv4 (1), a host name (3) or IPv6 (4).
+    #[error("target address kind {0} is unknown")]
+    UnknownAddressKind(u8),
+    /// A target host name is not UTF-8.
+    #[error("target host name is not UTF-8")]
+    HostNotUtf8,
+    /// A target host name is empty.
+    #[error("target host name is empty")]
+    EmptyHost,
+    /// Data whose last byte would lie past the largest offset.
+    #[error("data of {len} bytes at offset {offset} overflows the stream's offsets")]
+    OffsetOverflow { offset: u64, len: usize },
+    /// Bytes follow the last item.
+    #[error("{message} has {len} bytes after its last item")]
+    Trailing { message: &'static str, len: usize },
+    /// The stream's end was given at two offsets.
+    #[error("the stream's end moved from offset {was} to {now}")]
+    EndMoved { was: u64, now: u64 },
+    /// The stream's end was given before data already delivered.
+    #[error("the stream's end at {end} is before the {delivered} bytes already delivered")]
+    EndBeforeDelivered { end: u64, delivered: u64 },
+    /// Data reaching past the stream's end.
+    #[error("data up to offset {end} lies past the stream's end")]
+    DataPastEnd { end: u64 },
+}
+
 /// A stream's number within a session.
 pub type StreamId = u32;
 
@@ -71,7 +108,7 @@ impl Refusal {
             4 => Refusal::HostUnreachable,
             5 => Refusal::ConnectionRefused,
             6 => Refusal::TtlExpired,
-            other => return Err(Error::ContentKind(other)),
+            other => return Err(StreamError::UnknownRefusal(other).into()),
         })
     }
 }
@@ -395,7 +432,13 @@ impl ClientMessage {
                     }
                     ClientItem::Surbs(blocks)
                 }
-                other => return Err(Error::ContentKind(other)),
+                other => {
+                    return Err(StreamError::UnknownItem {
+                        message: r.what,
+                        kind: other,
+                    }
+                    .into());
+                }
             };
             items.push(item);
         }
@@ -483,7 +526,13 @@ impl ExitMessage {
                     offset: r.u64()?,
                 },
                 SURBS_LOW => ExitItem::SurbsLow { have: r.u16()? },
-                other => return Err(Error::ContentKind(other)),
+                other => {
+                    return Err(StreamError::UnknownItem {
+                        message: r.what,
+                        kind: other,
+                    }
+                    .into());
+                }
             };
             items.push(item);
         }
@@ -562,11 +611,7 @@ impl<'a> Reader<'a> {
         let len = usize::from(self.u16()?);
         let bytes = self.take(len)?.to_vec();
         if offset.checked_add(len as u64).is_none() {
-            return Err(Error::Truncated {
-                what: "data offset overflows",
-                needed: 0,
-                got: 0,
-            });
+            return Err(StreamError::OffsetOverflow { offset, len }.into());
         }
         Ok((stream, offset, bytes))
     }
@@ -584,14 +629,14 @@ impl<'a> Reader<'a> {
             3 => {
                 let len = usize::from(self.u8()?);
                 let host = std::str::from_utf8(self.take(len)?)
-                    .map_err(|_| Error::ContentKind(3))?
+                    .map_err(|_| StreamError::HostNotUtf8)?
                     .to_string();
                 if host.is_empty() {
-                    return Err(Error::ContentKind(3));
+                    return Err(StreamError::EmptyHost.into());
                 }
                 Ok(Target::Host(host, self.u16()?))
             }
-            other => Err(Error::ContentKind(other)),
+            other => Err(StreamError::UnknownAddressKind(other).into()),
         }
     }
 
@@ -599,7 +644,11 @@ impl<'a> Reader<'a> {
         if self.at == self.bytes.len() {
             Ok(())
         } else {
-            Err(Error::FramePadding("message tail"))
+            Err(StreamError::Trailing {
+                message: self.what,
+                len: self.bytes.len() - self.at,
+            }
+            .into())
         }
     }
 }
@@ -642,14 +691,16 @@ impl RecvBuffer {
     /// Notes that the stream ends at `offset`.
     pub fn finish_at(&mut self, offset: u64) -> Result<()> {
         match self.fin {
-            Some(f) if f != offset => Err(Error::FragmentConflict {
-                message_id: 0,
-                reason: "stream end moved",
-            }),
-            _ if offset < self.delivered => Err(Error::FragmentConflict {
-                message_id: 0,
-                reason: "stream end before delivered data",
-            }),
+            Some(f) if f != offset => Err(StreamError::EndMoved {
+                was: f,
+                now: offset,
+            }
+            .into()),
+            _ if offset < self.delivered => Err(StreamError::EndBeforeDelivered {
+                end: offset,
+                delivered: self.delivered,
+            }
+            .into()),
             _ => {
                 self.fin = Some(offset);
                 Ok(())
@@ -662,10 +713,7 @@ impl RecvBuffer {
     pub fn insert(&mut self, offset: u64, bytes: &[u8]) -> Result<Vec<u8>> {
         let end = offset.saturating_add(bytes.len() as u64);
         if self.fin.is_some_and(|f| end > f) {
-            return Err(Error::FragmentConflict {
-                message_id: 0,
-                reason: "data past the end of the stream",
-            });
+            return Err(StreamError::DataPastEnd { end }.into());
         }
         if end > self.delivered.saturating_add(self.window as u64) {
             return Err(Error::ReassemblyFull("stream receive window"));
@@ -914,6 +962,59 @@ impl SendBuffer {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    /// Each malformation is named for what it is (not a stand-in variant).
+    #[test]
+    fn malformed_stream_messages_say_what_is_wrong() {
+        let open = |host: &str| ClientMessage {
+            session: 7,
+            items: vec![ClientItem::Open {
+                stream: 1,
+                target: Target::Host(host.into(), 80),
+            }],
+        };
+        let bytes = open("x").encode().unwrap();
+        let at = bytes.len() - 3; // the host's one byte, before the port
+        assert_eq!(bytes[at], b'x');
+        let mut not_utf8 = bytes.clone();
+        not_utf8[at] = 0xff;
+        assert_eq!(
+            ClientMessage::decode(&not_utf8).err(),
+            Some(Error::Stream(StreamError::HostNotUtf8))
+        );
+        let mut address_kind = bytes.clone();
+        address_kind[at - 2] = 9;
+        assert_eq!(
+            ClientMessage::decode(&address_kind).err(),
+            Some(Error::Stream(StreamError::UnknownAddressKind(9)))
+        );
+        let mut trailing = bytes.clone();
+        trailing.push(0);
+        assert!(matches!(
+            ClientMessage::decode(&trailing),
+            Err(Error::Stream(StreamError::Trailing { len: 1, .. }))
+        ));
+        let overflow = ExitMessage {
+            items: vec![ExitItem::Data {
+                stream: 1,
+                offset: u64::MAX - 1,
+                bytes: vec![0; 4],
+            }],
+        };
+        assert_eq!(
+            ExitMessage::decode(&overflow.encode().unwrap()),
+            Err(Error::Stream(StreamError::OffsetOverflow {
+                offset: u64::MAX - 1,
+                len: 4
+            }))
+        );
+        let mut r = RecvBuffer::new(64);
+        r.finish_at(10).unwrap();
+        assert_eq!(
+            r.finish_at(12),
+            Err(Error::Stream(StreamError::EndMoved { was: 10, now: 12 }))
+        );
+    }
 
     #[test]
     fn exit_messages_round_trip_and_bad_bytes_error() {

@@ -465,6 +465,8 @@ impl Harness {
         assert!(s.streams.len() <= self.opened.len());
         assert!(s.events.is_empty());
         assert!(s.recent_deliveries.len() <= super::delivery::RECENT_DELIVERIES);
+        assert!(s.exits.len() <= s.config.max_exit_sessions);
+        assert_eq!(s.stats.bugs, 0, "the session met a bug");
         for (index, exit) in s.exits.iter() {
             let keys = s.reply_keys.values().filter(|k| k.exit == *index).count();
             assert!(
@@ -483,7 +485,7 @@ fn push_bounded(queue: &mut VecDeque<ReplyBlock>, block: ReplyBlock) {
     queue.push_back(block);
 }
 
-fn counters(s: &SessionStats) -> [(&'static str, u64); 15] {
+fn counters(s: &SessionStats) -> [(&'static str, u64); 26] {
     [
         ("real_sent", s.real_sent),
         ("cover_sent", s.cover_sent),
@@ -500,6 +502,17 @@ fn counters(s: &SessionStats) -> [(&'static str, u64); 15] {
         ("hop_tickets", s.hop_tickets),
         ("gateway_tickets", s.gateway_tickets),
         ("gateway_frames", s.gateway_frames),
+        ("builds_deferred", s.builds_deferred),
+        ("streams_unacknowledged", s.streams_unacknowledged),
+        ("streams_no_path", s.streams_no_path),
+        ("streams_exit_left", s.streams_exit_left),
+        ("streams_bug", s.streams_bug),
+        ("opens_refused_full", s.opens_refused_full),
+        ("exit_sessions_expired", s.exit_sessions_expired),
+        ("exit_sessions_evicted", s.exit_sessions_evicted),
+        ("reply_keys_expired", s.reply_keys_expired),
+        ("resets_dropped", s.resets_dropped),
+        ("bugs", s.bugs),
     ]
 }
 
