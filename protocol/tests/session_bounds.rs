@@ -68,9 +68,12 @@ fn target() -> Target {
 }
 
 /// Lets `session` act at `now`, dropping what it sends; returns the streams that failed.
+/// Once it has acted, its next deadline is a real one, in the future.
 fn step(session: &mut ClientSession, now: Instant, rng: &mut ChaCha20Rng) -> Vec<StreamFailure> {
     session.handle_timeout(now);
     while session.poll_transmit(now, rng).is_some() {}
+    let next = session.poll_timeout();
+    assert!(next.is_some_and(|t| t > now), "{next:?} at {now:?}");
     let mut failed = Vec::new();
     while let Some(event) = session.poll_event() {
         if let Event::Failed(_, why) = event {
