@@ -34,9 +34,6 @@ struct Cli {
     socks: Option<SocketAddr>,
     #[command(flatten)]
     preferences: PathPreferences,
-    /// The local network moved to its own program; this only says where.
-    #[arg(long, hide = true)]
-    devnet: bool,
 }
 
 /// What the user asks of every path, on the command line (the client's and the devnet's).
@@ -261,15 +258,17 @@ pub fn socks_limits(config: Option<&ClientConfig>) -> SocksLimits {
 
 /// Entry point of the binary.
 pub fn main() -> ExitCode {
+    // Before parsing, so an old command line with the devnet's flags gets this answer too.
+    if std::env::args_os().skip(1).any(|a| a == "--devnet") {
+        eprintln!("murmur-client: {DEVNET_MOVED}");
+        return ExitCode::FAILURE;
+    }
     let cli = Cli::parse();
     init_logging();
     murmur_service::block_on_main("murmur-client", run(cli))
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    if cli.devnet {
-        anyhow::bail!("{DEVNET_MOVED}");
-    }
     let Some(path) = cli.config else {
         anyhow::bail!(
             "give --config FILE (see --help); for a local network: \
