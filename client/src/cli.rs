@@ -1,7 +1,6 @@
-//! The `murmur-client` command line.
-//!
-//! - `murmur-client --devnet`: start a local network in this process, then the proxy.
-//! - `murmur-client --config client.toml`: the proxy against the authorities the file names.
+//! The `murmur-client` command line: `murmur-client --config client.toml` runs the proxy
+//! against the authorities the file names. (The local network is `murmur-devnet`, which runs
+//! this proxy with the pieces here marked for it.)
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -14,9 +13,7 @@ use murmur_protocol::directory::IdentityKey;
 use murmur_protocol::directory::path::PathRules;
 use murmur_protocol::payer::PayerConfig;
 use serde::Deserialize;
-use tokio_util::sync::CancellationToken;
 
-use crate::devnet::{Devnet, DevnetOptions, FAUCET};
 use crate::proxy::{self, PaymentOptions, ProxyOptions};
 use crate::socks::SocksLimits;
 use crate::wallet::FundingPolicy;
@@ -26,48 +23,39 @@ use crate::wallet::FundingPolicy;
     name = "murmur-client",
     version,
     about = "SOCKS5 proxy into the Murmur mixnet",
-    after_help = "Try it: murmur-client --devnet, then\n  curl --socks5-hostname 127.0.0.1:1080 http://example.com/"
+    after_help = "A local network to try it on: cargo run --release -p murmur-devnet"
 )]
 struct Cli {
-    /// Start an embedded local network (3 authorities, a gateway, 3 mixes per layer, an exit
-    /// that allows loopback) and use it.
-    #[arg(long, conflicts_with = "config")]
-    devnet: bool,
     /// The client configuration (authorities, limits).
     #[arg(long)]
     config: Option<PathBuf>,
     /// Where the SOCKS5 proxy listens (overrides the config).
     #[arg(long)]
     socks: Option<SocketAddr>,
-    /// Devnet: mean per-hop delay, e.g. "15ms" or "0ms".
-    #[arg(long, value_parser = humantime::parse_duration, requires = "devnet")]
-    hop_delay: Option<Duration>,
-    /// Devnet: λ_P, packets per second the client sends (real or cover).
-    #[arg(long, requires = "devnet")]
-    send_rate: Option<f64>,
-    /// Devnet: λ_M, loop packets per second each relay sends (0: none).
-    #[arg(long, requires = "devnet")]
-    relay_loop_rate: Option<f64>,
-    /// Devnet: the face value of the client's tickets, in base units (small values make
-    /// many tickets win, so redemptions can be watched).
-    #[arg(long, requires = "devnet")]
-    ticket_face_value: Option<u64>,
-    /// Devnet: packets each ticket to a mix or exit pays for.
-    #[arg(long, requires = "devnet")]
-    packets_per_ticket: Option<u64>,
+    #[command(flatten)]
+    preferences: PathPreferences,
+}
+
+/// What the user asks of every path, on the command line (the client's and the devnet's).
+#[derive(clap::Args, Debug, Clone, Copy, Default)]
+pub struct PathPreferences {
     /// Never route through a relay that charges more than this per packet (overrides the
     /// config's `max_price_per_hop`; the devnet's relays charge 1, 2 or 5).
     #[arg(long)]
-    max_price_per_hop: Option<u64>,
+    pub max_price_per_hop: Option<u64>,
     /// Never route through a relay whose measured performance (the share of the
     /// authorities' test packets it carried, 0 to 1) is below this (overrides the config).
     #[arg(long)]
-    min_performance: Option<f64>,
+    pub min_performance: Option<f64>,
 }
+
+/// What `murmur-client --devnet` answers: the local network has its own program.
+pub const DEVNET_MOVED: &str = "the local network is its own program now: \
+     cargo run --release -p murmur-devnet (or target/release/murmur-devnet), with the same flags";
 
 /// The path rules with the user's preferences: a price cap per hop and a performance floor
 /// (0 to 1, as configured; per mille in the consensus).
-fn path_rules(
+pub fn path_rules(
     distinct_subnets: bool,
     max_price_per_hop: Option<u64>,
     min_performance: f64,
@@ -157,7 +145,7 @@ impl PaymentsConfig {
     /// The proxy's payment options, reading the key file.
     pub fn options(&self, base: &Path) -> anyhow::Result<PaymentOptions> {
         let path = base.join(&self.key_file);
-        let key = murmur_directory::keys::load(&path)
+        let key = murmur_service::keys::load(&path)
             .map_err(|e| anyhow::anyhow!("pot key {}: {e}", path.display()))?;
         Ok(payment_options(
             self.ledger.clone(),
@@ -186,7 +174,7 @@ impl PaymentsConfig {
 
 /// Payment options whose pot keeps an escrow of twice the face value (what relays require
 /// for a ticket of that face value to be covered).
-fn payment_options(
+pub fn payment_options(
     ledger: String,
     ledger_key: IdentityKey,
     key: SigningKey,
@@ -220,7 +208,8 @@ pub struct AuthorityEntry {
     pub url: String,
 }
 
-fn default_socks() -> SocketAddr {
+/// The SOCKS5 proxy's address unless told otherwise.
+pub fn default_socks() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 1080))
 }
 fn default_skew() -> Duration {
@@ -253,98 +242,40 @@ impl ClientConfig {
     }
 }
 
-/// Entry point of the binary.
-pub fn main() -> ExitCode {
-    let cli = Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,murmur_client=info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("murmur-client: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(run(cli)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("murmur-client: {e:#}");
-            ExitCode::FAILURE
-        }
+/// Logs to stderr, filtered by `RUST_LOG` (default: warnings, and the client's own news).
+pub fn init_logging() {
+    murmur_service::init_logging("warn,murmur_client=info");
+}
+
+/// Bounds of the SOCKS5 listener: the config's, or the defaults.
+pub fn socks_limits(config: Option<&ClientConfig>) -> SocksLimits {
+    SocksLimits {
+        max_connections: config.map_or(default_max_connections(), |c| c.max_connections),
+        handshake_timeout: Duration::from_secs(10),
+        open_timeout: config.map_or(default_open_timeout(), |c| c.open_timeout),
     }
 }
 
+/// Entry point of the binary.
+pub fn main() -> ExitCode {
+    // Before parsing, so an old command line with the devnet's flags gets this answer too.
+    if std::env::args_os().skip(1).any(|a| a == "--devnet") {
+        eprintln!("murmur-client: {DEVNET_MOVED}");
+        return ExitCode::FAILURE;
+    }
+    let cli = Cli::parse();
+    init_logging();
+    murmur_service::block_on_main("murmur-client", run(cli))
+}
+
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    let shutdown = CancellationToken::new();
-    {
-        let shutdown = shutdown.clone();
-        tokio::spawn(async move {
-            murmur_relay::cli::shutdown_signal().await;
-            shutdown.cancel();
-        });
-    }
-    let socks_limits = |c: Option<&ClientConfig>| SocksLimits {
-        max_connections: c.map_or(1024, |c| c.max_connections),
-        handshake_timeout: Duration::from_secs(10),
-        open_timeout: c.map_or(Duration::from_secs(60), |c| c.open_timeout),
-    };
-    if cli.devnet {
-        let mut options = DevnetOptions::default();
-        if let Some(d) = cli.hop_delay {
-            options.mean_hop_delay = d;
-        }
-        if let Some(r) = cli.send_rate {
-            options.lambda_p = r;
-        }
-        if let Some(r) = cli.relay_loop_rate {
-            options.lambda_m = r;
-        }
-        let devnet = Devnet::start(&options).await?;
-        eprintln!(
-            "devnet: 3 authorities, 1 gateway, {} mixes per layer, 1 exit (state in {})",
-            options.mixes_per_layer,
-            devnet.dir().display()
-        );
-        eprintln!(
-            "devnet: ledger {url} (identity {key}); a relay's earnings: \
-             curl -s {url}/v1/account/<identity>",
-            url = devnet.ledger_url,
-            key = devnet.ledger_key
-        );
-        for (name, identity) in &devnet.relays {
-            eprintln!("devnet: relay {name:<9} {}", identity.to_hex());
-        }
-        let proxy_options = ProxyOptions {
-            socks: cli.socks.unwrap_or_else(default_socks),
-            authorities: devnet.authorities.clone(),
-            clock_skew: Duration::from_secs(5),
-            path_rules: path_rules(
-                devnet.path_rules.distinct_subnets,
-                cli.max_price_per_hop,
-                cli.min_performance.unwrap_or(0.0),
-            )?,
-            socks_limits: socks_limits(None),
-            refresh_every: Duration::from_secs(1),
-            payment: Some(devnet_payment(
-                &devnet,
-                cli.ticket_face_value,
-                cli.packets_per_ticket,
-            )),
-        };
-        let result = proxy::run(proxy_options, announce_ready, shutdown.clone()).await;
-        devnet.stop().await;
-        return result;
-    }
     let Some(path) = cli.config else {
-        anyhow::bail!("give --devnet for a local network, or --config FILE (see --help)");
+        anyhow::bail!(
+            "give --config FILE (see --help); for a local network: \
+             cargo run --release -p murmur-devnet"
+        );
     };
+    let shutdown = murmur_service::shutdown_token();
     let text = std::fs::read_to_string(&path)
         .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
     let config = ClientConfig::parse(&text)
@@ -360,8 +291,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         clock_skew: config.clock_skew,
         path_rules: path_rules(
             config.distinct_subnets,
-            cli.max_price_per_hop.or(config.max_price_per_hop),
-            cli.min_performance.unwrap_or(config.min_performance),
+            cli.preferences
+                .max_price_per_hop
+                .or(config.max_price_per_hop),
+            cli.preferences
+                .min_performance
+                .unwrap_or(config.min_performance),
         )?,
         socks_limits: socks_limits(Some(&config)),
         // How often the held consensus is checked; the directory is asked only once it is no
@@ -372,37 +307,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             None => None,
         },
     };
-    proxy::run(options, announce_ready, shutdown).await
+    proxy::run(options, announce_ready("murmur-client"), shutdown).await
 }
 
-/// The devnet client pays from the faucet's account; the pot is funded on start.
-fn devnet_payment(
-    devnet: &Devnet,
-    face_value: Option<u64>,
-    packets_per_ticket: Option<u64>,
-) -> PaymentOptions {
-    let defaults = PayerConfig::default();
-    let payer = PayerConfig {
-        face_value: face_value.unwrap_or(defaults.face_value).max(1),
-        packets_per_ticket: packets_per_ticket
-            .unwrap_or(defaults.packets_per_ticket)
-            .max(1),
-        ..defaults
-    };
-    let mut options = payment_options(
-        devnet.ledger_url.clone(),
-        devnet.ledger_key,
-        devnet.payer_key.clone(),
-        payer,
-        FAUCET / 10,
-        FAUCET / 100,
-    );
-    options.check_every = Duration::from_secs(2);
-    options
-}
-
-fn announce_ready(addr: SocketAddr) {
-    println!("murmur-client ready: SOCKS5 proxy on {addr}");
+/// Prints the line that says the proxy serves (scripts and tests wait for `ready`).
+pub fn announce_ready(program: &'static str) -> impl FnOnce(SocketAddr) + Send {
+    move |addr| println!("{program} ready: SOCKS5 proxy on {addr}")
 }
 
 #[cfg(test)]
@@ -418,7 +328,7 @@ mod tests {
         assert_eq!(plain.payments, None);
 
         let dir = tempfile::tempdir().unwrap();
-        let identity = murmur_directory::keys::keygen(&dir.path().join("pot.key")).unwrap();
+        let identity = murmur_service::keys::keygen(&dir.path().join("pot.key")).unwrap();
         let ledger = IdentityKey::of(&SigningKey::from_bytes(&[3; 32]));
         let text = format!(
             "version = 1\n{AUTHORITY}[payments]\nledger = \"http://127.0.0.1:7080\"\n\

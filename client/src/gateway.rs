@@ -1,5 +1,5 @@
 //! The client's link to its gateway (a WebSocket carrying Noise, see
-//! [`murmur_relay::client_link`]): sends the session's frames, hands deliveries back,
+//! [`murmur_client_link`]): sends the session's frames, hands deliveries back,
 //! reconnects with backoff. After repeated failures it gives up so the client can move to
 //! another gateway.
 
@@ -7,10 +7,10 @@ use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use murmur_client_link::{ClientLink, LinkFailure};
 use murmur_protocol::control::Control;
 use murmur_protocol::frame::Frame;
 use murmur_protocol::link::{LinkPublic, LinkSecret};
-use murmur_relay::client_link::{ClientLink, LinkFailure};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;

@@ -1,7 +1,6 @@
 #![doc = include_str!("../README.md")]
 
 pub mod cli;
-pub mod devnet;
 pub mod driver;
 #[doc(hidden)]
 pub mod fuzz_entry;

@@ -10,10 +10,21 @@ const BIN: &str = env!("CARGO_BIN_EXE_murmur-client");
 fn help_names_the_devnet_and_bad_invocations_fail_clearly() {
     let out = Command::new(BIN).arg("--help").output().unwrap();
     assert!(out.status.success());
-    assert!(String::from_utf8_lossy(&out.stdout).contains("--devnet"));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("-p murmur-devnet"));
     let out = Command::new(BIN).output().unwrap();
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("--devnet"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--config"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("murmur-devnet"));
+    // The old way to start the local network, with or without its flags, says where it went.
+    for args in [&["--devnet"][..], &["--devnet", "--hop-delay", "0ms"]] {
+        let out = Command::new(BIN).args(args).output().unwrap();
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("cargo run --release -p murmur-devnet"),
+            "{err}"
+        );
+    }
     let dir = tempfile::tempdir().unwrap();
     let bad = dir.path().join("client.toml");
     std::fs::write(&bad, "version = 1\nauthorities = []\n").unwrap();

@@ -79,39 +79,12 @@ pub fn main(cli: Cli) -> Result<()> {
         }
         Command::Run { config } => {
             let c = Config::load(&config)?;
-            init_logging();
+            murmur_service::init_logging("info");
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()
                 .map_err(Error::Runtime)?;
-            runtime.block_on(crate::run(c, shutdown_signal()))
-        }
-    }
-}
-
-/// Logs to stderr, filtered by `RUST_LOG` (default `info`); the ledger's daemon uses it too.
-pub fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .try_init();
-}
-
-/// Completes on SIGINT or SIGTERM.
-pub async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-        }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
+            runtime.block_on(crate::run(c, murmur_service::shutdown_signal()))
         }
     }
 }

@@ -32,9 +32,6 @@ pub const MAX_DOCUMENT_BYTES: usize = 32 << 20;
 /// The largest error message read from a refusal.
 const MAX_MESSAGE_BYTES: usize = 4096;
 
-/// How long an idle connection is kept for reuse (under the servers' header timeout).
-pub const IDLE_CONNECTION: Duration = Duration::from_secs(3);
-
 /// HTTP to directory authorities, with a per-request timeout.
 #[derive(Clone, Debug)]
 pub struct DirectoryClient {
@@ -49,7 +46,7 @@ impl DirectoryClient {
             .connect_timeout(timeout)
             // Below the servers' default header timeout (5 s), which also closes a kept-alive
             // connection idle that long: reusing one as it closes would fail a request.
-            .pool_idle_timeout(IDLE_CONNECTION)
+            .pool_idle_timeout(murmur_service::IDLE_CONNECTION)
             .no_proxy()
             .build()
             .map_err(|e| Error::Http {

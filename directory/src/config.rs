@@ -8,9 +8,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use murmur_protocol::directory::{AuthoritySet, IdentityKey, NetworkParams};
+use murmur_service::HttpLimits;
 use serde::{Deserialize, Serialize};
 
-use crate::http::HttpLimits;
 use crate::{Error, Result};
 
 /// The config schema this build reads.
@@ -411,21 +411,10 @@ impl Config {
     }
 }
 
-/// An example config with every setting uncommented: settings are commented out with one
-/// `#`, prose with `##`. The example-config tests (here and in the ledger) parse both forms
-/// and compare them with the defaults.
-pub fn uncomment_example(text: &str) -> String {
-    text.lines()
-        .map(|l| match l.strip_prefix('#') {
-            Some(rest) if !rest.starts_with('#') => rest.strip_prefix(' ').unwrap_or(rest),
-            _ => l,
-        })
-        .collect::<Vec<_>>()
-        .join("\n")
-}
-
 #[cfg(test)]
 mod tests {
+    use murmur_service::uncomment_example;
+
     use super::*;
 
     const EXAMPLE: &str = include_str!("../authority.example.toml");

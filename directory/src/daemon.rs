@@ -22,6 +22,8 @@ use std::time::Duration;
 use murmur_protocol::directory::{
     AuthoritySet, Epoch, IdentityKey, SignedVote, consensus::VALID_EPOCHS, decode, encode,
 };
+use murmur_service::rate::KeyedBuckets;
+use murmur_service::{RefusalCounter, serve_until};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -29,7 +31,6 @@ use tokio_util::task::TaskTracker;
 use crate::authority::{Accepted, Authority, AuthorityPolicy, Refusal};
 use crate::client::{DirectoryClient, MAX_DOCUMENT_BYTES};
 use crate::config::Config;
-use crate::http::{RefusalCounter, serve_until};
 use crate::metrics::{
     CONSENSUS_FAILED, CONSENSUS_PRODUCED, Metrics, PEER_REQUESTS_FAILED, REQUESTS_REFUSED,
 };
@@ -51,7 +52,7 @@ pub(crate) struct Ctx {
     /// Woken when a relay not held before uploads a descriptor (the prober tests it at once).
     pub new_relay: tokio::sync::Notify,
     /// Descriptor uploads per source address (IPv4, or IPv6 /64).
-    pub uploads: Mutex<crate::rate::KeyedBuckets<(u8, u128)>>,
+    pub uploads: Mutex<KeyedBuckets<(u8, u128)>>,
     /// This authority's prober card, served at `/v1/prober` (none when probing is off).
     pub prober_card: Option<murmur_protocol::directory::prober::SignedProberCard>,
 }
@@ -173,7 +174,7 @@ pub async fn serve(
         client: DirectoryClient::new(config.limits.peer_timeout)?,
         peers,
         new_relay: tokio::sync::Notify::new(),
-        uploads: Mutex::new(crate::rate::KeyedBuckets::new(
+        uploads: Mutex::new(KeyedBuckets::new(
             f64::from(config.limits.uploads_per_minute_per_address) / 60.0,
             f64::from(config.limits.uploads_per_minute_per_address),
             65_536,

@@ -20,12 +20,9 @@ pub enum Error {
     /// The config parses but a value is unusable.
     #[error("config: {0}")]
     Config(String),
-    /// The key file cannot be read, written or parsed.
-    #[error("key file {path}: {message}")]
-    Key { path: PathBuf, message: String },
-    /// `keygen` never overwrites a key.
-    #[error("key file {0} already exists; refusing to overwrite it (move it away first)")]
-    KeyExists(PathBuf),
+    /// The key file cannot be read, written or parsed, or `keygen` would overwrite one.
+    #[error(transparent)]
+    Key(#[from] murmur_service::KeyError),
     /// The state directory cannot be used.
     #[error("state directory {path}: {source}")]
     State {

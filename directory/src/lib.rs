@@ -8,25 +8,26 @@ mod daemon;
 pub mod error;
 #[doc(hidden)]
 pub mod fuzz_entry;
-pub mod http;
-pub mod keys;
 pub mod link_io;
 pub mod metrics;
 pub mod prober;
 pub mod probes;
-pub mod rate;
 mod server;
 pub mod storage;
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use murmur_protocol::directory::{DocumentSignature, Epoch, UnixTime};
+use murmur_protocol::directory::{DocumentSignature, Epoch};
 use serde::{Deserialize, Serialize};
 
 pub use config::Config;
 pub use daemon::{run, serve};
 pub use error::{Error, Result};
-pub use http::{HttpLimits, RefusalCounter, serve_until};
+/// Key files, shared by every daemon; here too so the authority's users find them.
+pub use murmur_service::keys;
+/// The daemons' clock helper; here too for the clients of this crate that use it with
+/// [`client::DirectoryClient`].
+pub use murmur_service::unix_now;
 pub use server::{MAX_DESCRIPTOR_BYTES, MAX_SIGNATURE_BYTES, MAX_VOTE_BYTES};
 
 /// What `POST /v1/signature` carries: an authority's signature on its consensus for `epoch`.
@@ -34,13 +35,6 @@ pub use server::{MAX_DESCRIPTOR_BYTES, MAX_SIGNATURE_BYTES, MAX_VOTE_BYTES};
 pub struct SignatureUpload {
     pub epoch: Epoch,
     pub signature: DocumentSignature,
-}
-
-/// Seconds since the Unix epoch by this machine's clock (0 if the clock is before 1970).
-pub fn unix_now() -> UnixTime {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }
 
 /// Milliseconds since the Unix epoch by this machine's clock.

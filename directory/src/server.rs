@@ -26,11 +26,11 @@ use axum::routing::{get, post};
 use murmur_protocol::directory::{
     Consensus, Roles, SignedConsensus, SignedDescriptor, address_key, decode, encode,
 };
+use murmur_service::ConnectedPeer;
 use serde::Serialize;
 
 use crate::authority::{Accepted, Refusal};
 use crate::daemon::Ctx;
-use crate::http::ConnectedPeer;
 use crate::metrics::{
     DESCRIPTORS_ACCEPTED, DESCRIPTORS_REJECTED, REQUESTS_REFUSED, SIGNATURES_RECEIVED,
     VOTES_RECEIVED,

@@ -3,10 +3,10 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use murmur_directory::SignatureUpload;
-use murmur_directory::config::uncomment_example;
 use murmur_directory::fuzz_entry::{self, TARGETS};
 use murmur_protocol::directory::{DocumentKind, encode, sign_document};
 use murmur_protocol::fuzz_entry::{authority_keys, replay_targets};
+use murmur_service::uncomment_example;
 
 const EXAMPLE: &str = include_str!("../authority.example.toml");
 

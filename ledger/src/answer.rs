@@ -24,6 +24,7 @@
 //! request with its own nonce, and its body is bound. `/metrics` is not signed.
 
 use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::request::hex;
@@ -92,6 +93,14 @@ impl Exchange<'_> {
             .map_err(|_| "the answer is not signed by the ledger's key")?;
         Ok(())
     }
+}
+
+/// The JSON body of every refusal or failure.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// A refusal's label, or `storage` / `internal`.
+    pub reason: String,
+    pub message: String,
 }
 
 #[cfg(test)]

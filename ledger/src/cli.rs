@@ -6,7 +6,6 @@
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
-use murmur_directory::cli::{init_logging, shutdown_signal};
 use murmur_protocol::directory::IdentityKey;
 
 use crate::{Config, Error, Result};
@@ -45,7 +44,7 @@ pub enum Command {
 pub fn main(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Keygen { out } => {
-            let id = murmur_directory::keys::keygen(&out).map_err(|e| Error::Key {
+            let id = murmur_service::keys::keygen(&out).map_err(|e| Error::Key {
                 path: out.clone(),
                 message: e.to_string(),
             })?;
@@ -83,12 +82,12 @@ pub fn main(cli: Cli) -> Result<()> {
         }
         Command::Run { config } => {
             let c = Config::load(&config)?;
-            init_logging();
+            murmur_service::init_logging("info");
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()
                 .map_err(Error::Runtime)?;
-            runtime.block_on(crate::run(c, shutdown_signal()))
+            runtime.block_on(crate::run(c, murmur_service::shutdown_signal()))
         }
     }
 }

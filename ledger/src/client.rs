@@ -1,6 +1,6 @@
 //! The HTTP client relays and clients use to reach a `murmur-ledger`. It implements
 //! [`Settlement`], so code written against the trait runs the same over HTTP as against the
-//! embedded [`Ledger`](crate::Ledger); refusals come back as the same [`Refusal`] kinds.
+//! embedded `Ledger` (the `server` feature); refusals come back as the same [`Refusal`] kinds.
 //! Every request has a timeout and every answer a size bound, and every answer must be signed
 //! by the ledger's key ([`crate::answer`]): one that is not is [`Error::Unauthenticated`],
 //! never a refusal, whatever it says.
@@ -25,14 +25,13 @@
 use std::time::Duration;
 
 use ed25519_dalek::VerifyingKey;
-use murmur_directory::client::IDLE_CONNECTION;
 use murmur_protocol::directory::IdentityKey;
+use murmur_service::IDLE_CONNECTION;
 use serde::de::DeserializeOwned;
 
-use crate::answer::{self, Exchange, SIGNATURE_HEADER};
-use crate::ledger::{Account, Pot, Redemption, Transfer};
+use crate::answer::{self, ErrorBody, Exchange, SIGNATURE_HEADER};
+use crate::records::{Account, Pot, Redemption, Transfer};
 use crate::request::{Fund, Operation, Redeem, Signed, Warn, Withdraw};
-use crate::server::ErrorBody;
 use crate::{Error, Refusal, Result, Settlement};
 
 /// The largest answer read (a pot or an account is a few hundred bytes).

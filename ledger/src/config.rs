@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use ed25519_dalek::SigningKey;
-use murmur_directory::HttpLimits;
 use murmur_protocol::directory::IdentityKey;
+use murmur_service::HttpLimits;
 use serde::{Deserialize, Serialize};
 
 use crate::guard::RateLimits;
@@ -300,7 +300,7 @@ impl Config {
                 ),
             });
         }
-        murmur_directory::keys::load(path).map_err(|e| Error::Key {
+        murmur_service::keys::load(path).map_err(|e| Error::Key {
             path: path.clone(),
             message: e.to_string(),
         })
@@ -309,7 +309,7 @@ impl Config {
 
 #[cfg(test)]
 mod tests {
-    use murmur_directory::config::uncomment_example;
+    use murmur_service::uncomment_example;
 
     use super::*;
 

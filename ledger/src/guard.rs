@@ -10,8 +10,8 @@
 use std::sync::Mutex;
 use std::time::Instant;
 
-use murmur_directory::rate::{Bucket, KeyedBuckets};
 use murmur_protocol::directory::IdentityKey;
+use murmur_service::rate::{Bucket, KeyedBuckets};
 
 /// The bounds (from the config's `[limits]`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

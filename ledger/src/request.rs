@@ -22,7 +22,7 @@ use murmur_protocol::ticket::Ticket;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use crate::ledger::{Pot, Redemption, Transfer};
+use crate::records::{Pot, Redemption, Transfer};
 use crate::{Refusal, Result};
 
 const DOMAIN: &[u8] = b"murmur/ledger/v1\0";

@@ -26,15 +26,15 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use ed25519_dalek::SigningKey;
 use futures_util::StreamExt;
-use murmur_directory::{RefusalCounter, serve_until};
 use murmur_protocol::directory::IdentityKey;
-use serde::{Deserialize, Serialize};
+use murmur_service::{RefusalCounter, serve_until};
+use serde::Serialize;
 use sha2::{Digest, Sha256};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::answer::{self, Exchange, SIGNATURE_HEADER};
+use crate::answer::{self, ErrorBody, Exchange, SIGNATURE_HEADER};
 use crate::client::MAX_RESPONSE_BYTES;
 use crate::config::Config;
 use crate::ledger::{Apply, Ledger};
@@ -44,14 +44,6 @@ use crate::{Error, Refusal, Result, unix_now};
 
 /// The largest request body read (a redemption is about 1 KiB of JSON).
 pub const MAX_REQUEST_BYTES: usize = 4096;
-
-/// The JSON body of every refusal or failure.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ErrorBody {
-    /// A refusal's label, or `storage` / `internal`.
-    pub reason: String,
-    pub message: String,
-}
 
 struct Ctx {
     ledger: Ledger,

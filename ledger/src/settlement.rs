@@ -2,8 +2,8 @@
 //!
 //! It is async because every implementation but the embedded one is remote: the
 //! [`LedgerClient`](crate::client::LedgerClient) speaks HTTP to a `murmur-ledger`, and a
-//! blockchain contract would submit transactions and wait for them. The embedded [`Ledger`]
-//! is synchronous (redb blocks on disk) and runs each call on tokio's blocking pool, so a
+//! blockchain contract would submit transactions and wait for them. The embedded `Ledger`
+//! (the `server` feature) is synchronous (redb blocks on disk) and runs each call on tokio's blocking pool, so a
 //! relay's event loop never waits on an fsync.
 //!
 //! Operations that move money take a [`Signed`] request: the implementation checks the
@@ -14,9 +14,13 @@ use std::future::Future;
 
 use murmur_protocol::directory::IdentityKey;
 
-use crate::ledger::{Account, Apply, Ledger, Pot, Redemption, Transfer};
+use crate::Result;
+#[cfg(feature = "server")]
+use crate::ledger::{Apply, Ledger};
+use crate::records::{Account, Pot, Redemption, Transfer};
 use crate::request::{Fund, Redeem, Signed, Warn, Withdraw};
-use crate::{Error, Result, unix_now};
+#[cfg(feature = "server")]
+use crate::{Error, unix_now};
 
 /// Pots, accounts and the redemption of winning tickets.
 pub trait Settlement: Send + Sync {
@@ -34,6 +38,7 @@ pub trait Settlement: Send + Sync {
     fn account(&self, key: IdentityKey) -> impl Future<Output = Result<Account>> + Send;
 }
 
+#[cfg(feature = "server")]
 impl Ledger {
     /// Runs `f` on the blocking pool.
     pub(crate) async fn blocking<R: Send + 'static>(
@@ -52,6 +57,7 @@ impl Ledger {
     }
 }
 
+#[cfg(feature = "server")]
 impl Settlement for Ledger {
     async fn fund(&self, req: Signed<Fund>) -> Result<Transfer> {
         self.apply_now(req).await

@@ -39,8 +39,8 @@ fn id(k: &SigningKey) -> IdentityKey {
 async fn start(dir: &Path) -> (LedgerClient, std::path::PathBuf) {
     std::fs::create_dir_all(dir).unwrap();
     let key_file = dir.join("ledger.key");
-    murmur_directory::keys::keygen(&key_file).unwrap();
-    let identity = IdentityKey::of(&murmur_directory::keys::load(&key_file).unwrap());
+    murmur_service::keys::keygen(&key_file).unwrap();
+    let identity = IdentityKey::of(&murmur_service::keys::load(&key_file).unwrap());
     let mut c = Config::with_defaults();
     c.key_file = key_file;
     c.state_dir = dir.join("state");

@@ -3,12 +3,12 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use ed25519_dalek::SigningKey;
-use murmur_directory::config::uncomment_example;
 use murmur_ledger::fuzz_entry::{self, TARGETS};
 use murmur_ledger::request::{Fund, Operation, Redeem, Signed, Warn, Withdraw};
 use murmur_protocol::directory::IdentityKey;
 use murmur_protocol::fuzz_entry::replay_targets;
 use murmur_protocol::ticket::{Ticket, TicketFields, commitment_of};
+use murmur_service::uncomment_example;
 
 const EXAMPLE: &str = include_str!("../ledger.example.toml");
 

@@ -43,9 +43,9 @@ fn ledger_key(dir: &Path) -> (std::path::PathBuf, IdentityKey) {
     std::fs::create_dir_all(dir).unwrap();
     let path = dir.join("ledger.key");
     if !path.exists() {
-        murmur_directory::keys::keygen(&path).unwrap();
+        murmur_service::keys::keygen(&path).unwrap();
     }
-    let id = IdentityKey::of(&murmur_directory::keys::load(&path).unwrap());
+    let id = IdentityKey::of(&murmur_service::keys::load(&path).unwrap());
     (path, id)
 }
 

@@ -10,6 +10,7 @@ use murmur_directory::client::DirectoryClient;
 use murmur_protocol::directory::{
     AuthoritySet, ConsensusStore, IdentityKey, Offer, SignedDescriptor,
 };
+use murmur_service::shutdown_signal;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
@@ -54,7 +55,7 @@ enum Command {
 /// Entry point of the binary.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    murmur_directory::cli::init_logging();
+    murmur_service::init_logging("info");
     match run_command(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -105,9 +106,6 @@ fn run_command(command: Command) -> anyhow::Result<()> {
         }
     }
 }
-
-/// Resolves on SIGINT or SIGTERM (the daemons share one implementation).
-pub use murmur_directory::cli::shutdown_signal;
 
 /// Runs a relay until `shutdown` resolves: binds, registers with the authorities each
 /// epoch, follows the consensus, rotates keys.

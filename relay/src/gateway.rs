@@ -1,7 +1,7 @@
 //! The gateway role: client sessions over authenticated, encrypted links.
 //!
 //! A client opens a WebSocket and runs a Noise XK handshake inside it
-//! ([`crate::client_link`]): it proves a static key of its own (fresh per session) and the
+//! ([`murmur_client_link`]): it proves a static key of its own (fresh per session) and the
 //! gateway proves the link key the consensus lists for it. The session's address is
 //! [`session_address`] of the client's key, so only that key's owner can open the session,
 //! receive its inbox or replace it; a second link with the same key (a reconnect) replaces
@@ -49,13 +49,13 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::admit::{Gate, GateLimits};
-use crate::client_link::{ClientLink, LinkFailure};
 use crate::config::GatewaySection;
 use crate::inbox::{InboxLimits, Inboxes};
 use crate::keys::KeyRing;
 use crate::links::Links;
 use crate::metrics::{self as m, drop_packet};
 use crate::payments::{Accepted, PaymentRefusal, Payments, PotStanding};
+use murmur_client_link::{ClientLink, LinkFailure};
 
 struct Session {
     generation: u64,
@@ -821,7 +821,7 @@ mod tests {
     use tokio::io::AsyncReadExt;
 
     use super::*;
-    use crate::client_link::{ClientLink, LinkFailure};
+    use murmur_client_link::{ClientLink, LinkFailure};
 
     /// A gateway relay on loopback (no directory, no payments) with `gateway` config lines.
     async fn gateway(extra: &str) -> (Arc<crate::Node>, CancellationToken, tempfile::TempDir) {

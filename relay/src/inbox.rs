@@ -3,7 +3,7 @@
 //! Anyone can send packets whose last hop is a gateway and whose destination is any address,
 //! so an inbox is kept only for an address that has a live session or had one within
 //! `inbox_ttl` (the address is the hash of the key the client proved, see
-//! [`crate::client_link`]); frames for any other address are dropped and counted
+//! [`murmur_client_link`]); frames for any other address are dropped and counted
 //! (`inbox_unknown_address`). What inboxes hold is bounded per address (`inbox_packets`
 //! frames, `inbox_bytes`) and in total (`inbox_total_bytes`), and the addresses remembered
 //! are bounded too (live sessions are at most `max_clients`; recently ended ones at most as

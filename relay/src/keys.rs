@@ -1,5 +1,5 @@
 //! Sphinx keys on disk: one X25519 key per epoch together with the replay tags seen under it.
-//! (The Ed25519 identity key file is shared with the authorities: `murmur_directory::keys`.)
+//! (The Ed25519 identity key file has the format every daemon's keys share: `murmur_service::keys`.)
 //!
 //! Replay state must survive `kill -9`: a packet is released to the next hop only after its
 //! replay tag is on disk. Workers check-and-insert tags into the in-memory filter and queue

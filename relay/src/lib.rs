@@ -2,7 +2,6 @@
 
 pub mod admit;
 pub mod cli;
-pub mod client_link;
 pub mod config;
 pub mod error;
 pub mod exit;

@@ -11,7 +11,7 @@ use axum::Router;
 use axum::http::header;
 use axum::routing::get;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
-use murmur_directory::{HttpLimits, RefusalCounter, serve_until};
+use murmur_service::{HttpLimits, RefusalCounter, serve_until};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;

@@ -2,9 +2,9 @@
 //! here on stable (`murmur_protocol::fuzz_entry::replay`).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use murmur_directory::config::uncomment_example;
 use murmur_protocol::fuzz_entry::{pseudo_random_inputs, replay_targets};
 use murmur_relay::fuzz_entry::{self, TARGETS};
+use murmur_service::uncomment_example;
 
 const EXAMPLE: &str = include_str!("../relay.example.toml");
 

@@ -1,5 +1,5 @@
 //! What a test needs to play a client, an attacker or an observer on a gateway's client link:
-//! sessions opened with `murmur_relay::client_link` (the code `murmur-client` dials with), loop
+//! sessions opened with `murmur_client_link` (the code `murmur-client` dials with), loop
 //! packets that come back to a session, sockets from other loopback source addresses, and a
 //! tap that sits on the access link (the gateway advertises the tap's address) and records or
 //! impersonates.
@@ -9,12 +9,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+pub use murmur_client_link::{ClientLink, LinkFailure};
 use murmur_protocol::delivery::GatewayTagKey;
 use murmur_protocol::directory::{Consensus, IdentityKey};
 use murmur_protocol::frame::Frame;
 use murmur_protocol::link::{LinkPublic, LinkSecret, session_address};
 use murmur_protocol::packet::build_packet_with_envelope;
-pub use murmur_relay::client_link::{ClientLink, LinkFailure};
 use rand_chacha::ChaCha20Rng;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};

@@ -1,4 +1,4 @@
-//! The one-command local network, as a person uses it: start `murmur-client --devnet`, wait
+//! The one-command local network, as a person uses it: start `murmur-devnet`, wait
 //! for `ready`, then curl through the SOCKS5 proxy.
 //!
 //! - a page and a 10 MB file arrive with matching SHA-256;
@@ -17,8 +17,8 @@ fn start_devnet(dir: &std::path::Path) -> (Proc, SocketAddr) {
     let socks = SocketAddr::from(([127, 0, 0, 1], free_ports(1)[0]));
     let mut proc = Proc::spawn(
         "devnet",
-        &binary("murmur-client"),
-        &["--devnet", "--socks", &socks.to_string()],
+        &binary("murmur-devnet"),
+        &["--socks", &socks.to_string()],
         dir.join("devnet.log"),
     );
     let ready = wait_until(Duration::from_secs(120), Duration::from_millis(200), || {

@@ -974,7 +974,7 @@ async fn client_session(
     frames: usize,
     mut pay: impl FnMut(usize) -> Option<Ticket>,
 ) -> (Vec<murmur_protocol::control::Control>, bool) {
-    use crate::client_link::{ClientLink, LinkFailure};
+    use murmur_client_link::{ClientLink, LinkFailure};
     use murmur_protocol::control::Control;
     use murmur_protocol::envelope::Envelope;
     use murmur_protocol::frame::Frame;

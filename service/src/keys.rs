@@ -1,23 +1,48 @@
-//! The authority's identity key on disk: 64 hex digits of Ed25519 secret seed and a newline,
-//! in a file only its owner can read.
+//! Secret key files, one format for every daemon's keys (an authority's or the ledger's
+//! identity, a relay's identity and link keys, a client's pot key): 64 hex digits of the
+//! secret and a newline, in a file only its owner can read.
 
+use std::fmt::Write as _;
 use std::fs::OpenOptions;
 use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use ed25519_dalek::SigningKey;
 use murmur_protocol::directory::IdentityKey;
 use murmur_protocol::link::{LinkPublic, LinkSecret};
 use zeroize::Zeroizing;
 
-use crate::{Error, Result};
+/// Why a key file cannot be written or used.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum KeyError {
+    /// The file cannot be read, written or parsed, or others can read it.
+    #[error("key file {path}: {message}")]
+    Unusable { path: PathBuf, message: String },
+    /// `keygen` never overwrites a key.
+    #[error("key file {0} already exists; refusing to overwrite it (move it away first)")]
+    Exists(PathBuf),
+}
 
-fn key_error(path: &Path, message: impl Into<String>) -> Error {
-    Error::Key {
+/// Result with a key file error.
+pub type Result<T> = std::result::Result<T, KeyError>;
+
+fn key_error(path: &Path, message: impl Into<String>) -> KeyError {
+    KeyError::Unusable {
         path: path.to_owned(),
         message: message.into(),
     }
+}
+
+/// Lower-case hex, built inside the zeroized buffer so no copy of the secret lingers.
+fn secret_hex(secret: &[u8; 32]) -> Zeroizing<String> {
+    let mut out = Zeroizing::new(String::with_capacity(65));
+    for b in secret {
+        // Writing to a String cannot fail.
+        let _ = write!(out, "{b:02x}");
+    }
+    out
 }
 
 /// Writes 32 secret bytes to `path` as hex (mode 0600, synced), refusing to overwrite.
@@ -28,11 +53,12 @@ fn write_secret(path: &Path, secret: &[u8; 32]) -> Result<()> {
         .mode(0o600)
         .open(path)
         .map_err(|e| match e.kind() {
-            std::io::ErrorKind::AlreadyExists => Error::KeyExists(path.to_owned()),
+            std::io::ErrorKind::AlreadyExists => KeyError::Exists(path.to_owned()),
             _ => key_error(path, format!("cannot create: {e}")),
         })?;
-    let hex = Zeroizing::new(crate::hex(secret));
-    file.write_all(format!("{}\n", hex.as_str()).as_bytes())
+    let mut hex = secret_hex(secret);
+    hex.push('\n');
+    file.write_all(hex.as_bytes())
         .and_then(|()| file.sync_all())
         .map_err(|e| key_error(path, format!("cannot write: {e}")))
 }
@@ -42,7 +68,7 @@ fn read_secret(path: &Path, what: &str) -> Result<Zeroizing<[u8; 32]>> {
     let meta = std::fs::metadata(path).map_err(|e| {
         key_error(
             path,
-            format!("cannot read: {e} (create one with `murmur-directory keygen --out FILE`)"),
+            format!("cannot read: {e} (create one with the daemon's `keygen --out FILE`)"),
         )
     })?;
     if meta.permissions().mode() & 0o077 != 0 {
@@ -114,7 +140,7 @@ mod tests {
         assert_eq!(IdentityKey::of(&key), id);
         let mode = std::fs::metadata(&path).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
-        assert!(matches!(keygen(&path), Err(Error::KeyExists(_))));
+        assert!(matches!(keygen(&path), Err(KeyError::Exists(_))));
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
         assert!(load(&path).unwrap_err().to_string().contains("chmod"));
     }
@@ -131,6 +157,6 @@ mod tests {
             load_or_create_link(&path).unwrap().public(),
             created.public()
         );
-        assert!(matches!(link_keygen(&path), Err(Error::KeyExists(_))));
+        assert!(matches!(link_keygen(&path), Err(KeyError::Exists(_))));
     }
 }

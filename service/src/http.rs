@@ -77,6 +77,11 @@ impl HttpLimits {
     }
 }
 
+/// How long an HTTP client of these servers keeps an idle connection for reuse: under the
+/// servers' default header timeout (5 s), which also closes a kept-alive connection idle that
+/// long, so a request never goes out on a connection as it closes.
+pub const IDLE_CONNECTION: Duration = Duration::from_secs(3);
+
 /// The address a request came from, in its extensions, for per-address rate limits (never
 /// logged).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -1,4 +1,6 @@
-//! `murmur-client --devnet`: a whole Murmur network on loopback, in this process.
+#![doc = include_str!("../README.md")]
+
+//! A whole Murmur network on loopback, in this process.
 //!
 //! Three directory authorities, a ledger whose genesis funds the client, one gateway, three
 //! mixes per layer and one exit whose policy allows loopback destinations (and, like Tor's
@@ -8,6 +10,8 @@
 //! are given the ledger's identity key, so they believe only the ledger's signed answers. Epochs are short so
 //! key rotation, and the redemption of winning tickets once their epoch retires, happen while
 //! you watch.
+
+pub mod cli;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -86,7 +90,7 @@ impl Devnet {
             let listener = TcpListener::bind("127.0.0.1:0").await?;
             let url = format!("http://{}", listener.local_addr()?);
             let key_path = dir.path().join(format!("authority-{i}.key"));
-            let identity = murmur_directory::keys::keygen(&key_path)?;
+            let identity = murmur_service::keys::keygen(&key_path)?;
             entries.push(AuthorityEntry {
                 identity: identity.to_hex(),
                 url: url.clone(),
@@ -133,7 +137,7 @@ impl Devnet {
         let ledger_listener = TcpListener::bind("127.0.0.1:0").await?;
         let ledger_url = format!("http://{}", ledger_listener.local_addr()?);
         let ledger_key_file = dir.path().join("ledger.key");
-        let ledger_key = murmur_directory::keys::keygen(&ledger_key_file)?;
+        let ledger_key = murmur_service::keys::keygen(&ledger_key_file)?;
         {
             let mut config = murmur_ledger::Config::with_defaults();
             config.listen = ledger_listener.local_addr()?;
@@ -171,7 +175,7 @@ impl Devnet {
         for (i, (name, role)) in roles.into_iter().enumerate() {
             let rdir = dir.path().join(&name);
             std::fs::create_dir_all(&rdir)?;
-            let identity = murmur_directory::keys::keygen(&rdir.join("identity.key"))?;
+            let identity = murmur_service::keys::keygen(&rdir.join("identity.key"))?;
             // Each relay on its own loopback address (all of 127.0.0.0/8 is local on Linux),
             // as separate hosts would be, so the authorities' per-address limit holds; and
             // prices that differ, so `--max-price` has something to choose from.

@@ -1,8 +1,11 @@
+#![doc = include_str!("../README.md")]
+
 //! The client↔gateway link: a WebSocket whose binary messages carry a Noise XK handshake
 //! ([`murmur_protocol::link`], [`LinkKind::Client`]) and then one sealed frame each.
 //!
-//! Both ends live here, the gateway's [`ClientLink::accept`] and the client's
-//! [`ClientLink::dial`], so they cannot drift apart; `murmur-client` and the tests dial with it.
+//! Both ends live here, the gateway's [`ClientLink::accept`] (`murmur-relay`) and the client's
+//! [`ClientLink::dial`] (`murmur-client` and the tests), so they cannot drift apart; in a crate
+//! of their own so that the client links no relay code.
 //!
 //! On the wire, after the WebSocket upgrade: the client's 48-byte `e, es`; the gateway's 48-byte
 //! `e, ee`; the client's 64-byte `s, se`; from then on every message, both ways, is one frame

@@ -1,0 +1,135 @@
+//! The `murmur-devnet` command line: start the local network, then the client's proxy on it,
+//! in this process; stop both on SIGINT or SIGTERM.
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use murmur_client::cli::{
+    PathPreferences, announce_ready, default_socks, path_rules, payment_options, socks_limits,
+};
+use murmur_client::proxy::{self, PaymentOptions, ProxyOptions};
+use murmur_protocol::payer::PayerConfig;
+
+use crate::{Devnet, DevnetOptions, FAUCET};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "murmur-devnet",
+    version,
+    about = "A whole Murmur network on loopback (3 authorities, a ledger, a gateway, 3 mixes per \
+             layer, an exit that allows loopback), then the SOCKS5 proxy on it",
+    after_help = "Then: curl --socks5-hostname 127.0.0.1:1080 http://127.0.0.1:8000/ \
+                  (the exit may reach loopback)"
+)]
+struct Cli {
+    /// Where the SOCKS5 proxy listens.
+    #[arg(long)]
+    socks: Option<SocketAddr>,
+    /// Mean per-hop delay (1/μ), e.g. "15ms" or "0ms".
+    #[arg(long, value_parser = humantime::parse_duration)]
+    hop_delay: Option<Duration>,
+    /// λ_P, packets per second the client sends (real or cover).
+    #[arg(long)]
+    send_rate: Option<f64>,
+    /// λ_M, loop packets per second each relay sends (0: none).
+    #[arg(long)]
+    relay_loop_rate: Option<f64>,
+    /// The face value of the client's tickets, in base units (small values make many tickets
+    /// win, so redemptions can be watched).
+    #[arg(long)]
+    ticket_face_value: Option<u64>,
+    /// Packets each ticket to a mix or exit pays for.
+    #[arg(long)]
+    packets_per_ticket: Option<u64>,
+    #[command(flatten)]
+    preferences: PathPreferences,
+}
+
+/// Entry point of the binary.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    murmur_client::cli::init_logging();
+    murmur_service::block_on_main("murmur-devnet", run(cli))
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let shutdown = murmur_service::shutdown_token();
+    let mut options = DevnetOptions::default();
+    if let Some(d) = cli.hop_delay {
+        options.mean_hop_delay = d;
+    }
+    if let Some(r) = cli.send_rate {
+        options.lambda_p = r;
+    }
+    if let Some(r) = cli.relay_loop_rate {
+        options.lambda_m = r;
+    }
+    // Checked before anything starts, so a bad value costs no network start-up.
+    let rules = |distinct_subnets| {
+        path_rules(
+            distinct_subnets,
+            cli.preferences.max_price_per_hop,
+            cli.preferences.min_performance.unwrap_or(0.0),
+        )
+    };
+    rules(false)?;
+    let devnet = Devnet::start(&options).await?;
+    eprintln!(
+        "devnet: 3 authorities, 1 gateway, {} mixes per layer, 1 exit (state in {})",
+        options.mixes_per_layer,
+        devnet.dir().display()
+    );
+    eprintln!(
+        "devnet: ledger {url} (identity {key}); a relay's earnings: \
+         curl -s {url}/v1/account/<identity>",
+        url = devnet.ledger_url,
+        key = devnet.ledger_key
+    );
+    for (name, identity) in &devnet.relays {
+        eprintln!("devnet: relay {name:<9} {}", identity.to_hex());
+    }
+    let proxy_options = ProxyOptions {
+        socks: cli.socks.unwrap_or_else(default_socks),
+        authorities: devnet.authorities.clone(),
+        clock_skew: Duration::from_secs(5),
+        path_rules: rules(devnet.path_rules.distinct_subnets)?,
+        socks_limits: socks_limits(None),
+        refresh_every: Duration::from_secs(1),
+        payment: Some(devnet_payment(
+            &devnet,
+            cli.ticket_face_value,
+            cli.packets_per_ticket,
+        )),
+    };
+    let result = proxy::run(proxy_options, announce_ready("murmur-devnet"), shutdown).await;
+    devnet.stop().await;
+    result
+}
+
+/// The devnet client pays from the faucet's account; the pot is funded on start.
+fn devnet_payment(
+    devnet: &Devnet,
+    face_value: Option<u64>,
+    packets_per_ticket: Option<u64>,
+) -> PaymentOptions {
+    let defaults = PayerConfig::default();
+    let payer = PayerConfig {
+        face_value: face_value.unwrap_or(defaults.face_value).max(1),
+        packets_per_ticket: packets_per_ticket
+            .unwrap_or(defaults.packets_per_ticket)
+            .max(1),
+        ..defaults
+    };
+    let mut options = payment_options(
+        devnet.ledger_url.clone(),
+        devnet.ledger_key,
+        devnet.payer_key.clone(),
+        payer,
+        FAUCET / 10,
+        FAUCET / 100,
+    );
+    options.check_every = Duration::from_secs(2);
+    options
+}
