@@ -397,11 +397,14 @@ impl Exit {
                         self.add_surbs(&mut st, blocks);
                         st.asked_for_surbs = false;
                     }
-                    ClientItem::Open { stream, target } => {
+                    ClientItem::Open { stream, target, .. } => {
                         // A re-sent open means our answer was lost: say it again.
                         if let Some(s) = st.streams.get(&stream) {
                             if s.writer.is_some() && s.connected {
-                                st.control.push(ExitItem::Opened { stream });
+                                st.control.push(ExitItem::Opened {
+                                    stream,
+                                    window: STREAM_WINDOW as u32,
+                                });
                             }
                             continue;
                         }
@@ -628,7 +631,10 @@ impl Exit {
             if let Some(s) = st.streams.get_mut(&stream) {
                 s.connected = true;
             }
-            st.control.push(ExitItem::Opened { stream });
+            st.control.push(ExitItem::Opened {
+                stream,
+                window: STREAM_WINDOW as u32,
+            });
         }
         session.wake.notify_one();
         let (mut rd, mut wr) = tcp.into_split();

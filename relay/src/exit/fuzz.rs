@@ -110,13 +110,19 @@ fn apply(st: &mut SessionState, seen: &mut Seen, msg: ClientMessage, now: Instan
         match item {
             ClientItem::Open { stream, .. } => {
                 if st.streams.contains_key(&stream) {
-                    st.control.push(ExitItem::Opened { stream });
+                    st.control.push(ExitItem::Opened {
+                        stream,
+                        window: STREAM_WINDOW as u32,
+                    });
                 } else if st.streams.len() < MAX_STREAMS {
                     let mut s =
                         StreamState::new(None, Arc::new(Notify::new()), CancellationToken::new());
                     s.connected = true;
                     st.streams.insert(stream, s);
-                    st.control.push(ExitItem::Opened { stream });
+                    st.control.push(ExitItem::Opened {
+                        stream,
+                        window: STREAM_WINDOW as u32,
+                    });
                 }
             }
             ClientItem::Data {
@@ -160,6 +166,7 @@ fn message(session: u64, items: Vec<Item>) -> ClientMessage {
             Item::Open { stream } => ClientItem::Open {
                 stream: u32::from(stream),
                 target: Target::Host("example.org".into(), 443),
+                window: STREAM_WINDOW as u32,
             },
             Item::Data {
                 stream,
