@@ -11,6 +11,7 @@ use murmur_client::cli::{
 };
 use murmur_client::proxy::{self, PaymentOptions, ProxyOptions};
 use murmur_protocol::payer::PayerConfig;
+use murmur_protocol::stream::DEFAULT_STREAM_WINDOW;
 
 use crate::{Devnet, DevnetOptions, FAUCET};
 
@@ -96,6 +97,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         clock_skew: Duration::from_secs(5),
         path_rules: rules(devnet.path_rules.distinct_subnets)?,
         socks_limits: socks_limits(None),
+        stream_window: DEFAULT_STREAM_WINDOW,
         refresh_every: Duration::from_secs(1),
         payment: Some(devnet_payment(
             &devnet,

@@ -30,6 +30,8 @@ impl ClientSession {
         rng: &mut R,
     ) -> Option<(ClientMessage, Vec<StreamId>)> {
         let budget = FORWARD_FRAGMENT_DATA_LEN - CLIENT_MESSAGE_OVERHEAD;
+        // Announced with each open: the exit grants at most this.
+        let own_window = u32::try_from(self.stream_window()).unwrap_or(u32::MAX);
         let mut used = 0;
         let mut items = Vec::new();
         let mut carried = Vec::new();
@@ -61,6 +63,7 @@ impl ClientSession {
                 let item = ClientItem::Open {
                     stream: id,
                     target: s.target.clone(),
+                    window: own_window,
                 };
                 if used + item.encoded_len() > budget {
                     break;
@@ -114,7 +117,6 @@ impl ClientSession {
             }
         }
         // Data within each stream's window, then ends of data.
-        let window = self.stream_window();
         for &id in &stream_ids {
             let Some(s) = self.streams.get_mut(&id) else {
                 continue;
@@ -123,7 +125,7 @@ impl ClientSession {
                 continue;
             }
             let room = budget.saturating_sub(used + DATA_ITEM_OVERHEAD);
-            let take = s.outbox.len().min(room).min(s.send_room(window));
+            let take = s.outbox.len().min(room).min(s.send_room());
             if take > 0 {
                 let bytes: Vec<u8> = s.outbox.drain(..take).collect();
                 items.push(ClientItem::Data {

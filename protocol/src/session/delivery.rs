@@ -107,7 +107,8 @@ impl ClientSession {
     fn exit_message(&mut self, exit: ExitRef, message: ExitMessage) {
         for item in message.items {
             match item {
-                ExitItem::Opened { stream } => {
+                ExitItem::Opened { stream, window } => {
+                    self.window_granted(exit, stream, window);
                     if let Some(s) = self.stream_of(exit, stream)
                         && s.state == StreamState::Opening
                     {

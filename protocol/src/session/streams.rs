@@ -1,8 +1,9 @@
 //! The application's streams: opening, writing within the window, closing, and how a stream
 //! ends (its exit's word, or the session giving up on it).
 //!
-//! Stream windows live here ([`ClientSession::stream_window`]): the bytes a stream may have
-//! unacknowledged by the exit, and the out-of-order bytes it holds from the exit.
+//! Stream windows live here: the bytes a stream may have unacknowledged by the exit (the
+//! window the exit granted, [`Stream::window`]), and the out-of-order bytes it holds from the
+//! exit (the client's own `stream_window`, which it announces when it opens the stream).
 
 use std::collections::VecDeque;
 
@@ -11,7 +12,7 @@ use rand::Rng;
 use super::exits::ExitRef;
 use super::{ClientSession, Event, Isolation, Result, SessionError, StreamFailure};
 use crate::directory::path::ExitTarget;
-use crate::stream::{RecvBuffer, StreamId, Target};
+use crate::stream::{DEFAULT_STREAM_WINDOW, RecvBuffer, StreamId, Target};
 use crate::time::Instant;
 
 #[derive(Debug, PartialEq, Eq)]
@@ -42,6 +43,9 @@ pub(super) struct Stream {
     pub(super) unconsumed: u64,
     pub(super) eof_reported: bool,
     pub(super) writable_wanted: bool,
+    /// Bytes this stream may have unacknowledged by the exit: what the exit granted, and
+    /// until it answers the least every exit grants ([`DEFAULT_STREAM_WINDOW`]).
+    pub(super) window: usize,
 }
 
 impl Stream {
@@ -51,9 +55,9 @@ impl Stream {
         usize::try_from(self.sent - self.exit_acked).unwrap_or(usize::MAX) + self.outbox.len()
     }
 
-    /// Of `window`, what a message may still carry of this stream's data now.
-    pub(super) fn send_room(&self, window: usize) -> usize {
-        window.saturating_sub(usize::try_from(self.sent - self.exit_acked).unwrap_or(usize::MAX))
+    /// What a message may still carry of this stream's data now.
+    pub(super) fn send_room(&self) -> usize {
+        self.window.saturating_sub(usize::try_from(self.sent - self.exit_acked).unwrap_or(usize::MAX))
     }
 
     /// Bytes this stream buffers (waiting to be sent, or received out of order).
@@ -73,10 +77,18 @@ impl Stream {
 }
 
 impl ClientSession {
-    /// The stream window: the bytes a stream may have unacknowledged by the exit (and the
-    /// exit's data held out of order). The exit must allow at least as much.
+    /// The client's own stream window: the exit's data it holds out of order, and what it
+    /// asks the exit to grant for its own data.
     pub(super) fn stream_window(&self) -> usize {
         self.config.stream_window
+    }
+
+    /// The exit granted `granted` bytes of window to `stream`; it never exceeds the client's.
+    pub(super) fn window_granted(&mut self, exit: ExitRef, stream: StreamId, granted: u32) {
+        let own = self.stream_window();
+        if let Some(s) = self.stream_of(exit, stream) {
+            s.window = own.min(usize::try_from(granted).unwrap_or(usize::MAX));
+        }
     }
 
     /// Opens a stream to `target`. Streams with different `isolation` tokens never share
@@ -129,6 +141,7 @@ impl ClientSession {
                 unconsumed: 0,
                 eof_reported: false,
                 writable_wanted: false,
+                window: window.min(DEFAULT_STREAM_WINDOW),
             },
         );
         Ok(id)
@@ -137,14 +150,13 @@ impl ClientSession {
     /// Takes up to the stream's free window of `bytes`; returns how many were taken. When
     /// fewer than all, an [`Event::Writable`] follows once there is room.
     pub fn write(&mut self, stream: StreamId, bytes: &[u8]) -> usize {
-        let window = self.stream_window();
         let Some(s) = self.streams.get_mut(&stream) else {
             return 0;
         };
         if s.app_closed {
             return 0;
         }
-        let n = bytes.len().min(window.saturating_sub(s.in_flight()));
+        let n = bytes.len().min(s.window.saturating_sub(s.in_flight()));
         s.outbox.extend(&bytes[..n]);
         if n < bytes.len() {
             s.writable_wanted = true;
@@ -184,10 +196,9 @@ impl ClientSession {
 
     /// The exit acknowledged the stream's bytes below `offset`.
     pub(super) fn exit_acked(&mut self, exit: ExitRef, stream: StreamId, offset: u64) {
-        let window = self.stream_window();
         if let Some(s) = self.stream_of(exit, stream) {
             s.exit_acked = s.exit_acked.max(offset.min(s.sent));
-            if s.writable_wanted && s.in_flight() < window {
+            if s.writable_wanted && s.in_flight() < s.window {
                 s.writable_wanted = false;
                 self.events.push_back(Event::Writable(stream));
             }
