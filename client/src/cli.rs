@@ -13,6 +13,7 @@ use ed25519_dalek::SigningKey;
 use murmur_protocol::directory::IdentityKey;
 use murmur_protocol::directory::path::PathRules;
 use murmur_protocol::payer::PayerConfig;
+use murmur_protocol::stream::DEFAULT_STREAM_WINDOW;
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
@@ -97,6 +98,10 @@ pub struct ClientConfig {
     pub max_connections: usize,
     #[serde(default = "default_open_timeout", with = "humantime_serde")]
     pub open_timeout: Duration,
+    /// Bytes each stream may have in flight each way: the client's receive buffer per
+    /// stream, announced to the exit, which grants at most its own maximum.
+    #[serde(default = "default_stream_window")]
+    pub stream_window: usize,
     /// Paths never hold two relays of one IPv4 /16 or IPv6 /32; turn off only for a test
     /// network on one host.
     #[serde(default = "default_true")]
@@ -232,6 +237,12 @@ fn default_max_connections() -> usize {
 fn default_open_timeout() -> Duration {
     Duration::from_secs(60)
 }
+fn default_stream_window() -> usize {
+    DEFAULT_STREAM_WINDOW
+}
+/// The largest stream window a client may configure (a stream's window travels as 32 bits;
+/// this keeps a misconfigured client from promising buffers it cannot hold).
+pub const MAX_STREAM_WINDOW: usize = 64 << 20;
 
 impl ClientConfig {
     /// Parses and checks a configuration.
@@ -248,6 +259,12 @@ impl ClientConfig {
         }
         if let Some(p) = &c.payments {
             p.ledger_identity()?;
+        }
+        if c.stream_window == 0 || c.stream_window > MAX_STREAM_WINDOW {
+            anyhow::bail!(
+                "stream_window {} must be between 1 and {MAX_STREAM_WINDOW} bytes",
+                c.stream_window
+            );
         }
         Ok(c)
     }
@@ -331,6 +348,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 cli.min_performance.unwrap_or(0.0),
             )?,
             socks_limits: socks_limits(None),
+            stream_window: DEFAULT_STREAM_WINDOW,
             refresh_every: Duration::from_secs(1),
             payment: Some(devnet_payment(
                 &devnet,
@@ -364,6 +382,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             cli.min_performance.unwrap_or(config.min_performance),
         )?,
         socks_limits: socks_limits(Some(&config)),
+        stream_window: config.stream_window,
         // How often the held consensus is checked; the directory is asked only once it is no
         // longer fresh, so this bounds how late the client moves to a new epoch's keys.
         refresh_every: Duration::from_secs(2),

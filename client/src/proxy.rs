@@ -35,6 +35,8 @@ pub struct ProxyOptions {
     pub clock_skew: Duration,
     pub path_rules: PathRules,
     pub socks_limits: SocksLimits,
+    /// Each stream's window (see `SessionConfig::stream_window`).
+    pub stream_window: usize,
     /// How often the directory is asked for a newer consensus.
     pub refresh_every: Duration,
     /// Paying relays, if the network charges.
@@ -282,6 +284,7 @@ pub async fn run(
         let address = session_address(&link_key.public());
         let mut config = SessionConfig::new(address);
         config.path_rules = options.path_rules;
+        config.stream_window = options.stream_window;
         // Tagged SURB identifiers: the gateway drops junk addressed to this session, and the
         // session pays only for its own deliveries.
         config.delivery_tags = Some(DeliveryTags::new(&link_key.public(), &mut rng));

@@ -8,6 +8,7 @@ pub mod delivery;
 pub mod directory;
 pub mod envelope;
 pub mod error;
+pub mod exit;
 pub mod fragment;
 pub mod frame;
 #[doc(hidden)]

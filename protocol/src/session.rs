@@ -48,8 +48,8 @@ use crate::packet::{Address, RouteHop, SurbId, build_packet_with_envelope};
 use crate::payer::{PayeeInfo, Payer};
 use crate::payload::{Content, FORWARD_FRAGMENT_DATA_LEN};
 use crate::stream::{
-    CLIENT_MESSAGE_OVERHEAD, ClientItem, ClientMessage, DATA_ITEM_OVERHEAD, ExitItem, ExitMessage,
-    RecvBuffer, Refusal, StreamId, Target,
+    CLIENT_MESSAGE_OVERHEAD, ClientItem, ClientMessage, DATA_ITEM_OVERHEAD, DEFAULT_STREAM_WINDOW,
+    ExitItem, ExitMessage, RecvBuffer, Refusal, StreamId, Target,
 };
 use crate::surb::{REPLY_BLOCK_LEN, ReplyBlock, ReplyKey, build_reply_block_with_id};
 use crate::time::Instant;
@@ -197,6 +197,9 @@ struct Stream {
     unconsumed: u64,
     eof_reported: bool,
     writable_wanted: bool,
+    /// Bytes this stream may have unacknowledged by the exit: what the exit granted, and
+    /// until it answers the default every exit grants ([`DEFAULT_STREAM_WINDOW`]).
+    window: usize,
 }
 
 /// A SOCKS user name and password, used only to keep streams apart.
@@ -470,6 +473,7 @@ impl ClientSession {
                 unconsumed: 0,
                 eof_reported: false,
                 writable_wanted: false,
+                window: self.config.stream_window.min(DEFAULT_STREAM_WINDOW),
             },
         );
         Ok(id)
@@ -478,13 +482,13 @@ impl ClientSession {
     /// Takes up to the stream's free window of `bytes`; returns how many were taken. When
     /// fewer than all, an [`Event::Writable`] follows once there is room.
     pub fn write(&mut self, stream: StreamId, bytes: &[u8]) -> usize {
-        let window = self.config.stream_window;
         let Some(s) = self.streams.get_mut(&stream) else {
             return 0;
         };
         if s.app_closed {
             return 0;
         }
+        let window = s.window;
         let in_flight = (s.sent - s.exit_acked) as usize + s.outbox.len();
         let n = bytes.len().min(window.saturating_sub(in_flight));
         s.outbox.extend(&bytes[..n]);
@@ -738,10 +742,12 @@ impl ClientSession {
     fn exit_message(&mut self, exit: usize, message: ExitMessage) {
         for item in message.items {
             match item {
-                ExitItem::Opened { stream } => {
+                ExitItem::Opened { stream, window } => {
+                    let own = self.config.stream_window;
                     if let Some(s) = self.stream_of(exit, stream)
                         && s.state == StreamState::Opening
                     {
+                        s.window = own.min(usize::try_from(window).unwrap_or(usize::MAX));
                         s.state = StreamState::Open;
                         self.events.push_back(Event::Opened(stream));
                     }
@@ -783,8 +789,8 @@ impl ClientSession {
                     self.maybe_eof(stream);
                 }
                 ExitItem::Ack { stream, offset } => {
-                    let window = self.config.stream_window;
                     if let Some(s) = self.stream_of(exit, stream) {
+                        let window = s.window;
                         s.exit_acked = s.exit_acked.max(offset.min(s.sent));
                         let in_flight = (s.sent - s.exit_acked) as usize + s.outbox.len();
                         if s.writable_wanted && in_flight < window {
@@ -1076,6 +1082,7 @@ impl ClientSession {
                 let item = ClientItem::Open {
                     stream: id,
                     target: s.target.clone(),
+                    window: u32::try_from(self.config.stream_window).unwrap_or(u32::MAX),
                 };
                 if used + item.encoded_len() > budget {
                     break;
@@ -1159,10 +1166,7 @@ impl ClientSession {
             if !s.open_sent {
                 continue;
             }
-            let window_left = self
-                .config
-                .stream_window
-                .saturating_sub((s.sent - s.exit_acked) as usize);
+            let window_left = s.window.saturating_sub((s.sent - s.exit_acked) as usize);
             let room = budget.saturating_sub(used + DATA_ITEM_OVERHEAD);
             let take = s.outbox.len().min(room).min(window_left);
             if take > 0 {

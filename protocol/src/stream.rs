@@ -81,12 +81,19 @@ pub const MAX_HOST_LEN: usize = 255;
 /// Most reply blocks in one item.
 pub const MAX_SURBS_PER_ITEM: usize = 255;
 
+/// The window a client may use on a stream before the exit has said what it granted, and
+/// the least an exit grants (when the client asked for at least this much).
+pub const DEFAULT_STREAM_WINDOW: usize = 512 * 1024;
+
 /// Something the client tells the exit.
 #[derive(Debug)]
 pub enum ClientItem {
+    /// Open a stream to `target`; `window` is what the client's receive buffer holds for
+    /// it, and the most it wants to send unacknowledged.
     Open {
         stream: StreamId,
         target: Target,
+        window: u32,
     },
     Data {
         stream: StreamId,
@@ -112,8 +119,11 @@ pub enum ClientItem {
 /// Something the exit tells the client.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ExitItem {
+    /// The stream is connected; both directions use `window` (at most what the client
+    /// announced).
     Opened {
         stream: StreamId,
+        window: u32,
     },
     Refused {
         stream: StreamId,
@@ -176,7 +186,7 @@ impl ClientItem {
     /// Encoded length.
     pub fn encoded_len(&self) -> usize {
         match self {
-            ClientItem::Open { target, .. } => 1 + 4 + target_len(target),
+            ClientItem::Open { target, .. } => 1 + 4 + target_len(target) + 4,
             ClientItem::Data { bytes, .. } => DATA_ITEM_OVERHEAD + bytes.len(),
             ClientItem::Fin { .. } | ClientItem::Ack { .. } => 1 + 4 + 8,
             ClientItem::Reset { .. } => 1 + 4,
@@ -189,7 +199,7 @@ impl ExitItem {
     /// Encoded length.
     pub fn encoded_len(&self) -> usize {
         match self {
-            ExitItem::Opened { .. } => 1 + 4,
+            ExitItem::Opened { .. } => 1 + 4 + 4,
             ExitItem::Refused { .. } | ExitItem::Reset { .. } => 1 + 4 + 1,
             ExitItem::Data { bytes, .. } => DATA_ITEM_OVERHEAD + bytes.len(),
             ExitItem::Fin { .. } | ExitItem::Ack { .. } => 1 + 4 + 8,
@@ -308,10 +318,15 @@ impl ClientMessage {
         out.extend_from_slice(&count.to_be_bytes());
         for item in &self.items {
             match item {
-                ClientItem::Open { stream, target } => {
+                ClientItem::Open {
+                    stream,
+                    target,
+                    window,
+                } => {
                     out.push(OPEN);
                     out.extend_from_slice(&stream.to_be_bytes());
                     put_target(&mut out, target)?;
+                    out.extend_from_slice(&window.to_be_bytes());
                 }
                 ClientItem::Data {
                     stream,
@@ -364,6 +379,7 @@ impl ClientMessage {
                 OPEN => ClientItem::Open {
                     stream: r.u32()?,
                     target: r.target()?,
+                    window: r.u32()?,
                 },
                 DATA => {
                     let (stream, offset, bytes) = r.data()?;
@@ -416,9 +432,10 @@ impl ExitMessage {
         out.extend_from_slice(&count.to_be_bytes());
         for item in &self.items {
             match item {
-                ExitItem::Opened { stream } => {
+                ExitItem::Opened { stream, window } => {
                     out.push(OPENED);
                     out.extend_from_slice(&stream.to_be_bytes());
+                    out.extend_from_slice(&window.to_be_bytes());
                 }
                 ExitItem::Refused { stream, reason } | ExitItem::Reset { stream, reason } => {
                     out.push(if matches!(item, ExitItem::Refused { .. }) {
@@ -452,7 +469,10 @@ impl ExitMessage {
         let mut items = Vec::with_capacity(usize::from(count).min(64));
         for _ in 0..count {
             let item = match r.u8()? {
-                OPENED => ExitItem::Opened { stream: r.u32()? },
+                OPENED => ExitItem::Opened {
+                    stream: r.u32()?,
+                    window: r.u32()?,
+                },
                 REFUSED => ExitItem::Refused {
                     stream: r.u32()?,
                     reason: Refusal::from_code(r.u8()?)?,
@@ -847,6 +867,11 @@ impl SendBuffer {
         self.fin.is_some() && self.unacked.is_empty()
     }
 
+    /// The peer has every byte below this offset.
+    pub fn acked(&self) -> u64 {
+        self.acked
+    }
+
     /// Bytes held (sent or not) until acknowledged.
     pub fn unacked_bytes(&self) -> usize {
         self.unacked.len()
@@ -914,7 +939,10 @@ mod tests {
     fn exit_messages_round_trip_and_bad_bytes_error() {
         let m = ExitMessage {
             items: vec![
-                ExitItem::Opened { stream: 1 },
+                ExitItem::Opened {
+                    stream: 1,
+                    window: 1 << 21,
+                },
                 ExitItem::Refused {
                     stream: 2,
                     reason: Refusal::NotAllowed,
@@ -1095,9 +1123,9 @@ mod tests {
             let msg = ClientMessage {
                 session,
                 items: vec![
-                    ClientItem::Open { stream, target: Target::Host(host.clone(), port) },
-                    ClientItem::Open { stream, target: Target::Addr(SocketAddr::from((v4, port))) },
-                    ClientItem::Open { stream, target: Target::Addr(SocketAddr::from((v6, port))) },
+                    ClientItem::Open { stream, target: Target::Host(host.clone(), port), window: stream },
+                    ClientItem::Open { stream, target: Target::Addr(SocketAddr::from((v4, port))), window: 0 },
+                    ClientItem::Open { stream, target: Target::Addr(SocketAddr::from((v6, port))), window: u32::MAX },
                     ClientItem::Data { stream, offset, bytes: bytes.clone() },
                     ClientItem::Fin { stream, offset },
                     ClientItem::Ack { stream, offset },

@@ -170,10 +170,12 @@ fn seeds(target: &str) -> Vec<Vec<u8>> {
                     ClientItem::Open {
                         stream: 1,
                         target: Target::Host("example.com".into(), 443),
+                        window: 2 << 20,
                     },
                     ClientItem::Open {
                         stream: 2,
                         target: Target::Addr("[2001:db8::1]:80".parse().unwrap()),
+                        window: 512 << 10,
                     },
                     ClientItem::Data {
                         stream: 1,
@@ -195,7 +197,10 @@ fn seeds(target: &str) -> Vec<Vec<u8>> {
             .unwrap();
             let exit = ExitMessage {
                 items: vec![
-                    ExitItem::Opened { stream: 1 },
+                    ExitItem::Opened {
+                        stream: 1,
+                        window: 2 << 20,
+                    },
                     ExitItem::Refused {
                         stream: 2,
                         reason: Refusal::NotAllowed,

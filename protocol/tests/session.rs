@@ -214,7 +214,11 @@ impl Net {
                 ClientItem::Surbs(blocks) => {
                     self.surbs.entry(msg.session).or_default().extend(blocks)
                 }
-                ClientItem::Open { stream, target } => {
+                ClientItem::Open {
+                    stream,
+                    target,
+                    window,
+                } => {
                     // A re-sent open (its answer was lost) gets the same answer again.
                     if target.port() == self.refuse_port {
                         answers.push(ExitItem::Refused {
@@ -222,7 +226,7 @@ impl Net {
                             reason: Refusal::NotAllowed,
                         });
                     } else {
-                        answers.push(ExitItem::Opened { stream });
+                        answers.push(ExitItem::Opened { stream, window });
                         answers.push(ExitItem::Data {
                             stream,
                             offset: 0,

@@ -237,6 +237,9 @@ pub struct ExitSection {
     /// Time allowed to connect to a destination.
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
+    /// The largest window a stream is granted, each way (a client asks for its own; at
+    /// least 512 KiB, which a client may use before the answer comes).
+    pub max_stream_window: usize,
 }
 
 /// Nanopayments: tickets that pay this relay for the packets it carries.
@@ -425,6 +428,7 @@ impl Default for ExitSection {
             idle_progress_bytes: 2048,
             stream_lifetime: Duration::from_secs(3600),
             connect_timeout: Duration::from_secs(10),
+            max_stream_window: 4 << 20,
         }
     }
 }
@@ -714,36 +718,13 @@ fn outbound_addresses() -> Vec<IpAddr> {
 }
 
 impl ExitSection {
-    /// The per-session bounds leave room for [`crate::exit::FULL_SESSIONS`] sessions at
-    /// their limits within the global ones.
+    /// The bounds hold together (see [`murmur_protocol::exit::ExitConfig::check`]).
     fn check(&self) -> std::result::Result<(), String> {
-        let n = crate::exit::FULL_SESSIONS;
-        if self.max_streams_per_session == 0 || self.max_session_buffered_bytes == 0 {
-            return Err("exit per-session bounds must be positive".into());
-        }
-        if self.max_streams_per_session.saturating_mul(n) > self.max_streams {
-            return Err(format!(
-                "exit.max_streams_per_session {} is more than max_streams / {n} ({}): {n} \
-                 sessions at their limit must fit",
-                self.max_streams_per_session,
-                self.max_streams / n
-            ));
-        }
-        if self.max_session_buffered_bytes.saturating_mul(n) > self.max_buffered_bytes {
-            return Err(format!(
-                "exit.max_session_buffered_bytes {} is more than max_buffered_bytes / {n} ({})",
-                self.max_session_buffered_bytes,
-                self.max_buffered_bytes / n
-            ));
-        }
-        if self.max_session_buffered_bytes < crate::exit::STREAM_WINDOW {
-            return Err(format!(
-                "exit.max_session_buffered_bytes must hold at least one stream window ({} bytes)",
-                crate::exit::STREAM_WINDOW
-            ));
-        }
-        if self.idle_timeout.is_zero() || self.stream_lifetime.is_zero() {
-            return Err("exit.idle_timeout and stream_lifetime must be positive".into());
+        crate::exit::exit_config(ExitPolicy::reject_all(), self)
+            .check()
+            .map_err(|e| format!("[exit]: {e}"))?;
+        if self.connect_timeout.is_zero() {
+            return Err("exit.connect_timeout must be positive".into());
         }
         Ok(())
     }

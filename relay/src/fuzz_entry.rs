@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use crate::config::Config;
 
-pub use crate::exit::fuzz::exit;
+pub use murmur_protocol::exit::fuzz::exit;
 
 /// The names of this crate's fuzz targets.
 pub const TARGETS: &[&str] = &["relay_config", "exit"];

@@ -464,6 +464,28 @@ pub fn start_relay(
     start_relay_listening(dir, name, roles, authorities, epoch_s, "", extra)
 }
 
+/// `n` mixes `mix-0`…, spread over the layers by the authorities, each with `extra`.
+pub fn start_mixes(
+    dir: &Path,
+    n: usize,
+    authorities: &[AuthorityInfo],
+    epoch_s: u64,
+    extra: &str,
+) -> Vec<RelayProc> {
+    (0..n)
+        .map(|i| {
+            start_relay(
+                dir,
+                &format!("mix-{i}"),
+                "[\"mix\"]",
+                authorities,
+                epoch_s,
+                extra,
+            )
+        })
+        .collect()
+}
+
 /// As [`start_relay`], with `listen` added to the `[listen]` section (`advertise_client`).
 pub fn start_relay_listening(
     dir: &Path,

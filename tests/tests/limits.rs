@@ -23,7 +23,7 @@ use murmur_tests::client_link::{delivered_id, open_session};
 use murmur_tests::hop::{FakeHop, Link};
 use murmur_tests::{
     AuthorityInfo, fetch_consensus, rss_kib_of, runtime, start_authorities, start_client,
-    start_relay, wait_until,
+    start_mixes, start_relay, wait_until,
 };
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha20Rng;
@@ -115,18 +115,7 @@ fn a_client_at_its_stream_limit_leaves_room_and_a_trickle_ends_at_its_lifetime()
         EPOCH_S,
         loopback,
     );
-    let _mixes: Vec<_> = (0..3)
-        .map(|i| {
-            start_relay(
-                dir.path(),
-                &format!("mix-{i}"),
-                "[\"mix\"]",
-                &authorities,
-                EPOCH_S,
-                loopback,
-            )
-        })
-        .collect();
+    let _mixes = start_mixes(dir.path(), 3, &authorities, EPOCH_S, loopback);
     // Sixteen sessions at their limit fit the total (the config check requires it).
     let exit_config = format!(
         "{loopback}[exit]\nallow_private = true\nallow_own_addresses = true\n\

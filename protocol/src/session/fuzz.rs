@@ -383,6 +383,7 @@ impl Harness {
             let item = match item {
                 Item::Opened { stream } => ExitItem::Opened {
                     stream: self.stream(stream),
+                    window: WINDOW as u32,
                 },
                 Item::Refused { stream, reason } => ExitItem::Refused {
                     stream: self.stream(stream),
