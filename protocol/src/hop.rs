@@ -1,5 +1,6 @@
 //! The one step every relay takes for every Sphinx packet, whoever drives it: the relay's
-//! worker threads, the in-process test networks, the benches and the simulator.
+//! worker threads, the in-process test networks and the benches (and the simulator, once it
+//! processes packets).
 //!
 //! ```text
 //! open (DH + header MAC) → replay check-and-insert → process (blinding + Lioness)
