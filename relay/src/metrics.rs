@@ -32,7 +32,8 @@ pub const EXIT_STREAMS: &str = "murmur_relay_exit_streams_total";
 /// What an exit refused or ended because a bound was reached, by `reason`: `streams`,
 /// `session_streams`, `buffer`, `session_buffer` (data not taken, or a destination not read,
 /// until the budget frees), `partial_messages`, `session_partial_messages`, `sessions`,
-/// `surbs`, `lifetime`, `no_progress` (streams closed).
+/// `surbs`, `window` (client data past the granted window), `lifetime`, `no_progress`
+/// (streams closed).
 pub const EXIT_REFUSED: &str = "murmur_relay_exit_refused_total";
 pub const LOOPS: &str = "murmur_relay_loops_total";
 /// Tickets that paid this hop.

@@ -482,7 +482,7 @@ fn the_fuzz_bounds_and_the_defaults_check() {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(256))]
+    #![proptest_config(ProptestConfig::with_cases(2048))]
 
     /// Arbitrary sequences of fragments, driver events and timeouts (the fuzz target's
     /// steps and oracles): bounded state, acknowledged data never re-sent, sent data always
