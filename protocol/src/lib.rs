@@ -13,6 +13,7 @@ pub mod fragment;
 pub mod frame;
 #[doc(hidden)]
 pub mod fuzz_entry;
+pub mod hop;
 pub mod link;
 pub mod packet;
 pub mod payer;

@@ -401,12 +401,16 @@ pub fn recover_plaintext(payload: &[u8]) -> Result<Vec<u8>> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use rand::SeedableRng;
     use rand_chacha::ChaCha20Rng;
 
-    fn keyed_route(rng: &mut ChaCha20Rng, hops: usize) -> (Vec<RouteHop>, Vec<StaticSecret>) {
+    /// A route of `hops` relays with fresh Sphinx keys, at addresses 1, 2, ...
+    pub(crate) fn keyed_route(
+        rng: &mut ChaCha20Rng,
+        hops: usize,
+    ) -> (Vec<RouteHop>, Vec<StaticSecret>) {
         let secrets: Vec<StaticSecret> = (0..hops)
             .map(|_| StaticSecret::random_from_rng(&mut *rng))
             .collect();

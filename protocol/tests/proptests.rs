@@ -14,6 +14,7 @@ use murmur_protocol::fragment::{
     Assembled, Fragment, Reassembler, ReassemblyLimits, split_message,
 };
 use murmur_protocol::frame::{FRAME_LEN, Frame, MAX_CONTROL_LEN};
+use murmur_protocol::hop::{self, Action, HopError, HopKey};
 use murmur_protocol::packet::{
     Address, HopOutput, OpenedPacket, Packet, PublicKey, ReplayTag, RouteHop, StaticSecret,
     build_packet, build_packet_with_envelope, build_packet_with_tags, recover_plaintext,
@@ -678,6 +679,62 @@ fn any_slot_ticket() -> impl Strategy<Value = SlotTicket> {
 /// One to four hops' slots, each a ticket or empty.
 fn any_slots() -> impl Strategy<Value = Vec<Option<SlotTicket>>> {
     proptest::collection::vec(proptest::option::of(any_slot_ticket()), 1..=ENVELOPE_SLOTS)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, .. ProptestConfig::default() })]
+
+    /// `hop::process` over random routes of 1 to 4 hops, delays, slots, payloads and
+    /// destinations: each hop's outputs are what the packet's builder put in for it (the
+    /// next hop; the delay, clamped to the hop's maximum, its lowest bit being the envelope
+    /// flag; the ticket), the last hop delivers the destination, identifier and plaintext,
+    /// and the same packet again at any hop is a replay.
+    #[test]
+    fn each_hop_step_returns_what_the_builder_put_in(
+        seed: u64,
+        slots in any_slots(),
+        delay_nanos in proptest::collection::vec(0..20_000_000_000u64, ENVELOPE_SLOTS),
+        plaintext in proptest::collection::vec(any::<u8>(), 0..=PLAINTEXT_SIZE),
+        destination: [u8; 32],
+        surb_id: [u8; 16],
+        max_delay_ms in 1..30_000u64,
+    ) {
+        let mut rng = ChaCha20Rng::seed_from_u64(seed);
+        let hops = slots.len();
+        let (route, secrets) = keyed_route(&mut rng, hops);
+        let delays: Vec<Duration> =
+            delay_nanos[..hops].iter().map(|&n| Duration::from_nanos(n)).collect();
+        let (mut packet, mut envelope) = build_packet_with_envelope(
+            &mut rng, &route, &delays, Address(destination), surb_id, &plaintext, &slots,
+        ).unwrap();
+        let max_delay = Duration::from_millis(max_delay_ms);
+        for (i, secret) in secrets.iter().enumerate() {
+            let key = HopKey { sphinx: secret, max_delay };
+            let mut filter = ReplayFilter::new(16, 1e-6).unwrap();
+            let out = hop::process(key, &packet, envelope.clone(), &mut filter).unwrap();
+            prop_assert_eq!(out.slot, slots[i]);
+            prop_assert_eq!(
+                hop::process(key, &packet, envelope.clone(), &mut filter).err(),
+                Some(HopError::Replay)
+            );
+            match out.action {
+                Action::Forward { next_hop, delay, delay_clamped, packet: p, envelope: e } => {
+                    prop_assert!(i + 1 < hops, "hop {} of {} forwarded", i, hops);
+                    prop_assert_eq!(next_hop, route[i + 1].address);
+                    let written = Duration::from_nanos(delay_nanos[i] & !1);
+                    prop_assert_eq!(delay, written.min(max_delay));
+                    prop_assert_eq!(delay_clamped, written > max_delay);
+                    (packet, envelope) = (p, e);
+                }
+                Action::Deliver(d) => {
+                    prop_assert_eq!(i + 1, hops);
+                    prop_assert_eq!(d.destination, Address(destination));
+                    prop_assert_eq!(d.surb_id, surb_id);
+                    prop_assert_eq!(recover_plaintext(&d.payload[..]).unwrap(), plaintext.clone());
+                }
+            }
+        }
+    }
 }
 
 fn envelope_keys(rng: &mut ChaCha20Rng, hops: usize) -> Vec<EnvelopeKey> {

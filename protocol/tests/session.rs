@@ -12,12 +12,11 @@ use murmur_protocol::control::Control;
 use murmur_protocol::directory::path::PathRules;
 use murmur_protocol::directory::synthetic::{SyntheticNetwork, generate};
 use murmur_protocol::directory::{Consensus, IdentityKey, NetworkParams};
-use murmur_protocol::envelope::{Envelope, EnvelopeKey};
+use murmur_protocol::envelope::Envelope;
 use murmur_protocol::fragment::Fragment;
 use murmur_protocol::frame::Frame;
-use murmur_protocol::packet::{
-    Address, HopOutput, OpenedPacket, Packet, StaticSecret, recover_plaintext,
-};
+use murmur_protocol::hop::{self, Action, HopKey, Payee};
+use murmur_protocol::packet::{Address, Packet, ReplayTag, StaticSecret, recover_plaintext};
 use murmur_protocol::payer::{Payer, PayerConfig};
 use murmur_protocol::payload::Content;
 use murmur_protocol::session::{ClientSession, Event, SessionConfig, StreamFailure};
@@ -129,8 +128,10 @@ impl Net {
     }
 
     /// Carries a packet and its envelope from `first` hop to its final hop, dropping it with
-    /// the loss rate. Every hop peels its envelope layer and takes its ticket; a forward hop
-    /// whose layer does not verify would drop the packet, which an honest run never sees.
+    /// the loss rate. Every hop takes its step (`hop::process`: it peels its envelope layer;
+    /// a reply's envelope is random, so its last hop reads no ticket) and its ticket; a
+    /// forward hop whose layer does not verify would drop the packet, which an honest run
+    /// never sees.
     fn carry(&mut self, mut at: Address, mut packet: Packet, mut envelope: Envelope) {
         if self.rng.random::<f64>() < self.loss {
             return;
@@ -142,35 +143,35 @@ impl Net {
             if at != gateway {
                 *self.carried.entry(at).or_default() += 1;
             }
-            let opened = OpenedPacket::open(packet.as_bytes(), &self.secrets[&at]).unwrap();
-            let key = EnvelopeKey::from_replay_tag(&opened.replay_tag());
-            let output = opened.process(Duration::MAX).unwrap();
-            let slot = match &output {
-                HopOutput::Forward {
-                    envelope_authenticated,
-                    ..
-                } => envelope
-                    .peel_in_place(&key, *envelope_authenticated)
-                    .expect("an honest hop's envelope layer verifies"),
-                // A reply's envelope is random: the last hop reads no ticket from it.
-                HopOutput::Final(_) => envelope.peel_in_place(&key, true).ok().flatten(),
+            let key = HopKey {
+                sphinx: &self.secrets[&at],
+                max_delay: Duration::MAX,
             };
-            if let Some(slot) = slot {
+            // Packets are never repeated here: no replay state.
+            let mut never_seen = |_: &ReplayTag| false;
+            let processed = hop::process(key, &packet, envelope, &mut never_seen)
+                .expect("an honest hop's step succeeds");
+            if processed.slot.is_some() {
                 let relay = self.consensus.relay(&IdentityKey(at.0)).unwrap();
-                let commitment = relay.payment_commitment(self.consensus.epoch).unwrap();
-                let ticket = slot.into_ticket(relay.identity, commitment);
+                let payee = Payee {
+                    identity: relay.identity,
+                    commitment: relay.payment_commitment(self.consensus.epoch).unwrap(),
+                };
+                let ticket = processed.ticket(&payee).unwrap();
                 self.take_ticket(at, ticket);
             }
-            match output {
-                HopOutput::Forward {
+            match processed.action {
+                Action::Forward {
                     next_hop,
                     packet: p,
+                    envelope: e,
                     ..
                 } => {
                     at = next_hop;
                     packet = p;
+                    envelope = e;
                 }
-                HopOutput::Final(d) => {
+                Action::Deliver(d) => {
                     if d.destination == self.client {
                         self.inbox.push((d.surb_id, d.payload.to_vec()));
                     } else if at == self.exit && d.destination == self.exit {

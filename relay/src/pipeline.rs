@@ -2,8 +2,9 @@
 //!
 //! ```text
 //! links ──try_send──▶ [input: bounded] ──▶ workers (one thread per core)
-//!     open (DH + MAC) → replay check-and-insert → process (blind + Lioness)
-//!     → peel the payment envelope (keyed by the replay tag) → accept this hop's ticket
+//!     murmur_protocol::hop::process: open (DH + MAC) → replay check-and-insert
+//!     → process (blind + Lioness) → peel the payment envelope (keyed by the replay tag)
+//!     → accept this hop's ticket
 //!   ──▶ [processed: bounded] ──▶ flusher thread: replay tags to disk (one fsync per batch),
 //!       then winning tickets to the payments store (one transaction per batch)
 //!   ──▶ [released: bounded] ──▶ router (async): hold for the delay, forward or deliver
@@ -16,11 +17,13 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
 use murmur_protocol::directory::Epoch;
-use murmur_protocol::envelope::{Envelope, EnvelopeKey, SlotTicket};
-use murmur_protocol::packet::{Address, FinalDelivery, HopOutput, OpenedPacket, Packet};
+use murmur_protocol::envelope::Envelope;
+use murmur_protocol::hop::{self, Action, HopKey, Payee};
+use murmur_protocol::packet::{Address, FinalDelivery, Packet, ReplayTag};
+use murmur_protocol::ticket::Ticket;
 
 use crate::config::UnpaidPolicy;
-use crate::keys::{EpochKey, KeyRing};
+use crate::keys::KeyRing;
 use crate::metrics::{self as m, drop_packet};
 use crate::payments::Payments;
 
@@ -162,7 +165,8 @@ impl Submitter {
     }
 }
 
-/// One worker: Sphinx, then the payment envelope, then this hop's ticket.
+/// One worker: the hop's step ([`hop::process`]: Sphinx, the replay check, the payment
+/// envelope), then this hop's ticket.
 fn worker(
     rx: Receiver<Inbound>,
     tx: Sender<Processed>,
@@ -175,68 +179,54 @@ fn worker(
             drop_packet("unknown_epoch");
             continue;
         };
-        let opened = match OpenedPacket::open(inbound.packet.as_bytes(), key.secret()) {
-            Ok(o) => o,
+        let hop_key = HopKey {
+            sphinx: key.secret(),
+            max_delay,
+        };
+        // The key's tag set is shared by the workers (behind its lock) and made durable by
+        // the flusher before the packet leaves.
+        let mut seen = |tag: &ReplayTag| key.check_and_insert(tag);
+        let processed = match hop::process(hop_key, &inbound.packet, inbound.envelope, &mut seen) {
+            Ok(p) => p,
             Err(e) => {
                 drop_packet(e.label());
                 continue;
             }
         };
-        let tag = opened.replay_tag();
-        if key.check_and_insert(&tag) {
-            drop_packet("replay");
-            continue;
-        }
-        let mut envelope = inbound.envelope;
-        let envelope_key = EnvelopeKey::from_replay_tag(&tag);
-        let (out, ticket) = match opened.process(max_delay) {
-            Ok(HopOutput::Forward {
+        let ticket = payments.as_ref().and_then(|p| {
+            processed.ticket(&Payee {
+                identity: p.params().me,
+                commitment: key.payment_commitment(),
+            })
+        });
+        let out = match processed.action {
+            Action::Forward {
                 next_hop,
                 delay,
                 delay_clamped,
                 packet,
-                envelope_authenticated,
-            }) => {
+                envelope,
+            } => {
                 if delay_clamped {
                     metrics::counter!(m::DELAY_CLAMPED).increment(1);
                 }
-                // A forward packet whose sender built its envelope must carry one that
-                // verifies: a hop before this one altered it (or it is another packet's).
-                let ticket = match envelope.peel_in_place(&envelope_key, envelope_authenticated) {
-                    Ok(t) => t,
-                    Err(e) => {
-                        drop_packet(e.label());
-                        continue;
-                    }
-                };
-                let out = Processed::Forward {
+                Processed::Forward {
                     next_hop,
                     key_epoch: inbound.key_epoch,
                     packet,
                     envelope,
                     received: inbound.received,
                     release_at: inbound.received + delay,
-                };
-                (out, ticket)
+                }
             }
-            Ok(HopOutput::Final(delivery)) => {
-                // The last hop cannot tell a client's envelope from an exit's random one on
-                // a reply (see `murmur_protocol::envelope`): one that fails is just unpaid.
-                let ticket = envelope.peel_in_place(&envelope_key, true).ok().flatten();
-                let out = Processed::Final {
-                    key_epoch: inbound.key_epoch,
-                    delivery,
-                    received: inbound.received,
-                };
-                (out, ticket)
-            }
-            Err(e) => {
-                drop_packet(e.label());
-                continue;
-            }
+            Action::Deliver(delivery) => Processed::Final {
+                key_epoch: inbound.key_epoch,
+                delivery,
+                received: inbound.received,
+            },
         };
         if let Some(payments) = &payments
-            && !pays(payments, &key, inbound.key_epoch, ticket)
+            && !pays(payments, inbound.key_epoch, ticket)
         {
             continue;
         }
@@ -253,12 +243,11 @@ fn worker(
 /// `packets_per_ticket` packets, worth all of them, and a mix cannot tell whose packets the
 /// others are (the per-client limit is the gateway's tab). Under [`UnpaidPolicy::Drop`] a
 /// packet whose ticket is refused (forged, expired, spent, from an empty pot...) is dropped.
-fn pays(payments: &Payments, key: &EpochKey, epoch: Epoch, ticket: Option<SlotTicket>) -> bool {
-    let Some(slot) = ticket else {
+fn pays(payments: &Payments, epoch: Epoch, ticket: Option<Ticket>) -> bool {
+    let Some(ticket) = ticket else {
         metrics::counter!(m::PACKETS_UNPAID, "reason" => "no_ticket").increment(1);
         return true;
     };
-    let ticket = slot.into_ticket(payments.params().me, key.payment_commitment());
     match payments.accept(&ticket, epoch, murmur_ledger::unix_now()) {
         Ok(_) => true,
         Err(_) => {
@@ -355,7 +344,9 @@ fn flusher(
 mod tests {
     use super::*;
     use crate::keys::ReplaySizing;
-    use murmur_protocol::packet::{PublicKey, RouteHop, StaticSecret, build_packet_with_envelope};
+    use murmur_protocol::packet::{
+        OpenedPacket, PublicKey, RouteHop, StaticSecret, build_packet_with_envelope,
+    };
     use rand::SeedableRng;
     use rand_chacha::ChaCha20Rng;
 
