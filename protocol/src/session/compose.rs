@@ -52,6 +52,11 @@ impl ClientSession {
         let mut wants_surbs = false;
         let mut reopened = false;
         let reply_timeout = self.config.reply_timeout;
+        // Streams whose open this message carries: their data may ride with it. A stream's
+        // later data waits until the exit answered the open, since a message can overtake
+        // an earlier one on another route, and an exit cannot place data for a stream it has
+        // not opened (it drops it, its packet acknowledged: the data would be lost).
+        let mut opening_here = Vec::new();
         for &id in &stream_ids {
             let Some(s) = self.streams.get_mut(&id) else {
                 continue;
@@ -73,6 +78,7 @@ impl ClientSession {
                 s.open_sent = true;
                 s.open_sent_at = now;
                 carried.push(id);
+                opening_here.push(id);
                 wants_surbs = true;
                 // Its reply blocks may have been spent on the lost answer.
                 reopened |= unanswered;
@@ -121,7 +127,7 @@ impl ClientSession {
             let Some(s) = self.streams.get_mut(&id) else {
                 continue;
             };
-            if !s.open_sent {
+            if s.state != StreamState::Open && !opening_here.contains(&id) {
                 continue;
             }
             let room = budget.saturating_sub(used + DATA_ITEM_OVERHEAD);

@@ -57,7 +57,8 @@ impl Stream {
 
     /// What a message may still carry of this stream's data now.
     pub(super) fn send_room(&self) -> usize {
-        self.window.saturating_sub(usize::try_from(self.sent - self.exit_acked).unwrap_or(usize::MAX))
+        self.window
+            .saturating_sub(usize::try_from(self.sent - self.exit_acked).unwrap_or(usize::MAX))
     }
 
     /// Bytes this stream buffers (waiting to be sent, or received out of order).
