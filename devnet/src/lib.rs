@@ -18,8 +18,8 @@ use std::time::Duration;
 
 use ed25519_dalek::SigningKey;
 use murmur_directory::config::{AuthorityEntry, Config as AuthorityConfig};
-use murmur_protocol::directory::IdentityKey;
 use murmur_protocol::directory::path::PathRules;
+use murmur_protocol::directory::{IdentityKey, bounds};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -29,7 +29,8 @@ use tokio_util::task::TaskTracker;
 pub struct DevnetOptions {
     pub mixes_per_layer: usize,
     pub epoch_length: Duration,
-    /// Mean per-hop delay (1/μ).
+    /// Mean per-hop delay (1/μ). Zero means the shortest the directory accepts (μ at the top
+    /// of `directory::bounds::MU`, a 10 µs mean).
     pub mean_hop_delay: Duration,
     /// λ_P, packets per second per client.
     pub lambda_p: f64,
@@ -48,6 +49,18 @@ impl Default for DevnetOptions {
             lambda_l: 2.0,
             lambda_d: 2.0,
             lambda_m: 2.0,
+        }
+    }
+}
+
+impl DevnetOptions {
+    /// μ for the mean hop delay: `1 / mean`, at most the directory's bound.
+    pub fn mu(&self) -> f64 {
+        let mean = self.mean_hop_delay.as_secs_f64();
+        if mean > 0.0 {
+            (1.0 / mean).min(bounds::MU.1)
+        } else {
+            bounds::MU.1
         }
     }
 }
@@ -111,7 +124,7 @@ impl Devnet {
             config.network.lambda_l = options.lambda_l;
             config.network.lambda_d = options.lambda_d;
             config.network.lambda_m = options.lambda_m;
-            config.network.mu = 1.0 / options.mean_hop_delay.as_secs_f64().max(1e-6);
+            config.network.mu = options.mu();
             config.policy.allow_private_addresses = true;
             // Every relay, the client and the other authorities connect from 127.0.0.1.
             config.limits.max_connections_per_address = config.limits.max_connections;
@@ -121,6 +134,10 @@ impl Devnet {
             config.probe.interval = Duration::from_secs(2);
             config.probe.timeout = Duration::from_secs(2);
             config.probe.packets = 8;
+            // Checked before anything starts (every authority's parameters are the same).
+            config
+                .validate()
+                .map_err(|e| anyhow::anyhow!("devnet options: {e}"))?;
             let stop = shutdown.clone();
             tracker.spawn(async move {
                 if let Err(e) =

@@ -39,3 +39,28 @@ fn help_lists_the_network_options_and_bad_values_fail_before_anything_starts() {
     assert!(err.contains("min_performance must lie in [0, 1]"), "{err}");
     assert!(!err.contains("state in"), "{err}");
 }
+
+#[test]
+fn a_rate_the_directory_would_refuse_fails_at_start_not_at_every_vote() {
+    let out = Command::new(BIN)
+        .args(["--send-rate", "0"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("lambda_p must lie in"), "{err}");
+    assert!(!err.contains("state in"), "{err}");
+}
+
+#[test]
+fn a_zero_hop_delay_is_the_shortest_the_directory_accepts() {
+    use murmur_devnet::DevnetOptions;
+    use murmur_protocol::directory::bounds;
+    let zero = DevnetOptions {
+        mean_hop_delay: std::time::Duration::ZERO,
+        ..DevnetOptions::default()
+    };
+    assert_eq!(zero.mu(), bounds::MU.1);
+    let default = DevnetOptions::default();
+    assert!((default.mu() - 1000.0 / 15.0).abs() < 1e-9);
+}

@@ -122,6 +122,9 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
+    // A config built in code (the devnet, tests) gets the checks a file gets: one this
+    // authority could never vote with must not start a daemon that fails every epoch.
+    config.validate()?;
     let key = keys::load(&config.key_file)?;
     let set = config.authority_set()?;
     let prober = if config.probe.enabled {
