@@ -854,7 +854,10 @@ impl ExitSession {
                     have: u16::try_from(s.surbs.len().saturating_sub(1)).unwrap_or(u16::MAX),
                 });
             }
-            let Some(block) = s.surbs.pop_front() else {
+            // Newest first: the client keeps the keys of its newest blocks only (a bounded
+            // number per session), so an old block may no longer open at the client (the pair
+            // harness found a stream hung on replies the client could not read).
+            let Some(block) = s.surbs.pop_back() else {
                 continue;
             };
             self.surbs_held -= 1.min(self.surbs_held);
