@@ -16,13 +16,13 @@
 //! Its first finding is kept as `data_that_overtakes_its_open_is_not_lost`.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod common;
+
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
 use murmur_protocol::PAYLOAD_SIZE;
-use murmur_protocol::directory::NetworkParams;
-use murmur_protocol::directory::synthetic::{SyntheticNetwork, generate};
 use murmur_protocol::envelope::Envelope;
 use murmur_protocol::exit::{ExitConfig, ExitEvent, ExitSession, StreamKey};
 use murmur_protocol::frame::Frame;
@@ -266,27 +266,7 @@ struct Scenario {
 
 impl Pair {
     fn new(scenario: &Scenario) -> Pair {
-        let mut rng = ChaCha20Rng::seed_from_u64(scenario.seed);
-        let params = NetworkParams {
-            lambda_p: 200.0,
-            lambda_l: 2.0,
-            lambda_d: 2.0,
-            lambda_m: 0.0,
-            mu: 1000.0,
-            max_hop_delay_ms: 1000,
-            epoch_length_s: 600,
-            relays_per_address: 2,
-        };
-        let (consensus, keys) = generate(
-            &mut rng,
-            &SyntheticNetwork {
-                mixes_per_layer: 3,
-                gateways: 1,
-                exits: 1,
-                params,
-                epoch: 9,
-            },
-        );
+        let (consensus, keys, mut rng) = common::network(scenario.seed, 2.0);
         let consensus = Arc::new(consensus);
         let mut dead: Vec<Address> = Vec::new();
         for (layer, &is_dead) in scenario.dead_mix_in_layer.iter().enumerate() {

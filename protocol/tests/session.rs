@@ -3,6 +3,8 @@
 //! the reply blocks it is given, packet loss, virtual time.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod common;
+
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,8 +12,7 @@ use std::time::Duration;
 use ed25519_dalek::SigningKey;
 use murmur_protocol::control::Control;
 use murmur_protocol::directory::path::PathRules;
-use murmur_protocol::directory::synthetic::{SyntheticNetwork, generate};
-use murmur_protocol::directory::{Consensus, IdentityKey, NetworkParams};
+use murmur_protocol::directory::{Consensus, IdentityKey};
 use murmur_protocol::envelope::Envelope;
 use murmur_protocol::fragment::Fragment;
 use murmur_protocol::frame::Frame;
@@ -51,27 +52,7 @@ struct Net {
 
 impl Net {
     fn new(seed: u64, loss: f64) -> Net {
-        let mut rng = ChaCha20Rng::seed_from_u64(seed);
-        let params = NetworkParams {
-            lambda_p: 200.0,
-            lambda_l: 2.0,
-            lambda_d: 2.0,
-            lambda_m: 0.0,
-            mu: 1000.0,
-            max_hop_delay_ms: 1000,
-            epoch_length_s: 600,
-            relays_per_address: 2,
-        };
-        let (consensus, keys) = generate(
-            &mut rng,
-            &SyntheticNetwork {
-                mixes_per_layer: 3,
-                gateways: 1,
-                exits: 1,
-                params,
-                epoch: 9,
-            },
-        );
+        let (consensus, keys, rng) = common::network(seed, 2.0);
         let secrets = consensus
             .relays
             .iter()

@@ -4,11 +4,12 @@
 //! state: nothing is ever acknowledged or answered.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod common;
+
 use std::sync::Arc;
 use std::time::Duration;
 
-use murmur_protocol::directory::synthetic::{SyntheticNetwork, generate};
-use murmur_protocol::directory::{Consensus, IdentityKey, NetworkParams};
+use murmur_protocol::directory::{Consensus, IdentityKey};
 use murmur_protocol::packet::Address;
 use murmur_protocol::session::{
     ClientSession, Event, SessionConfig, SessionError, StateSize, StreamFailure,
@@ -19,26 +20,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha20Rng;
 
 fn network(seed: u64) -> (Arc<Consensus>, IdentityKey) {
-    let mut rng = ChaCha20Rng::seed_from_u64(seed);
-    let (consensus, _) = generate(
-        &mut rng,
-        &SyntheticNetwork {
-            mixes_per_layer: 3,
-            gateways: 1,
-            exits: 1,
-            params: NetworkParams {
-                lambda_p: 200.0,
-                lambda_l: 1.0,
-                lambda_d: 1.0,
-                lambda_m: 0.0,
-                mu: 1000.0,
-                max_hop_delay_ms: 1000,
-                epoch_length_s: 600,
-                relays_per_address: 2,
-            },
-            epoch: 9,
-        },
-    );
+    let (consensus, _, _) = common::network(seed, 1.0);
     let gateway = consensus
         .relays
         .iter()
