@@ -227,6 +227,9 @@ impl Exit {
 
     /// A task for a new stream: it connects, then writes and reads as told.
     fn spawn_stream(self: &Arc<Self>, inner: &mut Inner, key: StreamKey, target: Target) {
+        // Unbounded channels, bounded by the state machine: a write carries bytes the exit
+        // still counts against the stream's window and the byte budgets until `written`
+        // answers it, and a read is granted only once the previous one was answered.
         let (writes, write_rx) = mpsc::unbounded_channel();
         let (reads, read_rx) = mpsc::unbounded_channel();
         let cancel = self.shutdown.child_token();
