@@ -940,3 +940,32 @@ fn data_that_overtakes_its_open_is_not_lost() {
     };
     run(&scenario).check(false).unwrap();
 }
+
+/// The client keeps the exit stocked with reply blocks, not flooded: the exit spends its
+/// newest blocks first, so which block comes back says nothing of the older ones, and an
+/// estimate that read it as "every older block is spent" handed the exit four blocks with
+/// every message. Then the exit held far more than the client keeps keys for, the client
+/// built (and paid to carry) blocks it threw away, and a client that left found the exit
+/// still spending them.
+#[test]
+fn a_download_hands_the_exit_only_the_reply_blocks_it_needs() {
+    let scenario = Scenario {
+        seed: 3,
+        faults: Faults::NONE,
+        dead_mix_in_layer: [false; 3],
+        streams: vec![(Kind::Bytes(100_000), 100); 8],
+    };
+    let pair = run(&scenario);
+    pair.check(true).unwrap();
+    let stats = pair.client.stats();
+    println!("{stats:?}");
+    // What the exit used, and at most one stock (48) and one message's blocks (4) left over.
+    let stock = SessionConfig::new(Address([0; 32])).surbs_target as u64;
+    assert!(
+        stats.reply_blocks_sent <= stats.replies + stock + 4,
+        "{} reply blocks handed out for {} replies",
+        stats.reply_blocks_sent,
+        stats.replies
+    );
+    assert_eq!(stats.reply_keys_expired, 0, "reply keys forgotten unused");
+}

@@ -72,10 +72,11 @@ impl ClientSession {
             self.stats.replies += 1;
             self.carried(&entry.relays);
             if let Some(e) = self.exits.get_mut(&entry.exit) {
-                if e.newest_returned.is_none_or(|n| entry.seq > n) {
-                    e.newest_returned = Some(entry.seq);
-                    e.surbs_at_exit = usize::try_from(e.surbs_issued - entry.seq - 1).unwrap_or(0);
-                }
+                // One block fewer at the exit. The exit spends its newest blocks first, so
+                // which block came back says nothing about the older ones: a lost reply keeps
+                // the estimate high until the exit's `SurbsLow` says how many it has, or its
+                // silence brings a top-up (`compose`).
+                e.surbs_at_exit = e.surbs_at_exit.saturating_sub(1);
                 e.last_heard = now;
                 e.last_active = now;
             }

@@ -32,13 +32,11 @@ pub(super) struct ExitSession {
     /// Its key in the index (kept to remove it from there).
     pub(super) isolation: Isolation,
     pub(super) id: u64,
-    /// Reply blocks the exit is believed to hold. The exit spends blocks in the order it got
-    /// them, so a reply on block `k` means every block before `k` is spent too (its reply
-    /// may have been lost): counting by sequence keeps lost replies from inflating this.
+    /// Reply blocks the exit is believed to hold: what was handed to it, less one for each
+    /// reply back, set to what the exit says when it reports itself low (`SurbsLow`).
     pub(super) surbs_at_exit: usize,
-    /// Blocks handed to this exit so far, and the newest one whose reply came back.
+    /// Blocks handed to this exit so far.
     pub(super) surbs_issued: u64,
-    pub(super) newest_returned: Option<u64>,
     pub(super) streams: Vec<StreamId>,
     /// When the exit last answered, and when it was last sent reply blocks unasked: an exit
     /// that went quiet while streams are open may have run out of blocks (its request for
@@ -103,7 +101,6 @@ impl ClientSession {
                 id: rng.random(),
                 surbs_at_exit: 0,
                 surbs_issued: 0,
-                newest_returned: None,
                 streams: Vec::new(),
                 last_heard: Instant::ZERO,
                 last_topup: Instant::ZERO,

@@ -211,6 +211,9 @@ pub struct SessionStats {
     pub loops_missing: u64,
     pub retransmits: u64,
     pub acks: u64,
+    /// Reply blocks handed to exits (each one built: the client's costliest work), and the
+    /// replies that came back on them.
+    pub reply_blocks_sent: u64,
     pub replies: u64,
     pub unknown_deliveries: u64,
     pub bad_replies: u64,

@@ -2,8 +2,8 @@
 //! the keys kept to open what comes back on them.
 //!
 //! Bounds on the keys kept for blocks never used: at most [`max_reply_keys`] per exit
-//! session (the oldest go first: an exit spends blocks in the order it got them, so the
-//! oldest outstanding are the ones whose replies were lost), and none beyond the exit session
+//! session (the oldest go first: an exit spends its newest blocks first, so the oldest are
+//! the last it would use, if ever), and none beyond the exit session
 //! itself, which is forgotten `exit_session_idle` (at most [`crate::stream::SESSION_IDLE`])
 //! after its last message, as the exit forgets it and the blocks it holds. So at most
 //! `max_exit_sessions × max_reply_keys(surbs_target)` keys exist at once, and none of an
@@ -33,8 +33,6 @@ const BLOCKS_PER_MESSAGE: usize = 4;
 pub(super) struct ReplyKeyEntry {
     pub(super) key: ReplyKey,
     pub(super) exit: ExitRef,
-    /// Its sequence among the blocks handed to that session.
-    pub(super) seq: u64,
     /// The mixes of its route (paid when the reply arrives).
     pub(super) relays: Vec<IdentityKey>,
 }
@@ -97,7 +95,6 @@ impl ClientSession {
             return Vec::new();
         };
         let exit_relay = self.consensus.relay(&session.exit).cloned();
-        let first_seq = session.surbs_issued;
         let mut blocks = Vec::new();
         for _ in 0..want.min(BLOCKS_PER_MESSAGE) {
             if 2 + (blocks.len() + 1) * REPLY_BLOCK_LEN > room {
@@ -110,14 +107,12 @@ impl ClientSession {
                 self.stats.bugs += 1;
                 break;
             };
-            let seq = first_seq + blocks.len() as u64;
             let id = key.surb_id();
             self.reply_keys.insert(
                 id,
                 ReplyKeyEntry {
                     key,
                     exit,
-                    seq,
                     relays: route.relays,
                 },
             );
@@ -129,6 +124,7 @@ impl ClientSession {
         {
             e.surbs_at_exit += blocks.len();
             e.surbs_issued += blocks.len() as u64;
+            self.stats.reply_blocks_sent += blocks.len() as u64;
             e.last_topup = now;
         }
         blocks
