@@ -35,8 +35,6 @@ pub(super) struct ExitSession {
     /// Reply blocks the exit is believed to hold: what was handed to it, less one for each
     /// reply back, set to what the exit says when it reports itself low (`SurbsLow`).
     pub(super) surbs_at_exit: usize,
-    /// Blocks handed to this exit so far.
-    pub(super) surbs_issued: u64,
     pub(super) streams: Vec<StreamId>,
     /// When the exit last answered, and when it was last sent reply blocks unasked: an exit
     /// that went quiet while streams are open may have run out of blocks (its request for
@@ -100,7 +98,6 @@ impl ClientSession {
                 isolation,
                 id: rng.random(),
                 surbs_at_exit: 0,
-                surbs_issued: 0,
                 streams: Vec::new(),
                 last_heard: Instant::ZERO,
                 last_topup: Instant::ZERO,

@@ -123,7 +123,6 @@ impl ClientSession {
             && !blocks.is_empty()
         {
             e.surbs_at_exit += blocks.len();
-            e.surbs_issued += blocks.len() as u64;
             self.stats.reply_blocks_sent += blocks.len() as u64;
             e.last_topup = now;
         }
