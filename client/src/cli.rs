@@ -27,14 +27,54 @@ use crate::wallet::FundingPolicy;
     after_help = "A local network to try it on: cargo run --release -p murmur-devnet"
 )]
 struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
     /// The client configuration (authorities, limits).
     #[arg(long)]
     config: Option<PathBuf>,
     /// Where the SOCKS5 proxy listens (overrides the config).
     #[arg(long)]
     socks: Option<SocketAddr>,
+    /// Where the control endpoint (status, /metrics) listens, on loopback, or `off`
+    /// (overrides the config; default 127.0.0.1:1090).
+    #[arg(long, value_parser = parse_control)]
+    control: Option<ControlAddress>,
     #[command(flatten)]
     preferences: PathPreferences,
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum Command {
+    /// What the running client is doing: gateway, consensus, streams, packets, what it paid
+    /// to whom, the pot.
+    Status {
+        /// The running client's control address (default: the config's, else
+        /// 127.0.0.1:1090).
+        #[arg(long)]
+        control: Option<SocketAddr>,
+        /// The running client's config, to find its control address.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Print the status as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// `--control`: an address, or `off`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ControlAddress(pub Option<SocketAddr>);
+
+/// Parses `--control ADDR|off`.
+pub fn parse_control(s: &str) -> Result<ControlAddress, String> {
+    if s == "off" {
+        return Ok(ControlAddress(None));
+    }
+    let addr: SocketAddr = s
+        .parse()
+        .map_err(|e| format!("{s}: not an address or `off`: {e}"))?;
+    crate::control::check_address(addr).map_err(|e| e.to_string())?;
+    Ok(ControlAddress(Some(addr)))
 }
 
 /// What the user asks of every path, on the command line (the client's and the devnet's).
@@ -103,6 +143,46 @@ pub struct ClientConfig {
     /// Paying relays; without it the client pays nothing (relays that charge may drop
     /// its traffic, and gateways cut it off).
     pub payments: Option<PaymentsConfig>,
+    /// Where the client keeps its guard (relative to the config file's directory); default
+    /// `$XDG_STATE_HOME/murmur-client`, else `~/.local/state/murmur-client`.
+    pub state_dir: Option<PathBuf>,
+    #[serde(default)]
+    pub control: ControlConfig,
+}
+
+/// `[control]`: the status and metrics endpoint.
+#[derive(Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ControlConfig {
+    /// On loopback only.
+    #[serde(default = "crate::control::default_control")]
+    pub listen: SocketAddr,
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+}
+
+impl Default for ControlConfig {
+    fn default() -> Self {
+        ControlConfig {
+            listen: crate::control::default_control(),
+            enabled: true,
+        }
+    }
+}
+
+impl ControlConfig {
+    fn address(&self) -> Option<SocketAddr> {
+        self.enabled.then_some(self.listen)
+    }
+}
+
+/// The state directory when the config names none.
+fn default_state_dir() -> Option<PathBuf> {
+    let xdg = std::env::var_os("XDG_STATE_HOME")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from);
+    let home = || std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/state"));
+    xdg.or_else(home).map(|d| d.join("murmur-client"))
 }
 
 /// `[payments]`: the ledger, the pot's key and how the client pays.
@@ -128,6 +208,9 @@ pub struct PaymentsConfig {
     pub target_balance: u64,
     #[serde(default = "default_low_water")]
     pub low_water: u64,
+    /// No new stream opens once the tickets signed since the client started are worth this
+    /// much (base units, in expected value); absent: no cap.
+    pub max_spend: Option<u64>,
 }
 
 fn default_face_value() -> u64 {
@@ -152,7 +235,7 @@ impl PaymentsConfig {
         let path = base.join(&self.key_file);
         let key = murmur_service::keys::load(&path)
             .map_err(|e| anyhow::anyhow!("pot key {}: {e}", path.display()))?;
-        Ok(payment_options(
+        let mut options = payment_options(
             self.ledger.clone(),
             self.ledger_identity()?,
             key,
@@ -164,7 +247,9 @@ impl PaymentsConfig {
             },
             self.target_balance,
             self.low_water,
-        ))
+        );
+        options.max_spend = self.max_spend;
+        Ok(options)
     }
 }
 
@@ -198,6 +283,7 @@ pub fn payment_options(
         },
         payer,
         check_every: Duration::from_secs(10),
+        max_spend: None,
     }
 }
 
@@ -249,6 +335,10 @@ impl ClientConfig {
         if let Some(p) = &c.payments {
             p.ledger_identity()?;
         }
+        if c.control.enabled {
+            crate::control::check_address(c.control.listen)
+                .map_err(|e| anyhow::anyhow!("control.listen: {e}"))?;
+        }
         if c.stream_window == 0 || c.stream_window > MAX_STREAM_WINDOW {
             anyhow::bail!(
                 "stream_window {} must be between 1 and {MAX_STREAM_WINDOW} bytes",
@@ -282,7 +372,47 @@ pub fn main() -> ExitCode {
     }
     let cli = Cli::parse();
     init_logging();
+    if let Some(Command::Status {
+        control,
+        config,
+        json,
+    }) = cli.command
+    {
+        return murmur_service::block_on_main(
+            "murmur-client status",
+            status(control, config, json),
+        );
+    }
     murmur_service::block_on_main("murmur-client", run(cli))
+}
+
+/// `murmur-client status`: asks the running client, prints what it says.
+async fn status(
+    control: Option<SocketAddr>,
+    config: Option<PathBuf>,
+    json: bool,
+) -> anyhow::Result<()> {
+    let addr = match (control, config) {
+        (Some(a), _) => a,
+        (None, Some(path)) => {
+            let text = std::fs::read_to_string(&path)
+                .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
+            let config = ClientConfig::parse(&text)
+                .map_err(|e| anyhow::anyhow!("invalid config {}: {e}", path.display()))?;
+            config
+                .control
+                .address()
+                .ok_or_else(|| anyhow::anyhow!("{}: the control endpoint is off", path.display()))?
+        }
+        (None, None) => crate::control::default_control(),
+    };
+    let status = crate::control::fetch(addr).await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&status)?);
+    } else {
+        print!("{}", status.render_text());
+    }
+    Ok(())
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
@@ -302,6 +432,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         .iter()
         .map(|a| Ok((IdentityKey::from_hex(&a.identity)?, a.url.clone())))
         .collect::<anyhow::Result<Vec<_>>>()?;
+    let base = path.parent().unwrap_or(Path::new("."));
     let options = ProxyOptions {
         socks: cli.socks.unwrap_or(config.socks),
         authorities,
@@ -321,8 +452,24 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         // longer fresh, so this bounds how late the client moves to a new epoch's keys.
         refresh_every: Duration::from_secs(2),
         payment: match &config.payments {
-            Some(p) => Some(p.options(path.parent().unwrap_or(Path::new(".")))?),
+            Some(p) => Some(p.options(base)?),
             None => None,
+        },
+        control: match cli.control {
+            Some(ControlAddress(a)) => a,
+            None => config.control.address(),
+        },
+        state_dir: match &config.state_dir {
+            Some(d) => Some(base.join(d)),
+            None => {
+                let d = default_state_dir();
+                if d.is_none() {
+                    tracing::warn!(
+                        "no state_dir and no HOME: the gateway (guard) is not kept across restarts"
+                    );
+                }
+                d
+            }
         },
     };
     proxy::run(options, announce_ready("murmur-client"), shutdown).await

@@ -14,9 +14,11 @@ use std::time::{Duration, Instant as StdInstant};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
 use murmur_protocol::PAYLOAD_SIZE;
 use murmur_protocol::directory::Consensus;
+use murmur_protocol::directory::IdentityKey;
 use murmur_protocol::frame::Frame;
 use murmur_protocol::packet::SurbId;
-use murmur_protocol::session::{ClientSession, Event, SessionError, SessionStats};
+use murmur_protocol::payer::{PayeeAccount, PayerStats};
+use murmur_protocol::session::{ClientSession, Event, SessionError, SessionStats, StateSize};
 use murmur_protocol::stream::{StreamId, Target};
 use murmur_protocol::time::Instant;
 use tokio::sync::{mpsc, oneshot};
@@ -71,6 +73,29 @@ pub struct DriverStats {
     pub deliveries_dropped: AtomicU64,
 }
 
+/// What the session's payer has paid and owes, as of the session's last report.
+#[derive(Clone, Debug, Default)]
+pub struct PayerView {
+    pub stats: PayerStats,
+    /// The payer's estimate of what the pot can still pay.
+    pub pot_usable: u64,
+    /// Per relay, sorted by identity.
+    pub accounts: Vec<(IdentityKey, PayeeAccount)>,
+}
+
+/// How often the session thread copies its payer's accounts out for the status view (the
+/// counters are copied every loop).
+const PAYER_REPORT_EVERY: Duration = Duration::from_secs(1);
+
+/// What the session thread reports of itself, for logs and the status view.
+#[derive(Clone, Debug, Default)]
+pub struct SessionReport {
+    pub stats: SessionStats,
+    pub size: StateSize,
+    /// `None` while the session does not pay.
+    pub payer: Option<PayerView>,
+}
+
 /// A handle to the session thread.
 #[derive(Clone)]
 pub struct SessionHandle {
@@ -79,7 +104,7 @@ pub struct SessionHandle {
     /// to keep a session (and its thread) alive.
     stop: Arc<AtomicBool>,
     pub stats: Arc<DriverStats>,
-    session_stats: Arc<std::sync::Mutex<SessionStats>>,
+    report: Arc<std::sync::Mutex<SessionReport>>,
 }
 
 impl SessionHandle {
@@ -104,7 +129,12 @@ impl SessionHandle {
 
     /// The session's counters, as of its last loop.
     pub fn session_stats(&self) -> SessionStats {
-        self.session_stats.lock().map(|s| *s).unwrap_or_default()
+        self.report.lock().map(|s| s.stats).unwrap_or_default()
+    }
+
+    /// The session's counters, state size and payer, as last reported.
+    pub fn report(&self) -> SessionReport {
+        self.report.lock().map(|s| s.clone()).unwrap_or_default()
     }
 }
 
@@ -116,17 +146,17 @@ pub fn spawn(
 ) -> std::io::Result<(SessionHandle, std::thread::JoinHandle<ClientSession>)> {
     let (tx, rx) = crossbeam_channel::bounded(COMMAND_QUEUE);
     let stats = Arc::new(DriverStats::default());
-    let session_stats = Arc::new(std::sync::Mutex::new(SessionStats::default()));
+    let report = Arc::new(std::sync::Mutex::new(SessionReport::default()));
     let stop = Arc::new(AtomicBool::new(false));
     let handle = SessionHandle {
         tx,
         stop: stop.clone(),
         stats: stats.clone(),
-        session_stats: session_stats.clone(),
+        report: report.clone(),
     };
     let thread = std::thread::Builder::new()
         .name("murmur-session".into())
-        .spawn(move || run(session, rx, frames, stop, stats, session_stats))?;
+        .spawn(move || run(session, rx, frames, stop, stats, report))?;
     Ok((handle, thread))
 }
 
@@ -136,13 +166,15 @@ fn run(
     frames: mpsc::Sender<Frame>,
     stop: Arc<AtomicBool>,
     stats: Arc<DriverStats>,
-    session_stats: Arc<std::sync::Mutex<SessionStats>>,
+    report: Arc<std::sync::Mutex<SessionReport>>,
 ) -> ClientSession {
     // The session's clock starts at zero when the proxy creates it (`Instant::ZERO`).
     let origin = StdInstant::now();
     let now = || Instant::from_elapsed(origin.elapsed());
     let mut rng = rand::rng();
     let mut streams: HashMap<StreamId, mpsc::UnboundedSender<Event>> = HashMap::new();
+    let mut payer_reported: Option<StdInstant> = None;
+    let mut spend_cap_logged = false;
     while !stop.load(Ordering::Relaxed) {
         let t = now();
         session.handle_timeout(t);
@@ -171,8 +203,21 @@ fn run(
                 streams.remove(&id);
             }
         }
-        if let Ok(mut s) = session_stats.lock() {
-            *s = session.stats();
+        if let Ok(mut r) = report.lock() {
+            r.stats = session.stats();
+            r.size = session.state_size();
+            if payer_reported.is_none_or(|at| at.elapsed() >= PAYER_REPORT_EVERY) {
+                payer_reported = Some(StdInstant::now());
+                r.payer = session.payer().map(|p| {
+                    let mut accounts: Vec<_> = p.accounts().map(|(k, a)| (*k, *a)).collect();
+                    accounts.sort_by_key(|(k, _)| *k);
+                    PayerView {
+                        stats: p.stats(),
+                        pot_usable: p.pot_usable(),
+                        accounts,
+                    }
+                });
+            }
         }
         let wait = session
             .poll_timeout()
@@ -196,8 +241,17 @@ fn run(
                     reply,
                 } => {
                     let result = session.open_stream(target, isolation, &mut rng);
-                    if let Ok(id) = result {
-                        streams.insert(id, events);
+                    match &result {
+                        Ok(id) => {
+                            streams.insert(*id, events);
+                        }
+                        // Said once: every later open meets the same cap (the status says
+                        // it too, and counts the refusals).
+                        Err(e @ SessionError::SpendLimit { .. }) if !spend_cap_logged => {
+                            spend_cap_logged = true;
+                            tracing::warn!("{e}");
+                        }
+                        Err(_) => {}
                     }
                     let _ = reply.send(result);
                 }

@@ -1,10 +1,14 @@
 #![doc = include_str!("../README.md")]
 
+pub mod board;
 pub mod cli;
+pub mod control;
 pub mod driver;
 #[doc(hidden)]
 pub mod fuzz_entry;
 pub mod gateway;
+pub mod guard_file;
 pub mod proxy;
 pub mod socks;
+pub mod status;
 pub mod wallet;

@@ -2,6 +2,7 @@
 //! SOCKS5. Moves to another gateway when its gateway stays unreachable.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -10,6 +11,7 @@ use ed25519_dalek::SigningKey;
 use murmur_directory::client::DirectoryClient;
 use murmur_ledger::client::LedgerClient;
 use murmur_protocol::delivery::DeliveryTags;
+use murmur_protocol::directory::guard::{self, Guard, GuardChoice};
 use murmur_protocol::directory::path::{PathRules, PathSelector};
 use murmur_protocol::directory::{AuthoritySet, Consensus, ConsensusStore, IdentityKey, Offer};
 use murmur_protocol::link::{LinkSecret, session_address};
@@ -21,9 +23,13 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::board::{Board, GatewayInUse, PotReport};
+use crate::control::{self, ControlStats};
 use crate::driver::{self, Cmd, SessionHandle};
 use crate::gateway::{self, LinkEnd};
+use crate::guard_file::GuardFile;
 use crate::socks::{self, SocksLimits, SocksStats};
+use crate::status::Listeners;
 use crate::wallet::{self, FundingPolicy};
 
 /// Everything the proxy needs to know.
@@ -41,6 +47,10 @@ pub struct ProxyOptions {
     pub refresh_every: Duration,
     /// Paying relays, if the network charges.
     pub payment: Option<PaymentOptions>,
+    /// Where the control endpoint (status and metrics) listens; `None`: nowhere.
+    pub control: Option<SocketAddr>,
+    /// Where the client keeps its guard; `None`: a new gateway at every start.
+    pub state_dir: Option<PathBuf>,
 }
 
 /// How the client pays.
@@ -56,6 +66,9 @@ pub struct PaymentOptions {
     pub funding: FundingPolicy,
     /// How often the pot is checked and topped up.
     pub check_every: Duration,
+    /// No new stream opens once tickets worth this much have been signed (base units, in
+    /// expected value, since the client started); `None`: no cap.
+    pub max_spend: Option<u64>,
 }
 
 impl std::fmt::Debug for PaymentOptions {
@@ -66,6 +79,7 @@ impl std::fmt::Debug for PaymentOptions {
             .field("pot", &IdentityKey::of(&self.key))
             .field("payer", &self.payer)
             .field("funding", &self.funding)
+            .field("max_spend", &self.max_spend)
             .finish()
     }
 }
@@ -80,10 +94,16 @@ struct PotState {
 }
 
 impl PotState {
-    fn store(&self, pot: &murmur_ledger::Pot) {
+    fn store(&self, pot: &murmur_ledger::Pot, board: &Board) {
         let balance = pot.balance.saturating_sub(pot.warned);
         self.balance.store(balance, Ordering::Relaxed);
         self.face_cap.store(pot.usable(), Ordering::Relaxed);
+        if let Ok(mut slot) = board.pot.write() {
+            *slot = Some(PotReport {
+                balance,
+                face_cap: pot.usable(),
+            });
+        }
     }
 
     fn load(&self) -> (u64, u64) {
@@ -116,6 +136,45 @@ pub async fn run(
     let client = DirectoryClient::new(Duration::from_secs(5))?;
     let mut store = ConsensusStore::new(set, options.clock_skew.as_secs());
     let tracker = TaskTracker::new();
+    let guard_file = options
+        .state_dir
+        .as_deref()
+        .map(GuardFile::in_dir)
+        .transpose()?;
+    let stats = Arc::new(SocksStats::default());
+
+    // The status view, served from the start so it can say what the client waits for.
+    let board = Arc::new(Board::new(
+        stats.clone(),
+        options.payment.as_ref().map(|p| IdentityKey::of(&p.key)),
+        options.payment.as_ref().and_then(|p| p.max_spend),
+    ));
+    let control_addr = match options.control {
+        Some(addr) => {
+            let source: control::StatusSource = {
+                let board = board.clone();
+                Arc::new(move || board.status(murmur_directory::unix_now()))
+            };
+            let bound = control::start(
+                addr,
+                source,
+                Arc::new(ControlStats::default()),
+                shutdown.clone(),
+                &tracker,
+            )
+            .await?;
+            tracing::info!(%bound, "control endpoint (murmur-client status, /metrics)");
+            Some(bound)
+        }
+        None => None,
+    };
+    if let Ok(mut l) = board.listeners.write() {
+        *l = Listeners {
+            socks: socks_addr.to_string(),
+            http: None,
+            control: control_addr.map_or_else(|| "off".to_owned(), |a| a.to_string()),
+        };
+    }
 
     // The first consensus with a usable gateway.
     let mut unusable_reported = String::new();
@@ -147,12 +206,21 @@ pub async fn run(
             _ = tokio::time::sleep(Duration::from_millis(500)) => {}
         }
     };
+    if let Ok(mut slot) = board.consensus.write() {
+        *slot = Some(consensus.clone());
+    }
     let consensus_now = Arc::new(RwLock::new(consensus));
     let mut dead_gateways: Vec<IdentityKey> = Vec::new();
     let mut previous_payer: Option<Payer> = None;
-    let stats = Arc::new(SocksStats::default());
     let mut ready = Some(ready);
-    let current: Arc<RwLock<Option<SessionHandle>>> = Arc::new(RwLock::new(None));
+    // The guard: from the state directory, else chosen afresh (and then kept for this run).
+    let mut stored_guard: Option<Guard> = match &guard_file {
+        Some(f) => f.load().unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "the stored guard cannot be read; choosing a new one");
+            None
+        }),
+        None => None,
+    };
 
     // Keep the pot funded, and tell the session what it can pay. The first check happens
     // before any session exists, so a session starts with what the pot holds.
@@ -162,18 +230,18 @@ pub async fn run(
             LedgerClient::new(&payment.ledger, payment.ledger_key, Duration::from_secs(10))
                 .map_err(|e| anyhow::anyhow!("ledger {}: {e}", payment.ledger))?;
         match wallet::ensure_funded(&ledger, &payment.key, &payment.funding).await {
-            Ok(pot) => pot_state.store(&pot),
+            Ok(pot) => pot_state.store(&pot, &board),
             Err(e) => tracing::warn!(error = %e, "cannot fund the pot yet; retrying"),
         }
-        let (current, state) = (current.clone(), pot_state.clone());
+        let (state, board) = (pot_state.clone(), board.clone());
         tracker.spawn(wallet::keep_funded(
             ledger,
             payment.key.clone(),
             payment.funding,
             payment.check_every,
             move |pot| {
-                state.store(&pot);
-                if let Some(h) = current.read().ok().and_then(|h| h.clone()) {
+                state.store(&pot, &board);
+                if let Some(h) = board.session() {
                     let (balance, face_cap) = state.load();
                     h.send(Cmd::Pot { balance, face_cap });
                 }
@@ -184,8 +252,8 @@ pub async fn run(
 
     // Follow the directory.
     {
-        let (current, consensus_now, shutdown) =
-            (current.clone(), consensus_now.clone(), shutdown.clone());
+        let (consensus_now, shutdown, board) =
+            (consensus_now.clone(), shutdown.clone(), board.clone());
         let every = options.refresh_every;
         tracker.spawn(async move {
             loop {
@@ -205,7 +273,10 @@ pub async fn run(
                             if let Ok(mut slot) = consensus_now.write() {
                                 *slot = c.clone();
                             }
-                            if let Some(h) = current.read().ok().and_then(|h| h.clone()) {
+                            if let Ok(mut slot) = board.consensus.write() {
+                                *slot = Some(c.clone());
+                            }
+                            if let Some(h) = board.session() {
                                 h.send(Cmd::Consensus(c));
                             }
                         }
@@ -261,29 +332,44 @@ pub async fn run(
             .map_err(|_| anyhow::anyhow!("consensus lock poisoned"))?;
         let mut rng = rand::rng();
         let selector = PathSelector::new(&consensus, options.path_rules);
-        let gateways: Vec<_> = (0..32)
-            .filter_map(|_| selector.choose_gateway(&mut rng).ok())
-            .filter(|g| !dead_gateways.contains(&g.identity))
-            .collect();
-        let Some(gateway) = gateways.first().copied() else {
+        let unix_now = murmur_directory::unix_now();
+        let Some((gateway, guard, choice)) =
+            guard::choose(&selector, stored_guard, &dead_gateways, unix_now, &mut rng)
+        else {
             if dead_gateways.is_empty() {
                 anyhow::bail!("the consensus lists no gateway");
             }
             tracing::warn!("every gateway failed; trying them all again");
             dead_gateways.clear();
+            // Not a busy loop: every gateway took MAX_FAILURES attempts with backoff to fail.
             continue;
         };
+        if choice.replaces_guard() {
+            if let (Some(f), Some(g)) = (&guard_file, &guard)
+                && let Err(e) = f.save(g)
+            {
+                tracing::warn!(error = %e, "the guard is used but not saved");
+            }
+            if choice != GuardChoice::First {
+                tracing::info!(
+                    reason = choice.label(),
+                    "a new guard replaces the stored one"
+                );
+            }
+        }
+        stored_guard = guard;
         let Some(gateway_addr) = gateway.addresses.client else {
             dead_gateways.push(gateway.identity);
             continue;
         };
-        tracing::info!(gateway = %gateway.identity, "using gateway");
+        tracing::info!(gateway = %gateway.identity, guard = choice.label(), "using gateway");
         // A fresh link key per session: no long-term client identity, so a session at another
         // gateway cannot be linked to this one. The session's address is bound to the key.
         let link_key = LinkSecret::generate(&mut rng);
         let address = session_address(&link_key.public());
         let mut config = SessionConfig::new(address);
         config.path_rules = options.path_rules;
+        config.max_spend = options.payment.as_ref().and_then(|p| p.max_spend);
         config.stream_window = options.stream_window;
         // Tagged SURB identifiers: the gateway drops junk addressed to this session, and the
         // session pays only for its own deliveries.
@@ -308,14 +394,23 @@ pub async fn run(
         }
         let (frames_tx, frames_rx) = mpsc::channel(1024);
         let (handle, thread) = driver::spawn(session, frames_tx)?;
-        if let Ok(mut c) = current.write() {
-            *c = Some(handle.clone());
+        if let Ok(mut s) = board.session.write() {
+            *s = Some(handle.clone());
         }
         let live = Live {
             handle: handle.clone(),
             gateway: gateway.identity,
         };
         let (connected_tx, mut connected_rx) = watch::channel(false);
+        if let Ok(mut g) = board.gateway.write() {
+            *g = Some(GatewayInUse {
+                identity: gateway.identity,
+                address: gateway_addr,
+                choice,
+                guard: guard_file.as_ref().and(stored_guard),
+                connected: connected_rx.clone(),
+            });
+        }
         let link = tokio::spawn(gateway::run(
             gateway_addr,
             gateway.link_key,

@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use clap::Parser;
 use murmur_client::cli::{
-    PathPreferences, announce_ready, default_socks, path_rules, payment_options, socks_limits,
+    ControlAddress, PathPreferences, announce_ready, default_socks, parse_control, path_rules,
+    payment_options, socks_limits,
 };
 use murmur_client::proxy::{self, PaymentOptions, ProxyOptions};
 use murmur_protocol::payer::PayerConfig;
@@ -44,6 +45,14 @@ struct Cli {
     /// Packets each ticket to a mix or exit pays for.
     #[arg(long)]
     packets_per_ticket: Option<u64>,
+    /// No new stream opens once the client's tickets are worth this much (base units, in
+    /// expected value; `murmur-client status` shows what it has spent).
+    #[arg(long)]
+    max_spend: Option<u64>,
+    /// Where the client's control endpoint (`murmur-client status`, /metrics) listens, on
+    /// loopback, or `off`.
+    #[arg(long, value_parser = parse_control, default_value = "127.0.0.1:1090")]
+    control: ControlAddress,
     #[command(flatten)]
     preferences: PathPreferences,
 }
@@ -103,7 +112,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             &devnet,
             cli.ticket_face_value,
             cli.packets_per_ticket,
+            cli.max_spend,
         )),
+        control: cli.control.0,
+        // The devnet's relays are new at every start, so a guard kept across starts would
+        // never be listed again: it lives with the rest of the network's state.
+        state_dir: Some(devnet.dir().join("client")),
     };
     let result = proxy::run(proxy_options, announce_ready("murmur-devnet"), shutdown).await;
     devnet.stop().await;
@@ -115,6 +129,7 @@ fn devnet_payment(
     devnet: &Devnet,
     face_value: Option<u64>,
     packets_per_ticket: Option<u64>,
+    max_spend: Option<u64>,
 ) -> PaymentOptions {
     let defaults = PayerConfig::default();
     let payer = PayerConfig {
@@ -133,5 +148,6 @@ fn devnet_payment(
         FAUCET / 100,
     );
     options.check_every = Duration::from_secs(2);
+    options.max_spend = max_spend;
     options
 }

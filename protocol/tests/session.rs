@@ -20,7 +20,7 @@ use murmur_protocol::hop::{self, Action, HopKey, Payee};
 use murmur_protocol::packet::{Address, Packet, ReplayTag, StaticSecret, recover_plaintext};
 use murmur_protocol::payer::{Payer, PayerConfig};
 use murmur_protocol::payload::Content;
-use murmur_protocol::session::{ClientSession, Event, SessionConfig, StreamFailure};
+use murmur_protocol::session::{ClientSession, Event, SessionConfig, SessionError, StreamFailure};
 use murmur_protocol::stream::{ClientItem, ClientMessage, ExitItem, ExitMessage, Refusal, Target};
 use murmur_protocol::surb::ReplyBlock;
 use murmur_protocol::ticket::Ticket;
@@ -488,6 +488,45 @@ fn a_sessions_payer_and_its_debts_pass_to_the_next_session() {
         .map(|(_, a)| a.owed())
         .sum();
     assert_eq!(carried_over, owed);
+}
+
+/// Issue 18: with `max_spend`, streams open until the payer has signed tickets worth the cap,
+/// and are refused after (SOCKS code 2, the reason in the error); a cap the payer has not
+/// reached refuses nothing.
+#[test]
+fn no_stream_opens_once_the_spending_cap_is_reached() {
+    let mut net = Net::new(9, 0.0);
+    let mut rng = ChaCha20Rng::seed_from_u64(11);
+    const CAP: u64 = 2_000;
+    let mut session = session_with(&net, &mut rng, |c| c.max_spend = Some(CAP));
+    let config = PayerConfig {
+        packets_per_ticket: 1,
+        gateway_frames_per_ticket: 1,
+        ..PayerConfig::default()
+    };
+    let payer = Payer::new(SigningKey::from_bytes(&[5; 32]), config, u64::MAX).unwrap();
+    session.set_payer(payer, Instant::ZERO, 1_800_000_000);
+    let target = || Target::Host("example.com".into(), 80);
+    assert!(session.open_stream(target(), None, &mut rng).is_ok());
+    let mut now = Instant::ZERO;
+    let mut spent = 0;
+    for _ in 0..200 {
+        (_, now) = drive(&mut net, &mut session, &mut rng, now, 20);
+        spent = session.payer().unwrap().stats().expected_value_issued;
+        if spent >= CAP {
+            break;
+        }
+        assert!(
+            session.open_stream(target(), None, &mut rng).is_ok(),
+            "refused below the cap ({spent} < {CAP})"
+        );
+    }
+    assert!(spent >= CAP, "the payer never spent the cap: {spent}");
+    let refused = session.open_stream(target(), None, &mut rng).unwrap_err();
+    assert_eq!(refused, SessionError::SpendLimit { spent, cap: CAP });
+    assert_eq!(refused.socks_code(), 2);
+    assert!(refused.to_string().contains("max_spend"), "{refused}");
+    assert_eq!(session.stats().opens_refused_spend, 1);
 }
 
 /// Issue 13: anyone can address deliveries to a client. With delivery tags, 1,000 junk

@@ -411,13 +411,32 @@ pub fn start_ledger(dir: &Path, genesis: &[(&str, u64)]) -> LedgerProc {
 /// sections such as `[payments]`), starts `murmur-client --config` and waits until it is
 /// ready; returns the process and its SOCKS5 address.
 pub fn start_client(dir: &Path, authorities: &[AuthorityInfo], extra: &str) -> (Proc, SocketAddr) {
-    let socks = SocketAddr::from(([127, 0, 0, 1], free_ports(1)[0]));
+    let c = start_client_proc(dir, authorities, extra);
+    (c.proc, c.socks)
+}
+
+/// A running `murmur-client`.
+pub struct ClientProc {
+    pub proc: Proc,
+    pub socks: SocketAddr,
+    /// Its control endpoint (`murmur-client status --control`).
+    pub control: SocketAddr,
+}
+
+/// As [`start_client`], with the control address. The client keeps its state (its guard) in
+/// `dir/state`, and its control endpoint listens on a free port.
+pub fn start_client_proc(dir: &Path, authorities: &[AuthorityInfo], extra: &str) -> ClientProc {
+    let ports = free_ports(2);
+    let socks = SocketAddr::from(([127, 0, 0, 1], ports[0]));
+    let control = SocketAddr::from(([127, 0, 0, 1], ports[1]));
     let config = dir.join("client.toml");
+    std::fs::create_dir_all(dir).unwrap();
     std::fs::write(
         &config,
         format!(
             "version = 1\nsocks = \"{socks}\"\nclock_skew = \"1s\"\nopen_timeout = \"20s\"\n\
-             distinct_subnets = false\nauthorities = [{}]\n{extra}",
+             distinct_subnets = false\nstate_dir = \"state\"\nauthorities = [{}]\n{extra}\n\
+             [control]\nlisten = \"{control}\"\n",
             authorities_toml(authorities)
         ),
     )
@@ -437,7 +456,25 @@ pub fn start_client(dir: &Path, authorities: &[AuthorityInfo], extra: &str) -> (
         "client never became ready:\n{}",
         client.log_text()
     );
-    (client, socks)
+    ClientProc {
+        proc: client,
+        socks,
+        control,
+    }
+}
+
+/// `murmur-client status --control ADDR --json`, parsed.
+pub fn client_status(control: SocketAddr) -> murmur_client::status::Status {
+    let out = Command::new(binary("murmur-client"))
+        .args(["status", "--json", "--control", &control.to_string()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "murmur-client status failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
 }
 
 /// A relay process of a test network.

@@ -10,6 +10,7 @@
 
 pub mod consensus;
 pub mod exit_policy;
+pub mod guard;
 pub mod path;
 pub mod prober;
 pub mod sign;

@@ -81,7 +81,7 @@ const GREEDY_ATTEMPTS: usize = 8;
 const MAX_ENUMERATION: usize = 250_000;
 
 /// Picks paths from one consensus. Cheap to build; build one per consensus.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct PathSelector<'a> {
     consensus: &'a Consensus,
     rules: PathRules,
@@ -168,6 +168,13 @@ impl<'a> PathSelector<'a> {
         self
     }
 
+    /// The same selector without the gateways in `exclude` (ones that failed); unlike
+    /// [`Self::excluding`], none may be left.
+    pub fn without_gateways(mut self, exclude: &[super::IdentityKey]) -> Self {
+        self.gateways.retain(|g| !exclude.contains(&g.identity));
+        self
+    }
+
     /// The consensus paths come from.
     pub fn consensus(&self) -> &'a Consensus {
         self.consensus
@@ -198,6 +205,15 @@ impl<'a> PathSelector<'a> {
     pub fn choose_gateway<R: Rng + ?Sized>(&self, rng: &mut R) -> Result<&'a ConsensusRelay> {
         weighted_choice(rng, &self.gateways)
             .ok_or_else(|| self.rules.nothing_left("gateway", self.removed.1))
+    }
+
+    /// The gateway with this identity, if the consensus lists it as one and the preferences
+    /// allow it.
+    pub fn gateway(&self, identity: &super::IdentityKey) -> Option<&'a ConsensusRelay> {
+        self.gateways
+            .iter()
+            .copied()
+            .find(|g| g.identity == *identity)
     }
 
     /// Whether any exit is left after the preferences (an error that says why if not).

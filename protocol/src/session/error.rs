@@ -26,6 +26,13 @@ pub enum SessionError {
     /// The session carries as many streams as it may.
     #[error("{cap} streams are open; close some first")]
     TooManyStreams { cap: usize },
+    /// The payer has signed tickets worth `max_spend` (see
+    /// [`super::SessionConfig::max_spend`]): no new stream opens.
+    #[error(
+        "the spending cap is reached: tickets worth {spent} have been signed, the cap is {cap} \
+         (max_spend); no new stream opens"
+    )]
+    SpendLimit { spent: u64, cap: u64 },
     /// The consensus' parameters cannot drive the cover schedules or delays.
     #[error("the consensus' network parameters are unusable: {0}")]
     Params(String),
@@ -38,7 +45,9 @@ impl SessionError {
     /// The SOCKS5 reply code for a stream this refused.
     pub fn socks_code(&self) -> u8 {
         match self {
-            SessionError::NoExit => Refusal::NotAllowed.socks_code(),
+            SessionError::NoExit | SessionError::SpendLimit { .. } => {
+                Refusal::NotAllowed.socks_code()
+            }
             SessionError::NoPath(_) | SessionError::GatewayNotListed => {
                 Refusal::NetworkUnreachable.socks_code()
             }

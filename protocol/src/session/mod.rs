@@ -129,6 +129,11 @@ pub struct SessionConfig {
     pub max_exit_sessions: usize,
     /// Streams at once.
     pub max_streams: usize,
+    /// No new stream opens once the tickets this session's payer has signed are worth this
+    /// much in expectation (base units; the payer's total, so it carries over to the next
+    /// session with the payer). `None`: no cap. Streams already open go on, and so does cover
+    /// traffic, which the client pays for while it runs.
+    pub max_spend: Option<u64>,
 }
 
 /// Exit sessions at once by default: per-domain isolation (as Tor Browser does it) makes one
@@ -154,6 +159,7 @@ impl SessionConfig {
             exit_session_idle: SESSION_IDLE,
             max_exit_sessions: DEFAULT_MAX_EXIT_SESSIONS,
             max_streams: DEFAULT_MAX_STREAMS,
+            max_spend: None,
         }
     }
 }
@@ -236,6 +242,8 @@ pub struct SessionStats {
     pub streams_bug: u64,
     /// Opens refused because every exit session slot, or every stream slot, was taken.
     pub opens_refused_full: u64,
+    /// Opens refused because the payer had spent `max_spend`.
+    pub opens_refused_spend: u64,
     /// Exit sessions forgotten after `exit_session_idle`, and idle ones dropped at the cap
     /// to make room.
     pub exit_sessions_expired: u64,

@@ -94,13 +94,21 @@ impl ClientSession {
 
     /// Opens a stream to `target`. Streams with different `isolation` tokens never share
     /// an exit session. Fails at once if no exit's policy allows the target, if no route
-    /// can be built, or if the session is at its stream or exit-session cap.
+    /// can be built, if the session is at its stream or exit-session cap, or if its payer has
+    /// spent [`super::SessionConfig::max_spend`].
     pub fn open_stream<R: Rng + ?Sized>(
         &mut self,
         target: Target,
         isolation: Isolation,
         rng: &mut R,
     ) -> Result<StreamId> {
+        if let (Some(cap), Some(payer)) = (self.config.max_spend, self.payer()) {
+            let spent = payer.stats().expected_value_issued;
+            if spent >= cap {
+                self.stats.opens_refused_spend += 1;
+                return Err(SessionError::SpendLimit { spent, cap });
+            }
+        }
         if self.streams.len() >= self.config.max_streams {
             self.stats.opens_refused_full += 1;
             return Err(SessionError::TooManyStreams {
