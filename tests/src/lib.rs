@@ -463,6 +463,44 @@ pub fn start_client_proc(dir: &Path, authorities: &[AuthorityInfo], extra: &str)
     }
 }
 
+/// A running `murmur-devnet`.
+pub struct DevnetProc {
+    pub proc: Proc,
+    pub socks: SocketAddr,
+    pub control: SocketAddr,
+}
+
+/// Starts `murmur-devnet` with its SOCKS5 proxy and control endpoint on free ports and
+/// `args` added, and waits until it is ready.
+pub fn start_devnet(dir: &Path, args: &[&str]) -> DevnetProc {
+    let ports = free_ports(2);
+    let socks = SocketAddr::from(([127, 0, 0, 1], ports[0]));
+    let control = SocketAddr::from(([127, 0, 0, 1], ports[1]));
+    let (socks_arg, control_arg) = (socks.to_string(), control.to_string());
+    let mut all = vec!["--socks", &socks_arg, "--control", &control_arg];
+    all.extend_from_slice(args);
+    let mut proc = Proc::spawn(
+        "devnet",
+        &binary("murmur-devnet"),
+        &all,
+        dir.join("devnet.log"),
+    );
+    let ready = wait_until(Duration::from_secs(120), Duration::from_millis(200), || {
+        assert!(proc.is_running(), "devnet exited:\n{}", proc.log_text());
+        proc.stdout_text().contains("ready").then_some(())
+    });
+    assert!(
+        ready.is_some(),
+        "devnet never became ready:\n{}",
+        proc.log_text()
+    );
+    DevnetProc {
+        proc,
+        socks,
+        control,
+    }
+}
+
 /// `murmur-client status --control ADDR --json`, parsed.
 pub fn client_status(control: SocketAddr) -> murmur_client::status::Status {
     let out = Command::new(binary("murmur-client"))

@@ -10,27 +10,12 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use murmur_tests::{HttpServer, Proc, binary, curl, free_ports, test_bytes, wait_until};
+use murmur_tests::{HttpServer, Proc, curl, test_bytes};
 use sha2::{Digest, Sha256};
 
 fn start_devnet(dir: &std::path::Path) -> (Proc, SocketAddr) {
-    let socks = SocketAddr::from(([127, 0, 0, 1], free_ports(1)[0]));
-    let mut proc = Proc::spawn(
-        "devnet",
-        &binary("murmur-devnet"),
-        &["--socks", &socks.to_string()],
-        dir.join("devnet.log"),
-    );
-    let ready = wait_until(Duration::from_secs(120), Duration::from_millis(200), || {
-        assert!(proc.is_running(), "devnet exited:\n{}", proc.log_text());
-        proc.stdout_text().contains("ready").then_some(())
-    });
-    assert!(
-        ready.is_some(),
-        "devnet never became ready:\n{}",
-        proc.log_text()
-    );
-    (proc, socks)
+    let devnet = murmur_tests::start_devnet(dir, &[]);
+    (devnet.proc, devnet.socks)
 }
 
 #[test]
