@@ -5,6 +5,8 @@ pub mod driver;
 #[doc(hidden)]
 pub mod fuzz_entry;
 pub mod gateway;
+pub mod http;
 pub mod proxy;
 pub mod socks;
+pub mod stream;
 pub mod wallet;
