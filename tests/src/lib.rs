@@ -180,6 +180,26 @@ impl Proc {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// Waits up to `timeout` for its standard output to say `ready` (as the proxy's
+    /// programs do when they serve); fails the test, with its log, if it exits or does not.
+    pub fn wait_ready(&mut self, timeout: Duration) {
+        let ready = wait_until(timeout, Duration::from_millis(200), || {
+            assert!(
+                self.is_running(),
+                "{} exited:\n{}",
+                self.name,
+                self.log_text()
+            );
+            self.stdout_text().contains("ready").then_some(())
+        });
+        assert!(
+            ready.is_some(),
+            "{} never became ready:\n{}",
+            self.name,
+            self.log_text()
+        );
+    }
+
     /// Its standard output so far.
     pub fn stdout_text(&self) -> String {
         std::fs::read_to_string(self.log.with_extension("out")).unwrap_or_default()
@@ -428,15 +448,7 @@ pub fn start_client(dir: &Path, authorities: &[AuthorityInfo], extra: &str) -> (
         &["--config", config.to_str().unwrap()],
         dir.join("client.log"),
     );
-    let ready = wait_until(Duration::from_secs(90), Duration::from_millis(200), || {
-        assert!(client.is_running(), "client exited:\n{}", client.log_text());
-        client.stdout_text().contains("ready").then_some(())
-    });
-    assert!(
-        ready.is_some(),
-        "client never became ready:\n{}",
-        client.log_text()
-    );
+    client.wait_ready(Duration::from_secs(90));
     (client, socks)
 }
 

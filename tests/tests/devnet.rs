@@ -10,7 +10,7 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use murmur_tests::{HttpServer, Proc, binary, curl, free_ports, test_bytes, wait_until};
+use murmur_tests::{HttpServer, Proc, binary, curl, free_ports, test_bytes};
 use sha2::{Digest, Sha256};
 
 fn start_devnet(dir: &std::path::Path) -> (Proc, SocketAddr) {
@@ -21,15 +21,7 @@ fn start_devnet(dir: &std::path::Path) -> (Proc, SocketAddr) {
         &["--socks", &socks.to_string()],
         dir.join("devnet.log"),
     );
-    let ready = wait_until(Duration::from_secs(120), Duration::from_millis(200), || {
-        assert!(proc.is_running(), "devnet exited:\n{}", proc.log_text());
-        proc.stdout_text().contains("ready").then_some(())
-    });
-    assert!(
-        ready.is_some(),
-        "devnet never became ready:\n{}",
-        proc.log_text()
-    );
+    proc.wait_ready(Duration::from_secs(120));
     (proc, socks)
 }
 
