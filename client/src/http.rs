@@ -64,3 +64,55 @@ async fn drain_briefly(socket: &mut TcpStream) {
     };
     let _ = tokio::time::timeout(Duration::from_secs(1), drain).await;
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+    use super::*;
+    use murmur_protocol::stream::Target;
+    use tokio::net::TcpListener;
+
+    /// Sends `request` to a fresh connection and runs the handshake on it; returns its
+    /// result and what the client read back.
+    async fn handshake_of(request: &[u8]) -> (Result<Opening, &'static str>, Vec<u8>, SocksStats) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        client.write_all(request).await.unwrap();
+        let (mut server, _) = listener.accept().await.unwrap();
+        let stats = SocksStats::default();
+        let result = handshake(&mut server, &stats).await;
+        drop(server);
+        let mut answer = Vec::new();
+        client.read_to_end(&mut answer).await.unwrap();
+        (result, answer, stats)
+    }
+
+    #[tokio::test]
+    async fn bytes_behind_the_connect_are_kept_for_the_stream() {
+        let mut request =
+            b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n".to_vec();
+        request.extend(b"\x16\x03\x01 a ClientHello");
+        let (result, answer, _) = handshake_of(&request).await;
+        let opening = result.unwrap();
+        assert_eq!(opening.target, Target::Host("example.com".into(), 443));
+        assert_eq!(opening.early_data, b"\x16\x03\x01 a ClientHello");
+        assert!(
+            answer.is_empty(),
+            "nothing is answered before the stream opens"
+        );
+    }
+
+    #[tokio::test]
+    async fn refusals_are_answered_and_counted_by_kind() {
+        let (result, answer, stats) =
+            handshake_of(b"GET http://example.com/ HTTP/1.1\r\nContent-Length: 3\r\n\r\nabc").await;
+        assert!(result.is_err());
+        assert!(answer.starts_with(b"HTTP/1.1 405 "));
+        assert_eq!(stats.http_refused_not_connect.load(Ordering::Relaxed), 1);
+        let (_, answer, stats) = handshake_of(b"CONNECT nowhere HTTP/1.1\r\n\r\n").await;
+        assert!(answer.starts_with(b"HTTP/1.1 400 "));
+        assert_eq!(stats.http_refused_malformed.load(Ordering::Relaxed), 1);
+    }
+}
