@@ -332,12 +332,12 @@ fn ip_address_targets_are_warned_about_once_each_without_the_address() {
     assert_eq!(out.stdout, b"plain page", "{}", text(&out.stderr));
     assert!(ip_warnings(&devnet).is_empty());
 
-    // curl --socks5 resolves the name and sends the address; through a CONNECT tunnel an
-    // address too. Each is served, and logs one warning.
+    // curl --socks5 sends the address it was given (or resolved); through a CONNECT tunnel
+    // an address too. Each is served, and logs one warning.
     let out = curl(&[
         "--socks5",
         &socks.to_string(),
-        &format!("http://localhost:{port}/"),
+        &format!("http://127.0.0.1:{port}/"),
     ]);
     assert_eq!(out.stdout, b"plain page", "{}", text(&out.stderr));
     let one = wait_until(Duration::from_secs(5), Duration::from_millis(50), || {
