@@ -417,7 +417,7 @@ impl Listener {
             anyhow::bail!(
                 "the {table} proxy would listen on {}, which is not loopback: it would be an \
                  open proxy that spends your pot; set allow_non_loopback = true under [{table}] \
-                 to listen there anyway",
+                 in the client config to listen there anyway (a flag alone cannot)",
                 self.addr
             );
         }
