@@ -19,6 +19,9 @@ use std::time::Duration;
 use murmur_tests::{HttpServer, Proc, binary, free_ports, test_bytes, wait_until};
 use sha2::{Digest, Sha256};
 
+/// One devnet at a time: two at once on a 2-core machine slow each past curl's patience.
+static ONE_DEVNET: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// The warning `safe = "warn"` logs (client/src/stream.rs).
 const IP_WARNING: &str = "an application sent an IP address, not a name";
 
@@ -28,7 +31,8 @@ fn start_devnet(dir: &Path, name: &str, extra: &[&str]) -> (Proc, SocketAddr, So
     let socks = SocketAddr::from(([127, 0, 0, 1], ports[0]));
     let http = SocketAddr::from(([127, 0, 0, 1], ports[1]));
     let (socks_s, http_s) = (socks.to_string(), http.to_string());
-    let mut args = vec!["--socks", &socks_s, "--http", &http_s];
+    // The shortest hop delay: these tests are about the proxies, not the mixing.
+    let mut args = vec!["--socks", &socks_s, "--http", &http_s, "--hop-delay", "0ms"];
     args.extend(extra);
     let mut proc = Proc::spawn(
         name,
@@ -172,7 +176,8 @@ fn git_command() -> Command {
 
 fn curl(args: &[&str]) -> Output {
     Command::new("curl")
-        .args(["-sS", "--max-time", "60"])
+        // Generous: on a loaded 2-core machine a first byte can take tens of seconds.
+        .args(["-sS", "--max-time", "120"])
         .args(args)
         .env_remove("no_proxy")
         .env_remove("NO_PROXY")
@@ -196,6 +201,7 @@ fn ip_warnings(devnet: &Proc) -> Vec<String> {
 
 #[test]
 fn https_and_git_through_the_http_connect_proxy() {
+    let _one = ONE_DEVNET.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("www");
     std::fs::create_dir_all(&root).unwrap();
@@ -318,16 +324,25 @@ fn https_and_git_through_the_http_connect_proxy() {
 
 #[test]
 fn ip_address_targets_are_warned_about_once_each_without_the_address() {
+    let _one = ONE_DEVNET.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().unwrap();
-    let plain = HttpServer::start(vec![("/".into(), b"plain page".to_vec())]);
+    // The HTTPS server, not HttpServer, whose 10-second read timeout a loaded machine can
+    // pass between the exit's connect and the request that follows the open.
+    let root = dir.path().join("www");
+    std::fs::create_dir_all(&root).unwrap();
+    std::fs::write(root.join("page.txt"), "plain page").unwrap();
+    let (_https, port, cert) = start_https(dir.path(), &root);
+    let cert_s = cert.display().to_string();
     let (mut devnet, socks, http) = start_devnet(dir.path(), "devnet-warn", &[]);
-    let port = plain.addr.port().to_string();
+    let port = port.to_string();
 
     // A name: no warning.
     let out = curl(&[
+        "--cacert",
+        &cert_s,
         "--socks5-hostname",
         &socks.to_string(),
-        &format!("http://localhost:{port}/"),
+        &format!("https://localhost:{port}/page.txt"),
     ]);
     assert_eq!(out.stdout, b"plain page", "{}", text(&out.stderr));
     assert!(ip_warnings(&devnet).is_empty());
@@ -335,20 +350,29 @@ fn ip_address_targets_are_warned_about_once_each_without_the_address() {
     // curl --socks5 sends the address it was given (or resolved); through a CONNECT tunnel
     // an address too. Each is served, and logs one warning.
     let out = curl(&[
+        "--cacert",
+        &cert_s,
         "--socks5",
         &socks.to_string(),
-        &format!("http://127.0.0.1:{port}/"),
+        &format!("https://127.0.0.1:{port}/page.txt"),
     ]);
-    assert_eq!(out.stdout, b"plain page", "{}", text(&out.stderr));
+    assert_eq!(
+        out.stdout,
+        b"plain page",
+        "{}\n{}",
+        text(&out.stderr),
+        devnet.log_text()
+    );
     let one = wait_until(Duration::from_secs(5), Duration::from_millis(50), || {
         (ip_warnings(&devnet).len() == 1).then_some(())
     });
     assert!(one.is_some(), "{:?}", ip_warnings(&devnet));
     let out = curl(&[
-        "-p",
+        "--cacert",
+        &cert_s,
         "-x",
         &format!("http://{http}"),
-        &format!("http://127.0.0.1:{port}/"),
+        &format!("https://127.0.0.1:{port}/page.txt"),
     ]);
     assert_eq!(out.stdout, b"plain page", "{}", text(&out.stderr));
     let warnings = wait_until(Duration::from_secs(5), Duration::from_millis(50), || {
