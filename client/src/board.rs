@@ -11,11 +11,11 @@ use murmur_protocol::directory::{Consensus, IdentityKey};
 use tokio::sync::watch;
 
 use crate::driver::SessionHandle;
-use crate::socks::SocksStats;
 use crate::status::{
     ConsensusStatus, GatewayStatus, Listeners, PaymentStatus, RelayPayment, Status, StreamStatus,
     TrafficStatus,
 };
+use crate::stream::SocksStats;
 
 /// The pot as the ledger last reported it.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -161,6 +161,12 @@ impl Board {
                     + s.streams_no_path
                     + s.streams_exit_left
                     + s.streams_bug,
+                http_accepted: self.socks.http_accepted.load(Ordering::Relaxed),
+                http_refused: self.socks.http_refused_not_connect.load(Ordering::Relaxed)
+                    + self.socks.http_refused_malformed.load(Ordering::Relaxed)
+                    + self.socks.http_refused_too_large.load(Ordering::Relaxed),
+                ip_literal_targets: self.socks.ip_literal_targets.load(Ordering::Relaxed),
+                ip_literal_refused: self.socks.ip_literal_refused.load(Ordering::Relaxed),
             },
             traffic: TrafficStatus {
                 real_sent: s.real_sent,

@@ -16,14 +16,14 @@ use murmur_protocol::stream::DEFAULT_STREAM_WINDOW;
 use serde::Deserialize;
 
 use crate::proxy::{self, PaymentOptions, ProxyOptions};
-use crate::socks::SocksLimits;
+use crate::stream::{Listener, SafeSocks, SocksLimits};
 use crate::wallet::FundingPolicy;
 
 #[derive(Parser, Debug)]
 #[command(
     name = "murmur-client",
     version,
-    about = "SOCKS5 proxy into the Murmur mixnet",
+    about = "SOCKS5 and HTTP CONNECT proxy into the Murmur mixnet",
     after_help = "A local network to try it on: cargo run --release -p murmur-devnet"
 )]
 struct Cli {
@@ -32,9 +32,8 @@ struct Cli {
     /// The client configuration (authorities, limits).
     #[arg(long)]
     config: Option<PathBuf>,
-    /// Where the SOCKS5 proxy listens (overrides the config).
-    #[arg(long)]
-    socks: Option<SocketAddr>,
+    #[command(flatten)]
+    listeners: ListenerFlags,
     /// Where the control endpoint (status, /metrics) listens, on loopback, or `off`
     /// (overrides the config; default 127.0.0.1:1090).
     #[arg(long, value_parser = parse_control)]
@@ -77,6 +76,51 @@ pub fn parse_control(s: &str) -> Result<ControlAddress, String> {
     Ok(ControlAddress(Some(addr)))
 }
 
+/// Where the proxies listen, on the command line (the client's and the devnet's). A flag
+/// cannot allow a non-loopback address: only `allow_non_loopback = true` in the config can.
+#[derive(clap::Args, Debug, Clone, Copy, Default)]
+pub struct ListenerFlags {
+    /// Where the SOCKS5 proxy listens (overrides the config; loopback unless the config's
+    /// [socks] allows otherwise).
+    #[arg(long)]
+    pub socks: Option<SocketAddr>,
+    /// Serve an HTTP CONNECT proxy here too (overrides the config's [http] listen).
+    #[arg(long)]
+    pub http: Option<SocketAddr>,
+    /// What to do with a target given as an IP address (the application resolved the name
+    /// itself, leaking the lookup): warn (log it, without the address), refuse, or off
+    /// (overrides the config's [socks] safe).
+    #[arg(long, value_enum)]
+    pub safe_socks: Option<SafeSocks>,
+}
+
+impl ListenerFlags {
+    /// The listeners and the `safe` setting: the flags over `config`'s (or the defaults').
+    pub fn apply(&self, config: Option<&ClientConfig>) -> (Listener, Option<Listener>, SafeSocks) {
+        let socks = config.map_or_else(SocksTable::default, |c| c.socks.table());
+        let http = config.and_then(|c| c.http.as_ref());
+        let http = match (self.http, http) {
+            (Some(addr), c) => Some(Listener {
+                addr,
+                allow_non_loopback: c.is_some_and(|c| c.allow_non_loopback),
+            }),
+            (None, Some(c)) => Some(Listener {
+                addr: c.listen,
+                allow_non_loopback: c.allow_non_loopback,
+            }),
+            (None, None) => None,
+        };
+        (
+            Listener {
+                addr: self.socks.unwrap_or(socks.listen),
+                allow_non_loopback: socks.allow_non_loopback,
+            },
+            http,
+            self.safe_socks.unwrap_or(socks.safe),
+        )
+    }
+}
+
 /// What the user asks of every path, on the command line (the client's and the devnet's).
 #[derive(clap::Args, Debug, Clone, Copy, Default)]
 pub struct PathPreferences {
@@ -117,8 +161,11 @@ pub fn path_rules(
 #[serde(deny_unknown_fields)]
 pub struct ClientConfig {
     pub version: u32,
-    #[serde(default = "default_socks")]
-    pub socks: SocketAddr,
+    /// The SOCKS5 proxy: an address (`socks = "127.0.0.1:1080"`) or a `[socks]` table.
+    #[serde(default)]
+    pub socks: SocksConfig,
+    /// `[http]`: an HTTP CONNECT proxy beside the SOCKS5 one; none without it.
+    pub http: Option<HttpConfig>,
     pub authorities: Vec<AuthorityEntry>,
     #[serde(default = "default_skew", with = "humantime_serde")]
     pub clock_skew: Duration,
@@ -183,6 +230,66 @@ fn default_state_dir() -> Option<PathBuf> {
         .map(PathBuf::from);
     let home = || std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/state"));
     xdg.or_else(home).map(|d| d.join("murmur-client"))
+}
+
+/// The SOCKS5 proxy's settings: the older form, only its address, or the table.
+#[derive(Debug, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum SocksConfig {
+    Address(SocketAddr),
+    Table(SocksTable),
+}
+
+impl Default for SocksConfig {
+    fn default() -> Self {
+        SocksConfig::Table(SocksTable::default())
+    }
+}
+
+impl SocksConfig {
+    /// The settings as a table (an address alone takes the defaults for the rest).
+    pub fn table(&self) -> SocksTable {
+        match self {
+            SocksConfig::Address(listen) => SocksTable {
+                listen: *listen,
+                ..SocksTable::default()
+            },
+            SocksConfig::Table(t) => *t,
+        }
+    }
+}
+
+/// `[socks]`.
+#[derive(Debug, Deserialize, PartialEq, Clone, Copy)]
+#[serde(deny_unknown_fields)]
+pub struct SocksTable {
+    #[serde(default = "default_socks")]
+    pub listen: SocketAddr,
+    /// What to do with a target given as an IP address (both proxies).
+    #[serde(default)]
+    pub safe: SafeSocks,
+    /// Listen beyond loopback (an open proxy that spends the pot, unless firewalled).
+    #[serde(default)]
+    pub allow_non_loopback: bool,
+}
+
+impl Default for SocksTable {
+    fn default() -> Self {
+        SocksTable {
+            listen: default_socks(),
+            safe: SafeSocks::default(),
+            allow_non_loopback: false,
+        }
+    }
+}
+
+/// `[http]`: the HTTP CONNECT proxy.
+#[derive(Debug, Deserialize, PartialEq, Clone, Copy)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConfig {
+    pub listen: SocketAddr,
+    #[serde(default)]
+    pub allow_non_loopback: bool,
 }
 
 /// `[payments]`: the ledger, the pot's key and how the client pays.
@@ -354,7 +461,7 @@ pub fn init_logging() {
     murmur_service::init_logging("warn,murmur_client=info");
 }
 
-/// Bounds of the SOCKS5 listener: the config's, or the defaults.
+/// Bounds of the proxies: the config's, or the defaults.
 pub fn socks_limits(config: Option<&ClientConfig>) -> SocksLimits {
     SocksLimits {
         max_connections: config.map_or(default_max_connections(), |c| c.max_connections),
@@ -433,8 +540,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         .map(|a| Ok((IdentityKey::from_hex(&a.identity)?, a.url.clone())))
         .collect::<anyhow::Result<Vec<_>>>()?;
     let base = path.parent().unwrap_or(Path::new("."));
+    let (socks, http, safe_socks) = cli.listeners.apply(Some(&config));
     let options = ProxyOptions {
-        socks: cli.socks.unwrap_or(config.socks),
+        socks,
+        http,
+        safe_socks,
         authorities,
         clock_skew: config.clock_skew,
         path_rules: path_rules(
@@ -476,8 +586,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 /// Prints the line that says the proxy serves (scripts and tests wait for `ready`).
-pub fn announce_ready(program: &'static str) -> impl FnOnce(SocketAddr) + Send {
-    move |addr| println!("{program} ready: SOCKS5 proxy on {addr}")
+pub fn announce_ready(program: &'static str) -> impl FnOnce(SocketAddr, Option<SocketAddr>) + Send {
+    move |socks, http| match http {
+        Some(http) => {
+            println!("{program} ready: SOCKS5 proxy on {socks}, HTTP CONNECT proxy on {http}")
+        }
+        None => println!("{program} ready: SOCKS5 proxy on {socks}"),
+    }
 }
 
 #[cfg(test)]
@@ -486,6 +601,56 @@ mod tests {
     use super::*;
 
     const AUTHORITY: &str = "authorities = [ { identity = \"0101010101010101010101010101010101010101010101010101010101010101\", url = \"http://127.0.0.1:7070\" } ]\n";
+
+    #[test]
+    fn socks_is_an_address_or_a_table_and_http_is_optional() {
+        let flags = ListenerFlags::default();
+        let old = ClientConfig::parse(&format!(
+            "version = 1\nsocks = \"127.0.0.1:1081\"\n{AUTHORITY}"
+        ))
+        .unwrap();
+        let (socks, http, safe) = flags.apply(Some(&old));
+        assert_eq!(socks.addr, "127.0.0.1:1081".parse().unwrap());
+        assert!(!socks.allow_non_loopback);
+        assert_eq!((http, safe), (None, SafeSocks::Warn));
+
+        let table = ClientConfig::parse(&format!(
+            "version = 1\n{AUTHORITY}[socks]\nlisten = \"0.0.0.0:1082\"\nsafe = \"refuse\"\n\
+             allow_non_loopback = true\n[http]\nlisten = \"127.0.0.1:8118\"\n"
+        ))
+        .unwrap();
+        let (socks, http, safe) = flags.apply(Some(&table));
+        assert_eq!(socks.addr, "0.0.0.0:1082".parse().unwrap());
+        assert!(socks.allow_non_loopback);
+        assert!(socks.check("socks").is_ok());
+        assert_eq!(safe, SafeSocks::Refuse);
+        let http = http.unwrap();
+        assert_eq!(http.addr, "127.0.0.1:8118".parse().unwrap());
+        assert!(!http.allow_non_loopback);
+
+        // The flags win, but cannot allow what the config does not.
+        let flags = ListenerFlags {
+            socks: None,
+            http: Some("0.0.0.0:8119".parse().unwrap()),
+            safe_socks: Some(SafeSocks::Off),
+        };
+        let (_, http, safe) = flags.apply(Some(&table));
+        assert_eq!(safe, SafeSocks::Off);
+        assert!(http.unwrap().check("http").is_err());
+        let (socks, http, _) = flags.apply(None);
+        assert_eq!(socks.addr, default_socks());
+        assert!(http.unwrap().check("http").is_err());
+
+        for bad in [
+            "[socks]\nsafe = \"loud\"\n",
+            "[socks]\nlisten = \"127.0.0.1:1\"\nlisen = 1\n",
+            "[http]\n",
+            "[http]\nlisten = \"127.0.0.1:1\"\nsafe = \"warn\"\n",
+        ] {
+            let text = format!("version = 1\n{AUTHORITY}{bad}");
+            assert!(ClientConfig::parse(&text).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn payments_are_optional_and_read_their_key() {

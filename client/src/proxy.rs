@@ -1,5 +1,5 @@
 //! The client as a whole: follow the directory, keep a session through a gateway, serve
-//! SOCKS5. Moves to another gateway when its gateway stays unreachable.
+//! SOCKS5 and, if asked, HTTP CONNECT. Moves to another gateway when its gateway stays unreachable.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -19,7 +19,7 @@ use murmur_protocol::payer::{Payer, PayerConfig};
 use murmur_protocol::session::{ClientSession, SessionConfig};
 use murmur_protocol::time::Instant;
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{Semaphore, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -28,14 +28,18 @@ use crate::control::{self, ControlStats};
 use crate::driver::{self, Cmd, SessionHandle};
 use crate::gateway::{self, LinkEnd};
 use crate::guard_file::GuardFile;
-use crate::socks::{self, SocksLimits, SocksStats};
 use crate::status::Listeners;
+use crate::stream::{self, Listener, Proxy, ProxyShared, SafeSocks, SocksLimits, SocksStats};
 use crate::wallet::{self, FundingPolicy};
 
 /// Everything the proxy needs to know.
 #[derive(Clone, Debug)]
 pub struct ProxyOptions {
-    pub socks: SocketAddr,
+    pub socks: Listener,
+    /// The HTTP CONNECT proxy, if any.
+    pub http: Option<Listener>,
+    /// What to do with targets given as IP addresses, on both proxies.
+    pub safe_socks: SafeSocks,
     /// (identity, base URL) of each authority.
     pub authorities: Vec<(IdentityKey, String)>,
     pub clock_skew: Duration,
@@ -120,17 +124,28 @@ struct Live {
     gateway: IdentityKey,
 }
 
-/// Runs the proxy until `shutdown`. Calls `ready` once with the SOCKS address when the
-/// first request can be served.
+/// Runs the proxy until `shutdown`. Calls `ready` once with the SOCKS address (and the HTTP
+/// proxy's, if there is one) when the first request can be served.
 pub async fn run(
     options: ProxyOptions,
-    ready: impl FnOnce(SocketAddr) + Send,
+    ready: impl FnOnce(SocketAddr, Option<SocketAddr>) + Send,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let listener = TcpListener::bind(options.socks)
+    stream::check_listeners(&options.socks, options.http.as_ref())?;
+    let listener = TcpListener::bind(options.socks.addr)
         .await
-        .map_err(|e| anyhow::anyhow!("cannot listen for SOCKS on {}: {e}", options.socks))?;
+        .map_err(|e| anyhow::anyhow!("cannot listen for SOCKS on {}: {e}", options.socks.addr))?;
     let socks_addr = listener.local_addr()?;
+    let http_listener = match &options.http {
+        Some(http) => Some(TcpListener::bind(http.addr).await.map_err(|e| {
+            anyhow::anyhow!("cannot listen for HTTP CONNECT on {}: {e}", http.addr)
+        })?),
+        None => None,
+    };
+    let http_addr = match &http_listener {
+        Some(l) => Some(l.local_addr()?),
+        None => None,
+    };
     let urls: Vec<String> = options.authorities.iter().map(|(_, u)| u.clone()).collect();
     let set = AuthoritySet::new(options.authorities.iter().map(|(k, _)| *k).collect())?;
     let client = DirectoryClient::new(Duration::from_secs(5))?;
@@ -171,7 +186,7 @@ pub async fn run(
     if let Ok(mut l) = board.listeners.write() {
         *l = Listeners {
             socks: socks_addr.to_string(),
-            http: None,
+            http: http_addr.map(|a| a.to_string()),
             control: control_addr.map_or_else(|| "off".to_owned(), |a| a.to_string()),
         };
     }
@@ -288,15 +303,18 @@ pub async fn run(
         });
     }
 
-    // SOCKS connections use whichever session is current when they arrive.
+    // Connections to either proxy use whichever session is current when they arrive.
     let (session_tx, session_rx) = watch::channel::<Option<SessionHandle>>(None);
-    {
-        let (stats, limits, shutdown, tracker2) = (
-            stats.clone(),
-            options.socks_limits.clone(),
-            shutdown.clone(),
-            tracker.clone(),
-        );
+    let shared = Arc::new(ProxyShared {
+        limits: options.socks_limits.clone(),
+        stats: stats.clone(),
+        safe: options.safe_socks,
+        slots: Arc::new(Semaphore::new(options.socks_limits.max_connections)),
+    });
+    let listeners =
+        std::iter::once((Proxy::Socks, listener)).chain(http_listener.map(|l| (Proxy::Http, l)));
+    for (proxy, listener) in listeners {
+        let (shared, shutdown, tracker2) = (shared.clone(), shutdown.clone(), tracker.clone());
         let mut session_rx = session_rx.clone();
         tracker.spawn(async move {
             // Serve only once a session exists.
@@ -309,14 +327,14 @@ pub async fn run(
                     r = session_rx.changed() => if r.is_err() { return },
                 }
             };
-            socks::serve(
+            stream::serve(
+                proxy,
                 listener,
                 SwitchableSession {
                     rx: session_rx,
                     first: handle,
                 },
-                limits,
-                stats,
+                shared,
                 shutdown,
                 tracker2,
             )
@@ -427,7 +445,7 @@ pub async fn run(
             if matches!(up, Ok(Ok(_))) {
                 let _ = session_tx.send(Some(handle.clone()));
                 if let Some(f) = ready.take() {
-                    f(socks_addr);
+                    f(socks_addr, http_addr);
                 }
             }
         } else {
@@ -526,7 +544,7 @@ fn usable(c: &Consensus, rules: &PathRules) -> murmur_protocol::Result<()> {
     Ok(())
 }
 
-/// The session a new SOCKS connection should use (the latest one).
+/// The session a new proxy connection should use (the latest one).
 #[derive(Clone)]
 pub struct SwitchableSession {
     rx: watch::Receiver<Option<SessionHandle>>,

@@ -73,6 +73,14 @@ pub struct StreamStatus {
     pub refused_spend: u64,
     /// Streams the session gave up on (no acknowledgement, no path, exit left).
     pub failed: u64,
+    /// Connections to the HTTP CONNECT proxy, and its refusals of requests it does not
+    /// tunnel (plain HTTP, malformed, too large).
+    pub http_accepted: u64,
+    pub http_refused: u64,
+    /// Targets given as an IP address (the application resolved the name itself), and
+    /// those refused under `safe = "refuse"`.
+    pub ip_literal_targets: u64,
+    pub ip_literal_refused: u64,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -187,6 +195,14 @@ impl Status {
             s.refused_spend,
             s.failed
         );
+        if s.http_accepted > 0 || s.ip_literal_targets > 0 {
+            let _ = writeln!(
+                out,
+                "          {} HTTP CONNECT connections ({} requests refused); {} targets given as \
+                 IP addresses ({} refused)",
+                s.http_accepted, s.http_refused, s.ip_literal_targets, s.ip_literal_refused
+            );
+        }
         let t = &self.traffic;
         let _ = writeln!(
             out,
@@ -268,6 +284,18 @@ impl Status {
             );
         }
         m.counter("murmur_client_streams_failed_total", "", s.failed);
+        m.counter("murmur_client_http_connections_total", "", s.http_accepted);
+        m.counter("murmur_client_http_refused_total", "", s.http_refused);
+        m.counter(
+            "murmur_client_ip_literal_targets_total",
+            "",
+            s.ip_literal_targets,
+        );
+        m.counter(
+            "murmur_client_ip_literal_refused_total",
+            "",
+            s.ip_literal_refused,
+        );
         let t = &self.traffic;
         for (kind, n) in [
             ("real", t.real_sent),

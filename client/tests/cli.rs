@@ -36,3 +36,24 @@ fn help_names_the_devnet_and_bad_invocations_fail_clearly() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("no authorities"));
 }
+
+#[test]
+fn a_listener_beyond_loopback_needs_the_config_to_allow_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("client.toml");
+    let authority = "authorities = [ { identity = \"0101010101010101010101010101010101010101010101010101010101010101\", url = \"http://127.0.0.1:9\" } ]\n";
+    std::fs::write(&config, format!("version = 1\n{authority}")).unwrap();
+    // A flag alone cannot allow it, for either proxy; nothing starts.
+    for flag in ["--socks", "--http"] {
+        let out = Command::new(BIN)
+            .arg("--config")
+            .arg(&config)
+            .args([flag, "0.0.0.0:0"])
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("open proxy that spends your pot"), "{err}");
+        assert!(err.contains("allow_non_loopback = true under ["), "{err}");
+    }
+}

@@ -1,16 +1,16 @@
 //! The `murmur-devnet` command line: start the local network, then the client's proxy on it,
 //! in this process; stop both on SIGINT or SIGTERM.
 
-use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
 use murmur_client::cli::{
-    ControlAddress, PathPreferences, announce_ready, default_socks, parse_control, path_rules,
+    ControlAddress, ListenerFlags, PathPreferences, announce_ready, parse_control, path_rules,
     payment_options, socks_limits,
 };
 use murmur_client::proxy::{self, PaymentOptions, ProxyOptions};
+use murmur_client::stream::check_listeners;
 use murmur_protocol::payer::PayerConfig;
 use murmur_protocol::stream::DEFAULT_STREAM_WINDOW;
 
@@ -21,14 +21,15 @@ use crate::{Devnet, DevnetOptions, FAUCET};
     name = "murmur-devnet",
     version,
     about = "A whole Murmur network on loopback (3 authorities, a ledger, a gateway, 3 mixes per \
-             layer, an exit that allows loopback), then the SOCKS5 proxy on it",
+             layer, an exit that allows loopback), then the SOCKS5 proxy (and, with --http, an \
+             HTTP CONNECT proxy) on it",
     after_help = "Then: curl --socks5-hostname 127.0.0.1:1080 http://127.0.0.1:8000/ \
                   (the exit may reach loopback)"
 )]
 struct Cli {
-    /// Where the SOCKS5 proxy listens.
-    #[arg(long)]
-    socks: Option<SocketAddr>,
+    /// Where the proxies listen (loopback only: the devnet has no config to allow more).
+    #[command(flatten)]
+    listeners: ListenerFlags,
     /// Mean per-hop delay (1/μ), e.g. "15ms" or "0ms".
     #[arg(long, value_parser = humantime::parse_duration)]
     hop_delay: Option<Duration>,
@@ -85,6 +86,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         )
     };
     rules(false)?;
+    let (socks, http, safe_socks) = cli.listeners.apply(None);
+    // Before anything starts, as the path rules above.
+    check_listeners(&socks, http.as_ref())?;
     let devnet = Devnet::start(&options).await?;
     eprintln!(
         "devnet: 3 authorities, 1 gateway, {} mixes per layer, 1 exit (state in {})",
@@ -101,7 +105,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         eprintln!("devnet: relay {name:<9} {}", identity.to_hex());
     }
     let proxy_options = ProxyOptions {
-        socks: cli.socks.unwrap_or_else(default_socks),
+        socks,
+        http,
+        safe_socks,
         authorities: devnet.authorities.clone(),
         clock_skew: Duration::from_secs(5),
         path_rules: rules(devnet.path_rules.distinct_subnets)?,

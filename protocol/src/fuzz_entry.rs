@@ -20,6 +20,7 @@ use crate::envelope::{
 };
 use crate::fragment::{Fragment, Reassembler, ReassemblyLimits};
 use crate::frame::Frame;
+use crate::http_connect::{HttpConnect, MAX_HEAD, Step as HttpStep};
 use crate::packet::{HopOutput, OpenedPacket, ReplayTag, StaticSecret, recover_plaintext};
 use crate::payload::Content;
 use crate::replay::ReplayFilter;
@@ -44,6 +45,7 @@ pub const TARGETS: &[&str] = &[
     "envelope_peel",
     "link",
     "socks",
+    "http_connect",
     "stream",
     "vote",
     "session",
@@ -66,6 +68,7 @@ pub fn run(name: &str, data: &[u8]) {
         "envelope_peel" => envelope_peel(data),
         "link" => link(data),
         "socks" => socks(data),
+        "http_connect" => http_connect(data),
         "stream" => stream(data),
         "vote" => vote(data),
         "session" => session(data),
@@ -457,6 +460,64 @@ pub fn socks(data: &[u8]) {
             "an accepted request re-encodes differently"
         );
     }
+}
+
+/// Feeds `input` to a fresh HTTP CONNECT parser `chunk` bytes at a time, as the proxy reads
+/// a socket; returns how it ended (`None`: it wants more) and what was left in its buffer
+/// with the unread input after it.
+pub(crate) fn http_connect_run(input: &[u8], chunk: usize) -> (Option<HttpStep>, Vec<u8>) {
+    let mut parser = HttpConnect::new();
+    let mut buf = Vec::new();
+    let mut chunks = input.chunks(chunk.max(1));
+    loop {
+        match parser.step(&mut buf) {
+            HttpStep::NeedMore => match chunks.next() {
+                Some(c) => {
+                    buf.extend_from_slice(c);
+                    assert!(
+                        buf.len() <= MAX_HEAD + chunk,
+                        "the head buffer grew past its bound"
+                    );
+                }
+                None => return (None, buf),
+            },
+            done => {
+                buf.extend(chunks.flatten());
+                return (Some(done), buf);
+            }
+        }
+    }
+}
+
+/// `[chunk][bytes…]`: the HTTP CONNECT parser fed `bytes` in chunks of `chunk % 32 + 1`
+/// bytes never panics, ends exactly as when fed them at once, and keeps every byte after
+/// an accepted head. A request it accepts re-encodes
+/// ([`crate::http_connect::ConnectRequest::encode`]) to a head it reads back as the same
+/// request, with nothing left over.
+pub fn http_connect(data: &[u8]) {
+    let Some((&chunk, input)) = data.split_first() else {
+        return;
+    };
+    let chunked = http_connect_run(input, usize::from(chunk % 32) + 1);
+    assert_eq!(
+        chunked,
+        http_connect_run(input, input.len()),
+        "the outcome depends on how the input was cut"
+    );
+    let (Some(HttpStep::Request(request)), rest) = &chunked else {
+        return;
+    };
+    assert!(
+        input.ends_with(rest),
+        "the bytes after the head were not kept"
+    );
+    // The user name of a request that re-encodes has no colon; one that cannot re-encode
+    // would not have been accepted.
+    let again = request.encode().expect("an accepted request encodes");
+    assert_eq!(
+        http_connect_run(&again, 1),
+        (Some(HttpStep::Request(request.clone())), Vec::new())
+    );
 }
 
 /// The stream messages, bare and inside packet content as clients and exits send them: a

@@ -14,6 +14,7 @@ pub mod frame;
 #[doc(hidden)]
 pub mod fuzz_entry;
 pub mod hop;
+pub mod http_connect;
 pub mod link;
 pub mod packet;
 pub mod payer;

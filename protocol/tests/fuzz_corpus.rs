@@ -162,6 +162,16 @@ fn seeds(target: &str) -> Vec<Vec<u8>> {
                 vec![9, 5, 1, 0, 5, 2, 0, 1, 1, 2, 3, 4, 0, 80],  // BIND
             ]
         }
+        "http_connect" => [
+            &b"\x03CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n"[..],
+            b"\x00CONNECT 127.0.0.1:8443 HTTP/1.1\r\nProxy-Authorization: Basic Ym9iOnB3\r\n\r\n\x16\x03\x01",
+            b"\x10CONNECT [2001:db8::1]:443 HTTP/1.0\r\nUser-Agent: curl/8\r\n\r\n",
+            b"\x05GET http://example.com/ HTTP/1.1\r\nHost: example.com\r\n\r\n",
+            b"\x01CONNECT example.com HTTP/1.1\r\n\r\n",
+        ]
+        .iter()
+        .map(|s| s.to_vec())
+        .collect(),
         "stream" => {
             let client = ClientMessage {
                 session: 0x0102_0304_0506_0708,

@@ -180,6 +180,26 @@ impl Proc {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// Waits up to `timeout` for its standard output to say `ready` (as the proxy's
+    /// programs do when they serve); fails the test, with its log, if it exits or does not.
+    pub fn wait_ready(&mut self, timeout: Duration) {
+        let ready = wait_until(timeout, Duration::from_millis(200), || {
+            assert!(
+                self.is_running(),
+                "{} exited:\n{}",
+                self.name,
+                self.log_text()
+            );
+            self.stdout_text().contains("ready").then_some(())
+        });
+        assert!(
+            ready.is_some(),
+            "{} never became ready:\n{}",
+            self.name,
+            self.log_text()
+        );
+    }
+
     /// Its standard output so far.
     pub fn stdout_text(&self) -> String {
         std::fs::read_to_string(self.log.with_extension("out")).unwrap_or_default()
@@ -447,15 +467,7 @@ pub fn start_client_proc(dir: &Path, authorities: &[AuthorityInfo], extra: &str)
         &["--config", config.to_str().unwrap()],
         dir.join("client.log"),
     );
-    let ready = wait_until(Duration::from_secs(90), Duration::from_millis(200), || {
-        assert!(client.is_running(), "client exited:\n{}", client.log_text());
-        client.stdout_text().contains("ready").then_some(())
-    });
-    assert!(
-        ready.is_some(),
-        "client never became ready:\n{}",
-        client.log_text()
-    );
+    client.wait_ready(Duration::from_secs(90));
     ClientProc {
         proc: client,
         socks,
@@ -485,15 +497,7 @@ pub fn start_devnet(dir: &Path, args: &[&str]) -> DevnetProc {
         &all,
         dir.join("devnet.log"),
     );
-    let ready = wait_until(Duration::from_secs(120), Duration::from_millis(200), || {
-        assert!(proc.is_running(), "devnet exited:\n{}", proc.log_text());
-        proc.stdout_text().contains("ready").then_some(())
-    });
-    assert!(
-        ready.is_some(),
-        "devnet never became ready:\n{}",
-        proc.log_text()
-    );
+    proc.wait_ready(Duration::from_secs(120));
     DevnetProc {
         proc,
         socks,
