@@ -765,16 +765,26 @@ pub fn read_request(s: &mut TcpStream) -> Option<Request> {
 
 fn serve_one(mut stream: TcpStream, files: &[(String, Vec<u8>)]) {
     let _ = stream.set_nonblocking(false);
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+    // Long: through the mixnet, on a loaded 2-core machine, the request can take a while to
+    // follow the exit's connect.
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(60)));
     let Some(req) = read_request(&mut stream) else {
         return;
     };
     let path = req.target.as_str();
     match files.iter().find(|(p, _)| p == path) {
         Some((_, body)) => {
+            // A browser renders only what is typed as a page (it downloads the rest).
+            let kind = if path.ends_with('/') || path.ends_with(".html") {
+                "text/html"
+            } else if path.ends_with(".txt") {
+                "text/plain"
+            } else {
+                "application/octet-stream"
+            };
             let _ = write!(
                 stream,
-                "HTTP/1.0 200 OK\r\nContent-Length: {}\r\nContent-Type: application/octet-stream\r\n\r\n",
+                "HTTP/1.0 200 OK\r\nContent-Length: {}\r\nContent-Type: {kind}\r\n\r\n",
                 body.len()
             );
             let _ = stream.write_all(body);

@@ -48,7 +48,8 @@ fn headless_chromium_loads_a_page_and_its_script_fetches_through_the_proxy() {
     let mut devnet = start_devnet(dir.path(), &[]);
     let before = client_status(devnet.control).streams.opened;
     let t = Instant::now();
-    let out = Command::new(&browser)
+    let (dom_file, err_file) = (dir.path().join("dom.html"), dir.path().join("chromium.err"));
+    let mut child = Command::new(&browser)
         .args([
             "--headless=new",
             "--no-sandbox",
@@ -64,14 +65,27 @@ fn headless_chromium_loads_a_page_and_its_script_fetches_through_the_proxy() {
             "--dump-dom",
             &server.url("/"),
         ])
-        .output()
+        .stdout(std::fs::File::create(&dom_file).unwrap())
+        .stderr(std::fs::File::create(&err_file).unwrap())
+        .spawn()
         .unwrap();
-    let dom = String::from_utf8_lossy(&out.stdout);
+    // Bounded: a browser that hangs fails the test instead of holding the suite.
+    let exited =
+        murmur_tests::wait_until(Duration::from_secs(180), Duration::from_millis(200), || {
+            child.try_wait().unwrap()
+        });
+    if exited.is_none() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    let dom = std::fs::read_to_string(&dom_file).unwrap_or_default();
+    let stderr = std::fs::read_to_string(&err_file).unwrap_or_default();
     eprintln!("chromium took {:?}", t.elapsed());
+    assert!(exited.is_some(), "chromium did not finish within 180 s");
     assert!(
         dom.contains("fetched:through-three-mixes"),
         "the script's fetch did not arrive:\n{dom}\n{}\n{}",
-        String::from_utf8_lossy(&out.stderr)
+        stderr
             .lines()
             .filter(|l| !l.contains("dbus"))
             .collect::<Vec<_>>()
