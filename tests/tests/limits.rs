@@ -146,7 +146,13 @@ fn a_client_at_its_stream_limit_leaves_room_and_a_trickle_ends_at_its_lifetime()
     // tried again; one the exit refused at the session limit is what the test looks for.
     let open = |socks: SocketAddr| -> Result<(TcpStream, Instant), u8> {
         let mut last = 0;
-        for _ in 0..3 {
+        for attempt in 0..5 {
+            if attempt > 0 {
+                // Failures come in bursts (all three tries within a second, SOCKS code 1,
+                // in about one run of three on the 2-core machine, before and after issue
+                // 18): spread the tries out.
+                std::thread::sleep(Duration::from_secs(2));
+            }
             let refused_before = at_limit();
             match socks_connect(socks, destination) {
                 Ok(s) => return Ok((s, Instant::now())),
@@ -157,7 +163,7 @@ fn a_client_at_its_stream_limit_leaves_room_and_a_trickle_ends_at_its_lifetime()
                 }
             }
         }
-        panic!("three opens failed (SOCKS code {last}) without reaching the limit")
+        panic!("five opens failed (SOCKS code {last}) without reaching the limit")
     };
 
     // Client A fills its session's streams; one more is refused at the session limit.
