@@ -142,28 +142,21 @@ fn a_client_at_its_stream_limit_leaves_room_and_a_trickle_ends_at_its_lifetime()
         exit.metric(REFUSED, "reason=\"session_streams\"")
             .unwrap_or(0.0)
     };
-    // An open may also fail on a loaded machine (the client's open timeout): such a failure is
-    // tried again; one the exit refused at the session limit is what the test looks for.
+    // An open may time out on a loaded machine (SOCKS code 6, the client's open timeout):
+    // that is tried again. Any other failure is one the exit refused at the session limit,
+    // which is what the test looks for, or a bug: the exit's first bytes overtaking its
+    // `Opened` on the way back once failed opens here with code 1.
     let open = |socks: SocketAddr| -> Result<(TcpStream, Instant), u8> {
-        let mut last = 0;
-        for attempt in 0..5 {
-            if attempt > 0 {
-                // Failures come in bursts (all three tries within a second, SOCKS code 1,
-                // in about one run of three on the 2-core machine, before and after issue
-                // 18): spread the tries out.
-                std::thread::sleep(Duration::from_secs(2));
-            }
+        for _ in 0..3 {
             let refused_before = at_limit();
             match socks_connect(socks, destination) {
                 Ok(s) => return Ok((s, Instant::now())),
                 Err(code) if at_limit() > refused_before => return Err(code),
-                Err(code) => {
-                    println!("an open failed with SOCKS code {code}, not at the limit: again");
-                    last = code;
-                }
+                Err(6) => println!("an open timed out (SOCKS code 6): again"),
+                Err(code) => panic!("an open failed with SOCKS code {code}, not at the limit"),
             }
         }
-        panic!("five opens failed (SOCKS code {last}) without reaching the limit")
+        panic!("three opens timed out")
     };
 
     // Client A fills its session's streams; one more is refused at the session limit.

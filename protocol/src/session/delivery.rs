@@ -5,7 +5,7 @@ use rand::CryptoRng;
 
 use super::exits::ExitRef;
 use super::streams::StreamState;
-use super::{ClientSession, Event};
+use super::{ClientSession, Event, StreamId};
 use crate::packet::SurbId;
 use crate::payload::Content;
 use crate::stream::{ExitItem, ExitMessage};
@@ -110,12 +110,7 @@ impl ClientSession {
             match item {
                 ExitItem::Opened { stream, window } => {
                     self.window_granted(exit, stream, window);
-                    if let Some(s) = self.stream_of(exit, stream)
-                        && s.state == StreamState::Opening
-                    {
-                        s.state = StreamState::Open;
-                        self.events.push_back(Event::Opened(stream));
-                    }
+                    self.opened(exit, stream);
                 }
                 ExitItem::Refused { stream, reason } => {
                     if self.stream_of(exit, stream).is_some() {
@@ -136,6 +131,7 @@ impl ClientSession {
                     offset,
                     bytes,
                 } => {
+                    self.opened(exit, stream);
                     let Some(s) = self.stream_of(exit, stream) else {
                         continue;
                     };
@@ -148,11 +144,13 @@ impl ClientSession {
                     self.maybe_eof(stream);
                 }
                 ExitItem::Fin { stream, offset } => {
+                    self.opened(exit, stream);
                     if let Some(s) = self.stream_of(exit, stream) {
                         let _ = s.recv.finish_at(offset);
                     }
                     self.maybe_eof(stream);
                 }
+                // Not an open: the exit takes data for a stream it is still connecting.
                 ExitItem::Ack { stream, offset } => self.exit_acked(exit, stream, offset),
                 ExitItem::SurbsLow { have } => {
                     if let Some(e) = self.exits.get_mut(&exit) {
@@ -160,6 +158,19 @@ impl ClientSession {
                     }
                 }
             }
+        }
+    }
+
+    /// The exit says (or the destination's data or end shows) that `stream` is open. Replies cross
+    /// the mixnet on independent paths with independent delays, so the reply carrying
+    /// `Opened` may arrive after one carrying the stream's first bytes: the application
+    /// hears `Opened` first either way, and once.
+    fn opened(&mut self, exit: ExitRef, stream: StreamId) {
+        if let Some(s) = self.stream_of(exit, stream)
+            && s.state == StreamState::Opening
+        {
+            s.state = StreamState::Open;
+            self.events.push_back(Event::Opened(stream));
         }
     }
 }

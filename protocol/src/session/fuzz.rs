@@ -15,7 +15,7 @@
 //!   exit session, loops, and the events not yet polled.
 #![allow(clippy::panic, clippy::unwrap_used, clippy::expect_used)]
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -204,6 +204,8 @@ struct Harness {
     client: Address,
     /// Streams the application opened, in order.
     opened: Vec<StreamId>,
+    /// Streams the application was told are open.
+    announced: HashSet<StreamId>,
     /// Bytes the application wrote, and received, per stream.
     written: HashMap<StreamId, u64>,
     received: HashMap<StreamId, u64>,
@@ -437,6 +439,20 @@ impl Harness {
     /// Drains the session's events, checking what the application is given.
     fn events(&mut self) {
         while let Some(event) = self.session.poll_event() {
+            match &event {
+                Event::Opened(stream) => {
+                    assert!(
+                        self.announced.insert(*stream),
+                        "stream {stream} opened twice"
+                    );
+                }
+                // A proxy answers its application at `Opened`: nothing may come first.
+                Event::Data(stream, _) | Event::Eof(stream) => assert!(
+                    self.announced.contains(stream),
+                    "stream {stream} gave the application data or its end before Opened"
+                ),
+                _ => {}
+            }
             if let Event::Data(stream, bytes) = event {
                 assert!(!bytes.is_empty(), "an empty data event");
                 let at = self.received.entry(stream).or_default();
@@ -557,6 +573,7 @@ fn drive(seed: u64, ops: Vec<Op>) {
         now: Instant::ZERO,
         client,
         opened: Vec::new(),
+        announced: HashSet::new(),
         written: HashMap::new(),
         received: HashMap::new(),
         in_flight: VecDeque::new(),
@@ -657,6 +674,35 @@ mod tests {
             ops.extend((0..4).map(|_| Op::Wait { ms: 20_000 }));
         }
         // `drive` checks the bound after every step.
+        drive(1, ops);
+    }
+
+    /// Replies cross the mixnet on independent paths: the exit's first bytes may arrive
+    /// before its `Opened`. The application hears `Opened` first all the same (`events`
+    /// checks it), and once.
+    #[test]
+    fn data_overtaking_opened_still_follows_it() {
+        let mut ops = vec![Op::Open {
+            port: 80,
+            name: true,
+            isolation: None,
+        }];
+        // Sends and carries until the open (and its reply blocks) reached the exit.
+        for _ in 0..40 {
+            ops.extend([Op::Timeout, Op::Carry { lose: false }]);
+        }
+        ops.push(Op::Answer {
+            block: 0,
+            items: vec![Item::Data {
+                stream: 0,
+                offset: 0,
+                len: 10,
+            }],
+        });
+        ops.push(Op::Answer {
+            block: 0,
+            items: vec![Item::Opened { stream: 0 }],
+        });
         drive(1, ops);
     }
 }
