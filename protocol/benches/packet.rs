@@ -17,6 +17,11 @@ use murmur_protocol::surb::build_reply_block;
 use murmur_protocol::{PAYLOAD_SIZE, PLAINTEXT_SIZE};
 use rand::SeedableRng;
 use rand_chacha::ChaCha20Rng;
+use sphinx_packet::SphinxPacketBuilder;
+use sphinx_packet::header::delays::Delay;
+use sphinx_packet::route::{Destination, DestinationAddressBytes, Node, NodeAddressBytes};
+use sphinx_packet::surb::{SURB, SURBMaterial};
+use sphinx_packet::version::SINGLE_SEED_SURB_VERSION;
 
 fn route(rng: &mut ChaCha20Rng) -> (Vec<RouteHop>, Vec<StaticSecret>) {
     let secrets: Vec<StaticSecret> = (0..4)
@@ -173,6 +178,42 @@ fn benches(c: &mut Criterion) {
 
     c.bench_function("build one SURB (4 hops)", |b| {
         b.iter(|| build_reply_block(&mut rng, &hops, &delays, dest, 1).unwrap())
+    });
+
+    // sphinx-packet's own builder for the same route, in the same run: Murmur's builder
+    // (`protocol/src/sphinx_builder.rs`) derives each hop's secret with one multiplication.
+    let nodes: Vec<Node> = hops
+        .iter()
+        .map(|h| Node::new(NodeAddressBytes::from_bytes(h.address.0), h.sphinx_key))
+        .collect();
+    let sphinx_delays: Vec<Delay> = delays
+        .iter()
+        .map(|d| Delay::new_from_nanos(d.as_nanos() as u64))
+        .collect();
+    let destination = Destination::new(DestinationAddressBytes::from_bytes(dest.0), [1; 16]);
+    c.bench_function(
+        "sphinx-packet alone: build forward packet (4 hops, 2 KB)",
+        |b| {
+            b.iter(|| {
+                let secret = StaticSecret::random_from_rng(&mut rng);
+                SphinxPacketBuilder::new()
+                    .with_payload_size(PAYLOAD_SIZE)
+                    .with_initial_secret(&secret)
+                    .build_packet(black_box(&plaintext), &nodes, &destination, &sphinx_delays)
+                    .unwrap()
+            })
+        },
+    );
+    c.bench_function("sphinx-packet alone: build one SURB (4 hops)", |b| {
+        b.iter(|| {
+            let material = SURBMaterial::new(
+                nodes.clone(),
+                sphinx_delays.clone(),
+                destination.clone(),
+                SINGLE_SEED_SURB_VERSION,
+            );
+            SURB::new_recoverable(StaticSecret::random_from_rng(&mut rng), material).unwrap()
+        })
     });
 }
 

@@ -22,6 +22,7 @@ pub mod payload;
 pub mod replay;
 pub mod session;
 pub mod socks;
+mod sphinx_builder;
 pub mod stream;
 pub mod surb;
 pub mod tab;

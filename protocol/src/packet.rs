@@ -23,15 +23,15 @@ use std::time::Duration;
 use rand::CryptoRng;
 use sphinx_packet::header::SphinxHeader;
 use sphinx_packet::header::delays::Delay;
-use sphinx_packet::header::keys::KeyMaterial;
 use sphinx_packet::header::shared_secret::ExpandedSharedSecret;
 use sphinx_packet::payload::Payload;
-use sphinx_packet::route::{Destination, DestinationAddressBytes, Node, NodeAddressBytes};
+use sphinx_packet::route::{Node, NodeAddressBytes};
 use sphinx_packet::version::CURRENT_VERSION;
-use sphinx_packet::{ProcessedPacketData, SphinxPacket, SphinxPacketBuilder};
+use sphinx_packet::{ProcessedPacketData, SphinxPacket};
 pub use x25519_dalek::{PublicKey, StaticSecret};
 
 use crate::envelope::{Envelope, EnvelopeKey, SlotTicket, build_envelope};
+use crate::sphinx_builder;
 use crate::{
     ADDRESS_LEN, Error, HEADER_SIZE, MAX_ROUTE_LEN, PACKET_SIZE, PAYLOAD_SIZE, PLAINTEXT_SIZE,
     Result, SURB_ID_LEN,
@@ -166,9 +166,8 @@ pub struct BuiltPacket {
     pub hop_tags: Vec<ReplayTag>,
 }
 
-/// [`build_packet`], also returning every hop's replay tag. Deriving them costs the sender a
-/// second pass of Diffie–Hellman over the route (`KeyMaterial::derive` from the same initial
-/// secret: 10 scalar multiplications for 4 hops).
+/// [`build_packet`], also returning every hop's replay tag. They come from the derivation
+/// that built the packet ([`crate::sphinx_builder`]), so they cost nothing more.
 pub fn build_packet_with_tags<R: CryptoRng + ?Sized>(
     rng: &mut R,
     route: &[RouteHop],
@@ -227,25 +226,26 @@ fn build<R: CryptoRng + ?Sized>(
             max: PLAINTEXT_SIZE,
         });
     }
-    let (nodes, delays) = sphinx_route(route, delays, true)?;
+    let (_, delays) = sphinx_route(route, delays, true)?;
     let initial_secret = StaticSecret::random_from_rng(rng);
-    let destination = Destination::new(DestinationAddressBytes::from_bytes(destination.0), surb_id);
-    let packet = SphinxPacketBuilder::new()
-        .with_payload_size(PAYLOAD_SIZE)
-        .with_initial_secret(&initial_secret)
-        .build_packet(plaintext, &nodes, &destination, &delays)
+    let keys: Vec<PublicKey> = route.iter().map(|hop| hop.sphinx_key).collect();
+    let addresses: Vec<Address> = route.iter().map(|hop| hop.address).collect();
+    // One derivation serves the header, the payload and the envelope's tags.
+    let secrets = sphinx_builder::derive(&keys, &initial_secret)?;
+    let header =
+        sphinx_builder::build_header(rng, &secrets, &addresses, &delays, destination, surb_id)?;
+    let seeds: Vec<_> = secrets.hops.iter().map(|h| h.payload_seed()).collect();
+    let payload = Payload::encapsulate_message(plaintext, &seeds, PAYLOAD_SIZE)
         .map_err(|e| Error::Build(e.to_string()))?;
+    let mut bytes = [0u8; PACKET_SIZE];
+    bytes[..HEADER_SIZE].copy_from_slice(&header);
+    bytes[HEADER_SIZE..].copy_from_slice(payload.as_bytes());
     let tags = if with_tags {
-        // The builder derives the same material internally but does not expose it.
-        KeyMaterial::derive(&nodes, &initial_secret)
-            .expanded_shared_secrets
-            .iter()
-            .map(|secret| ReplayTag(*secret.replay_tag()))
-            .collect()
+        secrets.hops.iter().map(|h| h.replay_tag()).collect()
     } else {
         Vec::new()
     };
-    Ok((Packet::from_sphinx(&packet)?, tags))
+    Ok((Packet(Box::new(bytes)), tags))
 }
 
 /// A packet whose header MAC verified under this hop's key; its replay tag is now meaningful.

@@ -8,19 +8,21 @@
 //! and Sphinx's zero prefix then fails to verify).
 //!
 //! We use sphinx-packet's single-seed SURBs (version 260): the block carries only the last
-//! hop's payload seed, so a holder learns nothing that would let it read other layers.
+//! hop's payload seed, so a holder learns nothing that would let it read other layers. The
+//! blocks are built by [`crate::sphinx_builder`] (one key derivation per block) and parsed
+//! into sphinx-packet's `SURB`, which relays and holders use unchanged.
 
 use std::fmt;
 use std::time::Duration;
 
 use rand::CryptoRng;
 use sphinx_packet::payload::Payload;
-use sphinx_packet::route::{Destination, DestinationAddressBytes};
-use sphinx_packet::surb::{SURB, SURBMaterial, SurbReplyRecovery};
-use sphinx_packet::version::SINGLE_SEED_SURB_VERSION;
+use sphinx_packet::surb::{SURB, SurbReplyRecovery};
 use x25519_dalek::StaticSecret;
+use zeroize::Zeroizing;
 
 use crate::packet::{Address, Packet, RouteHop, SurbId, sphinx_route};
+use crate::sphinx_builder;
 use crate::{ADDRESS_LEN, Error, HEADER_SIZE, PAYLOAD_SIZE, PLAINTEXT_SIZE, Result};
 
 const SEED_LEN: usize = sphinx_packet::constants::PAYLOAD_KEY_SEED_SIZE;
@@ -170,11 +172,33 @@ pub fn build_reply_block_with_id<R: CryptoRng + ?Sized>(
 ) -> Result<(ReplyBlock, ReplyKey)> {
     // The exit that uses the block cannot build a payment envelope for hops it does not
     // know: tell every hop not to enforce one.
-    let (nodes, delays) = sphinx_route(route, delays, false)?;
-    let destination = Destination::new(DestinationAddressBytes::from_bytes(client.0), surb_id);
-    let material = SURBMaterial::new(nodes, delays, destination, SINGLE_SEED_SURB_VERSION);
-    let (surb, recovery) = SURB::new_recoverable(StaticSecret::random_from_rng(rng), material)
-        .map_err(|e| Error::Build(e.to_string()))?;
+    let (_, delays) = sphinx_route(route, delays, false)?;
+    if surb_id == [0; crate::SURB_ID_LEN] {
+        return Err(Error::Build(
+            "a reply block needs a non-zero identifier to find its key by".into(),
+        ));
+    }
+    let initial = StaticSecret::random_from_rng(rng);
+    let keys: Vec<_> = route.iter().map(|hop| hop.sphinx_key).collect();
+    let addresses: Vec<Address> = route.iter().map(|hop| hop.address).collect();
+    // Built as sphinx-packet's single-seed SURB (version 260), from one key derivation.
+    let secrets = sphinx_builder::derive(&keys, &initial)?;
+    let header = sphinx_builder::build_header(rng, &secrets, &addresses, &delays, client, surb_id)?;
+    let build_error = |e: sphinx_packet::Error| Error::Build(e.to_string());
+    // The block: the header, its first hop, and the seed for the layer its user adds.
+    let mut block = Zeroizing::new(Vec::with_capacity(REPLY_BLOCK_LEN));
+    block.extend_from_slice(&header);
+    block.extend_from_slice(&addresses[0].0);
+    // The key: the identifier and every hop's seed, to take the reply's layers off.
+    let mut recovery = Zeroizing::new(surb_id.to_vec());
+    for hop in &secrets.hops {
+        recovery.extend_from_slice(&hop.payload_seed());
+    }
+    if let Some(last) = secrets.hops.last() {
+        block.extend_from_slice(&last.payload_seed());
+    }
+    let surb = SURB::from_bytes(&block).map_err(build_error)?;
+    let recovery = SurbReplyRecovery::from_bytes(&recovery).map_err(build_error)?;
     Ok((ReplyBlock { key_epoch, surb }, ReplyKey { recovery }))
 }
 
