@@ -85,10 +85,8 @@ impl HopSecret {
         Ok(HopSecret(out))
     }
 
-    fn stream_key(&self) -> [u8; STREAM_KEY_LEN] {
-        let mut k = [0u8; STREAM_KEY_LEN];
-        k.copy_from_slice(&self.0[..STREAM_KEY_LEN]);
-        k
+    fn stream_key(&self) -> &[u8] {
+        &self.0[..STREAM_KEY_LEN]
     }
 
     fn mac_key(&self) -> &[u8] {
@@ -153,12 +151,13 @@ pub(crate) fn derive(keys: &[PublicKey], initial: &StaticSecret) -> Result<Sende
     Ok(SenderKeys { alpha, hops })
 }
 
-/// AES-128-CTR under `key` from a zero IV over `data`, as sphinx-packet's PRG.
-fn keystream(key: &[u8; STREAM_KEY_LEN]) -> [u8; STREAM_CIPHER_OUTPUT_LENGTH] {
-    let mut out = [0u8; STREAM_CIPHER_OUTPUT_LENGTH];
-    let mut cipher = ctr::Ctr64BE::<Aes128>::new(key.into(), &[0u8; 16].into());
-    cipher.apply_keystream(&mut out);
-    out
+/// The keystream of AES-128-CTR under `key` from a zero IV: sphinx-packet's PRG.
+fn keystream(key: &[u8]) -> Result<Zeroizing<[u8; STREAM_CIPHER_OUTPUT_LENGTH]>> {
+    let mut out = Zeroizing::new([0u8; STREAM_CIPHER_OUTPUT_LENGTH]);
+    let mut cipher = ctr::Ctr64BE::<Aes128>::new_from_slices(key, &[0u8; 16])
+        .map_err(|_| Error::Build("stream cipher key length".into()))?;
+    cipher.apply_keystream(&mut out[..]);
+    Ok(out)
 }
 
 fn mac(key: &[u8], data: &[u8]) -> Result<[u8; HEADER_INTEGRITY_MAC_SIZE]> {
@@ -196,11 +195,11 @@ pub(crate) fn build_header<R: CryptoRng + ?Sized>(
             max: MAX_PATH_LENGTH,
         });
     }
-    let streams: Vec<Zeroizing<[u8; STREAM_CIPHER_OUTPUT_LENGTH]>> = keys
+    let streams = keys
         .hops
         .iter()
-        .map(|h| Zeroizing::new(keystream(&h.stream_key())))
-        .collect();
+        .map(|h| keystream(h.stream_key()))
+        .collect::<Result<Vec<_>>>()?;
 
     // The filler: what hops 1..n see appended as they shift the header, from the keystreams
     // of every hop but the last.
