@@ -29,6 +29,7 @@ use sphinx_packet::route::{Node, NodeAddressBytes};
 use sphinx_packet::version::CURRENT_VERSION;
 use sphinx_packet::{ProcessedPacketData, SphinxPacket};
 pub use x25519_dalek::{PublicKey, StaticSecret};
+use zeroize::Zeroizing;
 
 use crate::envelope::{Envelope, EnvelopeKey, SlotTicket, build_envelope};
 use crate::sphinx_builder;
@@ -234,8 +235,14 @@ fn build<R: CryptoRng + ?Sized>(
     let secrets = sphinx_builder::derive(&keys, &initial_secret)?;
     let header =
         sphinx_builder::build_header(rng, &secrets, &addresses, &delays, destination, surb_id)?;
-    let seeds: Vec<_> = secrets.hops.iter().map(|h| h.payload_seed()).collect();
-    let payload = Payload::encapsulate_message(plaintext, &seeds, PAYLOAD_SIZE)
+    let seeds = Zeroizing::new(
+        secrets
+            .hops
+            .iter()
+            .map(|h| h.payload_seed())
+            .collect::<Vec<_>>(),
+    );
+    let payload = Payload::encapsulate_message(plaintext, &seeds[..], PAYLOAD_SIZE)
         .map_err(|e| Error::Build(e.to_string()))?;
     let mut bytes = [0u8; PACKET_SIZE];
     bytes[..HEADER_SIZE].copy_from_slice(&header);

@@ -188,7 +188,9 @@ pub fn build_reply_block_with_id<R: CryptoRng + ?Sized>(
     // The block: the header, its first hop, and the seed for the layer its user adds.
     let mut block = Zeroizing::new(Vec::with_capacity(REPLY_BLOCK_LEN));
     block.extend_from_slice(&header);
-    block.extend_from_slice(&addresses[0].0);
+    if let Some(first) = addresses.first() {
+        block.extend_from_slice(&first.0);
+    }
     // The key: the identifier and every hop's seed, to take the reply's layers off.
     let mut recovery = Zeroizing::new(surb_id.to_vec());
     for hop in &secrets.hops {
