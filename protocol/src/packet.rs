@@ -25,7 +25,6 @@ use sphinx_packet::header::SphinxHeader;
 use sphinx_packet::header::delays::Delay;
 use sphinx_packet::header::shared_secret::ExpandedSharedSecret;
 use sphinx_packet::payload::Payload;
-use sphinx_packet::route::{Node, NodeAddressBytes};
 use sphinx_packet::version::CURRENT_VERSION;
 use sphinx_packet::{ProcessedPacketData, SphinxPacket};
 pub use x25519_dalek::{PublicKey, StaticSecret};
@@ -107,13 +106,13 @@ impl fmt::Debug for Packet {
 /// envelope was built by a sender who knew every hop's keys, so the hop enforces its MAC.
 const ENVELOPE_AUTHENTICATED_BIT: u64 = 1;
 
-/// Sphinx's view of a route; every forward hop's delay carries `envelope_authenticated` in its
+/// Sphinx's delays for `route`: every forward hop's carries `envelope_authenticated` in its
 /// lowest bit (see the module documentation).
-pub(crate) fn sphinx_route(
+pub(crate) fn sphinx_delays(
     route: &[RouteHop],
     delays: &[Duration],
     envelope_authenticated: bool,
-) -> Result<(Vec<Node>, Vec<Delay>)> {
+) -> Result<Vec<Delay>> {
     if route.is_empty() || route.len() > MAX_ROUTE_LEN || delays.len() != route.len() {
         return Err(Error::RouteShape {
             hops: route.len(),
@@ -121,11 +120,7 @@ pub(crate) fn sphinx_route(
             max: MAX_ROUTE_LEN,
         });
     }
-    let nodes = route
-        .iter()
-        .map(|hop| Node::new(NodeAddressBytes::from_bytes(hop.address.0), hop.sphinx_key))
-        .collect();
-    let delays = delays
+    Ok(delays
         .iter()
         .map(|d| {
             let nanos = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
@@ -135,8 +130,7 @@ pub(crate) fn sphinx_route(
                 nanos & !ENVELOPE_AUTHENTICATED_BIT
             })
         })
-        .collect();
-    Ok((nodes, delays))
+        .collect())
 }
 
 /// Builds a packet that crosses `route` and is delivered to `destination` at its last hop.
@@ -227,14 +221,9 @@ fn build<R: CryptoRng + ?Sized>(
             max: PLAINTEXT_SIZE,
         });
     }
-    let (_, delays) = sphinx_route(route, delays, true)?;
-    let initial_secret = StaticSecret::random_from_rng(rng);
-    let keys: Vec<PublicKey> = route.iter().map(|hop| hop.sphinx_key).collect();
-    let addresses: Vec<Address> = route.iter().map(|hop| hop.address).collect();
+    let delays = sphinx_delays(route, delays, true)?;
     // One derivation serves the header, the payload and the envelope's tags.
-    let secrets = sphinx_builder::derive(&keys, &initial_secret)?;
-    let header =
-        sphinx_builder::build_header(rng, &secrets, &addresses, &delays, destination, surb_id)?;
+    let (secrets, header) = sphinx_builder::build(rng, route, &delays, destination, surb_id)?;
     let seeds = Zeroizing::new(
         secrets
             .hops

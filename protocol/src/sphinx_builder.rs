@@ -56,7 +56,7 @@ use sphinx_packet::version::CURRENT_VERSION;
 use x25519_dalek::{PublicKey, StaticSecret};
 use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
 
-use crate::packet::{Address, ReplayTag};
+use crate::packet::{Address, ReplayTag, RouteHop};
 use crate::{Error, HEADER_SIZE, Result, SURB_ID_LEN};
 
 const STREAM_KEY_LEN: usize = 16;
@@ -124,17 +124,33 @@ fn inverse_of_eight() -> &'static Scalar {
     INV8.get_or_init(|| Scalar::from(8u8).invert())
 }
 
-/// Derives every hop's secret for a packet whose secret is `initial`, over hops holding
-/// `keys`: one fixed-base and `keys.len()` variable-base multiplications.
-pub(crate) fn derive(keys: &[PublicKey], initial: &StaticSecret) -> Result<SenderKeys> {
+/// A header over `route`, each hop holding the packet for `delays[i]`, delivered at the last
+/// hop to `destination` under `surb_id`; with the secrets it was built from, which also key
+/// the payload and the envelope. Its secret, then the final hop's padding, come from `rng`.
+pub(crate) fn build<R: CryptoRng + ?Sized>(
+    rng: &mut R,
+    route: &[RouteHop],
+    delays: &[Delay],
+    destination: Address,
+    surb_id: [u8; SURB_ID_LEN],
+) -> Result<(SenderKeys, [u8; HEADER_SIZE])> {
+    let initial = StaticSecret::random_from_rng(&mut *rng);
+    let keys = derive(route, &initial)?;
+    let header = build_header(rng, &keys, route, delays, destination, surb_id)?;
+    Ok((keys, header))
+}
+
+/// Derives every hop's secret for a packet whose secret is `initial` over `route`: one
+/// fixed-base and `route.len()` variable-base multiplications.
+fn derive(route: &[RouteHop], initial: &StaticSecret) -> Result<SenderKeys> {
     let alpha = PublicKey::from(initial).to_bytes();
     // c = x·b_0⋯b_{i-1}, carried as c·8⁻¹ (see the module documentation).
     let mut c = Zeroizing::new(
         Scalar::from_bytes_mod_order(clamp_integer(initial.to_bytes())) * inverse_of_eight(),
     );
-    let mut hops = Vec::with_capacity(keys.len());
-    for (i, key) in keys.iter().enumerate() {
-        let point = MontgomeryPoint(key.to_bytes())
+    let mut hops = Vec::with_capacity(route.len());
+    for (i, hop) in route.iter().enumerate() {
+        let point = MontgomeryPoint(hop.sphinx_key.to_bytes())
             .to_edwards(0)
             .ok_or_else(|| Error::Build(format!("hop {i}'s key is not on the curve")))?;
         let shared = Zeroizing::new((point.mul_by_cofactor() * *c).to_montgomery().to_bytes());
@@ -143,7 +159,7 @@ pub(crate) fn derive(keys: &[PublicKey], initial: &StaticSecret) -> Result<Sende
             return Err(Error::Build(format!("hop {i}'s key has small order")));
         }
         let secret = HopSecret::expand(&shared)?;
-        if i + 1 < keys.len() {
+        if i + 1 < route.len() {
             *c *= secret.blinding();
         }
         hops.push(secret);
@@ -176,21 +192,20 @@ fn xor(into: &mut [u8], with: &[u8]) {
     }
 }
 
-/// Builds the header for `keys` (from [`derive`]) over hops at `addresses`, each holding
-/// the packet for `delays[i]` (the last hop's delay is not carried), delivered at the last
-/// hop to `destination` under `surb_id`. The final hop's padding comes from `rng`.
-pub(crate) fn build_header<R: CryptoRng + ?Sized>(
+/// The header for `keys` (from [`derive`]) over `route`; the last hop's delay is not
+/// carried. The final hop's padding comes from `rng`.
+fn build_header<R: CryptoRng + ?Sized>(
     rng: &mut R,
     keys: &SenderKeys,
-    addresses: &[Address],
+    route: &[RouteHop],
     delays: &[Delay],
     destination: Address,
     surb_id: [u8; SURB_ID_LEN],
 ) -> Result<[u8; HEADER_SIZE]> {
     let n = keys.hops.len();
-    if n == 0 || n > MAX_PATH_LENGTH || addresses.len() != n || delays.len() != n {
+    if n == 0 || n > MAX_PATH_LENGTH || route.len() != n || delays.len() != n {
         return Err(Error::RouteShape {
-            hops: addresses.len(),
+            hops: route.len(),
             delays: delays.len(),
             max: MAX_PATH_LENGTH,
         });
@@ -227,7 +242,7 @@ pub(crate) fn build_header<R: CryptoRng + ?Sized>(
         let mut layer = [0u8; ENCRYPTED_ROUTING_INFO_SIZE];
         layer[0] = FORWARD_HOP;
         layer[1..4].copy_from_slice(&CURRENT_VERSION.to_bytes());
-        layer[4..36].copy_from_slice(&addresses[i + 1].0);
+        layer[4..36].copy_from_slice(&route[i + 1].address.0);
         layer[36..NODE_META_INFO_SIZE].copy_from_slice(&delays[i].to_bytes());
         layer[NODE_META_INFO_SIZE..STEP].copy_from_slice(&next_mac);
         layer[STEP..].copy_from_slice(&routing[..TRUNCATED_LEN]);
@@ -251,6 +266,15 @@ mod tests {
     use sphinx_packet::header::keys::KeyMaterial;
     use sphinx_packet::route::{Node, NodeAddressBytes};
 
+    fn route_of(keys: &[PublicKey]) -> Vec<RouteHop> {
+        keys.iter()
+            .map(|k| RouteHop {
+                address: Address([1; 32]),
+                sphinx_key: *k,
+            })
+            .collect()
+    }
+
     #[test]
     fn one_multiplication_per_hop_gives_sphinx_packets_chained_secrets() {
         let mut rng = ChaCha20Rng::seed_from_u64(7);
@@ -259,7 +283,7 @@ mod tests {
                 .map(|_| PublicKey::from(&StaticSecret::random_from_rng(&mut rng)))
                 .collect();
             let initial = StaticSecret::random_from_rng(&mut rng);
-            let ours = derive(&keys, &initial).unwrap();
+            let ours = derive(&route_of(&keys), &initial).unwrap();
             let nodes: Vec<Node> = keys
                 .iter()
                 .map(|k| Node::new(NodeAddressBytes::from_bytes([1; 32]), *k))
@@ -285,7 +309,7 @@ mod tests {
         let key = PublicKey::from(point.to_montgomery().to_bytes());
         let other = PublicKey::from(&StaticSecret::random_from_rng(&mut rng));
         let initial = StaticSecret::random_from_rng(&mut rng);
-        let ours = derive(&[other, key], &initial).unwrap();
+        let ours = derive(&route_of(&[other, key]), &initial).unwrap();
         let nodes: Vec<Node> = [other, key]
             .iter()
             .map(|k| Node::new(NodeAddressBytes::from_bytes([1; 32]), *k))
@@ -308,9 +332,9 @@ mod tests {
             .find(|b| MontgomeryPoint(*b).to_edwards(0).is_none())
             .unwrap();
         let initial = StaticSecret::random_from_rng(&mut ChaCha20Rng::seed_from_u64(9));
-        assert!(derive(&[PublicKey::from(twist)], &initial).is_err());
+        assert!(derive(&route_of(&[PublicKey::from(twist)]), &initial).is_err());
         // And a key of small order (u = 0, of order 2): refused rather than sharing a
         // public secret.
-        assert!(derive(&[PublicKey::from([0u8; 32])], &initial).is_err());
+        assert!(derive(&route_of(&[PublicKey::from([0u8; 32])]), &initial).is_err());
     }
 }

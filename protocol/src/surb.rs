@@ -18,10 +18,9 @@ use std::time::Duration;
 use rand::CryptoRng;
 use sphinx_packet::payload::Payload;
 use sphinx_packet::surb::{SURB, SurbReplyRecovery};
-use x25519_dalek::StaticSecret;
 use zeroize::Zeroizing;
 
-use crate::packet::{Address, Packet, RouteHop, SurbId, sphinx_route};
+use crate::packet::{Address, Packet, RouteHop, SurbId, sphinx_delays};
 use crate::sphinx_builder;
 use crate::{ADDRESS_LEN, Error, HEADER_SIZE, PAYLOAD_SIZE, PLAINTEXT_SIZE, Result};
 
@@ -172,24 +171,20 @@ pub fn build_reply_block_with_id<R: CryptoRng + ?Sized>(
 ) -> Result<(ReplyBlock, ReplyKey)> {
     // The exit that uses the block cannot build a payment envelope for hops it does not
     // know: tell every hop not to enforce one.
-    let (_, delays) = sphinx_route(route, delays, false)?;
+    let delays = sphinx_delays(route, delays, false)?;
     if surb_id == [0; crate::SURB_ID_LEN] {
         return Err(Error::Build(
             "a reply block needs a non-zero identifier to find its key by".into(),
         ));
     }
-    let initial = StaticSecret::random_from_rng(rng);
-    let keys: Vec<_> = route.iter().map(|hop| hop.sphinx_key).collect();
-    let addresses: Vec<Address> = route.iter().map(|hop| hop.address).collect();
     // Built as sphinx-packet's single-seed SURB (version 260), from one key derivation.
-    let secrets = sphinx_builder::derive(&keys, &initial)?;
-    let header = sphinx_builder::build_header(rng, &secrets, &addresses, &delays, client, surb_id)?;
+    let (secrets, header) = sphinx_builder::build(rng, route, &delays, client, surb_id)?;
     let build_error = |e: sphinx_packet::Error| Error::Build(e.to_string());
     // The block: the header, its first hop, and the seed for the layer its user adds.
     let mut block = Zeroizing::new(Vec::with_capacity(REPLY_BLOCK_LEN));
     block.extend_from_slice(&header);
-    if let Some(first) = addresses.first() {
-        block.extend_from_slice(&first.0);
+    if let Some(first) = route.first() {
+        block.extend_from_slice(&first.address.0);
     }
     // The key: the identifier and every hop's seed, to take the reply's layers off.
     let mut recovery = Zeroizing::new(surb_id.to_vec());
@@ -207,7 +202,7 @@ pub fn build_reply_block_with_id<R: CryptoRng + ?Sized>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::packet::{HopOutput, OpenedPacket, PublicKey};
+    use crate::packet::{HopOutput, OpenedPacket, PublicKey, StaticSecret};
     use rand::SeedableRng;
     use rand_chacha::ChaCha20Rng;
 

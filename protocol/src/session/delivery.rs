@@ -161,10 +161,10 @@ impl ClientSession {
         }
     }
 
-    /// The exit says (or the destination's data or end shows) that `stream` is open. Replies cross
-    /// the mixnet on independent paths with independent delays, so the reply carrying
-    /// `Opened` may arrive after one carrying the stream's first bytes: the application
-    /// hears `Opened` first either way, and once.
+    /// The exit says (or the destination's data or end shows) that `stream` is open.
+    /// Replies cross the mixnet on independent paths with independent delays, so the reply
+    /// carrying `Opened` may arrive after one carrying the stream's first bytes: the
+    /// application hears `Opened` first either way, and once.
     fn opened(&mut self, exit: ExitRef, stream: StreamId) {
         if let Some(s) = self.stream_of(exit, stream)
             && s.state == StreamState::Opening
