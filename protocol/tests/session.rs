@@ -307,6 +307,19 @@ fn drive(
     (events, now)
 }
 
+/// The bytes the application was given on `stream`, in order.
+fn data_of(events: &[Event], stream: murmur_protocol::stream::StreamId) -> Vec<u8> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Data(s, b) if *s == stream => Some(b.as_slice()),
+            _ => None,
+        })
+        .flatten()
+        .copied()
+        .collect()
+}
+
 fn session_for(net: &Net, rng: &mut ChaCha20Rng) -> ClientSession {
     session_with(net, rng, |_| {})
 }
@@ -345,14 +358,7 @@ fn a_stream_opens_carries_data_both_ways_and_ends() {
     assert_eq!(session.write(id, b"GET / HTTP/1.0\r\n\r\n"), 18);
     session.close_stream(id);
     let (events, _) = drive(&mut net, &mut session, &mut rng, Instant::ZERO, 400);
-    let data: Vec<u8> = events
-        .iter()
-        .filter_map(|e| match e {
-            Event::Data(s, b) if *s == id => Some(b.clone()),
-            _ => None,
-        })
-        .flatten()
-        .collect();
+    let data = data_of(&events, id);
     assert!(
         events.contains(&Event::Opened(id)),
         "{events:?} {:?}",
@@ -392,14 +398,7 @@ fn a_streams_bytes_arriving_before_its_opened_reply_still_follow_opened() {
         .filter(|e| matches!(e, Event::Opened(_)))
         .count();
     assert_eq!(opened, 1, "{of_stream:?}");
-    let data: Vec<u8> = events
-        .iter()
-        .filter_map(|e| match e {
-            Event::Data(s, b) if *s == id => Some(b.clone()),
-            _ => None,
-        })
-        .flatten()
-        .collect();
+    let data = data_of(&events, id);
     assert_eq!(data, net.answer);
     assert!(events.contains(&Event::Eof(id)), "{events:?}");
 }
