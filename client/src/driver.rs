@@ -108,6 +108,19 @@ pub struct SessionHandle {
 }
 
 impl SessionHandle {
+    /// A handle to no session: every command is refused (for tests of the proxies' accept
+    /// loop, whose connections never get as far as a session).
+    #[cfg(test)]
+    pub(crate) fn detached() -> SessionHandle {
+        let (tx, _) = crossbeam_channel::bounded(1);
+        SessionHandle {
+            tx,
+            stop: Arc::new(AtomicBool::new(true)),
+            stats: Arc::default(),
+            report: Arc::default(),
+        }
+    }
+
     /// Queues a command; `false` if the queue is full or the session stopped.
     pub fn send(&self, cmd: Cmd) -> bool {
         match self.tx.try_send(cmd) {

@@ -552,6 +552,13 @@ pub struct SwitchableSession {
 }
 
 impl SwitchableSession {
+    /// Always `session` (for tests).
+    #[cfg(test)]
+    pub(crate) fn fixed(session: SessionHandle) -> SwitchableSession {
+        let (_, rx) = watch::channel(None);
+        SwitchableSession { rx, first: session }
+    }
+
     /// The current session.
     pub fn current(&self) -> SessionHandle {
         self.rx

@@ -499,6 +499,55 @@ mod tests {
         assert!(!IP_LITERAL_WARNING.contains("127.0.0.1"));
     }
 
+    /// Both proxies share one accept loop: a socket that never finishes its handshake holds
+    /// a slot only until the handshake timeout, and past the connection cap a new socket is
+    /// closed at once and counted.
+    #[tokio::test]
+    async fn a_stalled_handshake_holds_its_slot_only_until_the_timeout() {
+        let shared = Arc::new(ProxyShared {
+            limits: SocksLimits {
+                max_connections: 1,
+                handshake_timeout: Duration::from_millis(1500),
+                open_timeout: Duration::from_secs(1),
+            },
+            stats: Arc::default(),
+            safe: SafeSocks::Warn,
+            slots: Arc::new(Semaphore::new(1)),
+        });
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (shutdown, tracker) = (CancellationToken::new(), TaskTracker::new());
+        let sessions = SwitchableSession::fixed(SessionHandle::detached());
+        tokio::spawn(serve(
+            Proxy::Http,
+            listener,
+            sessions,
+            shared.clone(),
+            shutdown.clone(),
+            tracker.clone(),
+        ));
+        let ended_within = |mut s: TcpStream, within: Duration| async move {
+            let mut byte = [0u8; 1];
+            matches!(
+                tokio::time::timeout(within, s.read(&mut byte)).await,
+                Ok(Ok(0) | Err(_))
+            )
+        };
+        // The first socket says nothing and holds the only slot...
+        let stalled = TcpStream::connect(addr).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        // ...so the second is closed at once, and counted.
+        let second = TcpStream::connect(addr).await.unwrap();
+        // (Within less than the handshake timeout, which would also end it.)
+        assert!(ended_within(second, Duration::from_millis(1000)).await);
+        assert_eq!(shared.stats.over_limit.load(Ordering::Relaxed), 1);
+        // The stalled one ends at the handshake timeout, and its slot is free again.
+        assert!(ended_within(stalled, Duration::from_secs(5)).await);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(shared.slots.available_permits(), 1);
+        shutdown.cancel();
+    }
+
     #[test]
     fn listeners_beyond_loopback_need_the_config_to_say_so() {
         let at = |addr: &str, allow_non_loopback| Listener {
