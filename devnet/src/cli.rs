@@ -26,7 +26,7 @@ use crate::{Devnet, DevnetOptions, FAUCET};
     after_help = "Then: curl --socks5-hostname 127.0.0.1:1080 http://127.0.0.1:8000/ \
                   (the exit may reach loopback)"
 )]
-struct Cli {
+pub struct Cli {
     /// Where the proxies listen (loopback only: the devnet has no config to allow more).
     #[command(flatten)]
     listeners: ListenerFlags,
@@ -62,11 +62,25 @@ struct Cli {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     murmur_client::cli::init_logging();
-    murmur_service::block_on_main("murmur-devnet", run(cli))
+    // The shutdown token's signal handler needs the runtime, so it is made inside it.
+    murmur_service::block_on_main("murmur-devnet", async {
+        run(
+            cli,
+            announce_ready("murmur-devnet"),
+            murmur_service::shutdown_token(),
+        )
+        .await
+    })
 }
 
-async fn run(cli: Cli) -> anyhow::Result<()> {
-    let shutdown = murmur_service::shutdown_token();
+/// Runs the devnet as its command line `cli` says until `shutdown`; `ready` gets the proxies'
+/// addresses once the first request can be served. The binary's `main`, and the throughput
+/// benchmark's, which must measure exactly what the command runs.
+pub async fn run(
+    cli: Cli,
+    ready: impl FnOnce(std::net::SocketAddr, Option<std::net::SocketAddr>) + Send,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> anyhow::Result<()> {
     let mut options = DevnetOptions::default();
     if let Some(d) = cli.hop_delay {
         options.mean_hop_delay = d;
@@ -125,7 +139,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         // never be listed again: it lives with the rest of the network's state.
         state_dir: Some(devnet.dir().join("client")),
     };
-    let result = proxy::run(proxy_options, announce_ready("murmur-devnet"), shutdown).await;
+    let result = proxy::run(proxy_options, ready, shutdown).await;
     devnet.stop().await;
     result
 }

@@ -27,7 +27,7 @@ pub fn max_reply_keys(surbs_target: usize) -> usize {
 }
 
 /// Blocks that fit one packet with room for the rest of a message (4 × 400 bytes).
-const BLOCKS_PER_MESSAGE: usize = 4;
+pub const BLOCKS_PER_MESSAGE: usize = 4;
 
 /// What is kept for a reply block handed to an exit session.
 pub(super) struct ReplyKeyEntry {
