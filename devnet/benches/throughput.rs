@@ -29,15 +29,16 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use clap::Parser;
 use murmur_devnet::cli::Cli;
+use murmur_protocol::exit::REPLY_DATA_LEN;
 use murmur_protocol::frame::Frame;
 use murmur_protocol::hop::{self, Action, HopKey};
 use murmur_protocol::packet::{
     Address, HopOutput, OpenedPacket, PublicKey, ReplayTag, RouteHop, StaticSecret,
     build_packet_with_envelope,
 };
-use murmur_protocol::payload::{Content, FORWARD_FRAGMENT_DATA_LEN, REPLY_FRAGMENT_DATA_LEN};
+use murmur_protocol::payload::{Content, FORWARD_FRAGMENT_DATA_LEN};
 use murmur_protocol::session::reply_blocks::BLOCKS_PER_MESSAGE;
-use murmur_protocol::stream::{CLIENT_MESSAGE_OVERHEAD, DATA_ITEM_OVERHEAD, EXIT_MESSAGE_OVERHEAD};
+use murmur_protocol::stream::{CLIENT_MESSAGE_OVERHEAD, DATA_ITEM_OVERHEAD};
 use murmur_protocol::surb::build_reply_block_with_id;
 use murmur_protocol::{PAYLOAD_SIZE, fragment::Fragment};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -274,7 +275,7 @@ impl Ceiling {
     fn from(c: &Costs, cores: usize) -> Ceiling {
         let blocks_per_packet = BLOCKS_PER_MESSAGE;
         // One stream: an exit message carries one data item; a client message one.
-        let reply_data = REPLY_FRAGMENT_DATA_LEN - EXIT_MESSAGE_OVERHEAD - DATA_ITEM_OVERHEAD;
+        let reply_data = REPLY_DATA_LEN;
         let forward_data = FORWARD_FRAGMENT_DATA_LEN - CLIENT_MESSAGE_OVERHEAD - DATA_ITEM_OVERHEAD;
         let way_back = c.use_block + 3.0 * c.mix_hop + c.final_hop + c.open_reply;
         let per_reply = c.reply_block + way_back;
@@ -532,6 +533,7 @@ async fn measure(
             tick.tick().await;
             if let Ok(s) = status(control).await {
                 eprintln!("throughput: client traffic {}", s["traffic"]);
+                eprintln!("throughput: drops {}", drops(control).await);
             }
         }
     });
@@ -550,6 +552,15 @@ async fn measure(
             eprintln!("throughput: the client's status is in {}", path.display());
         }
     }
+    if let Ok(text) = control_get(control, "/metrics").await {
+        let path = std::env::temp_dir().join("murmur-throughput-metrics.txt");
+        if std::fs::write(&path, text).is_ok() {
+            eprintln!(
+                "throughput: the process's metrics are in {}",
+                path.display()
+            );
+        }
+    }
     let send_timing = status.and_then(|s| s.get("send_timing").cloned());
     Ok(Through {
         ttfb,
@@ -564,9 +575,16 @@ async fn measure(
 
 /// The client's `/v1/status`, as JSON.
 async fn status(control: SocketAddr) -> anyhow::Result<serde_json::Value> {
+    Ok(serde_json::from_str(
+        &control_get(control, "/v1/status").await?,
+    )?)
+}
+
+/// The body of `path` at the client's control endpoint.
+async fn control_get(control: SocketAddr, path: &str) -> anyhow::Result<String> {
     let mut s = TcpStream::connect(control).await?;
-    s.write_all(b"GET /v1/status HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
-        .await?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
+    s.write_all(request.as_bytes()).await?;
     let mut answer = Vec::new();
     s.read_to_end(&mut answer).await?;
     let text = String::from_utf8_lossy(&answer);
@@ -574,7 +592,19 @@ async fn status(control: SocketAddr) -> anyhow::Result<serde_json::Value> {
         .split_once("\r\n\r\n")
         .map(|(_, b)| b)
         .context("no HTTP body")?;
-    Ok(serde_json::from_str(body)?)
+    Ok(body.to_string())
+}
+
+/// The network's drop counters that are not zero (the relays run in this process, so the
+/// client's /metrics shows theirs too).
+async fn drops(control: SocketAddr) -> String {
+    let Ok(text) = control_get(control, "/metrics").await else {
+        return String::new();
+    };
+    text.lines()
+        .filter(|l| !l.starts_with('#') && l.contains("drop") && !l.ends_with(" 0"))
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 fn report(args: &Args, cores: usize, c: &Costs, ceiling: &Ceiling, t: &Through) {

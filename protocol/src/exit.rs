@@ -82,8 +82,6 @@ mod tests;
 
 /// The global bounds hold this many sessions at their per-session limits at once.
 pub const FULL_SESSIONS: usize = 16;
-/// Below this many reply blocks the exit asks for more.
-pub const SURBS_LOW: usize = 16;
 /// How many times each new stream ack is sent (acks ride on reply packets, which may be
 /// lost and are never acknowledged themselves).
 pub const ACK_REPEATS: u8 = 3;
@@ -95,8 +93,13 @@ pub const ENDED_MEMORY: usize = 256;
 pub const MAX_PENDING_ACKS: usize = 4096;
 /// The most bytes one [`ExitEvent::Read`] grants.
 pub const READ_CHUNK: usize = 16 * 1024;
-/// Bytes of an exit message's budget kept for the `SurbsLow` item.
-const SURBS_LOW_ROOM: usize = 3;
+/// Bytes of an exit message's budget kept for the `SurbsHeld` item.
+const SURBS_HELD_ROOM: usize = 3;
+/// The most stream bytes one reply carries: a message of one `Data` item (and `SurbsHeld`).
+pub const REPLY_DATA_LEN: usize = crate::payload::REPLY_FRAGMENT_DATA_LEN
+    - crate::stream::EXIT_MESSAGE_OVERHEAD
+    - SURBS_HELD_ROOM
+    - crate::stream::DATA_ITEM_OVERHEAD;
 
 /// The exit's knobs.
 #[derive(Clone, Debug)]
@@ -329,7 +332,6 @@ struct Session {
     streams: BTreeMap<StreamId, Stream>,
     /// Items to send before any data.
     control: VecDeque<ExitItem>,
-    asked_for_surbs: bool,
     last_active: Instant,
     /// Streams that ended recently and how.
     ended: VecDeque<(StreamId, ExitItem)>,
@@ -344,7 +346,6 @@ impl Session {
             surbs: VecDeque::new(),
             streams: BTreeMap::new(),
             control: VecDeque::new(),
-            asked_for_surbs: false,
             last_active: now,
             ended: VecDeque::new(),
             buffered: 0,
@@ -842,18 +843,18 @@ impl ExitSession {
             self.surbs_held -= (before - s.surbs.len()).min(self.surbs_held);
             if s.surbs.is_empty() {
                 // Nothing can be said until the client sends reply blocks; it learnt it is
-                // short from the `SurbsLow` sent with the last ones.
+                // short from the `SurbsHeld` sent with the last ones.
                 continue;
             }
             let Some(mut msg) = build_message(s, now) else {
                 continue;
             };
-            if s.surbs.len() <= SURBS_LOW && !s.asked_for_surbs {
-                s.asked_for_surbs = true;
-                msg.items.push(ExitItem::SurbsLow {
-                    have: u16::try_from(s.surbs.len().saturating_sub(1)).unwrap_or(u16::MAX),
-                });
-            }
+            // With every message: the client's count drifts with every lost reply (it cannot
+            // tell a lost reply from one not yet sent), and from how many blocks wait here it
+            // learns whether its stock covers the round trip.
+            msg.items.push(ExitItem::SurbsHeld {
+                have: u16::try_from(s.surbs.len().saturating_sub(1)).unwrap_or(u16::MAX),
+            });
             // Newest first: the client keeps the keys of its newest blocks only (a bounded
             // number per session), so an old block may no longer open at the client (the pair
             // harness found a stream hung on replies the client could not read).
@@ -986,6 +987,19 @@ impl ExitSession {
                         self.end_stream(key, None);
                     }
                 }
+                ClientItem::Received { stream, ranges } => {
+                    let key = StreamKey {
+                        session: id,
+                        stream,
+                    };
+                    // Lost segments it reveals are due at once.
+                    if self
+                        .with_stream(key, |s| s.send.received(&ranges, now))
+                        .is_ok()
+                    {
+                        self.after_change(now, key);
+                    }
+                }
             }
         }
         self.mark_ready(id);
@@ -1109,7 +1123,6 @@ impl ExitSession {
         let Some(s) = self.sessions.get_mut(&id) else {
             return;
         };
-        s.asked_for_surbs = false;
         for b in blocks {
             if b.key_epoch() < self.oldest_epoch {
                 ExitCounts::add(&mut self.counts.dropped, "exit_stale_surb");
@@ -1341,7 +1354,7 @@ fn window_on_wire(window: usize) -> u32 {
 
 /// Fills one reply message: control items, stream acks, then data; `None` if nothing is due.
 fn build_message(s: &mut Session, now: Instant) -> Option<ExitMessage> {
-    let budget = REPLY_FRAGMENT_DATA_LEN - EXIT_MESSAGE_OVERHEAD - SURBS_LOW_ROOM;
+    let budget = REPLY_FRAGMENT_DATA_LEN - EXIT_MESSAGE_OVERHEAD - SURBS_HELD_ROOM;
     let mut items = Vec::new();
     let mut used = 0;
     while let Some(item) = s.control.front() {

@@ -21,7 +21,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
 
 use crate::fragment::{Fragment, split_message};
-use crate::surb::{REPLY_BLOCK_LEN, ReplyBlock};
+use crate::surb::{REPLY_BLOCK_BODY_LEN, ReplyBlock};
 use crate::time::Instant;
 use crate::{Error, Result};
 
@@ -151,7 +151,19 @@ pub enum ClientItem {
         stream: StreamId,
     },
     Surbs(Vec<ReplyBlock>),
+    /// Beyond its `Ack`, the client also holds these pieces of the exit's data on `stream`,
+    /// as (offset, length), lowest first: the exit need not send them again, and a piece
+    /// sent well before one of these that is not among them was lost (selective
+    /// acknowledgement, as TCP's SACK: replies take independent routes, so one lost reply
+    /// would otherwise have every later one re-sent at its timeout).
+    Received {
+        stream: StreamId,
+        ranges: Vec<(u64, u32)>,
+    },
 }
+
+/// Most ranges in one `Received` item.
+pub const MAX_RECEIVED_RANGES: usize = 4;
 
 /// Something the exit tells the client.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -184,8 +196,9 @@ pub enum ExitItem {
         stream: StreamId,
         reason: Refusal,
     },
-    /// The exit holds only `have` reply blocks for this session.
-    SurbsLow {
+    /// The exit holds `have` reply blocks for this session, besides the one this came on
+    /// (said with every message: the client sizes its stock of blocks at the exit by it).
+    SurbsHeld {
         have: u16,
     },
 }
@@ -211,7 +224,8 @@ const RESET: u8 = 5;
 const SURBS: u8 = 6;
 const OPENED: u8 = 7;
 const REFUSED: u8 = 8;
-const SURBS_LOW: u8 = 9;
+const SURBS_HELD: u8 = 9;
+const RECEIVED: u8 = 10;
 
 /// Bytes an exit `Data` item adds to its payload.
 pub const DATA_ITEM_OVERHEAD: usize = 1 + 4 + 8 + 2;
@@ -227,7 +241,8 @@ impl ClientItem {
             ClientItem::Data { bytes, .. } => DATA_ITEM_OVERHEAD + bytes.len(),
             ClientItem::Fin { .. } | ClientItem::Ack { .. } => 1 + 4 + 8,
             ClientItem::Reset { .. } => 1 + 4,
-            ClientItem::Surbs(blocks) => 2 + blocks.len() * REPLY_BLOCK_LEN,
+            ClientItem::Surbs(blocks) => surbs_item_len(blocks.len()),
+            ClientItem::Received { ranges, .. } => received_item_len(ranges.len()),
         }
     }
 }
@@ -240,9 +255,20 @@ impl ExitItem {
             ExitItem::Refused { .. } | ExitItem::Reset { .. } => 1 + 4 + 1,
             ExitItem::Data { bytes, .. } => DATA_ITEM_OVERHEAD + bytes.len(),
             ExitItem::Fin { .. } | ExitItem::Ack { .. } => 1 + 4 + 8,
-            ExitItem::SurbsLow { .. } => 1 + 2,
+            ExitItem::SurbsHeld { .. } => 1 + 2,
         }
     }
+}
+
+/// Encoded length of a `Surbs` item of `n` blocks: kind, count, their key epoch once, then
+/// each block without it (so four blocks and a stream ack fit one packet).
+pub fn surbs_item_len(n: usize) -> usize {
+    1 + 1 + 4 + n * REPLY_BLOCK_BODY_LEN
+}
+
+/// Encoded length of a `Received` item of `n` ranges: kind, stream, count, then each range.
+pub fn received_item_len(n: usize) -> usize {
+    1 + 4 + 1 + n * (8 + 4)
 }
 
 fn target_len(t: &Target) -> usize {
@@ -389,10 +415,33 @@ impl ClientMessage {
                             max: MAX_SURBS_PER_ITEM,
                         });
                     }
+                    let epoch = blocks.first().map_or(0, ReplyBlock::key_epoch);
+                    if blocks.iter().any(|b| b.key_epoch() != epoch) {
+                        return Err(Error::ReplyBlock(
+                            "the blocks of one item must share their key epoch".into(),
+                        ));
+                    }
                     out.push(SURBS);
                     out.push(blocks.len() as u8);
+                    out.extend_from_slice(&epoch.to_be_bytes());
                     for b in blocks {
-                        out.extend_from_slice(&b.to_bytes());
+                        out.extend_from_slice(&b.body_bytes());
+                    }
+                }
+                ClientItem::Received { stream, ranges } => {
+                    if ranges.len() > MAX_RECEIVED_RANGES {
+                        return Err(Error::TooLong {
+                            what: "received range list",
+                            len: ranges.len(),
+                            max: MAX_RECEIVED_RANGES,
+                        });
+                    }
+                    out.push(RECEIVED);
+                    out.extend_from_slice(&stream.to_be_bytes());
+                    out.push(ranges.len() as u8);
+                    for (offset, len) in ranges {
+                        out.extend_from_slice(&offset.to_be_bytes());
+                        out.extend_from_slice(&len.to_be_bytes());
                     }
                 }
             }
@@ -442,11 +491,28 @@ impl ClientMessage {
                 RESET => ClientItem::Reset { stream: r.u32()? },
                 SURBS => {
                     let n = r.u8()?;
+                    let epoch = r.u32()?;
                     let mut blocks = Vec::with_capacity(usize::from(n));
                     for _ in 0..n {
-                        blocks.push(ReplyBlock::from_bytes(r.take(REPLY_BLOCK_LEN)?)?);
+                        blocks.push(ReplyBlock::from_body(epoch, r.take(REPLY_BLOCK_BODY_LEN)?)?);
                     }
                     ClientItem::Surbs(blocks)
+                }
+                RECEIVED => {
+                    let stream = r.u32()?;
+                    let n = usize::from(r.u8()?);
+                    if n > MAX_RECEIVED_RANGES {
+                        return Err(Error::TooLong {
+                            what: "received range list",
+                            len: n,
+                            max: MAX_RECEIVED_RANGES,
+                        });
+                    }
+                    let mut ranges = Vec::with_capacity(n);
+                    for _ in 0..n {
+                        ranges.push((r.u64()?, r.u32()?));
+                    }
+                    ClientItem::Received { stream, ranges }
                 }
                 other => {
                     return Err(StreamError::UnknownItem {
@@ -501,8 +567,8 @@ impl ExitMessage {
                 } => put_data(&mut out, *stream, *offset, bytes)?,
                 ExitItem::Fin { stream, offset } => put_offset(&mut out, FIN, *stream, *offset),
                 ExitItem::Ack { stream, offset } => put_offset(&mut out, ACK, *stream, *offset),
-                ExitItem::SurbsLow { have } => {
-                    out.push(SURBS_LOW);
+                ExitItem::SurbsHeld { have } => {
+                    out.push(SURBS_HELD);
                     out.extend_from_slice(&have.to_be_bytes());
                 }
             }
@@ -545,7 +611,7 @@ impl ExitMessage {
                     stream: r.u32()?,
                     offset: r.u64()?,
                 },
-                SURBS_LOW => ExitItem::SurbsLow { have: r.u16()? },
+                SURBS_HELD => ExitItem::SurbsHeld { have: r.u16()? },
                 other => {
                     return Err(StreamError::UnknownItem {
                         message: r.what,
@@ -777,6 +843,29 @@ impl RecvBuffer {
         Ok(out)
     }
 
+    /// Up to `max` ranges held beyond `from` (an ack at or below what was delivered), as
+    /// (offset, length), lowest first: what was delivered above `from`, then the pieces
+    /// held out of order, adjacent ones joined.
+    pub fn held_ranges(&self, from: u64, max: usize) -> Vec<(u64, u32)> {
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        let delivered = (from < self.delivered).then_some((from, self.delivered));
+        let pieces = self.pending.iter().map(|(&o, b)| (o, o + b.len() as u64));
+        for (start, end) in delivered.into_iter().chain(pieces) {
+            if let Some(last) = out.last_mut()
+                && last.1 == start
+            {
+                last.1 = end;
+            } else if out.len() == max {
+                break;
+            } else {
+                out.push((start, end));
+            }
+        }
+        out.into_iter()
+            .map(|(start, end)| (start, u32::try_from(end - start).unwrap_or(u32::MAX)))
+            .collect()
+    }
+
     /// Bytes held out of order.
     pub fn pending_bytes(&self) -> usize {
         self.pending_bytes
@@ -819,6 +908,9 @@ pub struct SendBuffer {
     max_rto: Duration,
     /// Smoothed round trip and its variation, once measured.
     srtt: Option<(Duration, Duration)>,
+    /// When the newest segment known to have arrived was sent: a segment sent well before it
+    /// and not known to have arrived was lost ([`Self::received`]).
+    newest_arrived: Option<Instant>,
     /// Where the data ends, once the writer closed.
     fin: Option<u64>,
 }
@@ -837,6 +929,7 @@ impl SendBuffer {
             min_rto: initial / 10,
             max_rto: initial.max(Duration::from_secs(10)),
             srtt: None,
+            newest_arrived: None,
             fin: None,
         }
     }
@@ -898,13 +991,54 @@ impl SendBuffer {
         // Drop segments wholly acknowledged; a partly acknowledged one shrinks.
         let covered: Vec<u64> = self.in_flight.range(..offset).map(|(&o, _)| o).collect();
         let mut newest_clean: Option<Instant> = None;
+        let mut resent_covered = false;
         for o in covered {
             if let Some((len, at, once)) = self.in_flight.remove(&o) {
                 let end = o + len as u64;
                 if end > offset {
                     self.in_flight
                         .insert(offset, ((end - offset) as usize, at, once));
-                } else if once {
+                } else {
+                    self.newest_arrived = self.newest_arrived.max(Some(at));
+                    if once {
+                        newest_clean = newest_clean.max(Some(at));
+                    } else {
+                        resent_covered = true;
+                    }
+                }
+            }
+        }
+        // An ack that fills a re-sent hole was held back by the hole, not by the round trip:
+        // the segments it covers waited for the re-send, and a sample from them would be
+        // about one RTO long, so each loss would lengthen the next stall (Karn's rule, for
+        // every segment the ack covers).
+        if let Some(at) = newest_clean.filter(|_| !resent_covered) {
+            self.sample(now.saturating_duration_since(at));
+        }
+        true
+    }
+
+    /// The peer also holds `ranges` (offset, length) beyond its cumulative ack, as learnt
+    /// at `now`: segments wholly inside them are not sent again, and those sent well before
+    /// the newest of them (half a round trip: replies cross the mixnet on independent routes,
+    /// so they arrive out of order by about that much) are lost, and due at once.
+    pub fn received(&mut self, ranges: &[(u64, u32)], now: Instant) {
+        let arrived: Vec<u64> = self
+            .in_flight
+            .iter()
+            .filter(|&(&o, &(len, _, _))| {
+                let end = o + len as u64;
+                ranges
+                    .iter()
+                    .any(|&(ro, rl)| ro <= o && end <= ro.saturating_add(u64::from(rl)))
+            })
+            .map(|(&o, _)| o)
+            .collect();
+        let mut newest_clean: Option<Instant> = None;
+        for o in arrived {
+            if let Some((_, at, once)) = self.in_flight.remove(&o) {
+                self.newest_arrived = self.newest_arrived.max(Some(at));
+                if once {
                     newest_clean = newest_clean.max(Some(at));
                 }
             }
@@ -912,7 +1046,13 @@ impl SendBuffer {
         if let Some(at) = newest_clean {
             self.sample(now.saturating_duration_since(at));
         }
-        true
+    }
+
+    /// Whether a segment last sent `at` was lost: one sent well after it arrived. (Strictly
+    /// after: a segment re-sent now is never lost by a segment sent with it or before.)
+    fn lost(&self, at: Instant) -> bool {
+        let reorder = self.srtt.map_or(self.rto / 4, |(srtt, _)| srtt / 2);
+        self.newest_arrived.is_some_and(|n| at + reorder < n)
     }
 
     /// Everything sent is acknowledged, and the data is closed.
@@ -939,7 +1079,9 @@ impl SendBuffer {
         let due = self
             .in_flight
             .iter()
-            .find(|(_, (_, at, _))| now.saturating_duration_since(*at) >= self.rto)
+            .find(|(_, (_, at, _))| {
+                now.saturating_duration_since(*at) >= self.rto || self.lost(*at)
+            })
             .map(|(&o, &(len, _, _))| (o, len));
         let (offset, len) = match due {
             Some((o, len)) => {
@@ -973,7 +1115,7 @@ impl SendBuffer {
     pub fn poll_timeout(&self) -> Option<Instant> {
         self.in_flight
             .values()
-            .map(|&(_, at, _)| at + self.rto)
+            .map(|&(_, at, _)| if self.lost(at) { at } else { at + self.rto })
             .min()
     }
 
@@ -1071,7 +1213,7 @@ mod tests {
                     stream: 3,
                     reason: Refusal::HostUnreachable,
                 },
-                ExitItem::SurbsLow { have: 4 },
+                ExitItem::SurbsHeld { have: 4 },
             ],
         };
         let bytes = m.encode().unwrap();
@@ -1096,6 +1238,61 @@ mod tests {
         assert!(!r.is_finished());
         assert_eq!(r.insert(7, b"h").unwrap(), b"h");
         assert!(r.is_finished());
+    }
+
+    #[test]
+    fn recv_buffer_says_what_it_holds_past_the_ack() {
+        let mut r = RecvBuffer::new(100);
+        assert_eq!(r.insert(0, &[1; 10]).unwrap().len(), 10);
+        r.insert(20, &[2; 10]).unwrap();
+        r.insert(30, &[3; 10]).unwrap();
+        r.insert(50, &[4; 10]).unwrap();
+        r.insert(70, &[5; 1]).unwrap();
+        // Acked up to 5: 5..10 was delivered but not consumed, and adjacent pieces join.
+        assert_eq!(
+            r.held_ranges(5, 8),
+            vec![(5, 5), (20, 20), (50, 10), (70, 1)]
+        );
+        assert_eq!(r.held_ranges(10, 2), vec![(20, 20), (50, 10)]);
+        assert_eq!(RecvBuffer::new(10).held_ranges(0, 4), Vec::new());
+    }
+
+    #[test]
+    fn send_buffer_resends_at_once_what_later_arrivals_show_lost_and_never_what_arrived() {
+        let rto = Duration::from_secs(1);
+        let mut s = SendBuffer::new(100, rto);
+        s.push(&[7; 30]);
+        let t0 = Instant::ZERO;
+        assert_eq!(s.poll_segment(t0, 10).map(|x| x.0), Some(0));
+        let t1 = t0 + Duration::from_millis(400);
+        assert_eq!(s.poll_segment(t1, 10).map(|x| x.0), Some(10));
+        assert_eq!(s.poll_segment(t1, 10).map(|x| x.0), Some(20));
+        // 10..30 arrived (sent 400 ms after 0..10, more than a quarter of the initial RTO):
+        // 0..10 is due now, long before its timeout, and only it.
+        let t2 = t1 + Duration::from_millis(100);
+        s.received(&[(10, 20)], t2);
+        assert_eq!(s.poll_timeout(), Some(t0));
+        assert_eq!(s.poll_segment(t2, 10), Some((0, vec![7; 10])));
+        assert_eq!(s.poll_segment(t2 + rto * 5, 10).map(|x| x.0), Some(0));
+        assert_eq!(s.poll_segment(t2 + rto * 5, 10), None, "10..30 arrived");
+        assert!(s.ack(30, t2 + rto * 5));
+        assert_eq!(s.unacked_bytes(), 0);
+    }
+
+    #[test]
+    fn an_ack_that_fills_a_resent_hole_gives_no_round_trip_sample() {
+        let rto = Duration::from_secs(1);
+        let mut s = SendBuffer::new(100, rto);
+        s.push(&[7; 20]);
+        let t0 = Instant::ZERO;
+        s.poll_segment(t0, 10);
+        s.poll_segment(t0, 10);
+        // 0..10 is lost and re-sent at its timeout; the ack covering both comes just after:
+        // 10..20 waited a whole RTO for the hole, which is no round trip.
+        let t1 = t0 + rto;
+        assert_eq!(s.poll_segment(t1, 10).map(|x| x.0), Some(0));
+        assert!(s.ack(20, t1 + Duration::from_millis(50)));
+        assert_eq!(s.rto(), rto, "no sample taken");
     }
 
     #[test]
@@ -1216,6 +1413,48 @@ mod tests {
             prop_assert_eq!(out, data);
         }
 
+        /// The same with selective acks: what the receiver said it holds is never sent again,
+        /// and the stream still arrives whole.
+        #[test]
+        fn selective_acks_keep_the_stream_whole_and_resend_only_holes(
+            data in proptest::collection::vec(any::<u8>(), 1..5000),
+            seg in 1usize..700,
+            loss_pattern in proptest::collection::vec(any::<bool>(), 1..50),
+        ) {
+            let rto = Duration::from_secs(1);
+            let mut s = SendBuffer::new(1 << 20, rto);
+            prop_assert_eq!(s.push(&data), data.len());
+            s.close();
+            let mut r = RecvBuffer::new(1 << 20);
+            let mut out = Vec::new();
+            let mut now = Instant::ZERO;
+            let mut i = 0;
+            // Every range the receiver said it held.
+            let mut told: Vec<(u64, u32)> = Vec::new();
+            for _round in 0..400 {
+                while let Some((o, b)) = s.poll_segment(now, seg) {
+                    let end = o + b.len() as u64;
+                    prop_assert!(
+                        !told.iter().any(|&(ho, hl)| ho <= o && end <= ho + u64::from(hl)),
+                        "{}..{} re-sent though the receiver said it held it", o, end
+                    );
+                    let lost = loss_pattern[i % loss_pattern.len()] && i % 3 != 0;
+                    i += 1;
+                    if !lost {
+                        out.extend(r.insert(o, &b).unwrap());
+                    }
+                }
+                s.ack(r.delivered(), now);
+                let held = r.held_ranges(r.delivered(), MAX_RECEIVED_RANGES);
+                s.received(&held, now);
+                told.extend(held);
+                if s.is_done() { break; }
+                now = now + Duration::from_millis(300);
+            }
+            prop_assert!(s.is_done());
+            prop_assert_eq!(out, data);
+        }
+
         #[test]
         fn client_messages_round_trip(
             session: u64,
@@ -1238,6 +1477,8 @@ mod tests {
                     ClientItem::Ack { stream, offset },
                     ClientItem::Reset { stream },
                     ClientItem::Surbs(Vec::new()),
+                    ClientItem::Received { stream, ranges: vec![(offset, stream), (offset ^ 1, 7)] },
+                    ClientItem::Received { stream, ranges: Vec::new() },
                 ],
             };
             let enc = msg.encode().unwrap();

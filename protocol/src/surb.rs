@@ -27,7 +27,9 @@ use crate::{ADDRESS_LEN, Error, HEADER_SIZE, PAYLOAD_SIZE, PLAINTEXT_SIZE, Resul
 const SEED_LEN: usize = sphinx_packet::constants::PAYLOAD_KEY_SEED_SIZE;
 
 /// Bytes of an encoded [`ReplyBlock`]: key epoch, header, first hop, one payload seed.
-pub const REPLY_BLOCK_LEN: usize = 4 + HEADER_SIZE + ADDRESS_LEN + SEED_LEN;
+pub const REPLY_BLOCK_LEN: usize = 4 + REPLY_BLOCK_BODY_LEN;
+/// Bytes of an encoded [`ReplyBlock`] without its key epoch: header, first hop, one seed.
+pub const REPLY_BLOCK_BODY_LEN: usize = HEADER_SIZE + ADDRESS_LEN + SEED_LEN;
 
 /// A single-use reply block, as its holder sees it.
 pub struct ReplyBlock {
@@ -91,10 +93,7 @@ impl ReplyBlock {
     pub fn to_bytes(&self) -> [u8; REPLY_BLOCK_LEN] {
         let mut out = [0u8; REPLY_BLOCK_LEN];
         out[..4].copy_from_slice(&self.key_epoch.to_be_bytes());
-        let surb = self.surb.to_bytes();
-        // A single-seed SURB always serialises to header + address + one seed.
-        let n = surb.len().min(REPLY_BLOCK_LEN - 4);
-        out[4..4 + n].copy_from_slice(&surb[..n]);
+        out[4..].copy_from_slice(&self.body_bytes());
         out
     }
 
@@ -108,11 +107,31 @@ impl ReplyBlock {
         }
         let mut epoch = [0u8; 4];
         epoch.copy_from_slice(&bytes[..4]);
-        let surb = SURB::from_bytes(&bytes[4..]).map_err(|e| Error::ReplyBlock(e.to_string()))?;
-        Ok(ReplyBlock {
-            key_epoch: u32::from_be_bytes(epoch),
-            surb,
-        })
+        Self::from_body(u32::from_be_bytes(epoch), &bytes[4..])
+    }
+
+    /// The block without its key epoch, in exactly [`REPLY_BLOCK_BODY_LEN`] bytes: for a list
+    /// of blocks that says their epoch once.
+    pub fn body_bytes(&self) -> [u8; REPLY_BLOCK_BODY_LEN] {
+        let mut out = [0u8; REPLY_BLOCK_BODY_LEN];
+        let surb = self.surb.to_bytes();
+        // A single-seed SURB always serialises to header + address + one seed.
+        let n = surb.len().min(REPLY_BLOCK_BODY_LEN);
+        out[..n].copy_from_slice(&surb[..n]);
+        out
+    }
+
+    /// Decodes [`Self::body_bytes`] of a block for `key_epoch`, refusing any other length or a
+    /// malformed header.
+    pub fn from_body(key_epoch: u32, body: &[u8]) -> Result<Self> {
+        if body.len() != REPLY_BLOCK_BODY_LEN {
+            return Err(Error::ReplyBlock(format!(
+                "{} bytes; a reply block without its epoch has {REPLY_BLOCK_BODY_LEN}",
+                body.len()
+            )));
+        }
+        let surb = SURB::from_bytes(body).map_err(|e| Error::ReplyBlock(e.to_string()))?;
+        Ok(ReplyBlock { key_epoch, surb })
     }
 }
 

@@ -232,7 +232,7 @@ fn seeds(target: &str) -> Vec<Vec<u8>> {
                         stream: 3,
                         reason: Refusal::TtlExpired,
                     },
-                    ExitItem::SurbsLow { have: 2 },
+                    ExitItem::SurbsHeld { have: 2 },
                 ],
             }
             .encode()

@@ -1,7 +1,7 @@
 //! The exit role: the TCP and DNS driver of [`murmur_protocol::exit::ExitSession`].
 //!
 //! The state machine decides everything — sessions, streams, windows, byte budgets, reply
-//! scheduling and retransmission, `SurbsLow`, the limits and the stream watch; this module
+//! scheduling and retransmission, `SurbsHeld`, the limits and the stream watch; this module
 //! only moves bytes and time. It feeds the state machine the packets that end here
 //! ([`Exit::on_packet`]) and the clock (one timer task, woken at
 //! [`ExitSession::poll_timeout`]), and carries out its [`ExitEvent`]s: a task per stream

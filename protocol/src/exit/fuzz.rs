@@ -28,7 +28,8 @@ use crate::fragment::Fragment;
 use crate::packet::{Address, PublicKey, RouteHop};
 use crate::payload::{Content, REPLY_FRAGMENT_DATA_LEN};
 use crate::stream::{
-    ClientItem, ClientMessage, ExitItem, ExitMessage, Refusal, Target, split_client_message,
+    ClientItem, ClientMessage, ExitItem, ExitMessage, MAX_RECEIVED_RANGES, Refusal, Target,
+    split_client_message,
 };
 use crate::surb::{ReplyBlock, build_reply_block};
 use crate::time::Instant;
@@ -181,6 +182,12 @@ enum Item {
     Surbs {
         n: u8,
         epoch: u8,
+    },
+    /// Selective acks: true or not (a client may claim data it never got; only its own
+    /// stream suffers).
+    Received {
+        stream: u8,
+        ranges: Vec<(u16, u16)>,
     },
 }
 
@@ -370,6 +377,14 @@ fn message(session: u64, items: Vec<Item>, model: &Model) -> ClientMessage {
             }
             Item::Reset { stream } => ClientItem::Reset {
                 stream: u32::from(stream) % STREAMS,
+            },
+            Item::Received { stream, ranges } => ClientItem::Received {
+                stream: u32::from(stream) % STREAMS,
+                ranges: ranges
+                    .into_iter()
+                    .take(MAX_RECEIVED_RANGES)
+                    .map(|(offset, len)| (u64::from(offset), u32::from(len)))
+                    .collect(),
             },
             Item::Surbs { n, epoch } => ClientItem::Surbs(
                 (0..n % 8)

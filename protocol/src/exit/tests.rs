@@ -275,7 +275,7 @@ fn streams_and_sessions_are_bounded_and_every_refusal_counted() {
 }
 
 #[test]
-fn reply_blocks_are_bounded_and_the_exit_asks_for_more_when_low() {
+fn reply_blocks_are_bounded_and_the_exit_says_with_each_message_when_low() {
     let config = small_config();
     let mut exit = exit_with(config.clone());
     let now = Instant::ZERO;
@@ -289,11 +289,18 @@ fn reply_blocks_are_bounded_and_the_exit_asks_for_more_when_low() {
     send(&mut exit, now, vec![surbs(4), open(1, 1 << 16)]);
     exit.connected(now, key(1)).unwrap();
     let items = replies(&mut exit, now);
-    assert!(items.contains(&ExitItem::SurbsLow { have: 3 }), "{items:?}");
-    // Asked once until blocks come.
-    send(&mut exit, now, vec![ClientItem::Reset { stream: 1 }]);
+    assert!(
+        items.contains(&ExitItem::SurbsHeld { have: 3 }),
+        "{items:?}"
+    );
+    // Said again with the next message: the reply that said it may be lost.
+    send(&mut exit, now, vec![open(2, 1 << 16)]);
+    exit.connected(now, key(2)).unwrap();
     let items = replies(&mut exit, now);
-    assert!(!items.iter().any(|i| matches!(i, ExitItem::SurbsLow { .. })));
+    assert!(
+        items.contains(&ExitItem::SurbsHeld { have: 2 }),
+        "{items:?}"
+    );
 }
 
 #[test]

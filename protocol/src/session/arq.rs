@@ -36,7 +36,7 @@ use super::{ClientSession, StreamFailure};
 use crate::directory::IdentityKey;
 use crate::fragment::Fragment;
 use crate::payload::Content;
-use crate::stream::StreamId;
+use crate::stream::{ClientItem, StreamId};
 use crate::surb::ReplyKey;
 use crate::time::Instant;
 
@@ -48,6 +48,8 @@ pub(super) struct Outgoing {
     pub(super) exit: ExitRef,
     pub(super) fragment: Fragment,
     pub(super) streams: Vec<StreamId>,
+    /// Reply blocks it hands the exit.
+    pub(super) reply_blocks: usize,
     /// Times it was sent so far.
     pub(super) attempts: u32,
 }
@@ -207,6 +209,14 @@ impl ClientSession {
                     return None;
                 }
             };
+            let reply_blocks = message
+                .items
+                .iter()
+                .map(|item| match item {
+                    ClientItem::Surbs(blocks) => blocks.len(),
+                    _ => 0,
+                })
+                .sum();
             let out = Outgoing {
                 exit,
                 fragment: Fragment {
@@ -216,6 +226,7 @@ impl ClientSession {
                     data,
                 },
                 streams,
+                reply_blocks,
                 attempts: 0,
             };
             return self.send_or_stall(now, rng, out, now, false);
@@ -244,6 +255,18 @@ impl ClientSession {
                 None
             }
         }
+    }
+
+    /// Reply blocks on their way to exit session `exit`: in messages not yet acknowledged
+    /// (sent, to be re-sent, or waiting for a route).
+    pub(super) fn reply_blocks_in_flight(&self, exit: ExitRef) -> usize {
+        let pending = self.pending.values().map(|p| &p.out);
+        let stalled = self.stalled.iter().map(|s| &s.out);
+        pending
+            .chain(stalled)
+            .filter(|out| out.exit == exit)
+            .map(|out| out.reply_blocks)
+            .sum()
     }
 
     /// Exit sessions in the order the next message is looked for: after the last one served.

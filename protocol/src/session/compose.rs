@@ -12,7 +12,8 @@ use super::exits::ExitRef;
 use super::streams::StreamState;
 use crate::payload::FORWARD_FRAGMENT_DATA_LEN;
 use crate::stream::{
-    CLIENT_MESSAGE_OVERHEAD, ClientItem, ClientMessage, DATA_ITEM_OVERHEAD, StreamId,
+    CLIENT_MESSAGE_OVERHEAD, ClientItem, ClientMessage, DATA_ITEM_OVERHEAD, MAX_RECEIVED_RANGES,
+    StreamId, received_item_len,
 };
 use crate::time::Instant;
 
@@ -93,6 +94,17 @@ impl ClientSession {
                 used += OFFSET_ITEM_LEN;
                 s.acked_sent = ack;
             }
+            // What it holds beyond the ack, when that changed: while a reply is missing, the
+            // exit re-sends only it, not everything after it.
+            let ranges = s.recv.held_ranges(ack, MAX_RECEIVED_RANGES);
+            if ranges.is_empty() {
+                s.received_sent.clear();
+            } else if ranges != s.received_sent && used + received_item_len(ranges.len()) <= budget
+            {
+                used += received_item_len(ranges.len());
+                s.received_sent.clone_from(&ranges);
+                items.push(ClientItem::Received { stream: id, ranges });
+            }
             if s.state == StreamState::Open || !s.outbox.is_empty() {
                 wants_surbs = true;
             }
@@ -113,13 +125,13 @@ impl ClientSession {
         let target = if stream_ids.is_empty() {
             0
         } else {
-            self.config.surbs_target
+            session.stock_target
         };
         let mut blocks = Vec::new();
         if (wants_surbs || quiet) && stocked < target {
             blocks = self.issue_reply_blocks(exit, target - stocked, budget - used, now, rng);
             if !blocks.is_empty() {
-                used += 2 + blocks.len() * crate::surb::REPLY_BLOCK_LEN;
+                used += crate::stream::surbs_item_len(blocks.len());
             }
         }
         // Data within each stream's window, then ends of data.

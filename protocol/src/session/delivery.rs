@@ -4,6 +4,7 @@
 use rand::CryptoRng;
 
 use super::exits::ExitRef;
+use super::reply_blocks::{BLOCKS_PER_MESSAGE, max_reply_keys};
 use super::streams::StreamState;
 use super::{ClientSession, Event, StreamId};
 use crate::packet::SurbId;
@@ -74,7 +75,7 @@ impl ClientSession {
             if let Some(e) = self.exits.get_mut(&entry.exit) {
                 // One block fewer at the exit. The exit spends its newest blocks first, so
                 // which block came back says nothing about the older ones: a lost reply keeps
-                // the estimate high until the exit's `SurbsLow` says how many it has, or its
+                // the estimate high until the exit's `SurbsHeld` says how many it has, or its
                 // silence brings a top-up (`compose`).
                 e.surbs_at_exit = e.surbs_at_exit.saturating_sub(1);
                 e.last_heard = now;
@@ -152,12 +153,32 @@ impl ClientSession {
                 }
                 // Not an open: the exit takes data for a stream it is still connecting.
                 ExitItem::Ack { stream, offset } => self.exit_acked(exit, stream, offset),
-                ExitItem::SurbsLow { have } => {
-                    if let Some(e) = self.exits.get_mut(&exit) {
-                        e.surbs_at_exit = usize::from(have);
-                    }
-                }
+                ExitItem::SurbsHeld { have } => self.exit_holds(exit, usize::from(have)),
             }
+        }
+    }
+
+    /// The exit said it holds `have` reply blocks. The count of blocks believed there is cut
+    /// to that and what is on its way (so lost replies do not leave it high for ever), and
+    /// the stock to keep grows while the exit runs dry, shrinks while it holds more than
+    /// half of it.
+    fn exit_holds(&mut self, exit: ExitRef, have: usize) {
+        let on_the_way = self.reply_blocks_in_flight(exit);
+        let (floor, ceiling) = (self.config.surbs_target, self.config.max_surbs_target);
+        // Growth stops where the session's keys would pass the bound they had before
+        // stocks grew (see `reply_blocks`).
+        let room = self.reply_keys.len() + BLOCKS_PER_MESSAGE
+            <= self.config.max_exit_sessions * max_reply_keys(floor);
+        let Some(e) = self.exits.get_mut(&exit) else {
+            return;
+        };
+        // Messages acknowledged since the exit said this may have brought it more: the cut
+        // errs low by at most those, and a few blocks too many cost less than a stall.
+        e.surbs_at_exit = e.surbs_at_exit.min(have + on_the_way);
+        if have == 0 && room {
+            e.stock_target = (e.stock_target + BLOCKS_PER_MESSAGE).min(ceiling.max(floor));
+        } else if have * 2 > e.stock_target {
+            e.stock_target = e.stock_target.saturating_sub(1).max(floor);
         }
     }
 

@@ -33,8 +33,11 @@ pub(super) struct ExitSession {
     pub(super) isolation: Isolation,
     pub(super) id: u64,
     /// Reply blocks the exit is believed to hold: what was handed to it, less one for each
-    /// reply back, set to what the exit says when it reports itself low (`SurbsLow`).
+    /// reply back. Lost replies leave it high; the exit says what it holds with every
+    /// message (`SurbsHeld`), and it is cut to that plus the blocks on their way there.
     pub(super) surbs_at_exit: usize,
+    /// Reply blocks to keep it stocked with (see `SessionConfig::surbs_target`).
+    pub(super) stock_target: usize,
     pub(super) streams: Vec<StreamId>,
     /// When the exit last answered, and when it was last sent reply blocks unasked: an exit
     /// that went quiet while streams are open may have run out of blocks (its request for
@@ -98,6 +101,7 @@ impl ClientSession {
                 isolation,
                 id: rng.random(),
                 surbs_at_exit: 0,
+                stock_target: self.config.surbs_target,
                 streams: Vec::new(),
                 last_heard: Instant::ZERO,
                 last_topup: Instant::ZERO,

@@ -182,7 +182,7 @@ enum Item {
     Fin { stream: u8, offset: u16 },
     Ack { stream: u8, offset: u32 },
     Reset { stream: u8, reason: u8 },
-    SurbsLow { have: u16 },
+    SurbsHeld { have: u16 },
 }
 
 fn refusal(code: u8) -> Refusal {
@@ -347,6 +347,19 @@ impl Harness {
                         push_bounded(&mut self.blocks, b);
                     }
                 }
+                ClientItem::Received { stream, ranges } => {
+                    assert!(
+                        !ranges.is_empty(),
+                        "stream {stream}: an empty received item"
+                    );
+                    for pair in ranges.windows(2) {
+                        assert!(
+                            pair[0].0 + u64::from(pair[0].1) < pair[1].0,
+                            "stream {stream}: received ranges out of order or touching: {ranges:?}"
+                        );
+                    }
+                    assert!(ranges.iter().all(|r| r.1 > 0), "an empty range: {ranges:?}");
+                }
                 ClientItem::Open { .. } | ClientItem::Ack { .. } | ClientItem::Reset { .. } => {}
             }
         }
@@ -417,7 +430,7 @@ impl Harness {
                     stream: self.stream(stream),
                     reason: refusal(reason),
                 },
-                Item::SurbsLow { have } => ExitItem::SurbsLow { have },
+                Item::SurbsHeld { have } => ExitItem::SurbsHeld { have },
             };
             if message.encoded_len() + item.encoded_len() > budget + EXIT_MESSAGE_OVERHEAD {
                 break;

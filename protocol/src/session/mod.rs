@@ -105,8 +105,13 @@ pub struct SessionConfig {
     pub max_attempts: u32,
     /// Bytes each stream may have unacknowledged by the exit.
     pub stream_window: usize,
-    /// Reply blocks the client tries to keep at each exit session.
+    /// Reply blocks the client keeps at each exit session to begin with, and at least:
+    /// enough for a page's replies. A session's stock grows from there while its exit says
+    /// it ran dry (a download's round trip holds more blocks than this), up to
+    /// `max_surbs_target`, and shrinks back while the exit holds more than it spends.
     pub surbs_target: usize,
+    /// The most reply blocks one exit session is kept stocked with.
+    pub max_surbs_target: usize,
     /// Path rules (distinct subnets off for a network on one host).
     pub path_rules: PathRules,
     /// A loop not back after this long is counted missing.
@@ -151,6 +156,7 @@ impl SessionConfig {
             max_attempts: 8,
             stream_window: 512 * 1024,
             surbs_target: 48,
+            max_surbs_target: 1024,
             path_rules: PathRules::default(),
             loop_timeout: Duration::from_secs(30),
             reply_timeout: Duration::from_secs(4),

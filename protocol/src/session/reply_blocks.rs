@@ -1,13 +1,15 @@
 //! Reply blocks: built for SURB-ACKs and for the exit's replies, handed to exit sessions, and
 //! the keys kept to open what comes back on them.
 //!
-//! Bounds on the keys kept for blocks never used: at most [`max_reply_keys`] per exit
-//! session (the oldest go first: an exit spends its newest blocks first, so the oldest are
-//! the last it would use, if ever), and none beyond the exit session
+//! Bounds on the keys kept for blocks never used: at most [`max_reply_keys`] of its stock
+//! target per exit session (the oldest go first: an exit spends its newest blocks first, so
+//! the oldest are the last it would use, if ever), and none beyond the exit session
 //! itself, which is forgotten `exit_session_idle` (at most [`crate::stream::SESSION_IDLE`])
-//! after its last message, as the exit forgets it and the blocks it holds. So at most
-//! `max_exit_sessions × max_reply_keys(surbs_target)` keys exist at once, and none of an
-//! exit session idle for [`crate::stream::SESSION_IDLE`].
+//! after its last message, as the exit forgets it and the blocks it holds. Stock targets grow
+//! past `surbs_target` only for sessions whose exit runs dry, and the keys of all sessions
+//! together stay within `max_exit_sessions × max_reply_keys(surbs_target)` (past it, a
+//! session forgets its own oldest), so that many exist at once at most, and none of an exit
+//! session idle for [`crate::stream::SESSION_IDLE`].
 
 use std::time::Duration;
 
@@ -17,7 +19,8 @@ use super::ClientSession;
 use super::exits::ExitRef;
 use crate::directory::{ConsensusRelay, IdentityKey};
 use crate::packet::RouteHop;
-use crate::surb::{REPLY_BLOCK_LEN, ReplyBlock, ReplyKey, build_reply_block_with_id};
+use crate::stream::surbs_item_len;
+use crate::surb::{ReplyBlock, ReplyKey, build_reply_block_with_id};
 use crate::time::Instant;
 
 /// The most reply keys kept for one exit session: four times the blocks it is kept stocked
@@ -26,7 +29,8 @@ pub fn max_reply_keys(surbs_target: usize) -> usize {
     surbs_target.max(4) * 4
 }
 
-/// Blocks that fit one packet with room for the rest of a message (4 × 400 bytes).
+/// Blocks that fit one packet with room for a stream ack (a `Surbs` item of four is 1,590
+/// bytes).
 pub const BLOCKS_PER_MESSAGE: usize = 4;
 
 /// What is kept for a reply block handed to an exit session.
@@ -97,7 +101,7 @@ impl ClientSession {
         let exit_relay = self.consensus.relay(&session.exit).cloned();
         let mut blocks = Vec::new();
         for _ in 0..want.min(BLOCKS_PER_MESSAGE) {
-            if 2 + (blocks.len() + 1) * REPLY_BLOCK_LEN > room {
+            if surbs_item_len(blocks.len() + 1) > room {
                 break;
             }
             let Ok(route) = self.reply_route(rng, exit_relay.as_ref()) else {
@@ -133,12 +137,15 @@ impl ClientSession {
     /// [`max_reply_keys`]. An exit that stays silent while its streams are open is topped up
     /// every `reply_timeout`: without the bound its keys would pile up for ever.
     fn remember_reply_id(&mut self, exit: ExitRef, id: crate::packet::SurbId) {
-        let cap = max_reply_keys(self.config.surbs_target);
+        let total_cap = self.config.max_exit_sessions * max_reply_keys(self.config.surbs_target);
         let Some(e) = self.exits.get_mut(&exit) else {
             return;
         };
+        let cap = max_reply_keys(e.stock_target);
         e.reply_ids.push_back(id);
-        while e.reply_ids.len() > cap {
+        while e.reply_ids.len() > cap
+            || (self.reply_keys.len() > total_cap && e.reply_ids.len() > 1)
+        {
             if let Some(old) = e.reply_ids.pop_front()
                 && self.reply_keys.remove(&old).is_some()
             {

@@ -38,6 +38,8 @@ pub(super) struct Stream {
     pub(super) recv: RecvBuffer,
     /// The last cumulative ack sent for the exit's data.
     pub(super) acked_sent: u64,
+    /// The ranges held beyond the ack last sent (`ClientItem::Received`).
+    pub(super) received_sent: Vec<(u64, u32)>,
     /// Bytes handed to the application in events but not yet consumed by it; acks cover
     /// only what the application took, so the exit's window bounds what waits here.
     pub(super) unconsumed: u64,
@@ -147,6 +149,7 @@ impl ClientSession {
                 fin_sent: false,
                 recv: RecvBuffer::new(window),
                 acked_sent: 0,
+                received_sent: Vec::new(),
                 unconsumed: 0,
                 eof_reported: false,
                 writable_wanted: false,
