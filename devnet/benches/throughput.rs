@@ -466,12 +466,15 @@ async fn through_the_network(args: &Args) -> anyhow::Result<Through> {
     let target = target_listener.local_addr()?;
     tokio::spawn(serve_target(target_listener));
     let control = free_port()?;
+    let relay_metrics = free_port()?;
     let cli = Cli::try_parse_from([
         "murmur-devnet".to_string(),
         "--socks".into(),
         "127.0.0.1:0".into(),
         "--control".into(),
         control.to_string(),
+        "--relay-metrics".into(),
+        relay_metrics.to_string(),
         "--send-rate".into(),
         args.send_rate.to_string(),
         "--hop-delay".into(),
@@ -488,7 +491,7 @@ async fn through_the_network(args: &Args) -> anyhow::Result<Through> {
         shutdown.clone(),
     );
     let measure = async {
-        let measured = measure(args, target, control, ready_rx).await;
+        let measured = measure(args, target, control, relay_metrics, ready_rx).await;
         shutdown.cancel();
         measured
     };
@@ -503,6 +506,7 @@ async fn measure(
     args: &Args,
     target: SocketAddr,
     control: SocketAddr,
+    relay_metrics: SocketAddr,
     ready: tokio::sync::oneshot::Receiver<SocketAddr>,
 ) -> anyhow::Result<Through> {
     let socks = tokio::time::timeout(Duration::from_secs(180), ready)
@@ -533,7 +537,7 @@ async fn measure(
             tick.tick().await;
             if let Ok(s) = status(control).await {
                 eprintln!("throughput: client traffic {}", s["traffic"]);
-                eprintln!("throughput: drops {}", drops(control).await);
+                eprintln!("throughput: relays' drops {}", drops(relay_metrics).await);
             }
         }
     });
@@ -552,13 +556,12 @@ async fn measure(
             eprintln!("throughput: the client's status is in {}", path.display());
         }
     }
-    if let Ok(text) = control_get(control, "/metrics").await {
-        let path = std::env::temp_dir().join("murmur-throughput-metrics.txt");
-        if std::fs::write(&path, text).is_ok() {
-            eprintln!(
-                "throughput: the process's metrics are in {}",
-                path.display()
-            );
+    for (whose, addr) in [("client", control), ("relays", relay_metrics)] {
+        if let Ok(text) = control_get(addr, "/metrics").await {
+            let path = std::env::temp_dir().join(format!("murmur-throughput-{whose}.prom"));
+            if std::fs::write(&path, text).is_ok() {
+                eprintln!("throughput: {whose} metrics in {}", path.display());
+            }
         }
     }
     let send_timing = status.and_then(|s| s.get("send_timing").cloned());
@@ -595,10 +598,9 @@ async fn control_get(control: SocketAddr, path: &str) -> anyhow::Result<String> 
     Ok(body.to_string())
 }
 
-/// The network's drop counters that are not zero (the relays run in this process, so the
-/// client's /metrics shows theirs too).
-async fn drops(control: SocketAddr) -> String {
-    let Ok(text) = control_get(control, "/metrics").await else {
+/// The relays' drop counters that are not zero, from their `/metrics` at `addr`.
+async fn drops(addr: SocketAddr) -> String {
+    let Ok(text) = control_get(addr, "/metrics").await else {
         return String::new();
     };
     text.lines()

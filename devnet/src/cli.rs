@@ -54,8 +54,22 @@ pub struct Cli {
     /// loopback, or `off`.
     #[arg(long, value_parser = parse_control, default_value = "127.0.0.1:1090")]
     control: ControlAddress,
+    /// Serve every relay's Prometheus `/metrics` (drops by reason, queues, tabs) on this
+    /// loopback address.
+    #[arg(long, value_parser = parse_loopback)]
+    relay_metrics: Option<std::net::SocketAddr>,
     #[command(flatten)]
     preferences: PathPreferences,
+}
+
+/// A socket address on loopback (the devnet serves nothing beyond this host).
+fn parse_loopback(text: &str) -> Result<std::net::SocketAddr, String> {
+    let addr: std::net::SocketAddr = text.parse().map_err(|e| format!("{text}: {e}"))?;
+    if addr.ip().is_loopback() {
+        Ok(addr)
+    } else {
+        Err(format!("{addr} is not a loopback address"))
+    }
 }
 
 /// Entry point of the binary.
@@ -91,6 +105,7 @@ pub async fn run(
     if let Some(r) = cli.relay_loop_rate {
         options.lambda_m = r;
     }
+    options.relay_metrics = cli.relay_metrics;
     // Checked before anything starts, so a bad value costs no network start-up.
     let rules = |distinct_subnets| {
         path_rules(

@@ -37,6 +37,10 @@ pub struct DevnetOptions {
     pub lambda_l: f64,
     pub lambda_d: f64,
     pub lambda_m: f64,
+    /// Where the relays' Prometheus `/metrics` is served, if anywhere. The relays run in this
+    /// process and share its one recorder, so the first relay serves every relay's counters
+    /// together (drops by reason, queue depths, tabs).
+    pub relay_metrics: Option<std::net::SocketAddr>,
 }
 
 impl Default for DevnetOptions {
@@ -49,6 +53,7 @@ impl Default for DevnetOptions {
             lambda_l: 2.0,
             lambda_d: 2.0,
             lambda_m: 2.0,
+            relay_metrics: None,
         }
     }
 }
@@ -198,7 +203,7 @@ impl Devnet {
             // prices that differ, so `--max-price` has something to choose from.
             let host = std::net::Ipv4Addr::new(127, 0, 0, 10 + u8::try_from(i).unwrap_or(0));
             let price = DEVNET_PRICES[i % DEVNET_PRICES.len()];
-            let text = relay_config(
+            let mut text = relay_config(
                 &name,
                 role,
                 &authorities_toml,
@@ -208,6 +213,9 @@ impl Devnet {
                 host,
                 price,
             );
+            if let (0, Some(addr)) = (i, options.relay_metrics) {
+                text = text.replace("[listen]\n", &format!("[listen]\nmetrics = \"{addr}\"\n"));
+            }
             let config = murmur_relay::Config::parse(&text, rdir.clone())
                 .map_err(|e| anyhow::anyhow!("devnet relay config: {e}"))?;
             relays.push((name.clone(), identity));

@@ -888,6 +888,30 @@ fn cut(po: u64, pb: Vec<u8>, o: u64, end: u64) -> Vec<(u64, Vec<u8>)> {
     out
 }
 
+/// A smoothed round trip and its variation, as TCP keeps them (RFC 6298), once measured.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RttEstimate(Option<(Duration, Duration)>);
+
+impl RttEstimate {
+    /// Takes one round-trip measurement.
+    pub fn sample(&mut self, rtt: Duration) {
+        self.0 = Some(match self.0 {
+            None => (rtt, rtt / 2),
+            Some((srtt, var)) => ((srtt * 7 + rtt) / 8, (var * 3 + srtt.abs_diff(rtt)) / 4),
+        });
+    }
+
+    /// The smoothed round trip.
+    pub fn smoothed(&self) -> Option<Duration> {
+        self.0.map(|(srtt, _)| srtt)
+    }
+
+    /// SRTT + 4·RTTVAR: a timeout a round trip rarely exceeds.
+    pub fn timeout(&self) -> Option<Duration> {
+        self.0.map(|(srtt, var)| srtt + var * 4)
+    }
+}
+
 /// The sending side of a stream whose receiver acknowledges cumulatively: holds data until
 /// acknowledged, hands out new segments, and re-sends segments not acknowledged within the
 /// retransmission timeout. The timeout adapts to the measured round trip as TCP's does
@@ -907,7 +931,7 @@ pub struct SendBuffer {
     min_rto: Duration,
     max_rto: Duration,
     /// Smoothed round trip and its variation, once measured.
-    srtt: Option<(Duration, Duration)>,
+    rtt: RttEstimate,
     /// When the newest segment known to have arrived was sent: a segment sent well before it
     /// and not known to have arrived was lost ([`Self::received`]).
     newest_arrived: Option<Instant>,
@@ -928,7 +952,7 @@ impl SendBuffer {
             rto: initial,
             min_rto: initial / 10,
             max_rto: initial.max(Duration::from_secs(10)),
-            srtt: None,
+            rtt: RttEstimate::default(),
             newest_arrived: None,
             fin: None,
         }
@@ -940,15 +964,10 @@ impl SendBuffer {
     }
 
     fn sample(&mut self, rtt: Duration) {
-        let (srtt, rttvar) = match self.srtt {
-            None => (rtt, rtt / 2),
-            Some((srtt, rttvar)) => {
-                let diff = srtt.abs_diff(rtt);
-                ((srtt * 7 + rtt) / 8, (rttvar * 3 + diff) / 4)
-            }
-        };
-        self.srtt = Some((srtt, rttvar));
-        self.rto = (srtt + rttvar * 4).clamp(self.min_rto, self.max_rto);
+        self.rtt.sample(rtt);
+        if let Some(timeout) = self.rtt.timeout() {
+            self.rto = timeout.clamp(self.min_rto, self.max_rto);
+        }
     }
 
     /// How many more bytes [`Self::push`] accepts now.
@@ -1051,7 +1070,7 @@ impl SendBuffer {
     /// Whether a segment last sent `at` was lost: one sent well after it arrived. (Strictly
     /// after: a segment re-sent now is never lost by a segment sent with it or before.)
     fn lost(&self, at: Instant) -> bool {
-        let reorder = self.srtt.map_or(self.rto / 4, |(srtt, _)| srtt / 2);
+        let reorder = self.rtt.smoothed().map_or(self.rto / 4, |srtt| srtt / 2);
         self.newest_arrived.is_some_and(|n| at + reorder < n)
     }
 

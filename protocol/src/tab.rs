@@ -208,6 +208,19 @@ impl Tab {
         self.verdict()
     }
 
+    /// Whether `frames` more can be charged now within the tab's terms (neither refused nor
+    /// cutting the client off): a gateway holds its deliveries back until it can, so that a
+    /// burst of replies waits for the client's next ticket instead of cutting it off.
+    pub fn can_serve(&self, frames: u64) -> bool {
+        let amount = frames.saturating_mul(self.config.price);
+        if self.prepaid {
+            return amount <= self.credit;
+        }
+        self.arrears
+            .saturating_add(amount.saturating_sub(self.credit))
+            <= self.config.max_arrears
+    }
+
     /// Records a refused ticket: [`Verdict::Cutoff`] once [`MAX_REFUSED_TICKETS`] were.
     ///
     /// The cut-off is the penalty: the count starts again, so a client that comes back is
@@ -423,6 +436,11 @@ impl TabBook {
             .map_or(Verdict::Cutoff, |t| t.charge(frames))
     }
 
+    /// [`Tab::can_serve`] for `address`'s tab (false if it has none).
+    pub fn can_serve(&self, address: &Address, frames: u64) -> bool {
+        self.tab(address).is_some_and(|t| t.can_serve(frames))
+    }
+
     /// Tabs kept (live or within their window).
     pub fn len(&self) -> usize {
         self.tabs.len()
@@ -437,6 +455,31 @@ impl TabBook {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn can_serve_says_whether_a_charge_stays_within_the_terms() {
+        let config = TabConfig {
+            price: 2,
+            max_arrears: 10,
+            initial_credit: 4,
+        };
+        let mut tab = Tab::new(config).unwrap();
+        // 4 of credit and 10 of arrears: 7 frames at 2.
+        assert!(tab.can_serve(7));
+        assert!(!tab.can_serve(8));
+        assert_eq!(tab.charge(7), Verdict::Serve);
+        assert!(
+            !tab.can_serve(1),
+            "at the limit, one more would cut the client off"
+        );
+        assert_eq!(tab.charge(1), Verdict::Cutoff);
+        tab.credit(10);
+        assert!(tab.can_serve(4));
+        let mut prepaid = Tab::prepaid(config).unwrap();
+        assert!(!prepaid.can_serve(1), "no grace without payment");
+        prepaid.credit(4);
+        assert!(prepaid.can_serve(2) && !prepaid.can_serve(3));
+    }
 
     #[test]
     fn grace_then_arrears_then_cutoff_then_payment() {

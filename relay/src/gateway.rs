@@ -146,6 +146,9 @@ enum ClientFrame {
 const MAX_HELD_TICKETS: usize = 16;
 /// How long a client about to be cut off waits for the lookups its held tickets need.
 const HELD_WAIT: Duration = Duration::from_secs(2);
+/// Tab room kept for the client's own frames when deliveries are held back for payment: a
+/// quarter of the default grace, more than a client sends in a round trip to its gateway.
+const CLIENT_FRAMES_IN_FLIGHT: u64 = 16;
 
 /// A ticket accepted from a pot still being looked up: its credit waits.
 struct Held {
@@ -419,6 +422,18 @@ impl Gateway {
         ProtoInstant::from_elapsed(self.origin.elapsed())
     }
 
+    /// Whether `address`'s tab has room for one more delivery and for the client's own
+    /// frames already on their way (always, without tabs): a delivery that took the last of
+    /// the room would leave the client's next packet to cut it off.
+    fn can_serve(&self, address: &Address) -> bool {
+        match &self.tabs {
+            Some(book) => book
+                .lock()
+                .is_ok_and(|b| b.can_serve(address, 1 + CLIENT_FRAMES_IN_FLIGHT)),
+            None => true,
+        }
+    }
+
     /// Charges `frames` to `address`'s tab, if the gateway keeps tabs.
     fn charge(&self, address: &Address, frames: u64) -> Verdict {
         match &self.tabs {
@@ -626,7 +641,10 @@ impl Gateway {
                     crate::admit::refuse("client", "idle_timeout");
                     break Err("client idle");
                 }
-                out = rx.recv() => match out {
+                // Held back while the tab has no room: a burst of replies waits (bounded by
+                // `client_queue`) for the client's next ticket rather than cutting it off
+                // 64 frames in, before that ticket could come back.
+                out = rx.recv(), if self.can_serve(&address) => match out {
                     Some(frame) => {
                         if let Err(e) = send_frame(link, &frame).await {
                             break Err(e);
@@ -637,6 +655,14 @@ impl Gateway {
                     }
                     None => break Ok(()),
                 },
+                // Payments waiting for their pot's lookup may be what frees the tab.
+                () = tokio::time::sleep(Duration::from_millis(20)),
+                    if !held.is_empty() && !self.can_serve(&address) =>
+                {
+                    if self.settle_held(&address, &mut held).await == Verdict::Cutoff {
+                        break cut_off(link).await;
+                    }
+                }
                 msg = link.recv() => {
                     quiet.as_mut().reset(tokio::time::Instant::now() + idle);
                     if !held.is_empty() && self.settle_held(&address, &mut held).await == Verdict::Cutoff {

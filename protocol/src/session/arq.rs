@@ -68,8 +68,14 @@ pub(super) struct Pending {
     /// The mixes of its SURB-ACK's route alone: paid when the acknowledgement arrives.
     pub(super) ack_relays: Vec<IdentityKey>,
     pub(super) deadline: Instant,
+    /// When it was built and queued for its send tick.
+    pub(super) sent_at: Instant,
     pub(super) key: ReplyKey,
 }
+
+/// Doublings of a packet's timeout for its re-sends: the fifth and later wait 16 times the
+/// first.
+const MAX_BACKOFF_DOUBLINGS: u32 = 4;
 
 impl Pending {
     pub(super) fn heap_bytes(&self) -> usize {
@@ -153,7 +159,12 @@ impl ClientSession {
             self.stats.bugs += 1;
             return Err((out, BuildFailure::Bug));
         };
-        let rto = (forward_delay + ack_delay).mul_f64(1.5) + self.config.ack_slack;
+        // The route's own delays, or what acks have taken lately if more (relays' queues
+        // add to the delays a client picks), doubled with each re-send: a loaded network
+        // that answers late is not made to carry every packet again (congestion collapse).
+        let by_route = (forward_delay + ack_delay).mul_f64(1.5) + self.config.ack_slack;
+        let measured = self.ack_rtt.timeout().unwrap_or_default();
+        let rto = by_route.max(measured) * (1 << out.attempts.min(MAX_BACKOFF_DOUBLINGS));
         let deadline = now + rto;
         let id = key.surb_id();
         self.deadlines.insert((deadline, id), ());
@@ -170,6 +181,7 @@ impl ClientSession {
                 relays,
                 ack_relays,
                 deadline,
+                sent_at: now,
                 key,
             },
         );
@@ -336,6 +348,10 @@ impl ClientSession {
     /// The packet `p` was acknowledged: the relays on its routes are cleared of suspicion.
     pub(super) fn acknowledged(&mut self, p: &Pending) {
         self.stats.acks += 1;
+        if p.out.attempts == 1 {
+            self.ack_rtt
+                .sample(self.now.saturating_duration_since(p.sent_at));
+        }
         for r in &p.relays {
             self.suspects.remove(r);
         }

@@ -297,6 +297,9 @@ pub struct ClientSession {
     pending: HashMap<SurbId, Pending>,
     /// Timeouts of pending packets, kept in step with `pending`.
     deadlines: BTreeMap<(Instant, SurbId), ()>,
+    /// Smoothed round trip of packets to their acks, and its variation (from packets sent
+    /// once: Karn's rule), once measured.
+    ack_rtt: crate::stream::RttEstimate,
     retransmit: VecDeque<SurbId>,
     /// Messages that could not be (re)built, oldest first: tried again each tick.
     stalled: VecDeque<Stalled>,
@@ -349,6 +352,7 @@ impl ClientSession {
             next_stream: 1,
             pending: HashMap::new(),
             deadlines: BTreeMap::new(),
+            ack_rtt: crate::stream::RttEstimate::default(),
             retransmit: VecDeque::new(),
             stalled: VecDeque::new(),
             reply_keys: HashMap::new(),
