@@ -18,7 +18,7 @@ use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha20Rng;
 
 use crate::Result;
-use crate::anonymity::{Anonymity, Dist, Pool};
+use crate::anonymity::{Dist, Pool, Tracker};
 use crate::queue::EventQueue;
 use crate::report::{MessageRow, MixRow, RunResult, Summary};
 use crate::scenario::{Loaded, Scenario, TrafficModel, load_trace};
@@ -36,6 +36,7 @@ const STREAM_ADVERSARY: u64 = 1;
 const STREAM_MEASURE: u64 = 2;
 const STREAM_TICKETS: u64 = 3;
 const STREAM_DIRECTORY: u64 = 4;
+const STREAM_TRACKED: u64 = 5;
 
 #[derive(Debug, Clone, Copy)]
 enum Ev {
@@ -104,6 +105,8 @@ struct Sim<'a> {
     warmup: u64,
     end: u64,
     track: bool,
+    /// Which senders the distributions cover.
+    tracker: Tracker,
     queue: EventQueue<Ev>,
     events: u64,
     rng: ChaCha20Rng,
@@ -160,10 +163,16 @@ impl<'a> Sim<'a> {
         let s = &loaded.scenario;
         let track = s.measure.anonymity;
         let senders = topo.senders();
+        let tracker = if s.measure.samples(senders) {
+            let k = s.measure.tracked_senders as usize;
+            Tracker::sampled(senders, k, &mut stream(seed, STREAM_TRACKED))
+        } else {
+            Tracker::exact(senders)
+        };
         let pools = topo
             .corrupt_mix
             .iter()
-            .map(|&corrupt| Pool::new(senders, track && !corrupt))
+            .map(|&corrupt| Pool::new(tracker.dim(), track && !corrupt))
             .collect();
         let trace = match (s.traffic.model, &s.traffic.file) {
             (TrafficModel::Trace, Some(file)) => {
@@ -182,6 +191,7 @@ impl<'a> Sim<'a> {
             warmup: s.warmup_ns(),
             end: s.duration_ns(),
             track,
+            tracker,
             queue: EventQueue::new(bucket_width(s, &trace, &topo)),
             events: 0,
             rng: stream(seed, STREAM_TRAFFIC),
@@ -445,11 +455,11 @@ impl<'a> Sim<'a> {
                 }
             };
             self.packets[id as usize].dist = dist;
-            self.pools[m].add_dist(&Dist::Point(origin));
+            self.pools[m].add_dist(&Dist::Point(origin), &self.tracker);
         } else {
             match source {
-                Source::Own(Some(d)) => self.pools[m].add_dist(&d),
-                Source::Own(None) => self.pools[m].add_dist(&Dist::Point(origin)),
+                Source::Own(Some(d)) => self.pools[m].add_dist(&d, &self.tracker),
+                Source::Own(None) => self.pools[m].add_dist(&Dist::Point(origin), &self.tracker),
                 Source::Pool(from) => {
                     let (to, from) = two_mut(&mut self.pools, m, from);
                     to.add_pool(from);
@@ -504,9 +514,9 @@ impl<'a> Sim<'a> {
             return;
         }
         let anonymity = match source {
-            Source::Own(Some(d)) => Some(Anonymity::of_dist(d)),
+            Source::Own(Some(d)) => self.tracker.of_dist(d),
             Source::Own(None) => None,
-            Source::Pool(m) => self.pools[*m].anonymity(),
+            Source::Pool(m) => self.pools[*m].anonymity(&self.tracker),
         };
         self.rows.push(MessageRow {
             message: msg_id,
@@ -546,6 +556,11 @@ impl<'a> Sim<'a> {
             &self.rows,
             &mixes,
             (self.counters.real, self.counters.cover),
+            if self.track {
+                self.tracker.dim() as u64
+            } else {
+                0
+            },
         );
         RunResult {
             summary,
