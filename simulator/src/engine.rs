@@ -192,7 +192,7 @@ impl<'a> Sim<'a> {
             end: s.duration_ns(),
             track,
             tracker,
-            queue: EventQueue::new(bucket_width(s, &trace, &topo)),
+            queue: EventQueue::new(bucket_width(s, &trace, &topo), queue_horizon(s)),
             events: 0,
             rng: stream(seed, STREAM_TRAFFIC),
             measure_rng: stream(seed, STREAM_MEASURE),
@@ -571,8 +571,12 @@ impl<'a> Sim<'a> {
     }
 }
 
-/// A calendar-queue bucket width that holds a few dozen events: the expected event rate is
-/// one per packet per hop, one per packet sent, and one per message created.
+/// Events a calendar-queue bucket should hold: sorting a bucket costs log₂ of this per event,
+/// but fewer, fuller buckets keep the tails that pushes append to in the cache.
+const EVENTS_PER_BUCKET: f64 = 256.0;
+
+/// A calendar-queue bucket width that holds [`EVENTS_PER_BUCKET`] events: the expected event
+/// rate is one per packet per hop, one per packet sent, and one per message created.
 fn bucket_width(s: &Scenario, trace: &[(u64, u32)], topo: &Topology) -> u64 {
     let r = &s.rates;
     let clients = f64::from(s.network.clients);
@@ -586,8 +590,22 @@ fn bucket_width(s: &Scenario, trace: &[(u64, u32)], topo: &Topology) -> u64 {
         messages
     };
     let events_per_s = messages + cover * (1.0 + topo.layers as f64);
-    let width_s = 32.0 / events_per_s.max(1e-6);
+    let width_s = EVENTS_PER_BUCKET / events_per_s.max(1e-6);
     (width_s * 1e9).clamp(1e3, 1e12) as u64
+}
+
+/// How far ahead the calendar queue's ring should reach: eight mean intervals of the most
+/// frequent events, a hop's delay and (with cover) a client's next send, so that almost every
+/// event lands in the ring rather than the far heap. Message creations (one pending per
+/// client, far apart) may still wait in the heap; they are few.
+fn queue_horizon(s: &Scenario) -> u64 {
+    let r = &s.rates;
+    let mut mean_s = 1.0 / r.mu.max(1e-9);
+    let client = r.lambda_p + r.lambda_l + r.lambda_d;
+    if r.cover && client > 0.0 {
+        mean_s = mean_s.max(1.0 / client);
+    }
+    (8.0 * mean_s * 1e9).clamp(1e6, 1e13) as u64
 }
 
 /// Two distinct elements of a slice, mutably and immutably.
