@@ -18,7 +18,7 @@ use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha20Rng;
 
 use crate::Result;
-use crate::anonymity::{Anonymity, Dist, Pool};
+use crate::anonymity::{Dist, Pool, Tracker};
 use crate::queue::EventQueue;
 use crate::report::{MessageRow, MixRow, RunResult, Summary};
 use crate::scenario::{Loaded, Scenario, TrafficModel, load_trace};
@@ -36,6 +36,7 @@ const STREAM_ADVERSARY: u64 = 1;
 const STREAM_MEASURE: u64 = 2;
 const STREAM_TICKETS: u64 = 3;
 const STREAM_DIRECTORY: u64 = 4;
+const STREAM_TRACKED: u64 = 5;
 
 #[derive(Debug, Clone, Copy)]
 enum Ev {
@@ -104,6 +105,8 @@ struct Sim<'a> {
     warmup: u64,
     end: u64,
     track: bool,
+    /// Which senders the distributions cover.
+    tracker: Tracker,
     queue: EventQueue<Ev>,
     events: u64,
     rng: ChaCha20Rng,
@@ -160,10 +163,16 @@ impl<'a> Sim<'a> {
         let s = &loaded.scenario;
         let track = s.measure.anonymity;
         let senders = topo.senders();
+        let tracker = if s.measure.samples(senders) {
+            let k = s.measure.tracked_senders as usize;
+            Tracker::sampled(senders, k, &mut stream(seed, STREAM_TRACKED))
+        } else {
+            Tracker::exact(senders)
+        };
         let pools = topo
             .corrupt_mix
             .iter()
-            .map(|&corrupt| Pool::new(senders, track && !corrupt))
+            .map(|&corrupt| Pool::new(tracker.dim(), track && !corrupt))
             .collect();
         let trace = match (s.traffic.model, &s.traffic.file) {
             (TrafficModel::Trace, Some(file)) => {
@@ -182,7 +191,8 @@ impl<'a> Sim<'a> {
             warmup: s.warmup_ns(),
             end: s.duration_ns(),
             track,
-            queue: EventQueue::new(bucket_width(s, &trace, &topo)),
+            tracker,
+            queue: EventQueue::new(bucket_width(s, &trace, &topo), queue_horizon(s)),
             events: 0,
             rng: stream(seed, STREAM_TRAFFIC),
             measure_rng: stream(seed, STREAM_MEASURE),
@@ -445,11 +455,11 @@ impl<'a> Sim<'a> {
                 }
             };
             self.packets[id as usize].dist = dist;
-            self.pools[m].add_dist(&Dist::Point(origin));
+            self.pools[m].add_dist(&Dist::Point(origin), &self.tracker);
         } else {
             match source {
-                Source::Own(Some(d)) => self.pools[m].add_dist(&d),
-                Source::Own(None) => self.pools[m].add_dist(&Dist::Point(origin)),
+                Source::Own(Some(d)) => self.pools[m].add_dist(&d, &self.tracker),
+                Source::Own(None) => self.pools[m].add_dist(&Dist::Point(origin), &self.tracker),
                 Source::Pool(from) => {
                     let (to, from) = two_mut(&mut self.pools, m, from);
                     to.add_pool(from);
@@ -504,9 +514,9 @@ impl<'a> Sim<'a> {
             return;
         }
         let anonymity = match source {
-            Source::Own(Some(d)) => Some(Anonymity::of_dist(d)),
+            Source::Own(Some(d)) => self.tracker.of_dist(d),
             Source::Own(None) => None,
-            Source::Pool(m) => self.pools[*m].anonymity(),
+            Source::Pool(m) => self.pools[*m].anonymity(&self.tracker),
         };
         self.rows.push(MessageRow {
             message: msg_id,
@@ -546,6 +556,11 @@ impl<'a> Sim<'a> {
             &self.rows,
             &mixes,
             (self.counters.real, self.counters.cover),
+            if self.track {
+                self.tracker.dim() as u64
+            } else {
+                0
+            },
         );
         RunResult {
             summary,
@@ -556,8 +571,12 @@ impl<'a> Sim<'a> {
     }
 }
 
-/// A calendar-queue bucket width that holds a few dozen events: the expected event rate is
-/// one per packet per hop, one per packet sent, and one per message created.
+/// Events a calendar-queue bucket should hold: sorting a bucket costs log₂ of this per event,
+/// but fewer, fuller buckets keep the tails that pushes append to in the cache.
+const EVENTS_PER_BUCKET: f64 = 256.0;
+
+/// A calendar-queue bucket width that holds [`EVENTS_PER_BUCKET`] events: the expected event
+/// rate is one per packet per hop, one per packet sent, and one per message created.
 fn bucket_width(s: &Scenario, trace: &[(u64, u32)], topo: &Topology) -> u64 {
     let r = &s.rates;
     let clients = f64::from(s.network.clients);
@@ -571,8 +590,22 @@ fn bucket_width(s: &Scenario, trace: &[(u64, u32)], topo: &Topology) -> u64 {
         messages
     };
     let events_per_s = messages + cover * (1.0 + topo.layers as f64);
-    let width_s = 32.0 / events_per_s.max(1e-6);
+    let width_s = EVENTS_PER_BUCKET / events_per_s.max(1e-6);
     (width_s * 1e9).clamp(1e3, 1e12) as u64
+}
+
+/// How far ahead the calendar queue's ring should reach: eight mean intervals of the most
+/// frequent events, a hop's delay and (with cover) a client's next send, so that almost every
+/// event lands in the ring rather than the far heap. Message creations (one pending per
+/// client, far apart) may still wait in the heap; they are few.
+fn queue_horizon(s: &Scenario) -> u64 {
+    let r = &s.rates;
+    let mut mean_s = 1.0 / r.mu.max(1e-9);
+    let client = r.lambda_p + r.lambda_l + r.lambda_d;
+    if r.cover && client > 0.0 {
+        mean_s = mean_s.max(1.0 / client);
+    }
+    (8.0 * mean_s * 1e9).clamp(1e6, 1e13) as u64
 }
 
 /// Two distinct elements of a slice, mutably and immutably.

@@ -9,8 +9,9 @@
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 
-/// Buckets in the ring (a power of two).
-const BUCKETS: usize = 4096;
+/// Fewest and most buckets in the ring (powers of two).
+const MIN_BUCKETS: usize = 4096;
+const MAX_BUCKETS: usize = 1 << 21;
 
 /// An entry: ordered by time, then by the sequence number the queue assigned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -27,6 +28,7 @@ pub struct EventQueue<T> {
     current: u64,
     /// The current bucket's events, sorted with the earliest last.
     now: Vec<(Key, T)>,
+    /// A power of two of buckets, covering `width · ring.len()` of the near future.
     ring: Vec<Vec<(Key, T)>>,
     /// Events in `ring`.
     in_ring: usize,
@@ -57,13 +59,20 @@ impl<T> Ord for KeyOnly<T> {
 }
 
 impl<T> EventQueue<T> {
-    /// A queue whose buckets are `width_ns` wide: aim for a few dozen events per bucket.
-    pub fn new(width_ns: u64) -> Self {
+    /// A queue whose buckets are `width_ns` wide (aim for a few dozen events per bucket)
+    /// and whose ring reaches at least `horizon_ns` ahead (most events should land in it:
+    /// the far heap's pops miss the cache), within 4,096 and 2²¹ buckets.
+    pub fn new(width_ns: u64, horizon_ns: u64) -> Self {
+        let width = width_ns.max(1);
+        let buckets = usize::try_from(horizon_ns.div_ceil(width))
+            .unwrap_or(MAX_BUCKETS)
+            .clamp(MIN_BUCKETS, MAX_BUCKETS)
+            .next_power_of_two();
         EventQueue {
-            width: width_ns.max(1),
+            width,
             current: 0,
             now: Vec::new(),
-            ring: (0..BUCKETS).map(|_| Vec::new()).collect(),
+            ring: (0..buckets).map(|_| Vec::new()).collect(),
             in_ring: 0,
             later: BinaryHeap::new(),
             seq: 0,
@@ -80,8 +89,9 @@ impl<T> EventQueue<T> {
             // Earliest last: insert after every later key.
             let at = self.now.partition_point(|(k, _)| *k > key);
             self.now.insert(at, (key, item));
-        } else if bucket < self.current + BUCKETS as u64 {
-            self.ring[(bucket as usize) % BUCKETS].push((key, item));
+        } else if bucket < self.current + self.ring.len() as u64 {
+            let slot = (bucket as usize) & (self.ring.len() - 1);
+            self.ring[slot].push((key, item));
             self.in_ring += 1;
         } else {
             self.later.push(Reverse(KeyOnly(key, item)));
@@ -121,7 +131,8 @@ impl<T> EventQueue<T> {
             return;
         }
         self.current += 1;
-        let slot = &mut self.ring[(self.current as usize) % BUCKETS];
+        let mask = self.ring.len() - 1;
+        let slot = &mut self.ring[(self.current as usize) & mask];
         if !slot.is_empty() {
             self.in_ring -= slot.len();
             std::mem::swap(&mut self.now, slot);
@@ -139,9 +150,16 @@ mod tests {
     /// Random pushes between pops, with ties and far events, pop in exactly a heap's order.
     #[test]
     fn pops_in_time_then_push_order() {
-        for (seed, width) in [(1u64, 1u64), (2, 10), (3, 1000), (4, 1 << 30)] {
+        for (seed, width, horizon) in [
+            (1u64, 1u64, 0u64),
+            (2, 10, 0),
+            (3, 1000, 0),
+            (4, 1 << 30, 0),
+            (5, 10, 1 << 20),
+            (6, 3, 100_000_000),
+        ] {
             let mut rng = ChaCha20Rng::seed_from_u64(seed);
-            let mut q = EventQueue::new(width);
+            let mut q = EventQueue::new(width, horizon);
             let mut reference = BinaryHeap::new();
             let mut seq = 0u64;
             let mut now = 0u64;

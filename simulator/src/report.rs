@@ -57,6 +57,12 @@ pub struct Summary {
     pub entropy_mean_bits: Option<f64>,
     pub min_entropy_mean_bits: Option<f64>,
     pub anonymity_set_mean: Option<f64>,
+    /// Coordinates of the adversary's distributions: the number of senders when exact, the
+    /// sample size when sampled (`measure.tracker`), 0 when anonymity is not tracked.
+    pub tracked_senders: u64,
+    /// Measured messages whose anonymity could not be estimated (sampled tracking, and no
+    /// sampled sender could have sent them); always 0 when exact.
+    pub unestimated_messages: u64,
     /// Cover packets per real packet sent in the window (client and relay cover alike).
     pub overhead_ratio: Option<f64>,
     pub real_packets: u64,
@@ -95,6 +101,7 @@ impl Summary {
         rows: &[MessageRow],
         mixes: &[MixRow],
         (real, cover): (u64, u64),
+        tracked_senders: u64,
     ) -> Summary {
         latencies.sort_by(f64::total_cmp);
         let n = latencies.len();
@@ -112,6 +119,8 @@ impl Summary {
             entropy_mean_bits: mean(rows.iter().filter_map(|r| r.entropy_bits)),
             min_entropy_mean_bits: mean(rows.iter().filter_map(|r| r.min_entropy_bits)),
             anonymity_set_mean: mean(rows.iter().filter_map(|r| r.anonymity_set.map(f64::from))),
+            tracked_senders,
+            unestimated_messages: rows.iter().filter(|r| r.entropy_bits.is_none()).count() as u64,
             overhead_ratio: (real > 0).then(|| cover as f64 / real as f64),
             real_packets: real,
             cover_packets: cover,

@@ -163,6 +163,45 @@ pub struct Measure {
     /// Fraction of real messages whose sender anonymity is computed and listed in the CSV.
     #[serde(default = "default_sample")]
     pub sample: f64,
+    /// How the distributions are kept: over every sender, over a fixed sample of them, or
+    /// (`auto`) exact up to [`AUTO_EXACT_MAX_SENDERS`] senders and sampled above.
+    #[serde(default)]
+    pub tracker: TrackerKind,
+    /// Senders in the sample when sampled.
+    #[serde(default = "default_tracked_senders")]
+    pub tracked_senders: u32,
+}
+
+/// Above this many senders (clients and mixes), `measure.tracker = "auto"` samples.
+pub const AUTO_EXACT_MAX_SENDERS: usize = 20_000;
+
+fn default_tracked_senders() -> u32 {
+    1024
+}
+
+/// The anonymity tracker.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TrackerKind {
+    /// Exact up to [`AUTO_EXACT_MAX_SENDERS`] senders, sampled above.
+    #[default]
+    Auto,
+    /// One coordinate per sender: O(senders) per hop.
+    Exact,
+    /// `tracked_senders` coordinates: O(tracked_senders) per hop, estimated figures.
+    Sampled,
+}
+
+impl Measure {
+    /// Whether a network of `senders` senders samples them.
+    pub fn samples(&self, senders: usize) -> bool {
+        let k = self.tracked_senders as usize;
+        match self.tracker {
+            TrackerKind::Exact => false,
+            TrackerKind::Sampled => k < senders,
+            TrackerKind::Auto => senders > AUTO_EXACT_MAX_SENDERS && k < senders,
+        }
+    }
 }
 
 impl Default for Measure {
@@ -170,6 +209,8 @@ impl Default for Measure {
         Measure {
             anonymity: true,
             sample: 1.0,
+            tracker: TrackerKind::Auto,
+            tracked_senders: default_tracked_senders(),
         }
     }
 }
@@ -341,6 +382,9 @@ impl Scenario {
         }
         fraction("tickets.rate", self.tickets.rate)?;
         fraction("measure.sample", self.measure.sample)?;
+        if self.measure.tracked_senders == 0 {
+            return Err("measure.tracked_senders must be at least 1".into());
+        }
         Ok(())
     }
 
