@@ -1,0 +1,598 @@
+//! [`Settlement`] over an Ethereum node's JSON-RPC, against a deployed `MurmurLottery`.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use alloy::network::{EthereumWallet, TransactionBuilder};
+use alloy::primitives::{Address, B256, Bytes, Signature, U256, keccak256};
+use alloy::providers::{DynProvider, Provider, ProviderBuilder};
+use alloy::rpc::types::{TransactionReceipt, TransactionRequest};
+use alloy::signers::SignerSync;
+use alloy::signers::local::PrivateKeySigner;
+use alloy::sol_types::{Revert, SolCall, SolConstructor};
+use alloy::transports::http::reqwest::Url;
+use ed25519_dalek::SigningKey;
+use murmur_ledger::request::{Fund, Operation, Redeem, Signed, Warn, Withdraw};
+use murmur_ledger::{Account, Error, Pot, Redemption, Refusal, Result, Settlement, Transfer};
+use murmur_protocol::directory::IdentityKey;
+use murmur_protocol::ticket::Ticket;
+use serde::{Deserialize, Serialize};
+
+use crate::{BYTECODE_HEX, MurmurLottery, wallet_of};
+
+/// Wei in one base unit of the ledger (1 gwei).
+const UNIT_WEI: u64 = 1_000_000_000;
+const COSIGN_DOMAIN: &[u8] = b"murmur/chain-ticket/v1\0";
+
+/// Where the chain is and how to wait for it (`[payments.chain]` in a relay's or client's
+/// config).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChainConfig {
+    /// The node's JSON-RPC endpoint (`http://…`).
+    pub rpc_url: String,
+    /// The deployed `MurmurLottery`.
+    pub contract: Address,
+    /// Blocks a transaction must be under (1: its own block) before its effect counts.
+    #[serde(default = "defaults::confirmations")]
+    pub confirmations: u64,
+    /// How long to wait for a transaction's confirmations, seconds.
+    #[serde(default = "defaults::timeout_s")]
+    pub timeout_s: u64,
+    /// How often a read, or a redemption (which the contract carries out at most once), is
+    /// tried again after the node could not be reached.
+    #[serde(default = "defaults::retries")]
+    pub retries: u32,
+    /// Co-signatures of accepted tickets kept for their redemption; more are refused.
+    #[serde(default = "defaults::max_cosignatures")]
+    pub max_cosignatures: usize,
+    /// A fixed fee per gas in wei (max fee and priority fee both), for a private chain or a
+    /// test node (0: free); unset, the node's estimate.
+    #[serde(default)]
+    pub gas_price_wei: Option<u128>,
+}
+
+mod defaults {
+    pub fn confirmations() -> u64 {
+        1
+    }
+    pub fn timeout_s() -> u64 {
+        120
+    }
+    pub fn retries() -> u32 {
+        3
+    }
+    pub fn max_cosignatures() -> usize {
+        65_536
+    }
+}
+
+impl ChainConfig {
+    /// A config with the defaults.
+    pub fn new(rpc_url: impl Into<String>, contract: Address) -> ChainConfig {
+        ChainConfig {
+            rpc_url: rpc_url.into(),
+            contract,
+            confirmations: defaults::confirmations(),
+            timeout_s: defaults::timeout_s(),
+            retries: defaults::retries(),
+            max_cosignatures: defaults::max_cosignatures(),
+            gas_price_wei: None,
+        }
+    }
+}
+
+/// A pot owner's EIP-2098 signature (`r ‖ yParity·2^255 + s`) of
+/// `keccak256("murmur/chain-ticket/v1\0" ‖ chain id (32) ‖ contract (20) ‖ ticket digest (32)
+/// ‖ recipient address (20))`: what lets the recipient redeem the ticket on this chain.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CoSignature(pub [u8; 64]);
+
+/// Gas used by the last transaction of each kind, and the fees paid in all (wei).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GasUsed {
+    pub fund: u64,
+    pub warn: u64,
+    pub withdraw: u64,
+    pub redeem: u64,
+    pub fees_wei: u128,
+    /// Co-signatures refused because `max_cosignatures` were held.
+    pub cosignatures_refused: u64,
+}
+
+#[derive(Clone, Copy)]
+enum Op {
+    Fund,
+    Warn,
+    Withdraw,
+    Redeem,
+}
+
+/// Settlement on the chain. Holds the chain wallets of the identities it acts for
+/// ([`wallet_of`] their Ed25519 keys): a signed request is carried out by its signer's wallet.
+pub struct ChainSettlement {
+    contract: MurmurLottery::MurmurLotteryInstance<DynProvider>,
+    config: ChainConfig,
+    chain_id: u64,
+    wallets: HashMap<IdentityKey, Address>,
+    /// Co-signatures by ticket digest, until the ticket is redeemed.
+    cosignatures: Mutex<HashMap<[u8; 32], CoSignature>>,
+    gas: Mutex<GasUsed>,
+    sending: tokio::sync::Mutex<()>,
+}
+
+impl std::fmt::Debug for ChainSettlement {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChainSettlement")
+            .field("rpc_url", &self.config.rpc_url)
+            .field("contract", &self.config.contract)
+            .field("chain_id", &self.chain_id)
+            .finish_non_exhaustive()
+    }
+}
+
+fn url_of(rpc_url: &str) -> Result<Url> {
+    rpc_url
+        .parse()
+        .map_err(|e| Error::Config(format!("chain rpc_url {rpc_url:?}: {e}")))
+}
+
+fn rpc_error(url: &str, e: impl std::fmt::Display) -> Error {
+    Error::Http {
+        url: url.to_owned(),
+        message: e.to_string(),
+    }
+}
+
+/// A failed contract call: the contract's refusal (its revert reason is the refusal's label),
+/// or the node's failure.
+fn call_error(url: &str, e: &alloy::contract::Error) -> Error {
+    match e.as_decoded_error::<Revert>() {
+        Some(revert) => match Refusal::from_label(&revert.reason) {
+            Some(refusal) => refusal.because(format!("the contract refused: {}", revert.reason)),
+            None => Error::Storage(format!("the contract reverted: {}", revert.reason)),
+        },
+        None => rpc_error(url, e),
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl ChainSettlement {
+    /// Deploys a `MurmurLottery` with this notice period (seconds), paid by `deployer`, and
+    /// returns its address.
+    pub async fn deploy(
+        rpc_url: &str,
+        deployer: PrivateKeySigner,
+        notice_s: u64,
+    ) -> Result<Address> {
+        let from = deployer.address();
+        let provider = ProviderBuilder::new()
+            .wallet(EthereumWallet::new(deployer))
+            .connect_http(url_of(rpc_url)?);
+        let mut code = alloy::hex::decode(BYTECODE_HEX.trim())
+            .map_err(|e| Error::Config(format!("the contract's bytecode: {e}")))?;
+        code.extend(MurmurLottery::constructorCall { notice: notice_s }.abi_encode());
+        let tx = TransactionRequest::default()
+            .with_from(from)
+            .with_deploy_code(code);
+        let receipt = provider
+            .send_transaction(tx)
+            .await
+            .map_err(|e| rpc_error(rpc_url, e))?
+            .get_receipt()
+            .await
+            .map_err(|e| rpc_error(rpc_url, e))?;
+        receipt
+            .contract_address
+            .filter(|_| receipt.status())
+            .ok_or_else(|| Error::Storage("the contract's deployment failed".into()))
+    }
+
+    /// Connects to the contract, acting for the identities of `keys` (their chain wallets).
+    pub async fn connect(config: ChainConfig, keys: &[SigningKey]) -> Result<ChainSettlement> {
+        let url = url_of(&config.rpc_url)?;
+        let mut wallets = HashMap::new();
+        let mut wallet: Option<EthereumWallet> = None;
+        for key in keys {
+            let signer = wallet_of(key);
+            wallets.insert(IdentityKey::of(key), signer.address());
+            match wallet.as_mut() {
+                Some(w) => w.register_signer(signer),
+                None => wallet = Some(EthereumWallet::new(signer)),
+            }
+        }
+        let provider = match wallet {
+            Some(w) => ProviderBuilder::new().wallet(w).connect_http(url).erased(),
+            None => ProviderBuilder::new().connect_http(url).erased(),
+        };
+        let chain_id = provider
+            .get_chain_id()
+            .await
+            .map_err(|e| rpc_error(&config.rpc_url, e))?;
+        let code = provider
+            .get_code_at(config.contract)
+            .await
+            .map_err(|e| rpc_error(&config.rpc_url, e))?;
+        if code.is_empty() {
+            return Err(Error::Config(format!(
+                "no contract at {} on chain {chain_id}",
+                config.contract
+            )));
+        }
+        Ok(ChainSettlement {
+            contract: MurmurLottery::new(config.contract, provider),
+            config,
+            chain_id,
+            wallets,
+            cosignatures: Mutex::new(HashMap::new()),
+            gas: Mutex::new(GasUsed::default()),
+            sending: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    /// The chain address of an identity this settlement acts for.
+    pub fn address_of(&self, key: &IdentityKey) -> Option<Address> {
+        self.wallets.get(key).copied()
+    }
+
+    /// Gas figures so far.
+    pub fn gas(&self) -> GasUsed {
+        *lock(&self.gas)
+    }
+
+    /// Escrow burned by overdrafts (base units), as the contract counts it.
+    pub async fn burned(&self) -> Result<u64> {
+        let burned = self
+            .read(|| async { self.contract.burned().call().await })
+            .await?;
+        u64::try_from(burned).map_err(|_| Error::Storage("burned exceeds 64 bits".into()))
+    }
+
+    /// The hash a pot's owner co-signs for `recipient` to redeem `ticket` here.
+    pub fn cosigned_hash(&self, ticket: &Ticket, recipient: Address) -> B256 {
+        let mut msg = Vec::with_capacity(COSIGN_DOMAIN.len() + 104);
+        msg.extend_from_slice(COSIGN_DOMAIN);
+        msg.extend_from_slice(&U256::from(self.chain_id).to_be_bytes::<32>());
+        msg.extend_from_slice(self.config.contract.as_slice());
+        msg.extend_from_slice(&ticket.digest());
+        msg.extend_from_slice(recipient.as_slice());
+        keccak256(msg)
+    }
+
+    /// The payer's side: co-signs a ticket with the pot key's chain wallet, for the recipient
+    /// whose chain address is `recipient`.
+    pub fn cosign(
+        &self,
+        ticket: &Ticket,
+        payer: &SigningKey,
+        recipient: Address,
+    ) -> Result<CoSignature> {
+        let signature = wallet_of(payer)
+            .sign_hash_sync(&self.cosigned_hash(ticket, recipient))
+            .map_err(|e| Error::Storage(format!("co-signing failed: {e}")))?;
+        Ok(CoSignature(signature.as_erc2098()))
+    }
+
+    /// The recipient's side: checks the co-signature that came with an accepted ticket (it is
+    /// the pot owner's, for this identity's address) and keeps it until the ticket is redeemed
+    /// (at most `max_cosignatures`; beyond, refused and counted).
+    pub async fn accept_cosignature(
+        &self,
+        ticket: &Ticket,
+        cosignature: CoSignature,
+    ) -> Result<()> {
+        let recipient = self.wallet(&ticket.recipient)?;
+        let hash = self.cosigned_hash(ticket, recipient);
+        let signer = Signature::from_erc2098(&cosignature.0)
+            .recover_address_from_prehash(&hash)
+            .map_err(|_| Refusal::ForgedTicket.because("the co-signature does not recover"))?;
+        let (owner, _) = self
+            .read_pot(ticket.pot)
+            .await?
+            .ok_or_else(|| Refusal::UnknownPot.because(format!("no pot has key {}", ticket.pot)))?;
+        if signer != owner {
+            return Err(Refusal::ForgedTicket.because(format!(
+                "the co-signature is {signer}'s, not the pot owner's ({owner})"
+            )));
+        }
+        let mut held = lock(&self.cosignatures);
+        if held.len() >= self.config.max_cosignatures && !held.contains_key(&ticket.digest()) {
+            drop(held);
+            lock(&self.gas).cosignatures_refused += 1;
+            return Err(Refusal::RateLimited.because(format!(
+                "{} co-signatures held for redemption already",
+                self.config.max_cosignatures
+            )));
+        }
+        held.insert(ticket.digest(), cosignature);
+        Ok(())
+    }
+
+    /// For a warning or a withdrawal: its signature checked, the signer's pot and wallet.
+    fn own_pot<T: Operation>(&self, req: &Signed<T>) -> Result<(B256, Address)> {
+        req.verify()?;
+        Ok((B256::from(req.signer.0), self.wallet(&req.signer)?))
+    }
+
+    fn wallet(&self, key: &IdentityKey) -> Result<Address> {
+        self.address_of(key)
+            .ok_or_else(|| Refusal::BadSignature.because(format!("no chain wallet for {key} here")))
+    }
+
+    /// Runs a read, again after a failure to reach the node (up to `retries` more times).
+    async fn read<T, F, Fut>(&self, f: F) -> Result<T>
+    where
+        F: Fn() -> Fut,
+        Fut: Future<Output = std::result::Result<T, alloy::contract::Error>>,
+    {
+        let mut attempt = 0;
+        loop {
+            match f().await {
+                Ok(v) => return Ok(v),
+                Err(e) => {
+                    let error = call_error(&self.config.rpc_url, &e);
+                    if error.refusal().is_some() || attempt >= self.config.retries {
+                        return Err(error);
+                    }
+                }
+            }
+            attempt += 1;
+            tokio::time::sleep(Duration::from_millis(100 << attempt.min(6))).await;
+        }
+    }
+
+    /// Sends a call as a transaction and waits for its confirmations. A call the contract
+    /// would refuse is refused when its gas is estimated, before anything is sent.
+    async fn transact<C: SolCall>(
+        &self,
+        call: alloy::contract::SolCallBuilder<&DynProvider, C>,
+        op: Op,
+        retry: bool,
+    ) -> Result<TransactionReceipt> {
+        let url = &self.config.rpc_url;
+        let call = match self.config.gas_price_wei {
+            Some(price) => call.max_fee_per_gas(price).max_priority_fee_per_gas(price),
+            None => call,
+        };
+        // Estimated first, so that a refused call takes no nonce from the wallet's sequence;
+        // one transaction at a time is estimated and sent from this settlement.
+        let sending = self.sending.lock().await;
+        let mut attempt = 0;
+        let pending = loop {
+            let sent = match call.estimate_gas().await {
+                Ok(gas) => {
+                    let call = call.clone().gas(gas.saturating_add(gas / 5));
+                    call.send().await
+                }
+                Err(e) => Err(e),
+            };
+            match sent {
+                Ok(p) => break p,
+                Err(e) => {
+                    let error = call_error(url, &e);
+                    if !retry || error.refusal().is_some() || attempt >= self.config.retries {
+                        return Err(error);
+                    }
+                }
+            }
+            attempt += 1;
+            tokio::time::sleep(Duration::from_millis(100 << attempt.min(6))).await;
+        };
+        drop(sending);
+        let receipt = pending
+            .with_required_confirmations(self.config.confirmations)
+            .with_timeout(Some(Duration::from_secs(self.config.timeout_s)))
+            .get_receipt()
+            .await
+            .map_err(|e| rpc_error(url, e))?;
+        {
+            let mut gas = lock(&self.gas);
+            gas.fees_wei += u128::from(receipt.gas_used) * receipt.effective_gas_price;
+            let slot = match op {
+                Op::Fund => &mut gas.fund,
+                Op::Warn => &mut gas.warn,
+                Op::Withdraw => &mut gas.withdraw,
+                Op::Redeem => &mut gas.redeem,
+            };
+            *slot = receipt.gas_used;
+        }
+        if !receipt.status() {
+            // Refused in its block though not when estimated (another transaction came first,
+            // e.g. the same ticket's redemption): the call now says why.
+            return Err(match call.call().await {
+                Err(e) => call_error(url, &e),
+                Ok(_) => {
+                    Error::Storage(format!("transaction {} reverted", receipt.transaction_hash))
+                }
+            });
+        }
+        Ok(receipt)
+    }
+
+    async fn is_redeemed(&self, digest: [u8; 32]) -> Result<bool> {
+        self.read(|| async { self.contract.redeemed(B256::from(digest)).call().await })
+            .await
+    }
+
+    async fn read_pot(&self, key: IdentityKey) -> Result<Option<(Address, Pot)>> {
+        let p = self
+            .read(|| async { self.contract.pots(B256::from(key.0)).call().await })
+            .await?;
+        if p.owner == Address::ZERO {
+            return Ok(None);
+        }
+        let pot = Pot {
+            key,
+            balance: p.balance,
+            escrow: p.escrow,
+            warned: p.warned,
+            unlock_at: (p.unlockAt != 0).then_some(p.unlockAt),
+        };
+        Ok(Some((p.owner, pot)))
+    }
+}
+
+impl Settlement for ChainSettlement {
+    async fn fund(&self, req: Signed<Fund>) -> Result<Transfer> {
+        req.verify()?;
+        let from = self.wallet(&req.signer)?;
+        let Fund {
+            pot,
+            balance,
+            escrow,
+        } = req.op;
+        pot.verifying_key().map_err(|_| {
+            Refusal::Malformed.because(format!("{pot} is not an Ed25519 public key"))
+        })?;
+        let total = match balance.checked_add(escrow) {
+            None | Some(0) => {
+                return Err(Refusal::Malformed
+                    .because("balance + escrow must be positive and fit in 64 bits"));
+            }
+            Some(total) => total,
+        };
+        let owner = match self.read_pot(pot).await? {
+            Some((owner, _)) => owner,
+            None => self.address_of(&pot).ok_or_else(|| {
+                Refusal::Malformed.because(format!(
+                    "pot {pot} is new and its owner's chain address is not known here"
+                ))
+            })?,
+        };
+        let held = self.account(req.signer).await?.balance;
+        if held < total {
+            return Err(Refusal::InsufficientFunds.because(format!(
+                "account {} holds {held}; funding needs {total}",
+                req.signer
+            )));
+        }
+        let call = self
+            .contract
+            .fund(B256::from(pot.0), owner, balance, escrow)
+            .value(U256::from(total) * U256::from(UNIT_WEI))
+            .from(from);
+        self.transact(call, Op::Fund, false).await?;
+        Ok(Transfer {
+            account: self.account(req.signer).await?,
+            pot: self.pot(pot).await?,
+        })
+    }
+
+    async fn warn(&self, req: Signed<Warn>) -> Result<Pot> {
+        let (pot, from) = self.own_pot(&req)?;
+        let call = self.contract.warn(pot, req.op.amount).from(from);
+        self.transact(call, Op::Warn, false).await?;
+        self.pot(req.signer).await
+    }
+
+    async fn withdraw(&self, req: Signed<Withdraw>) -> Result<Transfer> {
+        let (pot, from) = self.own_pot(&req)?;
+        let call = self.contract.withdraw(pot, req.op.amount).from(from);
+        self.transact(call, Op::Withdraw, false).await?;
+        Ok(Transfer {
+            account: self.account(req.signer).await?,
+            pot: self.pot(req.signer).await?,
+        })
+    }
+
+    /// Checks off-chain what the contract cannot afford to (the request's and the ticket's
+    /// Ed25519 signatures, and that the signer is the recipient), then redeems on chain with the
+    /// co-signature [`ChainSettlement::accept_cosignature`] kept.
+    async fn redeem(&self, req: Signed<Redeem>) -> Result<Redemption> {
+        req.verify()?;
+        let t = &req.op.ticket;
+        t.check_recipient(&req.signer)
+            .and_then(|()| t.verify_signature())
+            .map_err(|e| {
+                let refusal = match e {
+                    murmur_protocol::Error::TicketWrongRecipient { .. } => Refusal::WrongRecipient,
+                    _ => Refusal::ForgedTicket,
+                };
+                refusal.because(e.to_string())
+            })?;
+        let from = self.wallet(&req.signer)?;
+        let digest = t.digest();
+        let held = lock(&self.cosignatures).get(&digest).copied();
+        let cosignature = match held {
+            Some(c) => c,
+            // the co-signature is let go once the ticket is redeemed
+            None if self.is_redeemed(digest).await? => {
+                return Err(Refusal::AlreadyRedeemed.because(format!(
+                    "ticket {} of pot {} was already redeemed",
+                    B256::from(digest),
+                    t.pot
+                )));
+            }
+            None if self.read_pot(t.pot).await?.is_none() => {
+                return Err(Refusal::UnknownPot.because(format!("no pot has key {}", t.pot)));
+            }
+            None => {
+                return Err(Refusal::ForgedTicket
+                    .because("no co-signature by the pot's owner for this ticket"));
+            }
+        };
+        let (r, vs) = cosignature.0.split_at(32);
+        let call = self
+            .contract
+            .redeem(
+                Bytes::copy_from_slice(&t.encode()),
+                B256::from(req.op.reveal),
+                from,
+                B256::from_slice(r),
+                B256::from_slice(vs),
+            )
+            .from(from);
+        let outcome = self.transact(call, Op::Redeem, true).await;
+        if outcome.is_ok()
+            || matches!(&outcome, Err(e) if e.refusal() == Some(Refusal::AlreadyRedeemed))
+        {
+            lock(&self.cosignatures).remove(&digest);
+        }
+        let receipt = outcome?;
+        let event = receipt
+            .decoded_log::<MurmurLottery::Redeemed>()
+            .ok_or_else(|| Error::Storage("the redemption logged no Redeemed event".into()))?;
+        Ok(Redemption {
+            paid: event.data.paid,
+            burned: event.data.burned,
+            account: self.account(req.signer).await?,
+            pot: self.pot(t.pot).await?,
+        })
+    }
+
+    async fn pot(&self, key: IdentityKey) -> Result<Pot> {
+        self.read_pot(key)
+            .await?
+            .map(|(_, pot)| pot)
+            .ok_or_else(|| Refusal::UnknownPot.because(format!("no pot has key {key}")))
+    }
+
+    /// The balance of the identity's chain wallet in whole base units (0 for an identity
+    /// whose wallet is not known here).
+    async fn account(&self, key: IdentityKey) -> Result<Account> {
+        let Some(address) = self.address_of(&key) else {
+            return Ok(Account { key, balance: 0 });
+        };
+        let provider = self.contract.provider();
+        let mut attempt = 0;
+        let wei = loop {
+            match provider.get_balance(address).await {
+                Ok(wei) => break wei,
+                Err(e) if attempt >= self.config.retries => {
+                    return Err(rpc_error(&self.config.rpc_url, e));
+                }
+                Err(_) => {}
+            }
+            attempt += 1;
+            tokio::time::sleep(Duration::from_millis(100 << attempt.min(6))).await;
+        };
+        let units = wei / U256::from(UNIT_WEI);
+        let balance = u64::try_from(units).unwrap_or(u64::MAX);
+        Ok(Account { key, balance })
+    }
+}

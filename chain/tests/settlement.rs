@@ -1,0 +1,588 @@
+//! One suite, two backends: every case runs through the `Settlement` trait against the
+//! embedded ledger (redb) and against `MurmurLottery` on a local Anvil node. The refusals and
+//! the conservation of money must be the same on both.
+//!
+//! The chain cases need Anvil: `chain/contract/build.sh --tools` installs it (pinned, from
+//! npm); the harness runs that script itself if the binary is missing, and skips the chain
+//! case with a message only if it still cannot be had.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::time::Duration;
+
+use alloy::network::EthereumWallet;
+use alloy::primitives::{Address, B256, Bytes, U256};
+use alloy::providers::{Provider, ProviderBuilder};
+use ed25519_dalek::SigningKey;
+use murmur_chain::anvil::{self, Anvil};
+use murmur_chain::{ChainConfig, ChainSettlement, CoSignature, MurmurLottery, wallet_of};
+use murmur_ledger::request::{Fund, Redeem, Signed, Warn, Withdraw};
+use murmur_ledger::{Ledger, Params, Refusal, Settlement, unix_now};
+use murmur_protocol::directory::IdentityKey;
+use murmur_protocol::ticket::{Ticket, TicketFields, commitment_of};
+
+/// Seconds between a warning and its withdrawal, on both backends.
+const NOTICE_S: u64 = 2;
+const PAYER: u8 = 1;
+const RELAY: u8 = 2;
+const OTHER_RELAY: u8 = 3;
+/// A key whose pot nobody funds.
+const NOBODY: u8 = 9;
+const GENESIS: u64 = 1_000_000;
+/// The relay's reveal for its commitment.
+const REVEAL: [u8; 32] = [7; 32];
+
+fn key(seed: u8) -> SigningKey {
+    SigningKey::from_bytes(&[seed; 32])
+}
+
+fn id(seed: u8) -> IdentityKey {
+    IdentityKey::of(&key(seed))
+}
+
+/// Every key the suite uses, and what it holds at the start.
+fn genesis() -> Vec<(u8, u64)> {
+    vec![(PAYER, GENESIS), (RELAY, 0), (OTHER_RELAY, 0), (NOBODY, 0)]
+}
+
+trait Harness: Sized {
+    type S: Settlement;
+    fn s(&self) -> &Self::S;
+    /// What a payer hands the recipient with a ticket besides the ticket itself, and the
+    /// recipient's check of it.
+    async fn hand_over(&self, ticket: &Ticket, payer: &SigningKey) -> murmur_ledger::Result<()>;
+    /// Escrow burned so far.
+    async fn burned(&self) -> u64;
+    /// Waits `secs` by this backend's clock.
+    async fn let_pass(&self, secs: u64) {
+        tokio::time::sleep(Duration::from_secs(secs)).await;
+    }
+}
+
+struct Embedded {
+    ledger: Ledger,
+    _dir: tempfile::TempDir,
+}
+
+impl Embedded {
+    fn new() -> Embedded {
+        let dir = tempfile::tempdir().unwrap();
+        let genesis: Vec<_> = genesis()
+            .into_iter()
+            .filter(|&(_, v)| v > 0)
+            .map(|(k, v)| (id(k), v))
+            .collect();
+        let params = Params {
+            notice_period_s: NOTICE_S,
+            request_window_s: 60,
+        };
+        let ledger = Ledger::open(&dir.path().join("l.redb"), params, &genesis).unwrap();
+        Embedded { ledger, _dir: dir }
+    }
+}
+
+impl Harness for Embedded {
+    type S = Ledger;
+    fn s(&self) -> &Ledger {
+        &self.ledger
+    }
+    async fn hand_over(&self, _ticket: &Ticket, _payer: &SigningKey) -> murmur_ledger::Result<()> {
+        Ok(())
+    }
+    async fn burned(&self) -> u64 {
+        self.ledger.audit().unwrap().burned
+    }
+}
+
+struct Chain {
+    s: ChainSettlement,
+    url: String,
+    contract: Address,
+    _node: Anvil,
+}
+
+/// Anvil's first development account (its well-known key), which deploys the contract.
+const ANVIL_DEV_KEY: &str = "ac0974bec39a17e36ba4a6b4d238ff944bacb478cbed5efcae784d7bf4f2ff80";
+
+impl Chain {
+    async fn new() -> Option<Chain> {
+        if anvil::binary().is_none() {
+            let script = concat!(env!("CARGO_MANIFEST_DIR"), "/contract/build.sh");
+            let status = std::process::Command::new("bash")
+                .args([script, "--tools"])
+                .status();
+            eprintln!("anvil missing: ran {script} --tools: {status:?}");
+        }
+        if anvil::binary().is_none() {
+            eprintln!(
+                "SKIPPED: no Anvil binary (chain/contract/build.sh --tools could not install it)"
+            );
+            return None;
+        }
+        let node = Anvil::start().unwrap();
+        let deployer = ANVIL_DEV_KEY.parse().unwrap();
+        let contract = ChainSettlement::deploy(&node.url(), deployer, NOTICE_S)
+            .await
+            .unwrap();
+        let keys: Vec<_> = genesis().into_iter().map(|(k, _)| key(k)).collect();
+        let provider = ProviderBuilder::new().connect_http(node.url().parse().unwrap());
+        for (k, units) in genesis() {
+            let wei = U256::from(units) * U256::from(1_000_000_000u64);
+            let () = provider
+                .raw_request(
+                    "anvil_setBalance".into(),
+                    (wallet_of(&key(k)).address(), wei),
+                )
+                .await
+                .unwrap();
+        }
+        let config = ChainConfig {
+            gas_price_wei: Some(0),
+            ..ChainConfig::new(node.url(), contract)
+        };
+        let s = ChainSettlement::connect(config, &keys).await.unwrap();
+        Some(Chain {
+            s,
+            url: node.url(),
+            contract,
+            _node: node,
+        })
+    }
+}
+
+impl Harness for Chain {
+    type S = ChainSettlement;
+    fn s(&self) -> &ChainSettlement {
+        &self.s
+    }
+    async fn hand_over(&self, ticket: &Ticket, payer: &SigningKey) -> murmur_ledger::Result<()> {
+        let recipient = self.s.address_of(&ticket.recipient).unwrap();
+        let cosignature = self.s.cosign(ticket, payer, recipient).unwrap();
+        self.s.accept_cosignature(ticket, cosignature).await
+    }
+    async fn burned(&self) -> u64 {
+        self.s.burned().await.unwrap()
+    }
+    /// The chain's clock is its latest block's timestamp, and an idle Anvil mines no block:
+    /// one is mined after the wait, as a live chain would have.
+    async fn let_pass(&self, secs: u64) {
+        tokio::time::sleep(Duration::from_secs(secs)).await;
+        let provider = ProviderBuilder::new().connect_http(self.url.parse().unwrap());
+        let _: serde_json::Value = provider.raw_request("evm_mine".into(), ()).await.unwrap();
+    }
+}
+
+fn refusal<T: std::fmt::Debug>(r: murmur_ledger::Result<T>) -> Refusal {
+    match r {
+        Ok(v) => panic!("expected a refusal, got {v:?}"),
+        Err(e) => e.refusal().unwrap_or_else(|| panic!("not a refusal: {e}")),
+    }
+}
+
+fn fields(recipient: u8, face_value: u64, nonce: u8) -> TicketFields {
+    let now = unix_now();
+    TicketFields {
+        recipient: id(recipient),
+        face_value,
+        win_ratio: u64::MAX,
+        nonce: [nonce; 16],
+        issued: now,
+        expiry: now + 600,
+        commitment: commitment_of(&REVEAL),
+    }
+}
+
+/// A ticket from `payer`'s pot, handed to its recipient.
+async fn issue<H: Harness>(h: &H, payer: u8, fields: TicketFields) -> Ticket {
+    let t = Ticket::sign(fields, &key(payer));
+    h.hand_over(&t, &key(payer)).await.unwrap();
+    t
+}
+
+fn redeem(t: Ticket, by: u8) -> Signed<Redeem> {
+    Signed::new(
+        Redeem {
+            ticket: t,
+            reveal: REVEAL,
+        },
+        &key(by),
+        unix_now(),
+    )
+}
+
+async fn fund<H: Harness>(h: &H, balance: u64, escrow: u64) {
+    let req = Signed::new(
+        Fund {
+            pot: id(PAYER),
+            balance,
+            escrow,
+        },
+        &key(PAYER),
+        unix_now(),
+    );
+    let t = h.s().fund(req).await.unwrap();
+    assert_eq!((t.pot.balance, t.pot.escrow), (balance, escrow));
+}
+
+/// Accounts, pots and burned escrow: (each account, each pot's total, burned).
+async fn holdings<H: Harness>(h: &H) -> (Vec<u64>, Vec<u64>, u64) {
+    let mut accounts = Vec::new();
+    let mut pots = Vec::new();
+    for (k, _) in genesis() {
+        accounts.push(h.s().account(id(k)).await.unwrap().balance);
+        pots.push(match h.s().pot(id(k)).await {
+            Ok(p) => p.balance + p.escrow,
+            Err(e) => {
+                assert_eq!(e.refusal(), Some(Refusal::UnknownPot));
+                0
+            }
+        });
+    }
+    (accounts, pots, h.burned().await)
+}
+
+async fn assert_conserved<H: Harness>(h: &H) {
+    let (accounts, pots, burned) = holdings(h).await;
+    let total: u64 = accounts.iter().chain(&pots).sum::<u64>() + burned;
+    let genesis: u64 = genesis().iter().map(|&(_, v)| v).sum();
+    assert_eq!(
+        total, genesis,
+        "accounts {accounts:?} pots {pots:?} burned {burned}"
+    );
+}
+
+/// Redeeming `req` is refused with `expected`, and no account, pot or burned total changes.
+async fn refused<H: Harness>(h: &H, req: Signed<Redeem>, expected: Refusal) {
+    let before = holdings(h).await;
+    assert_eq!(refusal(h.s().redeem(req).await), expected);
+    assert_eq!(holdings(h).await, before);
+}
+
+async fn redeem_once<H: Harness>(h: &H) {
+    fund(h, 300, 400).await;
+    let t = issue(h, PAYER, fields(RELAY, 100, 1)).await;
+    let r = h.s().redeem(redeem(t, RELAY)).await.unwrap();
+    assert_eq!((r.paid, r.burned, r.account.balance), (100, 0, 100));
+    assert_eq!((r.pot.balance, r.pot.escrow), (200, 400));
+    assert_eq!(
+        refusal(h.s().redeem(redeem(t, RELAY)).await),
+        Refusal::AlreadyRedeemed
+    );
+    assert_eq!(h.s().account(id(RELAY)).await.unwrap().balance, 100);
+    assert_conserved(h).await;
+}
+
+async fn wrong_recipient<H: Harness>(h: &H) {
+    fund(h, 300, 400).await;
+    let t = issue(h, PAYER, fields(RELAY, 100, 1)).await;
+    refused(h, redeem(t, OTHER_RELAY), Refusal::WrongRecipient).await;
+}
+
+async fn expired<H: Harness>(h: &H) {
+    fund(h, 300, 400).await;
+    let now = unix_now();
+    let t = issue(
+        h,
+        PAYER,
+        TicketFields {
+            issued: now - 700,
+            expiry: now - 100,
+            ..fields(RELAY, 100, 1)
+        },
+    )
+    .await;
+    refused(h, redeem(t, RELAY), Refusal::TicketExpired).await;
+}
+
+async fn forged<H: Harness>(h: &H) {
+    fund(h, 300, 400).await;
+    let mut t = issue(h, PAYER, fields(RELAY, 100, 1)).await;
+    t.signature[5] ^= 1;
+    refused(h, redeem(t, RELAY), Refusal::ForgedTicket).await;
+    // a ticket the payer never signed, for more than it did
+    let honest = Ticket::sign(fields(RELAY, 100, 2), &key(PAYER));
+    let mut raised = honest;
+    raised.face_value = 300;
+    h.hand_over(&honest, &key(PAYER)).await.unwrap();
+    refused(h, redeem(raised, RELAY), Refusal::ForgedTicket).await;
+}
+
+async fn unknown_pot<H: Harness>(h: &H) {
+    let t = Ticket::sign(fields(RELAY, 100, 1), &key(NOBODY));
+    // the chain's relay refuses the co-signature of a pot that does not exist
+    if let Err(e) = h.hand_over(&t, &key(NOBODY)).await {
+        assert_eq!(e.refusal(), Some(Refusal::UnknownPot));
+    }
+    assert_eq!(
+        refusal(h.s().redeem(redeem(t, RELAY)).await),
+        Refusal::UnknownPot
+    );
+    assert_eq!(refusal(h.s().pot(id(NOBODY)).await), Refusal::UnknownPot);
+}
+
+async fn reveal_and_loss<H: Harness>(h: &H) {
+    fund(h, 300, 400).await;
+    let t = issue(h, PAYER, fields(RELAY, 100, 1)).await;
+    let mut wrong = redeem(t, RELAY);
+    wrong.op.reveal = [8; 32];
+    let wrong = Signed::new(wrong.op, &key(RELAY), unix_now());
+    refused(h, wrong, Refusal::RevealMismatch).await;
+    let loser = issue(
+        h,
+        PAYER,
+        TicketFields {
+            win_ratio: 0,
+            ..fields(RELAY, 100, 2)
+        },
+    )
+    .await;
+    refused(h, redeem(loser, RELAY), Refusal::NotAWinner).await;
+}
+
+async fn overdraft_burns_escrow<H: Harness>(h: &H) {
+    fund(h, 50, 300).await;
+    let t = issue(h, PAYER, fields(RELAY, 100, 1)).await;
+    let r = h.s().redeem(redeem(t, RELAY)).await.unwrap();
+    assert_eq!((r.paid, r.burned), (50, 300));
+    assert_eq!((r.pot.balance, r.pot.escrow), (0, 0));
+    assert_eq!(h.burned().await, 300);
+    // an empty pot pays nothing more
+    let t = issue(h, PAYER, fields(RELAY, 100, 2)).await;
+    let r = h.s().redeem(redeem(t, RELAY)).await.unwrap();
+    assert_eq!((r.paid, r.burned), (0, 0));
+    assert_conserved(h).await;
+}
+
+async fn early_withdrawal_refused<H: Harness>(h: &H) {
+    fund(h, 300, 400).await;
+    let payer = key(PAYER);
+    let withdraw = |amount| Signed::new(Withdraw { amount }, &payer, unix_now());
+    let before = holdings(h).await;
+    assert_eq!(
+        refusal(h.s().withdraw(withdraw(100)).await),
+        Refusal::NotWarned
+    );
+    assert_eq!(
+        refusal(
+            h.s()
+                .warn(Signed::new(Warn { amount: 800 }, &payer, unix_now()))
+                .await
+        ),
+        Refusal::InsufficientFunds
+    );
+    let pot = h
+        .s()
+        .warn(Signed::new(Warn { amount: 500 }, &payer, unix_now()))
+        .await
+        .unwrap();
+    assert_eq!(pot.warned, 500);
+    assert_eq!(
+        refusal(h.s().withdraw(withdraw(500)).await),
+        Refusal::NoticeNotOver
+    );
+    assert_eq!(holdings(h).await, before);
+    h.let_pass(NOTICE_S + 1).await;
+    assert_eq!(
+        refusal(h.s().withdraw(withdraw(600)).await),
+        Refusal::ExceedsWarned
+    );
+    let t = h.s().withdraw(withdraw(500)).await.unwrap();
+    // the balance first, then the escrow
+    assert_eq!((t.pot.balance, t.pot.escrow, t.pot.warned), (0, 200, 0));
+    assert_eq!(t.account.balance, GENESIS - 200);
+    assert_conserved(h).await;
+}
+
+async fn money_conserved<H: Harness>(h: &H) {
+    let funding = Signed::new(
+        Fund {
+            pot: id(PAYER),
+            balance: GENESIS,
+            escrow: 1,
+        },
+        &key(PAYER),
+        unix_now(),
+    );
+    assert_eq!(
+        refusal(h.s().fund(funding).await),
+        Refusal::InsufficientFunds
+    );
+    fund(h, 250, 300).await;
+    // one nonce for two relays is two tickets, each paid once; the second overdraws
+    for (relay, face, paid, burned) in [(RELAY, 200, 200, 0), (OTHER_RELAY, 200, 50, 300)] {
+        let t = issue(h, PAYER, fields(relay, face, 9)).await;
+        let r = h.s().redeem(redeem(t, relay)).await.unwrap();
+        assert_eq!((r.paid, r.burned), (paid, burned));
+        assert_conserved(h).await;
+    }
+    let (accounts, pots, burned) = holdings(h).await;
+    assert_eq!(accounts, [GENESIS - 550, 200, 50, 0]);
+    assert_eq!(pots, [0, 0, 0, 0]);
+    assert_eq!(burned, 300);
+}
+
+macro_rules! both {
+    ($($case:ident),* $(,)?) => { $(
+        mod $case {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn embedded() {
+                super::$case(&super::Embedded::new()).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn chain() {
+                if let Some(h) = super::Chain::new().await {
+                    super::$case(&h).await;
+                }
+            }
+        }
+    )* };
+}
+
+both!(
+    redeem_once,
+    wrong_recipient,
+    expired,
+    forged,
+    unknown_pot,
+    reveal_and_loss,
+    overdraft_burns_escrow,
+    early_withdrawal_refused,
+    money_conserved,
+);
+
+/// The contract's own checks, which the off-chain checks in front of them hide, called
+/// directly; and the relay's check of a co-signature.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_contract_refuses_on_its_own() {
+    let Some(h) = Chain::new().await else { return };
+    fund(&h, 300, 400).await;
+    let t = Ticket::sign(fields(RELAY, 100, 1), &key(PAYER));
+    let relay = h.s.address_of(&id(RELAY)).unwrap();
+    let other = h.s.address_of(&id(OTHER_RELAY)).unwrap();
+    let good = h.s.cosign(&t, &key(PAYER), relay).unwrap();
+    let not_the_owners = h.s.cosign(&t, &key(OTHER_RELAY), relay).unwrap();
+    let for_another = h.s.cosign(&t, &key(PAYER), other).unwrap();
+    for bad in [not_the_owners, for_another] {
+        assert_eq!(
+            refusal(h.s.accept_cosignature(&t, bad).await),
+            Refusal::ForgedTicket
+        );
+    }
+
+    let mut wallet = EthereumWallet::new(wallet_of(&key(RELAY)));
+    wallet.register_signer(wallet_of(&key(OTHER_RELAY)));
+    let provider = ProviderBuilder::new()
+        .wallet(wallet)
+        .connect_http(h.url.parse().unwrap());
+    let c = MurmurLottery::new(h.contract, provider);
+    let reason = |e: alloy::contract::Error| {
+        e.as_decoded_error::<alloy::sol_types::Revert>()
+            .unwrap()
+            .reason
+    };
+    let call = |cosig: CoSignature, recipient: Address, from: Address| {
+        c.redeem(
+            Bytes::copy_from_slice(&t.encode()),
+            B256::from(REVEAL),
+            recipient,
+            B256::from_slice(&cosig.0[..32]),
+            B256::from_slice(&cosig.0[32..]),
+        )
+        .from(from)
+        .max_fee_per_gas(0)
+        .max_priority_fee_per_gas(0)
+    };
+    let refused = |cosig, recipient, from| {
+        let call = call(cosig, recipient, from);
+        async move { reason(call.call().await.unwrap_err()) }
+    };
+    assert_eq!(refused(not_the_owners, relay, relay).await, "forged_ticket");
+    assert_eq!(refused(for_another, relay, relay).await, "forged_ticket");
+    assert_eq!(refused(good, relay, other).await, "wrong_recipient");
+    assert_eq!(refused(good, other, other).await, "forged_ticket");
+    let mut tampered = good;
+    tampered.0[40] ^= 0x10;
+    assert_eq!(refused(tampered, relay, relay).await, "forged_ticket");
+    let receipt = call(good, relay, relay)
+        .send()
+        .await
+        .unwrap()
+        .get_receipt()
+        .await
+        .unwrap();
+    assert!(receipt.status());
+    assert_eq!(refused(good, relay, relay).await, "already_redeemed");
+    // the co-signed hash the payer signs is the contract's
+    let digest = B256::from(t.digest());
+    assert_eq!(
+        c.cosignedHash(digest, relay).call().await.unwrap(),
+        h.s.cosigned_hash(&t, relay)
+    );
+}
+
+/// Gas of each operation and redemptions per second against Anvil (sequential: one relay's
+/// wallet sends one transaction after another). Prints the figures the ledger README quotes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gas_and_redemptions_per_second() {
+    let Some(h) = Chain::new().await else { return };
+    const N: u64 = 200;
+    let payer = key(PAYER);
+    let top_up = |balance, escrow| {
+        Signed::new(
+            Fund {
+                pot: id(PAYER),
+                balance,
+                escrow,
+            },
+            &payer,
+            unix_now(),
+        )
+    };
+    h.s.fund(top_up(10_000, 20_000)).await.unwrap();
+    let fund_new = h.s.gas().fund;
+    h.s.fund(top_up(1_000, 1_000)).await.unwrap();
+    let fund_top_up = h.s.gas().fund;
+    h.s.warn(Signed::new(Warn { amount: 100 }, &payer, unix_now()))
+        .await
+        .unwrap();
+    let warn = h.s.gas().warn;
+    let mut tickets = Vec::new();
+    for i in 0..N {
+        let mut f = fields(RELAY, 10, 0);
+        f.nonce[..8].copy_from_slice(&i.to_be_bytes());
+        tickets.push(issue(&h, PAYER, f).await);
+    }
+    let mut gas = Vec::new();
+    let started = std::time::Instant::now();
+    for t in tickets {
+        let r = h.s.redeem(redeem(t, RELAY)).await.unwrap();
+        assert_eq!(r.paid, 10);
+        gas.push(h.s.gas().redeem);
+    }
+    let elapsed = started.elapsed();
+    h.let_pass(NOTICE_S + 1).await;
+    h.s.withdraw(Signed::new(Withdraw { amount: 100 }, &payer, unix_now()))
+        .await
+        .unwrap();
+    let withdraw = h.s.gas().withdraw;
+    // an overdraft: the face value beyond the balance burns the escrow
+    let t = issue(&h, PAYER, fields(RELAY, 1_000_000, 1)).await;
+    let r = h.s.redeem(redeem(t, RELAY)).await.unwrap();
+    assert!(r.burned > 0);
+    let overdraft = h.s.gas().redeem;
+    let (min, max) = (gas.iter().min().unwrap(), gas.iter().max().unwrap());
+    let per_s = N as f64 / elapsed.as_secs_f64();
+    println!(
+        "gas: fund (new pot) {fund_new}, fund (top up) {fund_top_up}, warn {warn}, withdraw {withdraw}"
+    );
+    println!("gas: redeem {min}..{max} (a winning ticket paid in full), overdraft {overdraft}");
+    println!(
+        "redemptions: {N} in {elapsed:.2?} = {per_s:.0}/s (sequential, one wallet, 1 confirmation)"
+    );
+    println!("fees paid: {} wei", h.s.gas().fees_wei);
+    assert!(
+        *max < 100_000,
+        "a redemption should cost under 100k gas: {max}"
+    );
+    assert_eq!(h.s.gas().fees_wei, 0, "the test node charges no fees");
+}
