@@ -37,6 +37,7 @@ contract MurmurLottery {
     event Funded(bytes32 indexed pot, address indexed from, uint64 balance, uint64 escrow);
     event Warned(bytes32 indexed pot, uint64 amount, uint64 unlockAt);
     event Withdrawn(bytes32 indexed pot, uint64 amount);
+    event Refused(uint256 indexed index, string reason);
     event Redeemed(
         bytes32 indexed pot, bytes32 indexed digest, address indexed recipient, uint64 paid, uint64 burned
     );
@@ -93,6 +94,14 @@ contract MurmurLottery {
         pay(msg.sender, amount);
     }
 
+    /// A ticket to redeem in a batch: its encoding, the reveal and the owner's co-signature.
+    struct Claim {
+        bytes ticket;
+        bytes32 reveal;
+        bytes32 r;
+        bytes32 vs;
+    }
+
     /// Pays a winning ticket to `recipient` (the sender), once: `min(face value, balance)`,
     /// burning the whole escrow if the face value is larger than the balance. `ticket` is the
     /// 209-byte encoding; `(r, vs)` the owner's EIP-2098 signature of `cosignedHash`.
@@ -100,23 +109,39 @@ contract MurmurLottery {
         external
         returns (uint64 paid, uint64 burnt)
     {
-        require(ticket.length == TICKET_LEN && ticket[0] == 0x01, "malformed");
         require(recipient == msg.sender, "wrong_recipient");
-        require(block.timestamp <= uint64(bytes8(ticket[105:113])), "ticket_expired");
-        bytes32 digest = sha256(abi.encodePacked("murmur/ticket-id/v1\x00", ticket[:SIGNED_LEN]));
-        require(!redeemed[digest], "already_redeemed");
-        bytes32 potKey = bytes32(ticket[1:33]);
-        Pot storage p = pots[potKey];
-        require(p.owner != address(0), "unknown_pot");
-        require(ecrecover2098(cosignedHash(digest, recipient), r, vs) == p.owner, "forged_ticket");
-        require(
-            sha256(abi.encodePacked("murmur/ticket-commit/v1\x00", reveal)) == bytes32(ticket[113:145]),
-            "reveal_mismatch"
-        );
-        bytes32 win = sha256(abi.encodePacked("murmur/ticket-win/v1\x00", reveal, ticket[97:105], ticket[81:97]));
-        require(uint64(bytes8(win)) <= uint64(bytes8(ticket[73:81])), "not_a_winner");
+        string memory refusal;
+        (refusal, paid, burnt) = settle(ticket, reveal, recipient, r, vs);
+        require(bytes(refusal).length == 0, refusal);
+        pay(recipient, paid);
+    }
 
+    /// Redeems several tickets for the sender in one transaction, paid in one transfer. A
+    /// ticket the contract refuses is skipped and logged (`Refused`, with its index in
+    /// `claims`); the others are paid.
+    function redeemBatch(Claim[] calldata claims) external returns (uint256 paidTotal) {
+        for (uint256 i = 0; i < claims.length; i++) {
+            Claim calldata c = claims[i];
+            (string memory refusal, uint64 paid,) = settle(c.ticket, c.reveal, msg.sender, c.r, c.vs);
+            if (bytes(refusal).length == 0) {
+                paidTotal += paid;
+            } else {
+                emit Refused(i, refusal);
+            }
+        }
+        pay(msg.sender, paidTotal);
+    }
+
+    /// One redemption's checks and effects, but for the payment: the refusal's label, or ""
+    /// with what is paid and burned.
+    function settle(bytes calldata ticket, bytes32 reveal, address recipient, bytes32 r, bytes32 vs)
+        private
+        returns (string memory, uint64 paid, uint64 burnt)
+    {
+        (string memory refusal, bytes32 digest, bytes32 potKey) = check(ticket, reveal, recipient, r, vs);
+        if (bytes(refusal).length != 0) return (refusal, 0, 0);
         redeemed[digest] = true;
+        Pot storage p = pots[potKey];
         uint64 face = uint64(bytes8(ticket[65:73]));
         paid = face < p.balance ? face : p.balance;
         burnt = face > p.balance ? p.escrow : 0;
@@ -124,7 +149,36 @@ contract MurmurLottery {
         p.escrow -= burnt;
         burned += burnt;
         emit Redeemed(potKey, digest, recipient, paid, burnt);
-        pay(recipient, paid);
+        return ("", paid, burnt);
+    }
+
+    /// The checks of a redemption, in the embedded ledger's order where the chain allows.
+    function check(bytes calldata ticket, bytes32 reveal, address recipient, bytes32 r, bytes32 vs)
+        private
+        view
+        returns (string memory, bytes32 digest, bytes32 potKey)
+    {
+        if (ticket.length != TICKET_LEN || ticket[0] != 0x01) return ("malformed", 0, 0);
+        if (block.timestamp > uint64(bytes8(ticket[105:113]))) return ("ticket_expired", 0, 0);
+        digest = sha256(abi.encodePacked("murmur/ticket-id/v1\x00", ticket[:SIGNED_LEN]));
+        if (redeemed[digest]) return ("already_redeemed", digest, 0);
+        potKey = bytes32(ticket[1:33]);
+        address owner = pots[potKey].owner;
+        if (owner == address(0)) return ("unknown_pot", digest, potKey);
+        if (ecrecover2098(cosignedHash(digest, recipient), r, vs) != owner) {
+            return ("forged_ticket", digest, potKey);
+        }
+        return (wins(ticket, reveal), digest, potKey);
+    }
+
+    /// The recipient's commitment opened by `reveal`, and the win test: "" if the ticket wins.
+    function wins(bytes calldata ticket, bytes32 reveal) private pure returns (string memory) {
+        if (sha256(abi.encodePacked("murmur/ticket-commit/v1\x00", reveal)) != bytes32(ticket[113:145])) {
+            return "reveal_mismatch";
+        }
+        bytes32 win = sha256(abi.encodePacked("murmur/ticket-win/v1\x00", reveal, ticket[97:105], ticket[81:97]));
+        if (uint64(bytes8(win)) > uint64(bytes8(ticket[73:81]))) return "not_a_winner";
+        return "";
     }
 
     /// What a pot's owner signs to let `recipient` redeem the ticket with this digest here.
@@ -138,9 +192,9 @@ contract MurmurLottery {
         require(p.owner == msg.sender, "bad_signature");
     }
 
-    function pay(address to, uint64 amount) private {
+    function pay(address to, uint256 amount) private {
         if (amount > 0) {
-            (bool ok,) = to.call{value: uint256(amount) * UNIT}("");
+            (bool ok,) = to.call{value: amount * UNIT}("");
             require(ok, "payment_failed");
         }
     }

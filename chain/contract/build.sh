@@ -11,8 +11,11 @@ fi
 [ "${1:-}" = "--tools" ] && exit 0
 out=out
 [ "${1:-}" = "--check" ] && out=$(mktemp -d)
-node_modules/.bin/solcjs --optimize --optimize-runs 200 --abi --bin --base-path . \
-    -o "$out" MurmurLottery.sol >/dev/null
+if ! log=$(node_modules/.bin/solcjs --optimize --optimize-runs 200 --abi --bin --base-path . \
+    -o "$out" MurmurLottery.sol 2>&1); then
+    echo "$log" >&2
+    exit 1
+fi
 if [ "$out" != out ]; then
     diff -r out "$out" && echo "out/ is reproduced byte for byte"
     rm -r "$out"

@@ -11,7 +11,7 @@ use alloy::providers::{DynProvider, Provider, ProviderBuilder};
 use alloy::rpc::types::{TransactionReceipt, TransactionRequest};
 use alloy::signers::SignerSync;
 use alloy::signers::local::PrivateKeySigner;
-use alloy::sol_types::{Revert, SolCall, SolConstructor};
+use alloy::sol_types::{Revert, SolCall, SolConstructor, SolEvent};
 use alloy::transports::http::reqwest::Url;
 use ed25519_dalek::SigningKey;
 use murmur_ledger::request::{Fund, Operation, Redeem, Signed, Warn, Withdraw};
@@ -414,6 +414,176 @@ impl ChainSettlement {
         Ok(receipt)
     }
 
+    /// A redemption's off-chain checks, those the contract cannot afford (the request's and
+    /// the ticket's Ed25519 signatures, the signer is the recipient), and its claim with the
+    /// co-signature [`ChainSettlement::accept_cosignature`] kept; and the wallet to send it.
+    async fn claim(&self, req: &Signed<Redeem>) -> Result<(MurmurLottery::Claim, Address)> {
+        req.verify()?;
+        let t = &req.op.ticket;
+        t.check_recipient(&req.signer)
+            .and_then(|()| t.verify_signature())
+            .map_err(|e| {
+                let refusal = match e {
+                    murmur_protocol::Error::TicketWrongRecipient { .. } => Refusal::WrongRecipient,
+                    _ => Refusal::ForgedTicket,
+                };
+                refusal.because(e.to_string())
+            })?;
+        let from = self.wallet(&req.signer)?;
+        let digest = t.digest();
+        let held = lock(&self.cosignatures).get(&digest).copied();
+        let cosignature = match held {
+            Some(c) => c,
+            // the co-signature is let go once the ticket is redeemed
+            None if self.is_redeemed(digest).await? => {
+                return Err(Refusal::AlreadyRedeemed.because(format!(
+                    "ticket {} of pot {} was already redeemed",
+                    B256::from(digest),
+                    t.pot
+                )));
+            }
+            None if self.read_pot(t.pot).await?.is_none() => {
+                return Err(Refusal::UnknownPot.because(format!("no pot has key {}", t.pot)));
+            }
+            None => {
+                return Err(Refusal::ForgedTicket
+                    .because("no co-signature by the pot's owner for this ticket"));
+            }
+        };
+        let (r, vs) = cosignature.0.split_at(32);
+        let claim = MurmurLottery::Claim {
+            ticket: Bytes::copy_from_slice(&t.encode()),
+            reveal: B256::from(req.op.reveal),
+            r: B256::from_slice(r),
+            vs: B256::from_slice(vs),
+        };
+        Ok((claim, from))
+    }
+
+    /// Redeems several winning tickets in one transaction (`redeemBatch`, one payment), all
+    /// for `recipient`: one result per request, in order. A request refused off-chain is not
+    /// sent; one the contract refuses is skipped by it and comes back refused.
+    pub async fn redeem_batch(
+        &self,
+        recipient: IdentityKey,
+        reqs: &[Signed<Redeem>],
+    ) -> Vec<Result<Redemption>> {
+        let mut results: Vec<Option<Result<Redemption>>> = Vec::with_capacity(reqs.len());
+        let mut claims = Vec::new();
+        let mut sent = Vec::new();
+        for (i, req) in reqs.iter().enumerate() {
+            if req.signer != recipient {
+                results.push(Some(Err(Refusal::Malformed.because(format!(
+                    "a batch for {recipient} holds a request signed by {}",
+                    req.signer
+                )))));
+                continue;
+            }
+            match self.claim(req).await {
+                Ok((claim, _)) => {
+                    claims.push(claim);
+                    sent.push(i);
+                    results.push(None);
+                }
+                Err(e) => results.push(Some(Err(e))),
+            }
+        }
+        if !claims.is_empty() {
+            let outcome = match self.wallet(&recipient) {
+                Ok(from) => {
+                    let call = self.contract.redeemBatch(claims).from(from);
+                    self.transact(call, Op::Redeem, true).await
+                }
+                Err(e) => Err(e),
+            };
+            let settled = match outcome {
+                Ok(receipt) => self.batch_outcome(recipient, reqs, &sent, &receipt).await,
+                Err(e) => Err(e),
+            };
+            match settled {
+                Ok(each) => {
+                    for (&i, result) in sent.iter().zip(each) {
+                        results[i] = Some(result);
+                    }
+                }
+                Err(e) => {
+                    for &i in &sent {
+                        results[i] = Some(Err(Error::Storage(format!("the batch failed: {e}"))));
+                    }
+                }
+            }
+        }
+        results
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(Error::Storage("no outcome".into()))))
+            .collect()
+    }
+
+    /// Each sent request's outcome, from the batch's logs.
+    async fn batch_outcome(
+        &self,
+        recipient: IdentityKey,
+        reqs: &[Signed<Redeem>],
+        sent: &[usize],
+        receipt: &TransactionReceipt,
+    ) -> Result<Vec<Result<Redemption>>> {
+        let mut paid = HashMap::new();
+        let mut refused = HashMap::new();
+        for log in receipt.logs() {
+            if log.address() != self.config.contract {
+                continue;
+            }
+            if let Ok(e) = MurmurLottery::Redeemed::decode_log(log.as_ref()) {
+                paid.insert(e.data.digest.0, (e.data.paid, e.data.burned));
+            } else if let Ok(e) = MurmurLottery::Refused::decode_log(log.as_ref()) {
+                refused.insert(e.data.index, e.data.reason.clone());
+            }
+        }
+        let account = self.account(recipient).await?;
+        // each pot as the batch left it, read once
+        let mut pots = HashMap::new();
+        let mut out = Vec::with_capacity(sent.len());
+        for (j, &i) in sent.iter().enumerate() {
+            let t = &reqs[i].op.ticket;
+            let digest = t.digest();
+            // the contract logs a refusal by the claim's index; a ticket twice in one batch
+            // is paid for the first and refused for the second
+            let result = match (refused.get(&U256::from(j)), paid.get(&digest)) {
+                (Some(reason), _) => Err(match Refusal::from_label(reason) {
+                    Some(r) => r.because(format!("the contract refused: {reason}")),
+                    None => Error::Storage(format!("the contract refused: {reason}")),
+                }),
+                (None, Some(&(paid, burned))) => {
+                    let pot = match pots.get(&t.pot) {
+                        Some(&pot) => pot,
+                        None => *pots.entry(t.pot).or_insert(self.pot(t.pot).await?),
+                    };
+                    Ok(Redemption {
+                        paid,
+                        burned,
+                        account,
+                        pot,
+                    })
+                }
+                (None, None) => Err(Error::Storage("the batch logged nothing for it".into())),
+            };
+            self.let_go(digest, &result);
+            out.push(result);
+        }
+        Ok(out)
+    }
+
+    /// Forgets a ticket's co-signature once the ticket is redeemed, by this or an earlier try.
+    fn let_go<T>(&self, digest: [u8; 32], outcome: &Result<T>) {
+        let settled = match outcome {
+            Ok(_) => true,
+            Err(e) => e.refusal() == Some(Refusal::AlreadyRedeemed),
+        };
+        if settled {
+            lock(&self.cosignatures).remove(&digest);
+        }
+    }
+
     async fn is_redeemed(&self, digest: [u8; 32]) -> Result<bool> {
         self.read(|| async { self.contract.redeemed(B256::from(digest)).call().await })
             .await
@@ -504,55 +674,13 @@ impl Settlement for ChainSettlement {
     /// Ed25519 signatures, and that the signer is the recipient), then redeems on chain with the
     /// co-signature [`ChainSettlement::accept_cosignature`] kept.
     async fn redeem(&self, req: Signed<Redeem>) -> Result<Redemption> {
-        req.verify()?;
-        let t = &req.op.ticket;
-        t.check_recipient(&req.signer)
-            .and_then(|()| t.verify_signature())
-            .map_err(|e| {
-                let refusal = match e {
-                    murmur_protocol::Error::TicketWrongRecipient { .. } => Refusal::WrongRecipient,
-                    _ => Refusal::ForgedTicket,
-                };
-                refusal.because(e.to_string())
-            })?;
-        let from = self.wallet(&req.signer)?;
-        let digest = t.digest();
-        let held = lock(&self.cosignatures).get(&digest).copied();
-        let cosignature = match held {
-            Some(c) => c,
-            // the co-signature is let go once the ticket is redeemed
-            None if self.is_redeemed(digest).await? => {
-                return Err(Refusal::AlreadyRedeemed.because(format!(
-                    "ticket {} of pot {} was already redeemed",
-                    B256::from(digest),
-                    t.pot
-                )));
-            }
-            None if self.read_pot(t.pot).await?.is_none() => {
-                return Err(Refusal::UnknownPot.because(format!("no pot has key {}", t.pot)));
-            }
-            None => {
-                return Err(Refusal::ForgedTicket
-                    .because("no co-signature by the pot's owner for this ticket"));
-            }
-        };
-        let (r, vs) = cosignature.0.split_at(32);
+        let (claim, from) = self.claim(&req).await?;
         let call = self
             .contract
-            .redeem(
-                Bytes::copy_from_slice(&t.encode()),
-                B256::from(req.op.reveal),
-                from,
-                B256::from_slice(r),
-                B256::from_slice(vs),
-            )
+            .redeem(claim.ticket, claim.reveal, from, claim.r, claim.vs)
             .from(from);
         let outcome = self.transact(call, Op::Redeem, true).await;
-        if outcome.is_ok()
-            || matches!(&outcome, Err(e) if e.refusal() == Some(Refusal::AlreadyRedeemed))
-        {
-            lock(&self.cosignatures).remove(&digest);
-        }
+        self.let_go(req.op.ticket.digest(), &outcome);
         let receipt = outcome?;
         let event = receipt
             .decoded_log::<MurmurLottery::Redeemed>()
@@ -561,7 +689,7 @@ impl Settlement for ChainSettlement {
             paid: event.data.paid,
             burned: event.data.burned,
             account: self.account(req.signer).await?,
-            pot: self.pot(t.pot).await?,
+            pot: self.pot(req.op.ticket.pot).await?,
         })
     }
 

@@ -520,6 +520,53 @@ async fn the_contract_refuses_on_its_own() {
     );
 }
 
+/// A batch pays each winner once, in one transaction, and skips what the contract refuses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_pays_each_winner_once_and_skips_refusals() {
+    let Some(h) = Chain::new().await else { return };
+    fund(&h, 1_000, 2_000).await;
+    let mut reqs = Vec::new();
+    for nonce in 0..10 {
+        reqs.push(redeem(
+            issue(&h, PAYER, fields(RELAY, 10, nonce)).await,
+            RELAY,
+        ));
+    }
+    // redeemed before the batch: refused off-chain
+    let early = reqs[0].clone();
+    h.s.redeem(early).await.unwrap();
+    // a wrong reveal: refused by the contract, inside the batch
+    let t = issue(&h, PAYER, fields(RELAY, 10, 50)).await;
+    let mut wrong = redeem(t, RELAY);
+    wrong.op.reveal = [8; 32];
+    reqs.push(Signed::new(wrong.op, &key(RELAY), unix_now()));
+    // another relay's ticket: not for this batch
+    reqs.push(redeem(
+        issue(&h, PAYER, fields(OTHER_RELAY, 10, 51)).await,
+        OTHER_RELAY,
+    ));
+    // the same ticket twice in one batch: paid once
+    reqs.push(reqs[1].clone());
+    let results = h.s.redeem_batch(id(RELAY), &reqs).await;
+    let refusals: Vec<_> = results
+        .iter()
+        .map(|r| r.as_ref().err().and_then(|e| e.refusal()))
+        .collect();
+    let mut expected = vec![Some(Refusal::AlreadyRedeemed)];
+    expected.extend([None; 9]);
+    expected.extend([
+        Some(Refusal::RevealMismatch),
+        Some(Refusal::Malformed),
+        Some(Refusal::AlreadyRedeemed),
+    ]);
+    assert_eq!(refusals, expected, "{results:?}");
+    for r in results.iter().flatten() {
+        assert_eq!((r.paid, r.burned), (10, 0));
+    }
+    assert_eq!(h.s.account(id(RELAY)).await.unwrap().balance, 100);
+    assert_conserved(&h).await;
+}
+
 /// Gas of each operation and redemptions per second against Anvil (sequential: one relay's
 /// wallet sends one transaction after another). Prints the figures the ledger README quotes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -565,6 +612,21 @@ async fn gas_and_redemptions_per_second() {
         .await
         .unwrap();
     let withdraw = h.s.gas().withdraw;
+    // batches: one transaction of B winners
+    let mut batches = Vec::new();
+    for b in [10u64, 50] {
+        let mut reqs = Vec::new();
+        for i in 0..b {
+            let mut f = fields(RELAY, 10, 1);
+            f.nonce[..8].copy_from_slice(&(1_000 * b + i).to_be_bytes());
+            reqs.push(redeem(issue(&h, PAYER, f).await, RELAY));
+        }
+        let started = std::time::Instant::now();
+        let results = h.s.redeem_batch(id(RELAY), &reqs).await;
+        let elapsed = started.elapsed();
+        assert!(results.iter().all(|r| r.is_ok()), "{results:?}");
+        batches.push((b, h.s.gas().redeem, elapsed));
+    }
     // an overdraft: the face value beyond the balance burns the escrow
     let t = issue(&h, PAYER, fields(RELAY, 1_000_000, 1)).await;
     let r = h.s.redeem(redeem(t, RELAY)).await.unwrap();
@@ -579,6 +641,13 @@ async fn gas_and_redemptions_per_second() {
     println!(
         "redemptions: {N} in {elapsed:.2?} = {per_s:.0}/s (sequential, one wallet, 1 confirmation)"
     );
+    for (b, gas, elapsed) in &batches {
+        println!(
+            "gas: a batch of {b} winners {gas} = {} per ticket; {:.0} redemptions/s",
+            gas / b,
+            *b as f64 / elapsed.as_secs_f64()
+        );
+    }
     println!("fees paid: {} wei", h.s.gas().fees_wei);
     assert!(
         *max < 100_000,
