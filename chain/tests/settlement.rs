@@ -655,3 +655,112 @@ async fn gas_and_redemptions_per_second() {
     );
     assert_eq!(h.s.gas().fees_wei, 0, "the test node charges no fees");
 }
+
+/// Winners the crash test's relay redeems, and what each pays.
+const CRASH_TICKETS: u64 = 200;
+const CRASH_FACE: u64 = 10;
+
+/// The crash test's tickets: the same in the relay process and after its restart.
+fn crash_tickets(issued: u64) -> Vec<Ticket> {
+    (0..CRASH_TICKETS)
+        .map(|i| {
+            let mut f = fields(RELAY, CRASH_FACE, 0);
+            f.nonce[..8].copy_from_slice(&i.to_be_bytes());
+            f.issued = issued;
+            f.expiry = issued + 600;
+            Ticket::sign(f, &key(PAYER))
+        })
+        .collect()
+}
+
+/// The relay of `a_relay_killed_while_redeeming_is_paid_for_each_winner_once`: connects to
+/// the node and contract its parent names and redeems the winners one after another until
+/// it is killed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "the child process of the kill -9 test, which runs it"]
+async fn crash_relay() {
+    let spec = std::env::var("MURMUR_CHAIN_CRASH").unwrap();
+    let [url, contract, issued] = spec.split(' ').collect::<Vec<_>>().try_into().unwrap();
+    let config = ChainConfig {
+        gas_price_wei: Some(0),
+        ..ChainConfig::new(url, contract.parse().unwrap())
+    };
+    let s = ChainSettlement::connect(config, &[key(RELAY), key(PAYER)])
+        .await
+        .unwrap();
+    for t in crash_tickets(issued.parse().unwrap()) {
+        let relay = s.address_of(&id(RELAY)).unwrap();
+        s.accept_cosignature(&t, s.cosign(&t, &key(PAYER), relay).unwrap())
+            .await
+            .unwrap();
+        s.redeem(redeem(t, RELAY)).await.unwrap();
+    }
+}
+
+/// A relay process killed (SIGKILL) while it redeems winners on the chain, restarted with the
+/// same tickets, redeems them all again: each is paid exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_killed_while_redeeming_is_paid_for_each_winner_once() {
+    let Some(h) = Chain::new().await else { return };
+    fund(&h, 100_000, 200_000).await;
+    let issued = unix_now();
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--ignored", "--exact", "crash_relay", "--nocapture"])
+        .env(
+            "MURMUR_CHAIN_CRASH",
+            format!("{} {} {issued}", h.url, h.contract),
+        )
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while h.s.account(id(RELAY)).await.unwrap().balance < 20 * CRASH_FACE {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the relay redeemed nothing"
+        );
+        assert!(child.try_wait().unwrap().is_none(), "the relay exited");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let before = h.s.account(id(RELAY)).await.unwrap().balance / CRASH_FACE;
+    assert!(
+        before < CRASH_TICKETS,
+        "killed too late: all {before} were redeemed"
+    );
+
+    // the restarted relay: the same tickets (kept with their co-signatures), redeemed in batches
+    let tickets = crash_tickets(issued);
+    let relay = h.s.address_of(&id(RELAY)).unwrap();
+    let mut reqs = Vec::new();
+    for t in tickets {
+        let cosignature = h.s.cosign(&t, &key(PAYER), relay).unwrap();
+        h.s.accept_cosignature(&t, cosignature).await.unwrap();
+        reqs.push(redeem(t, RELAY));
+    }
+    let (mut paid, mut again) = (0, 0);
+    for chunk in reqs.chunks(50) {
+        for r in h.s.redeem_batch(id(RELAY), chunk).await {
+            match r {
+                Ok(r) => {
+                    assert_eq!(r.paid, CRASH_FACE);
+                    paid += 1;
+                }
+                Err(e) => {
+                    assert_eq!(e.refusal(), Some(Refusal::AlreadyRedeemed), "{e}");
+                    again += 1;
+                }
+            }
+        }
+    }
+    println!(
+        "killed after {before} redemptions; after the restart {paid} paid, {again} refused already_redeemed"
+    );
+    assert_eq!((again, paid + again), (before, CRASH_TICKETS));
+    assert_eq!(
+        h.s.account(id(RELAY)).await.unwrap().balance,
+        CRASH_TICKETS * CRASH_FACE
+    );
+    assert_conserved(&h).await;
+}
