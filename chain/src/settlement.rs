@@ -1,6 +1,7 @@
 //! [`Settlement`] over an Ethereum node's JSON-RPC, against a deployed `MurmurLottery`.
 
 use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 use std::future::Future;
 use std::sync::Mutex;
 use std::time::Duration;
@@ -15,8 +16,10 @@ use alloy::sol_types::{Revert, SolCall, SolConstructor, SolEvent};
 use alloy::transports::http::reqwest::Url;
 use ed25519_dalek::SigningKey;
 use murmur_ledger::request::{Fund, Operation, Redeem, Signed, Warn, Withdraw};
-use murmur_ledger::{Account, Error, Pot, Redemption, Refusal, Result, Settlement, Transfer};
-use murmur_protocol::directory::IdentityKey;
+use murmur_ledger::{
+    Account, Error, Pot, Redemption, Refusal, Result, Settlement, Transfer, unix_now,
+};
+use murmur_protocol::directory::{IdentityKey, UnixTime};
 use murmur_protocol::ticket::Ticket;
 use serde::{Deserialize, Serialize};
 
@@ -48,6 +51,13 @@ pub struct ChainConfig {
     /// Co-signatures of accepted tickets kept for their redemption; more are refused.
     #[serde(default = "defaults::max_cosignatures")]
     pub max_cosignatures: usize,
+    /// A signed request's timestamp may differ from this clock by this many seconds, and its
+    /// nonce is remembered this long (the embedded ledger's `request_window`).
+    #[serde(default = "defaults::request_window_s")]
+    pub request_window_s: u64,
+    /// Requests remembered in the window; beyond, new ones are refused `rate_limited`.
+    #[serde(default = "defaults::max_remembered_requests")]
+    pub max_remembered_requests: usize,
     /// A fixed fee per gas in wei (max fee and priority fee both), for a private chain or a
     /// test node (0: free); unset, the node's estimate.
     #[serde(default)]
@@ -67,6 +77,12 @@ mod defaults {
     pub fn max_cosignatures() -> usize {
         65_536
     }
+    pub fn request_window_s() -> u64 {
+        300
+    }
+    pub fn max_remembered_requests() -> usize {
+        65_536
+    }
 }
 
 impl ChainConfig {
@@ -79,6 +95,8 @@ impl ChainConfig {
             timeout_s: defaults::timeout_s(),
             retries: defaults::retries(),
             max_cosignatures: defaults::max_cosignatures(),
+            request_window_s: defaults::request_window_s(),
+            max_remembered_requests: defaults::max_remembered_requests(),
             gas_price_wei: None,
         }
     }
@@ -121,6 +139,8 @@ pub struct ChainSettlement {
     cosignatures: Mutex<HashMap<[u8; 32], CoSignature>>,
     gas: Mutex<GasUsed>,
     sending: tokio::sync::Mutex<()>,
+    /// Admitted requests by `(signer, nonce)`, with their timestamps.
+    seen: Mutex<HashMap<(IdentityKey, [u8; 16]), UnixTime>>,
 }
 
 impl std::fmt::Debug for ChainSettlement {
@@ -232,6 +252,7 @@ impl ChainSettlement {
             cosignatures: Mutex::new(HashMap::new()),
             gas: Mutex::new(GasUsed::default()),
             sending: tokio::sync::Mutex::new(()),
+            seen: Mutex::new(HashMap::new()),
         })
     }
 
@@ -313,9 +334,63 @@ impl ChainSettlement {
         Ok(())
     }
 
-    /// For a warning or a withdrawal: its signature checked, the signer's pot and wallet.
-    fn own_pot<T: Operation>(&self, req: &Signed<T>) -> Result<(B256, Address)> {
+    /// Admits a signed request as the embedded ledger does: its timestamp within
+    /// `request_window_s` of this clock, its signature, and its `(signer, nonce)` not seen in
+    /// the window (remembered from here on, forgotten again if it is refused).
+    fn admit<T: Operation>(&self, req: &Signed<T>) -> Result<()> {
+        let now = unix_now();
+        let window = self.config.request_window_s;
+        if req.timestamp.abs_diff(now) > window {
+            return Err(Refusal::StaleRequest.because(format!(
+                "the request is stamped {}, this clock says {now}; at most {window} s apart \
+                 are accepted",
+                req.timestamp
+            )));
+        }
         req.verify()?;
+        let mut seen = lock(&self.seen);
+        if seen.len() >= self.config.max_remembered_requests {
+            seen.retain(|_, stamped| stamped.saturating_add(window) >= now);
+        }
+        if seen.len() >= self.config.max_remembered_requests {
+            return Err(Refusal::RateLimited.because(format!(
+                "{} requests remembered in the window already",
+                seen.len()
+            )));
+        }
+        match seen.entry((req.signer, req.nonce)) {
+            Entry::Occupied(_) => Err(Refusal::ReplayedRequest
+                .because(format!("this {} request was already decided", T::NAME))),
+            Entry::Vacant(v) => {
+                v.insert(req.timestamp);
+                Ok(())
+            }
+        }
+    }
+
+    /// A refused request may be sent again (within its window), as at the embedded ledger.
+    fn forget_if_refused<T, O>(&self, req: &Signed<T>, outcome: &Result<O>) {
+        if let Err(e) = outcome
+            && e.refusal().is_some()
+        {
+            lock(&self.seen).remove(&(req.signer, req.nonce));
+        }
+    }
+
+    /// Runs an admitted request.
+    async fn once<T: Operation, O>(
+        &self,
+        req: &Signed<T>,
+        run: impl Future<Output = Result<O>>,
+    ) -> Result<O> {
+        self.admit(req)?;
+        let outcome = run.await;
+        self.forget_if_refused(req, &outcome);
+        outcome
+    }
+
+    /// For a warning or a withdrawal: the signer's pot and wallet.
+    fn own_pot<T: Operation>(&self, req: &Signed<T>) -> Result<(B256, Address)> {
         Ok((B256::from(req.signer.0), self.wallet(&req.signer)?))
     }
 
@@ -414,11 +489,11 @@ impl ChainSettlement {
         Ok(receipt)
     }
 
-    /// A redemption's off-chain checks, those the contract cannot afford (the request's and
-    /// the ticket's Ed25519 signatures, the signer is the recipient), and its claim with the
+    /// A redemption's off-chain checks, those the contract cannot afford (the ticket's
+    /// Ed25519 signature, the signer is the recipient; the request's was checked when it was
+    /// admitted), and its claim with the
     /// co-signature [`ChainSettlement::accept_cosignature`] kept; and the wallet to send it.
     async fn claim(&self, req: &Signed<Redeem>) -> Result<(MurmurLottery::Claim, Address)> {
-        req.verify()?;
         let t = &req.op.ticket;
         t.check_recipient(&req.signer)
             .and_then(|()| t.verify_signature())
@@ -471,6 +546,7 @@ impl ChainSettlement {
         let mut results: Vec<Option<Result<Redemption>>> = Vec::with_capacity(reqs.len());
         let mut claims = Vec::new();
         let mut sent = Vec::new();
+        let mut admitted = Vec::new();
         for (i, req) in reqs.iter().enumerate() {
             if req.signer != recipient {
                 results.push(Some(Err(Refusal::Malformed.because(format!(
@@ -479,6 +555,11 @@ impl ChainSettlement {
                 )))));
                 continue;
             }
+            if let Err(e) = self.admit(req) {
+                results.push(Some(Err(e)));
+                continue;
+            }
+            admitted.push(i);
             match self.claim(req).await {
                 Ok((claim, _)) => {
                     claims.push(claim);
@@ -513,10 +594,14 @@ impl ChainSettlement {
                 }
             }
         }
-        results
+        let results: Vec<_> = results
             .into_iter()
             .map(|r| r.unwrap_or_else(|| Err(Error::Storage("no outcome".into()))))
-            .collect()
+            .collect();
+        for i in admitted {
+            self.forget_if_refused(&reqs[i], &results[i]);
+        }
+        results
     }
 
     /// Each sent request's outcome, from the batch's logs.
@@ -607,9 +692,9 @@ impl ChainSettlement {
     }
 }
 
-impl Settlement for ChainSettlement {
-    async fn fund(&self, req: Signed<Fund>) -> Result<Transfer> {
-        req.verify()?;
+/// The operations, once admitted ([`ChainSettlement::admit`]).
+impl ChainSettlement {
+    async fn fund_admitted(&self, req: &Signed<Fund>) -> Result<Transfer> {
         let from = self.wallet(&req.signer)?;
         let Fund {
             pot,
@@ -653,15 +738,15 @@ impl Settlement for ChainSettlement {
         })
     }
 
-    async fn warn(&self, req: Signed<Warn>) -> Result<Pot> {
-        let (pot, from) = self.own_pot(&req)?;
+    async fn warn_admitted(&self, req: &Signed<Warn>) -> Result<Pot> {
+        let (pot, from) = self.own_pot(req)?;
         let call = self.contract.warn(pot, req.op.amount).from(from);
         self.transact(call, Op::Warn, false).await?;
         self.pot(req.signer).await
     }
 
-    async fn withdraw(&self, req: Signed<Withdraw>) -> Result<Transfer> {
-        let (pot, from) = self.own_pot(&req)?;
+    async fn withdraw_admitted(&self, req: &Signed<Withdraw>) -> Result<Transfer> {
+        let (pot, from) = self.own_pot(req)?;
         let call = self.contract.withdraw(pot, req.op.amount).from(from);
         self.transact(call, Op::Withdraw, false).await?;
         Ok(Transfer {
@@ -673,8 +758,8 @@ impl Settlement for ChainSettlement {
     /// Checks off-chain what the contract cannot afford to (the request's and the ticket's
     /// Ed25519 signatures, and that the signer is the recipient), then redeems on chain with the
     /// co-signature [`ChainSettlement::accept_cosignature`] kept.
-    async fn redeem(&self, req: Signed<Redeem>) -> Result<Redemption> {
-        let (claim, from) = self.claim(&req).await?;
+    async fn redeem_admitted(&self, req: &Signed<Redeem>) -> Result<Redemption> {
+        let (claim, from) = self.claim(req).await?;
         let call = self
             .contract
             .redeem(claim.ticket, claim.reveal, from, claim.r, claim.vs)
@@ -691,6 +776,24 @@ impl Settlement for ChainSettlement {
             account: self.account(req.signer).await?,
             pot: self.pot(req.op.ticket.pot).await?,
         })
+    }
+}
+
+impl Settlement for ChainSettlement {
+    async fn fund(&self, req: Signed<Fund>) -> Result<Transfer> {
+        self.once(&req, self.fund_admitted(&req)).await
+    }
+
+    async fn warn(&self, req: Signed<Warn>) -> Result<Pot> {
+        self.once(&req, self.warn_admitted(&req)).await
+    }
+
+    async fn withdraw(&self, req: Signed<Withdraw>) -> Result<Transfer> {
+        self.once(&req, self.withdraw_admitted(&req)).await
+    }
+
+    async fn redeem(&self, req: Signed<Redeem>) -> Result<Redemption> {
+        self.once(&req, self.redeem_admitted(&req)).await
     }
 
     async fn pot(&self, key: IdentityKey) -> Result<Pot> {

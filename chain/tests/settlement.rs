@@ -420,6 +420,36 @@ async fn money_conserved<H: Harness>(h: &H) {
     assert_eq!(burned, 300);
 }
 
+async fn replayed_and_stale_requests<H: Harness>(h: &H) {
+    let payer = key(PAYER);
+    let req = Signed::new(
+        Fund {
+            pot: id(PAYER),
+            balance: 300,
+            escrow: 400,
+        },
+        &payer,
+        unix_now(),
+    );
+    h.s().fund(req.clone()).await.unwrap();
+    let before = holdings(h).await;
+    assert_eq!(refusal(h.s().fund(req).await), Refusal::ReplayedRequest);
+    let stale = Signed::new(Warn { amount: 1 }, &payer, unix_now() - 1_000);
+    assert_eq!(refusal(h.s().warn(stale).await), Refusal::StaleRequest);
+    let mut forged = Signed::new(Warn { amount: 1 }, &payer, unix_now());
+    forged.signature[0] ^= 1;
+    assert_eq!(refusal(h.s().warn(forged).await), Refusal::BadSignature);
+    // a refused request is not remembered: sent again, it is decided again
+    let too_much = Signed::new(Warn { amount: 701 }, &payer, unix_now());
+    for _ in 0..2 {
+        assert_eq!(
+            refusal(h.s().warn(too_much.clone()).await),
+            Refusal::InsufficientFunds
+        );
+    }
+    assert_eq!(holdings(h).await, before);
+}
+
 macro_rules! both {
     ($($case:ident),* $(,)?) => { $(
         mod $case {
@@ -448,6 +478,7 @@ both!(
     overdraft_burns_escrow,
     early_withdrawal_refused,
     money_conserved,
+    replayed_and_stale_requests,
 );
 
 /// The contract's own checks, which the off-chain checks in front of them hide, called
@@ -533,7 +564,7 @@ async fn a_batch_pays_each_winner_once_and_skips_refusals() {
         ));
     }
     // redeemed before the batch: refused off-chain
-    let early = reqs[0].clone();
+    let early = Signed::new(reqs[0].op, &key(RELAY), unix_now());
     h.s.redeem(early).await.unwrap();
     // a wrong reveal: refused by the contract, inside the batch
     let t = issue(&h, PAYER, fields(RELAY, 10, 50)).await;
@@ -545,8 +576,9 @@ async fn a_batch_pays_each_winner_once_and_skips_refusals() {
         issue(&h, PAYER, fields(OTHER_RELAY, 10, 51)).await,
         OTHER_RELAY,
     ));
-    // the same ticket twice in one batch: paid once
-    reqs.push(reqs[1].clone());
+    // the same ticket twice in one batch: paid once; the same request twice: refused as such
+    reqs.push(Signed::new(reqs[1].op, &key(RELAY), unix_now()));
+    reqs.push(reqs[2].clone());
     let results = h.s.redeem_batch(id(RELAY), &reqs).await;
     let refusals: Vec<_> = results
         .iter()
@@ -558,6 +590,7 @@ async fn a_batch_pays_each_winner_once_and_skips_refusals() {
         Some(Refusal::RevealMismatch),
         Some(Refusal::Malformed),
         Some(Refusal::AlreadyRedeemed),
+        Some(Refusal::ReplayedRequest),
     ]);
     assert_eq!(refusals, expected, "{results:?}");
     for r in results.iter().flatten() {
