@@ -97,7 +97,7 @@ struct Chain {
     s: ChainSettlement,
     url: String,
     contract: Address,
-    _node: Anvil,
+    node: Anvil,
 }
 
 /// Anvil's first development account (its well-known key), which deploys the contract.
@@ -144,7 +144,7 @@ impl Chain {
             s,
             url: node.url(),
             contract,
-            _node: node,
+            node,
         })
     }
 }
@@ -796,4 +796,57 @@ async fn a_relay_killed_while_redeeming_is_paid_for_each_winner_once() {
         CRASH_TICKETS * CRASH_FACE
     );
     assert_conserved(&h).await;
+}
+
+/// With `confirmations = 3` an operation returns only once two more blocks are on top of
+/// its transaction's; a node that cannot be reached is a network error after the retries,
+/// never a refusal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn confirmation_depth_and_an_unreachable_node() {
+    let Some(mut h) = Chain::new().await else {
+        return;
+    };
+    let config = ChainConfig {
+        gas_price_wei: Some(0),
+        confirmations: 3,
+        timeout_s: 30,
+        retries: 2,
+        ..ChainConfig::new(h.url.clone(), h.contract)
+    };
+    let deep = ChainSettlement::connect(config, &[key(PAYER)])
+        .await
+        .unwrap();
+    let provider = ProviderBuilder::new().connect_http(h.url.parse().unwrap());
+    let miner = {
+        let provider = provider.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                let _: Result<serde_json::Value, _> =
+                    provider.raw_request("evm_mine".into(), ()).await;
+            }
+        })
+    };
+    let before = provider.get_block_number().await.unwrap();
+    let req = Signed::new(
+        Fund {
+            pot: id(PAYER),
+            balance: 10,
+            escrow: 20,
+        },
+        &key(PAYER),
+        unix_now(),
+    );
+    deep.fund(req).await.unwrap();
+    let after = provider.get_block_number().await.unwrap();
+    miner.abort();
+    // its own block and two on top (the miner's blocks may come before it, too)
+    assert!(after >= before + 3, "blocks {before} -> {after}");
+
+    h.node.kill();
+    let started = std::time::Instant::now();
+    let e = deep.pot(id(PAYER)).await.unwrap_err();
+    assert!(matches!(e, murmur_ledger::Error::Http { .. }), "{e:?}");
+    assert!(e.refusal().is_none());
+    println!("unreachable node: {e} after {:.2?}", started.elapsed());
 }
