@@ -1,6 +1,7 @@
 #![doc = include_str!("../README.md")]
 
 pub mod anvil;
+pub mod cli;
 mod settlement;
 mod wallet;
 
