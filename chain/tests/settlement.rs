@@ -27,6 +27,9 @@ const RELAY: u8 = 2;
 const OTHER_RELAY: u8 = 3;
 /// A key whose pot nobody funds.
 const NOBODY: u8 = 9;
+/// A key with money of its own, which funds the payer's pot.
+const FRIEND: u8 = 4;
+const FRIEND_GENESIS: u64 = 5_000;
 const GENESIS: u64 = 1_000_000;
 /// The relay's reveal for its commitment.
 const REVEAL: [u8; 32] = [7; 32];
@@ -41,7 +44,13 @@ fn id(seed: u8) -> IdentityKey {
 
 /// Every key the suite uses, and what it holds at the start.
 fn genesis() -> Vec<(u8, u64)> {
-    vec![(PAYER, GENESIS), (RELAY, 0), (OTHER_RELAY, 0), (NOBODY, 0)]
+    vec![
+        (PAYER, GENESIS),
+        (RELAY, 0),
+        (OTHER_RELAY, 0),
+        (NOBODY, 0),
+        (FRIEND, FRIEND_GENESIS),
+    ]
 }
 
 trait Harness: Sized {
@@ -415,8 +424,8 @@ async fn money_conserved<H: Harness>(h: &H) {
         assert_conserved(h).await;
     }
     let (accounts, pots, burned) = holdings(h).await;
-    assert_eq!(accounts, [GENESIS - 550, 200, 50, 0]);
-    assert_eq!(pots, [0, 0, 0, 0]);
+    assert_eq!(accounts, [GENESIS - 550, 200, 50, 0, FRIEND_GENESIS]);
+    assert_eq!(pots, [0, 0, 0, 0, 0]);
     assert_eq!(burned, 300);
 }
 
@@ -450,6 +459,30 @@ async fn replayed_and_stale_requests<H: Harness>(h: &H) {
     assert_eq!(holdings(h).await, before);
 }
 
+async fn anyone_funds_a_pot_only_its_key_withdraws<H: Harness>(h: &H) {
+    fund(h, 300, 400).await;
+    let friend = key(FRIEND);
+    let gift = Signed::new(
+        Fund {
+            pot: id(PAYER),
+            balance: 1_000,
+            escrow: 2_000,
+        },
+        &friend,
+        unix_now(),
+    );
+    let t = h.s().fund(gift).await.unwrap();
+    assert_eq!((t.pot.balance, t.pot.escrow), (1_300, 2_400));
+    assert_eq!(t.account.balance, FRIEND_GENESIS - 3_000);
+    // the friend has no pot of its own to warn about or withdraw from
+    let warn = Signed::new(Warn { amount: 100 }, &friend, unix_now());
+    assert_eq!(refusal(h.s().warn(warn).await), Refusal::UnknownPot);
+    let withdraw = Signed::new(Withdraw { amount: 100 }, &friend, unix_now());
+    assert_eq!(refusal(h.s().withdraw(withdraw).await), Refusal::UnknownPot);
+    assert_eq!(h.s().pot(id(PAYER)).await.unwrap().warned, 0);
+    assert_conserved(h).await;
+}
+
 macro_rules! both {
     ($($case:ident),* $(,)?) => { $(
         mod $case {
@@ -479,6 +512,7 @@ both!(
     early_withdrawal_refused,
     money_conserved,
     replayed_and_stale_requests,
+    anyone_funds_a_pot_only_its_key_withdraws,
 );
 
 /// The contract's own checks, which the off-chain checks in front of them hide, called
