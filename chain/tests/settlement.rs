@@ -218,16 +218,22 @@ fn redeem(t: Ticket, by: u8) -> Signed<Redeem> {
     )
 }
 
-async fn fund<H: Harness>(h: &H, balance: u64, escrow: u64) {
-    let req = Signed::new(
+/// `by` funds the payer's pot.
+fn funding(by: &SigningKey, balance: u64, escrow: u64) -> Signed<Fund> {
+    let pot = id(PAYER);
+    Signed::new(
         Fund {
-            pot: id(PAYER),
+            pot,
             balance,
             escrow,
         },
-        &key(PAYER),
+        by,
         unix_now(),
-    );
+    )
+}
+
+async fn fund<H: Harness>(h: &H, balance: u64, escrow: u64) {
+    let req = funding(&key(PAYER), balance, escrow);
     let t = h.s().fund(req).await.unwrap();
     assert_eq!((t.pot.balance, t.pot.escrow), (balance, escrow));
 }
@@ -402,17 +408,9 @@ async fn early_withdrawal_refused<H: Harness>(h: &H) {
 }
 
 async fn money_conserved<H: Harness>(h: &H) {
-    let funding = Signed::new(
-        Fund {
-            pot: id(PAYER),
-            balance: GENESIS,
-            escrow: 1,
-        },
-        &key(PAYER),
-        unix_now(),
-    );
+    let too_much = funding(&key(PAYER), GENESIS, 1);
     assert_eq!(
-        refusal(h.s().fund(funding).await),
+        refusal(h.s().fund(too_much).await),
         Refusal::InsufficientFunds
     );
     fund(h, 250, 300).await;
@@ -431,15 +429,7 @@ async fn money_conserved<H: Harness>(h: &H) {
 
 async fn replayed_and_stale_requests<H: Harness>(h: &H) {
     let payer = key(PAYER);
-    let req = Signed::new(
-        Fund {
-            pot: id(PAYER),
-            balance: 300,
-            escrow: 400,
-        },
-        &payer,
-        unix_now(),
-    );
+    let req = funding(&payer, 300, 400);
     h.s().fund(req.clone()).await.unwrap();
     let before = holdings(h).await;
     assert_eq!(refusal(h.s().fund(req).await), Refusal::ReplayedRequest);
@@ -462,15 +452,7 @@ async fn replayed_and_stale_requests<H: Harness>(h: &H) {
 async fn anyone_funds_a_pot_only_its_key_withdraws<H: Harness>(h: &H) {
     fund(h, 300, 400).await;
     let friend = key(FRIEND);
-    let gift = Signed::new(
-        Fund {
-            pot: id(PAYER),
-            balance: 1_000,
-            escrow: 2_000,
-        },
-        &friend,
-        unix_now(),
-    );
+    let gift = funding(&friend, 1_000, 2_000);
     let t = h.s().fund(gift).await.unwrap();
     assert_eq!((t.pot.balance, t.pot.escrow), (1_300, 2_400));
     assert_eq!(t.account.balance, FRIEND_GENESIS - 3_000);
@@ -641,20 +623,9 @@ async fn gas_and_redemptions_per_second() {
     let Some(h) = Chain::new().await else { return };
     const N: u64 = 200;
     let payer = key(PAYER);
-    let top_up = |balance, escrow| {
-        Signed::new(
-            Fund {
-                pot: id(PAYER),
-                balance,
-                escrow,
-            },
-            &payer,
-            unix_now(),
-        )
-    };
-    h.s.fund(top_up(10_000, 20_000)).await.unwrap();
+    h.s.fund(funding(&payer, 10_000, 20_000)).await.unwrap();
     let fund_new = h.s.gas().fund;
-    h.s.fund(top_up(1_000, 1_000)).await.unwrap();
+    h.s.fund(funding(&payer, 1_000, 1_000)).await.unwrap();
     let fund_top_up = h.s.gas().fund;
     h.s.warn(Signed::new(Warn { amount: 100 }, &payer, unix_now()))
         .await
@@ -862,15 +833,7 @@ async fn confirmation_depth_and_an_unreachable_node() {
         })
     };
     let before = provider.get_block_number().await.unwrap();
-    let req = Signed::new(
-        Fund {
-            pot: id(PAYER),
-            balance: 10,
-            escrow: 20,
-        },
-        &key(PAYER),
-        unix_now(),
-    );
+    let req = funding(&key(PAYER), 10, 20);
     deep.fund(req).await.unwrap();
     let after = provider.get_block_number().await.unwrap();
     miner.abort();
