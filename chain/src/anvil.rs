@@ -83,6 +83,11 @@ impl Anvil {
                 return Err(std::io::Error::other(format!("anvil exited: {status}")));
             }
             if TcpStream::connect_timeout(&self.addr, Duration::from_millis(200)).is_ok() {
+                // listening, and still ours: a node that lost the port to another exits
+                std::thread::sleep(Duration::from_millis(50));
+                if let Some(status) = self.child.try_wait()? {
+                    return Err(std::io::Error::other(format!("anvil exited: {status}")));
+                }
                 return Ok(());
             }
             std::thread::sleep(Duration::from_millis(50));

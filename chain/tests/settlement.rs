@@ -21,7 +21,7 @@ use murmur_protocol::directory::IdentityKey;
 use murmur_protocol::ticket::{Ticket, TicketFields, commitment_of};
 
 /// Seconds between a warning and its withdrawal, on both backends.
-const NOTICE_S: u64 = 2;
+const NOTICE_S: u64 = 5;
 const PAYER: u8 = 1;
 const RELAY: u8 = 2;
 const OTHER_RELAY: u8 = 3;
