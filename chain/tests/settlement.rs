@@ -847,3 +847,23 @@ async fn confirmation_depth_and_an_unreachable_node() {
     assert!(e.refusal().is_none());
     println!("unreachable node: {e} after {:.2?}", started.elapsed());
 }
+
+/// Without a fixed gas price the node's fee estimate is used, and the wallet pays the fees:
+/// the account holds what funding left less the fees, rounded down to whole base units.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_wallet_pays_the_estimated_fees() {
+    let Some(h) = Chain::new().await else { return };
+    let config = ChainConfig::new(h.url.clone(), h.contract);
+    let paying = ChainSettlement::connect(config, &[key(PAYER)])
+        .await
+        .unwrap();
+    let t = paying.fund(funding(&key(PAYER), 100, 200)).await.unwrap();
+    let fees = paying.gas().fees_wei;
+    assert!(fees > 0, "the node charges priority fees");
+    let fee_units = u64::try_from(fees.div_ceil(1_000_000_000)).unwrap();
+    assert_eq!(t.account.balance, GENESIS - 300 - fee_units);
+    println!(
+        "funding a new pot at the node's estimate: {} gas, {fees} wei in fees",
+        paying.gas().fund
+    );
+}
