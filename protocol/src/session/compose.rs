@@ -17,6 +17,10 @@ use crate::stream::{
 };
 use crate::time::Instant;
 
+/// Reply blocks kept at an exit while data waits to go up: enough for its acks over a round
+/// trip (it acks once per timeout per stream, a few times), not for a download.
+const UPLOAD_STOCK: usize = 12;
+
 /// Encoded sizes of the fixed-size items.
 const RESET_ITEM_LEN: usize = 5;
 const OFFSET_ITEM_LEN: usize = 13;
@@ -122,8 +126,17 @@ impl ClientSession {
             && now.saturating_duration_since(session.last_heard) >= reply_timeout
             && now.saturating_duration_since(session.last_topup) >= reply_timeout;
         let stocked = if quiet { 0 } else { session.surbs_at_exit };
+        // While data waits to go up, a small stock serves the exit's acks, and the packet's
+        // room goes to the data: each block costs 400 bytes of upload.
+        let uploading = stream_ids.iter().any(|id| {
+            self.streams
+                .get(id)
+                .is_some_and(|s| !s.outbox.is_empty() && s.send_room() > 0)
+        });
         let target = if stream_ids.is_empty() {
             0
+        } else if uploading {
+            session.stock_target.min(UPLOAD_STOCK)
         } else {
             session.stock_target
         };
