@@ -492,6 +492,12 @@ impl ClientMessage {
                 SURBS => {
                     let n = r.u8()?;
                     let epoch = r.u32()?;
+                    // One encoding per list: an empty one names epoch 0.
+                    if n == 0 && epoch != 0 {
+                        return Err(Error::ReplyBlock(
+                            "an empty reply block list names a key epoch".into(),
+                        ));
+                    }
                     let mut blocks = Vec::with_capacity(usize::from(n));
                     for _ in 0..n {
                         blocks.push(ReplyBlock::from_body(epoch, r.take(REPLY_BLOCK_BODY_LEN)?)?);

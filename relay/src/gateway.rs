@@ -149,6 +149,9 @@ const HELD_WAIT: Duration = Duration::from_secs(2);
 /// Tab room kept for the client's own frames when deliveries are held back for payment: a
 /// quarter of the default grace, more than a client sends in a round trip to its gateway.
 const CLIENT_FRAMES_IN_FLIGHT: u64 = 16;
+/// The longest deliveries are held back for a client's payment (an honest client's ticket
+/// is back within a round trip to its gateway).
+const DELIVERY_HOLD: Duration = Duration::from_millis(500);
 
 /// A ticket accepted from a pot still being looked up: its credit waits.
 struct Held {
@@ -634,9 +637,24 @@ impl Gateway {
         let idle = self.config.client_idle_timeout;
         let quiet = tokio::time::sleep(idle);
         tokio::pin!(quiet);
+        // Since when deliveries have been held back for payment.
+        let mut held_back_since: Option<tokio::time::Instant> = None;
         let result = loop {
+            let room = self.can_serve(&address);
+            if room {
+                held_back_since = None;
+            } else if held_back_since.is_none() {
+                held_back_since = Some(tokio::time::Instant::now());
+            }
+            // Held back at most `DELIVERY_HOLD`: a client that does not know its debt (one
+            // restarted, whose old process left it on the tab) is then served and charged
+            // as before, and cut off if it does not pay.
+            let hold_until = held_back_since.map(|t| t + DELIVERY_HOLD);
+            let deliver = room || hold_until.is_some_and(|t| t <= tokio::time::Instant::now());
             tokio::select! {
                 _ = shutdown.cancelled() => break Ok(()),
+                () = tokio::time::sleep_until(hold_until.unwrap_or_else(tokio::time::Instant::now)),
+                    if !deliver && hold_until.is_some() => {}
                 () = &mut quiet => {
                     crate::admit::refuse("client", "idle_timeout");
                     break Err("client idle");
@@ -644,7 +662,7 @@ impl Gateway {
                 // Held back while the tab has no room: a burst of replies waits (bounded by
                 // `client_queue`) for the client's next ticket rather than cutting it off
                 // 64 frames in, before that ticket could come back.
-                out = rx.recv(), if self.can_serve(&address) => match out {
+                out = rx.recv(), if deliver => match out {
                     Some(frame) => {
                         if let Err(e) = send_frame(link, &frame).await {
                             break Err(e);
