@@ -1022,18 +1022,19 @@ impl SendBuffer {
         let mut newest_clean: Option<Instant> = None;
         let mut resent_covered = false;
         for o in covered {
-            if let Some((len, at, once)) = self.in_flight.remove(&o) {
-                let end = o + len as u64;
-                if end > offset {
-                    self.in_flight
-                        .insert(offset, ((end - offset) as usize, at, once));
+            let Some(&(len, at, once)) = self.in_flight.get(&o) else {
+                continue;
+            };
+            let end = o + len as u64;
+            if end > offset {
+                self.in_flight.remove(&o);
+                self.in_flight
+                    .insert(offset, ((end - offset) as usize, at, once));
+            } else if let Some((at, once)) = self.arrived(o) {
+                if once {
+                    newest_clean = newest_clean.max(Some(at));
                 } else {
-                    self.newest_arrived = self.newest_arrived.max(Some(at));
-                    if once {
-                        newest_clean = newest_clean.max(Some(at));
-                    } else {
-                        resent_covered = true;
-                    }
+                    resent_covered = true;
                 }
             }
         }
@@ -1064,16 +1065,21 @@ impl SendBuffer {
             .collect();
         let mut newest_clean: Option<Instant> = None;
         for o in arrived {
-            if let Some((_, at, once)) = self.in_flight.remove(&o) {
-                self.newest_arrived = self.newest_arrived.max(Some(at));
-                if once {
-                    newest_clean = newest_clean.max(Some(at));
-                }
+            if let Some((at, true)) = self.arrived(o) {
+                newest_clean = newest_clean.max(Some(at));
             }
         }
         if let Some(at) = newest_clean {
             self.sample(now.saturating_duration_since(at));
         }
+    }
+
+    /// Forgets in-flight segment `o`, which arrived (acked or held by the peer): when it was
+    /// last sent, and whether it was sent only once.
+    fn arrived(&mut self, o: u64) -> Option<(Instant, bool)> {
+        let (_, at, once) = self.in_flight.remove(&o)?;
+        self.newest_arrived = self.newest_arrived.max(Some(at));
+        Some((at, once))
     }
 
     /// Whether a segment last sent `at` was lost: one sent well after it arrived. (Strictly
