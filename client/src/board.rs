@@ -184,6 +184,7 @@ impl Board {
             },
             payments,
             refusing_new_streams,
+            send_timing: report.send_timing,
         }
     }
 }

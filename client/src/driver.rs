@@ -18,6 +18,7 @@ use murmur_protocol::directory::IdentityKey;
 use murmur_protocol::frame::Frame;
 use murmur_protocol::packet::SurbId;
 use murmur_protocol::payer::{PayeeAccount, PayerStats};
+use murmur_protocol::send_timing::{SendTiming, SendTimingReport};
 use murmur_protocol::session::{ClientSession, Event, SessionError, SessionStats, StateSize};
 use murmur_protocol::stream::{StreamId, Target};
 use murmur_protocol::time::Instant;
@@ -83,8 +84,8 @@ pub struct PayerView {
     pub accounts: Vec<(IdentityKey, PayeeAccount)>,
 }
 
-/// How often the session thread copies its payer's accounts out for the status view (the
-/// counters are copied every loop).
+/// How often the session thread copies its payer's accounts out for the status view and
+/// tests its send gaps (the counters are copied every loop).
 const PAYER_REPORT_EVERY: Duration = Duration::from_secs(1);
 
 /// What the session thread reports of itself, for logs and the status view.
@@ -94,6 +95,8 @@ pub struct SessionReport {
     pub size: StateSize,
     /// `None` while the session does not pay.
     pub payer: Option<PayerView>,
+    /// The test of the session's recent send gaps; `None` before the first report.
+    pub send_timing: Option<SendTimingReport>,
 }
 
 /// A handle to the session thread.
@@ -187,15 +190,23 @@ fn run(
     let mut rng = rand::rng();
     let mut streams: HashMap<StreamId, mpsc::UnboundedSender<Event>> = HashMap::new();
     let mut payer_reported: Option<StdInstant> = None;
+    let mut send_timing = SendTiming::default();
     let mut spend_cap_logged = false;
     while !stop.load(Ordering::Relaxed) {
         let t = now();
         session.handle_timeout(t);
         while let Some(frame) = session.poll_transmit(t, &mut rng) {
+            let scheduled = !matches!(frame, Frame::Control(_));
             if frames.try_send(frame).is_err() {
                 // The gateway link is down or slow: the packet is lost like any other, and
-                // the session's ARQ re-sends real ones.
+                // the session's ARQ re-sends real ones. The gap it leaves is the link's, not
+                // the schedule's.
                 stats.frames_dropped.fetch_add(1, Ordering::Relaxed);
+                send_timing.restart();
+            } else if scheduled {
+                // When it is handed over, not `t`: building each packet takes time, and the
+                // link's observer sees when packets leave.
+                send_timing.sent(now(), session.send_rate());
             }
         }
         while let Some(event) = session.poll_event() {
@@ -221,6 +232,7 @@ fn run(
             r.size = session.state_size();
             if payer_reported.is_none_or(|at| at.elapsed() >= PAYER_REPORT_EVERY) {
                 payer_reported = Some(StdInstant::now());
+                r.send_timing = Some(send_timing.report());
                 r.payer = session.payer().map(|p| {
                     let mut accounts: Vec<_> = p.accounts().map(|(k, a)| (*k, *a)).collect();
                     accounts.sort_by_key(|(k, _)| *k);

@@ -2,8 +2,9 @@
 //! and what it paid to whom. One snapshot type ([`Status`]) serves the JSON answer of the
 //! control endpoint, the text `murmur-client status` prints, and the Prometheus metrics.
 
-use std::fmt::Write as _;
+use std::fmt::{self, Write as _};
 
+use murmur_protocol::send_timing::{SendTimingReport, SendVerdict};
 use serde::{Deserialize, Serialize};
 
 /// The client's state at one moment.
@@ -23,6 +24,9 @@ pub struct Status {
     pub payments: Option<PaymentStatus>,
     /// Why new streams are refused, if they are (the spending cap).
     pub refusing_new_streams: Option<String>,
+    /// The KS test of the session's recent send gaps against the published rates; `None`
+    /// before a session reported.
+    pub send_timing: Option<SendTimingReport>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -218,6 +222,20 @@ impl Status {
             t.acks,
             t.frames_dropped
         );
+        if let Some(st) = &self.send_timing {
+            let _ = write!(
+                out,
+                "schedule  {}: {} gaps at {:.1}/s, published {:.1}/s",
+                st.verdict.label(),
+                st.gaps,
+                st.measured_rate_per_s,
+                st.rate_per_s
+            );
+            if let (Some(d), Some(p)) = (st.ks_statistic, st.p_value) {
+                let _ = write!(out, "; KS D = {d:.4}, p = {p:.3}");
+            }
+            out.push('\n');
+        }
         match &self.payments {
             Some(p) => {
                 let _ = writeln!(
@@ -342,6 +360,26 @@ impl Status {
                 m.gauge("murmur_client_relay_owed", &label, r.owed);
             }
         }
+        if let Some(st) = &self.send_timing {
+            m.gauge("murmur_client_send_gaps", "", st.gaps);
+            m.gauge("murmur_client_send_rate_per_second", "", st.rate_per_s);
+            m.gauge(
+                "murmur_client_send_rate_measured_per_second",
+                "",
+                st.measured_rate_per_s,
+            );
+            if let (Some(d), Some(p)) = (st.ks_statistic, st.p_value) {
+                m.gauge("murmur_client_send_gaps_ks_statistic", "", d);
+                m.gauge("murmur_client_send_gaps_ks_p_value", "", p);
+            }
+            for verdict in [SendVerdict::TooFew, SendVerdict::Passes, SendVerdict::Fails] {
+                m.gauge(
+                    "murmur_client_send_timing",
+                    &format!("verdict=\"{}\"", verdict.label()),
+                    u64::from(st.verdict == verdict),
+                );
+            }
+        }
         m.gauge(
             "murmur_client_refusing_new_streams",
             "",
@@ -359,7 +397,7 @@ struct Metrics {
 }
 
 impl Metrics {
-    fn sample(&mut self, name: &'static str, kind: &str, labels: &str, value: u64) {
+    fn sample(&mut self, name: &'static str, kind: &str, labels: &str, value: impl fmt::Display) {
         if !self.typed.contains(&name) {
             self.typed.push(name);
             let _ = writeln!(self.out, "# TYPE {name} {kind}");
@@ -370,7 +408,7 @@ impl Metrics {
             let _ = writeln!(self.out, "{name}{{{labels}}} {value}");
         }
     }
-    fn gauge(&mut self, name: &'static str, labels: &str, value: u64) {
+    fn gauge(&mut self, name: &'static str, labels: &str, value: impl fmt::Display) {
         self.sample(name, "gauge", labels, value);
     }
     fn counter(&mut self, name: &'static str, labels: &str, value: u64) {
@@ -409,6 +447,15 @@ mod tests {
                 ..PaymentStatus::default()
             }),
             refusing_new_streams: Some("the spending cap is reached".into()),
+            send_timing: Some(SendTimingReport {
+                packets: 5001,
+                gaps: 4096,
+                rate_per_s: 102.0,
+                measured_rate_per_s: 101.5,
+                ks_statistic: Some(0.0123),
+                p_value: Some(0.57),
+                verdict: SendVerdict::Passes,
+            }),
             ..Status::default()
         }
     }
@@ -426,6 +473,10 @@ mod tests {
         assert!(text.contains(&"ab".repeat(32)), "{text}");
         assert!(text.contains("spent 40 of at most 50"), "{text}");
         assert!(text.contains("REFUSING NEW STREAMS"), "{text}");
+        assert!(
+            text.contains("schedule  passes: 4096 gaps at 101.5/s, published 102.0/s; KS D = 0.0123, p = 0.570"),
+            "{text}"
+        );
     }
 
     #[test]
@@ -441,9 +492,15 @@ mod tests {
             "ef".repeat(32)
         )));
         assert!(text.contains("murmur_client_pot_balance 1000"));
+        assert!(
+            text.contains("murmur_client_send_gaps_ks_p_value 0.57"),
+            "{text}"
+        );
+        assert!(text.contains("murmur_client_send_timing{verdict=\"passes\"} 1"));
+        assert!(text.contains("murmur_client_send_timing{verdict=\"fails\"} 0"));
         for line in text.lines().filter(|l| !l.starts_with('#')) {
             let value = line.rsplit(' ').next().unwrap();
-            assert!(value.parse::<u64>().is_ok(), "{line}");
+            assert!(value.parse::<f64>().is_ok_and(f64::is_finite), "{line}");
         }
     }
 }

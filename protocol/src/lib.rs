@@ -20,6 +20,7 @@ pub mod packet;
 pub mod payer;
 pub mod payload;
 pub mod replay;
+pub mod send_timing;
 pub mod session;
 pub mod socks;
 mod sphinx_builder;

@@ -20,13 +20,18 @@ fn secs(s: u64) -> Duration {
 
 /// Delivers a client message of `SESSION` (cut into fragments as the client does).
 fn send(exit: &mut ExitSession, now: Instant, items: Vec<ClientItem>) {
+    send_as(exit, now, next_message_id(), items);
+}
+
+/// Delivers a client message of `SESSION` under message id `id`.
+fn send_as(exit: &mut ExitSession, now: Instant, id: u64, items: Vec<ClientItem>) {
     let encoded = ClientMessage {
         session: SESSION,
         items,
     }
     .encode()
     .unwrap();
-    for f in split_client_message(next_message_id(), &encoded, 1800).unwrap() {
+    for f in split_client_message(id, &encoded, 1800).unwrap() {
         exit.handle_packet(now, reply_block(1), f);
     }
 }
@@ -301,6 +306,24 @@ fn reply_blocks_are_bounded_and_the_exit_says_with_each_message_when_low() {
         items.contains(&ExitItem::SurbsHeld { have: 2 }),
         "{items:?}"
     );
+}
+
+/// A client re-sends a message whose acknowledgement was lost, reply blocks and all. Were
+/// they taken again, the exit would hold two copies of each block: the second reply over a
+/// block finds its key used up at the client and is lost, and the client's count of the
+/// exit's stock is off by the copies.
+#[test]
+fn reply_blocks_in_a_re_sent_message_are_taken_once() {
+    let mut exit = exit_with(small_config());
+    let id = next_message_id();
+    send_as(&mut exit, Instant::ZERO, id, vec![surbs(4)]);
+    assert_eq!(exit.surbs_held(), 4);
+    // The re-send comes a few round trips later, on another route.
+    send_as(&mut exit, Instant::ZERO + secs(5), id, vec![surbs(4)]);
+    assert_eq!(exit.surbs_held(), 4, "the duplicate's blocks are not taken");
+    // A new message's blocks are.
+    send(&mut exit, Instant::ZERO + secs(6), vec![surbs(4)]);
+    assert_eq!(exit.surbs_held(), 8);
 }
 
 #[test]

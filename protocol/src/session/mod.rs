@@ -373,6 +373,13 @@ impl ClientSession {
         self.stats
     }
 
+    /// Packets per second the session's schedule sends in all: λ_P + λ_L + λ_D of the
+    /// consensus in force (what [`crate::send_timing`] tests the gaps against).
+    pub fn send_rate(&self) -> f64 {
+        let p = &self.consensus.params;
+        p.lambda_p + p.lambda_l + p.lambda_d
+    }
+
     /// The gateway this session goes through.
     pub fn gateway(&self) -> &ConsensusRelay {
         &self.gateway
