@@ -171,6 +171,7 @@ impl Board {
             traffic: TrafficStatus {
                 real_sent: s.real_sent,
                 cover_sent: s.cover_sent,
+                cover_unbuilt: s.cover_unbuilt,
                 loops_sent: s.loops_sent,
                 loops_returned: s.loops_returned,
                 loops_missing: s.loops_missing,
@@ -181,6 +182,8 @@ impl Board {
                 gateway_connect_failures: load(
                     driver.as_ref().map(|d| &d.gateway_connect_failures),
                 ),
+                ticks_missed: report.pacer.map_or(0, |p| p.missed),
+                loops_as_drops: report.pacer.map_or(0, |p| p.loops_as_drops),
             },
             payments,
             refusing_new_streams,

@@ -5,14 +5,21 @@
 //! the async reactor. Everything talks to it through one bounded command queue; frames go
 //! out through a bounded channel to the gateway link, and each stream gets its events on
 //! its own channel.
+//!
+//! The send schedule runs on a second thread, the pacer's ([`Pacer`]): it only hands the
+//! packets the session built ahead to the gateway link at their Poisson ticks, so however
+//! long a packet takes to build, or the session thread waits for a core, the moments packets
+//! leave stay those of the schedule. The session thread fills the pacer's stocks whenever a
+//! tick took from them ([`Cmd::Refill`]).
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant as StdInstant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
 use murmur_protocol::PAYLOAD_SIZE;
+use murmur_protocol::cover::{Pacer, PacerStats, Stock, StockFill};
 use murmur_protocol::directory::Consensus;
 use murmur_protocol::directory::IdentityKey;
 use murmur_protocol::frame::Frame;
@@ -61,6 +68,8 @@ pub enum Cmd {
         balance: u64,
         face_cap: u64,
     },
+    /// A tick took a packet from the pacer's stocks: build what they lack.
+    Refill,
 }
 
 /// Counters the driver keeps besides the session's own.
@@ -84,8 +93,8 @@ pub struct PayerView {
     pub accounts: Vec<(IdentityKey, PayeeAccount)>,
 }
 
-/// How often the session thread copies its payer's accounts out for the status view and
-/// tests its send gaps (the counters are copied every loop).
+/// How often the session thread copies its payer's accounts out for the status view (the
+/// counters are copied every loop).
 const PAYER_REPORT_EVERY: Duration = Duration::from_secs(1);
 
 /// What the session thread reports of itself, for logs and the status view.
@@ -95,8 +104,10 @@ pub struct SessionReport {
     pub size: StateSize,
     /// `None` while the session does not pay.
     pub payer: Option<PayerView>,
-    /// The test of the session's recent send gaps; `None` before the first report.
+    /// The test of the session's recent send gaps, made when the report is asked for.
     pub send_timing: Option<SendTimingReport>,
+    /// The pacer's counters (ticks that found nothing built among them).
+    pub pacer: Option<PacerStats>,
 }
 
 /// A handle to the session thread.
@@ -107,7 +118,10 @@ pub struct SessionHandle {
     /// to keep a session (and its thread) alive.
     stop: Arc<AtomicBool>,
     pub stats: Arc<DriverStats>,
-    report: Arc<std::sync::Mutex<SessionReport>>,
+    report: Arc<Mutex<SessionReport>>,
+    /// The gaps the pacer sent at, and the pacer itself, read for reports.
+    timing: Arc<Mutex<SendTiming>>,
+    pacer: Option<Arc<Mutex<Pacer<Frame>>>>,
 }
 
 impl SessionHandle {
@@ -121,6 +135,8 @@ impl SessionHandle {
             stop: Arc::new(AtomicBool::new(true)),
             stats: Arc::default(),
             report: Arc::default(),
+            timing: Arc::default(),
+            pacer: None,
         }
     }
 
@@ -148,165 +164,335 @@ impl SessionHandle {
         self.report.lock().map(|s| s.stats).unwrap_or_default()
     }
 
-    /// The session's counters, state size and payer, as last reported.
+    /// The session's counters, state size and payer, as last reported, with the test of
+    /// the recent send gaps made now.
     pub fn report(&self) -> SessionReport {
-        self.report.lock().map(|s| s.clone()).unwrap_or_default()
+        let mut report = self.report.lock().map(|s| s.clone()).unwrap_or_default();
+        // A copy, so the pacer's next send does not wait for the test (a sort of 4,096 gaps).
+        let timing = self.timing.lock().map(|t| t.clone()).ok();
+        report.send_timing = timing.map(|t| t.report());
+        report.pacer = self
+            .pacer
+            .as_ref()
+            .and_then(|p| p.lock().ok().map(|p| p.stats()));
+        report
     }
 }
 
-/// Starts the session thread. Frames to send go to `frames`. The thread returns the session
-/// when it ends, so what it owes relays can pass to the next one.
+/// Starts the session thread and its pacer. Frames to send go to `frames`. The session
+/// thread returns the session when it ends (and the pacer ends with it), so what it owes
+/// relays can pass to the next one.
 pub fn spawn(
-    session: ClientSession,
+    mut session: ClientSession,
     frames: mpsc::Sender<Frame>,
 ) -> std::io::Result<(SessionHandle, std::thread::JoinHandle<ClientSession>)> {
+    // The session's clock starts at zero when the proxy creates it (`Instant::ZERO`); both
+    // threads read the same clock.
+    let origin = StdInstant::now();
+    let pacer = Pacer::new(
+        session.send_rates(),
+        Instant::from_elapsed(origin.elapsed()),
+        &mut rand::rng(),
+    )
+    .map_err(|e| std::io::Error::other(format!("the send schedule: {e}")))?;
+    session.set_paced();
+    let pacer = Arc::new(Mutex::new(pacer));
     let (tx, rx) = crossbeam_channel::bounded(COMMAND_QUEUE);
     let stats = Arc::new(DriverStats::default());
-    let report = Arc::new(std::sync::Mutex::new(SessionReport::default()));
+    let report = Arc::new(Mutex::new(SessionReport::default()));
+    let timing = Arc::new(Mutex::new(SendTiming::default()));
     let stop = Arc::new(AtomicBool::new(false));
     let handle = SessionHandle {
-        tx,
+        tx: tx.clone(),
         stop: stop.clone(),
         stats: stats.clone(),
         report: report.clone(),
+        timing: timing.clone(),
+        pacer: Some(pacer.clone()),
     };
+    let pacing = Pacing {
+        pacer: pacer.clone(),
+        timing,
+        frames: frames.clone(),
+        wake: tx,
+        stop: stop.clone(),
+        stats: stats.clone(),
+        origin,
+    };
+    std::thread::Builder::new()
+        .name("murmur-pacer".into())
+        .spawn(move || pacing.run())?;
+    let session_stop = stop.clone();
     let thread = std::thread::Builder::new()
         .name("murmur-session".into())
-        .spawn(move || run(session, rx, frames, stop, stats, report))?;
-    Ok((handle, thread))
+        .spawn(move || {
+            let stop = session_stop;
+            let threads = SessionThread {
+                pacer,
+                frames,
+                stats,
+                report,
+                origin,
+            };
+            let session = threads.run(session, rx, &stop);
+            // The pacer ends with the session.
+            stop.store(true, Ordering::Relaxed);
+            session
+        });
+    if thread.is_err() {
+        // No session to fill the stocks: the pacer has nothing to do.
+        stop.store(true, Ordering::Relaxed);
+    }
+    Ok((handle, thread?))
 }
 
-fn run(
-    mut session: ClientSession,
-    rx: Receiver<Cmd>,
+/// The longest the pacer sleeps between looks at the stop flag.
+const PACER_NAP: Duration = Duration::from_millis(50);
+
+/// The pacer's thread: it sends what the schedule's ticks take from the stocks, and does
+/// nothing else, so nothing the session does can delay a tick.
+struct Pacing {
+    pacer: Arc<Mutex<Pacer<Frame>>>,
+    timing: Arc<Mutex<SendTiming>>,
     frames: mpsc::Sender<Frame>,
+    /// Tells the session thread the stocks need filling.
+    wake: Sender<Cmd>,
     stop: Arc<AtomicBool>,
     stats: Arc<DriverStats>,
-    report: Arc<std::sync::Mutex<SessionReport>>,
-) -> ClientSession {
-    // The session's clock starts at zero when the proxy creates it (`Instant::ZERO`).
-    let origin = StdInstant::now();
-    let now = || Instant::from_elapsed(origin.elapsed());
-    let mut rng = rand::rng();
-    let mut streams: HashMap<StreamId, mpsc::UnboundedSender<Event>> = HashMap::new();
-    let mut payer_reported: Option<StdInstant> = None;
-    let mut send_timing = SendTiming::default();
-    let mut spend_cap_logged = false;
-    while !stop.load(Ordering::Relaxed) {
-        let t = now();
-        session.handle_timeout(t);
-        while let Some(frame) = session.poll_transmit(t, &mut rng) {
-            let scheduled = !matches!(frame, Frame::Control(_));
-            if frames.try_send(frame).is_err() {
-                // The gateway link is down or slow: the packet is lost like any other, and
-                // the session's ARQ re-sends real ones. The gap it leaves is the link's, not
-                // the schedule's.
-                stats.frames_dropped.fetch_add(1, Ordering::Relaxed);
-                send_timing.restart();
-            } else if scheduled {
-                // When it is handed over, not `t`: building each packet takes time, and the
-                // link's observer sees when packets leave.
-                send_timing.sent(now(), session.send_rate());
-            }
-        }
-        while let Some(event) = session.poll_event() {
-            let id = event.stream();
-            let ends = event.ends_stream();
-            if let Event::Failed(_, why) = &event {
-                tracing::debug!(reason = why.label(), "stream failed: {why}");
-            }
-            if let Some(tx) = streams.get(&id)
-                && tx.send(event).is_err()
-            {
-                // The application is gone.
-                streams.remove(&id);
-                session.abort_stream(id);
-                continue;
-            }
-            if ends {
-                streams.remove(&id);
-            }
-        }
-        if let Ok(mut r) = report.lock() {
-            r.stats = session.stats();
-            r.size = session.state_size();
-            if payer_reported.is_none_or(|at| at.elapsed() >= PAYER_REPORT_EVERY) {
-                payer_reported = Some(StdInstant::now());
-                r.send_timing = Some(send_timing.report());
-                r.payer = session.payer().map(|p| {
-                    let mut accounts: Vec<_> = p.accounts().map(|(k, a)| (*k, *a)).collect();
-                    accounts.sort_by_key(|(k, _)| *k);
-                    PayerView {
-                        stats: p.stats(),
-                        pot_usable: p.pot_usable(),
-                        accounts,
-                    }
-                });
-            }
-        }
-        let wait = session
-            .poll_timeout()
-            .map_or(Duration::from_millis(100), |d| {
-                d.saturating_duration_since(now())
-            })
-            .min(Duration::from_millis(100));
-        let cmd = match rx.recv_timeout(wait) {
-            Ok(c) => c,
-            Err(RecvTimeoutError::Timeout) => continue,
-            Err(RecvTimeoutError::Disconnected) => return session,
-        };
-        // Take everything queued before polling again.
-        let mut next = Some(cmd);
-        while let Some(cmd) = next.take() {
-            match cmd {
-                Cmd::Open {
-                    target,
-                    isolation,
-                    events,
-                    reply,
-                } => {
-                    let result = session.open_stream(target, isolation, &mut rng);
-                    match &result {
-                        Ok(id) => {
-                            streams.insert(*id, events);
-                        }
-                        // Said once: every later open meets the same cap (the status says
-                        // it too, and counts the refusals).
-                        Err(e @ SessionError::SpendLimit { .. }) if !spend_cap_logged => {
-                            spend_cap_logged = true;
-                            tracing::warn!("{e}");
-                        }
-                        Err(_) => {}
-                    }
-                    let _ = reply.send(result);
+    origin: StdInstant,
+}
+
+impl Pacing {
+    fn run(self) {
+        let now = || Instant::from_elapsed(self.origin.elapsed());
+        let mut rng = rand::rng();
+        let mut due = Vec::new();
+        while !self.stop.load(Ordering::Relaxed) {
+            let t = now();
+            let (next, rate) = {
+                let Ok(mut pacer) = self.pacer.lock() else {
+                    return;
+                };
+                while let Some(frame) = pacer.poll_transmit(t, &mut rng) {
+                    due.push(frame);
                 }
-                Cmd::Write {
-                    stream,
-                    bytes,
-                    reply,
-                } => {
-                    let _ = reply.send(session.write(stream, &bytes));
-                }
-                Cmd::Consumed { stream, n } => session.consumed(stream, n),
-                Cmd::Close { stream } => session.close_stream(stream),
-                Cmd::Abort { stream } => {
-                    streams.remove(&stream);
-                    session.abort_stream(stream);
-                }
-                Cmd::Delivery { surb_id, payload } => {
-                    session.handle_delivery(surb_id, &payload[..], now(), &mut rng)
-                }
-                Cmd::Consensus(c) => {
-                    if let Err(e) = session.set_consensus(c, now(), &mut rng) {
-                        tracing::warn!(error = %e, "new consensus not applied");
-                    }
-                }
-                Cmd::Pot { balance, face_cap } => {
-                    session.set_pot(balance, face_cap, now(), murmur_directory::unix_now())
+                (pacer.poll_timeout(), pacer.rate_per_s())
+            };
+            let sent = !due.is_empty();
+            for frame in due.drain(..) {
+                let handed = self.frames.try_send(frame).is_ok();
+                // When it is handed over, not the tick: the link's observer sees when
+                // packets leave.
+                let at = now();
+                let Ok(mut timing) = self.timing.lock() else {
+                    return;
+                };
+                if handed {
+                    timing.sent(at, rate);
+                } else {
+                    // The gateway link is down or slow: the packet is lost like any other,
+                    // and the session's ARQ re-sends real ones. The gap it leaves is the
+                    // link's, not the schedule's.
+                    self.stats.frames_dropped.fetch_add(1, Ordering::Relaxed);
+                    timing.restart();
                 }
             }
-            next = rx.try_recv().ok();
+            if sent {
+                // A full queue means the session has work queued and will look anyway.
+                let _ = self.wake.try_send(Cmd::Refill);
+            }
+            let nap = next.map_or(PACER_NAP, |n| {
+                n.saturating_duration_since(now()).min(PACER_NAP)
+            });
+            if !nap.is_zero() {
+                std::thread::sleep(nap);
+            }
         }
     }
-    session
+}
+
+/// Builds what the pacer's stocks lack, most urgent first, until they are full or nothing
+/// more can be built now (one [`StockFill`] round).
+fn fill_stocks<R: rand::CryptoRng + ?Sized>(
+    session: &mut ClientSession,
+    pacer: &Mutex<Pacer<Frame>>,
+    now: impl Fn() -> Instant,
+    rng: &mut R,
+) {
+    let Some(mut fill) = pacer.lock().ok().map(|p| StockFill::new(&p)) else {
+        return;
+    };
+    loop {
+        // A statement of its own, so the lock is released before building: the pacer's
+        // ticks do not wait for it (and `push` takes it again).
+        let wants = pacer.lock().ok().map(|p| p.wants());
+        let Some(stock) = wants.and_then(|w| fill.next(w)) else {
+            return;
+        };
+        match session.build_ahead(stock, now(), rng) {
+            Some(frame) => push(pacer, stock, frame),
+            // No message waits: the cover stocks may still want filling.
+            None if fill.nothing_built(stock) => {}
+            // No route for cover now: try at the next wake-up.
+            None => return,
+        }
+    }
+}
+
+fn push(pacer: &Mutex<Pacer<Frame>>, stock: Stock, frame: Frame) {
+    if let Ok(mut p) = pacer.lock() {
+        p.push(stock, frame);
+    }
+}
+
+/// What the session thread shares with the rest of the client.
+struct SessionThread {
+    pacer: Arc<Mutex<Pacer<Frame>>>,
+    frames: mpsc::Sender<Frame>,
+    stats: Arc<DriverStats>,
+    report: Arc<Mutex<SessionReport>>,
+    origin: StdInstant,
+}
+
+impl SessionThread {
+    fn run(
+        self,
+        mut session: ClientSession,
+        rx: Receiver<Cmd>,
+        stop: &AtomicBool,
+    ) -> ClientSession {
+        let origin = self.origin;
+        let now = || Instant::from_elapsed(origin.elapsed());
+        let mut rng = rand::rng();
+        let mut streams: HashMap<StreamId, mpsc::UnboundedSender<Event>> = HashMap::new();
+        let mut payer_reported: Option<StdInstant> = None;
+        let mut spend_cap_logged = false;
+        let mut rates = session.send_rates();
+        while !stop.load(Ordering::Relaxed) {
+            let t = now();
+            session.handle_timeout(t);
+            // Paced, only the gateway's payments: unscheduled, so not in the send timing.
+            while let Some(frame) = session.poll_transmit(t, &mut rng) {
+                if self.frames.try_send(frame).is_err() {
+                    self.stats.frames_dropped.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            fill_stocks(&mut session, &self.pacer, now, &mut rng);
+            while let Some(event) = session.poll_event() {
+                let id = event.stream();
+                let ends = event.ends_stream();
+                if let Event::Failed(_, why) = &event {
+                    tracing::debug!(reason = why.label(), "stream failed: {why}");
+                }
+                if let Some(tx) = streams.get(&id)
+                    && tx.send(event).is_err()
+                {
+                    // The application is gone.
+                    streams.remove(&id);
+                    session.abort_stream(id);
+                    continue;
+                }
+                if ends {
+                    streams.remove(&id);
+                }
+            }
+            if let Ok(mut r) = self.report.lock() {
+                r.stats = session.stats();
+                r.size = session.state_size();
+                if payer_reported.is_none_or(|at| at.elapsed() >= PAYER_REPORT_EVERY) {
+                    payer_reported = Some(StdInstant::now());
+                    r.payer = session.payer().map(|p| {
+                        let mut accounts: Vec<_> = p.accounts().map(|(k, a)| (*k, *a)).collect();
+                        accounts.sort_by_key(|(k, _)| *k);
+                        PayerView {
+                            stats: p.stats(),
+                            pot_usable: p.pot_usable(),
+                            accounts,
+                        }
+                    });
+                }
+            }
+            let wait = session
+                .poll_timeout()
+                .map_or(Duration::from_millis(100), |d| {
+                    d.saturating_duration_since(now())
+                })
+                .min(Duration::from_millis(100));
+            let cmd = match rx.recv_timeout(wait) {
+                Ok(c) => c,
+                Err(RecvTimeoutError::Timeout) => continue,
+                Err(RecvTimeoutError::Disconnected) => return session,
+            };
+            // Take everything queued before polling again.
+            let mut next = Some(cmd);
+            while let Some(cmd) = next.take() {
+                match cmd {
+                    Cmd::Open {
+                        target,
+                        isolation,
+                        events,
+                        reply,
+                    } => {
+                        let result = session.open_stream(target, isolation, &mut rng);
+                        match &result {
+                            Ok(id) => {
+                                streams.insert(*id, events);
+                            }
+                            // Said once: every later open meets the same cap (the status
+                            // says it too, and counts the refusals).
+                            Err(e @ SessionError::SpendLimit { .. }) if !spend_cap_logged => {
+                                spend_cap_logged = true;
+                                tracing::warn!("{e}");
+                            }
+                            Err(_) => {}
+                        }
+                        let _ = reply.send(result);
+                    }
+                    Cmd::Write {
+                        stream,
+                        bytes,
+                        reply,
+                    } => {
+                        let _ = reply.send(session.write(stream, &bytes));
+                    }
+                    Cmd::Consumed { stream, n } => session.consumed(stream, n),
+                    Cmd::Close { stream } => session.close_stream(stream),
+                    Cmd::Abort { stream } => {
+                        streams.remove(&stream);
+                        session.abort_stream(stream);
+                    }
+                    Cmd::Delivery { surb_id, payload } => {
+                        session.handle_delivery(surb_id, &payload[..], now(), &mut rng)
+                    }
+                    Cmd::Consensus(c) => {
+                        if let Err(e) = session.set_consensus(c, now(), &mut rng) {
+                            tracing::warn!(error = %e, "new consensus not applied");
+                        }
+                        let new = session.send_rates();
+                        if new != rates {
+                            rates = new;
+                            let set = self
+                                .pacer
+                                .lock()
+                                .map(|mut p| p.set_rates(rates, now(), &mut rng));
+                            if let Ok(Err(e)) = set {
+                                tracing::warn!(error = %e, "new send rates not applied");
+                            }
+                        }
+                    }
+                    Cmd::Pot { balance, face_cap } => {
+                        session.set_pot(balance, face_cap, now(), murmur_directory::unix_now())
+                    }
+                    Cmd::Refill => {}
+                }
+                // A long batch (a burst of deliveries) must not leave the ticks without
+                // cover: fill as soon as the drop stock runs dry.
+                if self.pacer.lock().is_ok_and(|p| p.wants().none_left) {
+                    fill_stocks(&mut session, &self.pacer, now, &mut rng);
+                }
+                next = rx.try_recv().ok();
+            }
+        }
+        session
+    }
 }

@@ -99,6 +99,15 @@ pub struct TrafficStatus {
     pub acks: u64,
     pub frames_dropped: u64,
     pub gateway_connect_failures: u64,
+    /// Ticks of the send schedule that found no packet built (a gap an observer could see),
+    /// and loop ticks that sent drop cover for want of a built loop.
+    #[serde(default)]
+    pub ticks_missed: u64,
+    #[serde(default)]
+    pub loops_as_drops: u64,
+    /// Cover packets that could not be built (no route at the time).
+    #[serde(default)]
+    pub cover_unbuilt: u64,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -211,7 +220,7 @@ impl Status {
         let _ = writeln!(
             out,
             "packets   {} real, {} cover, {} loops ({} back, {} missing), {} retransmitted, {} \
-             replies, {} acks, {} dropped at the link",
+             replies, {} acks, {} dropped at the link, {} ticks missed",
             t.real_sent,
             t.cover_sent,
             t.loops_sent,
@@ -220,7 +229,8 @@ impl Status {
             t.retransmits,
             t.replies,
             t.acks,
-            t.frames_dropped
+            t.frames_dropped,
+            t.ticks_missed
         );
         if let Some(st) = &self.send_timing {
             let _ = write!(
@@ -332,6 +342,9 @@ impl Status {
         m.counter("murmur_client_replies_total", "", t.replies);
         m.counter("murmur_client_acks_total", "", t.acks);
         m.counter("murmur_client_frames_dropped_total", "", t.frames_dropped);
+        m.counter("murmur_client_send_ticks_missed_total", "", t.ticks_missed);
+        m.counter("murmur_client_loops_as_drops_total", "", t.loops_as_drops);
+        m.counter("murmur_client_cover_unbuilt_total", "", t.cover_unbuilt);
         m.counter(
             "murmur_client_gateway_connect_failures_total",
             "",

@@ -564,7 +564,17 @@ async fn measure(
             }
         }
     }
-    let send_timing = status.and_then(|s| s.get("send_timing").cloned());
+    let send_timing = status.and_then(|s| {
+        let mut timing = s.get("send_timing").cloned()?;
+        // Ticks that found no packet built leave gaps of their own in the schedule.
+        if let (Some(t), Some(missed)) = (
+            timing.as_object_mut(),
+            s.pointer("/traffic/ticks_missed").cloned(),
+        ) {
+            t.insert("ticks_missed".into(), missed);
+        }
+        Some(timing)
+    });
     Ok(Through {
         ttfb,
         download_s,

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use ed25519_dalek::SigningKey;
 use murmur_protocol::control::Control;
+use murmur_protocol::cover::{Pacer, StockFill};
 use murmur_protocol::directory::path::PathRules;
 use murmur_protocol::directory::{Consensus, IdentityKey};
 use murmur_protocol::envelope::Envelope;
@@ -20,7 +21,9 @@ use murmur_protocol::hop::{self, Action, HopKey, Payee};
 use murmur_protocol::packet::{Address, Packet, ReplayTag, StaticSecret, recover_plaintext};
 use murmur_protocol::payer::{Payer, PayerConfig};
 use murmur_protocol::payload::Content;
-use murmur_protocol::session::{ClientSession, Event, SessionConfig, SessionError, StreamFailure};
+use murmur_protocol::session::{
+    ClientSession, Event, SessionConfig, SessionError, StreamFailure, Timer,
+};
 use murmur_protocol::stream::{ClientItem, ClientMessage, ExitItem, ExitMessage, Refusal, Target};
 use murmur_protocol::surb::ReplyBlock;
 use murmur_protocol::ticket::Ticket;
@@ -265,6 +268,19 @@ fn drive(
     net: &mut Net,
     session: &mut ClientSession,
     rng: &mut ChaCha20Rng,
+    now: Instant,
+    steps: usize,
+) -> (Vec<Event>, Instant) {
+    drive_with(net, session, None, rng, now, steps)
+}
+
+/// As [`drive`], with the send schedule in `pacer` (the session paced) if one is given: the
+/// pacer sends from its stocks, and the session fills them after every step.
+fn drive_with(
+    net: &mut Net,
+    session: &mut ClientSession,
+    mut pacer: Option<&mut Pacer<Frame>>,
+    rng: &mut ChaCha20Rng,
     mut now: Instant,
     steps: usize,
 ) -> (Vec<Event>, Instant) {
@@ -272,26 +288,23 @@ fn drive(
     for _ in 0..steps {
         now = now + Duration::from_millis(5);
         session.handle_timeout(now);
-        while let Some(frame) = session.poll_transmit(now, rng) {
-            match frame {
-                Frame::Forward {
-                    next_hop,
-                    packet,
-                    envelope,
-                    ..
-                } => {
-                    net.gateway_frame();
-                    net.carry(next_hop, packet, envelope);
-                }
-                Frame::Control(bytes) => match Control::decode(&bytes).unwrap() {
-                    Control::Payment { ticket } => {
-                        let gateway = net.consensus.relay(&net.gateway).unwrap().address();
-                        net.take_ticket(gateway, ticket);
-                    }
-                    other => panic!("the client sent {other:?}"),
-                },
-                other => panic!("the client sent {other:?}"),
+        if let Some(pacer) = pacer.as_deref_mut() {
+            // The stocks are refilled after every tick, as the driver's session thread does
+            // when the pacer wakes it (the step is coarser than the ticks).
+            fill(session, pacer, now, rng);
+            while let Some(frame) = pacer.poll_transmit(now, rng) {
+                to_net(net, frame);
+                fill(session, pacer, now, rng);
             }
+        }
+        while let Some(frame) = session.poll_transmit(now, rng) {
+            if pacer.is_some() {
+                assert!(
+                    matches!(frame, Frame::Control(_)),
+                    "a paced session sent a packet at its own tick"
+                );
+            }
+            to_net(net, frame);
         }
         for (id, payload) in std::mem::take(&mut net.inbox) {
             net.gateway_frame();
@@ -305,6 +318,46 @@ fn drive(
         }
     }
     (events, now)
+}
+
+/// One round of filling `pacer`'s stocks from `session`.
+fn fill(
+    session: &mut ClientSession,
+    pacer: &mut Pacer<Frame>,
+    now: Instant,
+    rng: &mut ChaCha20Rng,
+) {
+    let mut fill = StockFill::new(pacer);
+    while let Some(stock) = fill.next(pacer.wants()) {
+        match session.build_ahead(stock, now, rng) {
+            Some(frame) => pacer.push(stock, frame),
+            None if fill.nothing_built(stock) => {}
+            None => panic!("no cover could be built"),
+        }
+    }
+}
+
+/// What the gateway does with a frame from the client.
+fn to_net(net: &mut Net, frame: Frame) {
+    match frame {
+        Frame::Forward {
+            next_hop,
+            packet,
+            envelope,
+            ..
+        } => {
+            net.gateway_frame();
+            net.carry(next_hop, packet, envelope);
+        }
+        Frame::Control(bytes) => match Control::decode(&bytes).unwrap() {
+            Control::Payment { ticket } => {
+                let gateway = net.consensus.relay(&net.gateway).unwrap().address();
+                net.take_ticket(gateway, ticket);
+            }
+            other => panic!("the client sent {other:?}"),
+        },
+        other => panic!("the client sent {other:?}"),
+    }
 }
 
 /// The bytes the application was given on `stream`, in order.
@@ -371,6 +424,67 @@ fn a_stream_opens_carries_data_both_ways_and_ends() {
     assert!(stats.acks >= 1, "{stats:?}");
     assert!(stats.cover_sent > 0 && stats.loops_sent > 0, "{stats:?}");
     assert_eq!(stats.bad_replies, 0);
+}
+
+/// Paced (the driver's pacer keeps the schedule, the session builds ahead into its stocks),
+/// the session carries a stream both ways, sends cover and loops, never sends a packet at
+/// its own tick, and the pacer's ticks never find the stocks empty; through lossy links it
+/// re-sends what was lost.
+#[test]
+fn a_paced_session_carries_streams_from_the_pacers_stocks() {
+    /// Runs a paced session writing `request` for 10 s at `loss`.
+    fn paced(loss: f64, request: &[u8]) -> (Net, ClientSession, Pacer<Frame>, Vec<Event>, u32) {
+        let mut net = Net::new(1, loss);
+        let mut rng = ChaCha20Rng::seed_from_u64(2);
+        let mut session = session_for(&net, &mut rng);
+        session.set_paced();
+        assert_eq!(session.timer(Timer::Send), None);
+        let mut pacer = Pacer::new(session.send_rates(), Instant::ZERO, &mut rng).unwrap();
+        let id = session
+            .open_stream(Target::Host("example.com".into(), 80), None, &mut rng)
+            .unwrap();
+        assert_eq!(session.write(id, request), request.len());
+        session.close_stream(id);
+        let (events, _) = drive_with(
+            &mut net,
+            &mut session,
+            Some(&mut pacer),
+            &mut rng,
+            Instant::ZERO,
+            2000,
+        );
+        (net, session, pacer, events, id)
+    }
+    let request = vec![b'q'; 5000];
+    let (net, session, pacer, events, id) = paced(0.0, &request);
+    assert_eq!(data_of(&events, id), net.answer);
+    assert!(events.contains(&Event::Eof(id)), "{events:?}");
+    assert!(net.received_by_exit == request, "the exit got other bytes");
+    let stats = session.stats();
+    let paced_stats = pacer.stats();
+    assert_eq!(paced_stats.missed, 0, "{paced_stats:?}");
+    assert!(
+        paced_stats.real >= 4 && paced_stats.drops > 0 && paced_stats.loops > 0,
+        "{paced_stats:?}"
+    );
+    // Everything the session counted as sent left from the stocks, or waits in them.
+    let built = stats.real_sent + stats.cover_sent + stats.loops_sent;
+    let left =
+        paced_stats.real + paced_stats.drops + paced_stats.loops + paced_stats.loops_as_drops;
+    assert!(
+        built >= left && built - left <= pacer.capacity() as u64,
+        "{built} built, {left} sent"
+    );
+
+    // The test exit appends what arrives, duplicates too.
+    let (net, session, ..) = paced(0.2, &request);
+    assert!(session.stats().retransmits > 0, "{:?}", session.stats());
+    assert!(
+        net.received_by_exit.len() >= request.len(),
+        "{} of {} bytes reached the exit",
+        net.received_by_exit.len(),
+        request.len()
+    );
 }
 
 #[test]

@@ -5,11 +5,13 @@
 //! Composing cannot fail: what it takes from the streams is in the message it returns, and
 //! from there the ARQ answers for it ([`super::arq`]).
 
+use std::time::Duration;
+
 use rand::CryptoRng;
 
 use super::ClientSession;
 use super::exits::ExitRef;
-use super::streams::StreamState;
+use super::streams::{Gap, StreamState};
 use crate::payload::FORWARD_FRAGMENT_DATA_LEN;
 use crate::stream::{
     CLIENT_MESSAGE_OVERHEAD, ClientItem, ClientMessage, DATA_ITEM_OVERHEAD, MAX_RECEIVED_RANGES,
@@ -25,7 +27,17 @@ const UPLOAD_STOCK: usize = 12;
 const RESET_ITEM_LEN: usize = 5;
 const OFFSET_ITEM_LEN: usize = 13;
 
+/// The shortest wait before a gap in the exit's data is announced, whatever the delays.
+const MIN_GAP_GRACE: Duration = Duration::from_millis(5);
+
 impl ClientSession {
+    /// How long a gap in the exit's data may last before it is announced: a reply's mean
+    /// delay through its three mixes, by when most replies that overtook others are matched
+    /// by the ones they overtook.
+    fn gap_grace(&self) -> Duration {
+        (self.delay.mean() * 3).max(MIN_GAP_GRACE)
+    }
+
     /// One message for exit session `exit`, or `None` if nothing waits; with the streams it
     /// carries.
     pub(super) fn compose<R: CryptoRng + ?Sized>(
@@ -57,6 +69,7 @@ impl ClientSession {
         let mut wants_surbs = false;
         let mut reopened = false;
         let reply_timeout = self.config.reply_timeout;
+        let gap_grace = self.gap_grace();
         // Streams whose open this message carries: their data may ride with it. A stream's
         // later data waits until the exit answered the open, since a message can overtake
         // an earlier one on another route, and an exit cannot place data for a stream it has
@@ -98,16 +111,36 @@ impl ClientSession {
                 used += OFFSET_ITEM_LEN;
                 s.acked_sent = ack;
             }
-            // What it holds beyond the ack, when that changed: while a reply is missing, the
-            // exit re-sends only it, not everything after it.
-            let ranges = s.recv.held_ranges(ack, MAX_RECEIVED_RANGES);
-            if ranges.is_empty() {
-                s.received_sent.clear();
-            } else if ranges != s.received_sent && used + received_item_len(ranges.len()) <= budget
-            {
-                used += received_item_len(ranges.len());
-                s.received_sent.clone_from(&ranges);
-                items.push(ClientItem::Received { stream: id, ranges });
+            // A gap that outlasts the reordering of replies is announced, with what is held
+            // beyond the ack, and again each `gap_grace` while it lasts (what arrived since
+            // must not time out at the exit): the exit then re-sends only what is missing,
+            // not everything after it. Replies overtake one another all the time (each takes
+            // its own route and delays), and most gaps fill within `gap_grace`; announcing
+            // each would cost a reply block's room in most packets of a download.
+            if s.recv.pending_bytes() == 0 {
+                s.gap = None;
+            } else {
+                let at = s.recv.delivered();
+                let gap = match s.gap {
+                    Some(g) if g.at == at => g,
+                    _ => Gap {
+                        at,
+                        since: now,
+                        announced: None,
+                    },
+                };
+                s.gap = Some(gap);
+                let due =
+                    now.saturating_duration_since(gap.announced.unwrap_or(gap.since)) >= gap_grace;
+                let ranges = s.recv.held_ranges(ack, MAX_RECEIVED_RANGES);
+                if due && used + received_item_len(ranges.len()) <= budget {
+                    used += received_item_len(ranges.len());
+                    s.gap = Some(Gap {
+                        announced: Some(now),
+                        ..gap
+                    });
+                    items.push(ClientItem::Received { stream: id, ranges });
+                }
             }
             if s.state == StreamState::Open || !s.outbox.is_empty() {
                 wants_surbs = true;

@@ -24,6 +24,7 @@ use rand::SeedableRng;
 use rand::rngs::StdRng;
 
 use super::{ClientSession, Event, SessionConfig, SessionStats};
+use crate::cover::Stock;
 use crate::directory::synthetic::{SyntheticNetwork, generate};
 use crate::directory::{Consensus, IdentityKey, NetworkParams};
 use crate::fragment::Fragment;
@@ -170,6 +171,14 @@ enum Op {
         surb_id: [u8; 16],
         fill: u8,
     },
+    /// The driver hands the schedule to a pacer: from now on the session sends only what
+    /// `BuildAhead` asks for.
+    Pace,
+    /// The driver asks for a packet for a pacer's stock (0 real, 1 drop, 2 loop); what is
+    /// built goes out at once.
+    BuildAhead {
+        stock: u8,
+    },
 }
 
 /// An exit item; `stream` picks one of the streams opened so far (or, past their number, an
@@ -217,6 +226,7 @@ struct Harness {
     /// Deliveries made to the session.
     delivered: VecDeque<(SurbId, Vec<u8>)>,
     stats: SessionStats,
+    paced: bool,
 }
 
 impl Harness {
@@ -229,34 +239,43 @@ impl Harness {
 
     /// The session sends what is due at `now`, a few frames at most.
     fn transmit(&mut self) {
-        let net = net();
         for _ in 0..FRAMES_PER_STEP {
             self.session.handle_timeout(self.now);
             let Some(frame) = self.session.poll_transmit(self.now, &mut self.rng) else {
                 return;
             };
-            frame
-                .encode()
-                .expect("every frame the session sends encodes");
-            let Frame::Forward {
-                next_hop,
-                key_epoch,
-                packet,
-                ..
-            } = frame
-            else {
-                panic!("an unpaid session sent {frame:?}");
-            };
-            assert_eq!(key_epoch, net.consensus.epoch);
             assert!(
-                net.secrets.contains_key(&next_hop),
-                "a frame for a relay outside the consensus"
+                !self.paced,
+                "a paced session sent {frame:?} at its own tick"
             );
-            if self.in_flight.len() >= KEEP {
-                self.in_flight.pop_front();
-            }
-            self.in_flight.push_back((next_hop, packet));
+            self.sent(frame);
         }
+    }
+
+    /// A frame the session sent goes into the network.
+    fn sent(&mut self, frame: Frame) {
+        let net = net();
+        frame
+            .encode()
+            .expect("every frame the session sends encodes");
+        let Frame::Forward {
+            next_hop,
+            key_epoch,
+            packet,
+            ..
+        } = frame
+        else {
+            panic!("an unpaid session sent {frame:?}");
+        };
+        assert_eq!(key_epoch, net.consensus.epoch);
+        assert!(
+            net.secrets.contains_key(&next_hop),
+            "a frame for a relay outside the consensus"
+        );
+        if self.in_flight.len() >= KEEP {
+            self.in_flight.pop_front();
+        }
+        self.in_flight.push_back((next_hop, packet));
     }
 
     /// Carries a packet from `at` to its last hop; returns its final delivery.
@@ -594,6 +613,7 @@ fn drive(seed: u64, ops: Vec<Op>) {
         blocks: VecDeque::new(),
         delivered: VecDeque::new(),
         stats: SessionStats::default(),
+        paced: false,
     };
     for op in ops {
         match op {
@@ -628,6 +648,22 @@ fn drive(seed: u64, ops: Vec<Op>) {
             Op::Wait { ms } => {
                 h.now = h.now + Duration::from_millis(u64::from(ms));
                 h.transmit();
+            }
+            Op::Pace => {
+                h.session.set_paced();
+                h.paced = true;
+                assert_eq!(h.session.timer(super::Timer::Send), None);
+            }
+            Op::BuildAhead { stock } => {
+                let stock = match stock % 3 {
+                    0 => Stock::Real,
+                    1 => Stock::Drop,
+                    _ => Stock::Loop,
+                };
+                h.session.handle_timeout(h.now);
+                if let Some(frame) = h.session.build_ahead(stock, h.now, &mut h.rng) {
+                    h.sent(frame);
+                }
             }
             Op::Timeout => {
                 if let Some(t) = h.session.poll_timeout() {

@@ -19,8 +19,16 @@
 //!
 //! What goes on the wire follows the published Loopix rates only: at each λ_P tick the session
 //! sends a real packet if it has one, otherwise a cover packet; loop and drop cover run at λ_L
-//! and λ_D. Real packets are built lazily at the tick, from whatever the streams have waiting,
-//! so a message always carries the freshest acknowledgements.
+//! and λ_D. A real packet is built when the last one left, from whatever the streams have
+//! waiting then, so a message carries fresh acknowledgements.
+//!
+//! Paced ([`ClientSession::set_paced`]): a driver whose building of packets could delay a
+//! tick (a thread that also opens replies and answers the application) runs the schedule in
+//! a [`crate::cover::Pacer`] on a thread of its own, and fills the pacer's small stocks with
+//! [`ClientSession::build_ahead`]: one real packet, and drop and loop cover for the next few
+//! milliseconds of ticks. Ticks then only take built packets, so the moments packets leave
+//! are the Poisson schedule however long building takes. The simulator and tests, under
+//! virtual time, use the session's own ticks.
 //!
 //! # Parts
 //!
@@ -57,7 +65,7 @@ use std::time::Duration;
 
 use rand::{CryptoRng, Rng};
 
-use crate::cover::{ClientCover, ClientEmission};
+use crate::cover::{ClientCover, ClientEmission, ClientRates, Stock};
 use crate::delay::ExpDelay;
 use crate::delivery::DeliveryTags;
 use crate::directory::path::{PathRules, PathSelector};
@@ -219,6 +227,9 @@ pub struct SessionStats {
     pub real_sent: u64,
     pub cover_sent: u64,
     pub loops_sent: u64,
+    /// Cover packets that could not be built (no route now): each is a tick with nothing
+    /// to send, unless another packet stood in.
+    pub cover_unbuilt: u64,
     pub loops_returned: u64,
     pub loops_missing: u64,
     pub retransmits: u64,
@@ -321,6 +332,9 @@ pub struct ClientSession {
     /// so a delivery repeated by the gateway is not paid twice.
     recent_deliveries: VecDeque<SurbId>,
     recent_set: HashSet<SurbId>,
+    /// The send schedule runs in a [`crate::cover::Pacer`] the driver keeps: the session
+    /// only builds what it asks for ([`ClientSession::build_ahead`]).
+    paced: bool,
 }
 
 impl ClientSession {
@@ -365,6 +379,7 @@ impl ClientSession {
             payment: None,
             recent_deliveries: VecDeque::new(),
             recent_set: HashSet::new(),
+            paced: false,
         })
     }
 
@@ -373,11 +388,60 @@ impl ClientSession {
         self.stats
     }
 
-    /// Packets per second the session's schedule sends in all: λ_P + λ_L + λ_D of the
-    /// consensus in force (what [`crate::send_timing`] tests the gaps against).
-    pub fn send_rate(&self) -> f64 {
+    /// The cover rates of the consensus in force.
+    pub fn send_rates(&self) -> ClientRates {
         let p = &self.consensus.params;
-        p.lambda_p + p.lambda_l + p.lambda_d
+        ClientRates {
+            lambda_p: p.lambda_p,
+            lambda_l: p.lambda_l,
+            lambda_d: p.lambda_d,
+        }
+    }
+
+    /// Hands the send schedule to a [`crate::cover::Pacer`] the driver runs on a thread of its own, so
+    /// that building packets never delays a tick. From then on the session sends nothing at
+    /// its own ticks ([`Timer::Send`] stays unset, [`Self::poll_transmit`] gives only the
+    /// gateway's payments); the driver keeps the pacer's stocks filled with
+    /// [`Self::build_ahead`] and follows [`Self::send_rates`].
+    pub fn set_paced(&mut self) {
+        self.paced = true;
+    }
+
+    /// Builds one packet for a [`crate::cover::Pacer`]'s `stock`: a real packet if a message waits (else
+    /// `None`), or a drop or loop cover packet (`None` if no route can be built now).
+    /// Counted as sent: it will leave at the pacer's next tick for it.
+    pub fn build_ahead<R: CryptoRng + ?Sized>(
+        &mut self,
+        stock: Stock,
+        now: Instant,
+        rng: &mut R,
+    ) -> Option<Frame> {
+        self.observe(now);
+        let frame = match stock {
+            Stock::Real => {
+                let q = self.next_real(now, rng)?;
+                self.stats.real_sent += 1;
+                q.frame
+            }
+            Stock::Drop => {
+                let Ok(frame) = self.drop_cover(now, rng) else {
+                    self.stats.cover_unbuilt += 1;
+                    return None;
+                };
+                self.stats.cover_sent += 1;
+                frame
+            }
+            Stock::Loop => {
+                let Ok(frame) = self.loop_cover(now, rng) else {
+                    self.stats.cover_unbuilt += 1;
+                    return None;
+                };
+                self.stats.loops_sent += 1;
+                frame
+            }
+        };
+        self.gateway_frame(now, rng);
+        Some(frame)
     }
 
     /// The gateway this session goes through.
@@ -438,7 +502,8 @@ impl ClientSession {
         self.expire_exit_sessions(now);
     }
 
-    /// The next frame to send at `now`, if one is due. Call until `None`.
+    /// The next frame to send at `now`, if one is due. Call until `None`. Paced, only the
+    /// gateway's payments (each right after the packet that made it due was built).
     #[must_use]
     pub fn poll_transmit<R: CryptoRng + ?Sized>(
         &mut self,
@@ -448,6 +513,9 @@ impl ClientSession {
         self.observe(now);
         if let Some(frame) = self.queued_gateway_payment() {
             return Some(frame);
+        }
+        if self.paced {
+            return None;
         }
         if self.cover.queued() == 0
             && let Some(q) = self.next_real(now, rng)
@@ -463,11 +531,15 @@ impl ClientSession {
                 }
                 ClientEmission::SendCover | ClientEmission::Drop => {
                     self.stats.cover_sent += 1;
-                    self.drop_cover(now, rng).ok()
+                    let frame = self.drop_cover(now, rng).ok();
+                    self.stats.cover_unbuilt += u64::from(frame.is_none());
+                    frame
                 }
                 ClientEmission::Loop => {
                     self.stats.loops_sent += 1;
-                    self.loop_cover(now, rng).ok()
+                    let frame = self.loop_cover(now, rng).ok();
+                    self.stats.cover_unbuilt += u64::from(frame.is_none());
+                    frame
                 }
             };
             if frame.is_some() {

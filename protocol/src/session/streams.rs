@@ -21,6 +21,16 @@ pub(super) enum StreamState {
     Open,
 }
 
+/// A gap in a stream's data from the exit: bytes held beyond it, none at it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Gap {
+    /// Where it starts: what was delivered in order.
+    pub(super) at: u64,
+    pub(super) since: Instant,
+    /// When a `ClientItem::Received` last announced it.
+    pub(super) announced: Option<Instant>,
+}
+
 pub(super) struct Stream {
     pub(super) exit_session: ExitRef,
     pub(super) target: Target,
@@ -38,8 +48,8 @@ pub(super) struct Stream {
     pub(super) recv: RecvBuffer,
     /// The last cumulative ack sent for the exit's data.
     pub(super) acked_sent: u64,
-    /// The ranges held beyond the ack last sent (`ClientItem::Received`).
-    pub(super) received_sent: Vec<(u64, u32)>,
+    /// The first gap in the exit's data, if there is one.
+    pub(super) gap: Option<Gap>,
     /// Bytes handed to the application in events but not yet consumed by it; acks cover
     /// only what the application took, so the exit's window bounds what waits here.
     pub(super) unconsumed: u64,
@@ -149,7 +159,7 @@ impl ClientSession {
                 fin_sent: false,
                 recv: RecvBuffer::new(window),
                 acked_sent: 0,
-                received_sent: Vec::new(),
+                gap: None,
                 unconsumed: 0,
                 eof_reported: false,
                 writable_wanted: false,

@@ -36,7 +36,7 @@ impl ClientSession {
     /// When `timer` next fires, if it is set.
     pub fn timer(&self, timer: Timer) -> Option<Instant> {
         match timer {
-            Timer::Send => self.cover.poll_timeout(),
+            Timer::Send => self.cover.poll_timeout().filter(|_| !self.paced),
             Timer::Retransmit => self.retransmit_deadline(),
             Timer::LoopMissing => self.loop_deadline(),
             Timer::NoPath => self.no_path_deadline(),
