@@ -228,7 +228,8 @@ pub fn execute(cli: Cli) -> Result<()> {
             println!(
                 "request latency: fidelity {:.4} s ({} requests; send wait {:.4} s), fast {:.4} s \
                  ({} messages), theory 3/mu + links + wait {:.4} s; differences {:.2}% and \
-                 {:.2}% (tolerance {:.0}%); entropy fidelity {} bits, fast {} bits: {}",
+                 {:.2}% (tolerance {:.0}%); entropy fidelity {} bits, fast {} bits \
+                 (tolerance {} bits): {}",
                 c.fidelity_latency_mean_s,
                 c.fidelity_requests,
                 c.fidelity_send_wait_mean_s,
@@ -240,6 +241,7 @@ pub fn execute(cli: Cli) -> Result<()> {
                 100.0 * c.tolerance,
                 show(c.entropy_fidelity_bits),
                 show(c.entropy_fast_bits),
+                c.entropy_tolerance_bits,
                 if c.pass { "PASS" } else { "FAIL" }
             );
             if !c.pass {

@@ -10,7 +10,9 @@
 //! means are `3/μ` plus the links plus the wait for a send tick. The check compares the
 //! fidelity mode's mean request latency with the fast mode's mean message latency, and with
 //! `3/μ` + the links' mean + the fidelity mode's own measured send wait, each within
-//! [`TOLERANCE`].
+//! [`TOLERANCE`]; and the mean sender entropy of the fidelity mode's real packets at the exit
+//! with the fast mode's, within [`ENTROPY_TOLERANCE_BITS`], with the fast mode's ticket rate
+//! set to the rate at which the fidelity mode's corrupt mixes found tickets.
 
 use serde::Serialize;
 
@@ -19,6 +21,9 @@ use crate::{Error, Result, run_fidelity, run_loaded};
 
 /// Relative difference allowed between the means.
 pub const TOLERANCE: f64 = 0.05;
+
+/// Difference allowed between the mean sender entropies (bits).
+pub const ENTROPY_TOLERANCE_BITS: f64 = 0.1;
 
 /// Both runs' figures and the verdict.
 #[derive(Debug, Clone, Serialize)]
@@ -40,6 +45,10 @@ pub struct CrossCheck {
     pub vs_theory: f64,
     pub entropy_fidelity_bits: Option<f64>,
     pub entropy_fast_bits: Option<f64>,
+    /// The fast run's `tickets.rate`: the fidelity run's `ticket_rate_measured`.
+    pub fast_ticket_rate: f64,
+    pub entropy_difference_bits: Option<f64>,
+    pub entropy_tolerance_bits: f64,
     pub pass: bool,
 }
 
@@ -69,6 +78,8 @@ pub fn crosscheck(
     fast.scenario.traffic.model = TrafficModel::Poisson;
     fast.scenario.traffic.file = None;
     fast.scenario.traffic.messages_per_s = Some(real_rate);
+    // Tickets at the rate corrupt mixes actually found them in real envelopes.
+    fast.scenario.tickets.rate = f.summary.ticket_rate_measured.unwrap_or(0.0);
     let fast = Loaded {
         scenario: Scenario::checked(fast.scenario)?,
         base_dir: fast.base_dir,
@@ -86,6 +97,10 @@ pub fn crosscheck(
     let theory = 3.0 / s.rates.mu + link_ms / 1e3 + wait;
     let vs_fast = relative(fid_latency, fast_latency);
     let vs_theory = relative(fid_latency, theory);
+    let entropy = fs
+        .entropy_mean_bits
+        .zip(q.summary.entropy_mean_bits)
+        .map(|(a, b)| a - b);
     Ok(CrossCheck {
         tolerance: TOLERANCE,
         fidelity_latency_mean_s: fid_latency,
@@ -105,6 +120,11 @@ pub fn crosscheck(
         vs_theory,
         entropy_fidelity_bits: fs.entropy_mean_bits,
         entropy_fast_bits: q.summary.entropy_mean_bits,
-        pass: vs_fast <= TOLERANCE && vs_theory <= TOLERANCE,
+        fast_ticket_rate: fast.scenario.tickets.rate,
+        entropy_difference_bits: entropy,
+        entropy_tolerance_bits: ENTROPY_TOLERANCE_BITS,
+        pass: vs_fast <= TOLERANCE
+            && vs_theory <= TOLERANCE
+            && entropy.is_none_or(|d| d.abs() <= ENTROPY_TOLERANCE_BITS),
     })
 }

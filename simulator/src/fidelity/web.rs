@@ -1,6 +1,8 @@
 //! The simulated world at both ends of the streams: the clients' applications (page loads
 //! as a Poisson process, bulk downloads back to back) and the web server behind the exit,
-//! which answers a whole request with the page's bytes after a delay and then closes.
+//! which answers a whole request with the page's bytes after a delay and then closes. An
+//! application writes its request once its stream opened, as behind the client's SOCKS
+//! proxy, which answers CONNECT only when the exit has opened the stream.
 //!
 //! A stream's target names its page (`p{index}.sim`), so the server knows what to send and
 //! the simulator can time the stream at both ends; the exit treats it as any host name.
@@ -54,11 +56,23 @@ impl Page {
     }
 }
 
+/// Where a stream's request is.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Request {
+    /// Not written until the stream opened: the client's proxy answers the application's
+    /// CONNECT only then.
+    Waiting,
+    /// Bytes still to write.
+    Left(usize),
+    /// Written and the stream's sending side closed.
+    Sent,
+}
+
 /// One client's application.
 #[derive(Default)]
 struct App {
-    /// Open streams: their page, and the request bytes not yet written.
-    open: BTreeMap<StreamId, (u32, usize)>,
+    /// Open streams: their page, and their request.
+    open: BTreeMap<StreamId, (u32, Request)>,
     /// A download client's next start, once its download ended.
     next_start: Option<u64>,
 }
@@ -222,8 +236,7 @@ impl Web {
             received: 0,
         });
         self.unresolved += u64::from(in_window);
-        app.open
-            .insert(id, (index, self.cfg.request_bytes as usize));
+        app.open.insert(id, (index, Request::Waiting));
         next
     }
 
@@ -262,7 +275,19 @@ impl Web {
                 continue;
             };
             let failed = match event {
-                Event::Opened(_) | Event::Writable(_) => None,
+                Event::Opened(_) => {
+                    // The proxy answers CONNECT; the application sends its request.
+                    let request = Request::Left(self.cfg.request_bytes as usize);
+                    if let Some(entry) = self
+                        .apps
+                        .get_mut(client as usize)
+                        .and_then(|a| a.open.get_mut(&id))
+                    {
+                        entry.1 = request;
+                    }
+                    None
+                }
+                Event::Writable(_) => None,
                 Event::Data(_, bytes) => {
                     session.consumed(id, bytes.len());
                     if let Some(p) = self.pages.get_mut(page as usize) {
@@ -292,18 +317,19 @@ impl Web {
             return false;
         };
         let mut wrote = false;
-        for (&id, (_, left)) in app.open.iter_mut() {
-            if *left == 0 {
+        for (&id, (_, request)) in app.open.iter_mut() {
+            let Request::Left(left) = *request else {
                 continue;
-            }
-            let request = vec![b'r'; *left];
-            let n = session.write(id, &request);
-            *left -= n;
+            };
+            let n = session.write(id, &vec![b'r'; left]);
             wrote |= n > 0;
-            if *left == 0 {
+            *request = if n >= left {
                 session.close_stream(id);
                 wrote = true;
-            }
+                Request::Sent
+            } else {
+                Request::Left(left - n)
+            };
         }
         wrote
     }
