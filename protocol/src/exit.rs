@@ -539,6 +539,11 @@ impl ExitSession {
         self.surbs_held
     }
 
+    /// Reply blocks held for `session` (0 for a session the exit does not know).
+    pub fn session_surbs_held(&self, session: u64) -> usize {
+        self.sessions.get(&session).map_or(0, |s| s.surbs.len())
+    }
+
     /// The window granted to a stream, if it is open.
     pub fn stream_window(&self, key: StreamKey) -> Option<usize> {
         self.stream(key).map(|s| s.window)

@@ -27,6 +27,7 @@ mod sphinx_builder;
 pub mod stream;
 pub mod surb;
 pub mod tab;
+pub mod testkit;
 pub mod ticket;
 pub mod time;
 

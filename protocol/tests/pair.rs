@@ -1,6 +1,7 @@
 //! The whole path in one process under a virtual clock, in the style of quinn's test `Pair`:
-//! the real [`ClientSession`], the real [`hop::process`] at every relay (the gateway, three
-//! mix layers and the exit of a synthetic consensus), the real sans-IO exit, and an in-memory
+//! the real [`ClientSession`], the real hop step (`hop::process`, through `testkit::Relay`)
+//! at every relay (the gateway, three mix layers and the exit of a synthetic consensus), the
+//! real sans-IO exit, and an in-memory
 //! internet behind the exit whose targets answer with known bytes, echo, or refuse. Every
 //! link loses, duplicates and delays (reorders) packets at random, and some mixes black-hole
 //! everything they get, so the client's suspect set has something to find. One seed decides
@@ -26,12 +27,12 @@ use murmur_protocol::PAYLOAD_SIZE;
 use murmur_protocol::envelope::Envelope;
 use murmur_protocol::exit::{ExitConfig, ExitEvent, ExitSession, REPLY_DATA_LEN, StreamKey};
 use murmur_protocol::frame::Frame;
-use murmur_protocol::hop::{self, Action, HopError, HopKey};
-use murmur_protocol::packet::{Address, Packet, StaticSecret, SurbId, recover_plaintext};
+use murmur_protocol::hop::HopError;
+use murmur_protocol::packet::{Address, Packet, SurbId};
 use murmur_protocol::payload::Content;
-use murmur_protocol::replay::ReplayFilter;
 use murmur_protocol::session::{ClientSession, Event, SessionConfig};
 use murmur_protocol::stream::{Refusal, StreamId, Target};
+use murmur_protocol::testkit::{self, Landing};
 use murmur_protocol::time::Instant;
 use proptest::prelude::*;
 use rand::{RngExt, SeedableRng};
@@ -123,8 +124,7 @@ impl Arrival {
 }
 
 struct Relay {
-    sphinx: StaticSecret,
-    seen: ReplayFilter,
+    node: testkit::Relay,
     /// Drops everything it gets (a dead or malicious mix).
     black_hole: bool,
 }
@@ -286,8 +286,7 @@ impl Pair {
             .zip(keys)
             .map(|(r, k)| {
                 let relay = Relay {
-                    sphinx: k.sphinx,
-                    seen: ReplayFilter::new(1 << 16, 1e-9).unwrap(),
+                    node: testkit::Relay::new(r.address(), k.sphinx, 1 << 16).unwrap(),
                     black_hole: dead.contains(&r.address()),
                 };
                 (r.address(), relay)
@@ -425,12 +424,8 @@ impl Pair {
             self.counts.black_holed += 1;
             return;
         }
-        let key = HopKey {
-            sphinx: &relay.sphinx,
-            max_delay: self.max_hop_delay,
-        };
-        let processed = match hop::process(key, &packet, envelope, &mut relay.seen) {
-            Ok(p) => p,
+        let stepped = match relay.node.step(&packet, envelope, self.max_hop_delay) {
+            Ok(s) => s,
             Err(HopError::Replay) => {
                 self.counts.replays += 1;
                 return;
@@ -440,13 +435,12 @@ impl Pair {
                 return;
             }
         };
-        match processed.action {
-            Action::Forward {
+        match stepped.landing {
+            Landing::Forward {
                 next_hop,
                 delay,
                 packet,
                 envelope,
-                ..
             } => self.send(
                 now + delay,
                 Arrival::Relay {
@@ -455,24 +449,21 @@ impl Pair {
                     envelope,
                 },
             ),
-            Action::Deliver(d) if d.destination == self.client_address => self.send(
-                now,
-                Arrival::Client {
-                    surb_id: d.surb_id,
-                    payload: d.payload,
-                },
-            ),
-            Action::Deliver(d) if at == self.exit_address && d.destination == at => {
+            Landing::Deliver {
+                destination,
+                surb_id,
+                payload,
+            } if destination == self.client_address => {
+                self.send(now, Arrival::Client { surb_id, payload })
+            }
+            Landing::Final(content) if at == self.exit_address => {
                 self.counts.at_exit += 1;
-                let content = recover_plaintext(&d.payload[..])
-                    .and_then(|p| Content::decode(&p))
-                    .unwrap();
                 if let Content::DataWithAck { ack, fragment } = content {
                     self.exit.handle_packet(now, ack, fragment);
                 }
             }
             // Drop cover ends here.
-            Action::Deliver(_) => {}
+            Landing::Deliver { .. } | Landing::Final(_) => {}
         }
     }
 

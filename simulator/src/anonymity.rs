@@ -232,6 +232,27 @@ impl Tracker {
         }
     }
 
+    /// `d` given that sender `s` did not send the packet: its coordinate removed and the rest
+    /// renormalised (unchanged when `s` is not tracked, or `d` has no mass on it).
+    pub fn excluding(&self, d: &Dist, s: u32) -> Dist {
+        let Dist::Dense(v) = d else {
+            return d.clone();
+        };
+        let Some(i) = self.slot(s) else {
+            return d.clone();
+        };
+        let p = v.get(i).map_or(0.0, |&x| f64::from(x));
+        if p <= 0.0 || p >= 1.0 {
+            return d.clone();
+        }
+        let k = (1.0 / (1.0 - p)) as f32;
+        let mut out: Box<[f32]> = v.iter().map(|&x| x * k).collect();
+        if let Some(x) = out.get_mut(i) {
+            *x = 0.0;
+        }
+        Dist::Dense(out)
+    }
+
     /// The anonymity of a distribution (`None`: no sampled sender could have sent it).
     pub fn of_dist(&self, d: &Dist) -> Option<Anonymity> {
         match d {
@@ -350,6 +371,17 @@ fn axpy(y: &mut [f32], x: &[f32], a: f32) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn excluding_a_sender_renormalises_the_rest() {
+        let t = Tracker::exact(3);
+        let d = Dist::Dense(vec![0.5, 0.25, 0.25].into_boxed_slice());
+        assert_eq!(
+            t.excluding(&d, 0),
+            Dist::Dense(vec![0.0, 0.5, 0.5].into_boxed_slice())
+        );
+        assert_eq!(t.excluding(&Dist::Point(1), 0), Dist::Point(1));
+    }
 
     fn weights(p: &Pool) -> Vec<f64> {
         match p.snapshot() {

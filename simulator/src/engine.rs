@@ -130,13 +130,15 @@ struct Sim<'a> {
     rows: Vec<MessageRow>,
 }
 
-fn stream(seed: u64, stream: u64) -> ChaCha20Rng {
+/// The seed's random stream number `stream`.
+pub(crate) fn stream(seed: u64, stream: u64) -> ChaCha20Rng {
     let mut rng = ChaCha20Rng::seed_from_u64(seed);
     rng.set_stream(stream);
     rng
 }
 
-fn secs(ns: u64) -> f64 {
+/// Nanoseconds to seconds.
+pub(crate) fn secs(ns: u64) -> f64 {
     ns as f64 / 1e9
 }
 
@@ -162,18 +164,7 @@ impl<'a> Sim<'a> {
     ) -> Result<Self> {
         let s = &loaded.scenario;
         let track = s.measure.anonymity;
-        let senders = topo.senders();
-        let tracker = if s.measure.samples(senders) {
-            let k = s.measure.tracked_senders as usize;
-            Tracker::sampled(senders, k, &mut stream(seed, STREAM_TRACKED))
-        } else {
-            Tracker::exact(senders)
-        };
-        let pools = topo
-            .corrupt_mix
-            .iter()
-            .map(|&corrupt| Pool::new(tracker.dim(), track && !corrupt))
-            .collect();
+        let (tracker, pools) = observer(s, seed, topo.senders(), &topo.corrupt_mix);
         let trace = match (s.traffic.model, &s.traffic.file) {
             (TrafficModel::Trace, Some(file)) => {
                 load_trace(&loaded.base_dir.join(file), s.network.clients)?
@@ -569,6 +560,28 @@ impl<'a> Sim<'a> {
             mixes,
         }
     }
+}
+
+/// The adversary's tracker over `senders` senders (exact or sampled as the scenario says) and
+/// one pool per mix, tracking distributions at the honest ones.
+pub(crate) fn observer(
+    s: &Scenario,
+    seed: u64,
+    senders: usize,
+    corrupt_mix: &[bool],
+) -> (Tracker, Vec<Pool>) {
+    let tracker = if s.measure.samples(senders) {
+        let k = s.measure.tracked_senders as usize;
+        Tracker::sampled(senders, k, &mut stream(seed, STREAM_TRACKED))
+    } else {
+        Tracker::exact(senders)
+    };
+    let track = s.measure.anonymity;
+    let pools = corrupt_mix
+        .iter()
+        .map(|&corrupt| Pool::new(tracker.dim(), track && !corrupt))
+        .collect();
+    (tracker, pools)
 }
 
 /// Events a calendar-queue bucket should hold: sorting a bucket costs log₂ of this per event,

@@ -2,8 +2,10 @@
 
 pub mod anonymity;
 pub mod cli;
+pub mod crosscheck;
 pub mod engine;
 pub mod error;
+pub mod fidelity;
 pub mod plot;
 pub mod queue;
 pub mod report;
@@ -35,16 +37,34 @@ pub fn run_loaded(
     progress: &mut dyn FnMut(f64),
 ) -> Result<(RunResult, Timing)> {
     let seed = seed.unwrap_or(loaded.scenario.seed);
+    timed(|| engine::run(loaded, seed, progress), |r| r.summary.events)
+}
+
+/// Runs `f`, timing it with the wall clock; `events` reads the run's event count.
+fn timed<T>(f: impl FnOnce() -> Result<T>, events: impl Fn(&T) -> u64) -> Result<(T, Timing)> {
     let started = std::time::Instant::now();
-    let result = engine::run(loaded, seed, progress)?;
+    let result = f()?;
     let wall_s = started.elapsed().as_secs_f64();
-    let events = result.summary.events;
+    let events = events(&result);
     let timing = Timing {
         wall_s,
         events,
         events_per_s: events as f64 / wall_s.max(1e-9),
     };
     Ok((result, timing))
+}
+
+/// Runs a loaded scenario in fidelity mode ([`fidelity`]), timing it with the wall clock.
+pub fn run_fidelity(
+    loaded: &Loaded,
+    seed: Option<u64>,
+    progress: &mut dyn FnMut(f64),
+) -> Result<(fidelity::report::FidelityResult, Timing)> {
+    let seed = seed.unwrap_or(loaded.scenario.seed);
+    timed(
+        || fidelity::run(loaded, seed, progress),
+        |r| r.summary.events,
+    )
 }
 
 /// Writes a run's files into `dir` (created if needed): `summary.json` (deterministic),

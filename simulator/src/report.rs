@@ -75,13 +75,14 @@ pub struct Summary {
     pub lambda_over_mu: f64,
 }
 
-fn mean(xs: impl Iterator<Item = f64>) -> Option<f64> {
+/// The mean, if there is anything.
+pub(crate) fn mean(xs: impl Iterator<Item = f64>) -> Option<f64> {
     let (sum, n) = xs.fold((0.0, 0u64), |(s, n), x| (s + x, n + 1));
     (n > 0).then(|| sum / n as f64)
 }
 
 /// Nearest-rank percentile of sorted data.
-fn percentile(sorted: &[f64], q: f64) -> Option<f64> {
+pub(crate) fn percentile(sorted: &[f64], q: f64) -> Option<f64> {
     let n = sorted.len();
     if n == 0 {
         return None;
@@ -132,16 +133,21 @@ impl Summary {
 
     /// The summary's figures by name, as they appear in `summary.json` (numbers only).
     pub fn fields(&self) -> Result<Vec<(String, Option<f64>)>> {
-        let value = serde_json::to_value(self).map_err(|e| Error::Input(e.to_string()))?;
-        let serde_json::Value::Object(map) = value else {
-            return Err(Error::Input("summary is not an object".into()));
-        };
-        Ok(map
-            .into_iter()
-            .filter(|(k, _)| k != "scenario")
-            .map(|(k, v)| (k, v.as_f64()))
-            .collect())
+        fields_of(self)
     }
+}
+
+/// A summary's figures by name (numbers only: its name, mode and tables of counts left out).
+pub fn fields_of<T: Serialize>(summary: &T) -> Result<Vec<(String, Option<f64>)>> {
+    let value = serde_json::to_value(summary).map_err(|e| Error::Input(e.to_string()))?;
+    let serde_json::Value::Object(map) = value else {
+        return Err(Error::Input("summary is not an object".into()));
+    };
+    Ok(map
+        .into_iter()
+        .filter(|(k, v)| k != "scenario" && k != "mode" && !v.is_object())
+        .map(|(k, v)| (k, v.as_f64()))
+        .collect())
 }
 
 /// Everything a run produced.

@@ -38,6 +38,133 @@ pub struct Scenario {
     pub tickets: Tickets,
     #[serde(default)]
     pub measure: Measure,
+    /// `fast` (the default: packets as ids, no links, no cryptography) or `fidelity` (the
+    /// shipping client sessions, relays, gateways and exit on real packets; see
+    /// [`crate::fidelity`]). `murmur-sim run --fidelity` sets it.
+    #[serde(default)]
+    pub mode: Mode,
+    /// Links' latency and loss (fidelity mode).
+    #[serde(default)]
+    pub links: Links,
+    /// The applications' streams (fidelity mode).
+    #[serde(default)]
+    pub streams: Streams,
+}
+
+/// Which engine runs the scenario.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    #[default]
+    Fast,
+    Fidelity,
+}
+
+/// What every link does to a packet (fidelity mode). A link between relays takes
+/// `latency_ms` plus a fixed share of `latency_spread_ms` of its own (each directed link
+/// draws its share once, from its endpoints), plus up to `jitter_ms` more per packet
+/// (uniform), and loses each packet with probability `loss`. A client's access link to its
+/// gateway takes `access_latency_ms` and loses with `access_loss`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Links {
+    #[serde(default)]
+    pub latency_ms: f64,
+    #[serde(default)]
+    pub latency_spread_ms: f64,
+    #[serde(default)]
+    pub jitter_ms: f64,
+    #[serde(default)]
+    pub loss: f64,
+    #[serde(default)]
+    pub access_latency_ms: f64,
+    #[serde(default)]
+    pub access_loss: f64,
+}
+
+impl Default for Links {
+    fn default() -> Self {
+        Links {
+            latency_ms: 0.0,
+            latency_spread_ms: 0.0,
+            jitter_ms: 0.0,
+            loss: 0.0,
+            access_latency_ms: 0.0,
+            access_loss: 0.0,
+        }
+    }
+}
+
+/// The applications behind the clients (fidelity mode): page loads, and bulk downloads.
+/// Every client but the first `bulk_clients` loads pages as a Poisson process: it opens a
+/// stream to the exit's simulated web server, writes `request_bytes` and closes its side;
+/// the server answers `server_delay_ms` after the whole request arrived with `page_bytes`,
+/// then closes. Each of the first `bulk_clients` clients downloads `bulk_bytes` at a time,
+/// pausing `bulk_pause_s` between downloads.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Streams {
+    #[serde(default = "default_page_rate")]
+    pub page_loads_per_s: f64,
+    #[serde(default = "default_request_bytes")]
+    pub request_bytes: u32,
+    #[serde(default = "default_page_bytes")]
+    pub page_bytes: u32,
+    #[serde(default = "default_server_delay")]
+    pub server_delay_ms: f64,
+    #[serde(default)]
+    pub bulk_clients: u32,
+    #[serde(default = "default_bulk_bytes")]
+    pub bulk_bytes: u32,
+    #[serde(default = "default_bulk_pause")]
+    pub bulk_pause_s: f64,
+    /// A page load that finds this many of its client's streams open is skipped (counted).
+    #[serde(default = "default_max_open")]
+    pub max_open_per_client: u32,
+    /// Packets a ticket to a mix or the exit pays for (the payer's `packets_per_ticket`).
+    #[serde(default = "default_packets_per_ticket")]
+    pub packets_per_ticket: u64,
+}
+
+fn default_page_rate() -> f64 {
+    0.02
+}
+fn default_request_bytes() -> u32 {
+    400
+}
+fn default_page_bytes() -> u32 {
+    20_000
+}
+fn default_server_delay() -> f64 {
+    50.0
+}
+fn default_bulk_bytes() -> u32 {
+    1_000_000
+}
+fn default_bulk_pause() -> f64 {
+    10.0
+}
+fn default_max_open() -> u32 {
+    8
+}
+fn default_packets_per_ticket() -> u64 {
+    64
+}
+
+impl Default for Streams {
+    fn default() -> Self {
+        Streams {
+            page_loads_per_s: default_page_rate(),
+            request_bytes: default_request_bytes(),
+            page_bytes: default_page_bytes(),
+            server_delay_ms: default_server_delay(),
+            bulk_clients: 0,
+            bulk_bytes: default_bulk_bytes(),
+            bulk_pause_s: default_bulk_pause(),
+            max_open_per_client: default_max_open(),
+            packets_per_ticket: default_packets_per_ticket(),
+        }
+    }
 }
 
 fn default_seed() -> u64 {
@@ -272,6 +399,15 @@ impl Scenario {
         Ok(scenario)
     }
 
+    /// A scenario changed after loading, checked again.
+    pub fn checked(scenario: Scenario) -> Result<Scenario> {
+        scenario.check().map_err(|message| Error::Scenario {
+            origin: "scenario".into(),
+            message,
+        })?;
+        Ok(scenario)
+    }
+
     /// Every constraint serde cannot express, in words a user can act on.
     fn check(&self) -> std::result::Result<(), String> {
         if self.version != SCHEMA_VERSION {
@@ -384,6 +520,63 @@ impl Scenario {
         fraction("measure.sample", self.measure.sample)?;
         if self.measure.tracked_senders == 0 {
             return Err("measure.tracked_senders must be at least 1".into());
+        }
+        let l = &self.links;
+        for (name, v) in [
+            ("links.latency_ms", l.latency_ms),
+            ("links.latency_spread_ms", l.latency_spread_ms),
+            ("links.jitter_ms", l.jitter_ms),
+            ("links.access_latency_ms", l.access_latency_ms),
+        ] {
+            non_negative(name, v)?;
+            if v > 60_000.0 {
+                return Err(format!("{name} must be at most 60000 (a minute); got {v}"));
+            }
+        }
+        fraction("links.loss", l.loss)?;
+        fraction("links.access_loss", l.access_loss)?;
+        let st = &self.streams;
+        non_negative("streams.page_loads_per_s", st.page_loads_per_s)?;
+        non_negative("streams.server_delay_ms", st.server_delay_ms)?;
+        non_negative("streams.bulk_pause_s", st.bulk_pause_s)?;
+        if st.bulk_clients > n.clients {
+            return Err(format!(
+                "streams.bulk_clients ({}) exceeds network.clients ({})",
+                st.bulk_clients, n.clients
+            ));
+        }
+        for (name, v) in [
+            ("streams.request_bytes", st.request_bytes),
+            ("streams.page_bytes", st.page_bytes),
+            ("streams.bulk_bytes", st.bulk_bytes),
+        ] {
+            if v == 0 || v > 100_000_000 {
+                return Err(format!("{name} must be 1 to 100000000; got {v}"));
+            }
+        }
+        if st.max_open_per_client == 0 || st.max_open_per_client > 1024 {
+            return Err(format!(
+                "streams.max_open_per_client must be 1 to 1024; got {}",
+                st.max_open_per_client
+            ));
+        }
+        if st.packets_per_ticket == 0 {
+            return Err("streams.packets_per_ticket must be at least 1".into());
+        }
+        if self.mode == Mode::Fidelity {
+            if !r.cover || r.lambda_p <= 0.0 {
+                return Err(
+                    "mode = \"fidelity\" runs the client session, which sends on λ_P ticks: \
+                     rates.cover must be true and rates.lambda_p positive"
+                        .into(),
+                );
+            }
+            if n.layers as usize != MAX_LAYERS {
+                return Err(format!(
+                    "mode = \"fidelity\" routes over the directory's three layers; \
+                     network.layers must be {MAX_LAYERS}"
+                ));
+            }
         }
         Ok(())
     }

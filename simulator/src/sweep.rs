@@ -3,54 +3,76 @@
 use std::fmt::Write as _;
 use std::path::Path;
 
-use crate::report::{Summary, cell, write_file};
-use crate::scenario::Scenario;
-use crate::{Error, Result, plot, run_loaded};
+use crate::report::{cell, write_file};
+use crate::scenario::{Mode, Scenario};
+use crate::{Error, Result, plot, run_fidelity, run_loaded};
+
+/// A run's figures by name, as in its `summary.json` (numbers only).
+pub type Fields = Vec<(String, Option<f64>)>;
+
+/// The value of the figure `name` in `fields`.
+pub fn field(fields: &Fields, name: &str) -> Option<f64> {
+    fields.iter().find(|(k, _)| k == name).and_then(|(_, v)| *v)
+}
 
 /// Runs `scenario` with `param=value` for each value (TOML syntax), all with the same seed so
-/// the values are compared on the same traffic where the parameter allows it.
-/// `progress(i, fraction)` hears which run is going and how far it is.
+/// the values are compared on the same traffic where the parameter allows it; in fidelity
+/// mode when the scenario says so or `fidelity` is set. `progress(i, fraction)` hears which
+/// run is going and how far it is.
 pub fn sweep(
     path: &Path,
     overrides: &[String],
     param: &str,
     values: &[String],
     seed: Option<u64>,
+    fidelity: bool,
     progress: &mut dyn FnMut(usize, f64),
-) -> Result<Vec<(String, Summary)>> {
+) -> Result<Vec<(String, Fields)>> {
     let mut rows = Vec::with_capacity(values.len());
     for (i, value) in values.iter().enumerate() {
         let mut all = overrides.to_vec();
+        if fidelity {
+            all.push("mode=\"fidelity\"".into());
+        }
         all.push(format!("{param}={value}"));
         let loaded = Scenario::load(path, &all)?;
-        let (result, _) = run_loaded(&loaded, seed, &mut |f| progress(i, f))?;
-        rows.push((value.clone(), result.summary));
+        let fields = if loaded.scenario.mode == Mode::Fidelity {
+            run_fidelity(&loaded, seed, &mut |f| progress(i, f))?
+                .0
+                .summary
+                .fields()?
+        } else {
+            run_loaded(&loaded, seed, &mut |f| progress(i, f))?
+                .0
+                .summary
+                .fields()?
+        };
+        rows.push((value.clone(), fields));
     }
     Ok(rows)
 }
 
 /// The sweep table: the parameter's value, then every figure of `summary.json`.
-pub fn sweep_csv(param: &str, rows: &[(String, Summary)]) -> Result<String> {
+pub fn sweep_csv(param: &str, rows: &[(String, Fields)]) -> String {
     let mut out = String::new();
-    for (i, (value, summary)) in rows.iter().enumerate() {
-        let fields = summary.fields()?;
+    for (i, (value, fields)) in rows.iter().enumerate() {
         if i == 0 {
             let names: Vec<&str> = fields.iter().map(|(k, _)| k.as_str()).collect();
             let _ = writeln!(out, "{param},{}", names.join(","));
         }
-        let cells: Vec<String> = fields.into_iter().map(|(_, v)| cell(v)).collect();
+        let cells: Vec<String> = fields.iter().map(|(_, v)| cell(*v)).collect();
         let _ = writeln!(out, "{value},{}", cells.join(","));
     }
-    Ok(out)
+    out
 }
 
 /// Writes `sweep.csv` and `sweep.svg` (entropy and min-entropy against the value) into `dir`.
-pub fn write_sweep(dir: &Path, param: &str, rows: &[(String, Summary)]) -> Result<()> {
+pub fn write_sweep(dir: &Path, param: &str, rows: &[(String, Fields)]) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|source| Error::Io {
         path: dir.to_path_buf(),
         source,
     })?;
-    let csv = sweep_csv(param, rows)?;
+    let csv = sweep_csv(param, rows);
     let csv_path = dir.join("sweep.csv");
     write_file(&csv_path, csv.as_bytes())?;
     let series = ["entropy_mean_bits", "min_entropy_mean_bits"]

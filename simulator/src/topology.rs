@@ -97,6 +97,17 @@ impl Directory {
     /// One gateway per scenario gateway, `mixes_per_layer` mixes in each of the three layers
     /// (a scenario with fewer layers uses the first hops of each path), one exit.
     pub fn generate<R: CryptoRng + ?Sized>(s: &Scenario, rng: &mut R) -> Directory {
+        Directory {
+            consensus: Directory::generate_with_keys(s, rng).0,
+        }
+    }
+
+    /// [`Directory::generate`]'s consensus and every relay's secrets, in the consensus's
+    /// order (the fidelity mode's relays process real packets).
+    pub fn generate_with_keys<R: CryptoRng + ?Sized>(
+        s: &Scenario,
+        rng: &mut R,
+    ) -> (Consensus, Vec<synthetic::SyntheticKeys>) {
         let r = &s.rates;
         let net = SyntheticNetwork {
             mixes_per_layer: s.network.mixes_per_layer as usize,
@@ -115,9 +126,7 @@ impl Directory {
             },
             epoch: 0,
         };
-        Directory {
-            consensus: synthetic::generate(rng, &net).0,
-        }
+        synthetic::generate(rng, &net)
     }
 }
 
