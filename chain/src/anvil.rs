@@ -141,30 +141,41 @@ impl LocalChain {
         notice_s: u64,
         balances: &[(alloy::primitives::Address, u64)],
     ) -> murmur_ledger::Result<LocalChain> {
-        use alloy::primitives::U256;
-        use alloy::providers::{Provider, ProviderBuilder};
         let node = Anvil::start_with_base_fee(base_fee_wei)
             .map_err(|e| murmur_ledger::Error::Config(format!("anvil: {e}")))?;
         let deployer = DEV_KEY
             .parse()
             .map_err(|e| murmur_ledger::Error::Config(format!("anvil's dev key: {e}")))?;
         let contract = crate::ChainSettlement::deploy(&node.url(), deployer, notice_s).await?;
-        let url = node
+        let chain = LocalChain { node, contract };
+        for (address, units) in balances {
+            chain.set_balance(*address, *units).await?;
+        }
+        Ok(chain)
+    }
+
+    /// Sets an address's balance to `units` base units (gwei), as a faucet would.
+    pub async fn set_balance(
+        &self,
+        address: alloy::primitives::Address,
+        units: u64,
+    ) -> murmur_ledger::Result<()> {
+        use alloy::primitives::U256;
+        use alloy::providers::{Provider, ProviderBuilder};
+        let url = self
+            .node
             .url()
             .parse()
             .map_err(|e| murmur_ledger::Error::Config(format!("anvil url: {e}")))?;
         let provider = ProviderBuilder::new().connect_http(url);
-        for (address, units) in balances {
-            let wei = U256::from(*units) * U256::from(1_000_000_000u64);
-            let () = provider
-                .raw_request("anvil_setBalance".into(), (*address, wei))
-                .await
-                .map_err(|e| murmur_ledger::Error::Http {
-                    url: node.url(),
-                    message: e.to_string(),
-                })?;
-        }
-        Ok(LocalChain { node, contract })
+        let wei = U256::from(units) * U256::from(1_000_000_000u64);
+        provider
+            .raw_request::<_, ()>("anvil_setBalance".into(), (address, wei))
+            .await
+            .map_err(|e| murmur_ledger::Error::Http {
+                url: self.node.url(),
+                message: e.to_string(),
+            })
     }
 
     /// Mines a block now (an idle Anvil mines none, and the chain's clock is its latest

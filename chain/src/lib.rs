@@ -6,7 +6,7 @@ mod settlement;
 mod wallet;
 
 pub use settlement::{
-    ChainConfig, ChainSettlement, CoSignature, CoSigner, GasUsed, TicketCoSigner,
+    ChainConfig, ChainSettlement, CoSignature, CoSigner, GasUsed, RedeemedOnChain, TicketCoSigner,
 };
 pub use wallet::wallet_of;
 

@@ -185,6 +185,18 @@ fn cosigned_hash(chain_id: u64, contract: Address, ticket: &Ticket, recipient: A
     keccak256(msg)
 }
 
+/// One redemption the contract recorded, and what its transaction cost.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RedeemedOnChain {
+    pub pot: IdentityKey,
+    pub recipient: Address,
+    /// Base units paid to the recipient.
+    pub paid: u64,
+    /// Gas its transaction used (all of a batch's, for a batch), and the price per gas paid.
+    pub gas_used: u64,
+    pub gas_price_wei: u128,
+}
+
 /// Gas used by the last transaction of each kind, and the fees paid in all (wei).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct GasUsed {
@@ -357,6 +369,40 @@ impl ChainSettlement {
     /// The hash a pot's owner co-signs for `recipient` to redeem `ticket` here.
     pub fn cosigned_hash(&self, ticket: &Ticket, recipient: Address) -> B256 {
         cosigned_hash(self.chain_id, self.config.contract, ticket, recipient)
+    }
+
+    /// Every redemption the contract recorded (its `Redeemed` events), with what its
+    /// transaction cost: what a relay's earnings cost in gas.
+    pub async fn redemptions(&self) -> Result<Vec<RedeemedOnChain>> {
+        let url = &self.config.rpc_url;
+        let events = self
+            .contract
+            .Redeemed_filter()
+            .from_block(0)
+            .query()
+            .await
+            .map_err(|e| rpc_error(url, e))?;
+        let mut out = Vec::with_capacity(events.len());
+        for (event, log) in events {
+            let Some(hash) = log.transaction_hash else {
+                continue;
+            };
+            let receipt = self
+                .contract
+                .provider()
+                .get_transaction_receipt(hash)
+                .await
+                .map_err(|e| rpc_error(url, e))?
+                .ok_or_else(|| Error::Storage(format!("no receipt for {hash}")))?;
+            out.push(RedeemedOnChain {
+                pot: IdentityKey(event.pot.0),
+                recipient: event.recipient,
+                paid: event.paid,
+                gas_used: receipt.gas_used,
+                gas_price_wei: receipt.effective_gas_price,
+            });
+        }
+        Ok(out)
     }
 
     /// The chain id the node reported.
