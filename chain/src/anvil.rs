@@ -43,6 +43,12 @@ impl Anvil {
     /// Starts a node on a free loopback port, mining each transaction at once, with no fees
     /// (base fee and priority fee 0), so that tests can count every gwei.
     pub fn start() -> std::io::Result<Anvil> {
+        Anvil::start_with_base_fee(0)
+    }
+
+    /// [`Anvil::start`] with a base fee per gas of `base_fee_wei` (the local network's
+    /// chain runs at 1 gwei, so that redemptions cost what they would at a low price).
+    pub fn start_with_base_fee(base_fee_wei: u64) -> std::io::Result<Anvil> {
         let bin = binary().ok_or_else(|| {
             std::io::Error::new(
                 std::io::ErrorKind::NotFound,
@@ -58,9 +64,9 @@ impl Anvil {
                 .args(["--accounts", "1", "--silent"])
                 .args([
                     "--base-fee",
-                    "0",
+                    &base_fee_wei.to_string(),
                     "--gas-price",
-                    "0",
+                    &base_fee_wei.to_string(),
                     "--disable-min-priority-fee",
                 ])
                 .stdin(Stdio::null())
@@ -114,4 +120,93 @@ impl Drop for Anvil {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// Anvil's first development account (its well-known key), which deploys the contract.
+pub const DEV_KEY: &str = "ac0974bec39a17e36ba4a6b4d238ff944bacb478cbed5efcae784d7bf4f2ff80";
+
+/// A local chain for tests and the local network: an Anvil node with `MurmurLottery`
+/// deployed by [`DEV_KEY`].
+#[derive(Debug)]
+pub struct LocalChain {
+    pub node: Anvil,
+    pub contract: alloy::primitives::Address,
+}
+
+impl LocalChain {
+    /// Starts Anvil (base fee `base_fee_wei`), deploys the contract with a notice period of
+    /// `notice_s` and gives each address its balance in base units (gwei).
+    pub async fn start(
+        base_fee_wei: u64,
+        notice_s: u64,
+        balances: &[(alloy::primitives::Address, u64)],
+    ) -> murmur_ledger::Result<LocalChain> {
+        let node = Anvil::start_with_base_fee(base_fee_wei)
+            .map_err(|e| murmur_ledger::Error::Config(format!("anvil: {e}")))?;
+        let deployer = DEV_KEY
+            .parse()
+            .map_err(|e| murmur_ledger::Error::Config(format!("anvil's dev key: {e}")))?;
+        let contract = crate::ChainSettlement::deploy(&node.url(), deployer, notice_s).await?;
+        let chain = LocalChain { node, contract };
+        for (address, units) in balances {
+            chain.set_balance(*address, *units).await?;
+        }
+        Ok(chain)
+    }
+
+    /// Sets an address's balance to `units` base units (gwei), as a faucet would.
+    pub async fn set_balance(
+        &self,
+        address: alloy::primitives::Address,
+        units: u64,
+    ) -> murmur_ledger::Result<()> {
+        use alloy::primitives::U256;
+        use alloy::providers::{Provider, ProviderBuilder};
+        let url = self
+            .node
+            .url()
+            .parse()
+            .map_err(|e| murmur_ledger::Error::Config(format!("anvil url: {e}")))?;
+        let provider = ProviderBuilder::new().connect_http(url);
+        let wei = U256::from(units) * U256::from(1_000_000_000u64);
+        provider
+            .raw_request::<_, ()>("anvil_setBalance".into(), (address, wei))
+            .await
+            .map_err(|e| murmur_ledger::Error::Http {
+                url: self.node.url(),
+                message: e.to_string(),
+            })
+    }
+
+    /// Mines a block now (an idle Anvil mines none, and the chain's clock is its latest
+    /// block's).
+    pub async fn mine(&self) -> murmur_ledger::Result<()> {
+        use alloy::providers::{Provider, ProviderBuilder};
+        let url = self
+            .node
+            .url()
+            .parse()
+            .map_err(|e| murmur_ledger::Error::Config(format!("anvil url: {e}")))?;
+        let provider = ProviderBuilder::new().connect_http(url);
+        let _: serde_json::Value =
+            provider
+                .raw_request("evm_mine".into(), ())
+                .await
+                .map_err(|e| murmur_ledger::Error::Http {
+                    url: self.node.url(),
+                    message: e.to_string(),
+                })?;
+        Ok(())
+    }
+}
+
+/// Whether Anvil can be had: installs it with `contract/build.sh --tools` if it is missing.
+/// `false` (with the reason on stderr) only if it still cannot be found.
+pub fn ensure_installed() -> bool {
+    if binary().is_none() {
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/contract/build.sh");
+        let status = Command::new("bash").args([script, "--tools"]).status();
+        eprintln!("anvil missing: ran {script} --tools: {status:?}");
+    }
+    binary().is_some()
 }

@@ -5,7 +5,9 @@ pub mod cli;
 mod settlement;
 mod wallet;
 
-pub use settlement::{ChainConfig, ChainSettlement, CoSignature, GasUsed};
+pub use settlement::{
+    ChainConfig, ChainSettlement, CoSignature, CoSigner, GasUsed, RedeemedOnChain, TicketCoSigner,
+};
 pub use wallet::wallet_of;
 
 alloy::sol!(

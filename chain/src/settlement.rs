@@ -86,6 +86,21 @@ mod defaults {
 }
 
 impl ChainConfig {
+    /// The config a relay's or client's `[payments.chain]` section describes (checked by
+    /// [`murmur_ledger::choice::check_choice`]), with the defaults for the rest.
+    pub fn from_section(section: &murmur_ledger::ChainSection) -> Result<ChainConfig> {
+        let contract: Address = section.contract.parse().map_err(|e| {
+            Error::Config(format!("payments.chain.contract {}: {e}", section.contract))
+        })?;
+        Ok(ChainConfig {
+            confirmations: section.confirmations,
+            timeout_s: section.timeout_s,
+            retries: section.retries,
+            gas_price_wei: section.gas_price_wei.map(u128::from),
+            ..ChainConfig::new(section.rpc_url.clone(), contract)
+        })
+    }
+
     /// A config with the defaults.
     pub fn new(rpc_url: impl Into<String>, contract: Address) -> ChainConfig {
         ChainConfig {
@@ -104,9 +119,83 @@ impl ChainConfig {
 
 /// A pot owner's EIP-2098 signature (`r ‖ yParity·2^255 + s`) of
 /// `keccak256("murmur/chain-ticket/v1\0" ‖ chain id (32) ‖ contract (20) ‖ ticket digest (32)
-/// ‖ recipient address (20))`: what lets the recipient redeem the ticket on this chain.
+/// ‖ recipient address (20))`: what lets the recipient redeem the ticket on this chain. The
+/// protocol carries it as opaque bytes (beside a gateway's ticket, or in a hop's slot).
+pub use murmur_protocol::ticket::CoSignature;
+
+/// What a co-signature says of the pot's owner, as far as this settlement knows it now.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct CoSignature(pub [u8; 64]);
+pub enum CoSigner {
+    /// It recovers to the pot's owner.
+    Owner,
+    /// It does not recover, or recovers to another address than the owner's.
+    NotOwner,
+    /// It recovers, but the pot's owner is not known here yet (the pot was not read).
+    OwnerUnknown,
+}
+
+/// What a payer needs to co-sign its tickets for this chain, without a connection: the
+/// chain, the contract, its wallet, and the chain addresses of the relays it pays.
+#[derive(Clone)]
+pub struct TicketCoSigner {
+    chain_id: u64,
+    contract: Address,
+    wallet: PrivateKeySigner,
+    payees: HashMap<IdentityKey, Address>,
+}
+
+impl std::fmt::Debug for TicketCoSigner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TicketCoSigner")
+            .field("chain_id", &self.chain_id)
+            .field("contract", &self.contract)
+            .field("owner", &self.wallet.address())
+            .field("payees", &self.payees.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl TicketCoSigner {
+    /// Co-signs `ticket` for its recipient's chain address; `None` for a recipient whose
+    /// address is not known here (its ticket then carries no co-signature).
+    pub fn cosign(&self, ticket: &Ticket) -> Option<CoSignature> {
+        let recipient = self.payees.get(&ticket.recipient)?;
+        let hash = cosigned_hash(self.chain_id, self.contract, ticket, *recipient);
+        let signature = self.wallet.sign_hash_sync(&hash).ok()?;
+        Some(CoSignature(signature.as_erc2098()))
+    }
+
+    /// The pot owner's address: its wallet's.
+    pub fn owner(&self) -> Address {
+        self.wallet.address()
+    }
+}
+
+/// Owners remembered from pot reads ([`ChainSettlement::cosigner_of`]); when full, the map is
+/// cleared and refilled by the next reads.
+const MAX_OWNERS: usize = 65_536;
+
+fn cosigned_hash(chain_id: u64, contract: Address, ticket: &Ticket, recipient: Address) -> B256 {
+    let mut msg = Vec::with_capacity(COSIGN_DOMAIN.len() + 104);
+    msg.extend_from_slice(COSIGN_DOMAIN);
+    msg.extend_from_slice(&U256::from(chain_id).to_be_bytes::<32>());
+    msg.extend_from_slice(contract.as_slice());
+    msg.extend_from_slice(&ticket.digest());
+    msg.extend_from_slice(recipient.as_slice());
+    keccak256(msg)
+}
+
+/// One redemption the contract recorded, and what its transaction cost.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RedeemedOnChain {
+    pub pot: IdentityKey,
+    pub recipient: Address,
+    /// Base units paid to the recipient.
+    pub paid: u64,
+    /// Gas its transaction used (all of a batch's, for a batch), and the price per gas paid.
+    pub gas_used: u64,
+    pub gas_price_wei: u128,
+}
 
 /// Gas used by the last transaction of each kind, and the fees paid in all (wei).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -137,6 +226,8 @@ pub struct ChainSettlement {
     wallets: HashMap<IdentityKey, Address>,
     /// Co-signatures by ticket digest, until the ticket is redeemed.
     cosignatures: Mutex<HashMap<[u8; 32], CoSignature>>,
+    /// Pots' owners as last read (at most [`MAX_OWNERS`]).
+    owners: Mutex<HashMap<IdentityKey, Address>>,
     gas: Mutex<GasUsed>,
     sending: tokio::sync::Mutex<()>,
     /// Admitted requests by `(signer, nonce)`, with their timestamps.
@@ -250,6 +341,7 @@ impl ChainSettlement {
             chain_id,
             wallets,
             cosignatures: Mutex::new(HashMap::new()),
+            owners: Mutex::new(HashMap::new()),
             gas: Mutex::new(GasUsed::default()),
             sending: tokio::sync::Mutex::new(()),
             seen: Mutex::new(HashMap::new()),
@@ -276,13 +368,99 @@ impl ChainSettlement {
 
     /// The hash a pot's owner co-signs for `recipient` to redeem `ticket` here.
     pub fn cosigned_hash(&self, ticket: &Ticket, recipient: Address) -> B256 {
-        let mut msg = Vec::with_capacity(COSIGN_DOMAIN.len() + 104);
-        msg.extend_from_slice(COSIGN_DOMAIN);
-        msg.extend_from_slice(&U256::from(self.chain_id).to_be_bytes::<32>());
-        msg.extend_from_slice(self.config.contract.as_slice());
-        msg.extend_from_slice(&ticket.digest());
-        msg.extend_from_slice(recipient.as_slice());
-        keccak256(msg)
+        cosigned_hash(self.chain_id, self.config.contract, ticket, recipient)
+    }
+
+    /// Every redemption the contract recorded (its `Redeemed` events), with what its
+    /// transaction cost: what a relay's earnings cost in gas.
+    pub async fn redemptions(&self) -> Result<Vec<RedeemedOnChain>> {
+        let url = &self.config.rpc_url;
+        let events = self
+            .contract
+            .Redeemed_filter()
+            .from_block(0)
+            .query()
+            .await
+            .map_err(|e| rpc_error(url, e))?;
+        let mut out = Vec::with_capacity(events.len());
+        for (event, log) in events {
+            let Some(hash) = log.transaction_hash else {
+                continue;
+            };
+            let receipt = self
+                .contract
+                .provider()
+                .get_transaction_receipt(hash)
+                .await
+                .map_err(|e| rpc_error(url, e))?
+                .ok_or_else(|| Error::Storage(format!("no receipt for {hash}")))?;
+            out.push(RedeemedOnChain {
+                pot: IdentityKey(event.pot.0),
+                recipient: event.recipient,
+                paid: event.paid,
+                gas_used: receipt.gas_used,
+                gas_price_wei: receipt.effective_gas_price,
+            });
+        }
+        Ok(out)
+    }
+
+    /// The chain id the node reported.
+    pub fn chain_id(&self) -> u64 {
+        self.chain_id
+    }
+
+    /// A co-signer for the pot of `payer`, paying the relays of `payees` (identity and chain
+    /// address) on this chain.
+    pub fn ticket_cosigner(
+        &self,
+        payer: &SigningKey,
+        payees: HashMap<IdentityKey, Address>,
+    ) -> TicketCoSigner {
+        TicketCoSigner {
+            chain_id: self.chain_id,
+            contract: self.config.contract,
+            wallet: wallet_of(payer),
+            payees,
+        }
+    }
+
+    /// Whose co-signature of `ticket` this is, against the owner of its pot as last read
+    /// (by [`Settlement::pot`] or [`ChainSettlement::accept_cosignature`]). Local: no call to
+    /// the node, so a relay can check every ticket it accepts.
+    pub fn cosigner_of(&self, ticket: &Ticket, cosignature: &CoSignature) -> CoSigner {
+        let Ok(recipient) = self.wallet(&ticket.recipient) else {
+            return CoSigner::NotOwner;
+        };
+        let hash = self.cosigned_hash(ticket, recipient);
+        let Ok(signer) =
+            Signature::from_erc2098(&cosignature.0).recover_address_from_prehash(&hash)
+        else {
+            return CoSigner::NotOwner;
+        };
+        match lock(&self.owners).get(&ticket.pot) {
+            Some(owner) if *owner == signer => CoSigner::Owner,
+            Some(_) => CoSigner::NotOwner,
+            None => CoSigner::OwnerUnknown,
+        }
+    }
+
+    /// Keeps a ticket's co-signature for its redemption without checking it (a relay that
+    /// checked it with [`ChainSettlement::cosigner_of`], or that stored it and restarted;
+    /// the contract checks it again and refuses a bad one before any gas is spent): at most
+    /// `max_cosignatures`, beyond refused and counted.
+    pub fn hold_cosignature(&self, ticket: &Ticket, cosignature: CoSignature) -> Result<()> {
+        let mut held = lock(&self.cosignatures);
+        if held.len() >= self.config.max_cosignatures && !held.contains_key(&ticket.digest()) {
+            drop(held);
+            lock(&self.gas).cosignatures_refused += 1;
+            return Err(Refusal::RateLimited.because(format!(
+                "{} co-signatures held for redemption already",
+                self.config.max_cosignatures
+            )));
+        }
+        held.insert(ticket.digest(), cosignature);
+        Ok(())
     }
 
     /// The payer's side: co-signs a ticket with the pot key's chain wallet, for the recipient
@@ -321,17 +499,7 @@ impl ChainSettlement {
                 "the co-signature is {signer}'s, not the pot owner's ({owner})"
             )));
         }
-        let mut held = lock(&self.cosignatures);
-        if held.len() >= self.config.max_cosignatures && !held.contains_key(&ticket.digest()) {
-            drop(held);
-            lock(&self.gas).cosignatures_refused += 1;
-            return Err(Refusal::RateLimited.because(format!(
-                "{} co-signatures held for redemption already",
-                self.config.max_cosignatures
-            )));
-        }
-        held.insert(ticket.digest(), cosignature);
-        Ok(())
+        self.hold_cosignature(ticket, cosignature)
     }
 
     /// Admits a signed request as the embedded ledger does: its timestamp within
@@ -495,8 +663,19 @@ impl ChainSettlement {
     /// co-signature [`ChainSettlement::accept_cosignature`] kept; and the wallet to send it.
     async fn claim(&self, req: &Signed<Redeem>) -> Result<(MurmurLottery::Claim, Address)> {
         let t = &req.op.ticket;
+        let digest = t.digest();
+        let held = lock(&self.cosignatures).get(&digest).copied();
+        // A ticket that came in a co-signed envelope slot carries the co-signature in its
+        // signature's place: the contract checks that, and there is no Ed25519 signature.
+        let in_slot = held.is_some_and(|c| c.0 == t.signature);
         t.check_recipient(&req.signer)
-            .and_then(|()| t.verify_signature())
+            .and_then(|()| {
+                if in_slot {
+                    Ok(())
+                } else {
+                    t.verify_signature()
+                }
+            })
             .map_err(|e| {
                 let refusal = match e {
                     murmur_protocol::Error::TicketWrongRecipient { .. } => Refusal::WrongRecipient,
@@ -505,8 +684,6 @@ impl ChainSettlement {
                 refusal.because(e.to_string())
             })?;
         let from = self.wallet(&req.signer)?;
-        let digest = t.digest();
-        let held = lock(&self.cosignatures).get(&digest).copied();
         let cosignature = match held {
             Some(c) => c,
             // the co-signature is let go once the ticket is redeemed
@@ -680,6 +857,13 @@ impl ChainSettlement {
             .await?;
         if p.owner == Address::ZERO {
             return Ok(None);
+        }
+        {
+            let mut owners = lock(&self.owners);
+            if owners.len() >= MAX_OWNERS && !owners.contains_key(&key) {
+                owners.clear();
+            }
+            owners.insert(key, p.owner);
         }
         let pot = Pot {
             key,

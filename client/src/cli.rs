@@ -9,13 +9,14 @@ use std::time::Duration;
 
 use clap::Parser;
 use ed25519_dalek::SigningKey;
+use murmur_ledger::{ChainSection, SettlementChoice};
 use murmur_protocol::directory::IdentityKey;
 use murmur_protocol::directory::path::PathRules;
 use murmur_protocol::payer::PayerConfig;
 use murmur_protocol::stream::DEFAULT_STREAM_WINDOW;
 use serde::Deserialize;
 
-use crate::proxy::{self, PaymentOptions, ProxyOptions};
+use crate::proxy::{self, ChainPayment, PaymentOptions, ProxyOptions};
 use crate::stream::{Listener, SafeSocks, SocksLimits};
 use crate::wallet::FundingPolicy;
 
@@ -296,10 +297,22 @@ pub struct HttpConfig {
 #[derive(Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct PaymentsConfig {
-    /// The ledger's base URL.
+    /// Where the pot is: `"ledger"` (the default; `ledger` and `ledger_key`) or `"chain"`
+    /// (`[payments.chain]` and `[payments.chain_payees]`; a build with the `chain` feature).
+    #[serde(default)]
+    pub settlement: SettlementChoice,
+    /// The node and contract, for `settlement = "chain"`.
+    pub chain: Option<ChainSection>,
+    /// With a chain: each relay's chain address by its identity (64 hex digits →
+    /// `0x…`), which its tickets' co-signatures name.
+    #[serde(default)]
+    pub chain_payees: std::collections::BTreeMap<String, String>,
+    /// The ledger's base URL (with `settlement = "ledger"`).
+    #[serde(default)]
     pub ledger: String,
     /// The ledger's identity key, 64 hex digits (what `murmur-ledger keygen` printed): only
     /// answers signed by it are believed.
+    #[serde(default)]
     pub ledger_key: String,
     /// The pot's Ed25519 key (32 raw bytes or 64 hex characters, as `murmur-relay keygen`
     /// writes them); its ledger account funds the pot.
@@ -342,9 +355,15 @@ impl PaymentsConfig {
         let path = base.join(&self.key_file);
         let key = murmur_service::keys::load(&path)
             .map_err(|e| anyhow::anyhow!("pot key {}: {e}", path.display()))?;
+        let chain = self.chain_payment()?;
+        let ledger_key = match chain {
+            // Not used: the chain has no ledger key.
+            Some(_) => IdentityKey([0; 32]),
+            None => self.ledger_identity()?,
+        };
         let mut options = payment_options(
             self.ledger.clone(),
-            self.ledger_identity()?,
+            ledger_key,
             key,
             PayerConfig {
                 face_value: self.face_value,
@@ -356,7 +375,45 @@ impl PaymentsConfig {
             self.low_water,
         );
         options.max_spend = self.max_spend;
+        options.chain = chain;
         Ok(options)
+    }
+
+    /// The chain pot's settings, if `settlement = "chain"`; checks that the choice, the
+    /// section and the ledger fields agree.
+    pub fn chain_payment(&self) -> anyhow::Result<Option<ChainPayment>> {
+        murmur_ledger::choice::check_choice("payments", self.settlement, self.chain.as_ref())
+            .map_err(|e| anyhow::anyhow!(e))?;
+        let Some(section) = &self.chain else {
+            if !self.chain_payees.is_empty() {
+                anyhow::bail!(
+                    "payments.chain_payees is set but payments.settlement is not \"chain\""
+                );
+            }
+            return Ok(None);
+        };
+        if !self.ledger.is_empty() || !self.ledger_key.is_empty() {
+            anyhow::bail!(
+                "payments.ledger and ledger_key are set but payments.settlement is \"chain\": \
+                 the pot is at one of them; remove ledger and ledger_key"
+            );
+        }
+        let mut payees = std::collections::HashMap::new();
+        for (relay, address) in &self.chain_payees {
+            let id = IdentityKey::from_hex(relay)
+                .map_err(|e| anyhow::anyhow!("payments.chain_payees {relay}: {e}"))?;
+            let hex = address.strip_prefix("0x").unwrap_or("");
+            if hex.len() != 40 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+                anyhow::bail!(
+                    "payments.chain_payees {relay}: {address:?} must be 0x and 40 hex digits"
+                );
+            }
+            payees.insert(id, address.clone());
+        }
+        Ok(Some(ChainPayment {
+            section: section.clone(),
+            payees,
+        }))
     }
 }
 
@@ -391,6 +448,7 @@ pub fn payment_options(
         payer,
         check_every: Duration::from_secs(10),
         max_spend: None,
+        chain: None,
     }
 }
 
@@ -439,7 +497,9 @@ impl ClientConfig {
         for a in &c.authorities {
             IdentityKey::from_hex(&a.identity)?;
         }
-        if let Some(p) = &c.payments {
+        if let Some(p) = &c.payments
+            && p.chain_payment()?.is_none()
+        {
             p.ledger_identity()?;
         }
         if c.control.enabled {
@@ -696,5 +756,48 @@ mod tests {
         let bad = text.replace(&ledger.to_hex(), "00");
         let err = ClientConfig::parse(&bad).unwrap_err().to_string();
         assert!(err.contains("payments.ledger_key"), "{err}");
+    }
+
+    #[test]
+    fn a_pot_on_a_chain_needs_its_section_and_no_ledger() {
+        let dir = tempfile::tempdir().unwrap();
+        murmur_service::keys::keygen(&dir.path().join("pot.key")).unwrap();
+        let relay = IdentityKey::of(&SigningKey::from_bytes(&[6; 32]));
+        let address = "0x70997970C51812dc3A010C7d01b50e0d17dc79C8";
+        let text = format!(
+            "version = 1\n{AUTHORITY}[payments]\nsettlement = \"chain\"\nkey_file = \"pot.key\"\n\
+             [payments.chain]\nrpc_url = \"http://127.0.0.1:8545\"\n\
+             contract = \"0x5FbDB2315678afecb367f032d93F642f64180aa3\"\ngas_price_wei = 7\n\
+             [payments.chain_payees]\n\"{relay}\" = \"{address}\"\n"
+        );
+        let config = ClientConfig::parse(&text).unwrap();
+        let options = config.payments.unwrap().options(dir.path()).unwrap();
+        let chain = options.chain.unwrap();
+        assert_eq!(chain.section.gas_price_wei, Some(7));
+        assert_eq!(chain.payees.get(&relay).map(String::as_str), Some(address));
+
+        for (bad, expected) in [
+            (text.replace("rpc_url", "rpc"), "unknown field"),
+            (
+                text.replace("settlement = \"chain\"\n", ""),
+                "settlement is \"ledger\"",
+            ),
+            (
+                text.replace("[payments.chain]", "[payments.other]"),
+                "unknown field",
+            ),
+            (
+                text.replace("key_file", "ledger = \"http://l\"\nkey_file"),
+                "remove ledger and ledger_key",
+            ),
+            (text.replace(address, "0x12"), "payments.chain_payees"),
+            (
+                text.replace(&format!("\"{relay}\""), "\"beef\""),
+                "payments.chain_payees beef",
+            ),
+        ] {
+            let err = ClientConfig::parse(&bad).unwrap_err().to_string();
+            assert!(err.contains(expected), "{expected}: {err}");
+        }
     }
 }

@@ -73,6 +73,86 @@ pub struct PaymentOptions {
     /// No new stream opens once tickets worth this much have been signed (base units, in
     /// expected value, since the client started); `None`: no cap.
     pub max_spend: Option<u64>,
+    /// Set when the pot is on a chain (`settlement = "chain"`): then `ledger` and
+    /// `ledger_key` are not used, and every ticket is co-signed.
+    pub chain: Option<ChainPayment>,
+}
+
+/// A pot on a chain, and the chain addresses of the relays the client pays (their
+/// co-signatures name them).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChainPayment {
+    pub section: murmur_ledger::ChainSection,
+    /// Relay identity → its chain address (`0x…`); a ticket for a relay not listed goes
+    /// without a co-signature, and a relay that redeems on the chain refuses it.
+    pub payees: std::collections::HashMap<IdentityKey, String>,
+}
+
+/// Co-signs a ticket for the chain (shared by the client's successive payers).
+type SharedCosign = Arc<
+    dyn Fn(&murmur_protocol::ticket::Ticket) -> Option<murmur_protocol::ticket::CoSignature>
+        + Send
+        + Sync,
+>;
+
+/// Checks the pot now and keeps it funded from then on, reporting it to the board and the
+/// live session.
+async fn fund_and_follow<S: murmur_ledger::Settlement + 'static>(
+    settlement: S,
+    payment: &PaymentOptions,
+    pot_state: &Arc<PotState>,
+    board: &Arc<Board>,
+    tracker: &TaskTracker,
+    shutdown: &CancellationToken,
+) {
+    match wallet::ensure_funded(&settlement, &payment.key, &payment.funding).await {
+        Ok(pot) => pot_state.store(&pot, board),
+        Err(e) => tracing::warn!(error = %e, "cannot fund the pot yet; retrying"),
+    }
+    let (state, board) = (pot_state.clone(), board.clone());
+    tracker.spawn(wallet::keep_funded(
+        settlement,
+        payment.key.clone(),
+        payment.funding,
+        payment.check_every,
+        move |pot| {
+            state.store(&pot, &board);
+            if let Some(h) = board.session() {
+                let (balance, face_cap) = state.load();
+                h.send(Cmd::Pot { balance, face_cap });
+            }
+        },
+        shutdown.clone(),
+    ));
+}
+
+/// The chain settlement for the client's pot and its tickets' co-signer.
+#[cfg(feature = "chain")]
+async fn connect_chain(
+    chain: &ChainPayment,
+    key: &SigningKey,
+) -> anyhow::Result<(Arc<murmur_chain::ChainSettlement>, SharedCosign)> {
+    use murmur_chain::{ChainConfig, ChainSettlement};
+    let config = ChainConfig::from_section(&chain.section)?;
+    let settlement = ChainSettlement::connect(config, std::slice::from_ref(key))
+        .await
+        .map_err(|e| anyhow::anyhow!("chain {}: {e}", chain.section.rpc_url))?;
+    let mut payees = std::collections::HashMap::new();
+    for (relay, address) in &chain.payees {
+        let parsed = address
+            .parse()
+            .map_err(|e| anyhow::anyhow!("payments.chain_payees {relay}: {address}: {e}"))?;
+        payees.insert(*relay, parsed);
+    }
+    let cosigner = settlement.ticket_cosigner(key, payees);
+    tracing::info!(
+        rpc_url = %chain.section.rpc_url,
+        contract = %chain.section.contract,
+        owner = %cosigner.owner(),
+        "the pot is on the chain; tickets are co-signed"
+    );
+    let cosign: SharedCosign = Arc::new(move |t| cosigner.cosign(t));
+    Ok((Arc::new(settlement), cosign))
 }
 
 impl std::fmt::Debug for PaymentOptions {
@@ -240,29 +320,28 @@ pub async fn run(
     // Keep the pot funded, and tell the session what it can pay. The first check happens
     // before any session exists, so a session starts with what the pot holds.
     let pot_state = Arc::new(PotState::default());
-    if let Some(payment) = &options.payment {
-        let ledger =
-            LedgerClient::new(&payment.ledger, payment.ledger_key, Duration::from_secs(10))
-                .map_err(|e| anyhow::anyhow!("ledger {}: {e}", payment.ledger))?;
-        match wallet::ensure_funded(&ledger, &payment.key, &payment.funding).await {
-            Ok(pot) => pot_state.store(&pot, &board),
-            Err(e) => tracing::warn!(error = %e, "cannot fund the pot yet; retrying"),
+    // Set only by a chain pot (the `chain` feature).
+    #[allow(unused_mut)]
+    let mut cosign: Option<SharedCosign> = None;
+    match options.payment.as_ref().map(|p| (p, &p.chain)) {
+        None => {}
+        Some((payment, None)) => {
+            let ledger =
+                LedgerClient::new(&payment.ledger, payment.ledger_key, Duration::from_secs(10))
+                    .map_err(|e| anyhow::anyhow!("ledger {}: {e}", payment.ledger))?;
+            fund_and_follow(ledger, payment, &pot_state, &board, &tracker, &shutdown).await;
         }
-        let (state, board) = (pot_state.clone(), board.clone());
-        tracker.spawn(wallet::keep_funded(
-            ledger,
-            payment.key.clone(),
-            payment.funding,
-            payment.check_every,
-            move |pot| {
-                state.store(&pot, &board);
-                if let Some(h) = board.session() {
-                    let (balance, face_cap) = state.load();
-                    h.send(Cmd::Pot { balance, face_cap });
-                }
-            },
-            shutdown.clone(),
-        ));
+        #[cfg(feature = "chain")]
+        Some((payment, Some(chain))) => {
+            let (settlement, c) = connect_chain(chain, &payment.key).await?;
+            cosign = Some(c);
+            fund_and_follow(settlement, payment, &pot_state, &board, &tracker, &shutdown).await;
+        }
+        #[cfg(not(feature = "chain"))]
+        Some((_, Some(_))) => anyhow::bail!(
+            "payments.settlement = \"chain\" needs a murmur-client built with the `chain` \
+             feature (cargo build --release -p murmur-client --features chain)"
+        ),
     }
 
     // Follow the directory.
@@ -405,7 +484,14 @@ pub async fn run(
             let (balance, face_cap) = pot_state.load();
             let mut payer = match previous_payer.take() {
                 Some(p) => p,
-                None => Payer::new(payment.key.clone(), payment.payer, face_cap)?,
+                None => {
+                    let mut payer = Payer::new(payment.key.clone(), payment.payer, face_cap)?;
+                    if let Some(c) = &cosign {
+                        let c = c.clone();
+                        payer.set_cosigner(Box::new(move |t| c(t)));
+                    }
+                    payer
+                }
             };
             payer.set_pot(balance, face_cap);
             session.set_payer(payer, Instant::ZERO, murmur_directory::unix_now());

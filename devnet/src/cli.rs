@@ -9,8 +9,9 @@ use murmur_client::cli::{
     ControlAddress, ListenerFlags, PathPreferences, announce_ready, parse_control, path_rules,
     payment_options, socks_limits,
 };
-use murmur_client::proxy::{self, PaymentOptions, ProxyOptions};
+use murmur_client::proxy::{self, ChainPayment, PaymentOptions, ProxyOptions};
 use murmur_client::stream::check_listeners;
+use murmur_ledger::SettlementChoice;
 use murmur_protocol::payer::PayerConfig;
 use murmur_protocol::stream::DEFAULT_STREAM_WINDOW;
 
@@ -58,8 +59,21 @@ pub struct Cli {
     /// loopback address.
     #[arg(long, value_parser = parse_loopback)]
     relay_metrics: Option<std::net::SocketAddr>,
+    /// Where relays redeem and the client's pot is: `ledger` (the devnet's ledger) or
+    /// `chain` (a local Anvil node with the contract deployed; a build with the `chain`
+    /// feature, and Anvil from chain/contract/build.sh --tools).
+    #[arg(long, value_parser = parse_settlement, default_value = "ledger")]
+    settlement: SettlementChoice,
     #[command(flatten)]
     preferences: PathPreferences,
+}
+
+fn parse_settlement(text: &str) -> Result<SettlementChoice, String> {
+    match text {
+        "ledger" => Ok(SettlementChoice::Ledger),
+        "chain" => Ok(SettlementChoice::Chain),
+        other => Err(format!("{other:?}: ledger or chain")),
+    }
 }
 
 /// A socket address on loopback (the devnet serves nothing beyond this host).
@@ -106,6 +120,7 @@ pub async fn run(
         options.lambda_m = r;
     }
     options.relay_metrics = cli.relay_metrics;
+    options.settlement = cli.settlement;
     // Checked before anything starts, so a bad value costs no network start-up.
     let rules = |distinct_subnets| {
         path_rules(
@@ -130,6 +145,15 @@ pub async fn run(
         url = devnet.ledger_url,
         key = devnet.ledger_key
     );
+    if let Some(chain) = &devnet.chain {
+        eprintln!(
+            "devnet: chain {} contract {} (Anvil, {} wei per gas); relays redeem there and the \
+             client's pot is there",
+            chain.rpc_url,
+            chain.contract,
+            crate::CHAIN_GAS_PRICE_WEI
+        );
+    }
     for (name, identity) in &devnet.relays {
         eprintln!("devnet: relay {name:<9} {}", identity.to_hex());
     }
@@ -184,5 +208,9 @@ fn devnet_payment(
     );
     options.check_every = Duration::from_secs(2);
     options.max_spend = max_spend;
+    options.chain = devnet.chain.as_ref().map(|c| ChainPayment {
+        section: c.section(),
+        payees: c.payees.iter().cloned().collect(),
+    });
     options
 }

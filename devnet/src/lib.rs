@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use ed25519_dalek::SigningKey;
 use murmur_directory::config::{AuthorityEntry, Config as AuthorityConfig};
+use murmur_ledger::{ChainSection, SettlementChoice};
 use murmur_protocol::directory::path::PathRules;
 use murmur_protocol::directory::{IdentityKey, bounds};
 use tokio::net::TcpListener;
@@ -41,6 +42,9 @@ pub struct DevnetOptions {
     /// process and share its one recorder, so the first relay serves every relay's counters
     /// together (drops by reason, queue depths, tabs).
     pub relay_metrics: Option<std::net::SocketAddr>,
+    /// Where the relays redeem and the client's pot is: the devnet's ledger, or a local
+    /// Anvil chain with the contract deployed (the `chain` feature).
+    pub settlement: SettlementChoice,
 }
 
 impl Default for DevnetOptions {
@@ -54,6 +58,7 @@ impl Default for DevnetOptions {
             lambda_d: 2.0,
             lambda_m: 2.0,
             relay_metrics: None,
+            settlement: SettlementChoice::Ledger,
         }
     }
 }
@@ -73,6 +78,57 @@ impl DevnetOptions {
 /// What the devnet's faucet credits the client's account with at genesis, in base units.
 pub const FAUCET: u64 = 1_000_000_000_000;
 
+/// On a chain, what each relay's wallet holds at the start for its redemptions' gas, in base
+/// units (gwei): 10 ETH.
+pub const RELAY_GAS_MONEY: u64 = 10_000_000_000;
+
+/// The devnet chain's price per gas, in wei (1 gwei): Anvil's base fee, and what the relays
+/// and the client pay.
+pub const CHAIN_GAS_PRICE_WEI: u64 = 1_000_000_000;
+
+/// The devnet chain's notice period for withdrawals.
+#[cfg(feature = "chain")]
+const CHAIN_NOTICE_S: u64 = 3600;
+
+/// The local chain, when the devnet settles on one.
+#[derive(Clone, Debug)]
+pub struct DevnetChain {
+    /// Anvil's JSON-RPC endpoint.
+    pub rpc_url: String,
+    /// The deployed contract, `0x…`.
+    pub contract: String,
+    /// Each relay's chain wallet, for the client's co-signatures.
+    pub payees: Vec<(IdentityKey, String)>,
+}
+
+impl DevnetChain {
+    /// The `[payments.chain]` section relays and the client use.
+    pub fn section(&self) -> ChainSection {
+        ChainSection {
+            rpc_url: self.rpc_url.clone(),
+            contract: self.contract.clone(),
+            confirmations: 1,
+            gas_price_wei: Some(CHAIN_GAS_PRICE_WEI),
+            timeout_s: 60,
+            retries: 3,
+        }
+    }
+}
+
+/// Anvil with the contract, the client's wallet funded with [`FAUCET`].
+#[cfg(feature = "chain")]
+async fn start_chain(payer: &SigningKey) -> anyhow::Result<murmur_chain::anvil::LocalChain> {
+    use murmur_chain::anvil::{LocalChain, ensure_installed};
+    if !ensure_installed() {
+        anyhow::bail!(
+            "--settlement chain needs Anvil: chain/contract/build.sh --tools installs it (npm), \
+             or set MURMUR_ANVIL"
+        );
+    }
+    let address = murmur_chain::wallet_of(payer).address();
+    Ok(LocalChain::start(CHAIN_GAS_PRICE_WEI, CHAIN_NOTICE_S, &[(address, FAUCET)]).await?)
+}
+
 /// A running local network.
 pub struct Devnet {
     pub authorities: Vec<(IdentityKey, String)>,
@@ -85,6 +141,10 @@ pub struct Devnet {
     pub path_rules: PathRules,
     /// The relays' names (their state lives under `dir()/<name>`) and identities.
     pub relays: Vec<(String, IdentityKey)>,
+    /// The chain the relays redeem on, with `settlement = chain`.
+    pub chain: Option<DevnetChain>,
+    #[cfg(feature = "chain")]
+    _anvil: Option<murmur_chain::anvil::LocalChain>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
     _dir: tempfile::TempDir,
@@ -180,6 +240,28 @@ impl Devnet {
             });
         }
 
+        // The chain, if the devnet settles on one.
+        #[cfg(feature = "chain")]
+        let anvil = match options.settlement {
+            SettlementChoice::Chain => Some(start_chain(&payer_key).await?),
+            SettlementChoice::Ledger => None,
+        };
+        #[cfg(not(feature = "chain"))]
+        if options.settlement == SettlementChoice::Chain {
+            anyhow::bail!(
+                "--settlement chain needs a murmur-devnet built with the `chain` feature \
+                 (cargo run --release -p murmur-devnet --features chain -- --settlement chain)"
+            );
+        }
+        #[cfg(feature = "chain")]
+        let mut chain = anvil.as_ref().map(|a| DevnetChain {
+            rpc_url: a.node.url(),
+            contract: a.contract.to_string(),
+            payees: Vec::new(),
+        });
+        #[cfg(not(feature = "chain"))]
+        let chain: Option<DevnetChain> = None;
+
         // Relays.
         let authorities_toml: String = entries
             .iter()
@@ -198,6 +280,17 @@ impl Devnet {
             let rdir = dir.path().join(&name);
             std::fs::create_dir_all(&rdir)?;
             let identity = murmur_service::keys::keygen(&rdir.join("identity.key"))?;
+            #[cfg(feature = "chain")]
+            if let (Some(anvil), Some(chain)) = (&anvil, &mut chain) {
+                let key = murmur_service::keys::load(&rdir.join("identity.key"))?;
+                let wallet = murmur_chain::wallet_of(&key).address();
+                anvil.set_balance(wallet, RELAY_GAS_MONEY).await?;
+                chain.payees.push((identity, wallet.to_string()));
+            }
+            let payments = match &chain {
+                Some(c) => chain_payments_toml(&c.section()),
+                None => format!("ledger = \"{ledger_url}\"\nledger_key = \"{ledger_key}\"\n"),
+            };
             // Each relay on its own loopback address (all of 127.0.0.0/8 is local on Linux),
             // as separate hosts would be, so the authorities' per-address limit holds; and
             // prices that differ, so `--max-price` has something to choose from.
@@ -208,8 +301,7 @@ impl Devnet {
                 role,
                 &authorities_toml,
                 epoch,
-                &ledger_url,
-                &ledger_key,
+                &payments,
                 host,
                 price,
             );
@@ -238,6 +330,9 @@ impl Devnet {
                 ..PathRules::default()
             },
             relays,
+            chain,
+            #[cfg(feature = "chain")]
+            _anvil: anvil,
             shutdown,
             tracker,
             _dir: dir,
@@ -260,14 +355,27 @@ impl Devnet {
 /// Relay prices per packet, in turn: most relays cost 1, some 2 and 5.
 pub const DEVNET_PRICES: [u64; 4] = [1, 2, 1, 5];
 
-#[allow(clippy::too_many_arguments)]
+/// The `[payments]` lines that point a relay at a chain (the section's header is the
+/// relay config's; these come last in it).
+fn chain_payments_toml(c: &ChainSection) -> String {
+    format!(
+        "settlement = \"chain\"\n[payments.chain]\nrpc_url = \"{}\"\ncontract = \"{}\"\n\
+         confirmations = {}\ngas_price_wei = {}\ntimeout_s = {}\n",
+        c.rpc_url,
+        c.contract,
+        c.confirmations,
+        c.gas_price_wei.unwrap_or(CHAIN_GAS_PRICE_WEI),
+        c.timeout_s
+    )
+}
+
+/// A devnet relay's config; `payments` are its `[payments]` lines that say where it redeems.
 fn relay_config(
     name: &str,
     roles: &str,
     authorities: &str,
     epoch: u64,
-    ledger: &str,
-    ledger_key: &IdentityKey,
+    payments: &str,
     host: std::net::Ipv4Addr,
     price: u64,
 ) -> String {
@@ -299,12 +407,10 @@ allow_private = true
 allow_own_addresses = true
 connect_timeout = "3s"
 [payments]
-ledger = "{ledger}"
-ledger_key = "{ledger_key}"
 # Redeem soon after an epoch's key retires, so earnings show within a minute or two.
 redeem_interval = "5s"
 pot_refresh = "5s"
-"#,
+{payments}"#,
         state = state.display()
     )
 }

@@ -6,6 +6,7 @@
 // the feature's.
 
 pub mod answer;
+pub mod choice;
 #[cfg(feature = "server")]
 pub mod cli;
 pub mod client;
@@ -28,6 +29,7 @@ mod server;
 mod settlement;
 
 pub use answer::ErrorBody;
+pub use choice::{ChainSection, SettlementChoice};
 #[cfg(feature = "server")]
 pub use config::Config;
 pub use error::{Error, Refusal, Result};

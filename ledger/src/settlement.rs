@@ -38,6 +38,29 @@ pub trait Settlement: Send + Sync {
     fn account(&self, key: IdentityKey) -> impl Future<Output = Result<Account>> + Send;
 }
 
+/// A shared settlement settles as the one it shares (a relay's redeemer and pot refresher
+/// hold one chain connection between them).
+impl<S: Settlement> Settlement for std::sync::Arc<S> {
+    fn fund(&self, req: Signed<Fund>) -> impl Future<Output = Result<Transfer>> + Send {
+        S::fund(self, req)
+    }
+    fn warn(&self, req: Signed<Warn>) -> impl Future<Output = Result<Pot>> + Send {
+        S::warn(self, req)
+    }
+    fn withdraw(&self, req: Signed<Withdraw>) -> impl Future<Output = Result<Transfer>> + Send {
+        S::withdraw(self, req)
+    }
+    fn redeem(&self, req: Signed<Redeem>) -> impl Future<Output = Result<Redemption>> + Send {
+        S::redeem(self, req)
+    }
+    fn pot(&self, key: IdentityKey) -> impl Future<Output = Result<Pot>> + Send {
+        S::pot(self, key)
+    }
+    fn account(&self, key: IdentityKey) -> impl Future<Output = Result<Account>> + Send {
+        S::account(self, key)
+    }
+}
+
 #[cfg(feature = "server")]
 impl Ledger {
     /// Runs `f` on the blocking pool.

@@ -25,9 +25,13 @@
 //! | 3 | `Payment` (client → gateway) | ticket: 209 ([`crate::ticket`]'s encoding) |
 //! | 4 | `PaymentRefused` (gateway → client) | reason: u8 (see [`refusal`]) |
 //! | 5 | `Cutoff` (gateway → client) | empty |
+//! | 6 | `CosignedPayment` (client → gateway) | ticket: 209, then the pot owner's co-signature: 64 ([`CoSignature`]) |
+//!
+//! A client paying a gateway that settles on a chain sends `CosignedPayment` (kind 6); a
+//! gateway that settles at the embedded ledger accepts either and ignores the co-signature.
 
 use crate::packet::Address;
-use crate::ticket::{TICKET_LEN, Ticket};
+use crate::ticket::{COSIGNATURE_LEN, CoSignature, TICKET_LEN, Ticket};
 use crate::{ADDRESS_LEN, Error, Result};
 
 const MAGIC: &[u8; 4] = b"MMC1";
@@ -37,6 +41,9 @@ const KIND_WELCOME: u8 = 2;
 const KIND_PAYMENT: u8 = 3;
 const KIND_PAYMENT_REFUSED: u8 = 4;
 const KIND_CUTOFF: u8 = 5;
+const KIND_COSIGNED_PAYMENT: u8 = 6;
+/// Bytes of a `CosignedPayment`'s body.
+const COSIGNED_PAYMENT_LEN: usize = TICKET_LEN + COSIGNATURE_LEN;
 
 /// A control message.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -54,6 +61,12 @@ pub enum Control {
     /// Gateway → client: arrears passed the gateway's limit and it stops serving this client.
     /// The client should top up its pot or pick another gateway.
     Cutoff,
+    /// Client → gateway: a [`Control::Payment`] with the pot owner's co-signature, which a
+    /// gateway that settles on a chain needs to redeem the ticket there.
+    CosignedPayment {
+        ticket: Ticket,
+        cosignature: CoSignature,
+    },
 }
 
 /// The reason codes of [`Control::PaymentRefused`].
@@ -80,6 +93,9 @@ pub mod refusal {
     pub const POT_CANNOT_COVER: u8 = 8;
     /// The ticket names a commitment the gateway does not (or no longer) accept.
     pub const UNKNOWN_COMMITMENT: u8 = 9;
+    /// The gateway settles on a chain and the ticket came without its pot owner's
+    /// co-signature, or with one that is not the owner's.
+    pub const COSIGNATURE: u8 = 10;
 
     /// The code for a ticket check's error ([`crate::ticket::Ticket::check_for_recipient`]
     /// and decoding). Nonce reuse, the pot's cover and the commitment need the gateway's
@@ -109,6 +125,7 @@ pub mod refusal {
             REPLAYED => "replayed",
             POT_CANNOT_COVER => "pot_cannot_cover",
             UNKNOWN_COMMITMENT => "unknown_commitment",
+            COSIGNATURE => "cosignature",
             _ => "other",
         }
     }
@@ -136,6 +153,14 @@ impl Control {
                 out.push(*reason);
             }
             Control::Cutoff => out.push(KIND_CUTOFF),
+            Control::CosignedPayment {
+                ticket,
+                cosignature,
+            } => {
+                out.push(KIND_COSIGNED_PAYMENT);
+                out.extend_from_slice(&ticket.encode());
+                out.extend_from_slice(&cosignature.0);
+            }
         }
         out
     }
@@ -172,6 +197,16 @@ impl Control {
             KIND_CUTOFF => {
                 fixed::<0>("cutoff", body)?;
                 Ok(Control::Cutoff)
+            }
+            KIND_COSIGNED_PAYMENT => {
+                let body = fixed::<COSIGNED_PAYMENT_LEN>("cosigned-payment", body)?;
+                let (ticket, cosignature) = body.split_at(TICKET_LEN);
+                let mut co = [0u8; COSIGNATURE_LEN];
+                co.copy_from_slice(cosignature);
+                Ok(Control::CosignedPayment {
+                    ticket: Ticket::decode(ticket)?,
+                    cosignature: CoSignature(co),
+                })
             }
             other => Err(Error::ControlKind(other)),
         }
@@ -236,6 +271,15 @@ mod tests {
             b"MMC1\x04\x07"
         );
         assert_eq!(Control::Cutoff.encode(), b"MMC1\x05");
+        let cosigned = Control::CosignedPayment {
+            ticket: t,
+            cosignature: CoSignature([0xab; COSIGNATURE_LEN]),
+        }
+        .encode();
+        assert_eq!(cosigned.len(), 5 + 209 + 64);
+        assert_eq!(&cosigned[..5], b"MMC1\x06");
+        assert_eq!(&cosigned[5..5 + TICKET_LEN], &t.encode());
+        assert_eq!(&cosigned[5 + TICKET_LEN..], &[0xab; COSIGNATURE_LEN]);
     }
 
     #[test]
@@ -248,11 +292,19 @@ mod tests {
             Control::Payment { ticket: ticket() },
             Control::PaymentRefused { reason: 200 },
             Control::Cutoff,
+            Control::CosignedPayment {
+                ticket: ticket(),
+                cosignature: CoSignature([0xc5; COSIGNATURE_LEN]),
+            },
         ];
-        for (c, name) in
-            all.iter()
-                .zip(["hello", "welcome", "payment", "payment-refused", "cutoff"])
-        {
+        for (c, name) in all.iter().zip([
+            "hello",
+            "welcome",
+            "payment",
+            "payment-refused",
+            "cutoff",
+            "cosigned-payment",
+        ]) {
             let bytes = c.encode();
             assert_eq!(Control::decode(&bytes).as_ref(), Ok(c));
             let body = bytes.len() - HEAD_LEN;
@@ -277,7 +329,7 @@ mod tests {
                 );
             }
         }
-        assert_eq!(Control::decode(b"MMC1\x06"), Err(Error::ControlKind(6)));
+        assert_eq!(Control::decode(b"MMC1\x07"), Err(Error::ControlKind(7)));
         assert_eq!(Control::decode(b"MMC1\x00"), Err(Error::ControlKind(0)));
         assert_eq!(Control::decode(b"MMC2\x05"), Err(Error::ControlMagic));
         assert_eq!(
@@ -292,6 +344,33 @@ mod tests {
         let mut bytes = Control::Payment { ticket: ticket() }.encode();
         bytes[5] = 9;
         assert_eq!(Control::decode(&bytes), Err(Error::TicketVersion(9, 1)));
+        let mut bytes = Control::CosignedPayment {
+            ticket: ticket(),
+            cosignature: CoSignature([1; COSIGNATURE_LEN]),
+        }
+        .encode();
+        bytes[5] = 9;
+        assert_eq!(Control::decode(&bytes), Err(Error::TicketVersion(9, 1)));
+        // A co-signature alone, or a ticket without one, under kind 6.
+        let mut only_cosignature = b"MMC1\x06".to_vec();
+        only_cosignature.extend_from_slice(&[1; COSIGNATURE_LEN]);
+        assert_eq!(
+            Control::decode(&only_cosignature),
+            Err(Error::ControlLength {
+                kind: "cosigned-payment",
+                got: COSIGNATURE_LEN,
+                expected: COSIGNED_PAYMENT_LEN
+            })
+        );
+        let mut ticket_only = b"MMC1\x06".to_vec();
+        ticket_only.extend_from_slice(&ticket().encode());
+        assert!(matches!(
+            Control::decode(&ticket_only),
+            Err(Error::ControlLength {
+                got: TICKET_LEN,
+                ..
+            })
+        ));
         for e in [
             Error::ControlMagic,
             Error::ControlKind(9),
@@ -318,6 +397,7 @@ mod tests {
             "pot_cannot_cover"
         );
         assert_eq!(refusal::label(250), "other");
+        assert_eq!(refusal::label(refusal::COSIGNATURE), "cosignature");
     }
 
     proptest! {

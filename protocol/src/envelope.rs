@@ -25,8 +25,19 @@
 //! # Slot content
 //!
 //! `flag (1) | ticket (136) | zero (7)`. Flag 0: no ticket (all 143 bytes after it zero);
-//! flag 1: a [`SlotTicket`]; any other flag or non-zero padding is an error. Paid and unpaid,
-//! cover and real packets carry envelopes of the same size that look alike.
+//! flag 1: a [`SlotTicket`] with the pot's Ed25519 signature; flag 2: a [`SlotTicket`] whose
+//! 64 signature bytes are the pot owner's chain co-signature ([`CoSignature`]) instead; any
+//! other flag or non-zero padding is an error. Paid and unpaid, cover and real packets carry
+//! envelopes of the same size that look alike.
+//!
+//! **Flag 2, for a hop that settles on a chain.** The chain pays a ticket on its pot owner's
+//! secp256k1 co-signature and never checks the Ed25519 signature (the EVM cannot afford to).
+//! A slot has 7 bytes to spare, not the 64 a co-signature needs beside the signature, and
+//! growing every slot would grow every frame, cover included, on every network. So a payer
+//! that pays a hop on the chain puts the co-signature where the signature goes, and that hop
+//! checks the co-signature (it recovers to the pot's owner, as the contract will check)
+//! where it would have checked the signature. The ticket's identity ([`Ticket::digest`])
+//! does not cover the signature, so it is the same ticket either way.
 //!
 //! A [`SlotTicket`] is a [`Ticket`] without the fields the hop supplies itself (its identity as
 //! the recipient and the commitment it published), with 32-bit times:
@@ -74,7 +85,7 @@ use zeroize::{Zeroize, ZeroizeOnDrop};
 
 use crate::directory::IdentityKey;
 use crate::packet::ReplayTag;
-use crate::ticket::Ticket;
+use crate::ticket::{CoSignature, Ticket};
 use crate::{Error, Result};
 
 /// Slots in every envelope: one per hop of a `[L1, L2, L3, final]` route.
@@ -98,8 +109,12 @@ pub const SLOT_TICKET_LEN: usize = 32 + 8 + 8 + 16 + 4 + 4 + 64;
 /// Flag byte of a slot without a ticket.
 pub const FLAG_EMPTY: u8 = 0;
 
-/// Flag byte of a slot with a ticket.
+/// Flag byte of a slot with a ticket signed with Ed25519.
 pub const FLAG_TICKET: u8 = 1;
+
+/// Flag byte of a slot with a ticket that carries the pot owner's chain co-signature in its
+/// signature's place.
+pub const FLAG_COSIGNED_TICKET: u8 = 2;
 
 /// HKDF `info` of the envelope keys.
 const KEY_INFO: &[u8] = b"murmur/envelope/v1";
@@ -198,7 +213,19 @@ pub struct SlotTicket {
     pub issued: u32,
     /// Unix seconds.
     pub expiry: u32,
+    /// The pot's Ed25519 signature, or its owner's co-signature (see `signed_by`).
     pub signature: [u8; 64],
+    /// What `signature` holds.
+    pub signed_by: SlotSignature,
+}
+
+/// What a [`SlotTicket`]'s 64 signature bytes are.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum SlotSignature {
+    /// The pot's Ed25519 signature ([`Ticket::verify_signature`]); slot flag 1.
+    Ed25519,
+    /// The pot owner's chain co-signature ([`CoSignature`]); slot flag 2.
+    CoSignature,
 }
 
 impl SlotTicket {
@@ -216,11 +243,29 @@ impl SlotTicket {
             issued: seconds("issue time", ticket.issued)?,
             expiry: seconds("expiry", ticket.expiry)?,
             signature: ticket.signature,
+            signed_by: SlotSignature::Ed25519,
         })
     }
 
+    /// The slot form of `ticket` for a hop that settles on a chain: the co-signature in the
+    /// signature's place (slot flag 2).
+    pub fn cosigned(ticket: &Ticket, cosignature: CoSignature) -> Result<SlotTicket> {
+        Ok(SlotTicket {
+            signature: cosignature.0,
+            signed_by: SlotSignature::CoSignature,
+            ..SlotTicket::from_ticket(ticket)?
+        })
+    }
+
+    /// The co-signature this slot carries in its signature's place, if it is flag 2.
+    pub fn cosignature(&self) -> Option<CoSignature> {
+        (self.signed_by == SlotSignature::CoSignature).then_some(CoSignature(self.signature))
+    }
+
     /// The full ticket, with the hop's own identity and published commitment filled in. Its
-    /// signature verifies iff the payer signed it for that recipient and commitment.
+    /// signature verifies iff the payer signed it for that recipient and commitment. For a
+    /// co-signed slot the ticket's `signature` holds the co-signature, so it does not verify:
+    /// check [`SlotTicket::cosignature`] instead.
     pub fn into_ticket(self, recipient: IdentityKey, commitment: [u8; 32]) -> Ticket {
         Ticket {
             pot: self.pot,
@@ -254,8 +299,9 @@ impl SlotTicket {
         out
     }
 
-    /// Decodes the fixed encoding; every byte string of that length is a slot ticket (the
-    /// signature is checked later, on the full ticket).
+    /// Decodes the fixed encoding, as a ticket signed with Ed25519 (the slot's flag says which
+    /// it is); every byte string of that length is a slot ticket (the signature is checked
+    /// later, on the full ticket).
     pub fn decode(bytes: &[u8; SLOT_TICKET_LEN]) -> SlotTicket {
         let mut at = 0;
         let mut take = |n: usize| {
@@ -287,6 +333,7 @@ impl SlotTicket {
             issued,
             expiry,
             signature,
+            signed_by: SlotSignature::Ed25519,
         }
     }
 }
@@ -295,7 +342,10 @@ impl SlotTicket {
 pub fn encode_slot_content(ticket: Option<&SlotTicket>) -> [u8; SLOT_CONTENT_LEN] {
     let mut out = [0u8; SLOT_CONTENT_LEN];
     if let Some(ticket) = ticket {
-        out[0] = FLAG_TICKET;
+        out[0] = match ticket.signed_by {
+            SlotSignature::Ed25519 => FLAG_TICKET,
+            SlotSignature::CoSignature => FLAG_COSIGNED_TICKET,
+        };
         out[1..1 + SLOT_TICKET_LEN].copy_from_slice(&ticket.encode());
     }
     out
@@ -306,11 +356,19 @@ pub fn encode_slot_content(ticket: Option<&SlotTicket>) -> [u8; SLOT_CONTENT_LEN
 pub fn decode_slot_content(content: &[u8; SLOT_CONTENT_LEN]) -> Result<Option<SlotTicket>> {
     let (ticket, padding) = match content[0] {
         FLAG_EMPTY => (None, &content[1..]),
-        FLAG_TICKET => {
+        flag @ (FLAG_TICKET | FLAG_COSIGNED_TICKET) => {
             let mut bytes = [0u8; SLOT_TICKET_LEN];
             bytes.copy_from_slice(&content[1..1 + SLOT_TICKET_LEN]);
+            let signed_by = if flag == FLAG_TICKET {
+                SlotSignature::Ed25519
+            } else {
+                SlotSignature::CoSignature
+            };
             (
-                Some(SlotTicket::decode(&bytes)),
+                Some(SlotTicket {
+                    signed_by,
+                    ..SlotTicket::decode(&bytes)
+                }),
                 &content[1 + SLOT_TICKET_LEN..],
             )
         }
@@ -516,6 +574,11 @@ mod tests {
             issued: 1_700_000_000,
             expiry: 1_700_003_600,
             signature: [seed.wrapping_add(1); 64],
+            signed_by: if seed % 3 == 2 {
+                SlotSignature::CoSignature
+            } else {
+                SlotSignature::Ed25519
+            },
         }
     }
 
@@ -555,8 +618,19 @@ mod tests {
         assert_eq!(decode_slot_content(&content), Ok(Some(t)));
         assert_eq!(decode_slot_content(&[0; SLOT_CONTENT_LEN]), Ok(None));
         let mut bad = content;
-        bad[0] = 2;
-        assert_eq!(decode_slot_content(&bad), Err(Error::EnvelopeFlag(2)));
+        bad[0] = 3;
+        assert_eq!(decode_slot_content(&bad), Err(Error::EnvelopeFlag(3)));
+        // Flag 2: the same bytes, the signature's place holding a co-signature.
+        let mut cosigned = content;
+        cosigned[0] = FLAG_COSIGNED_TICKET;
+        let read = decode_slot_content(&cosigned).unwrap().unwrap();
+        assert_eq!(read.signed_by, SlotSignature::CoSignature);
+        assert_eq!(read.cosignature(), Some(CoSignature(t.signature)));
+        assert_eq!(encode_slot_content(Some(&read)), cosigned);
+        assert_eq!(t.cosignature(), None);
+        let mut bad = cosigned;
+        bad[SLOT_CONTENT_LEN - 3] = 9;
+        assert_eq!(decode_slot_content(&bad), Err(Error::EnvelopePadding));
         let mut bad = content;
         bad[SLOT_CONTENT_LEN - 1] = 1;
         assert_eq!(decode_slot_content(&bad), Err(Error::EnvelopePadding));
@@ -565,7 +639,7 @@ mod tests {
         assert_eq!(decode_slot_content(&bad), Err(Error::EnvelopePadding));
         assert_eq!(SlotTicket::decode(&t.encode()), t);
         assert_eq!(
-            Error::EnvelopeFlag(2).label(),
+            Error::EnvelopeFlag(3).label(),
             Error::EnvelopePadding.label()
         );
         assert_eq!(Error::EnvelopeMac.label(), "envelope_mac");
@@ -614,6 +688,47 @@ mod tests {
                 value: u64::from(u32::MAX) + 1
             })
         );
+    }
+
+    #[test]
+    fn a_cosigned_slot_is_the_same_ticket_with_the_cosignature_in_the_signatures_place() {
+        let payer = SigningKey::from_bytes(&[1; 32]);
+        let me = IdentityKey([2; 32]);
+        let commitment = commitment_of(&[3; 32]);
+        let ticket = Ticket::sign(
+            TicketFields {
+                recipient: me,
+                face_value: 5_000,
+                win_ratio: u64::MAX / 10,
+                nonce: [4; 16],
+                issued: 1_700_000_000,
+                expiry: 1_700_009_000,
+                commitment,
+            },
+            &payer,
+        );
+        let co = CoSignature([0x77; 64]);
+        let slot = SlotTicket::cosigned(&ticket, co).unwrap();
+        assert_eq!(slot.cosignature(), Some(co));
+        let content = encode_slot_content(Some(&slot));
+        assert_eq!(content[0], FLAG_COSIGNED_TICKET);
+        let read = decode_slot_content(&content).unwrap().unwrap();
+        assert_eq!(read, slot);
+        let back = read.into_ticket(me, commitment);
+        assert_eq!(back.digest(), ticket.digest());
+        assert_eq!(back.signature, co.0);
+        assert_eq!(back.verify_signature(), Err(Error::TicketForged));
+        // Through a built envelope, each hop reads its own kind of slot.
+        let mut rng = ChaCha20Rng::seed_from_u64(9);
+        let keys = keys(&mut rng, 3);
+        let plain = SlotTicket::from_ticket(&ticket).unwrap();
+        let slots = [Some(slot), Some(plain), None];
+        let mut env = build_envelope(&mut rng, &keys, &slots).unwrap();
+        for (key, want) in keys.iter().zip(&slots) {
+            let peeled = env.peel(key, true).unwrap();
+            assert_eq!(&peeled.ticket, want);
+            env = peeled.next;
+        }
     }
 
     #[test]

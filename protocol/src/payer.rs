@@ -46,7 +46,7 @@ use ed25519_dalek::SigningKey;
 use rand::CryptoRng;
 
 use crate::directory::{Consensus, ConsensusRelay, IdentityKey, MAX_RELAYS, UnixTime};
-use crate::ticket::{Terms, Ticket, TicketFields};
+use crate::ticket::{CoSignature, Terms, Ticket, TicketFields};
 use crate::{Error, Result};
 
 /// What the payer needs to know about a relay to pay it.
@@ -171,9 +171,15 @@ pub struct PayerStats {
     pub accruals_dropped: u64,
 }
 
+/// Co-signs a ticket for settlement on a chain (`None`: this recipient's is not known); set
+/// by a client that pays relays which redeem on a chain ([`Payer::set_cosigner`]). A
+/// closure, so this crate needs no secp256k1 or chain library.
+pub type Cosign = Box<dyn Fn(&Ticket) -> Option<CoSignature> + Send + Sync>;
+
 /// The client's ticket issuer. Owns the pot's signing key (zeroized when the payer drops).
 pub struct Payer {
     key: SigningKey,
+    cosign: Option<Cosign>,
     pot: IdentityKey,
     config: PayerConfig,
     /// What the pot's balance can still pay, by the payer's estimate.
@@ -205,12 +211,25 @@ impl Payer {
         Ok(Payer {
             pot: IdentityKey::of(&key),
             key,
+            cosign: None,
             config,
             pot_usable,
             face_cap: pot_usable,
             accounts: HashMap::new(),
             stats: PayerStats::default(),
         })
+    }
+
+    /// Co-signs every ticket from now on with `cosign`: the session sends a gateway's
+    /// tickets as `Control::CosignedPayment` and puts a hop's co-signature in its envelope
+    /// slot in the signature's place (slot flag 2).
+    pub fn set_cosigner(&mut self, cosign: Cosign) {
+        self.cosign = Some(cosign);
+    }
+
+    /// The co-signature of `ticket`, if the payer co-signs (and knows its recipient's).
+    pub fn cosign(&self, ticket: &Ticket) -> Option<CoSignature> {
+        self.cosign.as_ref().and_then(|c| c(ticket))
     }
 
     /// The pot's id at the ledger (its public key).

@@ -94,6 +94,17 @@ pub struct Ticket {
     pub signature: [u8; 64],
 }
 
+/// Bytes of a [`CoSignature`].
+pub const COSIGNATURE_LEN: usize = 64;
+
+/// The pot owner's co-signature of a ticket for settlement on a chain: an EIP-2098 secp256k1
+/// signature (`r ‖ yParity·2^255 + s`) over a hash that names the chain, the contract, the
+/// ticket's [`Ticket::digest`] and the recipient's chain address (`murmur-chain`'s README,
+/// *How tickets are signed for the chain*). To this crate it is opaque bytes: whoever settles
+/// on the chain checks it (the relay's chain settlement recovers its signer).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct CoSignature(pub [u8; COSIGNATURE_LEN]);
+
 /// Everything a payer chooses for a ticket; [`Ticket::sign`] adds the pot and signature.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TicketFields {

@@ -21,7 +21,7 @@ use murmur_protocol::payload::Content;
 use murmur_protocol::replay::ReplayFilter;
 use murmur_protocol::stream::{ClientItem, ClientMessage, ExitItem, ExitMessage, Refusal, Target};
 use murmur_protocol::surb::{ReplyBlock, build_reply_block};
-use murmur_protocol::ticket::{Ticket, TicketFields, commitment_of};
+use murmur_protocol::ticket::{CoSignature, Ticket, TicketFields, commitment_of};
 use rand::SeedableRng;
 use rand_chacha::ChaCha20Rng;
 
@@ -109,10 +109,12 @@ fn seeds(target: &str) -> Vec<Vec<u8>> {
             let key = EnvelopeKey::from_replay_tag(&ReplayTag(tag));
             let slot = SlotTicket::from_ticket(&seed_ticket()).unwrap();
             let envelope = build_envelope(&mut rng, &[key], &[Some(slot)]).unwrap();
+            let cosigned = SlotTicket::cosigned(&seed_ticket(), CoSignature([5; 64])).unwrap();
             let with = |bytes: &[u8]| [&tag[..], bytes].concat();
             vec![
                 with(envelope.as_bytes()),
                 with(&encode_slot_content(Some(&slot))),
+                with(&encode_slot_content(Some(&cosigned))),
                 with(&encode_slot_content(None)),
             ]
         }
@@ -129,6 +131,11 @@ fn seeds(target: &str) -> Vec<Vec<u8>> {
                 .encode(),
                 Control::PaymentRefused { reason: 7 }.encode(),
                 Control::Cutoff.encode(),
+                Control::CosignedPayment {
+                    ticket: seed_ticket(),
+                    cosignature: CoSignature([6; 64]),
+                }
+                .encode(),
             ]
         }
         // No alteration; then the first message, the answer, a frame each way.

@@ -26,7 +26,7 @@ use murmur_protocol::session::{
 };
 use murmur_protocol::stream::{ClientItem, ClientMessage, ExitItem, ExitMessage, Refusal, Target};
 use murmur_protocol::surb::ReplyBlock;
-use murmur_protocol::ticket::Ticket;
+use murmur_protocol::ticket::{CoSignature, Ticket};
 use murmur_protocol::time::Instant;
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha20Rng;
@@ -54,6 +54,9 @@ struct Net {
     /// tickets it was paid with; for the gateway, frames it forwarded or delivered.
     carried: HashMap<Address, u64>,
     paid: HashMap<Address, u64>,
+    /// Tickets taken with a co-signature, and without.
+    cosigned: u64,
+    plain: u64,
 }
 
 impl Net {
@@ -93,19 +96,42 @@ impl Net {
             received_by_exit: Vec::new(),
             carried: HashMap::new(),
             paid: HashMap::new(),
+            cosigned: 0,
+            plain: 0,
         }
     }
 
     /// Relay `at` was paid with `ticket`: it must be a valid ticket made out to it for the
     /// commitment it published.
     fn take_ticket(&mut self, at: Address, ticket: Ticket) {
+        self.take_paid(at, ticket, None, true);
+    }
+
+    /// [`Net::take_ticket`] for a ticket that came with `cosignature` (it must be
+    /// [`test_cosign`]'s) and, if `ed25519`, its Ed25519 signature (a co-signed slot carries
+    /// the co-signature in its place).
+    fn take_paid(
+        &mut self,
+        at: Address,
+        ticket: Ticket,
+        cosignature: Option<CoSignature>,
+        ed25519: bool,
+    ) {
         let relay = self.consensus.relay(&IdentityKey(at.0)).unwrap();
         assert_eq!(ticket.recipient, relay.identity);
         assert_eq!(
             Some(ticket.commitment),
             relay.payment_commitment(self.consensus.epoch)
         );
-        ticket.verify_signature().unwrap();
+        if ed25519 {
+            ticket.verify_signature().unwrap();
+        }
+        if let Some(c) = cosignature {
+            assert_eq!(c, test_cosign(&ticket));
+            self.cosigned += 1;
+        } else {
+            self.plain += 1;
+        }
         *self.paid.entry(at).or_default() += ticket.expected_value();
     }
 
@@ -146,7 +172,8 @@ impl Net {
                     commitment: relay.payment_commitment(self.consensus.epoch).unwrap(),
                 };
                 let ticket = processed.ticket(&payee).unwrap();
-                self.take_ticket(at, ticket);
+                let cosignature = processed.slot.and_then(|s| s.cosignature());
+                self.take_paid(at, ticket, cosignature, cosignature.is_none());
             }
             match processed.action {
                 Action::Forward {
@@ -353,6 +380,13 @@ fn to_net(net: &mut Net, frame: Frame) {
             Control::Payment { ticket } => {
                 let gateway = net.consensus.relay(&net.gateway).unwrap().address();
                 net.take_ticket(gateway, ticket);
+            }
+            Control::CosignedPayment {
+                ticket,
+                cosignature,
+            } => {
+                let gateway = net.consensus.relay(&net.gateway).unwrap().address();
+                net.take_paid(gateway, ticket, Some(cosignature), true);
             }
             other => panic!("the client sent {other:?}"),
         },
@@ -628,6 +662,53 @@ fn every_relay_is_paid_its_price_for_what_it_carried() {
         relays,
         net.consensus.relays.len(),
         "every relay carried traffic"
+    );
+}
+
+/// A stand-in for a chain co-signature (opaque to the protocol): the ticket's digest, twice.
+fn test_cosign(ticket: &Ticket) -> CoSignature {
+    let d = ticket.digest();
+    let mut c = [0u8; 64];
+    c[..32].copy_from_slice(&d);
+    c[32..].copy_from_slice(&d);
+    CoSignature(c)
+}
+
+/// A payer that co-signs (for relays that redeem on a chain) sends every gateway ticket as
+/// `CosignedPayment` and puts every hop's co-signature in its envelope slot, in the
+/// signature's place; the tickets are the same as without.
+#[test]
+fn a_payer_that_cosigns_sends_every_ticket_with_its_cosignature() {
+    let mut net = Net::new(17, 0.0);
+    let mut rng = ChaCha20Rng::seed_from_u64(18);
+    let mut session = session_for(&net, &mut rng);
+    let config = PayerConfig {
+        packets_per_ticket: 8,
+        gateway_frames_per_ticket: 4,
+        face_value: 10_000,
+        ..PayerConfig::default()
+    };
+    let mut payer = Payer::new(SigningKey::from_bytes(&[5; 32]), config, u64::MAX).unwrap();
+    payer.set_cosigner(Box::new(|t| Some(test_cosign(t))));
+    session.set_payer(payer, Instant::ZERO, 1_800_000_000);
+    let id = session
+        .open_stream(Target::Host("example.com".into(), 80), None, &mut rng)
+        .unwrap();
+    session.write(id, &vec![7u8; 5_000]);
+    session.close_stream(id);
+    let (_, now) = drive(&mut net, &mut session, &mut rng, Instant::ZERO, 600);
+    drive(&mut net, &mut session, &mut rng, now, 1);
+    let stats = session.stats();
+    assert!(
+        stats.hop_tickets > 10 && stats.gateway_tickets > 10,
+        "{stats:?}"
+    );
+    // Every ticket the relays took came co-signed, the gateway's and the hops' alike.
+    assert_eq!(net.plain, 0);
+    assert!(
+        net.cosigned > stats.gateway_tickets + 10,
+        "{} co-signed tickets taken, {stats:?}",
+        net.cosigned
     );
 }
 

@@ -8,6 +8,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use murmur_ledger::{ChainSection, SettlementChoice};
 use murmur_protocol::directory::{ExitPolicy, IdentityKey};
 use serde::Deserialize;
 
@@ -246,8 +247,13 @@ pub struct ExitSection {
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct PaymentsSection {
-    /// The ledger's base URL (`http://host:port`). Unset: payments are off, tickets are
-    /// ignored and every packet is forwarded as if unpaid traffic were allowed.
+    /// Where winners are redeemed: `"ledger"` (the default; `ledger` and `ledger_key` below)
+    /// or `"chain"` (the `[payments.chain]` section; needs a build with the `chain` feature).
+    pub settlement: SettlementChoice,
+    /// The node and contract, for `settlement = "chain"`.
+    pub chain: Option<ChainSection>,
+    /// The ledger's base URL (`http://host:port`). Unset (and no chain): payments are off,
+    /// tickets are ignored and every packet is forwarded as if unpaid traffic were allowed.
     pub ledger: Option<String>,
     /// The ledger's identity key, 64 hex digits (what `murmur-ledger keygen` printed);
     /// required with `ledger`. Only answers signed by it are believed.
@@ -436,6 +442,8 @@ impl Default for ExitSection {
 impl Default for PaymentsSection {
     fn default() -> Self {
         PaymentsSection {
+            settlement: SettlementChoice::Ledger,
+            chain: None,
             ledger: None,
             ledger_key: None,
             unpaid: UnpaidPolicy::Forward,
@@ -580,6 +588,14 @@ impl Config {
             return Err(format!("payments.ledger {url} must start with http://"));
         }
         p.ledger_identity()?;
+        murmur_ledger::choice::check_choice("payments", p.settlement, p.chain.as_ref())?;
+        if p.settlement == SettlementChoice::Chain && p.ledger.is_some() {
+            return Err(
+                "payments.ledger is set but payments.settlement is \"chain\": a relay redeems at \
+                 one of them; remove ledger and ledger_key"
+                    .into(),
+            );
+        }
         if p.min_expected_value == 0 {
             return Err("payments.min_expected_value must be at least 1".into());
         }
@@ -760,6 +776,35 @@ mod tests {
         IdentityKey::of(&ed25519_dalek::SigningKey::from_bytes(&[1; 32])).to_hex()
     }
 
+    const CHAIN: &str = "[payments]\nsettlement = \"chain\"\n[payments.chain]\n\
+        rpc_url = \"http://127.0.0.1:8545\"\n\
+        contract = \"0x5FbDB2315678afecb367f032d93F642f64180aa3\"\n";
+
+    #[test]
+    fn a_relay_settles_at_the_ledger_by_default_or_on_a_chain() {
+        let c = Config::parse(MINIMAL, PathBuf::from("/etc/murmur")).unwrap();
+        assert_eq!(c.payments.settlement, SettlementChoice::Ledger);
+        assert_eq!(c.payments.chain, None);
+        let text = format!("{MINIMAL}{CHAIN}confirmations = 3\ngas_price_wei = 1000000000\n");
+        let c = Config::parse(&text, PathBuf::from("/etc/murmur")).unwrap();
+        assert_eq!(c.payments.settlement, SettlementChoice::Chain);
+        let chain = c.payments.chain.unwrap();
+        assert_eq!(chain.rpc_url, "http://127.0.0.1:8545");
+        assert_eq!(chain.confirmations, 3);
+        assert_eq!(chain.gas_price_wei, Some(1_000_000_000));
+        assert_eq!(chain.retries, 3);
+        // Both a ledger and a chain: refused.
+        let both = format!("{MINIMAL}{CHAIN}",).replace(
+            "[payments]\n",
+            &format!(
+                "[payments]\nledger = \"http://l\"\nledger_key = \"{}\"\n",
+                ledger_key()
+            ),
+        );
+        let err = Config::parse(&both, PathBuf::from("/etc/murmur")).unwrap_err();
+        assert!(err.contains("remove ledger and ledger_key"), "{err}");
+    }
+
     #[test]
     fn minimal_config_takes_defaults() {
         let c = Config::parse(MINIMAL, PathBuf::from("/etc/murmur")).unwrap();
@@ -851,6 +896,31 @@ mod tests {
             (
                 &format!("{EXIT}stream_lifetime = \"0s\"\n"),
                 "stream_lifetime",
+            ),
+            (
+                &format!("{MINIMAL}[payments]\nsettlement = \"chain\"\n"),
+                "needs a [payments.chain] section",
+            ),
+            (
+                &format!("{MINIMAL}[payments]\nsettlement = \"bank\"\n"),
+                "unknown variant",
+            ),
+            (
+                &format!("{MINIMAL}{CHAIN}rpc = \"http://x\"\n"),
+                "unknown field",
+            ),
+            (
+                &format!("{MINIMAL}{CHAIN}").replace("settlement = \"chain\"\n", ""),
+                "settlement is \"ledger\"",
+            ),
+            (
+                &format!("{MINIMAL}{CHAIN}").replace("0x", "0y"),
+                "payments.chain.contract",
+            ),
+            (
+                &format!("{MINIMAL}{CHAIN}")
+                    .replace("[payments]\n", "[payments]\nledger = \"http://l\"\n"),
+                "ledger_key is required",
             ),
             (
                 &format!("{MINIMAL}[gateway]\ninbox_total_bytes = 1\n"),

@@ -54,7 +54,7 @@ use crate::inbox::{InboxLimits, Inboxes};
 use crate::keys::KeyRing;
 use crate::links::Links;
 use crate::metrics::{self as m, drop_packet};
-use crate::payments::{Accepted, PaymentRefusal, Payments, PotStanding};
+use crate::payments::{Accepted, PaymentRefusal, Payments, PotStanding, TicketSignatures};
 use murmur_client_link::{ClientLink, LinkFailure};
 
 struct Session {
@@ -75,7 +75,11 @@ pub struct Billing {
 
 impl Billing {
     /// Checks a ticket a client paid with.
-    fn accept(&self, ticket: &Ticket) -> Result<Accepted, PaymentRefusal> {
+    fn accept(
+        &self,
+        ticket: &Ticket,
+        signatures: TicketSignatures,
+    ) -> Result<Accepted, PaymentRefusal> {
         let epoch = self
             .keys
             .epochs()
@@ -87,7 +91,7 @@ impl Billing {
             })
             .ok_or(PaymentRefusal::WrongCommitment(0))?;
         self.payments
-            .accept(ticket, epoch, murmur_ledger::unix_now())
+            .accept_signed(ticket, signatures, epoch, murmur_ledger::unix_now())
     }
 }
 
@@ -98,6 +102,8 @@ fn worthless(r: &PaymentRefusal) -> bool {
     matches!(
         r,
         PaymentRefusal::Forged
+            | PaymentRefusal::CoSignatureMissing
+            | PaymentRefusal::CoSignatureNotOwner
             | PaymentRefusal::PotUnknown(_)
             | PaymentRefusal::PotInsufficient { .. }
             | PaymentRefusal::WrongRecipient
@@ -122,6 +128,9 @@ fn refusal_code(r: &PaymentRefusal) -> u8 {
             refusal::POT_CANNOT_COVER
         }
         PaymentRefusal::Forged => refusal::FORGED,
+        PaymentRefusal::CoSignatureMissing | PaymentRefusal::CoSignatureNotOwner => {
+            refusal::COSIGNATURE
+        }
         PaymentRefusal::Malformed(_) => refusal::MALFORMED,
         _ => refusal::OTHER,
     }
@@ -131,8 +140,9 @@ fn refusal_code(r: &PaymentRefusal) -> u8 {
 enum ClientFrame {
     /// Nothing to answer.
     Done,
-    /// A ticket to check.
-    Payment(Ticket),
+    /// A ticket to check, and the signatures it came with (boxed: the other variants are
+    /// small).
+    Payment(Box<(Ticket, TicketSignatures)>),
     /// A packet to charge and forward.
     Forward {
         next_hop: Address,
@@ -156,6 +166,7 @@ const DELIVERY_HOLD: Duration = Duration::from_millis(500);
 /// A ticket accepted from a pot still being looked up: its credit waits.
 struct Held {
     ticket: Ticket,
+    signatures: TicketSignatures,
     /// `None`: refused as `pot_not_yet_known` (the pot used its allowance); checked again
     /// once the pot is known.
     accepted: Option<Accepted>,
@@ -467,18 +478,34 @@ impl Gateway {
         &self,
         address: &Address,
         ticket: Ticket,
+        signatures: TicketSignatures,
         held: &mut VecDeque<Held>,
     ) -> (Verdict, Option<u8>) {
         let Some(billing) = &self.billing else {
             return (Verdict::Serve, None);
         };
-        match billing.accept(&ticket) {
+        let paid = Held {
+            ticket,
+            signatures,
+            accepted: None,
+        };
+        match billing.accept(&ticket, signatures) {
             Ok(accepted) if accepted.pot_verified => {
                 (self.credit(address, &ticket, accepted).await, None)
             }
-            Ok(accepted) => (self.hold(address, ticket, Some(accepted), held), None),
+            Ok(accepted) => (
+                self.hold(
+                    address,
+                    Held {
+                        accepted: Some(accepted),
+                        ..paid
+                    },
+                    held,
+                ),
+                None,
+            ),
             // Its pot is being looked up and used its allowance: check it again after.
-            Err(PaymentRefusal::PotNotYetKnown) => (self.hold(address, ticket, None, held), None),
+            Err(PaymentRefusal::PotNotYetKnown) => (self.hold(address, paid, held), None),
             // Refusals an honest client meets too (a key epoch changing under it, a clock off
             // by a little, the relay's own capacity) are answered, not held against it; only
             // tickets that cannot be worth anything count towards a cut-off.
@@ -520,18 +547,12 @@ impl Gateway {
 
     /// Holds a ticket until its pot is known ([`MAX_HELD_TICKETS`] at most: beyond, it counts
     /// as refused).
-    fn hold(
-        &self,
-        address: &Address,
-        ticket: Ticket,
-        accepted: Option<Accepted>,
-        held: &mut VecDeque<Held>,
-    ) -> Verdict {
+    fn hold(&self, address: &Address, paid: Held, held: &mut VecDeque<Held>) -> Verdict {
         if held.len() >= MAX_HELD_TICKETS {
             metrics::counter!(m::CREDIT_HELD, "result" => "held_full").increment(1);
             return self.with_tab(address, Tab::refused_ticket);
         }
-        held.push_back(Held { ticket, accepted });
+        held.push_back(paid);
         Verdict::Serve
     }
 
@@ -551,7 +572,7 @@ impl Gateway {
                 PotStanding::Covers => {
                     let accepted = match h.accepted {
                         Some(a) => Ok(a),
-                        None => billing.accept(t),
+                        None => billing.accept(t, h.signatures),
                     };
                     match accepted {
                         Ok(a) => {
@@ -700,9 +721,10 @@ impl Gateway {
                                     Verdict::Cutoff => break cut_off(link).await,
                                 }
                             }
-                            ClientFrame::Payment(ticket) => {
+                            ClientFrame::Payment(paid) => {
+                                let (ticket, signatures) = *paid;
                                 let (verdict, refused) =
-                                    self.payment(&address, ticket, &mut held).await;
+                                    self.payment(&address, ticket, signatures, &mut held).await;
                                 if let Some(reason) = refused {
                                     let answer =
                                         Frame::Control(Control::PaymentRefused { reason }.encode());
@@ -758,9 +780,23 @@ impl Gateway {
                 }
             }
             Frame::Control(bytes) => match (Control::decode(&bytes), &self.billing) {
-                (Ok(Control::Payment { ticket }), Some(_)) => ClientFrame::Payment(ticket),
+                (Ok(Control::Payment { ticket }), Some(_)) => {
+                    ClientFrame::Payment(Box::new((ticket, TicketSignatures::Ed25519)))
+                }
+                (
+                    Ok(Control::CosignedPayment {
+                        ticket,
+                        cosignature,
+                    }),
+                    Some(_),
+                ) => ClientFrame::Payment(Box::new((
+                    ticket,
+                    TicketSignatures::WithCoSignature(cosignature),
+                ))),
                 // A gateway that charges nothing has nothing to take.
-                (Ok(Control::Payment { .. }), None) => ClientFrame::Done,
+                (Ok(Control::Payment { .. } | Control::CosignedPayment { .. }), None) => {
+                    ClientFrame::Done
+                }
                 (Ok(_), _) => {
                     drop_packet("unexpected_control");
                     ClientFrame::Done

@@ -1,6 +1,8 @@
 #![doc = include_str!("../README.md")]
 
 pub mod admit;
+#[cfg(feature = "chain")]
+pub mod chain;
 pub mod cli;
 pub mod config;
 pub mod error;

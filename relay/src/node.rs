@@ -5,6 +5,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
 use ed25519_dalek::SigningKey;
+use murmur_ledger::SettlementChoice;
 use murmur_ledger::client::LedgerClient;
 use murmur_protocol::admission::Limits;
 use murmur_protocol::directory::{
@@ -53,6 +54,62 @@ pub struct Node {
     pipeline: std::sync::Mutex<Option<Pipeline>>,
 }
 
+/// Payments redeemed on the chain of `[payments.chain]`: the chain settlement checks each
+/// ticket's co-signature, reads pots and redeems winners.
+#[cfg(feature = "chain")]
+async fn start_chain_payments(
+    config: &Config,
+    identity: &SigningKey,
+    state_dir: &std::path::Path,
+    keys: &Arc<KeyRing>,
+    tracker: &TaskTracker,
+    shutdown: &CancellationToken,
+) -> Result<Arc<Payments>> {
+    let section = config.payments.chain.as_ref().ok_or_else(|| {
+        Error::Ledger("payments.settlement = \"chain\" needs [payments.chain]".into())
+    })?;
+    let chain = crate::chain::connect(section, identity).await?;
+    let params = PaymentsParams::from_config(config, IdentityKey::of(identity));
+    let payments =
+        Arc::new(Payments::open(state_dir, params, keys.clone())?.with_cosignatures(chain.clone()));
+    tracker.spawn(run_redeemer(
+        payments.clone(),
+        chain.clone(),
+        identity.clone(),
+        config.payments.redeem_interval,
+        shutdown.clone(),
+    ));
+    tracker.spawn(run_pot_refresher(
+        payments.clone(),
+        chain.clone(),
+        shutdown.clone(),
+    ));
+    tracing::info!(
+        rpc_url = %section.rpc_url,
+        contract = %section.contract,
+        wallet = ?chain.address_of(&IdentityKey::of(identity)),
+        "taking payments, redeemed on the chain"
+    );
+    Ok(payments)
+}
+
+/// Without the `chain` feature, `settlement = "chain"` cannot be served.
+#[cfg(not(feature = "chain"))]
+async fn start_chain_payments(
+    _config: &Config,
+    _identity: &SigningKey,
+    _state_dir: &std::path::Path,
+    _keys: &Arc<KeyRing>,
+    _tracker: &TaskTracker,
+    _shutdown: &CancellationToken,
+) -> Result<Arc<Payments>> {
+    Err(Error::Ledger(
+        "payments.settlement = \"chain\" needs a murmur-relay built with the `chain` feature \
+         (cargo build --release -p murmur-relay --features chain)"
+            .into(),
+    ))
+}
+
 impl Node {
     /// Opens state, binds listeners and starts every task. Stops when `shutdown` fires;
     /// then call [`Node::join`].
@@ -82,6 +139,10 @@ impl Node {
         );
         let tracker = TaskTracker::new();
         let payments = match &config.payments.ledger {
+            _ if config.payments.settlement == SettlementChoice::Chain => Some(
+                start_chain_payments(&config, &identity, &state_dir, &keys, &tracker, &shutdown)
+                    .await?,
+            ),
             Some(url) => {
                 let params = PaymentsParams::from_config(&config, IdentityKey::of(&identity));
                 let payments = Arc::new(Payments::open(&state_dir, params, keys.clone())?);

@@ -25,7 +25,7 @@ use murmur_protocol::ticket::Ticket;
 use crate::config::UnpaidPolicy;
 use crate::keys::KeyRing;
 use crate::metrics::{self as m, drop_packet};
-use crate::payments::Payments;
+use crate::payments::{Payments, TicketSignatures};
 
 /// A packet read off a relay link, waiting for a worker.
 pub struct Inbound {
@@ -194,10 +194,12 @@ fn worker(
             }
         };
         let ticket = payments.as_ref().and_then(|p| {
-            processed.ticket(&Payee {
+            let signatures = processed.slot.as_ref().map(TicketSignatures::of_slot)?;
+            let ticket = processed.ticket(&Payee {
                 identity: p.params().me,
                 commitment: key.payment_commitment(),
-            })
+            })?;
+            Some((ticket, signatures))
         });
         let out = match processed.action {
             Action::Forward {
@@ -243,12 +245,12 @@ fn worker(
 /// `packets_per_ticket` packets, worth all of them, and a mix cannot tell whose packets the
 /// others are (the per-client limit is the gateway's tab). Under [`UnpaidPolicy::Drop`] a
 /// packet whose ticket is refused (forged, expired, spent, from an empty pot...) is dropped.
-fn pays(payments: &Payments, epoch: Epoch, ticket: Option<Ticket>) -> bool {
-    let Some(ticket) = ticket else {
+fn pays(payments: &Payments, epoch: Epoch, ticket: Option<(Ticket, TicketSignatures)>) -> bool {
+    let Some((ticket, signatures)) = ticket else {
         metrics::counter!(m::PACKETS_UNPAID, "reason" => "no_ticket").increment(1);
         return true;
     };
-    match payments.accept(&ticket, epoch, murmur_ledger::unix_now()) {
+    match payments.accept_signed(&ticket, signatures, epoch, murmur_ledger::unix_now()) {
         Ok(_) => true,
         Err(_) => {
             metrics::counter!(m::PACKETS_UNPAID, "reason" => "ticket_refused").increment(1);

@@ -89,8 +89,14 @@ impl ClientSession {
                 .gateway_payment(&PayeeInfo::of(gateway, commitment), unix_now, rng)
         {
             self.stats.gateway_tickets += 1;
-            p.to_gateway
-                .push_back(Frame::Control(Control::Payment { ticket }.encode()));
+            let payment = match p.payer.cosign(&ticket) {
+                Some(cosignature) => Control::CosignedPayment {
+                    ticket,
+                    cosignature,
+                },
+                None => Control::Payment { ticket },
+            };
+            p.to_gateway.push_back(Frame::Control(payment.encode()));
         }
     }
 
@@ -133,7 +139,10 @@ impl ClientSession {
             let ticket = p
                 .payer
                 .ticket_for(&PayeeInfo::of(relay, commitment), unix_now, rng)
-                .and_then(|t| SlotTicket::from_ticket(&t).ok());
+                .and_then(|t| match p.payer.cosign(&t) {
+                    Some(c) => SlotTicket::cosigned(&t, c).ok(),
+                    None => SlotTicket::from_ticket(&t).ok(),
+                });
             self.stats.hop_tickets += u64::from(ticket.is_some());
             slots.push(ticket);
         }

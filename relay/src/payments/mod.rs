@@ -36,7 +36,7 @@ use std::sync::{Arc, Mutex};
 
 use murmur_ledger::Pot;
 use murmur_protocol::directory::{Epoch, IdentityKey, UnixTime};
-use murmur_protocol::ticket::{MAX_CLOCK_SKEW_S, Ticket};
+use murmur_protocol::ticket::{CoSignature, MAX_CLOCK_SKEW_S, Ticket};
 
 pub use crate::config::UnpaidPolicy;
 use crate::config::{Config, PaymentsSection};
@@ -108,6 +108,59 @@ impl PaymentsParams {
     }
 }
 
+/// The signatures a ticket came with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TicketSignatures {
+    /// The pot's Ed25519 signature only (envelope slot flag 1, `Control::Payment`).
+    Ed25519,
+    /// The Ed25519 signature and the pot owner's chain co-signature beside it
+    /// (`Control::CosignedPayment`).
+    WithCoSignature(CoSignature),
+    /// The co-signature in the Ed25519 signature's place (envelope slot flag 2).
+    CoSignatureOnly(CoSignature),
+}
+
+impl TicketSignatures {
+    /// What a hop's envelope slot carried.
+    pub fn of_slot(slot: &murmur_protocol::envelope::SlotTicket) -> TicketSignatures {
+        match slot.cosignature() {
+            Some(c) => TicketSignatures::CoSignatureOnly(c),
+            None => TicketSignatures::Ed25519,
+        }
+    }
+
+    fn cosignature(self) -> Option<CoSignature> {
+        match self {
+            TicketSignatures::Ed25519 => None,
+            TicketSignatures::WithCoSignature(c) | TicketSignatures::CoSignatureOnly(c) => Some(c),
+        }
+    }
+}
+
+/// What a co-signature says of the pot's owner ([`CoSignatureCheck::check`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CoSigned {
+    /// It recovers to the pot's owner.
+    ByOwner,
+    /// It does not recover, or not to the pot's owner.
+    NotByOwner,
+    /// It recovers, but the pot's owner is not known yet (the pot is being looked up): the
+    /// ticket is accepted within the pot's allowance, and the contract checks the
+    /// co-signature again before it pays (refusing a bad one before any gas is spent).
+    OwnerUnknown,
+}
+
+/// The chain's side of ticket acceptance, for a relay that redeems on a chain
+/// (`murmur-chain`'s `ChainSettlement`, with the `chain` feature): checks each ticket's
+/// co-signature without a call to the node, and keeps a winner's for its redemption. A trait,
+/// so that this crate's payments need no chain library.
+pub trait CoSignatureCheck: Send + Sync {
+    /// Whose co-signature of `ticket` this is.
+    fn check(&self, ticket: &Ticket, cosignature: &CoSignature) -> CoSigned;
+    /// Keeps it until `ticket` is redeemed; `false` if no more can be kept now.
+    fn keep(&self, ticket: &Ticket, cosignature: CoSignature) -> bool;
+}
+
 /// Why a ticket does not pay this hop. Each has its own metrics label.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
@@ -143,6 +196,10 @@ pub enum PaymentRefusal {
     PotCacheFull,
     #[error("the ticket's signature is not its pot's")]
     Forged,
+    #[error("this relay redeems on a chain and the ticket carries no co-signature")]
+    CoSignatureMissing,
+    #[error("the ticket's co-signature is not its pot owner's")]
+    CoSignatureNotOwner,
     #[error("too many winning tickets wait for redemption")]
     WinnersFull,
     #[error("the ticket's face value {face_value} is above the largest accepted, {max}")]
@@ -179,6 +236,8 @@ impl PaymentRefusal {
             PaymentRefusal::PotLookupsFull => "pot_lookups_full",
             PaymentRefusal::PotCacheFull => "pot_cache_full",
             PaymentRefusal::Forged => "forged",
+            PaymentRefusal::CoSignatureMissing => "cosignature_missing",
+            PaymentRefusal::CoSignatureNotOwner => "cosignature_not_owner",
             PaymentRefusal::WinnersFull => "winners_full",
             PaymentRefusal::FaceValueTooLarge { .. } => "face_value_too_large",
             PaymentRefusal::PotNotYetKnown => "pot_not_yet_known",
@@ -353,6 +412,9 @@ pub struct Payments {
     attempts: Mutex<HashMap<TicketId, Attempts>>,
     /// When settled records were last pruned.
     last_prune: Mutex<UnixTime>,
+    /// Set when the relay redeems on a chain: every ticket must carry its pot owner's
+    /// co-signature.
+    chain: Option<Arc<dyn CoSignatureCheck>>,
 }
 
 impl Payments {
@@ -389,7 +451,22 @@ impl Payments {
             pending: AtomicUsize::new(pending),
             attempts: Mutex::new(HashMap::new()),
             last_prune: Mutex::new(0),
+            chain: None,
         })
+    }
+
+    /// Redeems on a chain: from now on a ticket is accepted only with a co-signature that
+    /// `check` finds is its pot owner's (or, while the pot is looked up, within the pot's
+    /// allowance), and a winner's co-signature is stored with it and handed to `check` before
+    /// each redemption.
+    pub fn with_cosignatures(mut self, check: Arc<dyn CoSignatureCheck>) -> Payments {
+        self.chain = Some(check);
+        self
+    }
+
+    /// Whether tickets must carry a co-signature.
+    pub fn on_chain(&self) -> bool {
+        self.chain.is_some()
     }
 
     /// The parameters in force.
@@ -416,7 +493,22 @@ impl Payments {
         key_epoch: Epoch,
         now_unix: UnixTime,
     ) -> std::result::Result<Accepted, PaymentRefusal> {
-        let result = self.decide(ticket, key_epoch, now_unix);
+        self.accept_signed(ticket, TicketSignatures::Ed25519, key_epoch, now_unix)
+    }
+
+    /// [`Payments::accept`] for a ticket that came with `signatures`. A relay that redeems
+    /// on a chain refuses one without a co-signature (`cosignature_missing`) or whose
+    /// co-signature is not the pot owner's (`cosignature_not_owner`), and checks the Ed25519
+    /// signature where there is one; a relay that redeems at the ledger needs the Ed25519
+    /// signature and ignores a co-signature.
+    pub fn accept_signed(
+        &self,
+        ticket: &Ticket,
+        signatures: TicketSignatures,
+        key_epoch: Epoch,
+        now_unix: UnixTime,
+    ) -> std::result::Result<Accepted, PaymentRefusal> {
+        let result = self.decide(ticket, signatures, key_epoch, now_unix);
         match &result {
             Ok(a) => {
                 metrics::counter!(m::TICKETS_ACCEPTED).increment(1);
@@ -433,6 +525,7 @@ impl Payments {
     fn decide(
         &self,
         t: &Ticket,
+        signatures: TicketSignatures,
         key_epoch: Epoch,
         now: UnixTime,
     ) -> std::result::Result<Accepted, PaymentRefusal> {
@@ -462,8 +555,7 @@ impl Payments {
         // Cheap refusals before the signature; `record` decides again under the locks.
         self.check_nonce(t, key_epoch)?;
         self.check_pot(t)?;
-        t.verify_signature()
-            .map_err(PaymentRefusal::from_ticket_error)?;
+        let cosignature = self.check_signatures(t, signatures)?;
 
         // The ticket is genuine: record it.
         let winner = t.is_winner(key.payment_reveal());
@@ -473,6 +565,7 @@ impl Payments {
                 ticket: *t,
                 reveal: key.payment_reveal().clone(),
                 epoch: key_epoch,
+                cosignature,
             };
             if let Ok(mut q) = self.queued.lock() {
                 q.push(w);
@@ -484,6 +577,42 @@ impl Payments {
             winner,
             pot_verified: verified,
         })
+    }
+
+    /// The signatures this relay needs (see [`Payments::accept_signed`]); the co-signature
+    /// to keep with a winner, on a chain.
+    fn check_signatures(
+        &self,
+        t: &Ticket,
+        signatures: TicketSignatures,
+    ) -> std::result::Result<Option<CoSignature>, PaymentRefusal> {
+        if !matches!(signatures, TicketSignatures::CoSignatureOnly(_)) {
+            t.verify_signature()
+                .map_err(PaymentRefusal::from_ticket_error)?;
+        }
+        let Some(chain) = &self.chain else {
+            // The ledger pays on the Ed25519 signature, which a co-signed slot does not hold.
+            return match signatures {
+                TicketSignatures::CoSignatureOnly(_) => Err(PaymentRefusal::Forged),
+                _ => Ok(None),
+            };
+        };
+        let cosignature = signatures
+            .cosignature()
+            .ok_or(PaymentRefusal::CoSignatureMissing)?;
+        match chain.check(t, &cosignature) {
+            CoSigned::ByOwner | CoSigned::OwnerUnknown => Ok(Some(cosignature)),
+            CoSigned::NotByOwner => Err(PaymentRefusal::CoSignatureNotOwner),
+        }
+    }
+
+    /// Hands a winner's co-signature to the chain before its redemption (after a restart
+    /// the chain's settlement holds none). `false` if the chain can keep no more now.
+    fn keep_cosignature(&self, w: &Winner) -> bool {
+        match (&self.chain, w.cosignature) {
+            (Some(chain), Some(c)) => chain.keep(&w.ticket, c),
+            _ => true,
+        }
     }
 
     fn check_nonce(&self, t: &Ticket, epoch: Epoch) -> std::result::Result<(), PaymentRefusal> {

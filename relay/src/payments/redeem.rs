@@ -142,6 +142,13 @@ impl Payments {
             .zip(still)
             .filter_map(|(c, pending)| pending.then_some(c))
             .collect();
+        // On a chain, each winner's co-signature goes to the settlement first; one it cannot
+        // keep now waits for a later pass rather than being refused for the want of it.
+        let (claims, full): (Vec<Claim<'_>>, Vec<Claim<'_>>) = claims
+            .into_iter()
+            .partition(|c| self.keep_cosignature(&c.winner));
+        round.deferred += full.len();
+        drop(full);
         for chunk in claims.chunks(REDEEM_CONCURRENCY) {
             let results = join_all(chunk.iter().map(|c| {
                 // The reveal leaves the relay here: the epoch has retired.

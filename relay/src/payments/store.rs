@@ -3,7 +3,7 @@
 //!
 //! | table | key | value |
 //! |---|---|---|
-//! | `pending` | pot ‖ nonce (48 bytes) | version 1 ‖ ticket (209) ‖ reveal (32) ‖ key epoch (4, BE) |
+//! | `pending` | pot ‖ nonce (48 bytes) | version 1 ‖ ticket (209) ‖ reveal (32) ‖ key epoch (4, BE), or version 2 ‖ the same ‖ the pot owner's co-signature (64), for a relay that settles on a chain |
 //! | `settled` | pot ‖ nonce | (paid, outcome label, settled at Unix seconds) |
 //!
 //! Every write is one redb transaction committed with redb's default durability (fsync before
@@ -14,7 +14,7 @@ use std::fs::OpenOptions;
 use std::path::{Path, PathBuf};
 
 use murmur_protocol::directory::{Epoch, IdentityKey, UnixTime};
-use murmur_protocol::ticket::{TICKET_LEN, Ticket};
+use murmur_protocol::ticket::{COSIGNATURE_LEN, CoSignature, TICKET_LEN, Ticket};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use zeroize::Zeroizing;
 
@@ -25,6 +25,9 @@ const SETTLED: TableDefinition<&[u8; 48], (u64, &str, u64)> = TableDefinition::n
 
 const RECORD_VERSION: u8 = 1;
 const RECORD_LEN: usize = 1 + TICKET_LEN + 32 + 4;
+/// A record with the co-signature its chain redemption needs.
+const COSIGNED_RECORD_VERSION: u8 = 2;
+const COSIGNED_RECORD_LEN: usize = RECORD_LEN + COSIGNATURE_LEN;
 
 /// A ticket's identity at the ledger, which redeems each `(pot, nonce)` once.
 pub type TicketId = [u8; 48];
@@ -45,6 +48,8 @@ pub struct Winner {
     pub reveal: Zeroizing<[u8; 32]>,
     /// The Sphinx key epoch the ticket paid for; it is redeemed once that key has retired.
     pub epoch: Epoch,
+    /// The pot owner's co-signature, for a relay that redeems on a chain.
+    pub cosignature: Option<CoSignature>,
 }
 
 impl std::fmt::Debug for Winner {
@@ -65,18 +70,29 @@ impl Winner {
     }
 
     fn encode(&self) -> Zeroizing<Vec<u8>> {
-        let mut out = Zeroizing::new(Vec::with_capacity(RECORD_LEN));
-        out.push(RECORD_VERSION);
+        let mut out = Zeroizing::new(Vec::with_capacity(COSIGNED_RECORD_LEN));
+        out.push(match self.cosignature {
+            Some(_) => COSIGNED_RECORD_VERSION,
+            None => RECORD_VERSION,
+        });
         out.extend_from_slice(&self.ticket.encode());
         out.extend_from_slice(&self.reveal[..]);
         out.extend_from_slice(&self.epoch.to_be_bytes());
+        if let Some(c) = &self.cosignature {
+            out.extend_from_slice(&c.0);
+        }
         out
     }
 
     fn decode(bytes: &[u8]) -> Option<Winner> {
-        if bytes.len() != RECORD_LEN || bytes.first() != Some(&RECORD_VERSION) {
-            return None;
-        }
+        let cosignature = match (bytes.first(), bytes.len()) {
+            (Some(&RECORD_VERSION), RECORD_LEN) => None,
+            (Some(&COSIGNED_RECORD_VERSION), COSIGNED_RECORD_LEN) => {
+                Some(CoSignature(bytes.get(RECORD_LEN..)?.try_into().ok()?))
+            }
+            _ => return None,
+        };
+        let bytes = bytes.get(..RECORD_LEN)?;
         let ticket = Ticket::decode(bytes.get(1..1 + TICKET_LEN)?).ok()?;
         let mut reveal = Zeroizing::new([0u8; 32]);
         reveal.copy_from_slice(bytes.get(1 + TICKET_LEN..1 + TICKET_LEN + 32)?);
@@ -85,6 +101,7 @@ impl Winner {
             ticket,
             reveal,
             epoch,
+            cosignature,
         })
     }
 }
@@ -318,5 +335,55 @@ impl Store {
         };
         txn.commit().map_err(|e| err(e.into()))?;
         Ok(removed)
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod tests {
+    use super::*;
+    use ed25519_dalek::SigningKey;
+    use murmur_protocol::ticket::{TicketFields, commitment_of};
+
+    fn winner(cosignature: Option<CoSignature>) -> Winner {
+        let ticket = Ticket::sign(
+            TicketFields {
+                recipient: IdentityKey([2; 32]),
+                face_value: 700,
+                win_ratio: u64::MAX,
+                nonce: [3; 16],
+                issued: 1_800_000_000,
+                expiry: 1_800_090_000,
+                commitment: commitment_of(&[4; 32]),
+            },
+            &SigningKey::from_bytes(&[1; 32]),
+        );
+        Winner {
+            ticket,
+            reveal: Zeroizing::new([4; 32]),
+            epoch: 77,
+            cosignature,
+        }
+    }
+
+    #[test]
+    fn records_with_and_without_a_cosignature_round_trip_and_bad_ones_are_refused() {
+        for cosignature in [None, Some(CoSignature([9; COSIGNATURE_LEN]))] {
+            let w = winner(cosignature);
+            let bytes = w.encode();
+            assert_eq!(bytes.len(), if cosignature.is_some() { 310 } else { 246 });
+            let back = Winner::decode(&bytes).unwrap();
+            assert_eq!(back.ticket, w.ticket);
+            assert_eq!(*back.reveal, *w.reveal);
+            assert_eq!(back.epoch, 77);
+            assert_eq!(back.cosignature, cosignature);
+            // A version byte that does not match the length, or a cut record: refused.
+            let mut other = bytes.to_vec();
+            other[0] = if cosignature.is_some() { 1 } else { 2 };
+            assert!(Winner::decode(&other).is_none());
+            assert!(Winner::decode(&bytes[..bytes.len() - 1]).is_none());
+            other[0] = 3;
+            assert!(Winner::decode(&other).is_none());
+        }
     }
 }

@@ -77,6 +77,15 @@ struct Relay {
 impl Relay {
     /// Opens the relay's state in `dir`, creating keys for the current epoch if needed.
     fn open(dir: &Path, params: PaymentsParams) -> Relay {
+        Relay::open_with(dir, params, None)
+    }
+
+    /// [`Relay::open`], checking co-signatures with `chain` if it is given.
+    fn open_with(
+        dir: &Path,
+        params: PaymentsParams,
+        chain: Option<Arc<dyn CoSignatureCheck>>,
+    ) -> Relay {
         let keys = Arc::new(KeyRing::open(dir, SIZING).unwrap());
         let epoch = current_epoch();
         if keys.get(epoch).is_none() && keys.epochs().is_empty() {
@@ -84,7 +93,11 @@ impl Relay {
                 .unwrap();
         }
         let epoch = keys.epochs()[0];
-        let payments = Arc::new(Payments::open(dir, params, keys.clone()).unwrap());
+        let mut payments = Payments::open(dir, params, keys.clone()).unwrap();
+        if let Some(chain) = chain {
+            payments = payments.with_cosignatures(chain);
+        }
+        let payments = Arc::new(payments);
         Relay {
             keys,
             payments,
@@ -1472,4 +1485,205 @@ async fn a_gateway_killed_after_crediting_a_winner_redeems_it_after_restart() {
         FACE
     );
     ledger_stop.cancel();
+}
+
+/// A relay that redeems on a chain (Anvil, the real contract): a ticket without its pot
+/// owner's co-signature is refused `cosignature_missing`, one co-signed by another key or
+/// for other terms `cosignature_not_owner`, each counted; a co-signed ticket beside its
+/// Ed25519 signature (a gateway's) and one whose slot carries the co-signature in the
+/// signature's place (a hop's) are accepted, stored with their co-signatures, and redeemed
+/// on the chain once their epoch retires, with a fresh settlement as after a restart.
+#[cfg(feature = "chain")]
+#[tokio::test]
+async fn on_a_chain_tickets_need_their_pot_owners_cosignature_and_winners_are_redeemed_there() {
+    use murmur_chain::anvil::{LocalChain, ensure_installed};
+    use murmur_chain::{ChainConfig, ChainSettlement, wallet_of};
+    use murmur_protocol::envelope::SlotTicket;
+
+    if !ensure_installed() {
+        eprintln!(
+            "SKIPPED: no Anvil binary (chain/contract/build.sh --tools could not install it)"
+        );
+        return;
+    }
+    let (payer_key, stranger) = (payer(0), payer(1));
+    let relay = relay_key();
+    let eth = 1u64 << 40;
+    let chain = LocalChain::start(
+        0,
+        3600,
+        &[
+            (wallet_of(&payer_key).address(), eth),
+            (wallet_of(&relay).address(), eth),
+        ],
+    )
+    .await
+    .unwrap();
+    let config = ChainConfig {
+        gas_price_wei: Some(0),
+        ..ChainConfig::new(chain.node.url(), chain.contract)
+    };
+    let payer_side = ChainSettlement::connect(config.clone(), std::slice::from_ref(&payer_key))
+        .await
+        .unwrap();
+    payer_side
+        .fund(Signed::new(
+            Fund {
+                pot: id(&payer_key),
+                balance: 1 << 20,
+                escrow: 1 << 22,
+            },
+            &payer_key,
+            unix_now(),
+        ))
+        .await
+        .unwrap();
+    let payees: HashMap<_, _> = [(id(&relay), wallet_of(&relay).address())].into();
+    let cosigner = payer_side.ticket_cosigner(&payer_key, payees.clone());
+    let impostor = payer_side.ticket_cosigner(&stranger, payees);
+
+    let dir = TempDir::new().unwrap();
+    let relay_side = Arc::new(
+        ChainSettlement::connect(config.clone(), std::slice::from_ref(&relay))
+            .await
+            .unwrap(),
+    );
+    let r = Relay::open_with(dir.path(), params(), Some(relay_side.clone()));
+    let p = r.payments.clone();
+    assert!(p.on_chain());
+    let now = unix_now();
+    let (rec, handle) = recorder();
+    let cosigned = |t: &Ticket| TicketSignatures::WithCoSignature(cosigner.cosign(t).unwrap());
+
+    // Before the pot is read its owner is not known: a co-signed ticket is accepted within
+    // the pot's allowance (the contract checks the co-signature again before paying).
+    let first = r.winner(&payer_key, 1);
+    metrics::with_local_recorder(&rec, || {
+        p.accept_signed(&first, cosigned(&first), r.epoch, now)
+            .unwrap();
+    });
+    assert_eq!(p.refresh_pots(relay_side.as_ref(), now).await, 1);
+
+    let plain = r.winner(&payer_key, 2);
+    let by_stranger = r.winner(&payer_key, 3);
+    let stranger_cosig = impostor.cosign(&by_stranger).unwrap();
+    // Co-signed for a face value of FACE, presented with another (its Ed25519 signature
+    // re-made, as a payer could): the co-signature is for other terms.
+    let honest = r.winner(&payer_key, 4);
+    let raised = r.ticket(&payer_key, 4, |f| f.face_value = FACE + 1);
+    // A hop's slot: the co-signature in the signature's place.
+    let hop = r.winner(&payer_key, 5);
+    let slot = SlotTicket::cosigned(&hop, cosigner.cosign(&hop).unwrap()).unwrap();
+    let hop_ticket = slot.into_ticket(id(&relay), r.commitment(r.epoch));
+    assert_ne!(hop_ticket.signature, hop.signature);
+    let mut forged = r.winner(&payer_key, 6);
+    let forged_cosig = cosigner.cosign(&forged).unwrap();
+    forged.signature[0] ^= 1;
+
+    metrics::with_local_recorder(&rec, || {
+        assert_eq!(
+            p.accept_signed(&plain, TicketSignatures::Ed25519, r.epoch, now),
+            Err(PaymentRefusal::CoSignatureMissing)
+        );
+        assert_eq!(
+            p.accept(&plain, r.epoch, now),
+            Err(PaymentRefusal::CoSignatureMissing)
+        );
+        assert_eq!(
+            p.accept_signed(
+                &by_stranger,
+                TicketSignatures::WithCoSignature(stranger_cosig),
+                r.epoch,
+                now
+            ),
+            Err(PaymentRefusal::CoSignatureNotOwner)
+        );
+        assert_eq!(
+            p.accept_signed(
+                &raised,
+                TicketSignatures::WithCoSignature(cosigner.cosign(&honest).unwrap()),
+                r.epoch,
+                now
+            ),
+            Err(PaymentRefusal::CoSignatureNotOwner)
+        );
+        assert_eq!(
+            p.accept_signed(
+                &hop_ticket,
+                TicketSignatures::CoSignatureOnly(CoSignature([5; 64])),
+                r.epoch,
+                now
+            ),
+            Err(PaymentRefusal::CoSignatureNotOwner)
+        );
+        assert_eq!(
+            p.accept_signed(
+                &forged,
+                TicketSignatures::WithCoSignature(forged_cosig),
+                r.epoch,
+                now
+            ),
+            Err(PaymentRefusal::Forged)
+        );
+        let a = p
+            .accept_signed(&hop_ticket, TicketSignatures::of_slot(&slot), r.epoch, now)
+            .unwrap();
+        assert!(a.winner && a.pot_verified);
+    });
+    let text = handle.render();
+    assert_eq!(
+        metric(&text, m::TICKETS_REFUSED, "reason=\"cosignature_missing\""),
+        2
+    );
+    assert_eq!(
+        metric(
+            &text,
+            m::TICKETS_REFUSED,
+            "reason=\"cosignature_not_owner\""
+        ),
+        3
+    );
+    assert_eq!(p.flush().unwrap(), 2);
+    let stored = p.pending_winners().unwrap();
+    assert_eq!(stored.len(), 2);
+    assert!(stored.iter().all(|w| w.cosignature.is_some()));
+
+    // Redeemed on the chain once the epoch retires, by a settlement that holds none of the
+    // co-signatures yet (as after a restart): the store hands them over.
+    r.retire();
+    drop((p, r));
+    let fresh = Arc::new(
+        ChainSettlement::connect(config, std::slice::from_ref(&relay))
+            .await
+            .unwrap(),
+    );
+    let r = Relay::open_with(dir.path(), params(), Some(fresh.clone()));
+    let p = r.payments.clone();
+    let before = fresh.account(id(&relay)).await.unwrap().balance;
+    let round = p
+        .redeem_due(fresh.as_ref(), &relay, unix_now())
+        .await
+        .unwrap();
+    assert_eq!(round.paid, 2, "{round:?}");
+    assert_eq!(round.paid_value, 2 * FACE);
+    assert_eq!(
+        fresh.account(id(&relay)).await.unwrap().balance,
+        before + 2 * FACE
+    );
+    assert!(p.pending_winners().unwrap().is_empty());
+    // Redeemed once: the contract refuses the same tickets again.
+    for t in [&first, &hop_ticket] {
+        let again = fresh
+            .redeem(Signed::new(
+                Redeem {
+                    ticket: *t,
+                    reveal: [0; 32],
+                },
+                &relay,
+                unix_now(),
+            ))
+            .await;
+        assert!(again.is_err());
+    }
+    drop(chain);
 }
