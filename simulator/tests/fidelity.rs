@@ -125,10 +125,10 @@ fn request_latency_agrees_with_the_fast_mode_and_theory() {
             "network.clients = 100",
             "network.gateways = 4",
             "streams.page_bytes = 1500",
-            "streams.page_loads_per_s = 0.05",
+            "streams.page_loads_per_s = 0.025",
             "rates.lambda_p = 1",
             "rates.mu = 2",
-            "duration_s = 250",
+            "duration_s = 500",
             "warmup_s = 10",
         ],
     )
