@@ -121,26 +121,22 @@ impl ClientSession {
                 s.gap = None;
             } else {
                 let at = s.recv.delivered();
-                let gap = match s.gap {
+                let mut gap = match s.gap {
                     Some(g) if g.at == at => g,
                     _ => Gap {
                         at,
-                        since: now,
-                        announced: None,
+                        waiting_since: now,
                     },
                 };
-                s.gap = Some(gap);
-                let due =
-                    now.saturating_duration_since(gap.announced.unwrap_or(gap.since)) >= gap_grace;
-                let ranges = s.recv.held_ranges(ack, MAX_RECEIVED_RANGES);
-                if due && used + received_item_len(ranges.len()) <= budget {
-                    used += received_item_len(ranges.len());
-                    s.gap = Some(Gap {
-                        announced: Some(now),
-                        ..gap
-                    });
-                    items.push(ClientItem::Received { stream: id, ranges });
+                if now.saturating_duration_since(gap.waiting_since) >= gap_grace {
+                    let ranges = s.recv.held_ranges(ack, MAX_RECEIVED_RANGES);
+                    if used + received_item_len(ranges.len()) <= budget {
+                        used += received_item_len(ranges.len());
+                        gap.waiting_since = now;
+                        items.push(ClientItem::Received { stream: id, ranges });
+                    }
                 }
+                s.gap = Some(gap);
             }
             if s.state == StreamState::Open || !s.outbox.is_empty() {
                 wants_surbs = true;

@@ -26,9 +26,9 @@ pub(super) enum StreamState {
 pub(super) struct Gap {
     /// Where it starts: what was delivered in order.
     pub(super) at: u64,
-    pub(super) since: Instant,
-    /// When a `ClientItem::Received` last announced it.
-    pub(super) announced: Option<Instant>,
+    /// When it opened or a `ClientItem::Received` last announced it: the next announcement
+    /// is due a grace after.
+    pub(super) waiting_since: Instant,
 }
 
 pub(super) struct Stream {
