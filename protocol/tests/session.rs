@@ -597,6 +597,39 @@ fn lost_packets_are_resent_until_acknowledged() {
     );
 }
 
+/// Tickets small enough that a short run issues many: one per 8 packets for a hop, per 4
+/// frames for the gateway.
+fn small_tickets() -> PayerConfig {
+    PayerConfig {
+        packets_per_ticket: 8,
+        gateway_frames_per_ticket: 4,
+        face_value: 10_000,
+        ..PayerConfig::default()
+    }
+}
+
+/// Gives `session` its `payer`, writes `bytes` on one stream to example.com:80 and closes it,
+/// runs `steps` steps and one more (the last replies' relays are paid once the session takes
+/// them); the session's counters after.
+fn write_paid(
+    net: &mut Net,
+    session: &mut ClientSession,
+    rng: &mut ChaCha20Rng,
+    payer: Payer,
+    bytes: usize,
+    steps: usize,
+) -> murmur_protocol::session::SessionStats {
+    session.set_payer(payer, Instant::ZERO, 1_800_000_000);
+    let id = session
+        .open_stream(Target::Host("example.com".into(), 80), None, rng)
+        .unwrap();
+    session.write(id, &vec![7u8; bytes]);
+    session.close_stream(id);
+    let (_, now) = drive(net, session, rng, Instant::ZERO, steps);
+    drive(net, session, rng, now, 1);
+    session.stats()
+}
+
 /// A paying session pays every relay its advertised price for each packet it carried for
 /// the client: forward packets, acknowledgement and reply routes, cover and loops alike, and
 /// the gateway for each frame it forwarded or delivered. What a relay is still owed at the
@@ -612,23 +645,9 @@ fn every_relay_is_paid_its_price_for_what_it_carried() {
     net.consensus = Arc::new(consensus);
     let mut rng = ChaCha20Rng::seed_from_u64(8);
     let mut session = session_for(&net, &mut rng);
-    let config = PayerConfig {
-        packets_per_ticket: 8,
-        gateway_frames_per_ticket: 4,
-        face_value: 10_000,
-        ..PayerConfig::default()
-    };
+    let config = small_tickets();
     let payer = Payer::new(SigningKey::from_bytes(&[3; 32]), config, u64::MAX).unwrap();
-    session.set_payer(payer, Instant::ZERO, 1_800_000_000);
-    let id = session
-        .open_stream(Target::Host("example.com".into(), 80), None, &mut rng)
-        .unwrap();
-    session.write(id, &vec![7u8; 20_000]);
-    session.close_stream(id);
-    let (_, now) = drive(&mut net, &mut session, &mut rng, Instant::ZERO, 2_000);
-    // The last replies' relays are paid once the session takes them.
-    drive(&mut net, &mut session, &mut rng, now, 1);
-    let stats = session.stats();
+    let stats = write_paid(&mut net, &mut session, &mut rng, payer, 20_000, 2_000);
     assert!(
         stats.hop_tickets > 100 && stats.gateway_tickets > 100,
         "{stats:?}"
@@ -682,23 +701,10 @@ fn a_payer_that_cosigns_sends_every_ticket_with_its_cosignature() {
     let mut net = Net::new(17, 0.0);
     let mut rng = ChaCha20Rng::seed_from_u64(18);
     let mut session = session_for(&net, &mut rng);
-    let config = PayerConfig {
-        packets_per_ticket: 8,
-        gateway_frames_per_ticket: 4,
-        face_value: 10_000,
-        ..PayerConfig::default()
-    };
-    let mut payer = Payer::new(SigningKey::from_bytes(&[5; 32]), config, u64::MAX).unwrap();
+    let mut payer =
+        Payer::new(SigningKey::from_bytes(&[5; 32]), small_tickets(), u64::MAX).unwrap();
     payer.set_cosigner(Box::new(|t| Some(test_cosign(t))));
-    session.set_payer(payer, Instant::ZERO, 1_800_000_000);
-    let id = session
-        .open_stream(Target::Host("example.com".into(), 80), None, &mut rng)
-        .unwrap();
-    session.write(id, &vec![7u8; 5_000]);
-    session.close_stream(id);
-    let (_, now) = drive(&mut net, &mut session, &mut rng, Instant::ZERO, 600);
-    drive(&mut net, &mut session, &mut rng, now, 1);
-    let stats = session.stats();
+    let stats = write_paid(&mut net, &mut session, &mut rng, payer, 5_000, 600);
     assert!(
         stats.hop_tickets > 10 && stats.gateway_tickets > 10,
         "{stats:?}"
