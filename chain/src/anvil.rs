@@ -177,27 +177,6 @@ impl LocalChain {
                 message: e.to_string(),
             })
     }
-
-    /// Mines a block now (an idle Anvil mines none, and the chain's clock is its latest
-    /// block's).
-    pub async fn mine(&self) -> murmur_ledger::Result<()> {
-        use alloy::providers::{Provider, ProviderBuilder};
-        let url = self
-            .node
-            .url()
-            .parse()
-            .map_err(|e| murmur_ledger::Error::Config(format!("anvil url: {e}")))?;
-        let provider = ProviderBuilder::new().connect_http(url);
-        let _: serde_json::Value =
-            provider
-                .raw_request("evm_mine".into(), ())
-                .await
-                .map_err(|e| murmur_ledger::Error::Http {
-                    url: self.node.url(),
-                    message: e.to_string(),
-                })?;
-        Ok(())
-    }
 }
 
 /// Whether Anvil can be had: installs it with `contract/build.sh --tools` if it is missing.
