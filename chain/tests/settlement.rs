@@ -465,6 +465,52 @@ async fn anyone_funds_a_pot_only_its_key_withdraws<H: Harness>(h: &H) {
     assert_conserved(h).await;
 }
 
+/// Several winners at once through `redeem_all` (on the chain: one `redeemBatch` per
+/// recipient): each paid once, a second request for a paid ticket refused, every result in
+/// its request's place.
+async fn redeem_all_pays_each_once<H: Harness>(h: &H) {
+    fund(h, 1_000, 2_000).await;
+    let mut reqs = Vec::new();
+    for nonce in 0..6 {
+        let relay = if nonce % 3 == 0 { OTHER_RELAY } else { RELAY };
+        reqs.push(redeem(
+            issue(h, PAYER, fields(relay, 10 + u64::from(nonce), nonce)).await,
+            relay,
+        ));
+    }
+    // the same ticket again, in a request of its own
+    reqs.push(Signed::new(reqs[1].op, &key(RELAY), unix_now()));
+    let results = h.s().redeem_all(reqs.clone()).await;
+    assert_eq!(results.len(), reqs.len());
+    for (i, (req, result)) in reqs.iter().zip(&results).take(6).enumerate() {
+        if i == 1 {
+            continue;
+        }
+        let r = result.as_ref().unwrap();
+        assert_eq!((r.paid, r.burned), (req.op.ticket.face_value, 0));
+    }
+    // one of the ticket's two requests is paid, the other refused
+    let twice: Vec<_> = [&results[1], &results[6]]
+        .iter()
+        .map(|r| r.as_ref().err().and_then(|e| e.refusal()))
+        .collect();
+    assert!(
+        twice == [None, Some(Refusal::AlreadyRedeemed)]
+            || twice == [Some(Refusal::AlreadyRedeemed), None],
+        "{results:?}"
+    );
+    assert_eq!(
+        h.s().account(id(RELAY)).await.unwrap().balance,
+        11 + 12 + 14 + 15
+    );
+    assert_eq!(
+        h.s().account(id(OTHER_RELAY)).await.unwrap().balance,
+        10 + 13
+    );
+    assert!(h.s().redeem_all(Vec::new()).await.is_empty());
+    assert_conserved(h).await;
+}
+
 macro_rules! both {
     ($($case:ident),* $(,)?) => { $(
         mod $case {
@@ -495,6 +541,7 @@ both!(
     money_conserved,
     replayed_and_stale_requests,
     anyone_funds_a_pot_only_its_key_withdraws,
+    redeem_all_pays_each_once,
 );
 
 /// The contract's own checks, which the off-chain checks in front of them hide, called

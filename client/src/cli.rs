@@ -298,15 +298,11 @@ pub struct HttpConfig {
 #[serde(deny_unknown_fields)]
 pub struct PaymentsConfig {
     /// Where the pot is: `"ledger"` (the default; `ledger` and `ledger_key`) or `"chain"`
-    /// (`[payments.chain]` and `[payments.chain_payees]`; a build with the `chain` feature).
+    /// (`[payments.chain]`; a build with the `chain` feature).
     #[serde(default)]
     pub settlement: SettlementChoice,
     /// The node and contract, for `settlement = "chain"`.
     pub chain: Option<ChainSection>,
-    /// With a chain: each relay's chain address by its identity (64 hex digits →
-    /// `0x…`), which its tickets' co-signatures name.
-    #[serde(default)]
-    pub chain_payees: std::collections::BTreeMap<String, String>,
     /// The ledger's base URL (with `settlement = "ledger"`).
     #[serde(default)]
     pub ledger: String,
@@ -385,11 +381,6 @@ impl PaymentsConfig {
         murmur_ledger::choice::check_choice("payments", self.settlement, self.chain.as_ref())
             .map_err(|e| anyhow::anyhow!(e))?;
         let Some(section) = &self.chain else {
-            if !self.chain_payees.is_empty() {
-                anyhow::bail!(
-                    "payments.chain_payees is set but payments.settlement is not \"chain\""
-                );
-            }
             return Ok(None);
         };
         if !self.ledger.is_empty() || !self.ledger_key.is_empty() {
@@ -398,21 +389,8 @@ impl PaymentsConfig {
                  the pot is at one of them; remove ledger and ledger_key"
             );
         }
-        let mut payees = std::collections::HashMap::new();
-        for (relay, address) in &self.chain_payees {
-            let id = IdentityKey::from_hex(relay)
-                .map_err(|e| anyhow::anyhow!("payments.chain_payees {relay}: {e}"))?;
-            let hex = address.strip_prefix("0x").unwrap_or("");
-            if hex.len() != 40 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
-                anyhow::bail!(
-                    "payments.chain_payees {relay}: {address:?} must be 0x and 40 hex digits"
-                );
-            }
-            payees.insert(id, address.clone());
-        }
         Ok(Some(ChainPayment {
             section: section.clone(),
-            payees,
         }))
     }
 }
@@ -762,19 +740,15 @@ mod tests {
     fn a_pot_on_a_chain_needs_its_section_and_no_ledger() {
         let dir = tempfile::tempdir().unwrap();
         murmur_service::keys::keygen(&dir.path().join("pot.key")).unwrap();
-        let relay = IdentityKey::of(&SigningKey::from_bytes(&[6; 32]));
-        let address = "0x70997970C51812dc3A010C7d01b50e0d17dc79C8";
         let text = format!(
             "version = 1\n{AUTHORITY}[payments]\nsettlement = \"chain\"\nkey_file = \"pot.key\"\n\
              [payments.chain]\nrpc_url = \"http://127.0.0.1:8545\"\n\
-             contract = \"0x5FbDB2315678afecb367f032d93F642f64180aa3\"\ngas_price_wei = 7\n\
-             [payments.chain_payees]\n\"{relay}\" = \"{address}\"\n"
+             contract = \"0x5FbDB2315678afecb367f032d93F642f64180aa3\"\ngas_price_wei = 7\n"
         );
         let config = ClientConfig::parse(&text).unwrap();
         let options = config.payments.unwrap().options(dir.path()).unwrap();
         let chain = options.chain.unwrap();
         assert_eq!(chain.section.gas_price_wei, Some(7));
-        assert_eq!(chain.payees.get(&relay).map(String::as_str), Some(address));
 
         for (bad, expected) in [
             (text.replace("rpc_url", "rpc"), "unknown field"),
@@ -790,10 +764,10 @@ mod tests {
                 text.replace("key_file", "ledger = \"http://l\"\nkey_file"),
                 "remove ledger and ledger_key",
             ),
-            (text.replace(address, "0x12"), "payments.chain_payees"),
+            // Relays' chain addresses come from their descriptors, never from the config.
             (
-                text.replace(&format!("\"{relay}\""), "\"beef\""),
-                "payments.chain_payees beef",
+                format!("{text}[payments.chain_payees]\n"),
+                "unknown field `chain_payees`",
             ),
         ] {
             let err = ClientConfig::parse(&bad).unwrap_err().to_string();

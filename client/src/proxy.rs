@@ -78,19 +78,19 @@ pub struct PaymentOptions {
     pub chain: Option<ChainPayment>,
 }
 
-/// A pot on a chain, and the chain addresses of the relays the client pays (their
-/// co-signatures name them).
+/// A pot on a chain. The relays' chain addresses, which co-signatures name, come from their
+/// descriptors (a relay that publishes none redeems at a ledger, and its tickets go plain).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ChainPayment {
     pub section: murmur_ledger::ChainSection,
-    /// Relay identity → its chain address (`0x…`); a ticket for a relay not listed goes
-    /// without a co-signature, and a relay that redeems on the chain refuses it.
-    pub payees: std::collections::HashMap<IdentityKey, String>,
 }
 
 /// Co-signs a ticket for the chain (shared by the client's successive payers).
 type SharedCosign = Arc<
-    dyn Fn(&murmur_protocol::ticket::Ticket) -> Option<murmur_protocol::ticket::CoSignature>
+    dyn Fn(
+            &murmur_protocol::ticket::Ticket,
+            &murmur_protocol::directory::ChainAddress,
+        ) -> Option<murmur_protocol::ticket::CoSignature>
         + Send
         + Sync,
 >;
@@ -137,21 +137,14 @@ async fn connect_chain(
     let settlement = ChainSettlement::connect(config, std::slice::from_ref(key))
         .await
         .map_err(|e| anyhow::anyhow!("chain {}: {e}", chain.section.rpc_url))?;
-    let mut payees = std::collections::HashMap::new();
-    for (relay, address) in &chain.payees {
-        let parsed = address
-            .parse()
-            .map_err(|e| anyhow::anyhow!("payments.chain_payees {relay}: {address}: {e}"))?;
-        payees.insert(*relay, parsed);
-    }
-    let cosigner = settlement.ticket_cosigner(key, payees);
+    let cosigner = settlement.ticket_cosigner(key);
     tracing::info!(
         rpc_url = %chain.section.rpc_url,
         contract = %chain.section.contract,
         owner = %cosigner.owner(),
         "the pot is on the chain; tickets are co-signed"
     );
-    let cosign: SharedCosign = Arc::new(move |t| cosigner.cosign(t));
+    let cosign: SharedCosign = Arc::new(move |t, recipient| cosigner.cosign(t, recipient));
     Ok((Arc::new(settlement), cosign))
 }
 
@@ -488,7 +481,7 @@ pub async fn run(
                     let mut payer = Payer::new(payment.key.clone(), payment.payer, face_cap)?;
                     if let Some(c) = &cosign {
                         let c = c.clone();
-                        payer.set_cosigner(Box::new(move |t| c(t)));
+                        payer.set_cosigner(Box::new(move |t, recipient| c(t, recipient)));
                     }
                     payer
                 }

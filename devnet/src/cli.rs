@@ -210,7 +210,6 @@ fn devnet_payment(
     options.max_spend = max_spend;
     options.chain = devnet.chain.as_ref().map(|c| ChainPayment {
         section: c.section(),
-        payees: c.payees.iter().cloned().collect(),
     });
     options
 }

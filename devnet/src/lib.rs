@@ -97,8 +97,6 @@ pub struct DevnetChain {
     pub rpc_url: String,
     /// The deployed contract, `0x…`.
     pub contract: String,
-    /// Each relay's chain wallet, for the client's co-signatures.
-    pub payees: Vec<(IdentityKey, String)>,
 }
 
 impl DevnetChain {
@@ -254,10 +252,9 @@ impl Devnet {
             );
         }
         #[cfg(feature = "chain")]
-        let mut chain = anvil.as_ref().map(|a| DevnetChain {
+        let chain = anvil.as_ref().map(|a| DevnetChain {
             rpc_url: a.node.url(),
             contract: a.contract.to_string(),
-            payees: Vec::new(),
         });
         #[cfg(not(feature = "chain"))]
         let chain: Option<DevnetChain> = None;
@@ -281,11 +278,11 @@ impl Devnet {
             std::fs::create_dir_all(&rdir)?;
             let identity = murmur_service::keys::keygen(&rdir.join("identity.key"))?;
             #[cfg(feature = "chain")]
-            if let (Some(anvil), Some(chain)) = (&anvil, &mut chain) {
+            if let Some(anvil) = &anvil {
+                // Gas money for its redemptions; its descriptor publishes the address.
                 let key = murmur_service::keys::load(&rdir.join("identity.key"))?;
                 let wallet = murmur_chain::wallet_of(&key).address();
                 anvil.set_balance(wallet, RELAY_GAS_MONEY).await?;
-                chain.payees.push((identity, wallet.to_string()));
             }
             let payments = match &chain {
                 Some(c) => chain_payments_toml(&c.section()),

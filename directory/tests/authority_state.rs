@@ -410,6 +410,7 @@ fn at_most_the_configured_number_of_relays_per_address_are_voted_for() {
             exit_policy: ExitPolicy::reject_all(),
             price_per_packet: 1,
             bandwidth: u32::MAX,
+            chain_address: None,
             published: NOW - 1,
         };
         let signed = SignedDescriptor::sign(&d, &relay).unwrap();

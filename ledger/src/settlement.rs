@@ -22,6 +22,9 @@ use crate::request::{Fund, Redeem, Signed, Warn, Withdraw};
 #[cfg(feature = "server")]
 use crate::{Error, unix_now};
 
+/// Redemptions [`Settlement::redeem_all`] has in flight at once by default.
+pub const REDEEM_CONCURRENCY: usize = 8;
+
 /// Pots, accounts and the redemption of winning tickets.
 pub trait Settlement: Send + Sync {
     /// Moves `balance + escrow` from the signer's account into a pot.
@@ -32,6 +35,27 @@ pub trait Settlement: Send + Sync {
     fn withdraw(&self, req: Signed<Withdraw>) -> impl Future<Output = Result<Transfer>> + Send;
     /// Pays a winning ticket to its recipient (the signer), at most once.
     fn redeem(&self, req: Signed<Redeem>) -> impl Future<Output = Result<Redemption>> + Send;
+    /// Pays several winning tickets, each as [`Settlement::redeem`] would: one result per
+    /// request, in order. A settlement that can pay them together overrides it (the chain's
+    /// `redeemBatch`: one transaction and one transfer for a batch, about half the gas of
+    /// one by one); the default sends them [`REDEEM_CONCURRENCY`] at a time.
+    fn redeem_all(
+        &self,
+        reqs: Vec<Signed<Redeem>>,
+    ) -> impl Future<Output = Vec<Result<Redemption>>> + Send {
+        async move {
+            let mut results = Vec::with_capacity(reqs.len());
+            let mut reqs = reqs.into_iter().peekable();
+            while reqs.peek().is_some() {
+                let chunk = reqs
+                    .by_ref()
+                    .take(REDEEM_CONCURRENCY)
+                    .map(|r| self.redeem(r));
+                results.extend(futures_util::future::join_all(chunk).await);
+            }
+            results
+        }
+    }
     /// A pot's state ([`Refusal::UnknownPot`](crate::Refusal::UnknownPot) if none).
     fn pot(&self, key: IdentityKey) -> impl Future<Output = Result<Pot>> + Send;
     /// An account's balance (0 for a key never seen).
@@ -52,6 +76,12 @@ impl<S: Settlement> Settlement for std::sync::Arc<S> {
     }
     fn redeem(&self, req: Signed<Redeem>) -> impl Future<Output = Result<Redemption>> + Send {
         S::redeem(self, req)
+    }
+    fn redeem_all(
+        &self,
+        reqs: Vec<Signed<Redeem>>,
+    ) -> impl Future<Output = Vec<Result<Redemption>>> + Send {
+        S::redeem_all(self, reqs)
     }
     fn pot(&self, key: IdentityKey) -> impl Future<Output = Result<Pot>> + Send {
         S::pot(self, key)

@@ -45,7 +45,9 @@ use std::collections::HashMap;
 use ed25519_dalek::SigningKey;
 use rand::CryptoRng;
 
-use crate::directory::{Consensus, ConsensusRelay, IdentityKey, MAX_RELAYS, UnixTime};
+use crate::directory::{
+    ChainAddress, Consensus, ConsensusRelay, IdentityKey, MAX_RELAYS, UnixTime,
+};
 use crate::ticket::{CoSignature, Terms, Ticket, TicketFields};
 use crate::{Error, Result};
 
@@ -171,10 +173,10 @@ pub struct PayerStats {
     pub accruals_dropped: u64,
 }
 
-/// Co-signs a ticket for settlement on a chain (`None`: this recipient's is not known); set
-/// by a client that pays relays which redeem on a chain ([`Payer::set_cosigner`]). A
-/// closure, so this crate needs no secp256k1 or chain library.
-pub type Cosign = Box<dyn Fn(&Ticket) -> Option<CoSignature> + Send + Sync>;
+/// Co-signs a ticket for settlement on a chain, naming the recipient's chain address (from
+/// its descriptor); set by a client that pays relays which redeem on a chain
+/// ([`Payer::set_cosigner`]). A closure, so this crate needs no secp256k1 or chain library.
+pub type Cosign = Box<dyn Fn(&Ticket, &ChainAddress) -> Option<CoSignature> + Send + Sync>;
 
 /// The client's ticket issuer. Owns the pot's signing key (zeroized when the payer drops).
 pub struct Payer {
@@ -227,9 +229,14 @@ impl Payer {
         self.cosign = Some(cosign);
     }
 
-    /// The co-signature of `ticket`, if the payer co-signs (and knows its recipient's).
-    pub fn cosign(&self, ticket: &Ticket) -> Option<CoSignature> {
-        self.cosign.as_ref().and_then(|c| c(ticket))
+    /// The co-signature of `ticket` for a recipient paid at `recipient` on the chain, if the
+    /// payer co-signs and the recipient published an address (a relay that redeems at a
+    /// ledger publishes none, and its tickets go without).
+    pub fn cosign(&self, ticket: &Ticket, recipient: Option<&ChainAddress>) -> Option<CoSignature> {
+        self.cosign
+            .as_ref()
+            .zip(recipient)
+            .and_then(|(c, a)| c(ticket, a))
     }
 
     /// The pot's id at the ledger (its public key).

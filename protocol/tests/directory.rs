@@ -219,6 +219,7 @@ fn descriptors_are_signed_by_their_relay() {
         exit_policy: ExitPolicy::reject_all(),
         price_per_packet: 10,
         bandwidth: 500,
+        chain_address: None,
         published: 1_700_000_000,
     };
     let signed = SignedDescriptor::sign(&descriptor, &key).unwrap();
@@ -264,6 +265,7 @@ fn relay(
         exit_policy: ExitPolicy::parse("accept *:443", false).unwrap(),
         price_per_packet: 1,
         bandwidth,
+        chain_address: None,
         family_members: Vec::new(),
         weight: bandwidth,
         performance: 1000,

@@ -336,6 +336,7 @@ fn as_consensus(layers: &BTreeMap<IdentityKey, u8>) -> Consensus {
             price_per_packet: 1,
             bandwidth: 1,
             family_members: Vec::new(),
+            chain_address: None,
             weight: 1,
             performance: 1000,
         })

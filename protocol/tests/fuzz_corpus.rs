@@ -315,6 +315,7 @@ fn seed_descriptor() -> SignedDescriptor {
         exit_policy: ExitPolicy::reject_all(),
         price_per_packet: 1,
         bandwidth: 10,
+        chain_address: None,
         published: 0,
     };
     SignedDescriptor::sign(&descriptor, key).unwrap()

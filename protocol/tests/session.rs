@@ -13,7 +13,7 @@ use ed25519_dalek::SigningKey;
 use murmur_protocol::control::Control;
 use murmur_protocol::cover::{Pacer, StockFill};
 use murmur_protocol::directory::path::PathRules;
-use murmur_protocol::directory::{Consensus, IdentityKey};
+use murmur_protocol::directory::{ChainAddress, Consensus, IdentityKey};
 use murmur_protocol::envelope::Envelope;
 use murmur_protocol::fragment::Fragment;
 use murmur_protocol::frame::Frame;
@@ -57,6 +57,8 @@ struct Net {
     /// Tickets taken with a co-signature, and without.
     cosigned: u64,
     plain: u64,
+    /// Tickets without a co-signature for relays that publish a chain address.
+    plain_to_chain_payees: u64,
 }
 
 impl Net {
@@ -98,6 +100,7 @@ impl Net {
             paid: HashMap::new(),
             cosigned: 0,
             plain: 0,
+            plain_to_chain_payees: 0,
         }
     }
 
@@ -127,10 +130,14 @@ impl Net {
             ticket.verify_signature().unwrap();
         }
         if let Some(c) = cosignature {
-            assert_eq!(c, test_cosign(&ticket));
+            let address = relay
+                .chain_address
+                .expect("only a relay that publishes a chain address gets co-signed tickets");
+            assert_eq!(c, test_cosign(&ticket, &address));
             self.cosigned += 1;
         } else {
             self.plain += 1;
+            self.plain_to_chain_payees += u64::from(relay.chain_address.is_some());
         }
         *self.paid.entry(at).or_default() += ticket.expected_value();
     }
@@ -685,32 +692,43 @@ fn every_relay_is_paid_its_price_for_what_it_carried() {
 }
 
 /// A stand-in for a chain co-signature (opaque to the protocol): the ticket's digest, twice.
-fn test_cosign(ticket: &Ticket) -> CoSignature {
-    let d = ticket.digest();
+fn test_cosign(ticket: &Ticket, recipient: &ChainAddress) -> CoSignature {
     let mut c = [0u8; 64];
-    c[..32].copy_from_slice(&d);
-    c[32..].copy_from_slice(&d);
+    c[..32].copy_from_slice(&ticket.digest());
+    c[32..52].copy_from_slice(recipient);
     CoSignature(c)
 }
 
 /// A payer that co-signs (for relays that redeem on a chain) sends every gateway ticket as
 /// `CosignedPayment` and puts every hop's co-signature in its envelope slot, in the
-/// signature's place; the tickets are the same as without.
+/// signature's place, each naming the chain address the relay published; the tickets are the
+/// same as without. A relay that publishes no address (it redeems at a ledger) gets plain
+/// tickets from the same payer.
 #[test]
 fn a_payer_that_cosigns_sends_every_ticket_with_its_cosignature() {
     let mut net = Net::new(17, 0.0);
+    let mut consensus = (*net.consensus).clone();
+    let gateway = net.gateway;
+    for (i, r) in consensus.relays.iter_mut().enumerate() {
+        if i % 2 == 0 || r.identity == gateway {
+            r.chain_address = Some([i as u8 + 1; 20]);
+        }
+    }
+    net.consensus = Arc::new(consensus);
     let mut rng = ChaCha20Rng::seed_from_u64(18);
     let mut session = session_for(&net, &mut rng);
     let mut payer =
         Payer::new(SigningKey::from_bytes(&[5; 32]), small_tickets(), u64::MAX).unwrap();
-    payer.set_cosigner(Box::new(|t| Some(test_cosign(t))));
+    payer.set_cosigner(Box::new(|t, a| Some(test_cosign(t, a))));
     let stats = write_paid(&mut net, &mut session, &mut rng, payer, 5_000, 600);
     assert!(
         stats.hop_tickets > 10 && stats.gateway_tickets > 10,
         "{stats:?}"
     );
-    // Every ticket the relays took came co-signed, the gateway's and the hops' alike.
-    assert_eq!(net.plain, 0);
+    // Every ticket for a relay with an address came co-signed, the gateway's and the hops'
+    // alike; the others came plain.
+    assert_eq!(net.plain_to_chain_payees, 0);
+    assert!(net.plain > 10, "{} plain tickets", net.plain);
     assert!(
         net.cosigned > stats.gateway_tickets + 10,
         "{} co-signed tickets taken, {stats:?}",

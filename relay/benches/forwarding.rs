@@ -337,6 +337,7 @@ fn consensus(
             exit_policy: ExitPolicy::reject_all(),
             price_per_packet: 1,
             bandwidth: 1000,
+            chain_address: None,
             family_members: Vec::new(),
             weight: 1000,
             performance: 1000,

@@ -26,6 +26,11 @@ impl CoSignatureCheck for ChainSettlement {
     }
 }
 
+/// The address `identity`'s chain wallet is paid at, for the relay's descriptor.
+pub fn address_of(identity: &SigningKey) -> murmur_protocol::directory::ChainAddress {
+    murmur_chain::wallet_of(identity).address().0.0
+}
+
 /// Connects to the chain of `section` as `identity` (its chain wallet redeems and pays the
 /// gas).
 pub async fn connect(

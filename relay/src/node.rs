@@ -399,8 +399,19 @@ impl Node {
             exit_policy: self.config.exit_policy()?,
             price_per_packet: self.config.relay.price_per_packet,
             bandwidth: self.config.relay.bandwidth,
+            chain_address: self.chain_address(),
             published: now,
         })
+    }
+
+    /// Where this relay is paid on a chain: its chain wallet's address, when it redeems
+    /// there (payers co-sign tickets naming it).
+    fn chain_address(&self) -> Option<murmur_protocol::directory::ChainAddress> {
+        #[cfg(feature = "chain")]
+        if self.config.payments.settlement == murmur_ledger::SettlementChoice::Chain {
+            return Some(crate::chain::address_of(&self.identity));
+        }
+        None
     }
 
     /// Puts a verified consensus in force: where relays are, which are layer 1, which link

@@ -155,6 +155,7 @@ impl FakeHop {
             exit_policy: ExitPolicy::reject_all(),
             price_per_packet: 1,
             bandwidth: 1000,
+            chain_address: None,
             published: unix_now(),
         };
         SignedDescriptor::sign(&descriptor, &self.identity).unwrap()

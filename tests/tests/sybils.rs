@@ -359,6 +359,7 @@ fn sybil_descriptor(
         exit_policy: ExitPolicy::reject_all(),
         price_per_packet: 1,
         bandwidth: u32::MAX,
+        chain_address: None,
         published: murmur_directory::unix_now(),
     };
     SignedDescriptor::sign(&d, &key).unwrap()

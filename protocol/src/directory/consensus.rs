@@ -188,6 +188,7 @@ pub fn compute_consensus(
                 })
                 .copied()
                 .collect(),
+            chain_address: d.chain_address,
             weight: m.weight,
             performance: m.performance,
         })

@@ -41,8 +41,9 @@ pub type Epoch = u32;
 
 /// The schema version of every directory document this build writes and reads.
 /// Version 2 added each relay's link key; version 3 the authorities' measurements (each
-/// relay's measured weight and performance), mutual families and the per-address limit.
-pub const DIRECTORY_SCHEMA: u16 = 3;
+/// relay's measured weight and performance), mutual families and the per-address limit;
+/// version 4 each relay's chain address.
+pub const DIRECTORY_SCHEMA: u16 = 4;
 
 /// The most relays a consensus may list (bounds memory when decoding untrusted bytes).
 pub const MAX_RELAYS: usize = 10_000;
@@ -121,8 +122,15 @@ pub struct Descriptor {
     /// Claimed capacity in packets per second. Only an upper bound: the path weight is what
     /// the authorities measured, never more than this claim.
     pub bandwidth: u32,
+    /// The Ethereum address a relay that redeems on a chain is paid at (its chain wallet's):
+    /// a payer's co-signature names it, and the relay's identity signature over this
+    /// descriptor is what binds it to the relay. `None` for a relay that redeems at a ledger.
+    pub chain_address: Option<ChainAddress>,
     pub published: UnixTime,
 }
+
+/// A 20-byte Ethereum address.
+pub type ChainAddress = [u8; 20];
 
 /// Loopix parameters and limits every client and relay obeys; published so all look alike.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
@@ -259,6 +267,8 @@ pub struct ConsensusRelay {
     pub bandwidth: u32,
     /// The relays of its family that name it back (mutual), sorted.
     pub family_members: Vec<IdentityKey>,
+    /// Where the relay is paid on a chain, from its descriptor.
+    pub chain_address: Option<ChainAddress>,
     /// The path weight: the median of the authorities' measurements, never above the claim.
     pub weight: u32,
     /// The median of the authorities' performance scores, per mille of test packets that

@@ -95,6 +95,7 @@ pub fn generate<R: CryptoRng + ?Sized>(
             },
             price_per_packet: 1,
             bandwidth: 1000,
+            chain_address: None,
             family_members: Vec::new(),
             weight: 1000,
             performance: super::PERFORMANCE_SCALE,
@@ -191,6 +192,7 @@ pub fn signed_descriptors(
                 exit_policy: r.exit_policy.clone(),
                 price_per_packet: r.price_per_packet,
                 bandwidth: r.bandwidth,
+                chain_address: None,
                 published,
             };
             super::SignedDescriptor::sign(&descriptor, &k.identity)

@@ -89,7 +89,7 @@ impl ClientSession {
                 .gateway_payment(&PayeeInfo::of(gateway, commitment), unix_now, rng)
         {
             self.stats.gateway_tickets += 1;
-            let payment = match p.payer.cosign(&ticket) {
+            let payment = match p.payer.cosign(&ticket, gateway.chain_address.as_ref()) {
                 Some(cosignature) => Control::CosignedPayment {
                     ticket,
                     cosignature,
@@ -139,7 +139,7 @@ impl ClientSession {
             let ticket = p
                 .payer
                 .ticket_for(&PayeeInfo::of(relay, commitment), unix_now, rng)
-                .and_then(|t| match p.payer.cosign(&t) {
+                .and_then(|t| match p.payer.cosign(&t, relay.chain_address.as_ref()) {
                     Some(c) => SlotTicket::cosigned(&t, c).ok(),
                     None => SlotTicket::from_ticket(&t).ok(),
                 });

@@ -19,8 +19,9 @@ use super::{Payments, PotState};
 use crate::error::{Error, Result};
 use crate::metrics as m;
 
-/// Redemptions sent to the ledger at once.
-const REDEEM_CONCURRENCY: usize = 8;
+/// Winners handed to the settlement at once ([`Settlement::redeem_all`]: a chain pays them in
+/// one transaction, a ledger takes them a few at a time).
+const REDEEM_BATCH: usize = 50;
 /// Pot lookups sent to the ledger at once.
 const LOOKUP_CONCURRENCY: usize = 16;
 /// A winner the ledger could not be asked about is given up this long after its expiry.
@@ -149,16 +150,19 @@ impl Payments {
             .partition(|c| self.keep_cosignature(&c.winner));
         round.deferred += full.len();
         drop(full);
-        for chunk in claims.chunks(REDEEM_CONCURRENCY) {
-            let results = join_all(chunk.iter().map(|c| {
-                // The reveal leaves the relay here: the epoch has retired.
-                let op = Redeem {
-                    ticket: c.winner.ticket,
-                    reveal: *c.winner.reveal,
-                };
-                ledger.redeem(Signed::new(op, identity, now))
-            }))
-            .await;
+        for chunk in claims.chunks(REDEEM_BATCH) {
+            let reqs = chunk
+                .iter()
+                .map(|c| {
+                    // The reveal leaves the relay here: the epoch has retired.
+                    let op = Redeem {
+                        ticket: c.winner.ticket,
+                        reveal: *c.winner.reveal,
+                    };
+                    Signed::new(op, identity, now)
+                })
+                .collect();
+            let results = ledger.redeem_all(reqs).await;
             for (claim, result) in chunk.iter().zip(results) {
                 self.conclude(&claim.winner, result, now, &mut round).await;
             }

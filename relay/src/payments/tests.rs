@@ -1538,9 +1538,10 @@ async fn on_a_chain_tickets_need_their_pot_owners_cosignature_and_winners_are_re
         ))
         .await
         .unwrap();
-    let payees: HashMap<_, _> = [(id(&relay), wallet_of(&relay).address())].into();
-    let cosigner = payer_side.ticket_cosigner(&payer_key, payees.clone());
-    let impostor = payer_side.ticket_cosigner(&stranger, payees);
+    // Where the relay's descriptor says it is paid.
+    let paid_at = crate::chain::address_of(&relay);
+    let cosigner = payer_side.ticket_cosigner(&payer_key);
+    let impostor = payer_side.ticket_cosigner(&stranger);
 
     let dir = TempDir::new().unwrap();
     let relay_side = Arc::new(
@@ -1553,7 +1554,8 @@ async fn on_a_chain_tickets_need_their_pot_owners_cosignature_and_winners_are_re
     assert!(p.on_chain());
     let now = unix_now();
     let (rec, handle) = recorder();
-    let cosigned = |t: &Ticket| TicketSignatures::WithCoSignature(cosigner.cosign(t).unwrap());
+    let cosigned =
+        |t: &Ticket| TicketSignatures::WithCoSignature(cosigner.cosign(t, &paid_at).unwrap());
 
     // Before the pot is read its owner is not known: a co-signed ticket is accepted within
     // the pot's allowance (the contract checks the co-signature again before paying).
@@ -1566,18 +1568,18 @@ async fn on_a_chain_tickets_need_their_pot_owners_cosignature_and_winners_are_re
 
     let plain = r.winner(&payer_key, 2);
     let by_stranger = r.winner(&payer_key, 3);
-    let stranger_cosig = impostor.cosign(&by_stranger).unwrap();
+    let stranger_cosig = impostor.cosign(&by_stranger, &paid_at).unwrap();
     // Co-signed for a face value of FACE, presented with another (its Ed25519 signature
     // re-made, as a payer could): the co-signature is for other terms.
     let honest = r.winner(&payer_key, 4);
     let raised = r.ticket(&payer_key, 4, |f| f.face_value = FACE + 1);
     // A hop's slot: the co-signature in the signature's place.
     let hop = r.winner(&payer_key, 5);
-    let slot = SlotTicket::cosigned(&hop, cosigner.cosign(&hop).unwrap()).unwrap();
+    let slot = SlotTicket::cosigned(&hop, cosigner.cosign(&hop, &paid_at).unwrap()).unwrap();
     let hop_ticket = slot.into_ticket(id(&relay), r.commitment(r.epoch));
     assert_ne!(hop_ticket.signature, hop.signature);
     let mut forged = r.winner(&payer_key, 6);
-    let forged_cosig = cosigner.cosign(&forged).unwrap();
+    let forged_cosig = cosigner.cosign(&forged, &paid_at).unwrap();
     forged.signature[0] ^= 1;
 
     metrics::with_local_recorder(&rec, || {
@@ -1601,7 +1603,7 @@ async fn on_a_chain_tickets_need_their_pot_owners_cosignature_and_winners_are_re
         assert_eq!(
             p.accept_signed(
                 &raised,
-                TicketSignatures::WithCoSignature(cosigner.cosign(&honest).unwrap()),
+                TicketSignatures::WithCoSignature(cosigner.cosign(&honest, &paid_at).unwrap()),
                 r.epoch,
                 now
             ),
@@ -1671,6 +1673,14 @@ async fn on_a_chain_tickets_need_their_pot_owners_cosignature_and_winners_are_re
         before + 2 * FACE
     );
     assert!(p.pending_winners().unwrap().is_empty());
+    // Both in one `redeemBatch` transaction, which shares its base cost and the transfer.
+    let onchain = fresh.redemptions().await.unwrap();
+    assert_eq!(onchain.len(), 2, "{onchain:?}");
+    assert_eq!(
+        onchain[0].transaction, onchain[1].transaction,
+        "{onchain:?}"
+    );
+    assert!(onchain.iter().all(|r| r.recipient == paid_at));
     // Redeemed once: the contract refuses the same tickets again.
     for t in [&first, &hop_ticket] {
         let again = fresh
