@@ -93,6 +93,10 @@ pub struct PayerView {
     pub accounts: Vec<(IdentityKey, PayeeAccount)>,
 }
 
+/// Most commands the session thread takes between two rounds of its loop (timers, the
+/// gateway's payments, filling the pacer, the streams' events).
+const MAX_BATCH: usize = 64;
+
 /// How often the session thread copies its payer's accounts out for the status view (the
 /// counters are copied every loop).
 const PAYER_REPORT_EVERY: Duration = Duration::from_secs(1);
@@ -355,6 +359,21 @@ struct SessionThread {
 }
 
 impl SessionThread {
+    /// Hands the gateway's payments to its link. Paced, the session transmits nothing
+    /// else itself; they are unscheduled, so not in the send timing.
+    fn send_payments<R: rand::CryptoRng + ?Sized>(
+        &self,
+        session: &mut ClientSession,
+        now: Instant,
+        rng: &mut R,
+    ) {
+        while let Some(frame) = session.poll_transmit(now, rng) {
+            if self.frames.try_send(frame).is_err() {
+                self.stats.frames_dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
     fn run(
         self,
         mut session: ClientSession,
@@ -371,12 +390,7 @@ impl SessionThread {
         while !stop.load(Ordering::Relaxed) {
             let t = now();
             session.handle_timeout(t);
-            // Paced, only the gateway's payments: unscheduled, so not in the send timing.
-            while let Some(frame) = session.poll_transmit(t, &mut rng) {
-                if self.frames.try_send(frame).is_err() {
-                    self.stats.frames_dropped.fetch_add(1, Ordering::Relaxed);
-                }
-            }
+            self.send_payments(&mut session, t, &mut rng);
             fill_stocks(&mut session, &self.pacer, now, &mut rng);
             while let Some(event) = session.poll_event() {
                 let id = event.stream();
@@ -423,8 +437,9 @@ impl SessionThread {
                 Err(RecvTimeoutError::Timeout) => continue,
                 Err(RecvTimeoutError::Disconnected) => return session,
             };
-            // Take everything queued before polling again.
+            // Take what is queued before polling again.
             let mut next = Some(cmd);
+            let mut batched = 0;
             while let Some(cmd) = next.take() {
                 match cmd {
                     Cmd::Open {
@@ -485,10 +500,20 @@ impl SessionThread {
                     }
                     Cmd::Refill => {}
                 }
+                // The gateway charges for each reply it delivers: the payments a burst of
+                // deliveries owes go now, not after the batch, or the gateway's tab runs
+                // ahead of them and it cuts the client off.
+                self.send_payments(&mut session, now(), &mut rng);
                 // A long batch (a burst of deliveries) must not leave the ticks without
                 // cover: fill as soon as the drop stock runs dry.
                 if self.pacer.lock().is_ok_and(|p| p.wants().none_left) {
                     fill_stocks(&mut session, &self.pacer, now, &mut rng);
+                }
+                // Nor hold back the streams' events and the real packets the loop above
+                // builds for long.
+                batched += 1;
+                if batched >= MAX_BATCH {
+                    break;
                 }
                 next = rx.try_recv().ok();
             }

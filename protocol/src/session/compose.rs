@@ -11,6 +11,7 @@ use rand::CryptoRng;
 
 use super::ClientSession;
 use super::exits::ExitRef;
+use super::reply_blocks::BLOCKS_PER_MESSAGE;
 use super::streams::{Gap, StreamState};
 use crate::payload::FORWARD_FRAGMENT_DATA_LEN;
 use crate::stream::{
@@ -171,7 +172,17 @@ impl ClientSession {
         };
         let mut blocks = Vec::new();
         if (wants_surbs || quiet) && stocked < target {
-            blocks = self.issue_reply_blocks(exit, target - stocked, budget - used, now, rng);
+            // A packet that tops the exit up carries as many blocks as fit, not only the
+            // shortfall: in a download the shortfall is mostly a block or two, and a packet
+            // with fewer than it could carry wastes its tick's reply capacity (the download's
+            // λ_P bound counts a full packet of blocks per tick). While data waits to go up,
+            // the room is the data's.
+            let want = if uploading {
+                target - stocked
+            } else {
+                (target - stocked).max(BLOCKS_PER_MESSAGE)
+            };
+            blocks = self.issue_reply_blocks(exit, want, budget - used, now, rng);
             if !blocks.is_empty() {
                 used += crate::stream::surbs_item_len(blocks.len());
             }
