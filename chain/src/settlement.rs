@@ -177,6 +177,15 @@ impl TicketCoSigner {
 /// each, well inside a 30-million-gas block).
 pub const MAX_BATCH: usize = 50;
 
+/// One result per request, from slots each filled when its request was decided; a slot left
+/// empty (a bug) is an error, not a panic.
+fn every_outcome(slots: Vec<Option<Result<Redemption>>>) -> Vec<Result<Redemption>> {
+    slots
+        .into_iter()
+        .map(|r| r.unwrap_or_else(|| Err(Error::Storage("no outcome".into()))))
+        .collect()
+}
+
 /// Owners remembered from pot reads ([`ChainSettlement::cosigner_of`]); when full, the map is
 /// cleared and refilled by the next reads.
 const MAX_OWNERS: usize = 65_536;
@@ -774,10 +783,7 @@ impl ChainSettlement {
                 }
             }
         }
-        let results: Vec<_> = results
-            .into_iter()
-            .map(|r| r.unwrap_or_else(|| Err(Error::Storage("no outcome".into()))))
-            .collect();
+        let results = every_outcome(results);
         for i in admitted {
             self.forget_if_refused(&reqs[i], &results[i]);
         }
@@ -1003,10 +1009,7 @@ impl Settlement for ChainSettlement {
                 }
             }
         }
-        results
-            .into_iter()
-            .map(|r| r.unwrap_or_else(|| Err(Error::Storage("no outcome".into()))))
-            .collect()
+        every_outcome(results)
     }
 
     async fn pot(&self, key: IdentityKey) -> Result<Pot> {
