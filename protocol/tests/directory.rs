@@ -475,6 +475,30 @@ proptest! {
             }
         }
     }
+
+    /// A selector narrowed with `excluding` (a client avoiding relays it saw fail) draws from
+    /// what is left, under the same rules: its per-layer index is rebuilt, not left stale.
+    #[test]
+    fn excluded_relays_stay_out_of_paths(dir in arb_directory(), pick in any::<usize>(), seed: u64) {
+        let mut rng = ChaCha20Rng::seed_from_u64(seed);
+        let mixes: Vec<_> = dir.relays.iter().filter(|r| r.roles.mix).collect();
+        prop_assume!(!mixes.is_empty());
+        let excluded = mixes[pick % mixes.len()].identity;
+        let full = PathSelector::new(&dir, PathRules::default());
+        let gateway = full.choose_gateway(&mut rng).unwrap();
+        let selector = full.clone().excluding(&[excluded]);
+        let alone = |l: usize| full.layer(l).len() == 1 && full.layer(l)[0].identity == excluded;
+        for _ in 0..16 {
+            let Ok(path) = selector.mix_path(&mut rng, &[gateway]) else { break };
+            let mut all = path.to_vec();
+            all.push(gateway);
+            prop_assert!(!breaks_rules(&all), "{:?}", all);
+            for (i, r) in path.iter().enumerate() {
+                // A layer whose only relay is excluded keeps it (better than no path at all).
+                prop_assert!(r.identity != excluded || alone(i + 1), "{:?}", path);
+            }
+        }
+    }
 }
 
 #[test]

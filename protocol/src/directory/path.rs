@@ -86,6 +86,8 @@ pub struct PathSelector<'a> {
     consensus: &'a Consensus,
     rules: PathRules,
     layers: [Vec<&'a ConsensusRelay>; LAYERS],
+    /// The layers' weights, which [`PathSelector::mix_path`] reads for every packet.
+    index: LayerIndex,
     gateways: Vec<&'a ConsensusRelay>,
     exits: Vec<&'a ConsensusRelay>,
     /// How many relays the preferences removed: per layer, gateways, exits.
@@ -142,6 +144,7 @@ impl<'a> PathSelector<'a> {
         PathSelector {
             consensus,
             rules,
+            index: LayerIndex::new(&layers),
             layers,
             gateways,
             exits,
@@ -165,6 +168,7 @@ impl<'a> PathSelector<'a> {
                 *layer = kept;
             }
         }
+        self.index = LayerIndex::new(&self.layers);
         self
     }
 
@@ -190,11 +194,15 @@ impl<'a> PathSelector<'a> {
 
     /// Whether two relays may not share a route.
     pub fn conflict(&self, a: &ConsensusRelay, b: &ConsensusRelay) -> bool {
-        a.identity == b.identity
-            || a.family_members.contains(&b.identity)
-            || b.family_members.contains(&a.identity)
+        relays_conflict(a, b, self.rules)
+    }
+
+    /// [`PathSelector::conflict`] of relay `a.1` of layer `a.0` and relay `b.1` of layer
+    /// `b.0`, with their subnets from the index.
+    fn hops_conflict(&self, a: (usize, usize), b: (usize, usize)) -> bool {
+        same_or_family(self.layers[a.0][a.1], self.layers[b.0][b.1])
             || (self.rules.distinct_subnets
-                && subnet(a.addresses.mix.ip()) == subnet(b.addresses.mix.ip()))
+                && self.index.subnets[a.0][a.1] == self.index.subnets[b.0][b.1])
     }
 
     fn compatible(&self, r: &ConsensusRelay, chosen: &[&ConsensusRelay]) -> bool {
@@ -269,27 +277,37 @@ impl<'a> PathSelector<'a> {
                 return Err(self.rules.nothing_left(&what, self.removed.0[i]));
             }
         }
-        let mut chosen: Vec<&ConsensusRelay> = Vec::with_capacity(avoid.len() + LAYERS);
         'attempt: for _ in 0..GREEDY_ATTEMPTS {
-            chosen.clear();
-            chosen.extend_from_slice(avoid);
-            let mut path = [self.layers[0][0]; LAYERS];
-            for (slot, layer) in path.iter_mut().zip(&self.layers) {
+            let mut picked = [0usize; LAYERS];
+            for hop in 0..LAYERS {
+                let layer = &self.layers[hop];
+                let weights = &self.index.weights[hop];
+                // Compatible with the relays to avoid and with the hops already chosen.
+                let fits = |at: usize| {
+                    self.compatible(layer[at], avoid)
+                        && (0..hop).all(|h| !self.hops_conflict((h, picked[h]), (hop, at)))
+                };
                 // Fast path: a weighted draw that usually fits; filter only when it does not.
-                let mut pick = weighted_choice(rng, layer).filter(|r| self.compatible(r, &chosen));
+                let weighted = |at: usize| (at, weights[at]);
+                let mut pick = weighted_draw(
+                    rng,
+                    (0..weights.len()).map(weighted),
+                    self.index.totals[hop],
+                )
+                .filter(|&at| fits(at));
                 if pick.is_none() {
-                    let fits: Vec<_> = layer
-                        .iter()
-                        .copied()
-                        .filter(|r| self.compatible(r, &chosen))
-                        .collect();
-                    pick = weighted_choice(rng, &fits);
+                    let fitting: Vec<usize> = (0..layer.len()).filter(|&at| fits(at)).collect();
+                    let total = fitting.iter().map(|&at| weights[at]).sum();
+                    pick = weighted_draw(rng, fitting.into_iter().map(weighted), total);
                 }
-                let Some(relay) = pick else {
+                let Some(at) = pick else {
                     continue 'attempt;
                 };
-                *slot = relay;
-                chosen.push(relay);
+                picked[hop] = at;
+            }
+            let mut path = [self.layers[0][0]; LAYERS];
+            for ((relay, layer), at) in path.iter_mut().zip(&self.layers).zip(picked) {
+                *relay = layer[at];
             }
             return Ok(path);
         }
@@ -342,6 +360,21 @@ impl<'a> PathSelector<'a> {
     }
 }
 
+/// Whether two relays may not share a path: the same relay, one family, or (under `rules`)
+/// one subnet.
+fn relays_conflict(a: &ConsensusRelay, b: &ConsensusRelay, rules: PathRules) -> bool {
+    same_or_family(a, b)
+        || (rules.distinct_subnets && subnet(a.addresses.mix.ip()) == subnet(b.addresses.mix.ip()))
+}
+
+/// The same relay, or two of one (mutually declared) family.
+fn same_or_family(a: &ConsensusRelay, b: &ConsensusRelay) -> bool {
+    a.identity == b.identity
+        || a.family_members.contains(&b.identity)
+        || b.family_members.contains(&a.identity)
+}
+
+/// A relay's measured weight (at least 1, so that every listed relay can be drawn).
 fn weight(r: &ConsensusRelay) -> u64 {
     u64::from(r.weight.max(1))
 }
@@ -351,19 +384,51 @@ fn weighted_choice<'a, R: Rng + ?Sized>(
     rng: &mut R,
     candidates: &[&'a ConsensusRelay],
 ) -> Option<&'a ConsensusRelay> {
-    let total: u64 = candidates.iter().map(|r| weight(r)).sum();
+    let total = candidates.iter().map(|r| weight(r)).sum();
+    weighted_draw(rng, candidates.iter().map(|&r| (r, weight(r))), total)
+}
+
+/// One of `candidates`, each given with its weight, drawn with probability weight / `total`
+/// (the weights' sum); `None` if `total` is zero.
+fn weighted_draw<T, R: Rng + ?Sized>(
+    rng: &mut R,
+    candidates: impl Iterator<Item = (T, u64)>,
+    total: u64,
+) -> Option<T> {
     if total == 0 {
         return None;
     }
     let mut x = rng.random_range(0..total);
-    for r in candidates {
-        let w = weight(r);
+    for (candidate, w) in candidates {
         if x < w {
-            return Some(r);
+            return Some(candidate);
         }
         x -= w;
     }
     None
+}
+
+/// Each layer's weights and their total, and each relay's subnet, computed with the
+/// selector. Linear in the relays, as building the selector is: a session builds one for
+/// every route (its suspects change), so nothing quadratic, such as a table of which relays
+/// conflict, may go here.
+#[derive(Clone, Debug, Default)]
+struct LayerIndex {
+    weights: [Vec<u64>; LAYERS],
+    totals: [u64; LAYERS],
+    subnets: [Vec<(u8, u32)>; LAYERS],
+}
+
+impl LayerIndex {
+    fn new(layers: &[Vec<&ConsensusRelay>; LAYERS]) -> LayerIndex {
+        let mut index = LayerIndex::default();
+        for (l, layer) in layers.iter().enumerate() {
+            index.weights[l] = layer.iter().map(|r| weight(r)).collect();
+            index.totals[l] = index.weights[l].iter().sum();
+            index.subnets[l] = layer.iter().map(|r| subnet(r.addresses.mix.ip())).collect();
+        }
+        index
+    }
 }
 
 /// The IPv4 /16 or IPv6 /32 an address lies in.
