@@ -31,6 +31,9 @@ pub enum Error {
     /// Drawing a plot failed.
     #[error("plot {path}: {message}")]
     Plot { path: PathBuf, message: String },
+    /// One of the engine's threads could not start, or stopped with a panic.
+    #[error("the simulator's {0} thread {1}")]
+    Thread(&'static str, String),
     /// The protocol layer refused a parameter (a rate or a delay).
     #[error(transparent)]
     Protocol(#[from] murmur_protocol::Error),

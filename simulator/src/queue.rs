@@ -100,6 +100,27 @@ impl<T> EventQueue<T> {
 
     /// The earliest event and its time.
     pub fn pop(&mut self) -> Option<(u64, T)> {
+        if self.settle()? {
+            self.later
+                .pop()
+                .map(|Reverse(KeyOnly(k, item))| (k.t, item))
+        } else {
+            self.now.pop().map(|(k, item)| (k.t, item))
+        }
+    }
+
+    /// The earliest event's time, without removing it.
+    pub fn peek_time(&mut self) -> Option<u64> {
+        if self.settle()? {
+            self.later.peek().map(|Reverse(l)| l.0.t)
+        } else {
+            self.now.last().map(|(k, _)| k.t)
+        }
+    }
+
+    /// Moves the clock until the earliest event is at hand: `Some(true)` if it waits in the far
+    /// heap, `Some(false)` if it is the current bucket's last, `None` if the queue is empty.
+    fn settle(&mut self) -> Option<bool> {
         loop {
             let from_later = match (self.now.last(), self.later.peek()) {
                 (Some((k, _)), Some(Reverse(l))) => l.0 < *k,
@@ -108,14 +129,8 @@ impl<T> EventQueue<T> {
                 (None, None) if self.in_ring == 0 => return None,
                 (None, None) => false,
             };
-            if from_later {
-                return self
-                    .later
-                    .pop()
-                    .map(|Reverse(KeyOnly(k, item))| (k.t, item));
-            }
-            if let Some((k, item)) = self.now.pop() {
-                return Some((k.t, item));
+            if from_later || !self.now.is_empty() {
+                return Some(from_later);
             }
             self.advance();
         }
@@ -175,8 +190,10 @@ mod tests {
                     q.push(now + dt, seq);
                     reference.push(Reverse((now + dt, seq)));
                 }
+                let peeked = q.peek_time();
                 let got = q.pop();
                 let want = reference.pop().map(|Reverse(x)| x);
+                assert_eq!(peeked, got.map(|(t, _)| t), "seed {seed} width {width}");
                 assert_eq!(got, want, "seed {seed} width {width}");
                 if let Some((t, _)) = got {
                     now = t;

@@ -4,11 +4,9 @@
 //! Mix ids: layer `l`, index `i` is `l · mixes_per_layer + i`. Gateways own contiguous blocks
 //! of clients, so "any client of gateway g" is a range.
 
-use std::collections::BTreeMap;
-
 use murmur_protocol::directory::path::{PathRules, PathSelector};
 use murmur_protocol::directory::synthetic::{self, SyntheticNetwork};
-use murmur_protocol::directory::{Consensus, ConsensusRelay, IdentityKey, LAYERS, NetworkParams};
+use murmur_protocol::directory::{Consensus, ConsensusRelay, LAYERS, NetworkParams};
 use rand::seq::SliceRandom;
 use rand::{CryptoRng, Rng};
 
@@ -134,7 +132,7 @@ impl Directory {
 #[derive(Debug)]
 pub struct Paths<'a> {
     selector: PathSelector<'a>,
-    ids: BTreeMap<IdentityKey, u16>,
+    mixes_per_layer: usize,
     gateways: Vec<&'a ConsensusRelay>,
     layers: usize,
 }
@@ -144,22 +142,14 @@ impl<'a> Paths<'a> {
     /// order; gateway `g` is the directory's `g`-th gateway.
     pub fn new(directory: &'a Directory, topo: &Topology) -> Result<Paths<'a>> {
         let selector = PathSelector::new(&directory.consensus, PathRules::default());
-        let mut ids = BTreeMap::new();
-        for layer in 0..LAYERS {
-            for (i, relay) in selector.layer(layer + 1).iter().enumerate() {
-                ids.insert(
-                    relay.identity,
-                    (layer * topo.mixes_per_layer as usize + i) as u16,
-                );
-            }
-        }
+        let mixes_per_layer = topo.mixes_per_layer as usize;
         let gateways: Vec<_> = directory
             .consensus
             .relays
             .iter()
             .filter(|r| r.roles.gateway)
             .collect();
-        if ids.len() != LAYERS * topo.mixes_per_layer as usize
+        if (1..=LAYERS).any(|l| selector.layer(l).len() != mixes_per_layer)
             || gateways.len() != topo.gateways as usize
         {
             return Err(Error::Input(
@@ -168,7 +158,7 @@ impl<'a> Paths<'a> {
         }
         Ok(Paths {
             selector,
-            ids,
+            mixes_per_layer,
             gateways,
             layers: topo.layers,
         })
@@ -184,10 +174,18 @@ impl<'a> Paths<'a> {
         };
         let relays = self.selector.mix_path(rng, avoid)?;
         let mut path = [0u16; MAX_LAYERS];
-        for (hop, relay) in path.iter_mut().zip(&relays).take(self.layers) {
-            *hop = self.ids.get(&relay.identity).copied().ok_or_else(|| {
-                Error::Input("the path selector chose a relay outside the network".into())
-            })?;
+        for (hop, (id, relay)) in path.iter_mut().zip(&relays).take(self.layers).enumerate() {
+            // The relay's place in its layer (a few pointer comparisons; the selector hands
+            // out references into the consensus it holds).
+            let at = self
+                .selector
+                .layer(hop + 1)
+                .iter()
+                .position(|r| std::ptr::eq(*r, *relay))
+                .ok_or_else(|| {
+                    Error::Input("the path selector chose a relay outside the network".into())
+                })?;
+            *id = (hop * self.mixes_per_layer + at) as u16;
         }
         Ok(path)
     }
