@@ -12,7 +12,7 @@
 //! leave stay those of the schedule. The session thread fills the pacer's stocks whenever a
 //! tick took from them ([`Cmd::Refill`]).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant as StdInstant};
@@ -81,6 +81,41 @@ pub struct DriverStats {
     /// Of those: the gateway did not prove the link key the consensus lists for it.
     pub gateway_key_refused: AtomicU64,
     pub deliveries_dropped: AtomicU64,
+    /// Of those: dropped while [`DriverStats::to_pay`] was full, so never paid for.
+    pub deliveries_dropped_unpaid: AtomicU64,
+    /// The identifiers of dropped deliveries, for the session thread to pay for (the gateway
+    /// charged them): at most [`MAX_DROPS_TO_PAY`].
+    to_pay: Mutex<VecDeque<SurbId>>,
+}
+
+/// Dropped deliveries remembered for payment. At the session's fastest (a few thousand
+/// deliveries a second) this is about a second of them.
+const MAX_DROPS_TO_PAY: usize = 4096;
+
+impl DriverStats {
+    /// A delivery was dropped: remember it for payment if there is room.
+    fn dropped(&self, surb_id: SurbId) {
+        self.deliveries_dropped.fetch_add(1, Ordering::Relaxed);
+        let kept = match self.to_pay.lock() {
+            Ok(mut q) if q.len() < MAX_DROPS_TO_PAY => {
+                q.push_back(surb_id);
+                true
+            }
+            _ => false,
+        };
+        if !kept {
+            self.deliveries_dropped_unpaid
+                .fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// The dropped deliveries not yet paid for.
+    fn take_dropped(&self) -> VecDeque<SurbId> {
+        self.to_pay
+            .lock()
+            .map(|mut q| std::mem::take(&mut *q))
+            .unwrap_or_default()
+    }
 }
 
 /// What the session's payer has paid and owes, as of the session's last report.
@@ -148,10 +183,8 @@ impl SessionHandle {
     pub fn send(&self, cmd: Cmd) -> bool {
         match self.tx.try_send(cmd) {
             Ok(()) => true,
-            Err(TrySendError::Full(Cmd::Delivery { .. })) => {
-                self.stats
-                    .deliveries_dropped
-                    .fetch_add(1, Ordering::Relaxed);
+            Err(TrySendError::Full(Cmd::Delivery { surb_id, .. })) => {
+                self.stats.dropped(surb_id);
                 false
             }
             Err(_) => false,
@@ -433,6 +466,9 @@ impl SessionThread {
         while !stop.load(Ordering::Relaxed) {
             let t = now();
             session.handle_timeout(t);
+            for surb_id in self.stats.take_dropped() {
+                session.delivery_dropped(surb_id, t, &mut rng);
+            }
             self.send_payments(&mut session, t, &mut rng);
             fill_stocks(&mut session, &self.pacer, now, &mut rng);
             while let Some(event) = session.poll_event() {
@@ -562,5 +598,45 @@ impl SessionThread {
             }
         }
         session
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A delivery the full queue refuses is remembered for payment (the gateway charged it),
+    /// up to the bound; past it, the drop is counted as unpaid, never lost silently.
+    #[test]
+    fn dropped_deliveries_are_kept_for_payment_up_to_the_bound() {
+        let (tx, _rx) = crossbeam_channel::bounded(1);
+        let handle = SessionHandle {
+            tx,
+            ..SessionHandle::detached()
+        };
+        let delivery = |i: u32| Cmd::Delivery {
+            surb_id: {
+                let mut id = [0u8; 16];
+                id[..4].copy_from_slice(&i.to_le_bytes());
+                id
+            },
+            payload: Box::new([0; PAYLOAD_SIZE]),
+        };
+        assert!(handle.send(delivery(0)), "the queue takes one");
+        let extra = 10;
+        for i in 1..=(MAX_DROPS_TO_PAY as u32 + extra) {
+            assert!(!handle.send(delivery(i)));
+        }
+        let stats = &handle.stats;
+        let dropped = MAX_DROPS_TO_PAY as u64 + u64::from(extra);
+        assert_eq!(stats.deliveries_dropped.load(Ordering::Relaxed), dropped);
+        assert_eq!(
+            stats.deliveries_dropped_unpaid.load(Ordering::Relaxed),
+            u64::from(extra)
+        );
+        let to_pay = stats.take_dropped();
+        assert_eq!(to_pay.len(), MAX_DROPS_TO_PAY);
+        assert_eq!(to_pay.front().map(|id| id[0]), Some(1));
+        assert!(stats.take_dropped().is_empty(), "each is paid once");
     }
 }

@@ -596,6 +596,11 @@ async fn report_stats(handle: SessionHandle, shutdown: CancellationToken) {
                 .load(Ordering::Relaxed),
             gateway_key_refused = handle.stats.gateway_key_refused.load(Ordering::Relaxed),
             deliveries_dropped = handle.stats.deliveries_dropped.load(Ordering::Relaxed),
+            dropped_deliveries_paid = s.dropped_deliveries_paid,
+            deliveries_dropped_unpaid = handle
+                .stats
+                .deliveries_dropped_unpaid
+                .load(Ordering::Relaxed),
             "session"
         );
         if last {

@@ -804,24 +804,23 @@ fn no_stream_opens_once_the_spending_cap_is_reached() {
     assert_eq!(session.stats().opens_refused_spend, 1);
 }
 
-/// Issue 13: anyone can address deliveries to a client. With delivery tags, 1,000 junk
-/// deliveries (random SURB ids) cost the client nothing: no frame is counted for the gateway,
-/// no ticket is due; a delivery of its own is paid once, and its repeat not again.
-#[test]
-fn junk_deliveries_cost_the_client_nothing() {
+/// A session with delivery tags whose payer pays the gateway every 4 frames, on `Net::new(9,
+/// 0.0)`, and its tags.
+fn tagged_paying_session(
+    rng: &mut ChaCha20Rng,
+) -> (ClientSession, murmur_protocol::delivery::DeliveryTags) {
     use murmur_protocol::delivery::DeliveryTags;
     use murmur_protocol::link::LinkPublic;
     let net = Net::new(9, 0.0);
-    let mut rng = ChaCha20Rng::seed_from_u64(10);
     let mut config = SessionConfig::new(net.client);
-    let tags = DeliveryTags::new(&LinkPublic([4; 32]), &mut rng);
+    let tags = DeliveryTags::new(&LinkPublic([4; 32]), rng);
     config.delivery_tags = Some(tags.clone());
     let mut session = ClientSession::new(
         config,
         net.consensus.clone(),
         net.gateway,
         Instant::ZERO,
-        &mut rng,
+        rng,
     )
     .unwrap();
     let payer_config = PayerConfig {
@@ -830,6 +829,16 @@ fn junk_deliveries_cost_the_client_nothing() {
     };
     let payer = Payer::new(SigningKey::from_bytes(&[3; 32]), payer_config, u64::MAX).unwrap();
     session.set_payer(payer, Instant::ZERO, 1_800_000_000);
+    (session, tags)
+}
+
+/// Issue 13: anyone can address deliveries to a client. With delivery tags, 1,000 junk
+/// deliveries (random SURB ids) cost the client nothing: no frame is counted for the gateway,
+/// no ticket is due; a delivery of its own is paid once, and its repeat not again.
+#[test]
+fn junk_deliveries_cost_the_client_nothing() {
+    let mut rng = ChaCha20Rng::seed_from_u64(10);
+    let (mut session, tags) = tagged_paying_session(&mut rng);
     let payload = vec![0u8; murmur_protocol::PAYLOAD_SIZE];
     for _ in 0..1000 {
         let id: [u8; 16] = rng.random();
@@ -848,6 +857,39 @@ fn junk_deliveries_cost_the_client_nothing() {
     session.handle_delivery(own, &payload, Instant::ZERO, &mut rng);
     let stats = session.stats();
     assert_eq!((stats.gateway_frames, stats.duplicate_deliveries), (1, 1));
+}
+
+/// A delivery the driver drops (its queue to the session was full) was still charged by the
+/// gateway: the session pays for it as for one it took, or the gateway's tab runs ahead of
+/// the payer for good and enough drops get an honest client cut off. Junk and repeats are
+/// still not paid, dropped or not.
+#[test]
+fn dropped_deliveries_are_paid_as_the_gateway_charged_them() {
+    let mut rng = ChaCha20Rng::seed_from_u64(11);
+    let (mut session, tags) = tagged_paying_session(&mut rng);
+    let payload = vec![0u8; murmur_protocol::PAYLOAD_SIZE];
+    // Eight of the client's own: four taken, four dropped. Two gateway tickets are due.
+    for i in 0..8 {
+        let own = tags.mint(&mut rng);
+        if i % 2 == 0 {
+            session.handle_delivery(own, &payload, Instant::ZERO, &mut rng);
+        } else {
+            session.delivery_dropped(own, Instant::ZERO, &mut rng);
+            // The gateway sends it once; were it to come again, it is a repeat.
+            session.delivery_dropped(own, Instant::ZERO, &mut rng);
+            session.handle_delivery(own, &payload, Instant::ZERO, &mut rng);
+        }
+    }
+    for _ in 0..100 {
+        let junk: [u8; 16] = rng.random();
+        session.delivery_dropped(junk, Instant::ZERO, &mut rng);
+    }
+    let stats = session.stats();
+    assert_eq!(stats.gateway_frames, 8);
+    assert_eq!(stats.dropped_deliveries_paid, 4);
+    assert_eq!(stats.gateway_tickets, 2);
+    assert_eq!(stats.duplicate_deliveries, 8);
+    assert_eq!(stats.foreign_deliveries, 100);
 }
 
 /// Opens a stream to example.com:80 and runs the session until the exit opened it (1 s).

@@ -27,32 +27,9 @@ impl ClientSession {
         now: Instant,
         rng: &mut R,
     ) {
-        self.observe(now);
-        // Paid for only if it is this client's own (its tag verifies, or without tags it is
-        // outstanding) and not a repeat: junk addressed to the client costs it nothing.
-        let own = match &self.config.delivery_tags {
-            Some(tags) => tags.is_mine(&surb_id),
-            None => {
-                self.pending.contains_key(&surb_id)
-                    || self.reply_keys.contains_key(&surb_id)
-                    || self.loops.contains_key(&surb_id)
-            }
-        };
-        if !own {
-            self.stats.foreign_deliveries += 1;
+        if !self.admit_delivery(surb_id, now, rng) {
             return;
         }
-        if !self.recent_set.insert(surb_id) {
-            self.stats.duplicate_deliveries += 1;
-            return;
-        }
-        self.recent_deliveries.push_back(surb_id);
-        if self.recent_deliveries.len() > RECENT_DELIVERIES
-            && let Some(old) = self.recent_deliveries.pop_front()
-        {
-            self.recent_set.remove(&old);
-        }
-        self.gateway_frame(now, rng);
         if let Some(p) = self.pending.get(&surb_id) {
             let is_ack = matches!(
                 p.key.open(payload).and_then(|b| Content::decode(&b)),
@@ -104,6 +81,59 @@ impl ClientSession {
             return;
         }
         self.stats.unknown_deliveries += 1;
+    }
+
+    /// A delivery the driver could not hand over (its queue to the session was full). The
+    /// gateway charged for it, so it is paid for as if it had been taken, if it was this
+    /// client's own and not a repeat: otherwise the gateway's tab would run ahead of the
+    /// payer for good, and enough drops would get an honest client cut off. What it carried
+    /// is lost; the session's timeouts recover it as they would a loss in the network.
+    pub fn delivery_dropped<R: CryptoRng + ?Sized>(
+        &mut self,
+        surb_id: SurbId,
+        now: Instant,
+        rng: &mut R,
+    ) {
+        if self.admit_delivery(surb_id, now, rng) {
+            self.stats.dropped_deliveries_paid += 1;
+        }
+    }
+
+    /// Whether a delivery is this client's own and new; if so it is remembered against
+    /// repeats and counted for the gateway (which charged for it).
+    fn admit_delivery<R: CryptoRng + ?Sized>(
+        &mut self,
+        surb_id: SurbId,
+        now: Instant,
+        rng: &mut R,
+    ) -> bool {
+        self.observe(now);
+        // Paid for only if it is this client's own (its tag verifies, or without tags it is
+        // outstanding) and not a repeat: junk addressed to the client costs it nothing.
+        let own = match &self.config.delivery_tags {
+            Some(tags) => tags.is_mine(&surb_id),
+            None => {
+                self.pending.contains_key(&surb_id)
+                    || self.reply_keys.contains_key(&surb_id)
+                    || self.loops.contains_key(&surb_id)
+            }
+        };
+        if !own {
+            self.stats.foreign_deliveries += 1;
+            return false;
+        }
+        if !self.recent_set.insert(surb_id) {
+            self.stats.duplicate_deliveries += 1;
+            return false;
+        }
+        self.recent_deliveries.push_back(surb_id);
+        if self.recent_deliveries.len() > RECENT_DELIVERIES
+            && let Some(old) = self.recent_deliveries.pop_front()
+        {
+            self.recent_set.remove(&old);
+        }
+        self.gateway_frame(now, rng);
+        true
     }
 
     fn exit_message(&mut self, exit: ExitRef, message: ExitMessage) {

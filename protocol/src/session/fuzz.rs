@@ -179,6 +179,9 @@ enum Op {
     BuildAhead {
         stock: u8,
     },
+    /// The driver's queue is full when the next delivery comes: the session hears only that
+    /// it was dropped.
+    DropNext,
 }
 
 /// An exit item; `stream` picks one of the streams opened so far (or, past their number, an
@@ -227,6 +230,10 @@ struct Harness {
     delivered: VecDeque<(SurbId, Vec<u8>)>,
     stats: SessionStats,
     paced: bool,
+    /// The next delivery is dropped by the driver ([`Op::DropNext`]).
+    drop_next: bool,
+    /// Deliveries the driver dropped.
+    dropped: u64,
 }
 
 impl Harness {
@@ -396,8 +403,14 @@ impl Harness {
     }
 
     fn deliver(&mut self, surb_id: SurbId, payload: Vec<u8>) {
-        self.session
-            .handle_delivery(surb_id, &payload, self.now, &mut self.rng);
+        if std::mem::take(&mut self.drop_next) {
+            self.dropped += 1;
+            self.session
+                .delivery_dropped(surb_id, self.now, &mut self.rng);
+        } else {
+            self.session
+                .handle_delivery(surb_id, &payload, self.now, &mut self.rng);
+        }
         if self.delivered.len() >= KEEP {
             self.delivered.pop_front();
         }
@@ -516,6 +529,13 @@ impl Harness {
         assert!(s.recent_deliveries.len() <= super::delivery::RECENT_DELIVERIES);
         assert!(s.exits.len() <= s.config.max_exit_sessions);
         assert_eq!(s.stats.bugs, 0, "the session met a bug");
+        // A dropped delivery is paid at most once, and only if it was the client's own.
+        assert!(
+            s.stats.dropped_deliveries_paid <= self.dropped,
+            "{} dropped deliveries paid of {} dropped",
+            s.stats.dropped_deliveries_paid,
+            self.dropped
+        );
         for index in s.exits.keys() {
             let keys = s.reply_keys.values().filter(|k| k.exit == *index).count();
             assert!(
@@ -534,7 +554,7 @@ fn push_bounded(queue: &mut VecDeque<ReplyBlock>, block: ReplyBlock) {
     queue.push_back(block);
 }
 
-fn counters(s: &SessionStats) -> [(&'static str, u64); 26] {
+fn counters(s: &SessionStats) -> [(&'static str, u64); 27] {
     [
         ("real_sent", s.real_sent),
         ("cover_sent", s.cover_sent),
@@ -548,6 +568,7 @@ fn counters(s: &SessionStats) -> [(&'static str, u64); 26] {
         ("bad_replies", s.bad_replies),
         ("foreign_deliveries", s.foreign_deliveries),
         ("duplicate_deliveries", s.duplicate_deliveries),
+        ("dropped_deliveries_paid", s.dropped_deliveries_paid),
         ("hop_tickets", s.hop_tickets),
         ("gateway_tickets", s.gateway_tickets),
         ("gateway_frames", s.gateway_frames),
@@ -614,6 +635,8 @@ fn drive(seed: u64, ops: Vec<Op>) {
         delivered: VecDeque::new(),
         stats: SessionStats::default(),
         paced: false,
+        drop_next: false,
+        dropped: 0,
     };
     for op in ops {
         match op {
@@ -649,6 +672,7 @@ fn drive(seed: u64, ops: Vec<Op>) {
                 h.now = h.now + Duration::from_millis(u64::from(ms));
                 h.transmit();
             }
+            Op::DropNext => h.drop_next = true,
             Op::Pace => {
                 h.session.set_paced();
                 h.paced = true;

@@ -245,6 +245,9 @@ pub struct SessionStats {
     pub foreign_deliveries: u64,
     /// Deliveries of an identifier delivered before: not paid again.
     pub duplicate_deliveries: u64,
+    /// Deliveries the driver dropped (its queue to the session was full), paid for because
+    /// the gateway charged them ([`ClientSession::delivery_dropped`]).
+    pub dropped_deliveries_paid: u64,
     /// Tickets put in packets' envelopes, and sent to the gateway in control frames.
     pub hop_tickets: u64,
     pub gateway_tickets: u64,
