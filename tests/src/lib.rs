@@ -183,21 +183,24 @@ impl Proc {
     /// Waits up to `timeout` for its standard output to say `ready` (as the proxy's
     /// programs do when they serve); fails the test, with its log, if it exits or does not.
     pub fn wait_ready(&mut self, timeout: Duration) {
+        if let Err(log) = self.try_wait_ready(timeout) {
+            panic!("{} exited:\n{log}", self.name);
+        }
+    }
+
+    /// As [`Proc::wait_ready`], but a process that exits first is the caller's to handle:
+    /// `Err` with its log. Still fails the test if it neither exits nor becomes ready.
+    pub fn try_wait_ready(&mut self, timeout: Duration) -> Result<(), String> {
         let ready = wait_until(timeout, Duration::from_millis(200), || {
-            assert!(
-                self.is_running(),
-                "{} exited:\n{}",
-                self.name,
-                self.log_text()
-            );
-            self.stdout_text().contains("ready").then_some(())
+            if !self.is_running() {
+                return Some(Err(self.log_text()));
+            }
+            self.stdout_text().contains("ready").then_some(Ok(()))
         });
-        assert!(
-            ready.is_some(),
-            "{} never became ready:\n{}",
-            self.name,
-            self.log_text()
-        );
+        match ready {
+            Some(result) => result,
+            None => panic!("{} never became ready:\n{}", self.name, self.log_text()),
+        }
     }
 
     /// Its standard output so far.
@@ -485,24 +488,39 @@ pub struct DevnetProc {
 /// Starts `murmur-devnet` with its SOCKS5 proxy and control endpoint on free ports and
 /// `args` added, and waits until it is ready.
 pub fn start_devnet(dir: &Path, args: &[&str]) -> DevnetProc {
-    let ports = free_ports(2);
-    let socks = SocketAddr::from(([127, 0, 0, 1], ports[0]));
-    let control = SocketAddr::from(([127, 0, 0, 1], ports[1]));
-    let (socks_arg, control_arg) = (socks.to_string(), control.to_string());
-    let mut all = vec!["--socks", &socks_arg, "--control", &control_arg];
-    all.extend_from_slice(args);
-    let mut proc = Proc::spawn(
-        "devnet",
-        &binary("murmur-devnet"),
-        &all,
-        dir.join("devnet.log"),
-    );
-    proc.wait_ready(Duration::from_secs(120));
-    DevnetProc {
-        proc,
-        socks,
-        control,
+    // The ports are free when picked but released before the devnet binds them, and the
+    // devnet binds a dozen listeners of its own on port 0 first, any of which the kernel may
+    // give one of them: a start that fails on an address in use is tried again with fresh
+    // ports.
+    const ATTEMPTS: usize = 3;
+    for attempt in 1..=ATTEMPTS {
+        let ports = free_ports(2);
+        let socks = SocketAddr::from(([127, 0, 0, 1], ports[0]));
+        let control = SocketAddr::from(([127, 0, 0, 1], ports[1]));
+        let (socks_arg, control_arg) = (socks.to_string(), control.to_string());
+        let mut all = vec!["--socks", &socks_arg, "--control", &control_arg];
+        all.extend_from_slice(args);
+        let mut proc = Proc::spawn(
+            "devnet",
+            &binary("murmur-devnet"),
+            &all,
+            dir.join("devnet.log"),
+        );
+        match proc.try_wait_ready(Duration::from_secs(120)) {
+            Ok(()) => {
+                return DevnetProc {
+                    proc,
+                    socks,
+                    control,
+                };
+            }
+            Err(log) if attempt < ATTEMPTS && log.contains("already in use") => {
+                eprintln!("devnet start {attempt}: a port it was given was taken; again");
+            }
+            Err(log) => panic!("devnet exited:\n{log}"),
+        }
     }
+    unreachable!("the last attempt returns or panics")
 }
 
 /// `murmur-client status --control ADDR --json`, parsed.
