@@ -11,13 +11,16 @@
 //! long a packet takes to build, or the session thread waits for a core, the moments packets
 //! leave stay those of the schedule. The session thread fills the pacer's stocks whenever a
 //! tick took from them ([`Cmd::Refill`]).
+//!
+//! Reply blocks, the costliest builds, are made on a pool of worker threads
+//! ([`crate::builders`]) ahead of need; the session thread only chooses their routes.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant as StdInstant};
 
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
+use crossbeam_channel::{Receiver, Sender, TrySendError};
 use murmur_protocol::PAYLOAD_SIZE;
 use murmur_protocol::cover::{Pacer, PacerStats, Stock, StockFill};
 use murmur_protocol::directory::Consensus;
@@ -33,6 +36,10 @@ use tokio::sync::{mpsc, oneshot};
 
 /// Commands queued at once; a full queue drops deliveries (counted) and refuses opens.
 const COMMAND_QUEUE: usize = 16_384;
+
+/// Reply blocks kept built ahead by the worker pool ([`crate::builders`]): 40 ms of a
+/// download at λ_P = 400/s (four blocks a packet), and about 25 kB.
+const PREBUILT_REPLY_BLOCKS: usize = 64;
 
 /// What the rest of the client asks of the session.
 pub enum Cmd {
@@ -136,6 +143,9 @@ const MAX_BATCH: usize = 64;
 /// counters are copied every loop).
 const PAYER_REPORT_EVERY: Duration = Duration::from_secs(1);
 
+/// How often it measures its state's size for the status view.
+const SIZE_REPORT_EVERY: Duration = Duration::from_millis(250);
+
 /// What the session thread reports of itself, for logs and the status view.
 #[derive(Clone, Debug, Default)]
 pub struct SessionReport {
@@ -234,6 +244,8 @@ pub fn spawn(
     .map_err(|e| std::io::Error::other(format!("the send schedule: {e}")))?;
     session.set_paced();
     let pacer = Arc::new(Mutex::new(pacer));
+    let builders = crate::builders::Builders::spawn(PREBUILT_REPLY_BLOCKS)?;
+    session.prebuild_reply_blocks(PREBUILT_REPLY_BLOCKS);
     let (tx, rx) = crossbeam_channel::bounded(COMMAND_QUEUE);
     let stats = Arc::new(DriverStats::default());
     let report = Arc::new(Mutex::new(SessionReport::default()));
@@ -266,6 +278,7 @@ pub fn spawn(
             let stop = session_stop;
             let threads = SessionThread {
                 pacer,
+                builders,
                 frames,
                 stats,
                 report,
@@ -428,6 +441,7 @@ fn push(pacer: &Mutex<Pacer<Frame>>, stock: Stock, frame: Frame) {
 /// What the session thread shares with the rest of the client.
 struct SessionThread {
     pacer: Arc<Mutex<Pacer<Frame>>>,
+    builders: crate::builders::Builders,
     frames: mpsc::Sender<Frame>,
     stats: Arc<DriverStats>,
     report: Arc<Mutex<SessionReport>>,
@@ -461,6 +475,7 @@ impl SessionThread {
         let mut rng = rand::rng();
         let mut streams: HashMap<StreamId, mpsc::UnboundedSender<Event>> = HashMap::new();
         let mut payer_reported: Option<StdInstant> = None;
+        let mut size_reported: Option<StdInstant> = None;
         let mut spend_cap_logged = false;
         let mut rates = session.send_rates();
         while !stop.load(Ordering::Relaxed) {
@@ -470,6 +485,7 @@ impl SessionThread {
                 session.delivery_dropped(surb_id, t, &mut rng);
             }
             self.send_payments(&mut session, t, &mut rng);
+            self.builders.exchange(&mut session, &mut rng);
             fill_stocks(&mut session, &self.pacer, now, &mut rng);
             while let Some(event) = session.poll_event() {
                 let id = event.stream();
@@ -491,7 +507,12 @@ impl SessionThread {
             }
             if let Ok(mut r) = self.report.lock() {
                 r.stats = session.stats();
-                r.size = session.state_size();
+                // Walks every map the session keeps: not at every wake-up (thousands a
+                // second in a download).
+                if size_reported.is_none_or(|at| at.elapsed() >= SIZE_REPORT_EVERY) {
+                    size_reported = Some(StdInstant::now());
+                    r.size = session.state_size();
+                }
                 if payer_reported.is_none_or(|at| at.elapsed() >= PAYER_REPORT_EVERY) {
                     payer_reported = Some(StdInstant::now());
                     r.payer = session.payer().map(|p| {
@@ -511,10 +532,19 @@ impl SessionThread {
                     d.saturating_duration_since(now())
                 })
                 .min(Duration::from_millis(100));
-            let cmd = match rx.recv_timeout(wait) {
-                Ok(c) => c,
-                Err(RecvTimeoutError::Timeout) => continue,
-                Err(RecvTimeoutError::Disconnected) => return session,
+            // Blocks the workers built wake the session too: a download waits on them.
+            let cmd = crossbeam_channel::select! {
+                recv(rx) -> cmd => match cmd {
+                    Ok(c) => c,
+                    Err(_) => return session,
+                },
+                recv(self.builders.built()) -> block => {
+                    if let Ok(block) = block {
+                        session.handle_built_block(block);
+                    }
+                    continue;
+                },
+                default(wait) => continue,
             };
             // Take what is queued before polling again.
             let mut next = Some(cmd);

@@ -1,6 +1,7 @@
 #![doc = include_str!("../README.md")]
 
 pub mod board;
+mod builders;
 pub mod cli;
 pub mod control;
 pub mod driver;

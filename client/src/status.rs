@@ -108,6 +108,22 @@ pub struct TrafficStatus {
     /// Cover packets that could not be built (no route at the time).
     #[serde(default)]
     pub cover_unbuilt: u64,
+    /// Reply blocks handed to exits; of the blocks built, those the worker pool built ahead,
+    /// and those of its stock thrown away unused (an epoch ended, a relay was suspected).
+    #[serde(default)]
+    pub reply_blocks_sent: u64,
+    #[serde(default)]
+    pub reply_blocks_prebuilt: u64,
+    #[serde(default)]
+    pub prebuilt_blocks_discarded: u64,
+    /// Deliveries dropped at the session's full queue; of those, the ones paid for all the
+    /// same (the gateway charged them), and the ones past the bound that were not.
+    #[serde(default)]
+    pub deliveries_dropped: u64,
+    #[serde(default)]
+    pub dropped_deliveries_paid: u64,
+    #[serde(default)]
+    pub deliveries_dropped_unpaid: u64,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -345,6 +361,38 @@ impl Status {
         m.counter("murmur_client_send_ticks_missed_total", "", t.ticks_missed);
         m.counter("murmur_client_loops_as_drops_total", "", t.loops_as_drops);
         m.counter("murmur_client_cover_unbuilt_total", "", t.cover_unbuilt);
+        m.counter(
+            "murmur_client_reply_blocks_sent_total",
+            "",
+            t.reply_blocks_sent,
+        );
+        m.counter(
+            "murmur_client_reply_blocks_prebuilt_total",
+            "",
+            t.reply_blocks_prebuilt,
+        );
+        m.counter(
+            "murmur_client_prebuilt_blocks_discarded_total",
+            "",
+            t.prebuilt_blocks_discarded,
+        );
+        // Three counters, not one by fate: the session pays for a drop a moment after the
+        // driver counts it, and a counter derived from their difference could go down.
+        m.counter(
+            "murmur_client_deliveries_dropped_total",
+            "",
+            t.deliveries_dropped,
+        );
+        m.counter(
+            "murmur_client_dropped_deliveries_paid_total",
+            "",
+            t.dropped_deliveries_paid,
+        );
+        m.counter(
+            "murmur_client_deliveries_dropped_unpaid_total",
+            "",
+            t.deliveries_dropped_unpaid,
+        );
         m.counter(
             "murmur_client_gateway_connect_failures_total",
             "",

@@ -467,6 +467,50 @@ fn a_stream_opens_carries_data_both_ways_and_ends() {
     assert_eq!(stats.bad_replies, 0);
 }
 
+/// Reply blocks built ahead (off the session's thread in the client; inline here) carry the
+/// exit's answer: the packets take their blocks from the stock, not from the session's own
+/// building, and the replies open under the keys the stock kept.
+#[test]
+fn reply_blocks_built_ahead_carry_the_exits_answer() {
+    let mut net = Net::new(1, 0.0);
+    let mut rng = ChaCha20Rng::seed_from_u64(2);
+    let mut session = session_for(&net, &mut rng);
+    session.prebuild_reply_blocks(64);
+    let build_ahead = |session: &mut ClientSession, rng: &mut ChaCha20Rng| {
+        while let Some(job) = session.poll_block_job(rng) {
+            let built = job.build(rng);
+            session.handle_built_block(built);
+        }
+    };
+    build_ahead(&mut session, &mut rng);
+    let id = session
+        .open_stream(Target::Host("example.com".into(), 80), None, &mut rng)
+        .unwrap();
+    assert_eq!(session.write(id, b"GET / HTTP/1.0\r\n\r\n"), 18);
+    session.close_stream(id);
+    let mut events = Vec::new();
+    let mut now = Instant::ZERO;
+    for _ in 0..400 {
+        let (more, at) = drive(&mut net, &mut session, &mut rng, now, 1);
+        events.extend(more);
+        now = at;
+        build_ahead(&mut session, &mut rng);
+    }
+    assert!(events.contains(&Event::Opened(id)), "{events:?}");
+    assert_eq!(data_of(&events, id), net.answer);
+    assert!(events.contains(&Event::Eof(id)), "{events:?}");
+    let stats = session.stats();
+    let taken = stats.reply_blocks_prebuilt
+        - stats.prebuilt_blocks_discarded
+        - session.state_size().prebuilt_blocks as u64;
+    assert!(stats.reply_blocks_sent > 0, "{stats:?}");
+    assert_eq!(taken, stats.reply_blocks_sent, "{stats:?}");
+    assert_eq!(
+        (stats.bad_replies, stats.unknown_deliveries, stats.bugs),
+        (0, 0, 0)
+    );
+}
+
 /// Paced (the driver's pacer keeps the schedule, the session builds ahead into its stocks),
 /// the session carries a stream both ways, sends cover and loops, never sends a packet at
 /// its own tick, and the pacer's ticks never find the stocks empty; through lossy links it

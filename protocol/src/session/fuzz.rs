@@ -182,6 +182,17 @@ enum Op {
     /// The driver's queue is full when the next delivery comes: the session hears only that
     /// it was dropped.
     DropNext,
+    /// The driver keeps `n % 17` reply blocks built ahead.
+    Prebuild {
+        n: u8,
+    },
+    /// The driver takes the jobs the session wants built.
+    PollJobs,
+    /// A worker finishes one job (in any order), or it is lost.
+    FinishJob {
+        which: u8,
+        lose: bool,
+    },
 }
 
 /// An exit item; `stream` picks one of the streams opened so far (or, past their number, an
@@ -234,6 +245,8 @@ struct Harness {
     drop_next: bool,
     /// Deliveries the driver dropped.
     dropped: u64,
+    /// Reply blocks the driver was asked to build and has not handed back.
+    jobs: Vec<super::BlockJob>,
 }
 
 impl Harness {
@@ -529,6 +542,10 @@ impl Harness {
         assert!(s.recent_deliveries.len() <= super::delivery::RECENT_DELIVERIES);
         assert!(s.exits.len() <= s.config.max_exit_sessions);
         assert_eq!(s.stats.bugs, 0, "the session met a bug");
+        // The stock of blocks built ahead stays within what the driver asked for, and the
+        // session counts exactly the jobs the driver holds.
+        assert!(s.prebuilt.ready.len() <= s.prebuilt.target);
+        assert_eq!(s.prebuilt.building, self.jobs.len());
         // A dropped delivery is paid at most once, and only if it was the client's own.
         assert!(
             s.stats.dropped_deliveries_paid <= self.dropped,
@@ -554,7 +571,7 @@ fn push_bounded(queue: &mut VecDeque<ReplyBlock>, block: ReplyBlock) {
     queue.push_back(block);
 }
 
-fn counters(s: &SessionStats) -> [(&'static str, u64); 27] {
+fn counters(s: &SessionStats) -> [(&'static str, u64); 29] {
     [
         ("real_sent", s.real_sent),
         ("cover_sent", s.cover_sent),
@@ -568,6 +585,8 @@ fn counters(s: &SessionStats) -> [(&'static str, u64); 27] {
         ("bad_replies", s.bad_replies),
         ("foreign_deliveries", s.foreign_deliveries),
         ("duplicate_deliveries", s.duplicate_deliveries),
+        ("reply_blocks_prebuilt", s.reply_blocks_prebuilt),
+        ("prebuilt_blocks_discarded", s.prebuilt_blocks_discarded),
         ("dropped_deliveries_paid", s.dropped_deliveries_paid),
         ("hop_tickets", s.hop_tickets),
         ("gateway_tickets", s.gateway_tickets),
@@ -637,6 +656,7 @@ fn drive(seed: u64, ops: Vec<Op>) {
         paced: false,
         drop_next: false,
         dropped: 0,
+        jobs: Vec::new(),
     };
     for op in ops {
         match op {
@@ -673,6 +693,23 @@ fn drive(seed: u64, ops: Vec<Op>) {
                 h.transmit();
             }
             Op::DropNext => h.drop_next = true,
+            Op::Prebuild { n } => h.session.prebuild_reply_blocks(usize::from(n % 17)),
+            Op::PollJobs => {
+                while let Some(job) = h.session.poll_block_job(&mut h.rng) {
+                    h.jobs.push(job);
+                }
+            }
+            Op::FinishJob { which, lose } => {
+                if !h.jobs.is_empty() {
+                    let job = h.jobs.swap_remove(usize::from(which) % h.jobs.len());
+                    if lose {
+                        h.session.block_job_lost();
+                    } else {
+                        let built = job.build(&mut h.rng);
+                        h.session.handle_built_block(built);
+                    }
+                }
+            }
             Op::Pace => {
                 h.session.set_paced();
                 h.paced = true;

@@ -30,13 +30,19 @@
 //! are the Poisson schedule however long building takes. The simulator and tests, under
 //! virtual time, use the session's own ticks.
 //!
+//! Built ahead ([`ClientSession::prebuild_reply_blocks`]): a driver with cores to spare
+//! builds reply blocks on worker threads. The session gives out [`BlockJob`]s (route, delays
+//! and identifier chosen with its state), takes back the [`BuiltBlock`]s, and packets to exits
+//! take their blocks from that stock before building any themselves.
+//!
 //! # Parts
 //!
 //! - [`arq`]: packets awaiting acknowledgement, retransmission, suspects, and the no-loss rule;
 //! - [`compose`]: one message per exit session from what its streams have waiting;
 //! - [`streams`]: the application's streams and their windows;
 //! - [`exits`]: exit sessions, their idle expiry and cap;
-//! - [`reply_blocks`]: the reply blocks handed to exits and the keys kept for them;
+//! - [`reply_blocks`]: the reply blocks handed to exits and the keys kept for them, and the
+//!   stock of blocks built ahead;
 //! - [`delivery`]: what the gateway delivers (acks, replies, loops);
 //! - [`routes`]: paths, packets and cover;
 //! - [`payment`]: paying hops and the gateway;
@@ -95,7 +101,8 @@ pub use timers::Timer;
 use arq::{Pending, Stalled};
 use exits::{ExitRef, ExitSession};
 use payment::Payment;
-use reply_blocks::ReplyKeyEntry;
+pub use reply_blocks::{BlockJob, BuiltBlock};
+use reply_blocks::{Prebuilt, ReplyKeyEntry};
 use routes::Queued;
 use streams::Stream;
 
@@ -237,6 +244,11 @@ pub struct SessionStats {
     /// Reply blocks handed to exits (each one built: the client's costliest work), and the
     /// replies that came back on them.
     pub reply_blocks_sent: u64,
+    /// Of the blocks built: those built ahead on the driver's workers and put in stock
+    /// ([`ClientSession::prebuild_reply_blocks`]), and those of the stock thrown away unused
+    /// (built for an epoch that ended, or through a relay suspected or delisted since).
+    pub reply_blocks_prebuilt: u64,
+    pub prebuilt_blocks_discarded: u64,
     pub replies: u64,
     pub unknown_deliveries: u64,
     pub bad_replies: u64,
@@ -288,6 +300,8 @@ pub struct StateSize {
     pub reply_keys: usize,
     pub loops: usize,
     pub recent_deliveries: usize,
+    /// Reply blocks built ahead and waiting for an exit ([`ClientSession::prebuild_reply_blocks`]).
+    pub prebuilt_blocks: usize,
     /// An estimate of the bytes behind all of the above (entries' sizes, their buffers and
     /// map overhead; not the allocator's).
     pub bytes: usize,
@@ -338,6 +352,8 @@ pub struct ClientSession {
     /// The send schedule runs in a [`crate::cover::Pacer`] the driver keeps: the session
     /// only builds what it asks for ([`ClientSession::build_ahead`]).
     paced: bool,
+    /// Reply blocks built ahead by the driver's workers.
+    prebuilt: Prebuilt,
 }
 
 impl ClientSession {
@@ -383,6 +399,7 @@ impl ClientSession {
             recent_deliveries: VecDeque::new(),
             recent_set: HashSet::new(),
             paced: false,
+            prebuilt: Prebuilt::default(),
         })
     }
 
@@ -474,6 +491,9 @@ impl ClientSession {
         self.gateway = gw;
         if let Some(p) = &mut self.payment {
             p.payer.prune_to_consensus(&consensus);
+        }
+        if consensus.epoch != self.consensus.epoch {
+            self.drop_prebuilt_blocks();
         }
         self.consensus = consensus;
         self.drop_departed_exits();
@@ -593,6 +613,7 @@ impl ClientSession {
             .sum();
         let loops = self.loops.len() * map(size_of::<(SurbId, Instant)>());
         let recent = self.recent_deliveries.len() * (size_of::<SurbId>() + map(16));
+        let prebuilt = self.prebuilt.heap_bytes();
         StateSize {
             exit_sessions: self.exits.len(),
             streams: self.streams.len(),
@@ -601,7 +622,8 @@ impl ClientSession {
             reply_keys: self.reply_keys.len(),
             loops: self.loops.len(),
             recent_deliveries: self.recent_deliveries.len(),
-            bytes: exits + streams + pending + stalled + reply_keys + loops + recent,
+            prebuilt_blocks: self.prebuilt.ready.len(),
+            bytes: exits + streams + pending + stalled + reply_keys + loops + recent + prebuilt,
         }
     }
 
