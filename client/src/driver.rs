@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant as StdInstant};
 
-use crossbeam_channel::{Receiver, Sender, TrySendError};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
 use murmur_protocol::PAYLOAD_SIZE;
 use murmur_protocol::cover::{Pacer, PacerStats, Stock, StockFill};
 use murmur_protocol::directory::Consensus;
@@ -532,19 +532,10 @@ impl SessionThread {
                     d.saturating_duration_since(now())
                 })
                 .min(Duration::from_millis(100));
-            // Blocks the workers built wake the session too: a download waits on them.
-            let cmd = crossbeam_channel::select! {
-                recv(rx) -> cmd => match cmd {
-                    Ok(c) => c,
-                    Err(_) => return session,
-                },
-                recv(self.builders.built()) -> block => {
-                    if let Ok(block) = block {
-                        session.handle_built_block(block);
-                    }
-                    continue;
-                },
-                default(wait) => continue,
+            let cmd = match rx.recv_timeout(wait) {
+                Ok(c) => c,
+                Err(RecvTimeoutError::Timeout) => continue,
+                Err(RecvTimeoutError::Disconnected) => return session,
             };
             // Take what is queued before polling again.
             let mut next = Some(cmd);

@@ -524,3 +524,80 @@ proptest! {
         fuzz::exit(&data);
     }
 }
+
+/// Stream acks of an upload: one per burst, not one per write. Every ack spends a reply
+/// block the client paid 400 bytes of upload for, so an exit that acked each of a steady
+/// stream of writes (one every 2.5 ms at λ_P = 400) spent a quarter of the upload on them.
+/// The first ack goes at once; while writes keep coming the next waits up to ACK_DELAY;
+/// the last data is acked within ACK_DELAY of being written; half a window waiting on the
+/// ack sends it at once; a message that goes anyway carries the waiting ack.
+#[test]
+fn an_upload_is_acknowledged_once_per_burst_not_per_write() {
+    let mut exit = exit_with(small_config());
+    let start = Instant::ZERO;
+    let window = 1 << 20;
+    connected_stream(&mut exit, start, window);
+    let _ = events(&mut exit);
+    let acks_in = |items: &[ExitItem]| -> Vec<u64> {
+        items
+            .iter()
+            .filter_map(|i| match i {
+                ExitItem::Ack { stream: 1, offset } => Some(*offset),
+                _ => None,
+            })
+            .collect()
+    };
+    let step = Duration::from_micros(2500);
+    let chunk = 1200;
+    let mut now = start;
+    let mut acks = Vec::new();
+    let writes = 64u64;
+    for i in 0..writes {
+        send_data(&mut exit, now, i * chunk as u64, chunk);
+        let _ = events(&mut exit);
+        exit.written(now, key(1), chunk).unwrap();
+        let got = acks_in(&replies(&mut exit, now));
+        if i == 0 {
+            assert_eq!(got, vec![chunk as u64], "the first ack goes at once");
+        }
+        acks.extend(got);
+        now = now + step;
+    }
+    // 64 writes over 160 ms: the first ack at once, then one every 40 ms at most.
+    let span = step * (writes as u32);
+    let most = 1 + (span.as_millis() / ACK_DELAY.as_millis()) as usize + 1;
+    assert!(
+        acks.len() <= most,
+        "{} acks for {writes} writes: {acks:?}",
+        acks.len()
+    );
+    assert!(acks.windows(2).all(|w| w[0] < w[1]), "{acks:?}");
+    // The last data is acked by ACK_DELAY after its write, and the exit's timer says when.
+    let total = writes * chunk as u64;
+    let due = exit.poll_timeout().unwrap();
+    assert!(due <= now - step + ACK_DELAY, "{due:?}");
+    exit.handle_timeout(due);
+    assert_eq!(acks_in(&replies(&mut exit, due)).last(), Some(&total));
+    // Half a window unacknowledged: acked at once, however recent the last ack.
+    let now = due + Duration::from_millis(1);
+    let half = (window / 2) as usize;
+    let mut offset = total;
+    while offset < total + half as u64 {
+        let n = chunk.min((total + half as u64 - offset) as usize);
+        send_data(&mut exit, now, offset, n);
+        offset += n as u64;
+    }
+    let _ = events(&mut exit);
+    exit.written(now, key(1), half).unwrap();
+    assert_eq!(acks_in(&replies(&mut exit, now)), vec![offset]);
+    // A write just after an ack waits; data going down carries it at once.
+    let now = now + Duration::from_millis(1);
+    send_data(&mut exit, now, offset, chunk);
+    let _ = events(&mut exit);
+    exit.written(now, key(1), chunk).unwrap();
+    assert!(acks_in(&replies(&mut exit, now)).is_empty(), "it waits");
+    exit.received_from_target(now, key(1), b"answer").unwrap();
+    let items = replies(&mut exit, now);
+    assert!(items.iter().any(|i| matches!(i, ExitItem::Data { .. })));
+    assert_eq!(acks_in(&items), vec![offset + chunk as u64]);
+}
