@@ -252,6 +252,11 @@ pub struct StreamUsage {
     pub acked_reply_offset: u64,
     /// Some of them were never sent.
     pub unsent_reply_bytes: bool,
+    /// Of those sent, the bytes in segments neither acknowledged nor said held by the client
+    /// (a `Received` range): what the retransmission timer is for. A client that says it
+    /// holds bytes it lacks gets them again only when its stream is reset for making no
+    /// progress.
+    pub in_flight_reply_bytes: usize,
     /// When the oldest reply segment sent and not acknowledged is re-sent.
     pub retransmit_at: Option<Instant>,
     /// Client bytes held out of order.
@@ -594,6 +599,7 @@ impl ExitSession {
             unacked_reply_bytes: s.send.unacked_bytes(),
             acked_reply_offset: s.send.acked(),
             unsent_reply_bytes: s.send.has_new(),
+            in_flight_reply_bytes: s.send.in_flight_bytes(),
             retransmit_at: s.send.poll_timeout(),
             out_of_order_client_bytes: s.recv.pending_bytes(),
             queued_to_write: s.queued_to_write,

@@ -1153,6 +1153,11 @@ impl SendBuffer {
             .min()
     }
 
+    /// Bytes in segments sent and neither acknowledged nor said held by the peer.
+    pub fn in_flight_bytes(&self) -> usize {
+        self.in_flight.values().map(|&(len, _, _)| len).sum()
+    }
+
     /// Whether new (never sent) data is waiting.
     pub fn has_new(&self) -> bool {
         self.next_new < self.acked + self.unacked.len() as u64
