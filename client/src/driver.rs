@@ -146,6 +146,15 @@ const PAYER_REPORT_EVERY: Duration = Duration::from_secs(1);
 /// How often it measures its state's size for the status view.
 const SIZE_REPORT_EVERY: Duration = Duration::from_millis(250);
 
+/// Whether `every` has passed since `last` (or it never happened); if so, `last` is now.
+fn due(last: &mut Option<StdInstant>, every: Duration) -> bool {
+    let due = last.is_none_or(|at| at.elapsed() >= every);
+    if due {
+        *last = Some(StdInstant::now());
+    }
+    due
+}
+
 /// What the session thread reports of itself, for logs and the status view.
 #[derive(Clone, Debug, Default)]
 pub struct SessionReport {
@@ -509,12 +518,10 @@ impl SessionThread {
                 r.stats = session.stats();
                 // Walks every map the session keeps: not at every wake-up (thousands a
                 // second in a download).
-                if size_reported.is_none_or(|at| at.elapsed() >= SIZE_REPORT_EVERY) {
-                    size_reported = Some(StdInstant::now());
+                if due(&mut size_reported, SIZE_REPORT_EVERY) {
                     r.size = session.state_size();
                 }
-                if payer_reported.is_none_or(|at| at.elapsed() >= PAYER_REPORT_EVERY) {
-                    payer_reported = Some(StdInstant::now());
+                if due(&mut payer_reported, PAYER_REPORT_EVERY) {
                     r.payer = session.payer().map(|p| {
                         let mut accounts: Vec<_> = p.accounts().map(|(k, a)| (*k, *a)).collect();
                         accounts.sort_by_key(|(k, _)| *k);

@@ -362,7 +362,7 @@ impl<'a> PathSelector<'a> {
 
 /// Whether two relays may not share a path: the same relay, one family, or (under `rules`)
 /// one subnet.
-fn relays_conflict(a: &ConsensusRelay, b: &ConsensusRelay, rules: PathRules) -> bool {
+pub(crate) fn relays_conflict(a: &ConsensusRelay, b: &ConsensusRelay, rules: PathRules) -> bool {
     same_or_family(a, b)
         || (rules.distinct_subnets && subnet(a.addresses.mix.ip()) == subnet(b.addresses.mix.ip()))
 }

@@ -130,11 +130,11 @@ impl ClientSession {
         let Ok(exit_hop) = exit.route_hop(self.consensus.epoch) else {
             return Err((out, BuildFailure::NoRoute));
         };
-        let Ok((ack, key, ack_delay)) = self.build_reply_block(rng, &ack_route) else {
+        let Ok((ack, ack_delay)) = self.build_reply_block(rng, ack_route) else {
             self.stats.bugs += 1;
             return Err((out, BuildFailure::Bug));
         };
-        let ack_relays = ack_route.relays;
+        let (ack, key, ack_relays) = (ack.block, ack.key, ack.relays);
         let mut relays = ack_relays.clone();
         relays.extend(payees.iter().copied());
         route.push(exit_hop);

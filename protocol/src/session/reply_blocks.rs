@@ -17,6 +17,7 @@ use rand::CryptoRng;
 
 use super::ClientSession;
 use super::exits::ExitRef;
+use crate::directory::path::relays_conflict;
 use crate::directory::{ConsensusRelay, Epoch, IdentityKey};
 use crate::packet::{Address, RouteHop, SurbId};
 use crate::stream::surbs_item_len;
@@ -90,6 +91,13 @@ pub struct BlockJob {
 }
 
 impl BlockJob {
+    /// The sum of the delays its mixes hold the reply (the last delay is the gateway's).
+    fn mix_delay(&self) -> Duration {
+        self.delays[..self.delays.len().saturating_sub(1)]
+            .iter()
+            .sum()
+    }
+
     /// Builds the block, for [`ClientSession::handle_built_block`].
     pub fn build<R: CryptoRng + ?Sized>(self, rng: &mut R) -> BuiltBlock {
         let result = build_reply_block_with_id(
@@ -115,11 +123,23 @@ pub struct BuiltBlock {
     epoch: Epoch,
 }
 
-/// A block built ahead, waiting in the session's stock for an exit that needs it.
+impl BuiltBlock {
+    fn ready(self) -> crate::Result<ReadyBlock> {
+        let (block, key) = self.result?;
+        Ok(ReadyBlock {
+            block,
+            key,
+            relays: self.relays,
+        })
+    }
+}
+
+/// A built block with its key and the mixes of its route (paid when its reply arrives):
+/// one built ahead waits in the session's stock for an exit that needs it.
 pub(super) struct ReadyBlock {
-    block: ReplyBlock,
-    key: ReplyKey,
-    relays: Vec<IdentityKey>,
+    pub(super) block: ReplyBlock,
+    pub(super) key: ReplyKey,
+    pub(super) relays: Vec<IdentityKey>,
 }
 
 impl ClientSession {
@@ -146,33 +166,32 @@ impl ClientSession {
         // No exit to avoid yet: the exit that takes the block must not conflict with its
         // mixes, which is checked then.
         let route = self.reply_route(rng, None).ok()?;
+        self.prebuilt.building += 1;
+        Some(self.block_job(rng, route))
+    }
+
+    /// The job of building a block over `route`: its delays and identifier drawn now.
+    fn block_job<R: CryptoRng + ?Sized>(&self, rng: &mut R, route: ReplyRoute) -> BlockJob {
         let delays = self.delay.sample_n(rng, route.hops.len());
         let id = self.mint_surb_id(rng);
-        self.prebuilt.building += 1;
-        Some(BlockJob {
+        BlockJob {
             route,
             delays,
             id,
             address: self.config.address,
             epoch: self.consensus.epoch,
-        })
+        }
     }
 
     /// A block a worker built: into the stock, unless the consensus moved to another epoch
     /// while it was built (its hops' keys are gone then) or the stock was shrunk.
     pub fn handle_built_block(&mut self, built: BuiltBlock) {
         self.prebuilt.building = self.prebuilt.building.saturating_sub(1);
-        match built.result {
-            Ok((block, key))
-                if built.epoch == self.consensus.epoch
-                    && self.prebuilt.ready.len() < self.prebuilt.target =>
-            {
+        let current = built.epoch == self.consensus.epoch;
+        match built.ready() {
+            Ok(ready) if current && self.prebuilt.ready.len() < self.prebuilt.target => {
                 self.stats.reply_blocks_prebuilt += 1;
-                self.prebuilt.ready.push_back(ReadyBlock {
-                    block,
-                    key,
-                    relays: built.relays,
-                });
+                self.prebuilt.ready.push_back(ready);
             }
             Ok(_) => self.stats.prebuilt_blocks_discarded += 1,
             Err(_) => self.stats.bugs += 1,
@@ -192,34 +211,36 @@ impl ClientSession {
     }
 
     /// A block from the stock that may go to `exit_relay`: none of its mixes conflicts with
-    /// the exit (as a route built for it would avoid them), none is suspected now, and each
-    /// is still listed. Blocks through a suspect or a relay no longer listed are dropped;
-    /// those that only conflict with this exit stay for another.
-    fn take_prebuilt_block(&mut self, exit_relay: Option<&ConsensusRelay>) -> Option<ReadyBlock> {
-        if self.prebuilt.ready.is_empty() {
-            return None;
-        }
-        let suspects = self.suspected();
+    /// the exit (as a route built for it would avoid them), none is among `suspects`, and
+    /// each is still listed. Blocks through a suspect or a relay no longer listed are
+    /// dropped; those that only conflict with this exit stay for another.
+    fn take_prebuilt_block(
+        &mut self,
+        exit_relay: Option<&ConsensusRelay>,
+        suspects: &[IdentityKey],
+    ) -> Option<ReadyBlock> {
+        let rules = self.config.path_rules;
         let mut stale = Vec::new();
         let mut found = None;
-        {
-            let selector = self.selector();
-            for (i, block) in self.prebuilt.ready.iter().enumerate() {
-                let mixes: Option<Vec<&ConsensusRelay>> = block
+        for (i, block) in self.prebuilt.ready.iter().enumerate() {
+            let usable = block
+                .relays
+                .iter()
+                .all(|id| self.consensus.relay(id).is_some() && !suspects.contains(id));
+            if !usable {
+                stale.push(i);
+                continue;
+            }
+            let conflicts = exit_relay.is_some_and(|e| {
+                block
                     .relays
                     .iter()
-                    .map(|id| self.consensus.relay(id))
-                    .collect();
-                match mixes.filter(|_| !block.relays.iter().any(|id| suspects.contains(id))) {
-                    None => stale.push(i),
-                    Some(mixes)
-                        if exit_relay
-                            .is_some_and(|e| mixes.iter().any(|m| selector.conflict(m, e))) => {}
-                    Some(_) => {
-                        found = Some(i);
-                        break;
-                    }
-                }
+                    .filter_map(|id| self.consensus.relay(id))
+                    .any(|m| relays_conflict(m, e, rules))
+            });
+            if !conflicts {
+                found = Some(i);
+                break;
             }
         }
         // Every stale block lies before the one found: taking that one first moves none.
@@ -242,24 +263,16 @@ impl ClientSession {
         Ok(ReplyRoute { hops, relays })
     }
 
-    /// A reply block over `route`; returns the block, its key and the sum of its delays.
+    /// A reply block over `route`, built here; returns it (with its key and mixes) and the
+    /// sum of its mixes' delays.
     pub(super) fn build_reply_block<R: CryptoRng + ?Sized>(
         &self,
         rng: &mut R,
-        route: &ReplyRoute,
-    ) -> crate::Result<(ReplyBlock, ReplyKey, Duration)> {
-        let delays = self.delay.sample_n(rng, route.hops.len());
-        let total = delays[..delays.len() - 1].iter().sum();
-        let id = self.mint_surb_id(rng);
-        let (block, key) = build_reply_block_with_id(
-            rng,
-            &route.hops,
-            &delays,
-            self.config.address,
-            self.consensus.epoch,
-            id,
-        )?;
-        Ok((block, key, total))
+        route: ReplyRoute,
+    ) -> crate::Result<(ReadyBlock, Duration)> {
+        let job = self.block_job(rng, route);
+        let delay = job.mix_delay();
+        Ok((job.build(rng).ready()?, delay))
     }
 
     /// Up to `want` (at most four) fresh reply blocks for exit session `exit`, fitting in
@@ -276,28 +289,40 @@ impl ClientSession {
             return Vec::new();
         };
         let exit_relay = self.consensus.relay(&session.exit).cloned();
+        // For the stock's blocks; its routes avoided the suspects of when they were built.
+        let suspects = if self.prebuilt.ready.is_empty() {
+            Vec::new()
+        } else {
+            self.suspected()
+        };
         let mut blocks = Vec::new();
         for _ in 0..want.min(BLOCKS_PER_MESSAGE) {
             if surbs_item_len(blocks.len() + 1) > room {
                 break;
             }
-            let (block, key, relays) = match self.take_prebuilt_block(exit_relay.as_ref()) {
-                Some(ready) => (ready.block, ready.key, ready.relays),
+            let ready = match self.take_prebuilt_block(exit_relay.as_ref(), &suspects) {
+                Some(ready) => ready,
                 None => {
                     let Ok(route) = self.reply_route(rng, exit_relay.as_ref()) else {
                         break;
                     };
-                    let Ok((block, key, _)) = self.build_reply_block(rng, &route) else {
+                    let Ok((ready, _)) = self.build_reply_block(rng, route) else {
                         self.stats.bugs += 1;
                         break;
                     };
-                    (block, key, route.relays)
+                    ready
                 }
             };
-            let id = key.surb_id();
-            self.reply_keys
-                .insert(id, ReplyKeyEntry { key, exit, relays });
-            blocks.push(block);
+            let id = ready.key.surb_id();
+            self.reply_keys.insert(
+                id,
+                ReplyKeyEntry {
+                    key: ready.key,
+                    exit,
+                    relays: ready.relays,
+                },
+            );
+            blocks.push(ready.block);
             self.remember_reply_id(exit, id);
         }
         if let Some(e) = self.exits.get_mut(&exit)
