@@ -4,9 +4,11 @@
 //! The gateway charges its `price` per frame ([`Tab::charge`]) and credits each ticket it
 //! accepted with the ticket's expected value ([`Tab::credit`]). A session starts with a grace
 //! allowance (`initial_credit`) so the client can send before its first ticket arrives, and
-//! the client may then run up to `max_arrears` of debt: a charge that leaves the arrears above
-//! it returns [`Verdict::Cutoff`], and the gateway tells the client
-//! ([`crate::control::Control::Cutoff`]) and stops serving it. Orchid's relays disconnect a
+//! the client may then run up to `max_arrears` of debt. A delivery the gateway already wrote
+//! that leaves the arrears above it returns [`Verdict::Cutoff`], and the gateway tells the
+//! client ([`crate::control::Control::Cutoff`]) and stops serving it; one of the client's own
+//! frames that would is refused instead ([`Tab::charge_or_refuse`]: its ticket may be on the
+//! way), and the client is cut off once the arrears limit's worth were refused. Orchid's relays disconnect a
 //! client 128 KiB in arrears; the default here, 64 frames' worth, is about the same.
 //!
 //! The verdict is a function of the balance alone, not sticky: a client whose payment arrives
@@ -179,23 +181,17 @@ impl Tab {
         }
     }
 
-    /// Charges `frames` frames at the configured price: [`Verdict::Cutoff`] if the arrears
-    /// then exceed `max_arrears`. A tab already past the limit (its client was cut off and
-    /// came back) or prepaid without the credit refuses the frames instead
-    /// ([`Verdict::Unpaid`], not charged) until a payment brings it back, and cuts the client
-    /// off once the refused frames pass the arrears limit's worth.
+    /// Charges `frames` frames the gateway has already served (deliveries it wrote to the
+    /// client) at the configured price: [`Verdict::Cutoff`] if the arrears then exceed
+    /// `max_arrears`. A tab already past the limit (its client was cut off and came back) or
+    /// prepaid without the credit refuses the frames instead ([`Verdict::Unpaid`], not
+    /// charged) until a payment brings it back, and cuts the client off once the refused
+    /// frames pass the arrears limit's worth.
     pub fn charge(&mut self, frames: u64) -> Verdict {
         let amount = frames.saturating_mul(self.config.price);
         let over = self.arrears > self.config.max_arrears;
         if over || (self.prepaid && amount > self.credit) {
-            self.stats.unpaid_frames = self.stats.unpaid_frames.saturating_add(frames);
-            self.unpaid_streak = self.unpaid_streak.saturating_add(frames);
-            return if self.unpaid_streak.saturating_mul(self.config.price) > self.config.max_arrears
-            {
-                Verdict::Cutoff
-            } else {
-                Verdict::Unpaid
-            };
+            return self.refuse(frames);
         }
         self.stats.frames = self.stats.frames.saturating_add(frames);
         self.stats.charged = self.stats.charged.saturating_add(amount);
@@ -206,6 +202,39 @@ impl Tab {
             self.credit = 0;
         }
         self.verdict()
+    }
+
+    /// Charges `frames` of the client's own frames before they are served: charged if the
+    /// tab can take them ([`Tab::can_serve`]), refused otherwise ([`Verdict::Unpaid`]: not
+    /// charged, the gateway drops them), and the client cut off once the frames refused
+    /// since its last payment pass the arrears limit's worth.
+    ///
+    /// Refused rather than cut off at the limit: an honest client that pays as it goes can
+    /// still reach it, its tickets for the deliveries the gateway wrote to it being on their
+    /// way back (under load, a round trip holds more deliveries than the grace), and a
+    /// cut-off costs it its session and the deliveries in flight, which the gateway charged
+    /// and it never pays for, so it comes back in debt and is cut off again. Refusing costs
+    /// the gateway nothing, since it forwards nothing unpaid, and the client pays for the
+    /// frames it built all the same, so its next tickets bring the tab back. A client that
+    /// does not pay is cut off after the limit's worth of refused frames, as before.
+    pub fn charge_or_refuse(&mut self, frames: u64) -> Verdict {
+        if self.can_serve(frames) {
+            self.charge(frames)
+        } else {
+            self.refuse(frames)
+        }
+    }
+
+    /// Refuses `frames`: counted, not charged; [`Verdict::Cutoff`] once the refused frames
+    /// since the tab was last within its limit pass the arrears limit's worth.
+    fn refuse(&mut self, frames: u64) -> Verdict {
+        self.stats.unpaid_frames = self.stats.unpaid_frames.saturating_add(frames);
+        self.unpaid_streak = self.unpaid_streak.saturating_add(frames);
+        if self.unpaid_streak.saturating_mul(self.config.price) > self.config.max_arrears {
+            Verdict::Cutoff
+        } else {
+            Verdict::Unpaid
+        }
     }
 
     /// Whether `frames` more can be charged now within the tab's terms (neither refused nor
@@ -430,10 +459,16 @@ impl TabBook {
         self.tabs.get_mut(address).map(|k| &mut k.tab)
     }
 
-    /// Charges `frames` to `address`'s tab ([`Verdict::Cutoff`] if it has none).
+    /// [`Tab::charge`] to `address`'s tab ([`Verdict::Cutoff`] if it has none).
     pub fn charge(&mut self, address: &Address, frames: u64) -> Verdict {
         self.tab_mut(address)
             .map_or(Verdict::Cutoff, |t| t.charge(frames))
+    }
+
+    /// [`Tab::charge_or_refuse`] to `address`'s tab ([`Verdict::Cutoff`] if it has none).
+    pub fn charge_or_refuse(&mut self, address: &Address, frames: u64) -> Verdict {
+        self.tab_mut(address)
+            .map_or(Verdict::Cutoff, |t| t.charge_or_refuse(frames))
     }
 
     /// [`Tab::can_serve`] for `address`'s tab (false if it has none).
@@ -513,6 +548,39 @@ mod tests {
                 refused_tickets: 0,
             }
         );
+    }
+
+    /// A client's own frame that would take the arrears past the limit is refused, not a
+    /// cut-off (the old charge cut it off here), and its next payment brings the tab back;
+    /// a client that never pays is cut off once the refused frames pass the limit's worth,
+    /// having run up no more than the limit.
+    #[test]
+    fn own_frames_past_the_limit_are_refused_until_a_payment_then_cut_off() {
+        let config = TabConfig {
+            price: 10,
+            max_arrears: 50,
+            initial_credit: 30,
+        };
+        let mut tab = Tab::new(config).unwrap();
+        assert_eq!(tab.charge_or_refuse(8), Verdict::Serve);
+        assert_eq!(tab.arrears(), 50);
+        assert_eq!(tab.charge_or_refuse(1), Verdict::Unpaid);
+        assert_eq!(tab.arrears(), 50, "a refused frame is not charged");
+        tab.credit(20);
+        assert_eq!(tab.charge_or_refuse(1), Verdict::Serve);
+        assert_eq!(tab.arrears(), 40);
+        assert_eq!(tab.charge_or_refuse(1), Verdict::Serve);
+        // Never paying again: refused five times (the limit's worth), then cut off.
+        for _ in 0..5 {
+            assert_eq!(tab.charge_or_refuse(1), Verdict::Unpaid);
+        }
+        assert_eq!(tab.charge_or_refuse(1), Verdict::Cutoff);
+        assert_eq!(tab.arrears(), 50);
+        assert_eq!(tab.stats().unpaid_frames, 7);
+        // A delivery the gateway already wrote is charged as before: past the limit, cut off.
+        let mut tab = Tab::new(config).unwrap();
+        assert_eq!(tab.charge(8), Verdict::Serve);
+        assert_eq!(tab.charge(1), Verdict::Cutoff);
     }
 
     #[test]
@@ -701,10 +769,14 @@ mod tests {
 
     proptest::proptest! {
         /// Whatever sessions come and go, from however many keys on one address, the frames
-        /// served without payment stay within `grace_per_address` graces per window.
+        /// served without payment (the client's own, charged before, or deliveries, charged
+        /// after) stay within `grace_per_address` graces per window.
         #[test]
         fn free_service_per_address_is_bounded(
-            ops in proptest::collection::vec((0u32..20, 0u64..200, 0u64..30), 1..200),
+            ops in proptest::collection::vec(
+                (0u32..20, 0u64..200, 0u64..30, proptest::bool::ANY),
+                1..200,
+            ),
         ) {
             let grace_per_address = 2;
             let mut b = book(grace_per_address);
@@ -714,7 +786,7 @@ mod tests {
             let mut served = 0u64;
             let mut windows = 1u64;
             let mut window_start = t;
-            for (key, frames, wait) in ops {
+            for (key, frames, wait, own) in ops {
                 t = t + Duration::from_secs(wait);
                 if t.saturating_duration_since(window_start) >= Duration::from_secs(600) {
                     windows += 1;
@@ -725,7 +797,12 @@ mod tests {
                     continue;
                 }
                 for _ in 0..frames {
-                    if b.charge(&a, 1) == Verdict::Serve {
+                    let verdict = if own {
+                        b.charge_or_refuse(&a, 1)
+                    } else {
+                        b.charge(&a, 1)
+                    };
+                    if verdict == Verdict::Serve {
                         served += 1;
                     }
                 }

@@ -403,7 +403,7 @@ impl Gateway {
         result
     }
 
-    /// Charges one frame; if that would cut the client off while tickets of its wait for
+    /// Charges one delivery already written to the client; if that would cut the client off while tickets of its wait for
     /// their pot's lookup, waits for the ledger's answer (at most [`HELD_WAIT`]) and decides
     /// on the balance then.
     async fn charge_or_wait(&self, address: &Address, held: &mut VecDeque<Held>) -> Verdict {
@@ -422,6 +422,33 @@ impl Gateway {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         self.with_tab(address, |t| t.verdict())
+    }
+
+    /// Charges one of the client's own frames before it is forwarded
+    /// ([`Tab::charge_or_refuse`]): refused, not charged, where it would take the arrears
+    /// past the limit, and the client cut off once the frames refused since its last
+    /// payment pass the limit's worth. A frame that would be refused while tickets of the
+    /// client wait for their pot's lookup first waits for the ledger's answer (at most
+    /// [`HELD_WAIT`]).
+    async fn charge_own_frame(&self, address: &Address, held: &mut VecDeque<Held>) -> Verdict {
+        let room = |gateway: &Self| match &gateway.tabs {
+            Some(book) => book.lock().is_ok_and(|b| b.can_serve(address, 1)),
+            None => true,
+        };
+        let deadline = tokio::time::Instant::now() + HELD_WAIT;
+        while !room(self) && !held.is_empty() && tokio::time::Instant::now() < deadline {
+            self.settle_held(address, held).await;
+            if room(self) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        match &self.tabs {
+            Some(book) => book
+                .lock()
+                .map_or(Verdict::Cutoff, |mut b| b.charge_or_refuse(address, 1)),
+            None => Verdict::Serve,
+        }
     }
 
     /// The running totals of the tab of the client whose session address is `address`
@@ -713,7 +740,7 @@ impl Gateway {
                             ClientFrame::Forward { next_hop, key_epoch, packet, envelope } => {
                                 // Charged before it is served: a prepaid tab without credit
                                 // refuses it.
-                                match self.charge_or_wait(&address, &mut held).await {
+                                match self.charge_own_frame(&address, &mut held).await {
                                     Verdict::Serve => {
                                         self.forward(next_hop, key_epoch, *packet, envelope)
                                     }

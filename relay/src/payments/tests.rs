@@ -953,28 +953,31 @@ async fn gateway_client(
     pay: Option<(&SigningKey, IdentityKey, [u8; 32])>,
 ) -> (Vec<murmur_protocol::control::Control>, bool) {
     let key = murmur_protocol::link::LinkSecret::generate(&mut rand::rng());
-    let mut rng = ChaCha20Rng::seed_from_u64(11);
     client_session(addr, gateway_key, &key, frames, |i| {
         let (pot, gateway, commitment) = pay?;
-        if i % 16 != 15 {
-            return None;
-        }
-        let now = unix_now();
-        let terms = murmur_protocol::ticket::Terms::for_expected_value(16, 1_000_000).unwrap();
-        Some(Ticket::sign(
-            TicketFields {
-                recipient: gateway,
-                face_value: terms.face_value,
-                win_ratio: terms.win_ratio,
-                nonce: rand::RngExt::random(&mut rng),
-                issued: now,
-                expiry: now + 7_200,
-                commitment,
-            },
-            pot,
-        ))
+        (i % 16 == 15).then(|| ticket_worth(pot, gateway, commitment, 16, i as u64))
     })
     .await
+}
+
+/// A ticket from `pot` for the gateway `to` worth `expected_value` base units.
+fn ticket_worth(
+    pot: &SigningKey,
+    to: IdentityKey,
+    commitment: [u8; 32],
+    expected_value: u64,
+    nonce: u64,
+) -> Ticket {
+    let terms =
+        murmur_protocol::ticket::Terms::for_expected_value(expected_value, 1_000_000).unwrap();
+    gateway_ticket(
+        pot,
+        to,
+        commitment,
+        terms.face_value,
+        terms.win_ratio,
+        nonce,
+    )
 }
 
 /// A client with link key `key`: sends `frames` Forward frames to the gateway at `addr`, each
@@ -1103,7 +1106,8 @@ async fn paid_gateway(
 }
 
 /// A gateway that takes payments serves a client that pays as it goes, and cuts off one
-/// that does not once its arrears pass the tab's limit (64 frames of credit, 64 of arrears).
+/// that does not: 64 frames of credit, 64 of arrears, then its frames are refused (an
+/// honest client's ticket may be on its way), and once 64 were refused the next cuts it off.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_gateway_cuts_off_a_client_that_does_not_pay() {
     use murmur_protocol::control::Control;
@@ -1120,12 +1124,51 @@ async fn the_gateway_cuts_off_a_client_that_does_not_pay() {
     assert!(controls.is_empty(), "a paying client was told {controls:?}");
     assert!(!closed, "a paying client was disconnected");
 
-    // Paying nothing: 64 frames on credit, 64 in arrears, and the 129th cuts it off, with a
-    // Cutoff first. (Exactly 129 frames: frames the gateway never reads would make its close
-    // a reset, which can discard the Cutoff before the client reads it.)
-    let (controls, closed) = gateway_client(addr, gateway_key, 129, None).await;
+    // Paying nothing: 64 frames on credit, 64 in arrears, 64 refused, and the 193rd cuts it
+    // off, with a Cutoff first. (Exactly 193 frames: frames the gateway never reads would
+    // make its close a reset, which can discard the Cutoff before the client reads it.)
+    let (controls, closed) = gateway_client(addr, gateway_key, 193, None).await;
     assert_eq!(controls, vec![Control::Cutoff]);
     assert!(closed, "a client in arrears stays connected");
+    stop.cancel();
+    node.join().await;
+    ledger_stop.cancel();
+}
+
+/// A client whose tickets lag behind what the gateway charged (under load, a round trip
+/// holds more deliveries than the grace) reaches the arrears limit: its next frames are
+/// refused, not a cut-off, and its late ticket brings it back, served from then on. The
+/// gateway used to cut it off at the first frame past the limit; the client, back in debt
+/// for the deliveries lost with the session, was cut off again at each reconnect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_whose_ticket_is_late_is_refused_a_moment_not_cut_off() {
+    let dir = TempDir::new().unwrap();
+    let (url, ledger_id, _client, ledger_stop) = http_ledger(dir.path()).await;
+    let (node, commitment, stop) = paid_gateway(dir.path(), &url, ledger_id, "").await;
+    let addr = node.client_addr().unwrap();
+    let pot = payer(0);
+    let gateway = id(&relay_key());
+    let key = murmur_protocol::link::LinkSecret::generate(&mut rand::rng());
+    // 128 frames on credit and arrears, 12 refused, then a ticket for 64 frames (the most
+    // one ticket credits), then 16 frames' worth every 16 frames.
+    let (controls, closed) = client_session(addr, node.link_public(), &key, 240, |i| {
+        let value = match i {
+            139 => 64,
+            i if i > 139 && i % 16 == 15 => 16,
+            _ => return None,
+        };
+        Some(ticket_worth(&pot, gateway, commitment, value, i as u64))
+    })
+    .await;
+    assert!(
+        !controls.contains(&murmur_protocol::control::Control::Cutoff),
+        "{controls:?}"
+    );
+    assert!(!closed, "a client that paid late was disconnected");
+    let address = murmur_protocol::link::session_address(&key.public());
+    let stats = node.gateway().unwrap().tab_stats(&address).unwrap();
+    assert_eq!(stats.unpaid_frames, 12, "{stats:?}");
+    assert_eq!(stats.frames, 228, "{stats:?}");
     stop.cancel();
     node.join().await;
     ledger_stop.cancel();

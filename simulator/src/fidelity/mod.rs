@@ -537,7 +537,8 @@ impl<'a> World<'a> {
                 envelope,
                 ..
             } => {
-                if c.tab.charge(1) == Verdict::Cutoff {
+                // Charged as the gateway charges a client's own frames, before it serves them.
+                if c.tab.charge_or_refuse(1) == Verdict::Cutoff {
                     self.counts.gateway_cutoff_verdicts += 1;
                 }
                 self.relays[gateway as usize].counts.gateway_frames += 1;
