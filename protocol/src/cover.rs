@@ -217,7 +217,7 @@ pub enum Stock {
 pub struct PacerWants {
     pub drops: usize,
     pub loops: usize,
-    /// Fewer real packets wait for a tick than [`PACER_REAL_STOCK`].
+    /// Fewer real packets wait for a tick than the real stock holds ([`PACER_REAL_SPAN`]).
     pub real: bool,
     /// No drop cover is left: the next tick without a real packet would find nothing.
     pub none_left: bool,
@@ -311,16 +311,26 @@ pub const PACER_STOCK_SPAN: Duration = Duration::from_millis(50);
 /// Most packets of one kind a [`Pacer`] keeps built.
 pub const PACER_MAX_STOCK: usize = 64;
 
-/// Real packets a [`Pacer`] keeps built. One is not enough: a tick that comes sooner after
+/// Real packets a [`Pacer`] keeps built, at least. One is not enough: a tick that comes sooner after
 /// the last than building a packet and its reply blocks takes (a sixth of λ_P ticks at
 /// 100/s on the 2-core machine) would find none and send cover while data waits; two cost a
 /// message one tick's wait more before it leaves.
 pub const PACER_REAL_STOCK: usize = 2;
 
+/// How far ahead a [`Pacer`]'s real stock reaches beyond [`PACER_REAL_STOCK`]: the λ_P
+/// ticks of this long. At λ_P = 400/s on the 2-core machine, with the whole local network
+/// on its cores, the session thread waited to be scheduled longer than two ticks (5 ms) at
+/// about one tick in ten, and each such tick went as cover while a download's data waited
+/// (0.86-0.89 of its λ_P bound with two packets, 0.90-1.0 with eight). The cost is bounded:
+/// a message that finds the stock full of a bulk transfer's packets leaves at most this
+/// much later; when nothing waits the stock is empty and a message leaves at the next tick.
+pub const PACER_REAL_SPAN: Duration = Duration::from_millis(20);
+
 /// The client's send schedule kept apart from the work of building packets: the three
 /// Loopix streams of [`ClientCover`], fed from small stocks of packets built ahead
-/// ([`PACER_REAL_STOCK`] real; drop and loop cover for [`PACER_STOCK_SPAN`] of their ticks,
-/// at least 4 drops and 1 loop). A tick only takes a built packet, so the
+/// (real packets for [`PACER_REAL_SPAN`] of λ_P's ticks, at least [`PACER_REAL_STOCK`];
+/// drop and loop cover for [`PACER_STOCK_SPAN`] of their ticks, at least 4 drops and 1
+/// loop). A tick only takes a built packet, so the
 /// moments packets leave stay exactly the Poisson schedule whatever building costs, as long
 /// as whoever builds keeps the stocks filled ([`Pacer::wants`]).
 ///
@@ -333,6 +343,7 @@ pub struct Pacer<F> {
     loops: VecDeque<F>,
     drop_stock: usize,
     loop_stock: usize,
+    real_stock: usize,
     stats: PacerStats,
     /// λ_P + λ_L + λ_D.
     rate_per_s: f64,
@@ -341,28 +352,29 @@ pub struct Pacer<F> {
 impl<F> Pacer<F> {
     /// A schedule at `rates` from `now`.
     pub fn new<R: Rng + ?Sized>(rates: ClientRates, now: Instant, rng: &mut R) -> Result<Self> {
-        let (drop_stock, loop_stock) = Self::stocks_for(rates);
+        let (drop_stock, loop_stock, real_stock) = Self::stocks_for(rates);
         Ok(Pacer {
             cover: ClientCover::new(rates, now, rng)?,
             drops: VecDeque::new(),
             loops: VecDeque::new(),
             drop_stock,
             loop_stock,
+            real_stock,
             stats: PacerStats::default(),
             rate_per_s: rates.total(),
         })
     }
 
-    /// Drop and loop cover kept built at `rates`.
-    fn stocks_for(rates: ClientRates) -> (usize, usize) {
-        let span = PACER_STOCK_SPAN.as_secs_f64();
-        let stock = |rate: f64, least: usize| {
+    /// Drop cover, loop cover and real packets kept built at `rates`.
+    fn stocks_for(rates: ClientRates) -> (usize, usize, usize) {
+        let stock = |rate: f64, span: Duration, least: usize| {
             // Rates are finite (checked by `ClientCover::new`); the cast saturates.
-            ((rate * span).ceil() as usize).clamp(least, PACER_MAX_STOCK)
+            ((rate * span.as_secs_f64()).ceil() as usize).clamp(least, PACER_MAX_STOCK)
         };
         (
-            stock(rates.lambda_p + rates.lambda_d, 4),
-            stock(rates.lambda_l, 1),
+            stock(rates.lambda_p + rates.lambda_d, PACER_STOCK_SPAN, 4),
+            stock(rates.lambda_l, PACER_STOCK_SPAN, 1),
+            stock(rates.lambda_p, PACER_REAL_SPAN, PACER_REAL_STOCK),
         )
     }
 
@@ -379,7 +391,7 @@ impl<F> Pacer<F> {
         }
         self.cover = cover;
         self.rate_per_s = rates.total();
-        (self.drop_stock, self.loop_stock) = Self::stocks_for(rates);
+        (self.drop_stock, self.loop_stock, self.real_stock) = Self::stocks_for(rates);
         Ok(())
     }
 
@@ -393,14 +405,14 @@ impl<F> Pacer<F> {
         PacerWants {
             drops: self.drop_stock.saturating_sub(self.drops.len()),
             loops: self.loop_stock.saturating_sub(self.loops.len()),
-            real: self.cover.queued() < PACER_REAL_STOCK,
+            real: self.cover.queued() < self.real_stock,
             none_left: self.drops.is_empty(),
         }
     }
 
     /// Packets the stocks hold when full: drop cover, loop cover and real.
     pub fn capacity(&self) -> usize {
-        self.drop_stock + self.loop_stock + PACER_REAL_STOCK
+        self.drop_stock + self.loop_stock + self.real_stock
     }
 
     /// Adds a built packet to its stock. A stock already full takes it anyway (the builder
@@ -617,6 +629,32 @@ mod tests {
             stats.real > 100 && stats.drops > 100 && stats.loops > 10,
             "{stats:?}"
         );
+    }
+
+    /// The real stock reaches `PACER_REAL_SPAN` of λ_P's ticks (eight at 400/s), never fewer
+    /// than `PACER_REAL_STOCK`, and follows new rates.
+    #[test]
+    fn the_real_stock_reaches_a_span_of_ticks() {
+        let mut rng = ChaCha20Rng::seed_from_u64(13);
+        let real_wanted = |pacer: &Pacer<u32>| {
+            let mut p = pacer.clone();
+            let mut n = 0;
+            while p.wants().real {
+                p.push(Stock::Real, 0);
+                n += 1;
+            }
+            n
+        };
+        let mut pacer = Pacer::<u32>::new(rates(400.0, 2.0, 2.0), Instant::ZERO, &mut rng).unwrap();
+        assert_eq!(real_wanted(&pacer), 8);
+        pacer
+            .set_rates(rates(100.0, 2.0, 2.0), Instant::ZERO, &mut rng)
+            .unwrap();
+        assert_eq!(real_wanted(&pacer), PACER_REAL_STOCK);
+        pacer
+            .set_rates(rates(1.0, 1.0, 1.0), Instant::ZERO, &mut rng)
+            .unwrap();
+        assert_eq!(real_wanted(&pacer), PACER_REAL_STOCK);
     }
 
     #[test]
