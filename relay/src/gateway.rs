@@ -407,9 +407,9 @@ impl Gateway {
         result
     }
 
-    /// Charges one delivery already written to the client; if that would cut the client off while tickets of its wait for
-    /// their pot's lookup, waits for the ledger's answer (at most [`HELD_WAIT`]) and decides
-    /// on the balance then.
+    /// Charges one delivery already written to the client; if that would cut the client off
+    /// while tickets of its wait for their pot's lookup, waits for the ledger's answer (at
+    /// most [`HELD_WAIT`]) and decides on the balance then.
     async fn charge_or_wait(&self, address: &Address, held: &mut VecDeque<Held>) -> Verdict {
         let verdict = self.charge(address, 1);
         if verdict != Verdict::Cutoff || held.is_empty() {
@@ -441,7 +441,10 @@ impl Gateway {
         };
         let deadline = tokio::time::Instant::now() + HELD_WAIT;
         while !room(self) && !held.is_empty() && tokio::time::Instant::now() < deadline {
-            self.settle_held(address, held).await;
+            // A held ticket's pot turned out unknown or short: the session ends.
+            if self.settle_held(address, held).await == Verdict::Cutoff {
+                return Verdict::Cutoff;
+            }
             if room(self) {
                 break;
             }
