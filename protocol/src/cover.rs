@@ -311,10 +311,10 @@ pub const PACER_STOCK_SPAN: Duration = Duration::from_millis(50);
 /// Most packets of one kind a [`Pacer`] keeps built.
 pub const PACER_MAX_STOCK: usize = 64;
 
-/// Real packets a [`Pacer`] keeps built, at least. One is not enough: a tick that comes sooner after
-/// the last than building a packet and its reply blocks takes (a sixth of λ_P ticks at
-/// 100/s on the 2-core machine) would find none and send cover while data waits; two cost a
-/// message one tick's wait more before it leaves.
+/// Real packets a [`Pacer`] keeps built, at least. One is not enough: a tick that comes
+/// sooner after the last than building a packet and its reply blocks takes (a sixth of λ_P
+/// ticks at 100/s on the 2-core machine) would find none and send cover while data waits;
+/// two cost a message one tick's wait more before it leaves.
 pub const PACER_REAL_STOCK: usize = 2;
 
 /// How far ahead a [`Pacer`]'s real stock reaches beyond [`PACER_REAL_STOCK`]: the λ_P

@@ -8,8 +8,9 @@
 //! that leaves the arrears above it returns [`Verdict::Cutoff`], and the gateway tells the
 //! client ([`crate::control::Control::Cutoff`]) and stops serving it; one of the client's own
 //! frames that would is refused instead ([`Tab::charge_or_refuse`]: its ticket may be on the
-//! way), and the client is cut off once the arrears limit's worth were refused. Orchid's relays disconnect a
-//! client 128 KiB in arrears; the default here, 64 frames' worth, is about the same.
+//! way), and the client is cut off once the arrears limit's worth were refused. Orchid's
+//! relays disconnect a client 128 KiB in arrears; the default here, 64 frames' worth, is
+//! about the same.
 //!
 //! The verdict is a function of the balance alone, not sticky: a client whose payment arrives
 //! after a `Cutoff` verdict is served again on its next charge, should the gateway keep the
@@ -465,12 +466,6 @@ impl TabBook {
             .map_or(Verdict::Cutoff, |t| t.charge(frames))
     }
 
-    /// [`Tab::charge_or_refuse`] to `address`'s tab ([`Verdict::Cutoff`] if it has none).
-    pub fn charge_or_refuse(&mut self, address: &Address, frames: u64) -> Verdict {
-        self.tab_mut(address)
-            .map_or(Verdict::Cutoff, |t| t.charge_or_refuse(frames))
-    }
-
     /// [`Tab::can_serve`] for `address`'s tab (false if it has none).
     pub fn can_serve(&self, address: &Address, frames: u64) -> bool {
         self.tab(address).is_some_and(|t| t.can_serve(frames))
@@ -798,7 +793,7 @@ mod tests {
                 }
                 for _ in 0..frames {
                     let verdict = if own {
-                        b.charge_or_refuse(&a, 1)
+                        b.tab_mut(&a).map_or(Verdict::Cutoff, |t| t.charge_or_refuse(1))
                     } else {
                         b.charge(&a, 1)
                     };

@@ -435,27 +435,21 @@ impl Gateway {
     /// client wait for their pot's lookup first waits for the ledger's answer (at most
     /// [`HELD_WAIT`]).
     async fn charge_own_frame(&self, address: &Address, held: &mut VecDeque<Held>) -> Verdict {
-        let room = |gateway: &Self| match &gateway.tabs {
-            Some(book) => book.lock().is_ok_and(|b| b.can_serve(address, 1)),
-            None => true,
-        };
         let deadline = tokio::time::Instant::now() + HELD_WAIT;
-        while !room(self) && !held.is_empty() && tokio::time::Instant::now() < deadline {
+        while !self.has_room(address, 1)
+            && !held.is_empty()
+            && tokio::time::Instant::now() < deadline
+        {
             // A held ticket's pot turned out unknown or short: the session ends.
             if self.settle_held(address, held).await == Verdict::Cutoff {
                 return Verdict::Cutoff;
             }
-            if room(self) {
+            if self.has_room(address, 1) {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        match &self.tabs {
-            Some(book) => book
-                .lock()
-                .map_or(Verdict::Cutoff, |mut b| b.charge_or_refuse(address, 1)),
-            None => Verdict::Serve,
-        }
+        self.with_tab(address, |t| t.charge_or_refuse(1))
     }
 
     /// The running totals of the tab of the client whose session address is `address`
@@ -474,10 +468,14 @@ impl Gateway {
     /// frames already on their way (always, without tabs): a delivery that took the last of
     /// the room would leave the client's next packet to cut it off.
     fn can_serve(&self, address: &Address) -> bool {
+        self.has_room(address, 1 + CLIENT_FRAMES_IN_FLIGHT)
+    }
+
+    /// Whether `address`'s tab can be charged `frames` within its terms (always, without
+    /// tabs; never for an address without a tab).
+    fn has_room(&self, address: &Address, frames: u64) -> bool {
         match &self.tabs {
-            Some(book) => book
-                .lock()
-                .is_ok_and(|b| b.can_serve(address, 1 + CLIENT_FRAMES_IN_FLIGHT)),
+            Some(book) => book.lock().is_ok_and(|b| b.can_serve(address, frames)),
             None => true,
         }
     }
