@@ -166,6 +166,8 @@ const CLIENT_FRAMES_IN_FLIGHT: u64 = 32;
 /// The longest deliveries are held back for a client's payment (an honest client's ticket
 /// is back within a round trip to its gateway).
 const DELIVERY_HOLD: Duration = Duration::from_millis(500);
+/// How often a gateway that has no consensus yet looks whether one is in force.
+const CONSENSUS_POLL: Duration = Duration::from_millis(20);
 
 /// A ticket accepted from a pot still being looked up: its credit waits.
 struct Held {
@@ -309,6 +311,9 @@ impl Gateway {
             }
         };
         tracker.spawn(sweeper);
+        if !self.wait_for_consensus(&shutdown).await {
+            return;
+        }
         loop {
             let (stream, peer): (TcpStream, SocketAddr) = tokio::select! {
                 _ = shutdown.cancelled() => return,
@@ -342,6 +347,32 @@ impl Gateway {
                 gw.gate.closed(established);
             });
         }
+    }
+
+    /// Waits until a consensus is in force (false if shut down first). Until then the gateway
+    /// knows no layer-1 mix, and every packet a client sent would be dropped
+    /// (`first_hop_not_layer1`): a client that has the consensus before its gateway does (both
+    /// fetch it when the directory publishes) waits in the listen backlog instead, its
+    /// handshake unanswered, and retries if its handshake timeout passes first.
+    async fn wait_for_consensus(&self, shutdown: &CancellationToken) -> bool {
+        let ready = || {
+            self.links
+                .routes()
+                .read()
+                .map(|r| r.has_consensus())
+                .unwrap_or(false)
+        };
+        if !ready() {
+            tracing::info!("gateway: taking clients once a consensus is in force");
+        }
+        let mut tick = tokio::time::interval(CONSENSUS_POLL);
+        while !ready() {
+            tokio::select! {
+                _ = shutdown.cancelled() => return false,
+                _ = tick.tick() => {}
+            }
+        }
+        true
     }
 
     /// WebSocket upgrade, Noise handshake and hello: the link and the session address, which is
@@ -935,8 +966,17 @@ mod tests {
     use super::*;
     use murmur_client_link::{ClientLink, LinkFailure};
 
-    /// A gateway relay on loopback (no directory, no payments) with `gateway` config lines.
+    /// A gateway relay on loopback (no directory, no payments) with `gateway` config lines, and
+    /// a consensus in force (any: the tests' packets are not routed).
     async fn gateway(extra: &str) -> (Arc<crate::Node>, CancellationToken, tempfile::TempDir) {
+        let (node, stop, dir) = gateway_without_consensus(extra).await;
+        node.apply_consensus(Arc::new(crate::payments::tests::any_consensus()));
+        (node, stop, dir)
+    }
+
+    async fn gateway_without_consensus(
+        extra: &str,
+    ) -> (Arc<crate::Node>, CancellationToken, tempfile::TempDir) {
         let dir = tempfile::TempDir::new().unwrap();
         let text = format!(
             "version = 1\n[relay]\nfamily = \"op\"\nroles = [\"gateway\"]\nstate_dir = \"{}\"\n\
@@ -957,6 +997,26 @@ mod tests {
             .await
             .unwrap();
         ClientLink::open(stream, &node.link_public(), key).await
+    }
+
+    /// A gateway with no consensus knows no layer-1 mix, so every packet a client sent would be
+    /// dropped: it leaves clients unanswered in its backlog until a consensus is in force,
+    /// then takes them. (It used to take them at once.)
+    #[tokio::test]
+    async fn a_gateway_takes_clients_only_once_a_consensus_is_in_force() {
+        let (node, stop, _dir) = gateway_without_consensus("").await;
+        let key = LinkSecret::generate(&mut rand::rng());
+        let early = tokio::time::timeout(Duration::from_millis(500), open(&node, &key)).await;
+        assert!(
+            early.is_err(),
+            "the gateway answered a handshake without a consensus"
+        );
+        node.apply_consensus(Arc::new(crate::payments::tests::any_consensus()));
+        let link = tokio::time::timeout(Duration::from_secs(5), open(&node, &key))
+            .await
+            .expect("no answer once a consensus is in force");
+        assert!(link.is_ok(), "{:?}", link.err());
+        stop.cancel();
     }
 
     /// Dials with `key` and says hello for `claimed`; what the gateway answers.

@@ -81,6 +81,11 @@ impl Routes {
         routes
     }
 
+    /// Whether these routes came from a consensus (none has been applied yet otherwise).
+    pub fn has_consensus(&self) -> bool {
+        self.epoch.is_some()
+    }
+
     /// Puts the authorities' probers in force (replacing the ones before). A prober's
     /// address never shadows a relay of the consensus.
     pub fn set_probers(&mut self, probers: Vec<ProberCard>) {

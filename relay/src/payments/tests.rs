@@ -1076,6 +1076,23 @@ async fn http_ledger(
 
 /// A gateway relay taking payments at `ledger`, with keys for the current epoch; the node,
 /// its epoch's commitment, and what stops it.
+/// A consensus of one mix per layer (for a gateway that needs one in force).
+pub(crate) fn any_consensus() -> murmur_protocol::directory::Consensus {
+    use murmur_protocol::directory::synthetic::{SyntheticNetwork, generate};
+    use rand::SeedableRng;
+    generate(
+        &mut rand_chacha::ChaCha20Rng::seed_from_u64(1),
+        &SyntheticNetwork {
+            mixes_per_layer: 1,
+            gateways: 0,
+            exits: 0,
+            params: murmur_protocol::directory::NetworkParams::nym_like(),
+            epoch: 1,
+        },
+    )
+    .0
+}
+
 async fn paid_gateway(
     dir: &Path,
     ledger: &str,
@@ -1097,6 +1114,9 @@ async fn paid_gateway(
     let node = crate::Node::start(config, relay_key(), stop.clone())
         .await
         .unwrap();
+    // A gateway takes clients once a consensus is in force: any will do here, the clients'
+    // packets are only charged (and dropped, their first hops unknown).
+    node.apply_consensus(Arc::new(any_consensus()));
     // The key epoch by the relay's own epoch length (the default, 20 minutes).
     let epoch_length = node.payments().unwrap().params().epoch_length_s;
     let epoch = Epoch::try_from(unix_now() / epoch_length).unwrap();
