@@ -15,12 +15,14 @@ use murmur_protocol::cover::{Pacer, StockFill};
 use murmur_protocol::directory::path::PathRules;
 use murmur_protocol::directory::{ChainAddress, Consensus, IdentityKey};
 use murmur_protocol::envelope::Envelope;
+use murmur_protocol::exit::REPLY_DATA_LEN;
 use murmur_protocol::fragment::Fragment;
 use murmur_protocol::frame::Frame;
 use murmur_protocol::hop::{self, Action, HopKey, Payee};
 use murmur_protocol::packet::{Address, Packet, ReplayTag, StaticSecret, recover_plaintext};
 use murmur_protocol::payer::{Payer, PayerConfig};
 use murmur_protocol::payload::Content;
+use murmur_protocol::session::reply_blocks::BLOCKS_PER_MESSAGE;
 use murmur_protocol::session::{
     ClientSession, Event, SessionConfig, SessionError, StreamFailure, Timer,
 };
@@ -30,6 +32,16 @@ use murmur_protocol::ticket::{CoSignature, Ticket};
 use murmur_protocol::time::Instant;
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha20Rng;
+
+/// A stream the test exit sends data on without end.
+#[derive(Debug)]
+struct Bulk {
+    session: u64,
+    stream: murmur_protocol::stream::StreamId,
+    next: u64,
+    acked: u64,
+    window: u64,
+}
 
 struct Net {
     consensus: Arc<Consensus>,
@@ -49,6 +61,20 @@ struct Net {
     rng: ChaCha20Rng,
     /// Deliveries for the client: (surb id, payload).
     inbox: Vec<([u8; 16], Vec<u8>)>,
+    /// If set, each delivery for the client reaches it after an exponential delay of this
+    /// mean (a reply's crossing of the mixes), from `now`; until then it is in `in_transit`.
+    delivery_delay: Option<Duration>,
+    in_transit: Vec<(Instant, [u8; 16], Vec<u8>)>,
+    now: Instant,
+    /// Streams opened to this port get data without end, a reply's worth for each reply block
+    /// the exit holds, within the stream's window: [`Bulk`].
+    bulk_port: u16,
+    bulk: Vec<Bulk>,
+    /// Reply blocks the exit was given, so that a message that arrives twice (re-sent, its
+    /// acknowledgement late) does not hand it the same blocks again: a block used twice
+    /// brings the client a reply it no longer has the key for, and the bulk streams here
+    /// never re-send.
+    blocks_seen: std::collections::HashSet<Vec<u8>>,
     received_by_exit: Vec<u8>,
     /// Packets each relay processed (by Sphinx address), and the expected value of the
     /// tickets it was paid with; for the gateway, frames it forwarded or delivered.
@@ -95,6 +121,12 @@ impl Net {
             loss,
             rng,
             inbox: Vec::new(),
+            delivery_delay: None,
+            in_transit: Vec::new(),
+            now: Instant::ZERO,
+            bulk_port: 9,
+            bulk: Vec::new(),
+            blocks_seen: Default::default(),
             received_by_exit: Vec::new(),
             carried: HashMap::new(),
             paid: HashMap::new(),
@@ -195,7 +227,14 @@ impl Net {
                 }
                 Action::Deliver(d) => {
                     if d.destination == self.client {
-                        self.inbox.push((d.surb_id, d.payload.to_vec()));
+                        match self.delivery_delay {
+                            Some(mean) => {
+                                let u: f64 = self.rng.random();
+                                let due = self.now + mean.mul_f64(-(1.0 - u).ln());
+                                self.in_transit.push((due, d.surb_id, d.payload.to_vec()));
+                            }
+                            None => self.inbox.push((d.surb_id, d.payload.to_vec())),
+                        }
                     } else if at == self.exit && d.destination == self.exit {
                         self.exit_receives(&d.payload[..]);
                     }
@@ -235,7 +274,18 @@ impl Net {
         for item in msg.items {
             match item {
                 ClientItem::Surbs(blocks) => {
-                    self.surbs.entry(msg.session).or_default().extend(blocks)
+                    let fresh: Vec<ReplyBlock> = blocks
+                        .into_iter()
+                        .filter(|b| self.blocks_seen.insert(b.to_bytes().to_vec()))
+                        .collect();
+                    self.surbs.entry(msg.session).or_default().extend(fresh)
+                }
+                ClientItem::Ack { stream, offset } => {
+                    for b in &mut self.bulk {
+                        if (b.session, b.stream) == (msg.session, stream) {
+                            b.acked = b.acked.max(offset);
+                        }
+                    }
                 }
                 ClientItem::Open {
                     stream,
@@ -243,7 +293,22 @@ impl Net {
                     window,
                 } => {
                     // A re-sent open (its answer was lost) gets the same answer again.
-                    if target.port() == self.refuse_port {
+                    if target.port() == self.bulk_port {
+                        answers.push(ExitItem::Opened { stream, window });
+                        if !self
+                            .bulk
+                            .iter()
+                            .any(|b| (b.session, b.stream) == (msg.session, stream))
+                        {
+                            self.bulk.push(Bulk {
+                                session: msg.session,
+                                stream,
+                                next: 0,
+                                acked: 0,
+                                window: u64::from(window),
+                            });
+                        }
+                    } else if target.port() == self.refuse_port {
                         answers.push(ExitItem::Refused {
                             stream,
                             reason: Refusal::NotAllowed,
@@ -294,6 +359,39 @@ impl Net {
                 );
             }
         }
+        self.pump_bulk(msg.session);
+    }
+
+    /// Spends every reply block `session` holds on its bulk stream's data within its window,
+    /// each reply a full one and saying how many blocks are left, as the exit does.
+    fn pump_bulk(&mut self, session: u64) {
+        let Some(i) = self.bulk.iter().position(|b| b.session == session) else {
+            return;
+        };
+        while let Some(have) = self
+            .surbs
+            .get(&session)
+            .and_then(|v| v.len().checked_sub(1))
+        {
+            let b = &mut self.bulk[i];
+            if b.next + REPLY_DATA_LEN as u64 > b.acked + b.window {
+                return;
+            }
+            let (stream, offset) = (b.stream, b.next);
+            let bytes = vec![(offset % 251) as u8; REPLY_DATA_LEN];
+            b.next += bytes.len() as u64;
+            let items = vec![
+                ExitItem::Data {
+                    stream,
+                    offset,
+                    bytes,
+                },
+                ExitItem::SurbsHeld {
+                    have: u16::try_from(have).unwrap_or(u16::MAX),
+                },
+            ];
+            self.send_reply(session, ExitMessage { items });
+        }
     }
 }
 
@@ -340,6 +438,14 @@ fn drive_with(
             }
             to_net(net, frame);
         }
+        net.now = now;
+        let (due, later) = std::mem::take(&mut net.in_transit)
+            .into_iter()
+            .partition(|(at, ..)| *at <= now);
+        net.in_transit = later;
+        let due: Vec<(Instant, [u8; 16], Vec<u8>)> = due;
+        net.inbox
+            .extend(due.into_iter().map(|(_, id, payload)| (id, payload)));
         for (id, payload) in std::mem::take(&mut net.inbox) {
             net.gateway_frame();
             session.handle_delivery(id, &payload, now, rng);
@@ -600,6 +706,54 @@ fn a_streams_bytes_arriving_before_its_opened_reply_still_follow_opened() {
     let data = data_of(&events, id);
     assert_eq!(data, net.answer);
     assert!(events.contains(&Event::Eof(id)), "{events:?}");
+}
+
+/// A download whose replies take 100 ms on average to cross back (exponentially
+/// distributed, as over independent mix routes) runs at the λ_P bound: the stock of reply
+/// blocks at the exit grows past its floor of 48 to cover the round trip (about 80 blocks are
+/// on their way back at this rate), and nearly every packet the client sends carries a
+/// packet's worth of blocks. (The exit says with each reply how many blocks it has left, as
+/// the exit does, and never sends beyond the stream's window.)
+#[test]
+fn a_download_over_a_long_round_trip_keeps_the_exit_stocked() {
+    let mut net = Net::new(1, 0.0);
+    net.delivery_delay = Some(Duration::from_millis(100));
+    // The delays the client expects of four hops: 25 ms a hop (what it waits for reordered
+    // replies to fill a gap before it reports it).
+    let mut consensus = (*net.consensus).clone();
+    consensus.params.mu = 40.0;
+    net.consensus = Arc::new(consensus);
+    let mut rng = ChaCha20Rng::seed_from_u64(4);
+    let mut session = session_with(&net, &mut rng, |c| {
+        // A window and an acknowledgement timeout for this round trip, whose spread is wide:
+        // neither should be what limits the download.
+        c.stream_window = 8 << 20;
+        c.ack_slack = Duration::from_millis(800);
+    });
+    let id = session
+        .open_stream(
+            Target::Host("example.com".into(), net.bulk_port),
+            None,
+            &mut rng,
+        )
+        .unwrap();
+    let (events, now) = drive(&mut net, &mut session, &mut rng, Instant::ZERO, 600);
+    assert!(events.contains(&Event::Opened(id)), "{events:?}");
+    let before = session.stats();
+    let steps = 400;
+    let (events, _) = drive(&mut net, &mut session, &mut rng, now, steps);
+    let seconds = steps as f64 * 0.005;
+    let bound = common::params(2.0).lambda_p * (BLOCKS_PER_MESSAGE * REPLY_DATA_LEN) as f64;
+    let rate = data_of(&events, id).len() as f64 / seconds;
+    let stats = session.stats();
+    assert!(
+        rate >= 0.85 * bound,
+        "{rate:.0} B/s, {:.2} of the bound; {} packets, {} blocks, {} replies",
+        rate / bound,
+        stats.real_sent - before.real_sent,
+        stats.reply_blocks_sent - before.reply_blocks_sent,
+        stats.replies - before.replies
+    );
 }
 
 #[test]
