@@ -176,6 +176,7 @@ impl Board {
                 loops_returned: s.loops_returned,
                 loops_missing: s.loops_missing,
                 retransmits: s.retransmits,
+                unacknowledged_sent: s.unacknowledged_sent,
                 replies: s.replies,
                 acks: s.acks,
                 frames_dropped: load(driver.as_ref().map(|d| &d.frames_dropped)),

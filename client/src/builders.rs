@@ -1,7 +1,7 @@
 //! Reply blocks built on worker threads, ahead of need.
 //!
 //! A reply block is the session's costliest build (a few hundred microseconds of scalar
-//! multiplications), and a download spends one per reply: at λ_P = 400/s, up to 1,600 a
+//! multiplications), and a download spends one per reply: at λ_P = 400/s, up to 2,000 a
 //! second, more than the session thread can build while it also opens the replies. So the
 //! session chooses each block's route, delays and identifier (what needs its state) and
 //! hands the rest to a small pool of workers, one per core; what they build waits in the

@@ -579,6 +579,7 @@ async fn report_stats(handle: SessionHandle, shutdown: CancellationToken) {
             loops_returned = s.loops_returned,
             loops_missing = s.loops_missing,
             retransmits = s.retransmits,
+            unacknowledged_sent = s.unacknowledged_sent,
             replies = s.replies,
             acks = s.acks,
             unknown_deliveries = s.unknown_deliveries,

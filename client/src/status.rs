@@ -95,6 +95,9 @@ pub struct TrafficStatus {
     pub loops_returned: u64,
     pub loops_missing: u64,
     pub retransmits: u64,
+    /// Real packets sent without a SURB-ACK (reply blocks and acks alone, never re-sent).
+    #[serde(default)]
+    pub unacknowledged_sent: u64,
     pub replies: u64,
     pub acks: u64,
     pub frames_dropped: u64,
@@ -235,9 +238,10 @@ impl Status {
         let t = &self.traffic;
         let _ = writeln!(
             out,
-            "packets   {} real, {} cover, {} loops ({} back, {} missing), {} retransmitted, {} \
-             replies, {} acks, {} dropped at the link, {} ticks missed",
+            "packets   {} real ({} without a SURB-ACK), {} cover, {} loops ({} back, {} missing), \
+             {} retransmitted, {} replies, {} acks, {} dropped at the link, {} ticks missed",
             t.real_sent,
+            t.unacknowledged_sent,
             t.cover_sent,
             t.loops_sent,
             t.loops_returned,
@@ -355,6 +359,11 @@ impl Status {
         m.counter("murmur_client_loops_returned_total", "", t.loops_returned);
         m.counter("murmur_client_loops_missing_total", "", t.loops_missing);
         m.counter("murmur_client_retransmits_total", "", t.retransmits);
+        m.counter(
+            "murmur_client_unacknowledged_sent_total",
+            "",
+            t.unacknowledged_sent,
+        );
         m.counter("murmur_client_replies_total", "", t.replies);
         m.counter("murmur_client_acks_total", "", t.acks);
         m.counter("murmur_client_frames_dropped_total", "", t.frames_dropped);

@@ -8,7 +8,8 @@
 //! In one run, on this machine:
 //! 1. the CPU cost of each step a downloaded byte needs (building a reply block, the exit
 //!    sealing a reply, a mix hop, a final hop, the client opening a reply; and for the
-//!    upstream packet that carried the blocks, building it with its SURB-ACK), timed on one
+//!    upstream packet that carried the blocks, building it, which an upload's packets do
+//!    with a SURB-ACK and a download's without), timed on one
 //!    core while nothing else runs; from them, the **CPU ceiling**: what the machine's cores
 //!    could carry if they did nothing but that work;
 //! 2. the devnet, started exactly as `murmur-devnet` starts it with the same flags, in this
@@ -37,7 +38,7 @@ use murmur_protocol::packet::{
     build_packet_with_envelope,
 };
 use murmur_protocol::payload::{Content, FORWARD_FRAGMENT_DATA_LEN};
-use murmur_protocol::session::reply_blocks::BLOCKS_PER_MESSAGE;
+use murmur_protocol::session::reply_blocks::BLOCKS_PER_UNACKNOWLEDGED;
 use murmur_protocol::stream::{CLIENT_MESSAGE_OVERHEAD, DATA_ITEM_OVERHEAD};
 use murmur_protocol::surb::build_reply_block_with_id;
 use murmur_protocol::{PAYLOAD_SIZE, fragment::Fragment};
@@ -263,9 +264,11 @@ struct Ceiling {
     reply_data: usize,
     forward_data: usize,
     /// CPU seconds per reply (its block, sealing it, three mixes, the gateway, opening it),
-    /// and per upstream packet (building it and its SURB-ACK, three mixes, the exit, and its
-    /// acknowledgement's way back).
+    /// per upstream packet of a download (reply blocks alone, without a SURB-ACK: building
+    /// it, three mixes, the exit), and per upstream packet of an upload (building it and its
+    /// SURB-ACK, three mixes, the exit, and its acknowledgement's way back).
     per_reply: f64,
+    per_blocks_packet: f64,
     per_upstream: f64,
     download: f64,
     upload: f64,
@@ -273,14 +276,14 @@ struct Ceiling {
 
 impl Ceiling {
     fn from(c: &Costs, cores: usize) -> Ceiling {
-        let blocks_per_packet = BLOCKS_PER_MESSAGE;
+        let blocks_per_packet = BLOCKS_PER_UNACKNOWLEDGED;
         // One stream: an exit message carries one data item; a client message one.
         let reply_data = REPLY_DATA_LEN;
         let forward_data = FORWARD_FRAGMENT_DATA_LEN - CLIENT_MESSAGE_OVERHEAD - DATA_ITEM_OVERHEAD;
         let way_back = c.use_block + 3.0 * c.mix_hop + c.final_hop + c.open_reply;
         let per_reply = c.reply_block + way_back;
-        let per_upstream =
-            c.reply_block + c.forward_packet + 3.0 * c.mix_hop + c.final_hop + way_back;
+        let per_blocks_packet = c.forward_packet + 3.0 * c.mix_hop + c.final_hop;
+        let per_upstream = c.reply_block + per_blocks_packet + way_back;
         let cores = cores as f64;
         let k = blocks_per_packet as f64;
         Ceiling {
@@ -288,8 +291,9 @@ impl Ceiling {
             reply_data,
             forward_data,
             per_reply,
+            per_blocks_packet,
             per_upstream,
-            download: cores * k * reply_data as f64 / (k * per_reply + per_upstream),
+            download: cores * k * reply_data as f64 / (k * per_reply + per_blocks_packet),
             upload: cores * forward_data as f64 / per_upstream,
         }
     }
@@ -638,8 +642,9 @@ fn report(args: &Args, cores: usize, c: &Costs, ceiling: &Ceiling, t: &Through) 
         us(c.open_reply)
     );
     println!(
-        "per reply {:.0} µs, per upstream packet {:.0} µs; {} blocks per upstream packet, {} B per reply, {} B per forward packet",
+        "per reply {:.0} µs, per upstream packet {:.0} µs of reply blocks and {:.0} µs of data; {} blocks per upstream packet, {} B per reply, {} B per forward packet",
         us(ceiling.per_reply),
+        us(ceiling.per_blocks_packet),
         us(ceiling.per_upstream),
         ceiling.blocks_per_packet,
         ceiling.reply_data,

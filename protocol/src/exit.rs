@@ -626,13 +626,16 @@ impl ExitSession {
 
     // ---- input from the network and the clock
 
-    /// A data packet ended here: `ack` is its SURB-ACK, `fragment` a piece of a client
-    /// message. The ack goes out first (the client's ARQ waits on it).
-    pub fn handle_packet(&mut self, now: Instant, ack: ReplyBlock, fragment: Fragment) {
-        if self.acks.len() >= MAX_PENDING_ACKS {
-            self.drop_count("exit_ack_queue_full");
-        } else {
-            self.acks.push_back(ack);
+    /// A data packet ended here: `ack` is its SURB-ACK (a client's message of reply blocks
+    /// and acks alone comes without one), `fragment` a piece of a client message. The ack
+    /// goes out first (the client's ARQ waits on it).
+    pub fn handle_packet(&mut self, now: Instant, ack: Option<ReplyBlock>, fragment: Fragment) {
+        if let Some(ack) = ack {
+            if self.acks.len() >= MAX_PENDING_ACKS {
+                self.drop_count("exit_ack_queue_full");
+            } else {
+                self.acks.push_back(ack);
+            }
         }
         // Every fragment names its session, which the reassembler charges it to.
         let (session, piece) = match session_of_fragment(fragment) {

@@ -1,8 +1,9 @@
 //! What a packet carries once the last hop has removed every layer.
 //!
 //! One kind byte, then the content. A forward data packet carries the fragment and a
-//! SURB-ACK (a [`ReplyBlock`] the receiver uses to acknowledge it); a reply packet carries a
-//! fragment only; an acknowledgement and cover carry nothing. Sphinx pads every payload to
+//! SURB-ACK (a [`ReplyBlock`] the receiver uses to acknowledge it); a reply packet, and a
+//! forward packet whose message needs no acknowledgement (reply blocks and acks alone),
+//! carries a fragment only; an acknowledgement and cover carry nothing. Sphinx pads every payload to
 //! the same size, so none of this is visible on the wire.
 
 use crate::fragment::{FRAGMENT_HEADER_LEN, Fragment};
@@ -18,7 +19,8 @@ const KIND_COVER: u8 = 4;
 pub const FORWARD_FRAGMENT_DATA_LEN: usize =
     PLAINTEXT_SIZE - 1 - REPLY_BLOCK_LEN - FRAGMENT_HEADER_LEN;
 
-/// Fragment data bytes in a packet without a SURB-ACK (replies).
+/// Fragment data bytes in a packet without a SURB-ACK (replies, and forward packets whose
+/// message needs no acknowledgement).
 pub const REPLY_FRAGMENT_DATA_LEN: usize = PLAINTEXT_SIZE - 1 - FRAGMENT_HEADER_LEN;
 
 /// The plaintext content of a packet.
@@ -26,7 +28,7 @@ pub const REPLY_FRAGMENT_DATA_LEN: usize = PLAINTEXT_SIZE - 1 - FRAGMENT_HEADER_
 pub enum Content {
     /// A fragment of a message, with the block to acknowledge it by (forward packets).
     DataWithAck { ack: ReplyBlock, fragment: Fragment },
-    /// A fragment of a message (replies).
+    /// A fragment of a message (replies, and forward messages needing no acknowledgement).
     Data { fragment: Fragment },
     /// An acknowledgement; the SURB id it arrived under says what it acknowledges.
     Ack,
@@ -35,6 +37,16 @@ pub enum Content {
 }
 
 impl Content {
+    /// A data packet's SURB-ACK (if it has one) and fragment; `None` for an acknowledgement
+    /// or cover.
+    pub fn into_data(self) -> Option<(Option<ReplyBlock>, Fragment)> {
+        match self {
+            Content::DataWithAck { ack, fragment } => Some((Some(ack), fragment)),
+            Content::Data { fragment } => Some((None, fragment)),
+            Content::Ack | Content::Cover => None,
+        }
+    }
+
     /// Encodes the content; errors if it does not fit one packet.
     pub fn encode(&self) -> Result<Vec<u8>> {
         let mut out = Vec::with_capacity(PLAINTEXT_SIZE);

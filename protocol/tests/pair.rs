@@ -29,7 +29,6 @@ use murmur_protocol::exit::{ExitConfig, ExitEvent, ExitSession, REPLY_DATA_LEN, 
 use murmur_protocol::frame::Frame;
 use murmur_protocol::hop::HopError;
 use murmur_protocol::packet::{Address, Packet, SurbId};
-use murmur_protocol::payload::Content;
 use murmur_protocol::session::{ClientSession, Event, SessionConfig};
 use murmur_protocol::stream::{Refusal, StreamId, Target};
 use murmur_protocol::testkit::{self, Landing};
@@ -458,7 +457,7 @@ impl Pair {
             }
             Landing::Final(content) if at == self.exit_address => {
                 self.counts.at_exit += 1;
-                if let Content::DataWithAck { ack, fragment } = content {
+                if let Some((ack, fragment)) = content.into_data() {
                     self.exit.handle_packet(now, ack, fragment);
                 }
             }

@@ -22,7 +22,7 @@ use murmur_protocol::hop::{self, Action, HopKey, Payee};
 use murmur_protocol::packet::{Address, Packet, ReplayTag, StaticSecret, recover_plaintext};
 use murmur_protocol::payer::{Payer, PayerConfig};
 use murmur_protocol::payload::Content;
-use murmur_protocol::session::reply_blocks::BLOCKS_PER_MESSAGE;
+use murmur_protocol::session::reply_blocks::BLOCKS_PER_UNACKNOWLEDGED;
 use murmur_protocol::session::{
     ClientSession, Event, SessionConfig, SessionError, StreamFailure, Timer,
 };
@@ -262,12 +262,14 @@ impl Net {
 
     fn exit_receives(&mut self, payload: &[u8]) {
         let content = Content::decode(&recover_plaintext(payload).unwrap()).unwrap();
-        let Content::DataWithAck { ack, fragment } = content else {
+        let Some((ack, fragment)) = content.into_data() else {
             return; // cover
         };
-        let reply = ack.use_block(&Content::Ack.encode().unwrap()).unwrap();
-        let envelope = Envelope::random(&mut self.rng);
-        self.carry(reply.first_hop, reply.packet, envelope);
+        if let Some(ack) = ack {
+            let reply = ack.use_block(&Content::Ack.encode().unwrap()).unwrap();
+            let envelope = Envelope::random(&mut self.rng);
+            self.carry(reply.first_hop, reply.packet, envelope);
+        }
         let msg = ClientMessage::decode(&fragment.data).unwrap();
         let mut answers = Vec::new();
         let mut opened_late = Vec::new();
@@ -743,9 +745,18 @@ fn a_download_over_a_long_round_trip_keeps_the_exit_stocked() {
     let steps = 400;
     let (events, _) = drive(&mut net, &mut session, &mut rng, now, steps);
     let seconds = steps as f64 * 0.005;
-    let bound = common::params(2.0).lambda_p * (BLOCKS_PER_MESSAGE * REPLY_DATA_LEN) as f64;
+    // Each upstream packet carries five blocks: a message of blocks and acks alone goes
+    // without a SURB-ACK, whose room holds a fifth block (with one, four fit: the download
+    // ran at 0.93 of the four-block bound, 0.74 of this one).
+    let bound = common::params(2.0).lambda_p * (BLOCKS_PER_UNACKNOWLEDGED * REPLY_DATA_LEN) as f64;
     let rate = data_of(&events, id).len() as f64 / seconds;
     let stats = session.stats();
+    let real = stats.real_sent - before.real_sent;
+    let unacknowledged = stats.unacknowledged_sent - before.unacknowledged_sent;
+    assert!(
+        unacknowledged * 10 >= real * 9,
+        "{unacknowledged} of {real} packets without a SURB-ACK"
+    );
     assert!(
         rate >= 0.85 * bound,
         "{rate:.0} B/s, {:.2} of the bound; {} packets, {} blocks, {} replies",

@@ -135,8 +135,8 @@ impl Exit {
         }
     }
 
-    /// Handles a data packet that ended here.
-    pub fn on_packet(self: &Arc<Self>, ack: ReplyBlock, fragment: Fragment) {
+    /// Handles a data packet that ended here, with its SURB-ACK if it has one.
+    pub fn on_packet(self: &Arc<Self>, ack: Option<ReplyBlock>, fragment: Fragment) {
         metrics::counter!(m::FINAL_DELIVERED, "to" => "exit").increment(1);
         self.step(|inner, now| inner.session.handle_packet(now, ack, fragment));
     }

@@ -477,11 +477,11 @@ impl Node {
                     metrics::counter!(m::FINAL_DELIVERED, "to" => "drop_cover").increment(1)
                 }
             }
-            Ok(Content::DataWithAck { ack, fragment }) => match &self.exit {
-                Some(exit) => exit.on_packet(ack, fragment),
-                None => drop_packet("not_an_exit"),
+            Ok(content) => match (content.into_data(), &self.exit) {
+                (Some((ack, fragment)), Some(exit)) => exit.on_packet(ack, fragment),
+                (Some(_), None) => drop_packet("not_an_exit"),
+                (None, _) => drop_packet("unexpected_content"),
             },
-            Ok(_) => drop_packet("unexpected_content"),
             Err(e) => drop_packet(e.label()),
         }
     }

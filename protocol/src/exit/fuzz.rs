@@ -438,7 +438,9 @@ pub fn exit(data: &[u8]) {
                     if i < 32 && keep & (1 << i) == 0 {
                         continue;
                     }
-                    exit.handle_packet(now, ack_block(), f);
+                    // A client's message of blocks and acks alone comes without a SURB-ACK.
+                    let ack = (cut % 3 != 0).then(ack_block);
+                    exit.handle_packet(now, ack, f);
                 }
             }
             Op::Raw {
@@ -457,7 +459,7 @@ pub fn exit(data: &[u8]) {
                     count,
                     data,
                 };
-                exit.handle_packet(now, ack_block(), fragment);
+                exit.handle_packet(now, (fill % 2 == 0).then(ack_block), fragment);
             }
             Op::Connected { which } => {
                 if let Some(key) = nth(&model.connecting, which) {

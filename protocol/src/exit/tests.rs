@@ -32,7 +32,7 @@ fn send_as(exit: &mut ExitSession, now: Instant, id: u64, items: Vec<ClientItem>
     .encode()
     .unwrap();
     for f in split_client_message(id, &encoded, 1800).unwrap() {
-        exit.handle_packet(now, reply_block(1), f);
+        exit.handle_packet(now, Some(reply_block(1)), f);
     }
 }
 
@@ -268,7 +268,7 @@ fn streams_and_sessions_are_bounded_and_every_refusal_counted() {
         .encode()
         .unwrap();
         for f in split_client_message(next_message_id(), &m, 1800).unwrap() {
-            exit.handle_packet(now, reply_block(1), f);
+            exit.handle_packet(now, Some(reply_block(1)), f);
         }
     }
     assert_eq!(exit.sessions(), config.max_sessions);

@@ -1,7 +1,8 @@
 //! Acknowledgements and retransmission, and the rule that no message is lost silently.
 //!
 //! A message, once composed from its streams' state, is in exactly one place until it is
-//! acknowledged or its streams are failed:
+//! acknowledged or its streams are failed (one sent without a SURB-ACK, which says only what
+//! is said again if it is lost, leaves once sent: see [`super::compose`]):
 //! - *pending*: built and sent (or queued for its send tick), waiting for its SURB-ACK until
 //!   its deadline, `1.5 × (its delays) + ack_slack`;
 //! - *to retransmit*: its deadline passed; it is rebuilt on a fresh route at the next tick;
@@ -30,7 +31,7 @@ use std::time::Duration;
 
 use rand::{CryptoRng, RngExt};
 
-use super::exits::ExitRef;
+use super::exits::{ExitRef, MAX_UNACKNOWLEDGED_IN_FLIGHT};
 use super::routes::Queued;
 use super::{ClientSession, StreamFailure};
 use crate::directory::IdentityKey;
@@ -52,6 +53,9 @@ pub(super) struct Outgoing {
     pub(super) reply_blocks: usize,
     /// Times it was sent so far.
     pub(super) attempts: u32,
+    /// Whether it goes with a SURB-ACK and is re-sent until acknowledged; if not, it is sent
+    /// once and forgotten (see [`super::compose`]: nothing in it is lost with it).
+    pub(super) acknowledged: bool,
 }
 
 impl Outgoing {
@@ -103,8 +107,9 @@ pub(super) enum BuildFailure {
 }
 
 impl ClientSession {
-    /// Builds `out` into a packet to its exit with a fresh SURB-ACK on fresh routes, and
-    /// records it pending. On failure hands `out` back, untouched.
+    /// Builds `out` into a packet to its exit on a fresh route, with a fresh SURB-ACK on a
+    /// fresh route back if it is to be acknowledged, and records it pending (one not to be
+    /// acknowledged is sent and forgotten). On failure hands `out` back, untouched.
     pub(super) fn transmit<R: CryptoRng + ?Sized>(
         &mut self,
         now: Instant,
@@ -121,8 +126,13 @@ impl ClientSession {
             return Err((out, BuildFailure::ExitGone));
         };
         // Every route first: a failure here costs no Sphinx work.
-        let Ok(ack_route) = self.reply_route(rng, Some(&exit)) else {
-            return Err((out, BuildFailure::NoRoute));
+        let ack_route = if out.acknowledged {
+            let Ok(route) = self.reply_route(rng, Some(&exit)) else {
+                return Err((out, BuildFailure::NoRoute));
+            };
+            Some(route)
+        } else {
+            None
         };
         let Ok((mut route, mut payees)) = self.mix_route(rng, Some(&exit)) else {
             return Err((out, BuildFailure::NoRoute));
@@ -130,20 +140,33 @@ impl ClientSession {
         let Ok(exit_hop) = exit.route_hop(self.consensus.epoch) else {
             return Err((out, BuildFailure::NoRoute));
         };
-        let Ok((ack, ack_delay)) = self.build_reply_block(rng, ack_route) else {
-            self.stats.bugs += 1;
-            return Err((out, BuildFailure::Bug));
-        };
-        let (ack, key, ack_relays) = (ack.block, ack.key, ack.relays);
-        let mut relays = ack_relays.clone();
-        relays.extend(payees.iter().copied());
         route.push(exit_hop);
-        payees.push(exit.identity);
         let delays = self.delay.sample_n(rng, route.len());
-        let forward_delay: Duration = delays[..delays.len() - 1].iter().sum();
-        let content = Content::DataWithAck {
-            ack,
-            fragment: out.fragment.clone(),
+        let ack = match ack_route.map(|r| self.build_reply_block(rng, r)) {
+            Some(Ok(built)) => Some(built),
+            Some(Err(_)) => {
+                self.stats.bugs += 1;
+                return Err((out, BuildFailure::Bug));
+            }
+            None => None,
+        };
+        // The mixes paid when its ack arrives: those of its route and of the ack's.
+        let mut relays = ack
+            .as_ref()
+            .map(|(a, _)| a.relays.clone())
+            .unwrap_or_default();
+        relays.extend(payees.iter().copied());
+        payees.push(exit.identity);
+        let fragment = out.fragment.clone();
+        let (content, ack) = match ack {
+            Some((a, delay)) => (
+                Content::DataWithAck {
+                    ack: a.block,
+                    fragment,
+                },
+                Some((a.key, a.relays, delay)),
+            ),
+            None => (Content::Data { fragment }, None),
         };
         let sealed = self.seal(
             rng,
@@ -158,6 +181,25 @@ impl ClientSession {
         let Ok(frame) = sealed else {
             self.stats.bugs += 1;
             return Err((out, BuildFailure::Bug));
+        };
+        let forward_delay: Duration = delays[..delays.len() - 1].iter().sum();
+        let Some((key, ack_relays, ack_delay)) = ack else {
+            self.stats.unacknowledged_sent += 1;
+            // Its blocks are on their way for about a round trip: the route's delays there
+            // and a reply's mean delay back, or the round trip acks took lately if longer.
+            let round_trip = (forward_delay + self.delay.mean() * 3)
+                .max(self.ack_rtt.reorder_window().unwrap_or_default());
+            if let Some(e) = self.exits.get_mut(&out.exit) {
+                e.last_active = now;
+                if out.reply_blocks > 0 {
+                    if e.unacknowledged_blocks.len() >= MAX_UNACKNOWLEDGED_IN_FLIGHT {
+                        e.unacknowledged_blocks.pop_front();
+                    }
+                    e.unacknowledged_blocks
+                        .push_back((now + round_trip, out.reply_blocks));
+                }
+            }
+            return Ok(Queued { frame });
         };
         // The route's own delays, or what acks have taken lately if more (relays' queues
         // add to the delays a client picks), doubled with each re-send: a loaded network
@@ -207,9 +249,10 @@ impl ClientSession {
         }
         let order = self.round_robin_order();
         for exit in order {
-            let Some((message, streams)) = self.compose(exit, now, rng) else {
+            let Some(composed) = self.compose(exit, now, rng) else {
                 continue;
             };
+            let (message, streams) = (composed.message, composed.streams);
             self.round_robin = exit;
             let data = match message.encode() {
                 Ok(data) => data,
@@ -240,6 +283,7 @@ impl ClientSession {
                 streams,
                 reply_blocks,
                 attempts: 0,
+                acknowledged: composed.acknowledged,
             };
             return self.send_or_stall(now, rng, out, now, false);
         }
@@ -270,15 +314,32 @@ impl ClientSession {
     }
 
     /// Reply blocks on their way to exit session `exit`: in messages not yet acknowledged
-    /// (sent, to be re-sent, or waiting for a route).
-    pub(super) fn reply_blocks_in_flight(&self, exit: ExitRef) -> usize {
+    /// (sent, to be re-sent, or waiting for a route), and in those sent without a SURB-ACK
+    /// within about a round trip (forgetting older ones).
+    pub(super) fn reply_blocks_in_flight(&mut self, exit: ExitRef) -> usize {
+        let now = self.now;
+        let unacknowledged = self.exits.get_mut(&exit).map_or(0, |e| {
+            while e
+                .unacknowledged_blocks
+                .front()
+                .is_some_and(|&(t, _)| t <= now)
+            {
+                e.unacknowledged_blocks.pop_front();
+            }
+            e.unacknowledged_blocks
+                .iter()
+                .filter(|&&(t, _)| t > now)
+                .map(|&(_, n)| n)
+                .sum()
+        });
         let pending = self.pending.values().map(|p| &p.out);
         let stalled = self.stalled.iter().map(|s| &s.out);
-        pending
+        let acknowledged: usize = pending
             .chain(stalled)
             .filter(|out| out.exit == exit)
             .map(|out| out.reply_blocks)
-            .sum()
+            .sum();
+        acknowledged + unacknowledged
     }
 
     /// Exit sessions in the order the next message is looked for: after the last one served.

@@ -4,6 +4,14 @@
 //!
 //! Composing cannot fail: what it takes from the streams is in the message it returns, and
 //! from there the ARQ answers for it ([`super::arq`]).
+//!
+//! A message of reply blocks, stream acks and gap reports alone goes without a SURB-ACK and
+//! is never re-sent: each of those is said again if it is lost (the exit reports its stock
+//! with every reply, which corrects the count believed there; an ack is repeated in every
+//! later message until one that is acknowledged carries it; a gap is reported again each
+//! `gap_grace` while it lasts). Such a message fills the whole packet, with one block more
+//! than room beside a SURB-ACK leaves, and spares the client a block's build and the network
+//! the acknowledgement's way back. In a download nearly every upstream packet is one.
 
 use std::time::Duration;
 
@@ -11,12 +19,12 @@ use rand::CryptoRng;
 
 use super::ClientSession;
 use super::exits::ExitRef;
-use super::reply_blocks::BLOCKS_PER_MESSAGE;
+use super::reply_blocks::BLOCKS_PER_UNACKNOWLEDGED;
 use super::streams::{Gap, StreamState};
-use crate::payload::FORWARD_FRAGMENT_DATA_LEN;
+use crate::payload::{FORWARD_FRAGMENT_DATA_LEN, REPLY_FRAGMENT_DATA_LEN};
 use crate::stream::{
     CLIENT_MESSAGE_OVERHEAD, ClientItem, ClientMessage, DATA_ITEM_OVERHEAD, MAX_RECEIVED_RANGES,
-    StreamId, received_item_len,
+    StreamId, received_item_len, surbs_item_len,
 };
 use crate::time::Instant;
 
@@ -24,12 +32,23 @@ use crate::time::Instant;
 /// trip (it acks once per timeout per stream, a few times), not for a download.
 const UPLOAD_STOCK: usize = 12;
 
+/// A message's room in a packet without a SURB-ACK.
+const UNACKNOWLEDGED_BUDGET: usize = REPLY_FRAGMENT_DATA_LEN - CLIENT_MESSAGE_OVERHEAD;
+
 /// Encoded sizes of the fixed-size items.
 const RESET_ITEM_LEN: usize = 5;
 const OFFSET_ITEM_LEN: usize = 13;
 
 /// The shortest wait before a gap in the exit's data is announced, whatever the delays.
 const MIN_GAP_GRACE: Duration = Duration::from_millis(5);
+
+/// A composed message: what it says, the streams whose data or state it carries (they fail
+/// if it is never acknowledged), and whether it goes with a SURB-ACK.
+pub(super) struct Composed {
+    pub(super) message: ClientMessage,
+    pub(super) streams: Vec<StreamId>,
+    pub(super) acknowledged: bool,
+}
 
 impl ClientSession {
     /// How long a gap in the exit's data may last before it is announced: a reply's mean
@@ -39,15 +58,17 @@ impl ClientSession {
         (self.delay.mean() * 3).max(MIN_GAP_GRACE)
     }
 
-    /// One message for exit session `exit`, or `None` if nothing waits; with the streams it
-    /// carries.
+    /// One message for exit session `exit`, or `None` if nothing waits.
     pub(super) fn compose<R: CryptoRng + ?Sized>(
         &mut self,
         exit: ExitRef,
         now: Instant,
         rng: &mut R,
-    ) -> Option<(ClientMessage, Vec<StreamId>)> {
+    ) -> Option<Composed> {
         let budget = FORWARD_FRAGMENT_DATA_LEN - CLIENT_MESSAGE_OVERHEAD;
+        // Acks this message carries, with what was acked before: one without a SURB-ACK
+        // leaves them to be said again.
+        let mut acks_here = Vec::new();
         // Announced with each open: the exit grants at most this.
         let own_window = u32::try_from(self.stream_window()).unwrap_or(u32::MAX);
         let mut used = 0;
@@ -110,6 +131,7 @@ impl ClientSession {
                     offset: ack,
                 });
                 used += OFFSET_ITEM_LEN;
+                acks_here.push((id, s.acked_sent));
                 s.acked_sent = ack;
             }
             // A gap that outlasts the reordering of replies is announced, with what is held
@@ -171,20 +193,21 @@ impl ClientSession {
             session.stock_target
         };
         let mut blocks = Vec::new();
+        let mut want = 0;
         if (wants_surbs || quiet) && stocked < target {
             // A packet that tops the exit up carries as many blocks as fit, not only the
             // shortfall: in a download the shortfall is mostly a block or two, and a packet
             // with fewer than it could carry wastes its tick's reply capacity (the download's
             // λ_P bound counts a full packet of blocks per tick). While data waits to go up,
             // the room is the data's.
-            let want = if uploading {
+            want = if uploading {
                 target - stocked
             } else {
-                (target - stocked).max(BLOCKS_PER_MESSAGE)
+                (target - stocked).max(BLOCKS_PER_UNACKNOWLEDGED)
             };
             blocks = self.issue_reply_blocks(exit, want, budget - used, now, rng);
             if !blocks.is_empty() {
-                used += crate::stream::surbs_item_len(blocks.len());
+                used += surbs_item_len(blocks.len());
             }
         }
         // Data within each stream's window, then ends of data.
@@ -222,6 +245,28 @@ impl ClientSession {
                 carried.push(id);
             }
         }
+        let acknowledged = blocks.is_empty()
+            || items
+                .iter()
+                .any(|item| !matches!(item, ClientItem::Ack { .. } | ClientItem::Received { .. }));
+        if !acknowledged {
+            for (id, before) in acks_here {
+                if let Some(s) = self.streams.get_mut(&id) {
+                    s.acked_sent = before;
+                }
+            }
+            // The SURB-ACK's room: blocks up to the whole packet's budget.
+            let others = used - surbs_item_len(blocks.len());
+            let fit = (0..=BLOCKS_PER_UNACKNOWLEDGED)
+                .rev()
+                .find(|&n| others + surbs_item_len(n) <= UNACKNOWLEDGED_BUDGET)
+                .unwrap_or(0);
+            let more = fit.min(want).saturating_sub(blocks.len());
+            if more > 0 {
+                let extra = self.issue_reply_blocks(exit, more, usize::MAX, now, rng);
+                blocks.extend(extra);
+            }
+        }
         if !blocks.is_empty() {
             items.push(ClientItem::Surbs(blocks));
         }
@@ -241,12 +286,13 @@ impl ClientSession {
         }
         carried.sort_unstable();
         carried.dedup();
-        Some((
-            ClientMessage {
+        Some(Composed {
+            message: ClientMessage {
                 session: session_id,
                 items,
             },
-            carried,
-        ))
+            streams: carried,
+            acknowledged,
+        })
     }
 }

@@ -50,7 +50,15 @@ pub(super) struct ExitSession {
     /// [`super::reply_blocks::max_reply_keys`]: the keys of older ones are forgotten (some
     /// may have been answered already; their keys are gone from `reply_keys` then).
     pub(super) reply_ids: VecDeque<SurbId>,
+    /// Reply blocks sent in messages without a SURB-ACK, with when each message has
+    /// likely reached the exit and the exit's word on it come back: till then they count as
+    /// on their way. Oldest first, at most [`MAX_UNACKNOWLEDGED_IN_FLIGHT`] messages.
+    pub(super) unacknowledged_blocks: VecDeque<(Instant, usize)>,
 }
+
+/// Messages without a SURB-ACK whose blocks are counted on their way to one exit: at λ_P =
+/// 400/s, those of a round trip of over half a second.
+pub(super) const MAX_UNACKNOWLEDGED_IN_FLIGHT: usize = 256;
 
 impl ExitSession {
     /// Bytes of its isolation token.
@@ -107,6 +115,7 @@ impl ClientSession {
                 last_topup: Instant::ZERO,
                 last_active: self.now,
                 reply_ids: VecDeque::new(),
+                unacknowledged_blocks: VecDeque::new(),
             },
         );
         Ok(index)

@@ -342,18 +342,40 @@ impl Harness {
                 recover_plaintext(&delivery.payload[..]).expect("a forward payload opens");
             match Content::decode(&plaintext).expect("the session's content decodes") {
                 Content::DataWithAck { ack, fragment } => {
-                    self.exit_receives(fragment);
+                    self.exit_receives(fragment, true);
                     push_bounded(&mut self.acks, ack);
                 }
+                Content::Data { fragment } => self.exit_receives(fragment, false),
                 Content::Cover => {}
                 other => panic!("the session sent {other:?} to its exit"),
             }
         }
     }
 
-    fn exit_receives(&mut self, fragment: Fragment) {
+    /// A message reached the exit, `acknowledged` if it came with a SURB-ACK.
+    fn exit_receives(&mut self, fragment: Fragment, acknowledged: bool) {
         assert_eq!(fragment.count, 1, "the session sends one-fragment messages");
         let message = ClientMessage::decode(&fragment.data).expect("the session's message decodes");
+        // Without a SURB-ACK it is never re-sent: it may say only what is said again.
+        if !acknowledged {
+            assert!(
+                message
+                    .items
+                    .iter()
+                    .any(|i| matches!(i, ClientItem::Surbs(_))),
+                "a message without a SURB-ACK carries no reply blocks: {:?}",
+                message.items
+            );
+            for item in &message.items {
+                assert!(
+                    matches!(
+                        item,
+                        ClientItem::Surbs(_) | ClientItem::Ack { .. } | ClientItem::Received { .. }
+                    ),
+                    "a message without a SURB-ACK carries {item:?}"
+                );
+            }
+        }
         for item in message.items {
             match item {
                 ClientItem::Data {

@@ -267,6 +267,9 @@ pub struct SessionStats {
     pub gateway_frames: u64,
     /// Times a message could not be (re)built and was kept to try again on a later tick.
     pub builds_deferred: u64,
+    /// Messages sent without a SURB-ACK (reply blocks, acks and gap reports alone: see
+    /// [`compose`]).
+    pub unacknowledged_sent: u64,
     /// Streams the session gave up on, by reason ([`StreamFailure`]).
     pub streams_unacknowledged: u64,
     pub streams_no_path: u64,
@@ -587,6 +590,7 @@ impl ClientSession {
                     + map(size_of::<(IdentityKey, Isolation, ExitRef)>())
                     + 2 * e.isolation_len()
                     + e.reply_ids.len() * size_of::<SurbId>()
+                    + e.unacknowledged_blocks.len() * size_of::<(Instant, usize)>()
                     + e.streams.len() * size_of::<StreamId>()
             })
             .sum();

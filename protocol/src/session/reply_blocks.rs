@@ -30,9 +30,14 @@ pub fn max_reply_keys(surbs_target: usize) -> usize {
     surbs_target.max(4) * 4
 }
 
-/// Blocks that fit one packet with room for a stream ack (a `Surbs` item of four is 1,590
-/// bytes).
+/// Blocks that fit one packet with its SURB-ACK and room for a stream ack (a `Surbs` item of
+/// four is 1,590 bytes).
 pub const BLOCKS_PER_MESSAGE: usize = 4;
+
+/// Blocks that fit one packet without a SURB-ACK with room for a stream ack (a `Surbs` item
+/// of five is 1,986 bytes): a message of blocks alone needs no acknowledgement
+/// ([`super::compose`]), so a download's upstream packets carry this many.
+pub const BLOCKS_PER_UNACKNOWLEDGED: usize = 5;
 
 /// Reply blocks built ahead on the driver's workers ([`ClientSession::prebuild_reply_blocks`]).
 #[derive(Default)]
@@ -275,7 +280,7 @@ impl ClientSession {
         Ok((job.build(rng).ready()?, delay))
     }
 
-    /// Up to `want` (at most four) fresh reply blocks for exit session `exit`, fitting in
+    /// Up to `want` (at most [`BLOCKS_PER_UNACKNOWLEDGED`]) fresh reply blocks for exit session `exit`, fitting in
     /// `room` bytes of a message; their keys are kept. Fewer if routes cannot be built now.
     pub(super) fn issue_reply_blocks<R: CryptoRng + ?Sized>(
         &mut self,
@@ -296,7 +301,7 @@ impl ClientSession {
             self.suspected()
         };
         let mut blocks = Vec::new();
-        for _ in 0..want.min(BLOCKS_PER_MESSAGE) {
+        for _ in 0..want.min(BLOCKS_PER_UNACKNOWLEDGED) {
             if surbs_item_len(blocks.len() + 1) > room {
                 break;
             }

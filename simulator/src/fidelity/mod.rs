@@ -716,8 +716,9 @@ impl<'a> World<'a> {
                 };
                 self.send(End::Relay(r), End::Client(client), t, flight);
             }
-            Landing::Final(content) => match (role, content) {
-                (Role::Exit, Content::DataWithAck { ack, fragment }) => {
+            Landing::Final(Content::Cover) => self.counts.cover_delivered += 1,
+            Landing::Final(content) => match (role, content.into_data()) {
+                (Role::Exit, Some((ack, fragment))) => {
                     self.measure(sender, sent, dist.as_ref(), t);
                     self.at_exit = Some((sender, sent));
                     self.exit
@@ -725,7 +726,6 @@ impl<'a> World<'a> {
                     self.drive_exit(t);
                     self.at_exit = None;
                 }
-                (_, Content::Cover) => self.counts.cover_delivered += 1,
                 _ => self.counts.error("final_unexpected_content"),
             },
         }
