@@ -182,6 +182,9 @@ impl ClientSession {
             self.stats.bugs += 1;
             return Err((out, BuildFailure::Bug));
         };
+        if let Some(e) = self.exits.get_mut(&out.exit) {
+            e.last_active = now;
+        }
         let forward_delay: Duration = delays[..delays.len() - 1].iter().sum();
         let Some((key, ack_relays, ack_delay)) = ack else {
             self.stats.unacknowledged_sent += 1;
@@ -189,15 +192,14 @@ impl ClientSession {
             // and a reply's mean delay back, or the round trip acks took lately if longer.
             let round_trip = (forward_delay + self.delay.mean() * 3)
                 .max(self.ack_rtt.reorder_window().unwrap_or_default());
-            if let Some(e) = self.exits.get_mut(&out.exit) {
-                e.last_active = now;
-                if out.reply_blocks > 0 {
-                    if e.unacknowledged_blocks.len() >= MAX_UNACKNOWLEDGED_IN_FLIGHT {
-                        e.unacknowledged_blocks.pop_front();
-                    }
-                    e.unacknowledged_blocks
-                        .push_back((now + round_trip, out.reply_blocks));
+            if out.reply_blocks > 0
+                && let Some(e) = self.exits.get_mut(&out.exit)
+            {
+                if e.unacknowledged_blocks.len() >= MAX_UNACKNOWLEDGED_IN_FLIGHT {
+                    e.unacknowledged_blocks.pop_front();
                 }
+                e.unacknowledged_blocks
+                    .push_back((now + round_trip, out.reply_blocks));
             }
             return Ok(Queued { frame });
         };
@@ -210,9 +212,6 @@ impl ClientSession {
         let deadline = now + rto;
         let id = key.surb_id();
         self.deadlines.insert((deadline, id), ());
-        if let Some(e) = self.exits.get_mut(&out.exit) {
-            e.last_active = now;
-        }
         self.pending.insert(
             id,
             Pending {
@@ -319,18 +318,8 @@ impl ClientSession {
     pub(super) fn reply_blocks_in_flight(&mut self, exit: ExitRef) -> usize {
         let now = self.now;
         let unacknowledged = self.exits.get_mut(&exit).map_or(0, |e| {
-            while e
-                .unacknowledged_blocks
-                .front()
-                .is_some_and(|&(t, _)| t <= now)
-            {
-                e.unacknowledged_blocks.pop_front();
-            }
-            e.unacknowledged_blocks
-                .iter()
-                .filter(|&&(t, _)| t > now)
-                .map(|&(_, n)| n)
-                .sum()
+            e.unacknowledged_blocks.retain(|&(t, _)| t > now);
+            e.unacknowledged_blocks.iter().map(|&(_, n)| n).sum()
         });
         let pending = self.pending.values().map(|p| &p.out);
         let stalled = self.stalled.iter().map(|s| &s.out);

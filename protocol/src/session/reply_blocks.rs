@@ -517,4 +517,50 @@ mod tests {
         assert_eq!(s.stats.prebuilt_blocks_discarded, 5);
         assert_eq!(s.stats.reply_blocks_prebuilt, 4);
     }
+
+    /// Messages sent without a SURB-ACK leave their blocks counted on the way to the exit for
+    /// about a round trip, and no more than `MAX_UNACKNOWLEDGED_IN_FLIGHT` of them per exit
+    /// session: a client sending faster than its round trip drains keeps a bounded record.
+    #[test]
+    fn blocks_sent_without_an_ack_are_counted_for_a_round_trip_and_bounded() {
+        use crate::fragment::Fragment;
+        use crate::session::arq::Outgoing;
+        use crate::session::exits::MAX_UNACKNOWLEDGED_IN_FLIGHT;
+
+        let (mut s, _, mut rng) = session(false);
+        s.open_stream(Target::Host("example.com".into(), 80), None, &mut rng)
+            .unwrap();
+        let exit = *s.exits.keys().next().unwrap();
+        let sends = MAX_UNACKNOWLEDGED_IN_FLIGHT + 20;
+        for i in 0..sends {
+            let out = Outgoing {
+                exit,
+                fragment: Fragment {
+                    message_id: i as u64,
+                    index: 0,
+                    count: 1,
+                    data: vec![0; 64],
+                },
+                streams: Vec::new(),
+                reply_blocks: 2,
+                attempts: 0,
+                acknowledged: false,
+            };
+            assert!(s.transmit(Instant::ZERO, &mut rng, out).is_ok());
+        }
+        assert_eq!(s.stats.unacknowledged_sent, sends as u64);
+        assert!(s.pending.is_empty(), "nothing waits for an ack");
+        assert_eq!(
+            s.exits[&exit].unacknowledged_blocks.len(),
+            MAX_UNACKNOWLEDGED_IN_FLIGHT
+        );
+        assert_eq!(
+            s.reply_blocks_in_flight(exit),
+            2 * MAX_UNACKNOWLEDGED_IN_FLIGHT
+        );
+        // A minute on, every one of them has had its round trip: none counts, none is kept.
+        s.observe(Instant::ZERO + std::time::Duration::from_secs(60));
+        assert_eq!(s.reply_blocks_in_flight(exit), 0);
+        assert!(s.exits[&exit].unacknowledged_blocks.is_empty());
+    }
 }
