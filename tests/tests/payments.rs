@@ -572,6 +572,8 @@ struct Income {
     refused: f64,
     redeemed_metric: f64,
     redeemed: u64,
+    /// Packets it dropped (every reason).
+    dropped: f64,
 }
 
 fn income(rt: &tokio::runtime::Runtime, ledger: &LedgerProc, relay: &RelayProc) -> Income {
@@ -594,6 +596,7 @@ fn income(rt: &tokio::runtime::Runtime, ledger: &LedgerProc, relay: &RelayProc) 
         refused: m("murmur_relay_tickets_refused_total", ""),
         redeemed_metric: m("murmur_relay_redeemed_value_total", ""),
         redeemed: balance(rt, ledger, &relay.identity),
+        dropped: m("murmur_relay_packets_dropped_total", ""),
     }
 }
 
@@ -698,9 +701,10 @@ fn each_relays_redeemed_value_matches_price_times_packets_carried() {
             .collect::<Vec<_>>()
     );
 
+    let incomes: Vec<Income> = relays.iter().map(|r| income(&rt, &ledger, r)).collect();
+    let dropped_in_all: f64 = incomes.iter().map(|i| i.dropped).sum();
     let mut failures = Vec::new();
-    for relay in &relays {
-        let i = income(&rt, &ledger, relay);
+    for i in incomes {
         let expected = PRICE as f64 * i.carried;
         // Redeemed = FACE × wins, wins ~ Binomial(tickets, p) with p the mean win probability
         // (expected value / face value) of the tickets it took.
@@ -710,16 +714,21 @@ fn each_relays_redeemed_value_matches_price_times_packets_carried() {
             0.0
         };
         let sigma = FACE as f64 * (i.tickets * p * (1.0 - p)).sqrt();
-        // Besides chance: what the client owed below one ticket's worth when it stopped
-        // (PRICE × PACKETS_PER_TICKET), and 2% for packets the relay carried that the client
-        // never paid: acknowledgements and replies still in flight when it stopped (it pays
-        // for those only when they come back) and tickets in packets lost on the way.
-        let bound = 4.0 * sigma + (PRICE * PACKETS_PER_TICKET) as f64 + 0.02 * expected;
+        // Besides chance, what the relay carried and was never paid, in tickets' worth
+        // (PRICE × PACKETS_PER_TICKET): what the client owed below one ticket when it stopped;
+        // a ticket in the packets it had built ahead and never sent (its pacer's stocks, a
+        // few packets: at most one ticket among them); a ticket in each packet another relay
+        // dropped on the way. And 2% for acknowledgements and replies still in flight when
+        // the client stopped (it pays for those only when they come back).
+        let ticket = (PRICE * PACKETS_PER_TICKET) as f64;
+        let lost_elsewhere = dropped_in_all - i.dropped;
+        let slack = ticket * (2.0 + lost_elsewhere) + 0.02 * expected;
+        let bound = 4.0 * sigma + slack;
         let diff = i.redeemed as f64 - expected;
         eprintln!(
             "{}: carried {}, expected {expected}, redeemed {} (relay's metric {}), tickets {} \
-             (expected value {}, refused {}), wins {}, |diff| {:.0} ≤ bound {bound:.0} \
-             (4σ = {:.0})",
+             (expected value {}, refused {}), wins {}, dropped {}, |diff| {:.0} ≤ bound \
+             {bound:.0} (4σ = {:.0})",
             i.name,
             i.carried,
             i.redeemed,
@@ -728,13 +737,13 @@ fn each_relays_redeemed_value_matches_price_times_packets_carried() {
             i.expected_value,
             i.refused,
             i.wins,
+            i.dropped,
             diff.abs(),
             4.0 * sigma,
         );
         // Before chance: what the relay's accepted tickets are worth on average must match
         // its price × carried within the same slack (no σ), so mispricing cannot hide in
         // the binomial bound.
-        let slack = (PRICE * PACKETS_PER_TICKET) as f64 + 0.02 * expected;
         let priced = (i.expected_value - expected).abs() <= slack;
         if diff.abs() > bound
             || !priced
