@@ -188,6 +188,8 @@ impl Board {
                 reply_blocks_sent: s.reply_blocks_sent,
                 reply_blocks_prebuilt: s.reply_blocks_prebuilt,
                 prebuilt_blocks_discarded: s.prebuilt_blocks_discarded,
+                packets_built_by_workers: load(driver.as_ref().map(|d| &d.builders.packets_built)),
+                packets_unbuilt: load(driver.as_ref().map(|d| &d.builders.packets_unbuilt)),
                 deliveries_dropped: load(driver.as_ref().map(|d| &d.deliveries_dropped)),
                 dropped_deliveries_paid: s.dropped_deliveries_paid,
                 deliveries_dropped_unpaid: load(

@@ -12,8 +12,9 @@
 //! leave stay those of the schedule. The session thread fills the pacer's stocks whenever a
 //! tick took from them ([`Cmd::Refill`]).
 //!
-//! Reply blocks, the costliest builds, are made on a pool of worker threads
-//! ([`crate::builders`]) ahead of need; the session thread only chooses their routes.
+//! The Sphinx builds, packets' and reply blocks', are made on a pool of worker threads
+//! ([`crate::builders`]); the session thread only makes their choices (routes, delays,
+//! content, tickets).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -22,7 +23,7 @@ use std::time::{Duration, Instant as StdInstant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
 use murmur_protocol::PAYLOAD_SIZE;
-use murmur_protocol::cover::{Pacer, PacerStats, Stock, StockFill};
+use murmur_protocol::cover::{Pacer, PacerStats, StockFill};
 use murmur_protocol::directory::Consensus;
 use murmur_protocol::directory::IdentityKey;
 use murmur_protocol::frame::Frame;
@@ -37,8 +38,8 @@ use tokio::sync::{mpsc, oneshot};
 /// Commands queued at once; a full queue drops deliveries (counted) and refuses opens.
 const COMMAND_QUEUE: usize = 16_384;
 
-/// Reply blocks kept built ahead by the worker pool ([`crate::builders`]): 40 ms of a
-/// download at λ_P = 400/s (four blocks a packet), and about 25 kB.
+/// Reply blocks kept built ahead by the worker pool ([`crate::builders`]): 32 ms of a
+/// download at λ_P = 400/s (five blocks a packet), and about 25 kB.
 const PREBUILT_REPLY_BLOCKS: usize = 64;
 
 /// What the rest of the client asks of the session.
@@ -93,6 +94,8 @@ pub struct DriverStats {
     /// The identifiers of dropped deliveries, for the session thread to pay for (the gateway
     /// charged them): at most [`MAX_DROPS_TO_PAY`].
     to_pay: Mutex<VecDeque<SurbId>>,
+    /// What the worker pool built, and failed to.
+    pub builders: Arc<crate::builders::BuilderStats>,
 }
 
 /// Dropped deliveries remembered for payment. At the session's fastest (a few thousand
@@ -253,10 +256,14 @@ pub fn spawn(
     .map_err(|e| std::io::Error::other(format!("the send schedule: {e}")))?;
     session.set_paced();
     let pacer = Arc::new(Mutex::new(pacer));
-    let builders = crate::builders::Builders::spawn(PREBUILT_REPLY_BLOCKS)?;
+    let stats = Arc::new(DriverStats::default());
+    let builders = crate::builders::Builders::spawn(
+        PREBUILT_REPLY_BLOCKS,
+        pacer.clone(),
+        stats.builders.clone(),
+    )?;
     session.prebuild_reply_blocks(PREBUILT_REPLY_BLOCKS);
     let (tx, rx) = crossbeam_channel::bounded(COMMAND_QUEUE);
-    let stats = Arc::new(DriverStats::default());
     let report = Arc::new(Mutex::new(SessionReport::default()));
     let timing = Arc::new(Mutex::new(SendTiming::default()));
     let stop = Arc::new(AtomicBool::new(false));
@@ -413,11 +420,13 @@ impl Pacing {
     }
 }
 
-/// Builds what the pacer's stocks lack, most urgent first, until they are full or nothing
-/// more can be built now (one [`StockFill`] round).
+/// Makes what the pacer's stocks lack, most urgent first, until they are full or nothing
+/// more can be made now (one [`StockFill`] round): the session makes each packet's choices
+/// and the worker pool builds it.
 fn fill_stocks<R: rand::CryptoRng + ?Sized>(
     session: &mut ClientSession,
     pacer: &Mutex<Pacer<Frame>>,
+    builders: &crate::builders::Builders,
     now: impl Fn() -> Instant,
     rng: &mut R,
 ) {
@@ -431,19 +440,13 @@ fn fill_stocks<R: rand::CryptoRng + ?Sized>(
         let Some(stock) = wants.and_then(|w| fill.next(w)) else {
             return;
         };
-        match session.build_ahead(stock, now(), rng) {
-            Some(frame) => push(pacer, stock, frame),
+        match session.build_ahead_job(stock, now(), rng) {
+            Some(job) => builders.seal(stock, job, rng),
             // No message waits: the cover stocks may still want filling.
             None if fill.nothing_built(stock) => {}
             // No route for cover now: try at the next wake-up.
             None => return,
         }
-    }
-}
-
-fn push(pacer: &Mutex<Pacer<Frame>>, stock: Stock, frame: Frame) {
-    if let Ok(mut p) = pacer.lock() {
-        p.push(stock, frame);
     }
 }
 
@@ -495,7 +498,7 @@ impl SessionThread {
             }
             self.send_payments(&mut session, t, &mut rng);
             self.builders.exchange(&mut session, &mut rng);
-            fill_stocks(&mut session, &self.pacer, now, &mut rng);
+            fill_stocks(&mut session, &self.pacer, &self.builders, now, &mut rng);
             while let Some(event) = session.poll_event() {
                 let id = event.stream();
                 let ends = event.ends_stream();
@@ -614,7 +617,7 @@ impl SessionThread {
                 // A long batch (a burst of deliveries) must not leave the ticks without
                 // cover: fill as soon as the drop stock runs dry.
                 if self.pacer.lock().is_ok_and(|p| p.wants().none_left) {
-                    fill_stocks(&mut session, &self.pacer, now, &mut rng);
+                    fill_stocks(&mut session, &self.pacer, &self.builders, now, &mut rng);
                 }
                 // Nor hold back the streams' events and the real packets the loop above
                 // builds for long.

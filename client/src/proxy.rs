@@ -590,6 +590,12 @@ async fn report_stats(handle: SessionHandle, shutdown: CancellationToken) {
             reply_blocks_sent = s.reply_blocks_sent,
             reply_blocks_prebuilt = s.reply_blocks_prebuilt,
             prebuilt_blocks_discarded = s.prebuilt_blocks_discarded,
+            packets_built_by_workers = handle.stats.builders.packets_built.load(Ordering::Relaxed),
+            packets_unbuilt = handle
+                .stats
+                .builders
+                .packets_unbuilt
+                .load(Ordering::Relaxed),
             hop_tickets = s.hop_tickets,
             gateway_tickets = s.gateway_tickets,
             gateway_frames = s.gateway_frames,

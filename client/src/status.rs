@@ -119,6 +119,12 @@ pub struct TrafficStatus {
     pub reply_blocks_prebuilt: u64,
     #[serde(default)]
     pub prebuilt_blocks_discarded: u64,
+    /// Packets the worker pool built for the send schedule (the rest the session thread built
+    /// when the pool's queue was full), and packets whose build failed (a bug).
+    #[serde(default)]
+    pub packets_built_by_workers: u64,
+    #[serde(default)]
+    pub packets_unbuilt: u64,
     /// Deliveries dropped at the session's full queue; of those, the ones paid for all the
     /// same (the gateway charged them), and the ones past the bound that were not.
     #[serde(default)]
@@ -370,6 +376,12 @@ impl Status {
         m.counter("murmur_client_send_ticks_missed_total", "", t.ticks_missed);
         m.counter("murmur_client_loops_as_drops_total", "", t.loops_as_drops);
         m.counter("murmur_client_cover_unbuilt_total", "", t.cover_unbuilt);
+        m.counter(
+            "murmur_client_packets_built_by_workers_total",
+            "",
+            t.packets_built_by_workers,
+        );
+        m.counter("murmur_client_packets_unbuilt_total", "", t.packets_unbuilt);
         m.counter(
             "murmur_client_reply_blocks_sent_total",
             "",

@@ -344,9 +344,29 @@ pub struct Pacer<F> {
     drop_stock: usize,
     loop_stock: usize,
     real_stock: usize,
+    /// Packets being built for each stock elsewhere ([`Pacer::promise`]), counted as there.
+    promised: Promised,
     stats: PacerStats,
     /// λ_P + λ_L + λ_D.
     rate_per_s: f64,
+}
+
+/// Packets promised to each of a [`Pacer`]'s stocks.
+#[derive(Debug, Clone, Copy, Default)]
+struct Promised {
+    real: usize,
+    drops: usize,
+    loops: usize,
+}
+
+impl Promised {
+    fn of(&mut self, stock: Stock) -> &mut usize {
+        match stock {
+            Stock::Real => &mut self.real,
+            Stock::Drop => &mut self.drops,
+            Stock::Loop => &mut self.loops,
+        }
+    }
 }
 
 impl<F> Pacer<F> {
@@ -360,6 +380,7 @@ impl<F> Pacer<F> {
             drop_stock,
             loop_stock,
             real_stock,
+            promised: Promised::default(),
             stats: PacerStats::default(),
             rate_per_s: rates.total(),
         })
@@ -400,19 +421,44 @@ impl<F> Pacer<F> {
         self.rate_per_s
     }
 
-    /// What the stocks lack.
+    /// What the stocks lack, counting the packets promised to them as there.
     pub fn wants(&self) -> PacerWants {
+        let p = self.promised;
         PacerWants {
-            drops: self.drop_stock.saturating_sub(self.drops.len()),
-            loops: self.loop_stock.saturating_sub(self.loops.len()),
-            real: self.cover.queued() < self.real_stock,
-            none_left: self.drops.is_empty(),
+            drops: self.drop_stock.saturating_sub(self.drops.len() + p.drops),
+            loops: self.loop_stock.saturating_sub(self.loops.len() + p.loops),
+            real: self.cover.queued() + p.real < self.real_stock,
+            none_left: self.drops.is_empty() && p.drops == 0,
         }
+    }
+
+    /// A packet for `stock` is being built elsewhere (on a worker thread): [`Self::wants`]
+    /// counts it as there until it is [`fulfilled`](Self::fulfil) or the promise is
+    /// [`broken`](Self::break_promise), so whoever fills the stocks does not build it twice.
+    pub fn promise(&mut self, stock: Stock) {
+        *self.promised.of(stock) += 1;
+    }
+
+    /// A promised packet will not come (its build failed).
+    pub fn break_promise(&mut self, stock: Stock) {
+        let n = self.promised.of(stock);
+        *n = n.saturating_sub(1);
+    }
+
+    /// Packets promised and not yet pushed, in all.
+    pub fn promised(&self) -> usize {
+        self.promised.real + self.promised.drops + self.promised.loops
     }
 
     /// Packets the stocks hold when full: drop cover, loop cover and real.
     pub fn capacity(&self) -> usize {
         self.drop_stock + self.loop_stock + self.real_stock
+    }
+
+    /// A promised packet, built: into its stock, and the promise kept.
+    pub fn fulfil(&mut self, stock: Stock, packet: F) {
+        self.break_promise(stock);
+        self.push(stock, packet);
     }
 
     /// Adds a built packet to its stock. A stock already full takes it anyway (the builder
@@ -716,6 +762,49 @@ mod tests {
                     other => prop_assert_eq!(ea, other),
                 }
             }
+        }
+
+        /// A filler that builds elsewhere and promises what it builds never builds more than
+        /// the stocks hold: `wants` counts promised packets as there, whether they are
+        /// fulfilled, broken or still on their way, in any order.
+        #[test]
+        fn promised_packets_count_as_stocked(
+            steps in proptest::collection::vec((0u8..3, 0u8..3), 1..200),
+        ) {
+            let mut rng = ChaCha20Rng::seed_from_u64(5);
+            let mut pacer = Pacer::<u32>::new(rates(400.0, 2.0, 2.0), Instant::ZERO, &mut rng).unwrap();
+            let capacity = pacer.capacity();
+            let mut on_the_way: Vec<Stock> = Vec::new();
+            for (action, which) in steps {
+                match action {
+                    // Fill as a driver does: promise what the pacer wants.
+                    0 => {
+                        let mut fill = StockFill::new(&pacer);
+                        while let Some(stock) = fill.next(pacer.wants()) {
+                            pacer.promise(stock);
+                            on_the_way.push(stock);
+                        }
+                    }
+                    // A build lands or fails, not necessarily the oldest.
+                    _ if on_the_way.is_empty() => {}
+                    1 => {
+                        let stock = on_the_way.remove(usize::from(which) % on_the_way.len());
+                        pacer.fulfil(stock, 0);
+                    }
+                    _ => {
+                        let stock = on_the_way.remove(usize::from(which) % on_the_way.len());
+                        pacer.break_promise(stock);
+                    }
+                }
+                prop_assert_eq!(pacer.promised(), on_the_way.len());
+                let held = pacer.drops.len() + pacer.loops.len() + pacer.cover.queued();
+                prop_assert!(held + pacer.promised() <= capacity, "{held} + {} > {capacity}", pacer.promised());
+            }
+            // Every promise kept: none left.
+            while let Some(stock) = on_the_way.pop() {
+                pacer.fulfil(stock, 0);
+            }
+            prop_assert_eq!(pacer.promised(), 0);
         }
 
         /// Emissions come out in time order, never before they are due, never after `now`.

@@ -576,8 +576,8 @@ fn a_stream_opens_carries_data_both_ways_and_ends() {
 }
 
 /// Reply blocks built ahead (off the session's thread in the client; inline here) carry the
-/// exit's answer: the packets take their blocks from the stock, not from the session's own
-/// building, and the replies open under the keys the stock kept.
+/// exit's answer: the packets take their blocks and their SURB-ACKs from the stock, not from
+/// the session's own building, and the replies and acks open under the keys the stock kept.
 #[test]
 fn reply_blocks_built_ahead_carry_the_exits_answer() {
     let mut net = Net::new(1, 0.0);
@@ -612,7 +612,10 @@ fn reply_blocks_built_ahead_carry_the_exits_answer() {
         - stats.prebuilt_blocks_discarded
         - session.state_size().prebuilt_blocks as u64;
     assert!(stats.reply_blocks_sent > 0, "{stats:?}");
-    assert_eq!(taken, stats.reply_blocks_sent, "{stats:?}");
+    // Every block the exit got, and every acknowledged message's SURB-ACK, came from it.
+    let acknowledged = stats.real_sent - stats.unacknowledged_sent;
+    assert!(acknowledged > 0, "{stats:?}");
+    assert_eq!(taken, stats.reply_blocks_sent + acknowledged, "{stats:?}");
     assert_eq!(
         (stats.bad_replies, stats.unknown_deliveries, stats.bugs),
         (0, 0, 0)

@@ -32,6 +32,7 @@ use std::time::Duration;
 use rand::{CryptoRng, RngExt};
 
 use super::exits::{ExitRef, MAX_UNACKNOWLEDGED_IN_FLIGHT};
+use super::reply_blocks::{ReadyBlock, ReplyRoute};
 use super::routes::Queued;
 use super::{ClientSession, StreamFailure};
 use crate::directory::IdentityKey;
@@ -96,6 +97,14 @@ pub(super) struct Stalled {
     pub(super) bug: bool,
 }
 
+/// Where a message's SURB-ACK comes from.
+enum AckSource {
+    /// The stock built ahead.
+    Built(ReadyBlock),
+    /// A route chosen now, to build the block on.
+    Route(ReplyRoute),
+}
+
 /// Why a message could not be built.
 pub(super) enum BuildFailure {
     /// Its exit is not in the consensus: it never will be, with this exit session.
@@ -125,67 +134,78 @@ impl ClientSession {
         else {
             return Err((out, BuildFailure::ExitGone));
         };
-        // Every route first: a failure here costs no Sphinx work.
-        let ack_route = if out.acknowledged {
-            let Ok(route) = self.reply_route(rng, Some(&exit)) else {
-                return Err((out, BuildFailure::NoRoute));
-            };
-            Some(route)
+        // Every route first: a failure here costs no Sphinx work. The SURB-ACK comes from
+        // the blocks built ahead where one fits this exit (given back if the route there
+        // fails), else it is built on a route chosen now.
+        let ack_source = if out.acknowledged {
+            let suspects = self.suspects_for_stock();
+            match self.take_prebuilt_block(Some(&exit), &suspects) {
+                Some(ready) => Some(AckSource::Built(ready)),
+                None => match self.reply_route(rng, Some(&exit)) {
+                    Ok(route) => Some(AckSource::Route(route)),
+                    Err(_) => return Err((out, BuildFailure::NoRoute)),
+                },
+            }
         } else {
             None
         };
-        let Ok((mut route, mut payees)) = self.mix_route(rng, Some(&exit)) else {
-            return Err((out, BuildFailure::NoRoute));
-        };
-        let Ok(exit_hop) = exit.route_hop(self.consensus.epoch) else {
-            return Err((out, BuildFailure::NoRoute));
-        };
-        route.push(exit_hop);
-        let delays = self.delay.sample_n(rng, route.len());
-        let ack = match ack_route.map(|r| self.build_reply_block(rng, r)) {
-            Some(Ok(built)) => Some(built),
-            Some(Err(_)) => {
-                self.stats.bugs += 1;
-                return Err((out, BuildFailure::Bug));
+        let there = self
+            .mix_route(rng, Some(&exit))
+            .and_then(|(mut route, payees)| {
+                route.push(exit.route_hop(self.consensus.epoch)?);
+                Ok((route, payees))
+            });
+        let Ok((route, mut payees)) = there else {
+            if let Some(AckSource::Built(ready)) = ack_source {
+                self.give_back_prebuilt_block(ready);
             }
+            return Err((out, BuildFailure::NoRoute));
+        };
+        let delays = self.delay.sample_n(rng, route.len());
+        let ack = match ack_source {
+            Some(AckSource::Built(ready)) => Some(ready),
+            Some(AckSource::Route(r)) => match self.build_reply_block(rng, r) {
+                Ok(ready) => Some(ready),
+                Err(_) => {
+                    self.stats.bugs += 1;
+                    return Err((out, BuildFailure::Bug));
+                }
+            },
             None => None,
         };
         // The mixes paid when its ack arrives: those of its route and of the ack's.
-        let mut relays = ack
-            .as_ref()
-            .map(|(a, _)| a.relays.clone())
-            .unwrap_or_default();
+        let mut relays = ack.as_ref().map(|a| a.relays.clone()).unwrap_or_default();
         relays.extend(payees.iter().copied());
         payees.push(exit.identity);
         let fragment = out.fragment.clone();
         let (content, ack) = match ack {
-            Some((a, delay)) => (
+            Some(a) => (
                 Content::DataWithAck {
                     ack: a.block,
                     fragment,
                 },
-                Some((a.key, a.relays, delay)),
+                Some((a.key, a.relays, a.mix_delay)),
             ),
             None => (Content::Data { fragment }, None),
         };
+        let forward_delay: Duration = delays[..delays.len() - 1].iter().sum();
         let sealed = self.seal(
             rng,
             now,
-            &route,
+            route,
             &payees,
-            &delays,
+            delays,
             exit.address(),
             [0; 16],
             &content,
         );
-        let Ok(frame) = sealed else {
+        let Ok(job) = sealed else {
             self.stats.bugs += 1;
             return Err((out, BuildFailure::Bug));
         };
         if let Some(e) = self.exits.get_mut(&out.exit) {
             e.last_active = now;
         }
-        let forward_delay: Duration = delays[..delays.len() - 1].iter().sum();
         let Some((key, ack_relays, ack_delay)) = ack else {
             self.stats.unacknowledged_sent += 1;
             // Its blocks are on their way for about a round trip: the route's delays there
@@ -201,7 +221,7 @@ impl ClientSession {
                 e.unacknowledged_blocks
                     .push_back((now + round_trip, out.reply_blocks));
             }
-            return Ok(Queued { frame });
+            return Ok(Queued { job });
         };
         // The route's own delays, or what acks have taken lately if more (relays' queues
         // add to the delays a client picks), doubled with each re-send: a loaded network
@@ -226,7 +246,7 @@ impl ClientSession {
                 key,
             },
         );
-        Ok(Queued { frame })
+        Ok(Queued { job })
     }
 
     /// The next real packet: a stalled message first, then a retransmission, then a new

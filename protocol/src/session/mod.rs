@@ -104,6 +104,7 @@ use payment::Payment;
 pub use reply_blocks::{BlockJob, BuiltBlock};
 use reply_blocks::{Prebuilt, ReplyKeyEntry};
 use routes::Queued;
+pub use routes::SealJob;
 use streams::Stream;
 
 /// Result with the session's error.
@@ -439,32 +440,52 @@ impl ClientSession {
         now: Instant,
         rng: &mut R,
     ) -> Option<Frame> {
+        let job = self.build_ahead_job(stock, now, rng)?;
+        self.build_job(job, rng)
+    }
+
+    /// [`Self::build_ahead`] but for the Sphinx build: every choice is made and paid for,
+    /// and the driver builds the packet ([`SealJob::build`]), on another core if it likes.
+    /// A job that fails to build is a bug; the driver counts it.
+    pub fn build_ahead_job<R: CryptoRng + ?Sized>(
+        &mut self,
+        stock: Stock,
+        now: Instant,
+        rng: &mut R,
+    ) -> Option<SealJob> {
         self.observe(now);
-        let frame = match stock {
+        let job = match stock {
             Stock::Real => {
                 let q = self.next_real(now, rng)?;
                 self.stats.real_sent += 1;
-                q.frame
+                q.job
             }
             Stock::Drop => {
-                let Ok(frame) = self.drop_cover(now, rng) else {
+                let Ok(job) = self.drop_cover(now, rng) else {
                     self.stats.cover_unbuilt += 1;
                     return None;
                 };
                 self.stats.cover_sent += 1;
-                frame
+                job
             }
             Stock::Loop => {
-                let Ok(frame) = self.loop_cover(now, rng) else {
+                let Ok(job) = self.loop_cover(now, rng) else {
                     self.stats.cover_unbuilt += 1;
                     return None;
                 };
                 self.stats.loops_sent += 1;
-                frame
+                job
             }
         };
         self.gateway_frame(now, rng);
-        Some(frame)
+        Some(job)
+    }
+
+    /// Builds `job` here; a failure is counted as a bug.
+    fn build_job<R: CryptoRng + ?Sized>(&mut self, job: SealJob, rng: &mut R) -> Option<Frame> {
+        let frame = job.build(rng).ok();
+        self.stats.bugs += u64::from(frame.is_none());
+        frame
     }
 
     /// The gateway this session goes through.
@@ -550,24 +571,25 @@ impl ClientSession {
         }
         loop {
             let emission = self.cover.poll_transmit(now, rng)?;
-            let frame = match emission {
+            let job = match emission {
                 ClientEmission::Real(q) => {
                     self.stats.real_sent += 1;
-                    Some(q.frame)
+                    Some(q.job)
                 }
                 ClientEmission::SendCover | ClientEmission::Drop => {
                     self.stats.cover_sent += 1;
-                    let frame = self.drop_cover(now, rng).ok();
-                    self.stats.cover_unbuilt += u64::from(frame.is_none());
-                    frame
+                    let job = self.drop_cover(now, rng).ok();
+                    self.stats.cover_unbuilt += u64::from(job.is_none());
+                    job
                 }
                 ClientEmission::Loop => {
                     self.stats.loops_sent += 1;
-                    let frame = self.loop_cover(now, rng).ok();
-                    self.stats.cover_unbuilt += u64::from(frame.is_none());
-                    frame
+                    let job = self.loop_cover(now, rng).ok();
+                    self.stats.cover_unbuilt += u64::from(job.is_none());
+                    job
                 }
             };
+            let frame = job.and_then(|job| self.build_job(job, rng));
             if frame.is_some() {
                 // The gateway forwards it: one frame on its tab.
                 self.gateway_frame(now, rng);

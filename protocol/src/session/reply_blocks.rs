@@ -114,6 +114,7 @@ impl BlockJob {
             self.id,
         );
         BuiltBlock {
+            mix_delay: self.mix_delay(),
             result,
             relays: self.route.relays,
             epoch: self.epoch,
@@ -124,6 +125,7 @@ impl BlockJob {
 /// A reply block a [`BlockJob`] built.
 pub struct BuiltBlock {
     result: crate::Result<(ReplyBlock, ReplyKey)>,
+    mix_delay: Duration,
     relays: Vec<IdentityKey>,
     epoch: Epoch,
 }
@@ -135,6 +137,7 @@ impl BuiltBlock {
             block,
             key,
             relays: self.relays,
+            mix_delay: self.mix_delay,
         })
     }
 }
@@ -145,6 +148,8 @@ pub(super) struct ReadyBlock {
     pub(super) block: ReplyBlock,
     pub(super) key: ReplyKey,
     pub(super) relays: Vec<IdentityKey>,
+    /// The sum of the delays its mixes hold the reply.
+    pub(super) mix_delay: Duration,
 }
 
 impl ClientSession {
@@ -219,7 +224,7 @@ impl ClientSession {
     /// the exit (as a route built for it would avoid them), none is among `suspects`, and
     /// each is still listed. Blocks through a suspect or a relay no longer listed are
     /// dropped; those that only conflict with this exit stay for another.
-    fn take_prebuilt_block(
+    pub(super) fn take_prebuilt_block(
         &mut self,
         exit_relay: Option<&ConsensusRelay>,
         suspects: &[IdentityKey],
@@ -268,16 +273,47 @@ impl ClientSession {
         Ok(ReplyRoute { hops, relays })
     }
 
-    /// A reply block over `route`, built here; returns it (with its key and mixes) and the
-    /// sum of its mixes' delays.
+    /// A reply block that may go to `exit_relay`: from the stock built ahead if one there
+    /// fits ([`Self::take_prebuilt_block`], with the `suspects` of now), else built here on a
+    /// fresh route. `Ok(None)` if no route can be built now; `Err` if building failed (a
+    /// bug).
+    pub(super) fn ready_block<R: CryptoRng + ?Sized>(
+        &mut self,
+        rng: &mut R,
+        exit_relay: Option<&ConsensusRelay>,
+        suspects: &[IdentityKey],
+    ) -> crate::Result<Option<ReadyBlock>> {
+        if let Some(ready) = self.take_prebuilt_block(exit_relay, suspects) {
+            return Ok(Some(ready));
+        }
+        let Ok(route) = self.reply_route(rng, exit_relay) else {
+            return Ok(None);
+        };
+        self.build_reply_block(rng, route).map(Some)
+    }
+
+    /// A reply block over `route`, built here, with its key and mixes.
     pub(super) fn build_reply_block<R: CryptoRng + ?Sized>(
         &self,
         rng: &mut R,
         route: ReplyRoute,
-    ) -> crate::Result<(ReadyBlock, Duration)> {
-        let job = self.block_job(rng, route);
-        let delay = job.mix_delay();
-        Ok((job.build(rng).ready()?, delay))
+    ) -> crate::Result<ReadyBlock> {
+        self.block_job(rng, route).build(rng).ready()
+    }
+
+    /// A block taken from the stock and not used after all: back where it was, first.
+    pub(super) fn give_back_prebuilt_block(&mut self, ready: ReadyBlock) {
+        self.prebuilt.ready.push_front(ready);
+    }
+
+    /// The relays suspected now, if the stock built ahead has blocks to check against them
+    /// (a route built now avoids them by itself).
+    pub(super) fn suspects_for_stock(&self) -> Vec<IdentityKey> {
+        if self.prebuilt.ready.is_empty() {
+            Vec::new()
+        } else {
+            self.suspected()
+        }
     }
 
     /// Up to `want` (at most [`BLOCKS_PER_UNACKNOWLEDGED`]) fresh reply blocks for exit session `exit`, fitting in
@@ -295,27 +331,18 @@ impl ClientSession {
         };
         let exit_relay = self.consensus.relay(&session.exit).cloned();
         // For the stock's blocks; its routes avoided the suspects of when they were built.
-        let suspects = if self.prebuilt.ready.is_empty() {
-            Vec::new()
-        } else {
-            self.suspected()
-        };
+        let suspects = self.suspects_for_stock();
         let mut blocks = Vec::new();
         for _ in 0..want.min(BLOCKS_PER_UNACKNOWLEDGED) {
             if surbs_item_len(blocks.len() + 1) > room {
                 break;
             }
-            let ready = match self.take_prebuilt_block(exit_relay.as_ref(), &suspects) {
-                Some(ready) => ready,
-                None => {
-                    let Ok(route) = self.reply_route(rng, exit_relay.as_ref()) else {
-                        break;
-                    };
-                    let Ok((ready, _)) = self.build_reply_block(rng, route) else {
-                        self.stats.bugs += 1;
-                        break;
-                    };
-                    ready
+            let ready = match self.ready_block(rng, exit_relay.as_ref(), &suspects) {
+                Ok(Some(ready)) => ready,
+                Ok(None) => break,
+                Err(_) => {
+                    self.stats.bugs += 1;
+                    break;
                 }
             };
             let id = ready.key.surb_id();

@@ -9,15 +9,58 @@ use super::{ClientSession, SessionError};
 use crate::cover::{ClientCover, ClientRates};
 use crate::delay::ExpDelay;
 use crate::directory::path::ExitTarget;
-use crate::directory::{ConsensusRelay, IdentityKey, NetworkParams};
+use crate::directory::{ConsensusRelay, Epoch, IdentityKey, NetworkParams};
+use crate::envelope::SlotTicket;
 use crate::frame::Frame;
 use crate::packet::{Address, RouteHop, SurbId, build_packet_with_envelope};
 use crate::payload::Content;
 use crate::time::Instant;
 
-/// A packet built and waiting for its send tick.
+/// A packet chosen and waiting for its send tick.
 pub struct Queued {
-    pub(super) frame: Frame,
+    pub(super) job: SealJob,
+}
+
+/// A packet whose every choice is made (route, delays, destination, content, tickets) and
+/// that only needs its Sphinx header and envelope built: the one costly step, which needs
+/// nothing of the session, so a driver can run it on another core
+/// ([`crate::session::ClientSession::build_ahead_job`]).
+#[derive(Debug, Clone)]
+pub struct SealJob {
+    route: Vec<RouteHop>,
+    delays: Vec<Duration>,
+    destination: Address,
+    surb_id: SurbId,
+    plaintext: Vec<u8>,
+    slots: Vec<Option<SlotTicket>>,
+    key_epoch: Epoch,
+}
+
+impl SealJob {
+    /// Builds the packet and wraps it for the gateway. Fails only on a shape the session
+    /// never makes (a route longer than the envelope, a payload too large): a bug.
+    pub fn build<R: CryptoRng + ?Sized>(self, rng: &mut R) -> crate::Result<Frame> {
+        let next_hop = self
+            .route
+            .first()
+            .map(|h| h.address)
+            .ok_or_else(|| crate::Error::Path("a packet with an empty route".into()))?;
+        let (packet, envelope) = build_packet_with_envelope(
+            rng,
+            &self.route,
+            &self.delays,
+            self.destination,
+            self.surb_id,
+            &self.plaintext,
+            &self.slots,
+        )?;
+        Ok(Frame::Forward {
+            next_hop,
+            key_epoch: self.key_epoch,
+            packet,
+            envelope,
+        })
+    }
 }
 
 /// The cover schedules and delay distribution the published parameters ask for.
@@ -64,35 +107,31 @@ impl ClientSession {
         Ok((hops, path.iter().map(|r| r.identity).collect()))
     }
 
-    /// Builds a packet over `route` (whose hops are `payees`), paying its hops, and wraps it
-    /// for the gateway.
+    /// A packet over `route` (whose hops are `payees`), its hops paid, ready to be built
+    /// and wrapped for the gateway.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn seal<R: CryptoRng + ?Sized>(
         &mut self,
         rng: &mut R,
         now: Instant,
-        route: &[RouteHop],
+        route: Vec<RouteHop>,
         payees: &[IdentityKey],
-        delays: &[Duration],
+        delays: Vec<Duration>,
         destination: Address,
         surb_id: SurbId,
         content: &Content,
-    ) -> crate::Result<Frame> {
+    ) -> crate::Result<SealJob> {
+        // Encoded before paying: a content that cannot be encoded pays no one.
+        let plaintext = content.encode()?;
         let slots = self.pay_hops(payees, now, rng);
-        let (packet, envelope) = build_packet_with_envelope(
-            rng,
+        Ok(SealJob {
             route,
             delays,
             destination,
             surb_id,
-            &content.encode()?,
-            &slots,
-        )?;
-        Ok(Frame::Forward {
-            next_hop: route[0].address,
+            plaintext,
+            slots,
             key_epoch: self.consensus.epoch,
-            packet,
-            envelope,
         })
     }
 
@@ -101,7 +140,7 @@ impl ClientSession {
         &mut self,
         now: Instant,
         rng: &mut R,
-    ) -> crate::Result<Frame> {
+    ) -> crate::Result<SealJob> {
         let selector = self.selector();
         let target = selector.choose_exit(rng, ExitTarget::HostPort(443), &[&self.gateway]);
         let last = match target {
@@ -115,9 +154,9 @@ impl ClientSession {
         self.seal(
             rng,
             now,
-            &route,
+            route,
             &payees,
-            &delays,
+            delays,
             last.address(),
             [0; 16],
             &Content::Cover,
@@ -142,24 +181,24 @@ impl ClientSession {
         &mut self,
         now: Instant,
         rng: &mut R,
-    ) -> crate::Result<Frame> {
+    ) -> crate::Result<SealJob> {
         let (mut route, mut payees) = self.mix_route(rng, None)?;
         route.push(self.gateway.route_hop(self.consensus.epoch)?);
         payees.push(self.gateway.identity);
         let delays = self.delay.sample_n(rng, route.len());
         let id = self.mint_surb_id(rng);
-        let frame = self.seal(
+        let job = self.seal(
             rng,
             now,
-            &route,
+            route,
             &payees,
-            &delays,
+            delays,
             self.config.address,
             id,
             &Content::Cover,
         )?;
         self.loops.insert(id, now);
-        Ok(frame)
+        Ok(job)
     }
 
     /// When the oldest loop still out is counted missing.
