@@ -948,11 +948,22 @@ fn a_download_hands_the_exit_only_the_reply_blocks_it_needs() {
     let pair = run(&scenario);
     pair.check(true).unwrap();
     let stats = pair.client.stats();
-    println!("{stats:?}");
-    // What the exit used, and at most one stock (48) and one message's blocks (4) left over.
+    let held = pair.exit.surbs_held() as u64;
+    println!("{stats:?}, {held} blocks held at the exit");
+    // What the exit holds once the downloads are done: at most one stock (48) and one
+    // message's blocks (5). The rest of what was handed out was spent: on the replies that
+    // arrived, and on the last replies and acks still on their way when the harness stops
+    // (24-36 with seeds 1-7), which is why the count handed out is bounded more loosely.
+    // Seeds 1-7 leave 17-42 blocks at the exit and hand out 48-66 more than the replies; the
+    // flood this test was written for left the exit more than the client keeps keys for.
     let stock = SessionConfig::new(Address([0; 32])).surbs_target as u64;
+    let message = murmur_protocol::session::reply_blocks::BLOCKS_PER_UNACKNOWLEDGED as u64;
     assert!(
-        stats.reply_blocks_sent <= stats.replies + stock + 4,
+        held <= stock + message,
+        "{held} reply blocks left at the exit"
+    );
+    assert!(
+        stats.reply_blocks_sent <= stats.replies + 2 * stock,
         "{} reply blocks handed out for {} replies",
         stats.reply_blocks_sent,
         stats.replies
