@@ -449,32 +449,43 @@ pub struct ClientProc {
 /// As [`start_client`], with the control address. The client keeps its state (its guard) in
 /// `dir/state`, and its control endpoint listens on a free port.
 pub fn start_client_proc(dir: &Path, authorities: &[AuthorityInfo], extra: &str) -> ClientProc {
-    let ports = free_ports(2);
-    let socks = SocketAddr::from(([127, 0, 0, 1], ports[0]));
-    let control = SocketAddr::from(([127, 0, 0, 1], ports[1]));
-    let config = dir.join("client.toml");
-    std::fs::create_dir_all(dir).unwrap();
-    std::fs::write(
-        &config,
-        format!(
-            "version = 1\nsocks = \"{socks}\"\nclock_skew = \"1s\"\nopen_timeout = \"20s\"\n\
-             distinct_subnets = false\nstate_dir = \"state\"\nauthorities = [{}]\n{extra}\n\
-             [control]\nlisten = \"{control}\"\n",
-            authorities_toml(authorities)
-        ),
-    )
-    .unwrap();
-    let mut client = Proc::spawn(
-        "client",
-        &binary("murmur-client"),
-        &["--config", config.to_str().unwrap()],
-        dir.join("client.log"),
-    );
-    client.wait_ready(Duration::from_secs(90));
-    ClientProc {
-        proc: client,
-        socks,
-        control,
+    // The free ports are released before the client binds them, so a test running beside
+    // this one may take one first: the client then exits saying so, and gets fresh ports.
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        let ports = free_ports(2);
+        let socks = SocketAddr::from(([127, 0, 0, 1], ports[0]));
+        let control = SocketAddr::from(([127, 0, 0, 1], ports[1]));
+        let config = dir.join("client.toml");
+        std::fs::create_dir_all(dir).unwrap();
+        std::fs::write(
+            &config,
+            format!(
+                "version = 1\nsocks = \"{socks}\"\nclock_skew = \"1s\"\nopen_timeout = \"20s\"\n\
+                 distinct_subnets = false\nstate_dir = \"state\"\nauthorities = [{}]\n{extra}\n\
+                 [control]\nlisten = \"{control}\"\n",
+                authorities_toml(authorities)
+            ),
+        )
+        .unwrap();
+        let mut client = Proc::spawn(
+            "client",
+            &binary("murmur-client"),
+            &["--config", config.to_str().unwrap()],
+            dir.join("client.log"),
+        );
+        match client.try_wait_ready(Duration::from_secs(90)) {
+            Ok(()) => {
+                return ClientProc {
+                    proc: client,
+                    socks,
+                    control,
+                };
+            }
+            Err(log) if attempts < 3 && log.contains("Address already in use") => continue,
+            Err(log) => panic!("client exited:\n{log}"),
+        }
     }
 }
 
