@@ -502,9 +502,9 @@ pub fn init_logging() {
 /// Bounds of the proxies: the config's, or the defaults.
 pub fn socks_limits(config: Option<&ClientConfig>) -> SocksLimits {
     SocksLimits {
-        max_connections: config.map_or(default_max_connections(), |c| c.max_connections),
+        max_connections: config.map_or_else(default_max_connections, |c| c.max_connections),
         handshake_timeout: Duration::from_secs(10),
-        open_timeout: config.map_or(default_open_timeout(), |c| c.open_timeout),
+        open_timeout: config.map_or_else(default_open_timeout, |c| c.open_timeout),
     }
 }
 
@@ -577,7 +577,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         .iter()
         .map(|a| Ok((IdentityKey::from_hex(&a.identity)?, a.url.clone())))
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let base = path.parent().unwrap_or(Path::new("."));
+    let base = path.parent().unwrap_or_else(|| Path::new("."));
     let (socks, http, safe_socks) = cli.listeners.apply(Some(&config));
     let options = ProxyOptions {
         socks,

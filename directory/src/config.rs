@@ -300,7 +300,7 @@ impl Config {
             source,
         })?;
         let mut config = Config::parse(&text, path)?;
-        let base = path.parent().unwrap_or(Path::new("."));
+        let base = path.parent().unwrap_or_else(|| Path::new("."));
         config.key_file = base.join(&config.key_file);
         config.state_dir = base.join(&config.state_dir);
         config.validate()?;

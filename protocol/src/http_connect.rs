@@ -349,16 +349,14 @@ fn parse_authority(authority: &[u8]) -> Result<Target, HttpConnectError> {
     let colon = authority
         .iter()
         .rposition(|&b| b == b':')
-        .ok_or(malformed("the CONNECT target has no port"))?;
+        .ok_or_else(|| malformed("the CONNECT target has no port"))?;
     let (host, port) = (&authority[..colon], &authority[colon + 1..]);
-    let port = parse_port(port).ok_or(malformed("the CONNECT port is not 1 to 65535"))?;
+    let port = parse_port(port).ok_or_else(|| malformed("the CONNECT port is not 1 to 65535"))?;
     if let Some(v6) = host.strip_prefix(b"[").and_then(|h| h.strip_suffix(b"]")) {
         let ip = std::str::from_utf8(v6)
             .ok()
             .and_then(|s| s.parse::<Ipv6Addr>().ok())
-            .ok_or(malformed(
-                "the bracketed CONNECT host is not an IPv6 address",
-            ))?;
+            .ok_or_else(|| malformed("the bracketed CONNECT host is not an IPv6 address"))?;
         return Ok(Target::Addr(SocketAddr::new(IpAddr::V6(ip), port)));
     }
     if !valid_host_name(host) {
@@ -396,18 +394,19 @@ fn valid_host_name(host: &[u8]) -> bool {
 /// `Basic <base64 of user:password>` (the scheme in any case).
 fn parse_basic(value: &[u8]) -> Result<(Vec<u8>, Vec<u8>), HttpConnectError> {
     let malformed = HttpConnectError::Malformed;
-    let space = value.iter().position(|&b| b == b' ').ok_or(malformed(
-        "Proxy-Authorization is not `Basic <credentials>`",
-    ))?;
+    let space = value
+        .iter()
+        .position(|&b| b == b' ')
+        .ok_or_else(|| malformed("Proxy-Authorization is not `Basic <credentials>`"))?;
     if !value[..space].eq_ignore_ascii_case(b"basic") {
         return Err(malformed("only Basic proxy authorization is understood"));
     }
     let decoded = base64_decode(trim_ows(&value[space + 1..]))
-        .ok_or(malformed("the Basic proxy credentials are not base64"))?;
+        .ok_or_else(|| malformed("the Basic proxy credentials are not base64"))?;
     let colon = decoded
         .iter()
         .position(|&b| b == b':')
-        .ok_or(malformed("the Basic proxy credentials have no colon"))?;
+        .ok_or_else(|| malformed("the Basic proxy credentials have no colon"))?;
     Ok((decoded[..colon].to_vec(), decoded[colon + 1..].to_vec()))
 }
 

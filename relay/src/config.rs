@@ -474,7 +474,10 @@ impl Config {
             path: path.to_path_buf(),
             source,
         })?;
-        let base = path.parent().unwrap_or(Path::new(".")).to_path_buf();
+        let base = path
+            .parent()
+            .unwrap_or_else(|| Path::new("."))
+            .to_path_buf();
         Config::parse(&text, base).map_err(|reason| Error::Config {
             path: path.to_path_buf(),
             reason,

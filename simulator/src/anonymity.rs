@@ -98,7 +98,7 @@ impl Anonymity {
     pub fn of_dist(d: &Dist) -> Anonymity {
         Tracker::exact(0)
             .of_dist(d)
-            .unwrap_or(Anonymity::of_uniform(1))
+            .unwrap_or_else(|| Anonymity::of_uniform(1))
     }
 
     /// Estimated from the exact posteriors `p` of a uniform sample of `k` of `senders`

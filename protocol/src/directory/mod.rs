@@ -300,10 +300,14 @@ impl ConsensusRelay {
 
     /// This relay as a hop of a Sphinx route for `epoch`.
     pub fn route_hop(&self, epoch: Epoch) -> Result<crate::packet::RouteHop> {
-        let sphinx_key = self.sphinx_key(epoch).ok_or(Error::Path(format!(
-            "relay {:?} has no Sphinx key for epoch {epoch}",
-            self.identity
-        )))?;
+        // Lazily: every hop of every packet comes through here, and the message formats
+        // the identity byte by byte.
+        let sphinx_key = self.sphinx_key(epoch).ok_or_else(|| {
+            Error::Path(format!(
+                "relay {:?} has no Sphinx key for epoch {epoch}",
+                self.identity
+            ))
+        })?;
         Ok(crate::packet::RouteHop {
             address: self.address(),
             sphinx_key,
