@@ -194,6 +194,8 @@ async fn follow_directory(
     let upload_every = Duration::from_secs((epoch_len / 4).clamp(1, 120));
     let tick = Duration::from_secs((epoch_len / 10).clamp(1, 10));
     let mut last_upload: Option<(u32, std::time::Instant)> = None;
+    let mut listen_for_wanted = tokio::time::Instant::now();
+    let mut wanted = false;
     loop {
         let now = murmur_directory::unix_now();
         let epoch = u32::try_from(now / epoch_len).unwrap_or(u32::MAX);
@@ -227,7 +229,12 @@ async fn follow_directory(
                 Err(e) => tracing::error!(error = %e, "cannot build descriptor"),
             }
         }
-        if store.needs_refresh(now) {
+        // Asked for by a client's packet: a newer consensus may already be out if it is due
+        // within the clock skew we allow, which is how early a client may take it.
+        let skew = config.directory.clock_skew.as_secs();
+        if store.needs_refresh(now)
+            || (std::mem::take(&mut wanted) && store.needs_refresh(now.saturating_add(skew)))
+        {
             match client.refresh(&urls, &mut store, now).await {
                 Ok(Offer::Installed { .. }) => {
                     if let Ok(v) = store.current(now) {
@@ -248,6 +255,18 @@ async fn follow_directory(
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(tick) => {}
+            // A client of ours holds a consensus we do not: fetch now, but at most once a
+            // second however often clients ask (one request waits in the `Notify`).
+            () = async {
+                tokio::time::sleep_until(listen_for_wanted).await;
+                node.consensus_wanted().await;
+            } => {
+                listen_for_wanted = tokio::time::Instant::now() + WANTED_CONSENSUS_PAUSE;
+                wanted = true;
+            }
         }
     }
 }
+
+/// The least time between two fetches a gateway's clients asked for.
+const WANTED_CONSENSUS_PAUSE: Duration = Duration::from_secs(1);

@@ -29,7 +29,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -52,7 +52,7 @@ use crate::admit::{Gate, GateLimits};
 use crate::config::GatewaySection;
 use crate::inbox::{InboxLimits, Inboxes};
 use crate::keys::KeyRing;
-use crate::links::Links;
+use crate::links::{FirstHop, Links};
 use crate::metrics::{self as m, drop_packet};
 use crate::payments::{Accepted, PaymentRefusal, Payments, PotStanding, TicketSignatures};
 use murmur_client_link::{ClientLink, LinkFailure};
@@ -168,6 +168,23 @@ const CLIENT_FRAMES_IN_FLIGHT: u64 = 32;
 const DELIVERY_HOLD: Duration = Duration::from_millis(500);
 /// How often a gateway that has no consensus yet looks whether one is in force.
 const CONSENSUS_POLL: Duration = Duration::from_millis(20);
+/// How long a client's packet built by the consensus after ours waits for us to fetch it
+/// (the directory follower fetches at once when asked, else within its tick of at most 10 s).
+const AHEAD_WAIT: Duration = Duration::from_secs(10);
+/// How often waiting packets are looked at again.
+const AHEAD_RETRY: Duration = Duration::from_millis(50);
+/// Packets one client may have waiting so (1.3 s at 800 packets/s), and all clients.
+const AHEAD_PER_CLIENT: usize = 1024;
+const AHEAD_TOTAL: usize = 4096;
+
+/// A client's packet for a first hop of the consensus after ours ([`FirstHop::Ahead`]).
+struct AheadPacket {
+    next_hop: Address,
+    key_epoch: u32,
+    packet: Box<Packet>,
+    envelope: Envelope,
+    since: Instant,
+}
 
 /// A ticket accepted from a pot still being looked up: its credit waits.
 struct Held {
@@ -195,6 +212,8 @@ pub struct Gateway {
     sessions: Mutex<HashMap<Address, Session>>,
     inboxes: Mutex<Inboxes>,
     next_generation: AtomicU64,
+    /// Packets all sessions hold waiting for the consensus their clients built them by.
+    ahead_total: AtomicUsize,
 }
 
 impl Gateway {
@@ -224,6 +243,7 @@ impl Gateway {
             sessions: Mutex::new(HashMap::new()),
             inboxes,
             next_generation: AtomicU64::new(0),
+            ahead_total: AtomicUsize::new(0),
         })
     }
 
@@ -723,7 +743,14 @@ impl Gateway {
         tokio::pin!(quiet);
         // Since when deliveries have been held back for payment.
         let mut held_back_since: Option<tokio::time::Instant> = None;
+        let mut ahead: VecDeque<AheadPacket> = VecDeque::new();
+        let mut ahead_retry = tokio::time::Instant::now();
         let result = loop {
+            // A deadline, not a fresh sleep per turn: a client sending faster than the retry
+            // period would otherwise never let it come.
+            if ahead.is_empty() {
+                ahead_retry = tokio::time::Instant::now() + AHEAD_RETRY;
+            }
             let room = self.can_serve(&address);
             if room {
                 held_back_since = None;
@@ -757,6 +784,10 @@ impl Gateway {
                     }
                     None => break Ok(()),
                 },
+                () = tokio::time::sleep_until(ahead_retry), if !ahead.is_empty() => {
+                    self.retry_ahead(&mut ahead, Instant::now());
+                    ahead_retry = tokio::time::Instant::now() + AHEAD_RETRY;
+                }
                 // Payments waiting for their pot's lookup may be what frees the tab.
                 () = tokio::time::sleep(Duration::from_millis(20)),
                     if !held.is_empty() && !self.can_serve(&address) =>
@@ -778,7 +809,7 @@ impl Gateway {
                                 // refuses it.
                                 match self.charge_own_frame(&address, &mut held).await {
                                     Verdict::Serve => {
-                                        self.forward(next_hop, key_epoch, *packet, envelope)
+                                        self.forward(next_hop, key_epoch, packet, envelope, &mut ahead)
                                     }
                                     Verdict::Unpaid => drop_packet("client_unpaid"),
                                     Verdict::Cutoff => break cut_off(link).await,
@@ -809,6 +840,9 @@ impl Gateway {
                 }
             }
         };
+        // Paid for: what still waits for a consensus goes out if ours now allows it, and is
+        // dropped (counted) otherwise.
+        self.retry_ahead(&mut ahead, Instant::now() + AHEAD_WAIT);
         // Frames still queued for the client go back to its inbox.
         rx.close();
         while let Ok(frame) = rx.try_recv() {
@@ -876,30 +910,96 @@ impl Gateway {
         }
     }
 
-    /// Passes a client's packet to the layer-1 mix it names (after it was charged).
-    fn forward(&self, next_hop: Address, key_epoch: u32, packet: Packet, envelope: Envelope) {
-        {
-            let allowed = self
-                .links
-                .routes()
-                .read()
-                .map(|r| r.layer1.contains(&next_hop))
-                .unwrap_or(false);
-            if !allowed {
-                // Charged all the same: it cost the gateway a frame.
-                drop_packet("first_hop_not_layer1");
-                return;
-            }
-            self.links.send(
-                next_hop,
-                &Frame::Packet {
+    /// Passes a client's packet to the layer-1 mix it names (after it was charged), judged by
+    /// the consensus the client built it with ([`Routes::first_hop`]); one built by a
+    /// consensus we have not fetched yet waits for it in `ahead`.
+    ///
+    /// [`Routes::first_hop`]: crate::links::Routes::first_hop
+    fn forward(
+        &self,
+        next_hop: Address,
+        key_epoch: u32,
+        packet: Box<Packet>,
+        envelope: Envelope,
+        ahead: &mut VecDeque<AheadPacket>,
+    ) {
+        match self.first_hop(&next_hop, key_epoch) {
+            FirstHop::Allowed => self.send_first_hop(next_hop, key_epoch, *packet, envelope),
+            // Charged all the same: it cost the gateway a frame.
+            FirstHop::Refused => drop_packet("first_hop_not_layer1"),
+            FirstHop::Ahead => {
+                let reserved = ahead.len() < AHEAD_PER_CLIENT
+                    && self
+                        .ahead_total
+                        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                            (n < AHEAD_TOTAL).then_some(n + 1)
+                        })
+                        .is_ok();
+                if !reserved {
+                    drop_packet("first_hop_ahead_full");
+                    return;
+                }
+                ahead.push_back(AheadPacket {
+                    next_hop,
                     key_epoch,
                     packet,
                     envelope,
-                },
-                Some(Instant::now()),
-            );
+                    since: Instant::now(),
+                });
+                self.links.want_consensus();
+            }
         }
+    }
+
+    /// Sends what waits in `ahead` that our consensus now allows, drops what it refuses or
+    /// what waited [`AHEAD_WAIT`] by `now`, and keeps the rest (asking for the consensus
+    /// again).
+    fn retry_ahead(&self, ahead: &mut VecDeque<AheadPacket>, now: Instant) {
+        let before = ahead.len();
+        for p in std::mem::take(ahead) {
+            match self.first_hop(&p.next_hop, p.key_epoch) {
+                FirstHop::Allowed => {
+                    metrics::counter!(m::FIRST_HOP_WAITED).increment(1);
+                    self.send_first_hop(p.next_hop, p.key_epoch, *p.packet, p.envelope);
+                }
+                FirstHop::Refused => drop_packet("first_hop_not_layer1"),
+                FirstHop::Ahead if now.saturating_duration_since(p.since) >= AHEAD_WAIT => {
+                    drop_packet("first_hop_ahead_expired")
+                }
+                FirstHop::Ahead => ahead.push_back(p),
+            }
+        }
+        self.ahead_total
+            .fetch_sub(before - ahead.len(), Ordering::Relaxed);
+        if !ahead.is_empty() {
+            self.links.want_consensus();
+        }
+    }
+
+    fn first_hop(&self, next_hop: &Address, key_epoch: u32) -> FirstHop {
+        self.links
+            .routes()
+            .read()
+            .map(|r| r.first_hop(next_hop, key_epoch))
+            .unwrap_or(FirstHop::Refused)
+    }
+
+    fn send_first_hop(
+        &self,
+        next_hop: Address,
+        key_epoch: u32,
+        packet: Packet,
+        envelope: Envelope,
+    ) {
+        self.links.send(
+            next_hop,
+            &Frame::Packet {
+                key_epoch,
+                packet,
+                envelope,
+            },
+            Some(Instant::now()),
+        );
     }
 }
 
@@ -1017,6 +1117,217 @@ mod tests {
             .expect("no answer once a consensus is in force");
         assert!(link.is_ok(), "{:?}", link.err());
         stop.cancel();
+    }
+
+    /// A relay's link listener on loopback that hands over the frames it is sent.
+    async fn fake_mix(
+        link_key: LinkSecret,
+    ) -> (SocketAddr, tokio::sync::mpsc::UnboundedReceiver<Frame>) {
+        use tokio::io::AsyncReadExt as _;
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut t = murmur_directory::link_io::accept_handshake(&mut s, &link_key)
+                .await
+                .unwrap();
+            let mut sealed = vec![0u8; murmur_protocol::link::SEALED_FRAME_LEN];
+            while s.read_exact(&mut sealed).await.is_ok() {
+                let opened = t.open_frame(&sealed).unwrap();
+                if tx.send(Frame::decode(&opened[..]).unwrap()).is_err() {
+                    return;
+                }
+            }
+        });
+        (addr, rx)
+    }
+
+    /// Clients and relays each fetch a new consensus on their own schedule. A client that has
+    /// the next one first builds packets for its layer-1 mixes, which the gateway's consensus
+    /// may not list as layer 1: those packets wait for the gateway to fetch it (they were
+    /// dropped as `first_hop_not_layer1`, 588 of them at the throughput benchmark's start in
+    /// a third of its runs), and a client still on the consensus before keeps its first hops.
+    /// A packet for a relay that is layer 1 in no consensus the client could hold is refused.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_first_hop_of_the_next_consensus_waits_for_it_and_one_of_the_last_still_goes() {
+        use murmur_protocol::directory::NetworkParams;
+        use murmur_protocol::directory::synthetic::{SyntheticNetwork, generate};
+        use rand::SeedableRng;
+        const EPOCH: u32 = 7;
+        let network = |seed: u64, epoch: u32| {
+            generate(
+                &mut rand_chacha::ChaCha20Rng::seed_from_u64(seed),
+                &SyntheticNetwork {
+                    mixes_per_layer: 1,
+                    gateways: 0,
+                    exits: 0,
+                    params: NetworkParams::nym_like(),
+                    epoch,
+                },
+            )
+        };
+        let layer = |c: &murmur_protocol::directory::Consensus, l: u8| {
+            c.relays.iter().position(|r| r.layer == Some(l)).unwrap()
+        };
+        // The next consensus swaps the mixes of layers 1 and 2.
+        let (mut now, keys) = network(21, EPOCH);
+        let (a, b) = (layer(&now, 1), layer(&now, 2));
+        let (a_addr, mut at_a) = fake_mix(keys[a].link.clone()).await;
+        let (b_addr, mut at_b) = fake_mix(keys[b].link.clone()).await;
+        now.relays[a].addresses.mix = a_addr;
+        now.relays[b].addresses.mix = b_addr;
+        let mut next = now.clone();
+        next.epoch = EPOCH + 1;
+        next.relays[a].layer = Some(2);
+        next.relays[b].layer = Some(1);
+        let (a_hop, b_hop) = (now.relays[a].address(), now.relays[b].address());
+
+        let (node, stop, _dir) = gateway_without_consensus("").await;
+        node.apply_consensus(Arc::new(now.clone()));
+        let mut link = open(&node, &LinkSecret::generate(&mut rand::rng()))
+            .await
+            .unwrap();
+        let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(5);
+        let mut forward = |next_hop: Address, key_epoch: u32, mark: u8| {
+            let mut bytes = [mark; murmur_protocol::PACKET_SIZE];
+            bytes[31] &= 0x7f;
+            Frame::Forward {
+                next_hop,
+                key_epoch,
+                packet: Packet::from_slice(&bytes).unwrap(),
+                envelope: Envelope::random(&mut rng),
+            }
+        };
+        let mark = |f: &Frame| match f {
+            Frame::Packet { packet, .. } => packet.as_bytes()[0],
+            other => panic!("not a packet: {other:?}"),
+        };
+        let next_frame = |rx: &mut tokio::sync::mpsc::UnboundedReceiver<Frame>| {
+            let frame = rx.try_recv();
+            frame.ok().map(|f| mark(&f))
+        };
+        // Refused: our layer-2 mix as a first hop by our consensus, or by one two ahead.
+        link.send(&forward(b_hop, EPOCH, 1)).await.unwrap();
+        link.send(&forward(b_hop, EPOCH + 2, 2)).await.unwrap();
+        // Waits: built by the next consensus, where b is layer 1.
+        link.send(&forward(b_hop, EPOCH + 1, 3)).await.unwrap();
+        link.send(&forward(a_hop, EPOCH, 4)).await.unwrap();
+        let first = tokio::time::timeout(Duration::from_secs(5), at_a.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(mark(&first), 4, "our own layer 1 is served at once");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(
+            next_frame(&mut at_b),
+            None,
+            "passed to a relay our consensus does not list as layer 1"
+        );
+
+        node.apply_consensus(Arc::new(next));
+        // The client goes on sending meanwhile, by the consensus before: a client still on it
+        // keeps its layer 1 for one change.
+        let mut meanwhile = 0;
+        let waited = loop {
+            link.send(&forward(a_hop, EPOCH, 5)).await.unwrap();
+            meanwhile += 1;
+            if let Ok(frame) = at_b.try_recv() {
+                break frame;
+            }
+            assert!(
+                meanwhile < 500,
+                "the packet that waited for the consensus never went out"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        assert_eq!(mark(&waited), 3);
+        assert!(matches!(waited, Frame::Packet { key_epoch, .. } if key_epoch == EPOCH + 1));
+        // A packet built by the new consensus may not name the old layer 1.
+        link.send(&forward(a_hop, EPOCH + 1, 6)).await.unwrap();
+        link.send(&forward(b_hop, EPOCH + 1, 7)).await.unwrap();
+        let again = tokio::time::timeout(Duration::from_secs(5), at_b.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(mark(&again), 7);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let mut at_a_meanwhile = Vec::new();
+        while let Some(m) = next_frame(&mut at_a) {
+            at_a_meanwhile.push(m);
+        }
+        assert_eq!(
+            at_a_meanwhile,
+            vec![5; meanwhile],
+            "by the consensus before: all kept; by the new one: refused (6)"
+        );
+        assert_eq!(next_frame(&mut at_b), None, "packet 1 or 2 went out");
+        stop.cancel();
+        node.join().await;
+    }
+
+    /// A client cannot make the gateway hold more than [`AHEAD_PER_CLIENT`] packets by
+    /// claiming a consensus that never comes: the rest are dropped, counted.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn packets_waiting_for_a_consensus_are_bounded_per_client() {
+        let (node, stop, _dir) = gateway("").await;
+        let epoch = crate::payments::tests::any_consensus().epoch;
+        let full_before =
+            crate::metrics::test_counter(m::PACKETS_DROPPED, "reason=\"first_hop_ahead_full\"");
+        let mut link = open(&node, &LinkSecret::generate(&mut rand::rng()))
+            .await
+            .unwrap();
+        let mut rng = rand::rng();
+        let extra = 100;
+        for _ in 0..AHEAD_PER_CLIENT + extra {
+            let frame = Frame::Forward {
+                next_hop: Address([7; 32]),
+                key_epoch: epoch + 1,
+                packet: Packet::from_slice(&[0; murmur_protocol::PACKET_SIZE]).unwrap(),
+                envelope: Envelope::random(&mut rng),
+            };
+            link.send(&frame).await.unwrap();
+        }
+        let gw = node.gateway().unwrap().clone();
+        let waiting_becomes = |n: usize| {
+            let gw = gw.clone();
+            async move {
+                for _ in 0..100 {
+                    if gw.ahead_total.load(Ordering::Relaxed) == n {
+                        return true;
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                false
+            }
+        };
+        let full = || {
+            crate::metrics::test_counter(m::PACKETS_DROPPED, "reason=\"first_hop_ahead_full\"")
+                - full_before
+        };
+        // The last frames are still being read when the count of waiting ones reaches its bound.
+        for _ in 0..100 {
+            if full() >= extra as f64 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(full(), extra as f64);
+        assert!(
+            waiting_becomes(AHEAD_PER_CLIENT).await,
+            "{} waiting",
+            gw.ahead_total.load(Ordering::Relaxed)
+        );
+        // The session's end lets them go (dropped: no consensus ever allowed them).
+        drop(link);
+        let released = waiting_becomes(0).await;
+        assert!(
+            released,
+            "{} still counted",
+            gw.ahead_total.load(Ordering::Relaxed)
+        );
+        stop.cancel();
+        node.join().await;
     }
 
     /// Dials with `key` and says hello for `claimed`; what the gateway answers.

@@ -44,8 +44,11 @@ pub struct Routes {
     pub link_keys: HashMap<Address, LinkPublic>,
     /// Layer-1 mixes: the only relays a gateway forwards client packets to.
     pub layer1: HashSet<Address>,
+    /// The layer-1 mixes of the consensus before, for clients that still hold it.
+    previous_layer1: HashSet<Address>,
     /// The epoch of the consensus these routes came from.
     epoch: Option<Epoch>,
+    previous_epoch: Option<Epoch>,
     current_keys: HashSet<LinkPublic>,
     previous_keys: HashSet<LinkPublic>,
     /// The authorities' probers (from their signed cards): they may link to us to test us,
@@ -72,11 +75,15 @@ impl Routes {
         // consensus than ours still routes through us, and a relay that changed its key
         // still dials with the old one until it restarts. A consensus applied again for the
         // same epoch keeps the one before.
-        routes.previous_keys = if previous.epoch == Some(consensus.epoch) {
-            previous.previous_keys.clone()
+        if previous.epoch == Some(consensus.epoch) {
+            routes.previous_keys = previous.previous_keys.clone();
+            routes.previous_layer1 = previous.previous_layer1.clone();
+            routes.previous_epoch = previous.previous_epoch;
         } else {
-            previous.current_keys.clone()
-        };
+            routes.previous_keys = previous.current_keys.clone();
+            routes.previous_layer1 = previous.layer1.clone();
+            routes.previous_epoch = previous.epoch;
+        }
         routes.set_probers(previous.probers.clone());
         routes
     }
@@ -84,6 +91,26 @@ impl Routes {
     /// Whether these routes came from a consensus (none has been applied yet otherwise).
     pub fn has_consensus(&self) -> bool {
         self.epoch.is_some()
+    }
+
+    /// Whether a gateway may pass a client's packet to `next_hop`, built for the keys of
+    /// `key_epoch` (the epoch of the consensus the client routed it by). Clients and relays
+    /// fetch each consensus on their own schedules, so near an epoch's start a client may
+    /// hold the consensus before ours ([`FirstHop::Allowed`] by its layer 1) or the one after
+    /// ([`FirstHop::Ahead`]: ours cannot tell yet).
+    pub fn first_hop(&self, next_hop: &Address, key_epoch: Epoch) -> FirstHop {
+        let Some(epoch) = self.epoch else {
+            return FirstHop::Ahead;
+        };
+        if self.layer1.contains(next_hop)
+            || (self.previous_epoch == Some(key_epoch) && self.previous_layer1.contains(next_hop))
+        {
+            FirstHop::Allowed
+        } else if epoch.checked_add(1) == Some(key_epoch) {
+            FirstHop::Ahead
+        } else {
+            FirstHop::Refused
+        }
     }
 
     /// Puts the authorities' probers in force (replacing the ones before). A prober's
@@ -113,6 +140,17 @@ impl Routes {
             || self.previous_keys.contains(key)
             || self.probers.iter().any(|p| p.link_key == *key)
     }
+}
+
+/// What a gateway's routes say of a client's first hop ([`Routes::first_hop`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FirstHop {
+    /// A layer-1 mix of our consensus, or of the one before for a packet built by it.
+    Allowed,
+    /// Built for the epoch after ours: the client holds a consensus we have not fetched.
+    Ahead,
+    /// Not a layer-1 mix of any consensus the client could hold.
+    Refused,
 }
 
 /// A frame on its way out, with when its packet arrived (for the hold-time histogram).
@@ -152,6 +190,9 @@ pub struct Links {
     peers: Mutex<HashMap<Address, (u64, mpsc::Sender<Outgoing>)>>,
     next_generation: AtomicU64,
     peer_queue: usize,
+    /// Raised when something here learned that a newer consensus is out (a client's packet
+    /// was built by it): the directory follower then fetches without waiting for its tick.
+    consensus_wanted: tokio::sync::Notify,
     shutdown: CancellationToken,
     tracker: TaskTracker,
 }
@@ -174,6 +215,7 @@ impl Links {
             peers: Mutex::new(HashMap::new()),
             next_generation: AtomicU64::new(0),
             peer_queue,
+            consensus_wanted: tokio::sync::Notify::new(),
             shutdown,
             tracker,
         })
@@ -182,6 +224,17 @@ impl Links {
     /// The current routes.
     pub fn routes(&self) -> &Arc<RwLock<Routes>> {
         &self.routes
+    }
+
+    /// Asks the directory follower for the newest consensus now (see
+    /// [`Links::consensus_wanted`]). Requests made before it next listens count as one.
+    pub fn want_consensus(&self) {
+        self.consensus_wanted.notify_one();
+    }
+
+    /// Resolves once a newer consensus was asked for ([`Links::want_consensus`]).
+    pub async fn consensus_wanted(&self) {
+        self.consensus_wanted.notified().await;
     }
 
     /// Where `to` listens and the key it must prove, if it is in the consensus.
@@ -702,6 +755,59 @@ mod tests {
         assert!(!r3.allows(&old), "two changes later the old key is gone");
         assert!(r3.allows(&new));
         assert!(!r3.allows(&LinkSecret::from_bytes([9; 32]).public()));
+    }
+
+    /// Near an epoch's start a client may hold the consensus before the gateway's or the one
+    /// after it: a packet to a layer-1 mix of the client's consensus is neither refused nor
+    /// let through to a relay that is layer 1 in no consensus the client could hold.
+    #[test]
+    fn a_first_hop_is_judged_by_the_consensus_the_client_built_it_with() {
+        let (c1, _) = network(3);
+        let (mut c2, _) = network(4);
+        c2.epoch = EPOCH + 1;
+        let in_layer = |c: &Consensus, layer: u8| {
+            c.relays
+                .iter()
+                .find(|r| r.layer == Some(layer))
+                .unwrap()
+                .address()
+        };
+        let (old, new) = (in_layer(&c1, 1), in_layer(&c2, 1));
+        assert_ne!(old, new);
+        assert_eq!(
+            Routes::default().first_hop(&old, EPOCH),
+            FirstHop::Ahead,
+            "no consensus yet: wait for one"
+        );
+        let r1 = Routes::follow(&Routes::default(), &c1);
+        assert_eq!(r1.first_hop(&old, EPOCH), FirstHop::Allowed);
+        assert_eq!(r1.first_hop(&in_layer(&c1, 2), EPOCH), FirstHop::Refused);
+        assert_eq!(
+            r1.first_hop(&new, EPOCH + 1),
+            FirstHop::Ahead,
+            "the client fetched the next consensus first"
+        );
+        assert_eq!(r1.first_hop(&new, EPOCH + 2), FirstHop::Refused);
+        assert_eq!(r1.first_hop(&new, EPOCH), FirstHop::Refused);
+
+        let r2 = Routes::follow(&r1, &c2);
+        assert_eq!(r2.first_hop(&new, EPOCH + 1), FirstHop::Allowed);
+        assert_eq!(
+            r2.first_hop(&old, EPOCH),
+            FirstHop::Allowed,
+            "the client still holds the consensus before"
+        );
+        assert_eq!(
+            r2.first_hop(&old, EPOCH + 1),
+            FirstHop::Refused,
+            "built by the new consensus, in which it is no layer-1 mix"
+        );
+        let again = Routes::follow(&r2, &c2);
+        assert_eq!(again.first_hop(&old, EPOCH), FirstHop::Allowed);
+        let mut c3 = c2.clone();
+        c3.epoch = EPOCH + 2;
+        let r3 = Routes::follow(&again, &c3);
+        assert_eq!(r3.first_hop(&old, EPOCH), FirstHop::Refused);
     }
 
     /// The consensus lists relay X at an address where an impostor listens with another key:

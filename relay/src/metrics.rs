@@ -36,6 +36,9 @@ pub const EXIT_STREAMS: &str = "murmur_relay_exit_streams_total";
 /// (streams closed).
 pub const EXIT_REFUSED: &str = "murmur_relay_exit_refused_total";
 pub const LOOPS: &str = "murmur_relay_loops_total";
+/// Client packets a gateway passed on after they waited for the consensus their client had
+/// fetched before it (those that waited in vain are dropped as `first_hop_ahead_expired`).
+pub const FIRST_HOP_WAITED: &str = "murmur_relay_first_hop_waited_total";
 /// Tickets that paid this hop.
 pub const TICKETS_ACCEPTED: &str = "murmur_relay_tickets_accepted_total";
 /// Tickets refused, by `reason` (`PaymentRefusal::label`).

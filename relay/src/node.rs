@@ -425,6 +425,12 @@ impl Node {
         }
     }
 
+    /// Resolves once something in this relay asked for a newer consensus than it holds (a
+    /// gateway's client built packets by it).
+    pub async fn consensus_wanted(&self) {
+        self.links.consensus_wanted().await;
+    }
+
     /// Puts the authorities' probers in force (see [`Routes::set_probers`]).
     pub fn set_probers(&self, cards: Vec<murmur_protocol::directory::prober::ProberCard>) {
         if let Ok(mut routes) = self.links.routes().write() {
