@@ -188,7 +188,8 @@ async fn follow_directory(
             return;
         }
     };
-    let mut store = ConsensusStore::new(authorities, config.directory.clock_skew.as_secs());
+    let skew = config.directory.clock_skew.as_secs();
+    let mut store = ConsensusStore::new(authorities, skew);
     let epoch_len = config.directory.epoch_length.as_secs().max(1);
     // Upload a few times per epoch so a restarted authority learns of us quickly.
     let upload_every = Duration::from_secs((epoch_len / 4).clamp(1, 120));
@@ -231,7 +232,6 @@ async fn follow_directory(
         }
         // Asked for by a client's packet: a newer consensus may already be out if it is due
         // within the clock skew we allow, which is how early a client may take it.
-        let skew = config.directory.clock_skew.as_secs();
         if store.needs_refresh(now)
             || (std::mem::take(&mut wanted) && store.needs_refresh(now.saturating_add(skew)))
         {

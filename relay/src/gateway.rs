@@ -1267,9 +1267,10 @@ mod tests {
     }
 
     /// A client cannot make the gateway hold more than [`AHEAD_PER_CLIENT`] packets by
-    /// claiming a consensus that never comes: the rest are dropped, counted.
+    /// claiming a consensus that never comes: the rest are dropped, counted; nor can all
+    /// clients together hold more than [`AHEAD_TOTAL`], or any packet wait past [`AHEAD_WAIT`].
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn packets_waiting_for_a_consensus_are_bounded_per_client() {
+    async fn packets_waiting_for_a_consensus_are_bounded() {
         let (node, stop, _dir) = gateway("").await;
         let epoch = crate::payments::tests::any_consensus().epoch;
         let full_before =
@@ -1326,8 +1327,78 @@ mod tests {
             "{} still counted",
             gw.ahead_total.load(Ordering::Relaxed)
         );
+        waiting_packets_are_bounded_in_all_and_in_time(&gw);
         stop.cancel();
         node.join().await;
+    }
+
+    /// Many clients together hold at most [`AHEAD_TOTAL`] waiting packets, and a packet waits
+    /// at most [`AHEAD_WAIT`]: then it is dropped, counted, and its place freed. (Run by the
+    /// test above, which shares its drop counters.)
+    fn waiting_packets_are_bounded_in_all_and_in_time(gw: &Gateway) {
+        let epoch = crate::payments::tests::any_consensus().epoch;
+        let mut rng = rand::rng();
+        let mut ahead_packet = |ahead: &mut VecDeque<AheadPacket>| {
+            gw.forward(
+                Address([7; 32]),
+                epoch + 1,
+                Box::new(Packet::from_slice(&[0; murmur_protocol::PACKET_SIZE]).unwrap()),
+                Envelope::random(&mut rng),
+                ahead,
+            )
+        };
+        let dropped = |reason: &str| {
+            crate::metrics::test_counter(m::PACKETS_DROPPED, &format!("reason=\"{reason}\""))
+        };
+        let (full_before, expired_before) = (
+            dropped("first_hop_ahead_full"),
+            dropped("first_hop_ahead_expired"),
+        );
+        let clients = AHEAD_TOTAL / AHEAD_PER_CLIENT + 1;
+        let mut sessions: Vec<VecDeque<AheadPacket>> =
+            (0..clients).map(|_| VecDeque::new()).collect();
+        for ahead in &mut sessions {
+            for _ in 0..AHEAD_PER_CLIENT {
+                ahead_packet(ahead);
+            }
+        }
+        let held: usize = sessions.iter().map(VecDeque::len).sum();
+        assert_eq!(held, AHEAD_TOTAL);
+        assert_eq!(gw.ahead_total.load(Ordering::Relaxed), AHEAD_TOTAL);
+        assert_eq!(
+            dropped("first_hop_ahead_full") - full_before,
+            (clients * AHEAD_PER_CLIENT - AHEAD_TOTAL) as f64
+        );
+
+        let since = sessions[0].front().unwrap().since;
+        gw.retry_ahead(
+            &mut sessions[0],
+            since + AHEAD_WAIT - Duration::from_millis(1),
+        );
+        assert_eq!(
+            sessions[0].len(),
+            AHEAD_PER_CLIENT,
+            "dropped before its time"
+        );
+        let last = sessions[0].back().unwrap().since;
+        gw.retry_ahead(&mut sessions[0], last + AHEAD_WAIT);
+        assert!(sessions[0].is_empty());
+        assert_eq!(
+            dropped("first_hop_ahead_expired") - expired_before,
+            AHEAD_PER_CLIENT as f64
+        );
+        assert_eq!(
+            gw.ahead_total.load(Ordering::Relaxed),
+            AHEAD_TOTAL - AHEAD_PER_CLIENT,
+            "the expired packets' places are freed"
+        );
+        let fifth = sessions.len() - 1;
+        ahead_packet(&mut sessions[fifth]);
+        assert_eq!(sessions[fifth].len(), 1, "a freed place is taken again");
+        for ahead in &mut sessions {
+            gw.retry_ahead(ahead, Instant::now() + AHEAD_WAIT);
+        }
+        assert_eq!(gw.ahead_total.load(Ordering::Relaxed), 0);
     }
 
     /// Dials with `key` and says hello for `claimed`; what the gateway answers.
